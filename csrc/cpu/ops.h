@@ -1,0 +1,44 @@
+// Kernel entry points. Pointers are raw addresses; per-channel arrays are contiguous in
+// the accumulation type (double for float64 input, float otherwise), K-batched ones
+// (K, C). An absent optional input is address 0.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/common.h"
+
+namespace fastbn {
+
+// Statistics + normalise (+ ReLU): writes y, mean, invstd and the biased variance.
+void forward_train(int dtype, const Geom& g, int nth, const TD& x, const TD& y, uintptr_t w,
+                   uintptr_t b, double eps, bool relu, uintptr_t mean, uintptr_t invstd,
+                   uintptr_t var);
+
+// y = act(x * scale + shift): the eval forward.
+void affine(int dtype, const Geom& g, int nth, const TD& x, const TD& y, uintptr_t scale,
+            uintptr_t shift, bool relu);
+
+// grad_x (K, N, C, L), grad_weight and grad_bias (K, C).
+void backward(int dtype, const Geom& g, int nth, int64_t K, bool relu, const TD& x,
+              const TD& dy, const TD& dx, uintptr_t mean, uintptr_t invstd, uintptr_t w,
+              uintptr_t b, uintptr_t gw, uintptr_t gb);
+
+// Tangent of y for tangents of x (element), weight and bias ((K, C)).
+void forward_jvp(int dtype, const Geom& g, int nth, int64_t K, bool relu, const TD& x,
+                 const TD& xt, const TD& yt, uintptr_t mean, uintptr_t invstd, uintptr_t w,
+                 uintptr_t b, uintptr_t wt, uintptr_t bt);
+
+// Vector-Jacobian product of backward: (gg_x, gg_weight, gg_bias) -> (g_grad_y, g_x, g_w).
+void backward_backward(int dtype, const Geom& g, int nth, int64_t K, bool relu, const TD& x,
+                       const TD& dy, const TD& ggx, uintptr_t ggw, uintptr_t ggb,
+                       uintptr_t mean, uintptr_t invstd, uintptr_t w, uintptr_t b,
+                       const TD& out_gdy, const TD& out_gx, uintptr_t out_gw);
+
+// Jacobian-vector product of backward: tangents (grad_y, x, weight) ->
+// (grad_x_t, grad_weight_t, grad_bias_t).
+void backward_jvp(int dtype, const Geom& g, int nth, int64_t K, bool relu, const TD& x,
+                  const TD& dy, const TD& dyt, const TD& xt, uintptr_t wt, uintptr_t mean,
+                  uintptr_t invstd, uintptr_t w, uintptr_t b, const TD& out_gx,
+                  uintptr_t out_gw, uintptr_t out_gb);
+
+}  // namespace fastbn

@@ -1,0 +1,99 @@
+"""Backend registry and selection.
+
+A backend is a module with the kernel functions documented in `reference.py` plus
+`name` and `available() -> (bool, reason)`. The op layer asks `select(x)` for the backend
+of each call; nothing above it knows which one ran.
+
+Selection: `set_backend(name)`, the context manager `use_backend(name)`, or the
+environment variable FASTBN_BACKEND; names are "auto", "reference", "cpu", "triton".
+"auto" takes the compiled CPU kernels for CPU tensors and Triton for CUDA tensors when
+they are available, and the reference backend otherwise.
+"""
+
+import contextlib
+import importlib
+import os
+import threading
+
+NAMES = ("auto", "reference", "cpu", "triton")
+_MODULES = {"reference": "fastbn.backends.reference",
+            "cpu": "fastbn.backends.cpu",
+            "triton": "fastbn.backends.triton"}
+
+_state = threading.local()
+_loaded = {}
+
+
+def _check_name(name):
+    if name not in NAMES:
+        raise ValueError(f"unknown fastbn backend {name!r}; expected one of {', '.join(NAMES)}")
+
+
+def load(name):
+    """The backend module `name` (not "auto"), or None if it cannot be imported."""
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except ImportError as err:
+            _loaded[name] = None
+            _import_errors[name] = f"{type(err).__name__}: {err}"
+    return _loaded[name]
+
+
+_import_errors = {}
+
+
+def availability(name):
+    """(available, reason) for a backend name other than "auto"."""
+    _check_name(name)
+    module = load(name)
+    if module is None:
+        return False, _import_errors.get(name, "not importable")
+    return module.available()
+
+
+def _require(name):
+    ok, why = availability(name)
+    if not ok:
+        raise RuntimeError(f"fastbn backend {name!r} is not available: {why}")
+    return load(name)
+
+
+def get_backend():
+    """The name of the selected backend ("auto" unless set)."""
+    name = getattr(_state, "name", None)
+    if name is None:
+        name = os.environ.get("FASTBN_BACKEND", "auto") or "auto"
+        _check_name(name)
+    return name
+
+
+def set_backend(name):
+    """Select the backend for this thread; raises if it is not available here."""
+    _check_name(name)
+    if name != "auto":
+        _require(name)
+    _state.name = name
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Select a backend inside a `with` block (restored afterwards)."""
+    previous = getattr(_state, "name", None)
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _state.name = previous
+
+
+def select(x):
+    """The backend module that runs an op on tensor x."""
+    name = get_backend()
+    if name != "auto":
+        return _require(name)
+    if x.is_cuda and availability("triton")[0]:
+        return load("triton")
+    if x.device.type == "cpu" and availability("cpu")[0]:
+        return load("cpu")
+    return load("reference")

@@ -1,0 +1,261 @@
+"""Batch-norm kernels written with PyTorch ops: the executable spec.
+
+Every backend implements the same plain-tensor functions (no autograd inside):
+
+    forward_train(x, weight, bias, eps, activation, running_mean, running_var, momentum)
+        -> y, mean, invstd
+    forward_eval(x, running_mean, running_var, weight, bias, eps, activation) -> y
+    backward(grad_y, x, mean, invstd, weight, bias, activation)
+        -> grad_x, grad_weight, grad_bias
+    forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias, activation) -> y_t
+    backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight, bias,
+                      activation) -> g_grad_y, g_x, g_weight
+    backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weight, bias,
+                 activation) -> grad_x_t, grad_weight_t, grad_bias_t
+
+Conventions:
+- x has shape (N, C, *); statistics are per channel over every other dimension and are
+  float32 (float64 for float64 input); `mean` and `invstd` are those of x.
+- weight and bias are always tensors (the op layer materialises ones/zeros).
+- `activation` is None or "relu"; the ReLU mask is recomputed from (x, mean, invstd,
+  weight, bias), never stored.
+- Tangents and cotangents may be None (zero). `grad_y`, tangents and cotangents may carry
+  one extra leading dimension K: K independent problems that share the primal
+  (x, weight, bias). Element tensors are then (K, N, C, *), per-channel ones (K, C), and
+  every output gains the leading K.
+- backward_backward is the vector-Jacobian product, and backward_jvp the Jacobian-vector
+  product, of `backward` as a function of (grad_y, x, weight) where mean and invstd are
+  the statistics of x (their dependence on x is part of the derivative). bias enters
+  `backward` only through the ReLU mask, whose derivative is zero almost everywhere.
+"""
+
+import torch
+
+name = "reference"
+
+
+def available():
+    return True, "pure PyTorch ops"
+
+
+def acc_dtype(dtype):
+    """Statistics and accumulation dtype for an input dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduce_dims(ndim):
+    # Every dimension but the channel one, counted from the right so that the same list
+    # serves (N, C, *) tensors and their K-batched (K, N, C, *) forms.
+    return [-ndim] + list(range(-ndim + 2, 0))
+
+
+def _per_channel(v, ndim):
+    """View a (C,) or (K, C) tensor so it broadcasts against (N, C, *) or (K, N, C, *)."""
+    batched = v.dim() == 2
+    v = v.reshape(v.shape + (1,) * (ndim - 2))
+    return v.unsqueeze(1) if batched else v
+
+
+def _count(x):
+    return x.numel() // x.shape[1] if x.dim() > 1 else x.numel()
+
+
+def _xhat(x, mean, invstd):
+    d = x.dim()
+    return (x.to(mean.dtype) - _per_channel(mean, d)) * _per_channel(invstd, d)
+
+
+def _relu_mask(xhat, weight, bias):
+    d = xhat.dim()
+    pre = xhat * _per_channel(weight.to(xhat.dtype), d) + _per_channel(bias.to(xhat.dtype), d)
+    return pre > 0
+
+
+def _masked(t, mask):
+    return t if mask is None else torch.where(mask, t, torch.zeros((), dtype=t.dtype))
+
+
+def _mean(t, d):
+    return t.mean(_reduce_dims(d))
+
+
+def _sum(t, d):
+    return t.sum(_reduce_dims(d))
+
+
+def statistics(x, eps):
+    """Per-channel mean, biased variance and 1/sqrt(var + eps), in the accumulation dtype."""
+    var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), _reduce_dims(x.dim()), correction=0)
+    return mean, var, torch.rsqrt(var + eps)
+
+
+def update_running_stats(running_mean, running_var, mean, var, count, momentum):
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased variance."""
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1)) if count > 1 else var
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def _affine(x, scale, shift, activation):
+    d = x.dim()
+    y = torch.addcmul(_per_channel(shift, d), x.to(scale.dtype), _per_channel(scale, d))
+    if activation == "relu":
+        y = torch.relu(y)
+    return y.to(x.dtype)
+
+
+def forward_train(x, weight, bias, eps, activation=None, running_mean=None, running_var=None,
+                  momentum=0.0):
+    mean, var, invstd = statistics(x, eps)
+    scale = weight.to(invstd.dtype) * invstd
+    shift = bias.to(invstd.dtype) - mean * scale
+    y = _affine(x, scale, shift, activation)
+    if running_mean is not None:
+        update_running_stats(running_mean, running_var, mean.detach(), var.detach(), _count(x),
+                             momentum)
+    return y, mean, invstd
+
+
+def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=None):
+    acc = acc_dtype(x.dtype)
+    scale = weight.to(acc) * torch.rsqrt(running_var.to(acc) + eps)
+    shift = bias.to(acc) - running_mean.to(acc) * scale
+    return _affine(x, scale, shift, activation)
+
+
+def backward(grad_y, x, mean, invstd, weight, bias, activation=None):
+    d = x.dim()
+    xhat = _xhat(x, mean, invstd)
+    mask = _relu_mask(xhat, weight, bias) if activation == "relu" else None
+    g = _masked(grad_y.to(xhat.dtype), mask)
+    grad_bias = _sum(g, d)
+    grad_weight = _sum(g * xhat, d)
+    m = _count(x)
+    w = weight.to(xhat.dtype)
+    grad_x = (g - _per_channel(grad_bias / m, d) - xhat * _per_channel(grad_weight / m, d)) \
+        * _per_channel(w * invstd, d)
+    return grad_x.to(grad_y.dtype), grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
+
+
+def _xhat_tangent(x_t, xhat, invstd, d):
+    """Tangent of xhat for a tangent of x, and the tangent of invstd."""
+    xa = x_t.to(xhat.dtype)
+    proj = _mean(xa * xhat, d)
+    xhat_t = (xa - _per_channel(_mean(xa, d), d) - xhat * _per_channel(proj, d)) \
+        * _per_channel(invstd, d)
+    invstd_t = -invstd * invstd * proj
+    return xhat_t, invstd_t
+
+
+def _expand(t, shape):
+    return t.expand(shape)   # broadcast_to has no vmap batching rule
+
+
+def _plus(total, term):
+    return term if total is None else total + term
+
+
+def forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias, activation=None):
+    d = x.dim()
+    xhat = _xhat(x, mean, invstd)
+    y_t = None
+    if x_t is not None:
+        xhat_t, _ = _xhat_tangent(x_t, xhat, invstd, d)
+        y_t = xhat_t * _per_channel(weight.to(xhat.dtype), d)
+    if weight_t is not None:
+        y_t = _plus(y_t, xhat * _per_channel(weight_t.to(xhat.dtype), d))
+    if bias_t is not None:
+        y_t = _plus(y_t, _per_channel(bias_t.to(xhat.dtype), d))
+    if y_t is None:
+        return torch.zeros_like(x)
+    y_t = _expand(y_t, torch.broadcast_shapes(y_t.shape, xhat.shape))
+    if activation == "relu":
+        y_t = _masked(y_t, _relu_mask(xhat, weight, bias))
+    return y_t.to(x.dtype)
+
+
+def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight, bias,
+                      activation=None):
+    d = x.dim()
+    m = _count(x)
+    xhat = _xhat(x, mean, invstd)
+    mask = _relu_mask(xhat, weight, bias) if activation == "relu" else None
+    g = _masked(grad_y.to(xhat.dtype), mask)
+    w = _per_channel(weight.to(xhat.dtype), d)
+    r = _per_channel(invstd, d)
+    g_mean = _per_channel(_mean(g, d), d)
+    gx_mean = _per_channel(_mean(g * xhat, d), d)
+
+    g_g = g_x = g_w = None   # g_g: gradient w.r.t. the masked grad_y
+    if gg_x is not None:
+        a = gg_x.to(xhat.dtype)
+        a_mean = _per_channel(_mean(a, d), d)
+        ax_mean = _per_channel(_mean(a * xhat, d), d)
+        g_g = w * r * (a - a_mean - xhat * ax_mean)
+        # grad_x = weight * invstd * (g - mean g - xhat mean(g xhat)); its product with a:
+        a_dot_centered = _sum(a * (g - g_mean - xhat * gx_mean), d)
+        g_w = invstd * a_dot_centered
+        # Derivative w.r.t. xhat at fixed invstd, chained through xhat(x) and invstd(x).
+        big_g = -w * r * (gx_mean * a + ax_mean * g)
+        big_g_mean = -w * r * (gx_mean * a_mean + ax_mean * g_mean)
+        big_gx_mean = -2 * w * r * gx_mean * ax_mean
+        d_invstd = weight.to(xhat.dtype) * a_dot_centered
+        g_x = r * (big_g - big_g_mean - xhat * big_gx_mean) \
+            - (r * r / m) * xhat * _per_channel(d_invstd, d)
+    if gg_weight is not None:
+        alpha = _per_channel(gg_weight.to(xhat.dtype), d)
+        g_g = _plus(g_g, alpha * xhat)
+        g_x = _plus(g_x, r * alpha * (g - g_mean - xhat * gx_mean))
+    if gg_bias is not None:
+        g_g = _plus(g_g, _per_channel(gg_bias.to(xhat.dtype), d))
+
+    parts = [t.shape for t in (g_g, g_x) if t is not None]
+    shape = torch.broadcast_shapes(g.shape, *parts)
+    zero = torch.zeros((), dtype=xhat.dtype)
+    g_g = _masked(_expand(zero if g_g is None else g_g, shape), mask)
+    g_x = _expand(zero if g_x is None else g_x, shape)
+    g_w = _expand(zero if g_w is None else g_w, shape[:-d] + weight.shape)
+    return g_g.to(grad_y.dtype), g_x.to(x.dtype), g_w.to(weight.dtype)
+
+
+def backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weight, bias,
+                 activation=None):
+    d = x.dim()
+    m = _count(x)
+    xhat = _xhat(x, mean, invstd)
+    mask = _relu_mask(xhat, weight, bias) if activation == "relu" else None
+    g = _masked(grad_y.to(xhat.dtype), mask)
+    w = weight.to(xhat.dtype)
+    grad_bias = _sum(g, d)
+    grad_weight = _sum(g * xhat, d)
+
+    gb_t = gw_t = gx_t = None
+    scale_t = None   # tangent of weight * invstd
+    if grad_y_t is not None:
+        g_t = _masked(grad_y_t.to(xhat.dtype), mask)
+        gb_t = _sum(g_t, d)
+        gw_t = _sum(g_t * xhat, d)
+        gx_t = g_t
+    if x_t is not None:
+        xhat_t, invstd_t = _xhat_tangent(x_t, xhat, invstd, d)
+        gw_t = _plus(gw_t, _sum(g * xhat_t, d))
+        gx_t = _plus(gx_t, -xhat_t * _per_channel(grad_weight / m, d))
+        scale_t = w * invstd_t
+    if weight_t is not None:
+        scale_t = _plus(scale_t, weight_t.to(xhat.dtype) * invstd)
+    zero = torch.zeros((), dtype=xhat.dtype)
+    gb_t = zero if gb_t is None else gb_t
+    gw_t = zero if gw_t is None else gw_t
+    gx_t = zero if gx_t is None else gx_t
+    gx_t = (gx_t - _per_channel(gb_t / m, d) - xhat * _per_channel(gw_t / m, d)) \
+        * _per_channel(w * invstd, d)
+    if scale_t is not None:
+        inner = g - _per_channel(grad_bias / m, d) - xhat * _per_channel(grad_weight / m, d)
+        gx_t = gx_t + _per_channel(scale_t, d) * inner
+
+    shape = torch.broadcast_shapes(g.shape, gx_t.shape)
+    gx_t = _expand(gx_t, shape)
+    gw_t = _expand(gw_t, shape[:-d] + weight.shape)
+    gb_t = _expand(gb_t, shape[:-d] + weight.shape)
+    return gx_t.to(x.dtype), gw_t.to(weight.dtype), gb_t.to(bias.dtype)

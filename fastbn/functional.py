@@ -1,0 +1,122 @@
+"""fastbn.batch_norm: torch.nn.functional.batch_norm plus an optional fused activation.
+
+Argument checks happen before anything is touched, so a bad call leaves running
+statistics unchanged. Running statistics are updated in place when training, as in
+torch, except inside torch.func transforms (grad, vjp, jvp, vmap, ...), which forbid
+mutating captured buffers: there the batch statistics are used and the running
+statistics are left exactly as they were.
+"""
+
+import torch
+
+from fastbn import backends
+from fastbn.backends import reference
+from fastbn.ops import transforms
+from fastbn.ops.autograd import EvalForward, TrainForward
+
+ACTIVATIONS = (None, "relu")
+
+
+def check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected None or 'relu'")
+
+
+def _allowed_param_dtypes(dtype):
+    if dtype in (torch.float16, torch.bfloat16):
+        return (dtype, torch.float32)
+    return (dtype,)
+
+
+def check_args(input, running_mean, running_var, weight, bias, training, activation):
+    """Raise, with torch's wording where torch has one, if the call is invalid."""
+    check_activation(activation)
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
+    if not input.is_floating_point():
+        raise NotImplementedError(f'"batch_norm" not implemented for '
+                                  f"'{str(input.dtype).removeprefix('torch.')}'")
+    if input.dim() < 2:
+        raise ValueError(f"expected 2D or higher input (got {input.dim()}D input)")
+    channels = input.shape[1]
+    allowed = _allowed_param_dtypes(input.dtype)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+        if t.device != input.device:
+            raise RuntimeError("Expected all tensors to be on the same device, but found "
+                               f"{name} on {t.device} and input on {input.device}")
+        if t.dtype not in allowed:
+            raise RuntimeError(f"mixed dtype: expected {name} to have dtype "
+                               f"{' or '.join(str(d) for d in allowed)}, got {t.dtype}")
+    if (running_mean is None) != (running_var is None):
+        raise RuntimeError("running_mean and running_var must be given together")
+    if not training and running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    if training:
+        values = input.numel() // channels if channels else 0
+        if values == 1:
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {input.size()}")
+
+
+def _param(t, channels, like, fill):
+    if t is None:
+        return torch.full((channels,), fill, dtype=like.dtype, device=like.device)
+    return t if t.dim() == 1 else t.reshape(channels)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, activation=None):
+    """Batch normalisation over dimension 1, optionally followed by a fused ReLU.
+
+    Same semantics as torch.nn.functional.batch_norm: with `training=True` the batch
+    statistics normalise and, when given, running_mean/running_var are updated in place
+    with `momentum` (unbiased variance); otherwise the running statistics normalise.
+    `activation="relu"` applies ReLU in the same kernel.
+    """
+    check_args(input, running_mean, running_var, weight, bias, training, activation)
+    if input.numel() == 0:
+        # As torch: an empty output that stays connected to weight and bias.
+        out = input.clone()
+        if weight is not None:
+            out = out * weight.reshape(-1)[0]
+        if bias is not None:
+            out = out + bias.reshape(-1)[0]
+        return out
+    channels = input.shape[1]
+    weight = _param(weight, channels, input, 1.0)
+    bias = _param(bias, channels, input, 0.0)
+    running_mean = None if running_mean is None else running_mean.reshape(channels)
+    running_var = None if running_var is None else running_var.reshape(channels)
+
+    if torch.compiler.is_compiling():
+        from fastbn.ops import library
+        if training:
+            y, mean, invstd = library.forward_train(input, weight, bias, float(eps),
+                                                    activation or "")
+            if running_mean is not None:
+                library.update_running_stats(running_mean, running_var, mean, invstd,
+                                             input.numel() // channels, momentum, eps)
+            return y
+        return library.forward_eval(input, running_mean, running_var, weight, bias,
+                                    float(eps), activation or "")
+
+    if transforms.nested_forward_mode():
+        # Custom jvp rules are wrong under nested forward mode: use PyTorch ops.
+        if training:
+            return reference.forward_train(input, weight, bias, eps, activation)[0]
+        return reference.forward_eval(input, running_mean, running_var, weight, bias, eps,
+                                      activation)
+
+    backend = backends.select(input)
+    if training:
+        if transforms.under_transform():
+            running_mean = running_var = None
+        return TrainForward.apply(input, weight, bias, running_mean, running_var, momentum,
+                                  eps, activation, backend)[0]
+    return EvalForward.apply(input, running_mean, running_var, weight, bias, eps, activation,
+                             backend)

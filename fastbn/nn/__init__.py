@@ -1,0 +1,3 @@
+from fastbn.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]

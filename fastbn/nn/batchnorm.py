@@ -1,0 +1,100 @@
+"""Drop-in batch-norm modules backed by fastbn.batch_norm.
+
+Each class subclasses its torch counterpart, so parameters, buffers, state_dict keys,
+`isinstance` checks and torch's own tooling see an ordinary batch-norm layer. The one
+addition is `activation` ("relu" fuses a following ReLU into the kernel).
+
+Under torch.func transforms a module in training mode normalises with batch statistics
+and leaves `running_mean`, `running_var` and `num_batches_tracked` untouched.
+"""
+
+import torch
+from torch import nn
+
+from fastbn import functional
+from fastbn.ops import transforms
+
+
+class _FastBatchNorm:
+    """The forward shared by BatchNorm1d/2d/3d (mixed in before torch's class)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None, activation=None):
+        functional.check_activation(activation)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
+        self.activation = activation
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_running else None
+        running_var = self.running_var if use_running else None
+        # Check everything before num_batches_tracked moves: errors change no state.
+        functional.check_args(input, running_mean, running_var, self.weight, self.bias,
+                              batch_stats, self.activation)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if (self.training and self.track_running_stats and self.num_batches_tracked is not None
+                and not transforms.under_transform()):
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return functional.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                     batch_stats, factor, self.eps, self.activation)
+
+    def extra_repr(self):
+        text = super().extra_repr()
+        return text + (f", activation={self.activation!r}" if self.activation else "")
+
+
+class BatchNorm1d(_FastBatchNorm, nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d on fastbn kernels; input (N, C) or (N, C, L)."""
+
+
+class BatchNorm2d(_FastBatchNorm, nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on fastbn kernels; input (N, C, H, W)."""
+
+
+class BatchNorm3d(_FastBatchNorm, nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d on fastbn kernels; input (N, C, D, H, W)."""
+
+
+_REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
+                 nn.BatchNorm3d: BatchNorm3d}
+
+
+def _converted(layer):
+    """The fastbn layer that takes over `layer`'s parameters, buffers, flags and hooks."""
+    new = _REPLACEMENTS[type(layer)].__new__(_REPLACEMENTS[type(layer)])
+    new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v)
+                         for k, v in layer.__dict__.items()})
+    new.activation = None
+    return new
+
+
+def _fuse_relu(seq):
+    """In a Sequential, fold an nn.ReLU that directly follows a fastbn layer into it."""
+    names = list(seq._modules)
+    for first, second in zip(names, names[1:]):
+        bn, relu = seq._modules[first], seq._modules[second]
+        if isinstance(bn, _FastBatchNorm) and bn.activation is None and type(relu) is nn.ReLU:
+            bn.activation = "relu"
+            seq._modules[second] = nn.Identity()
+
+
+def convert(module, *, fuse_relu=False):
+    """Replace every torch BatchNorm1d/2d/3d in `module` by its fastbn equivalent.
+
+    Parameters and buffers are kept (the same tensors), and so are the training flag,
+    device and dtype. With `fuse_relu=True`, a batch norm directly followed by nn.ReLU
+    inside an nn.Sequential becomes one fused layer (the ReLU becomes nn.Identity).
+    Returns the converted module (a new object only when `module` itself is a batch norm).
+    """
+    if type(module) in _REPLACEMENTS:
+        return _converted(module)
+    for name, child in module.named_children():
+        setattr(module, name, convert(child, fuse_relu=fuse_relu))
+    if fuse_relu and isinstance(module, nn.Sequential):
+        _fuse_relu(module)
+    return module

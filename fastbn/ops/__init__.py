@@ -1,0 +1,1 @@
+"""The op contract: autograd Functions (eager) and custom ops (torch.compile)."""

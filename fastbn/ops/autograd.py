@@ -1,0 +1,364 @@
+"""The op contract: batch norm and all its derivatives as autograd Functions.
+
+Every derivative of batch norm is itself a kernel call wrapped in a Function that knows
+its own derivatives, so any backend's kernels serve every order of autodiff:
+
+    TrainForward    y = BN(x, w, b)                      backward -> TrainBackward
+                                                         jvp      -> ForwardJvp
+    TrainBackward   (gx, gw, gb) = vjp of BN at gy       backward -> BackwardBackward
+                                                         jvp      -> BackwardJvp
+    ForwardJvp      y_t = J (x_t, w_t, b_t)              backward -> TrainBackward +
+                                                                     BackwardBackward
+    BackwardBackward, BackwardJvp                        backward -> torch.func on the
+                                                                     composite (3rd order)
+    EvalForward     y = BN with running statistics       derivatives in PyTorch ops
+
+`mean` and `invstd` travel with x as a cache of its statistics: no Function takes
+derivatives through them; each derivative formula includes their dependence on x.
+
+vmap rules: when only the tangent-like arguments (cotangents, tangents, grad_y) are
+batched, the batch becomes the kernels' leading K dimension and one kernel call serves
+all K (the batched-HVP primitive). Any other batching (a batched x or weight) runs the
+composite (PyTorch ops with statistics recomputed from x) under torch.vmap.
+"""
+
+import functools
+
+import torch
+
+from fastbn.backends import reference
+
+# Positions: every Function below except TrainForward takes
+#   (*tangent_like, x, mean, invstd, weight, bias, eps, activation, backend).
+_PRIMAL = 5
+
+
+def _has_k(t, x, per_channel):
+    """Whether a tangent-like argument already carries the leading K dimension."""
+    return t is not None and t.dim() > (1 if per_channel else x.dim())
+
+
+def _sum_k(t, like):
+    """Fold the K dimension of a gradient w.r.t. an argument that had none."""
+    if like is None or t is None:
+        return None
+    return t.sum(0) if t.dim() > like.dim() else t
+
+
+def _all_batched(out):
+    """(output, out_dims) for a vmap rule whose outputs all carry the batch at dim 0."""
+    return out, (0 if isinstance(out, torch.Tensor) else (0,) * len(out))
+
+
+def _composite(kernel, n_tangent):
+    """Reference math with mean/invstd recomputed (differentiably) from x."""
+    def run(*args, eps, activation):
+        tangents, (x, _mean, _invstd, weight, bias) = args[:n_tangent], args[n_tangent:]
+        mean, _, invstd = reference.statistics(x, eps)
+        return kernel(*tangents, x, mean, invstd, weight, bias, activation)
+    return run
+
+
+class _KernelFunction(torch.autograd.Function):
+    """Shared vmap rule and context handling for Functions of the argument layout above."""
+
+    kernel = None              # name of the backend function
+    per_channel = ()           # one bool per tangent-like argument
+
+    @classmethod
+    def n_tangent(cls):
+        return len(cls.per_channel)
+
+    @classmethod
+    def _forward(cls, *args):
+        *tensors, eps, activation, backend = args
+        return getattr(backend, cls.kernel)(*tensors, activation)
+
+    @classmethod
+    def _setup(cls, ctx, inputs):
+        *tensors, eps, activation, backend = inputs
+        ctx.save_for_backward(*[t for t in tensors if t is not None])
+        ctx.save_for_forward(*[t for t in tensors if t is not None])
+        ctx.present = [t is not None for t in tensors]
+        ctx.options = (eps, activation, backend)
+
+    @staticmethod
+    def _saved(ctx, tensors):
+        it = iter(tensors)
+        return [next(it) if present else None for present in ctx.present]
+
+    @classmethod
+    def _vmap(cls, info, in_dims, *args):
+        n = cls.n_tangent()
+        tangents, primal, options = args[:n], args[n:n + _PRIMAL], args[n + _PRIMAL:]
+        x = primal[0]
+        primal_batched = any(d is not None for d in in_dims[n:n + _PRIMAL])
+        nested = any(_has_k(t, x, pc) for t, pc in zip(tangents, cls.per_channel))
+        if not primal_batched and not nested:
+            moved = [t if d is None else t.movedim(d, 0) for t, d in zip(tangents, in_dims)]
+            return _all_batched(cls.apply(*moved, *primal, *options))
+        eps, activation, _ = options
+        composite = functools.partial(_composite(getattr(reference, cls.kernel), n),
+                                      eps=eps, activation=activation)
+        return _all_batched(torch.vmap(composite, in_dims=tuple(in_dims[:n + _PRIMAL]))(
+            *args[:n + _PRIMAL]))
+
+    @classmethod
+    def _third_order_vjp(cls, ctx, *grads):
+        """Backward of a second-order Function: reverse mode through the composite."""
+        eps, activation, _ = ctx.options
+        args = cls._saved(ctx, ctx.saved_tensors)
+        n = cls.n_tangent()
+        composite = _composite(getattr(reference, cls.kernel), n)
+        diff_idx = [i for i, t in enumerate(args) if t is not None]
+
+        def f(*diff):
+            full = list(args)
+            for i, t in zip(diff_idx, diff):
+                full[i] = t
+            return composite(*full, eps=eps, activation=activation)
+
+        out, vjp = torch.func.vjp(f, *[args[i] for i in diff_idx])
+        got = vjp(tuple(torch.zeros_like(o) if g is None else g for o, g in zip(out, grads)))
+        result = [None] * len(args)
+        for i, g in zip(diff_idx, got):
+            result[i] = g
+        result[n + 1] = result[n + 2] = None   # mean, invstd: a cache, not inputs
+        return (*result, None, None, None)
+
+
+class TrainBackward(_KernelFunction):
+    """(grad_y, x, mean, invstd, weight, bias) -> (grad_x, grad_weight, grad_bias)."""
+
+    kernel = "backward"
+    per_channel = (False,)
+
+    @staticmethod
+    def forward(*args):
+        return TrainBackward._forward(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        TrainBackward._setup(ctx, inputs)
+
+    @staticmethod
+    def backward(ctx, gg_x, gg_weight, gg_bias):
+        grad_y, x, mean, invstd, weight, bias = TrainBackward._saved(ctx, ctx.saved_tensors)
+        eps, activation, backend = ctx.options
+        g_grad_y, g_x, g_weight = BackwardBackward.apply(
+            gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight, bias,
+            eps, activation, backend)
+        return (g_grad_y, _sum_k(g_x, x), None, None, _sum_k(g_weight, weight), None,
+                None, None, None)
+
+    @staticmethod
+    def jvp(ctx, grad_y_t, x_t, _mean_t, _invstd_t, weight_t, bias_t, *_):
+        grad_y, x, mean, invstd, weight, bias = TrainBackward._saved(ctx, ctx.saved_tensors)
+        eps, activation, backend = ctx.options
+        return BackwardJvp.apply(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd,
+                                 weight, bias, eps, activation, backend)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return TrainBackward._vmap(info, in_dims, *args)
+
+
+class ForwardJvp(_KernelFunction):
+    """(x_t, weight_t, bias_t, x, mean, invstd, weight, bias) -> y_t."""
+
+    kernel = "forward_jvp"
+    per_channel = (False, True, True)
+
+    @staticmethod
+    def forward(*args):
+        return ForwardJvp._forward(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ForwardJvp._setup(ctx, inputs)
+
+    @staticmethod
+    def backward(ctx, grad_y_t):
+        # y_t = J t is linear in t: its transpose is the first-order backward; the
+        # dependence on the primal is the mixed second derivative, i.e. BackwardBackward
+        # with the tangents in the role of the cotangents.
+        x_t, weight_t, bias_t, x, mean, invstd, weight, bias = ForwardJvp._saved(
+            ctx, ctx.saved_tensors)
+        eps, activation, backend = ctx.options
+        g_x_t, g_weight_t, g_bias_t = TrainBackward.apply(
+            grad_y_t, x, mean, invstd, weight, bias, eps, activation, backend)
+        _, g_x, g_weight = BackwardBackward.apply(
+            x_t, weight_t, bias_t, grad_y_t, x, mean, invstd, weight, bias,
+            eps, activation, backend)
+        return (_sum_k(g_x_t, x_t), _sum_k(g_weight_t, weight_t), _sum_k(g_bias_t, bias_t),
+                _sum_k(g_x, x), None, None,
+                _sum_k(g_weight, weight), None, None, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return ForwardJvp._vmap(info, in_dims, *args)
+
+
+class BackwardBackward(_KernelFunction):
+    """(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight, bias)
+    -> (g_grad_y, g_x, g_weight): the vector-Jacobian product of TrainBackward."""
+
+    kernel = "backward_backward"
+    per_channel = (False, True, True, False)
+
+    @staticmethod
+    def forward(*args):
+        return BackwardBackward._forward(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        BackwardBackward._setup(ctx, inputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return BackwardBackward._third_order_vjp(ctx, *grads)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return BackwardBackward._vmap(info, in_dims, *args)
+
+
+class BackwardJvp(_KernelFunction):
+    """(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weight, bias)
+    -> tangents of (grad_x, grad_weight, grad_bias): the jvp of TrainBackward."""
+
+    kernel = "backward_jvp"
+    per_channel = (False, False, True, True, False)
+
+    @staticmethod
+    def forward(*args):
+        return BackwardJvp._forward(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        BackwardJvp._setup(ctx, inputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return BackwardJvp._third_order_vjp(ctx, *grads)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return BackwardJvp._vmap(info, in_dims, *args)
+
+
+class TrainForward(torch.autograd.Function):
+    """(x, weight, bias, running_mean, running_var) -> (y, mean, invstd), batch statistics.
+
+    Running statistics (when given) are updated in place by the kernel; mean and invstd
+    are non-differentiable outputs."""
+
+    @staticmethod
+    def forward(x, weight, bias, running_mean, running_var, momentum, eps, activation, backend):
+        return backend.forward_train(x, weight, bias, eps, activation, running_mean,
+                                     running_var, momentum)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _, _, _, eps, activation, backend = inputs
+        _, mean, invstd = output
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.save_for_backward(x, mean, invstd, weight, bias)
+        ctx.save_for_forward(x, mean, invstd, weight, bias)
+        ctx.options = (eps, activation, backend)
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_invstd):
+        x, mean, invstd, weight, bias = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = TrainBackward.apply(
+            grad_y, x, mean, invstd, weight, bias, *ctx.options)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, *_):
+        x, mean, invstd, weight, bias = ctx.saved_tensors
+        y_t = ForwardJvp.apply(x_t, weight_t, bias_t, x, mean, invstd, weight, bias,
+                               *ctx.options)
+        return y_t, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, running_mean, running_var, momentum, eps,
+             activation, backend):
+        # A batched primal (vmap over data or over weights): each instance has its own
+        # statistics, which the composite computes under torch.vmap. Running statistics
+        # are never passed under a transform.
+        def composite(x, weight, bias):
+            return reference.forward_train(x, weight, bias, eps, activation)
+        out = torch.vmap(composite, in_dims=tuple(in_dims[:3]))(x, weight, bias)
+        return out, (0, 0, 0)
+
+
+def _eval_parts(x, running_mean, running_var, weight, bias, eps, activation):
+    """xhat, scale = weight * invstd and the ReLU mask, in PyTorch ops."""
+    acc = reference.acc_dtype(x.dtype)
+    d = x.dim()
+    invstd = torch.rsqrt(running_var.to(acc) + eps)
+    xhat = (x.to(acc) - reference._per_channel(running_mean.to(acc), d)) \
+        * reference._per_channel(invstd, d)
+    scale = weight.to(acc) * invstd
+    mask = None
+    if activation == "relu":
+        mask = reference._relu_mask(xhat, weight, bias)
+    return xhat, scale, mask
+
+
+def eval_backward(grad_y, x, running_mean, running_var, weight, bias, eps, activation):
+    """Vector-Jacobian product of batch norm with fixed statistics, in PyTorch ops."""
+    xhat, scale, mask = _eval_parts(x, running_mean, running_var, weight, bias, eps, activation)
+    d = x.dim()
+    g = reference._masked(grad_y.to(xhat.dtype), mask)
+    grad_x = (g * reference._per_channel(scale, d)).to(x.dtype)
+    grad_weight = reference._sum(g * xhat, d).to(weight.dtype)
+    grad_bias = reference._sum(g, d).to(bias.dtype)
+    return grad_x, grad_weight, grad_bias
+
+
+class EvalForward(torch.autograd.Function):
+    """(x, running_mean, running_var, weight, bias) -> y with fixed statistics.
+
+    An affine map per channel: its derivatives are written in PyTorch ops, which every
+    transform differentiates further."""
+
+    @staticmethod
+    def forward(x, running_mean, running_var, weight, bias, eps, activation, backend):
+        return backend.forward_eval(x, running_mean, running_var, weight, bias, eps, activation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, running_mean, running_var, weight, bias, eps, activation, _ = inputs
+        ctx.save_for_backward(x, running_mean, running_var, weight, bias)
+        ctx.save_for_forward(x, running_mean, running_var, weight, bias)
+        ctx.options = (eps, activation)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grad_x, grad_weight, grad_bias = eval_backward(grad_y, *ctx.saved_tensors, *ctx.options)
+        return grad_x, None, None, grad_weight, grad_bias, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, _rm_t, _rv_t, weight_t, bias_t, *_):
+        x, running_mean, running_var, weight, bias = ctx.saved_tensors
+        xhat, scale, mask = _eval_parts(x, running_mean, running_var, weight, bias, *ctx.options)
+        d = x.dim()
+        y_t = torch.zeros_like(xhat)
+        if x_t is not None:
+            y_t = y_t + x_t.to(xhat.dtype) * reference._per_channel(scale, d)
+        if weight_t is not None:
+            y_t = y_t + xhat * reference._per_channel(weight_t.to(xhat.dtype), d)
+        if bias_t is not None:
+            y_t = y_t + reference._per_channel(bias_t.to(xhat.dtype), d)
+        return reference._masked(y_t, mask).to(x.dtype)
+
+    @staticmethod
+    def vmap(info, in_dims, x, running_mean, running_var, weight, bias, eps, activation,
+             backend):
+        def composite(*tensors):
+            return reference.forward_eval(*tensors, eps, activation)
+        out = torch.vmap(composite, in_dims=tuple(in_dims[:5]))(
+            x, running_mean, running_var, weight, bias)
+        return out, 0

@@ -1,0 +1,23 @@
+"""What the functorch interpreter stack says about the current call."""
+
+import torch
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+
+def active_transforms():
+    """The torch.func transforms (grad, vjp, jvp, vmap, ...) wrapping the current call."""
+    return [interpreter.key() for interpreter in retrieve_all_functorch_interpreters()]
+
+
+def under_transform():
+    if torch.compiler.is_compiling():
+        return False
+    return bool(retrieve_all_functorch_interpreters())
+
+
+def nested_forward_mode():
+    """Two or more forward-mode levels: custom `jvp` rules give wrong tangents there."""
+    if torch.compiler.is_compiling():
+        return False
+    return sum(key == TransformType.Jvp for key in active_transforms()) >= 2

@@ -1,0 +1,55 @@
+"""Builds the optional C++ extension fastbn._C from csrc/.
+
+The extension takes raw pointers, sizes and strides and includes no torch headers, so the
+isolated build needs only setuptools and pybind11. If compiling fails the package still
+installs; the reference backend serves and `fastbn info` says why.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+try:
+    from pybind11.setup_helpers import Pybind11Extension, build_ext
+except ImportError:  # pragma: no cover - pybind11 is a build requirement
+    Pybind11Extension = None
+    from setuptools.command.build_ext import build_ext
+
+SOURCES = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+
+
+class OptionalBuildExt(build_ext):
+    """Never fail the install because the extension did not compile."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as err:  # noqa: BLE001 - any compiler failure
+            self._warn(err)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as err:  # noqa: BLE001
+            self._warn(err)
+
+    @staticmethod
+    def _warn(err):
+        sys.stderr.write(f"WARNING: fastbn._C was not built ({err}); "
+                         "the reference backend will be used on CPU.\n")
+
+
+def extensions():
+    if Pybind11Extension is None or not SOURCES or os.environ.get("FASTBN_NO_EXTENSION"):
+        return []
+    return [Pybind11Extension(
+        "fastbn._C",
+        SOURCES,
+        include_dirs=["csrc"],
+        cxx_std=17,
+        extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"],
+    )]
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
