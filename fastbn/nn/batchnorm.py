@@ -80,7 +80,7 @@ def _fuse_relu(seq):
         bn, relu = seq._modules[first], seq._modules[second]
         if isinstance(bn, _FastBatchNorm) and bn.activation is None and type(relu) is nn.ReLU:
             bn.activation = "relu"
-            seq._modules[second] = nn.Identity()
+            seq._modules[second] = nn.Identity().train(relu.training)
 
 
 def convert(module, *, fuse_relu=False):

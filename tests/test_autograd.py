@@ -1,0 +1,94 @@
+"""Every order of autodiff through the op, in float64, against numerical derivatives."""
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+from torch.func import jvp
+
+import fastbn
+
+SHAPES = [(3, 2), (2, 3, 5), (3, 2, 3, 2), (2, 2, 2, 3, 2)]   # 1d, 1d+L, 2d, 3d
+DT = torch.float64
+
+
+def _inputs(shape, affine):
+    x = torch.randn(shape, dtype=DT, requires_grad=True)
+    c = shape[1]
+    params = (torch.randn(c, dtype=DT, requires_grad=True),
+              torch.randn(c, dtype=DT, requires_grad=True)) if affine else ()
+    running = (torch.randn(c, dtype=DT), torch.rand(c, dtype=DT) + 0.5)
+    return x, params, running
+
+
+def _op(training, activation, running, affine):
+    def f(x, *params):
+        weight, bias = params if affine else (None, None)
+        rm, rv = (t.clone() for t in running)
+        return fastbn.batch_norm(x, rm, rv, weight, bias, training=training,
+                                 activation=activation)
+    return f
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_gradcheck_and_gradgradcheck(backend, shape, training, affine, activation):
+    x, params, running = _inputs(shape, affine)
+    f = _op(training, activation, running, affine)
+    assert gradcheck(f, (x, *params), check_forward_ad=True, check_backward_ad=True,
+                     check_batched_grad=True, check_batched_forward_grad=True)
+    assert gradgradcheck(f, (x, *params), check_fwd_over_rev=True, check_rev_over_rev=True,
+                         check_batched_grad=True)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_nested_forward_mode_matches_finite_differences(backend, training, activation):
+    x, (w, b), running = _inputs((4, 3, 5), True)
+    f = _op(training, activation, running, True)
+    u = torch.randn_like(x)
+    cot = torch.randn_like(x)
+
+    def first(x):
+        return (jvp(lambda x: f(x, w, b), (x,), (u,))[1] * cot).sum()
+
+    second = jvp(first, (x.detach(),), (u,))[1]
+    h = 1e-5
+    fd = (first(x.detach() + h * u) - first(x.detach() - h * u)) / (2 * h)
+    assert second.item() == pytest.approx(fd.item(), rel=1e-6, abs=1e-9)
+
+
+def test_jvp_of_backward_with_weight_and_input_tangents(backend):
+    # The forward-over-reverse route of torch.func.hessian; stock torch is wrong here.
+    x, (w, b), _ = _inputs((6, 3, 4), True)
+    cot = torch.randn_like(x)
+
+    def loss(x, w):
+        return (fastbn.batch_norm(x, None, None, w, b, training=True) * cot).sum() \
+            + (fastbn.batch_norm(x, None, None, w, b, training=True) ** 2).sum()
+
+    v = (torch.randn_like(x), torch.randn_like(w))
+    fwd = jvp(torch.func.grad(loss, argnums=(0, 1)), (x.detach(), w.detach()), v)[1]
+    xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
+    grads = torch.autograd.grad(loss(xs, ws), (xs, ws), create_graph=True)
+    rev = torch.autograd.grad(grads, (xs, ws), grad_outputs=v)
+    for a, b_ in zip(fwd, rev):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-10)
+
+
+def test_third_order_reverse(backend):
+    x, (w, b), _ = _inputs((5, 2, 3), True)
+
+    def f(x):
+        return (fastbn.batch_norm(x, None, None, w, b, training=True) ** 3).sum()
+
+    def composite(x):
+        var, mean = torch.var_mean(x, (0, 2), correction=0, keepdim=True)
+        y = (x - mean) * torch.rsqrt(var + 1e-5) * w[:, None] + b[:, None]
+        return (y ** 3).sum()
+
+    xs = x.detach()
+    third = torch.func.jacrev(torch.func.jacrev(torch.func.grad(f)))(xs)
+    expected = torch.func.jacrev(torch.func.jacrev(torch.func.grad(composite)))(xs)
+    torch.testing.assert_close(third, expected, rtol=1e-8, atol=1e-10)

@@ -1,0 +1,46 @@
+"""The torch.compile route: custom ops with fake and autograd registrations."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastbn
+from fastbn.ops import library
+
+
+def test_compiled_training_step_matches_eager():
+    torch.manual_seed(0)
+    eager = fastbn.convert(nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)), fuse_relu=True)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    x, target = torch.randn(5, 3, 6, 6), torch.randint(0, 3, (5,))
+    for _ in range(2):
+        for model in (eager, compiled):
+            nn.functional.cross_entropy(model(x), target).backward()
+    for p, q in zip(eager.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6)
+    for b, c in zip(eager.buffers(), compiled_model.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6)
+    eager.eval()
+    compiled_model.eval()
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["", "relu"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_opcheck(backend, activation, layout):
+    x = torch.randn(4, 3, 5, 5).contiguous(memory_format=layout)
+    w, b = torch.randn(3), torch.randn(3)
+    torch.library.opcheck(library.forward_train, (x, w, b, 1e-5, activation))
+    _, mean, invstd = library.forward_train(x, w, b, 1e-5, activation)
+    gy = torch.randn_like(x)
+    torch.library.opcheck(library.backward, (gy, x, mean, invstd, w, b, activation))
+    torch.library.opcheck(library.backward_backward,
+                          (torch.randn_like(x), torch.randn(3), None, gy, x, mean, invstd, w, b,
+                           activation))
+    torch.library.opcheck(library.forward_eval,
+                          (x, torch.zeros(3), torch.ones(3), w, b, 1e-5, activation))

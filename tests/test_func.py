@@ -1,0 +1,131 @@
+"""torch.func on models built with fastbn layers in training mode, with no patching."""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
+
+import fastbn
+
+DT = torch.float64
+
+
+def _model():
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), fastbn.BatchNorm2d(3, activation="relu"),
+        nn.Conv2d(3, 2, 1), fastbn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 4 * 4, 3),
+    ).to(DT).train()
+
+
+@pytest.fixture
+def problem():
+    model = _model()
+    x = torch.randn(5, 2, 4, 4, dtype=DT)
+    target = torch.randint(0, 3, (5,))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    snapshot = {k: v.clone() for k, v in buffers.items()}
+
+    def loss(p, inputs=x, buffers=buffers):
+        return nn.functional.cross_entropy(functional_call(model, (p, buffers), (inputs,)), target)
+
+    yield model, x, params, loss
+    # Transforms never touch running statistics or num_batches_tracked.
+    for k, v in buffers.items():
+        assert torch.equal(v, snapshot[k]), k
+
+
+def _flat(d):
+    return torch.cat([t.reshape(-1) for t in d.values()])
+
+
+def test_grad_and_vjp_match_autograd(backend, problem):
+    model, x, params, loss = problem
+    g = grad(loss)(params)
+    out, pullback = vjp(loss, params)
+    (g_vjp,) = pullback(torch.ones_like(out))
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    copies = {k: v.clone() for k, v in model.named_buffers()}   # plain autograd updates them
+    plain = torch.autograd.grad(loss(leaves, buffers=copies), list(leaves.values()))
+    g_autograd = dict(zip(leaves, plain))
+    torch.testing.assert_close(_flat(g), _flat(g_vjp))
+    torch.testing.assert_close(_flat(g), _flat(g_autograd))
+
+
+def test_hvp_routes_agree(backend, problem):
+    model, x, params, loss = problem
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    fwd_rev = jvp(grad(loss), (params,), (v,))[1]
+    rev_rev = grad(lambda p: sum((grad(loss)(p)[k] * v[k]).sum() for k in v))(params)
+    torch.testing.assert_close(_flat(fwd_rev), _flat(rev_rev), rtol=1e-9, atol=1e-12)
+    # K tangents through vmap: one batched pass equals K single HVPs.
+    vs = {k: torch.stack([t, -2 * t, torch.randn_like(t)]) for k, t in v.items()}
+    batched = vmap(lambda u: jvp(grad(loss), (params,), (u,))[1])(vs)
+    for i in range(3):
+        single = jvp(grad(loss), (params,), ({k: t[i] for k, t in vs.items()},))[1]
+        torch.testing.assert_close(_flat({k: t[i] for k, t in batched.items()}), _flat(single),
+                                   rtol=1e-9, atol=1e-12)
+
+
+def test_hessian_jacfwd_jacrev_agree(backend, problem):
+    model, x, params, loss = problem
+    names = ["1.weight", "1.bias", "3.weight"]
+
+    def f(*ws):
+        p = dict(params)
+        p.update(zip(names, ws))
+        return loss(p)
+
+    args = tuple(params[n] for n in names)
+    h1 = hessian(f, argnums=(0, 1, 2))(*args)
+    h2 = jacrev(jacrev(f, argnums=(0, 1, 2)), argnums=(0, 1, 2))(*args)
+    h3 = jacfwd(jacfwd(f, argnums=(0, 1, 2)), argnums=(0, 1, 2))(*args)
+    for i in range(3):
+        for j in range(3):
+            torch.testing.assert_close(h1[i][j], h2[i][j], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(h1[i][j], h3[i][j], rtol=1e-9, atol=1e-12)
+
+
+def test_input_hessian_matches_autograd_functional(backend, problem):
+    model, x, params, loss = problem
+    xs = x[:3, :, :2, :2].clone()
+
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+
+    def f(inp):   # plain autograd below would update running statistics: use copies
+        return functional_call(model, (params, buffers), (inp.repeat(1, 1, 2, 2),)) \
+            .square().sum()
+
+    expected = torch.autograd.functional.hessian(f, xs)
+    torch.testing.assert_close(hessian(f)(xs), expected, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(jacfwd(jacrev(f))(xs), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_vmap_over_independent_batches(backend, problem):
+    # Each vmapped instance is its own batch with its own statistics.
+    model, x, params, loss = problem
+    xs = torch.stack([x, 2 * x + 1])
+    out = vmap(lambda inp: functional_call(model, params, (inp,)))(xs)
+    copies = {k: v.clone() for k, v in model.named_buffers()}   # eager calls update them
+    for i in range(2):
+        torch.testing.assert_close(out[i], functional_call(model, (params, copies), (xs[i],)))
+    per_batch = vmap(grad(lambda p, inp: loss(p, inp)), in_dims=(None, 0))(params, xs)
+    torch.testing.assert_close(_flat({k: t[1] for k, t in per_batch.items()}),
+                               _flat(grad(loss)(params, xs[1])))
+
+
+def test_stock_batchnorm_fails_where_fastbn_works():
+    # Documents the gap fastbn closes: stock layers mutate buffers inside the transform.
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).to(DT).train()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(6, 3, dtype=DT)
+    vs = {k: torch.randn(2, *v.shape, dtype=DT) for k, v in params.items()}
+
+    def loss(p):
+        return functional_call(model, p, (x,)).square().sum()
+
+    with pytest.raises(RuntimeError):
+        vmap(lambda v: jvp(grad(loss), (params,), (v,))[1])(vs)
+    fastbn.convert(model)
+    out = vmap(lambda v: jvp(grad(loss), (params,), (v,))[1])(vs)
+    assert all(torch.isfinite(t).all() for t in out.values())

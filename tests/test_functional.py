@@ -1,0 +1,186 @@
+"""fastbn.batch_norm against stock torch and a float64 reference: values, dtypes,
+layouts, numerics and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastbn
+
+SHAPES = [(2, 1), (7, 3), (2, 5, 13), (3, 4, 5, 7), (2, 3, 1, 1), (5, 2, 3, 4, 3),
+          (4, 1, 3, 3)]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+HALF = [torch.bfloat16, torch.float16]
+
+
+def _layout(x, layout):
+    if layout == "channels_last" and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "channels_last" and x.dim() == 5:
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "strided":   # every other element of a wider tensor along dim 0 and -1
+        wide = torch.cat([x, x], dim=-1).repeat_interleave(2, dim=0)
+        return wide[::2, ..., : x.shape[-1]]
+    return x
+
+
+def _run(fn, x, dtype_params, training, activation, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    c = x.shape[1]
+    w = torch.randn(c, generator=gen).to(dtype_params).requires_grad_()
+    b = torch.randn(c, generator=gen).to(dtype_params).requires_grad_()
+    rm = torch.randn(c, generator=gen).to(dtype_params)
+    rv = (torch.rand(c, generator=gen) + 0.5).to(dtype_params)
+    x = x.detach().requires_grad_()
+    if fn is fastbn.batch_norm:
+        y = fn(x, rm, rv, w, b, training=training, momentum=0.3, eps=1e-4,
+               activation=activation)
+    else:
+        y = fn(x, rm, rv, w, b, training=training, momentum=0.3, eps=1e-4)
+        if activation == "relu":
+            y = torch.relu(y)
+    gy = torch.randn(y.shape, generator=gen).to(y.dtype)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), gy)
+    return y, gx, gw, gb, rm, rv
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_float32_matches_stock(backend, shape, layout, training, activation):
+    if training and shape[0] * (torch.Size(shape[2:]).numel()) == 1:
+        pytest.skip("one value per channel")
+    x = _layout(torch.randn(shape), layout)
+    got = _run(fastbn.batch_norm, x, torch.float32, training, activation)
+    want = _run(F.batch_norm, x.double(), torch.float64, training, activation)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+    y = got[0]
+    assert y.dtype == x.dtype
+    expected_format = F.batch_norm(x, None, None, training=True).stride() if x.dim() > 2 \
+        else y.stride()
+    if layout != "strided":
+        assert y.stride() == expected_format
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("params_dtype", ["same", "float32"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False])
+def test_half_precision_within_twice_stock_error(backend, dtype, params_dtype, layout,
+                                                 training):
+    pdt = dtype if params_dtype == "same" else torch.float32
+    x = _layout(torch.randn(8, 6, 5, 7) * 3 + 1, layout).to(dtype)
+    got = _run(fastbn.batch_norm, x, pdt, training, "relu")
+    ref64 = _run(F.batch_norm, x.double(), torch.float64, training, "relu")
+    try:
+        stock = _run(F.batch_norm, x, pdt, training, "relu")
+    except RuntimeError:   # stock has no kernel for this dtype mix: compare with float32
+        stock = _run(F.batch_norm, x.float(), torch.float32, training, "relu")
+    for name, g, s, r in zip(["y", "grad_x", "grad_w", "grad_b", "running_mean",
+                              "running_var"], got, stock, ref64):
+        assert g.dtype == (x.dtype if name in ("y", "grad_x") else pdt), name
+        err = (g.double() - r).abs()
+        bound = 2 * (s.double() - r).abs() + 1e-2 * (1 + r.abs())
+        assert bool((err <= bound).all()), (name, (err - bound).max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_offset_is_accurate(backend, dtype):
+    x = (1e4 + torch.randn(64, 3, 40, dtype=torch.float64)).to(dtype)
+    rm, rv = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+    y = fastbn.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    ref = F.batch_norm(x.double(), None, None, training=True)
+    tol = 1e-3 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(rv.double(), x.double().var((0, 2)), rtol=tol, atol=tol)
+
+
+def test_million_elements_per_channel(backend):
+    x = torch.randn(4, 2, 512, 512) * 2 + 5   # 1,048,576 per channel
+    rm, rv = torch.zeros(2), torch.ones(2)
+    y = fastbn.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    xd = x.double()
+    torch.testing.assert_close(rm.double(), xd.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rv.double(), xd.var((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), F.batch_norm(xd, None, None, training=True),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_deterministic(backend):
+    x = torch.randn(16, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, requires_grad=True)
+
+    def once():
+        xs = x.clone().requires_grad_()
+        y = fastbn.batch_norm(xs, None, None, w, None, training=True, activation="relu")
+        return (y, *torch.autograd.grad(y, (xs, w), torch.ones_like(y)))
+
+    for a, b in zip(once(), once()):
+        assert torch.equal(a, b)
+
+
+def test_empty_batch_and_non_finite_values_behave_as_torch(backend):
+    empty = torch.randn(0, 3, 4, requires_grad=True)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y = fastbn.batch_norm(empty, rm, rv, torch.ones(3), torch.zeros(3), training=True)
+    assert y.shape == empty.shape and torch.equal(rm, torch.zeros(3))
+    y.sum().backward()
+    x = torch.randn(4, 3, 5)
+    x[1, 1, 2] = float("nan")
+    x[2, 2, 0] = float("inf")
+    got = fastbn.batch_norm(x, None, None, training=True)
+    want = F.batch_norm(x, None, None, training=True)
+    assert torch.equal(got.isnan(), want.isnan())
+    torch.testing.assert_close(got[:, 0], want[:, 0])
+
+
+def _state():
+    return torch.randn(3), torch.rand(3) + 0.5
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda rm, rv: fastbn.batch_norm(torch.ones(2, 3, dtype=torch.long), rm, rv,
+                                      training=True), NotImplementedError, "not implemented"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(3), rm, rv, training=True),
+     ValueError, "expected 2D or higher input"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 4), rm, rv, training=True),
+     RuntimeError, "running_mean should contain 4 elements not 3"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, rv, torch.ones(4),
+                                      training=True),
+     RuntimeError, "weight should contain 3 elements not 4"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, rv, None, torch.ones(2),
+                                      training=True),
+     RuntimeError, "bias should contain 3 elements not 2"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(1, 3), rm, rv, training=True),
+     ValueError, "Expected more than 1 value per channel when training"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, rv,
+                                      torch.ones(3, dtype=torch.float64), training=True),
+     RuntimeError, "mixed dtype"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, rv, training=True,
+                                      activation="gelu"),
+     ValueError, "unknown activation"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, rv, torch.ones(3, device="meta"),
+                                      training=True),
+     RuntimeError, "same device"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, None, training=False),
+     RuntimeError, "running_mean and running_var"),
+])
+def test_bad_input_raises_and_changes_nothing(backend, call, error, message):
+    rm, rv = _state()
+    before = rm.clone(), rv.clone()
+    with pytest.raises(error, match=message):
+        call(rm, rv)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+def test_running_statistics_update(backend):
+    x = torch.randn(10, 3, 6)
+    rm, rv = _state()
+    rm_t, rv_t = rm.clone(), rv.clone()
+    for momentum in (0.1, 0.5, 1.0, 0.0):
+        fastbn.batch_norm(x, rm, rv, training=True, momentum=momentum)
+        F.batch_norm(x, rm_t, rv_t, training=True, momentum=momentum)
+        torch.testing.assert_close(rm, rm_t)
+        torch.testing.assert_close(rv, rv_t)

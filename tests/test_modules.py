@@ -1,0 +1,142 @@
+"""fastbn modules against torch's, convert(), state_dict and a short training run."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastbn
+
+CASES = [(nn.BatchNorm1d, fastbn.BatchNorm1d, (6, 5)),
+         (nn.BatchNorm1d, fastbn.BatchNorm1d, (4, 5, 7)),
+         (nn.BatchNorm2d, fastbn.BatchNorm2d, (3, 5, 4, 6)),
+         (nn.BatchNorm3d, fastbn.BatchNorm3d, (2, 5, 3, 2, 4))]
+OPTIONS = [dict(), dict(affine=False), dict(momentum=None), dict(track_running_stats=False),
+           dict(eps=1e-3, momentum=0.5)]
+
+
+def _pair(torch_cls, fast_cls, options):
+    ref = torch_cls(5, **options)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.uniform_(-1, 2)
+    fast = fast_cls(5, **options)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+@pytest.mark.parametrize("torch_cls, fast_cls, shape", CASES)
+@pytest.mark.parametrize("options", OPTIONS)
+def test_module_matches_torch_over_steps(backend, torch_cls, fast_cls, shape, options):
+    ref, fast = _pair(torch_cls, fast_cls, options)
+    for mode in ("train", "train", "train", "eval"):
+        ref.train(mode == "train")
+        fast.train(mode == "train")
+        x = torch.randn(shape) * 2 + 0.5
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        ys = [m(xi) for m, xi in zip((ref, fast), xs)]
+        gy = torch.randn_like(ys[0])
+        for m, xi, y in zip((ref, fast), xs, ys):
+            y.backward(gy)
+        torch.testing.assert_close(ys[1], ys[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-4, atol=1e-5)
+        for p, q in zip(ref.parameters(), fast.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5)
+        for (name, b), (_, c) in zip(ref.named_buffers(), fast.named_buffers()):
+            torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_state_dict_round_trip_and_isinstance():
+    ref = nn.BatchNorm2d(4)
+    ref(torch.randn(3, 4, 2, 2))
+    fast = fastbn.BatchNorm2d(4, activation="relu")
+    fast.load_state_dict(ref.state_dict())
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+    back = nn.BatchNorm2d(4)
+    back.load_state_dict(fast.state_dict())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)
+    assert isinstance(fast, nn.modules.batchnorm._BatchNorm)
+    assert "activation='relu'" in repr(fast)
+
+
+def test_fused_relu_module_equals_bn_then_relu(backend):
+    ref, fast = _pair(nn.BatchNorm2d, lambda c, **kw: fastbn.BatchNorm2d(c, activation="relu"),
+                      {})
+    x = torch.randn(4, 5, 3, 3)
+    torch.testing.assert_close(fast(x), torch.relu(ref(x)))
+
+
+def test_invalid_input_leaves_state_unchanged(backend):
+    layer = fastbn.BatchNorm2d(3)
+    layer(torch.randn(4, 3, 2, 2))
+    before = copy.deepcopy(layer.state_dict())
+    for bad, error, message in [(torch.randn(4, 3, 2), ValueError, "expected 4D input"),
+                                (torch.randn(4, 2, 2, 2), RuntimeError, "should contain 2 elements not 3"),
+                                (torch.randn(1, 3, 1, 1), ValueError, "more than 1 value")]:
+        with pytest.raises(error, match=message):
+            layer(bad)
+    for k, v in before.items():
+        assert torch.equal(layer.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="unknown activation"):
+        fastbn.BatchNorm1d(3, activation="tanh")
+
+
+def _cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.BatchNorm1d(16), nn.ReLU(),
+        nn.Linear(16, 10))
+
+
+def test_convert_keeps_parameters_buffers_and_flags():
+    model = _cnn().double().eval()
+    params = [id(p) for p in model.parameters()]
+    converted = fastbn.convert(model, fuse_relu=True)
+    assert converted is model and [id(p) for p in model.parameters()] == params
+    kinds = [type(m) for m in model]
+    assert kinds.count(fastbn.BatchNorm2d) == 2 and kinds.count(fastbn.BatchNorm1d) == 1
+    assert model[1].activation == "relu" and isinstance(model[2], nn.Identity)
+    assert all(not m.training for m in model.modules())
+    assert model[1].running_mean.dtype == torch.float64
+    single = fastbn.convert(nn.BatchNorm3d(2))
+    assert type(single) is fastbn.BatchNorm3d
+    assert fastbn.convert(model) is model   # idempotent
+
+
+@pytest.mark.parametrize("fuse_relu", [False, True])
+def test_training_run_matches_torch(backend, fuse_relu):
+    torch.manual_seed(3)
+    ref = _cnn()
+    fast = fastbn.convert(copy.deepcopy(ref), fuse_relu=fuse_relu)
+    # Four fixed batches, five epochs: 20 steps whose loss must go down.
+    data = torch.randn(4, 16, 1, 8, 8).repeat(5, 1, 1, 1, 1)
+    labels = torch.randint(0, 10, (4, 16)).repeat(5, 1)
+    losses = {}
+    for name, model in (("torch", ref), ("fastbn", fast)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        losses[name] = []
+        for x, t in zip(data, labels):
+            loss = nn.functional.cross_entropy(model(x), t)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    assert losses["torch"][-1] < losses["torch"][0]
+    torch.testing.assert_close(torch.tensor(losses["fastbn"]), torch.tensor(losses["torch"]),
+                               rtol=1e-3, atol=1e-4)
+    ref.eval()
+    fast.eval()
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-3, atol=1e-4)
+
+
+def test_channels_last_model(backend):
+    ref = _cnn()
+    fast = fastbn.convert(copy.deepcopy(ref))
+    x = torch.randn(8, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    ref, fast = ref.to(memory_format=torch.channels_last), fast.to(
+        memory_format=torch.channels_last)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-5)
