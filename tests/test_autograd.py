@@ -92,3 +92,39 @@ def test_third_order_reverse(backend):
     third = torch.func.jacrev(torch.func.jacrev(torch.func.grad(f)))(xs)
     expected = torch.func.jacrev(torch.func.jacrev(torch.func.grad(composite)))(xs)
     torch.testing.assert_close(third, expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_is_grads_batched_first_and_second_order(backend, training):
+    # autograd.grad(is_grads_batched=True) runs the legacy vmap through the Functions.
+    x, (w, b), running = _inputs((5, 3, 4), True)
+    y = _op(training, "relu", running, True)(x, w, b)
+    cotangents = torch.randn(4, *y.shape, dtype=DT)
+    g = torch.autograd.grad(y, x, torch.randn_like(y), create_graph=True)[0]
+    for out in (y, g):
+        batched = torch.autograd.grad(out, (x, w), cotangents, is_grads_batched=True,
+                                      retain_graph=True, allow_unused=True)
+        for i in range(4):
+            single = torch.autograd.grad(out, (x, w), cotangents[i], retain_graph=True,
+                                         allow_unused=True)
+            for a, b_ in zip(batched, single):
+                assert (a is None) == (b_ is None)
+                if a is not None:
+                    torch.testing.assert_close(a[i], b_, rtol=1e-10, atol=1e-12)
+
+
+def test_third_order_plain_autograd(backend):
+    x, (w, _), _ = _inputs((5, 3, 4), True)
+
+    def composite(x):
+        var, mean = torch.var_mean(x, (0, 2), correction=0, keepdim=True)
+        return torch.relu((x - mean) * torch.rsqrt(var + 1e-5) * w[:, None])
+
+    def third(y_of_x):
+        g, = torch.autograd.grad((y_of_x(x) ** 3).sum(), x, create_graph=True)
+        h, = torch.autograd.grad((g ** 2).sum(), x, create_graph=True)
+        return torch.autograd.grad(h.sum(), x)[0]
+
+    fast = third(lambda x: fastbn.batch_norm(x, None, None, w, None, training=True,
+                                             activation="relu"))
+    torch.testing.assert_close(fast, third(composite), rtol=1e-9, atol=1e-10)

@@ -21,7 +21,8 @@ _MODULES = {"reference": "fastbn.backends.reference",
             "triton": "fastbn.backends.triton"}
 
 _state = threading.local()
-_loaded = {}
+_loaded = {}          # name -> module, or None when the import failed
+_import_errors = {}   # name -> why the import failed
 
 
 def _check_name(name):
@@ -38,9 +39,6 @@ def load(name):
             _loaded[name] = None
             _import_errors[name] = f"{type(err).__name__}: {err}"
     return _loaded[name]
-
-
-_import_errors = {}
 
 
 def availability(name):

@@ -25,6 +25,7 @@ composite (PyTorch ops with statistics recomputed from x) under torch.vmap.
 import functools
 
 import torch
+from torch._C._functorch import is_legacy_batchedtensor
 
 from fastbn.backends import reference
 
@@ -43,6 +44,15 @@ def _sum_k(t, like):
     if like is None or t is None:
         return None
     return t.sum(0) if t.dim() > like.dim() else t
+
+
+def _runnable(backend, tensors):
+    """The backend, or the reference where it cannot run: the legacy vmap behind
+    `autograd.grad(..., is_grads_batched=True)` hands Functions batched tensors without
+    storage, which only PyTorch ops accept."""
+    if any(t is not None and is_legacy_batchedtensor(t) for t in tensors):
+        return reference
+    return backend
 
 
 def _all_batched(out):
@@ -72,7 +82,7 @@ class _KernelFunction(torch.autograd.Function):
     @classmethod
     def _forward(cls, *args):
         *tensors, eps, activation, backend = args
-        return getattr(backend, cls.kernel)(*tensors, activation)
+        return getattr(_runnable(backend, tensors), cls.kernel)(*tensors, activation)
 
     @classmethod
     def _setup(cls, ctx, inputs):
@@ -255,7 +265,7 @@ class TrainForward(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, running_mean, running_var, momentum, eps, activation, backend):
-        return backend.forward_train(x, weight, bias, eps, activation, running_mean,
+        return _runnable(backend, (x, weight, bias)).forward_train(x, weight, bias, eps, activation, running_mean,
                                      running_var, momentum)
 
     @staticmethod
@@ -326,7 +336,7 @@ class EvalForward(torch.autograd.Function):
 
     @staticmethod
     def forward(x, running_mean, running_var, weight, bias, eps, activation, backend):
-        return backend.forward_eval(x, running_mean, running_var, weight, bias, eps, activation)
+        return _runnable(backend, (x, weight, bias)).forward_eval(x, running_mean, running_var, weight, bias, eps, activation)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
