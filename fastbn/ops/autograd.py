@@ -265,8 +265,9 @@ class TrainForward(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, running_mean, running_var, momentum, eps, activation, backend):
-        return _runnable(backend, (x, weight, bias)).forward_train(x, weight, bias, eps, activation, running_mean,
-                                     running_var, momentum)
+        kernels = _runnable(backend, (x, weight, bias))
+        return kernels.forward_train(x, weight, bias, eps, activation, running_mean, running_var,
+                                     momentum)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -336,7 +337,8 @@ class EvalForward(torch.autograd.Function):
 
     @staticmethod
     def forward(x, running_mean, running_var, weight, bias, eps, activation, backend):
-        return _runnable(backend, (x, weight, bias)).forward_eval(x, running_mean, running_var, weight, bias, eps, activation)
+        kernels = _runnable(backend, (x, weight, bias))
+        return kernels.forward_eval(x, running_mean, running_var, weight, bias, eps, activation)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
