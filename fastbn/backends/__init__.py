@@ -47,7 +47,10 @@ def availability(name):
     module = load(name)
     if module is None:
         return False, _import_errors.get(name, "not importable")
-    return module.available()
+    try:
+        return module.available()
+    except Exception as err:  # noqa: BLE001 - a broken probe means "not available"
+        return False, f"availability check failed: {type(err).__name__}: {err}"
 
 
 def _require(name):

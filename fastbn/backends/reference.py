@@ -43,49 +43,58 @@ def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _reduce_dims(ndim):
-    # Every dimension but the channel one, counted from the right so that the same list
-    # serves (N, C, *) tensors and their K-batched (K, N, C, *) forms.
+def reduce_dims(ndim):
+    """Every dimension but the channel one, counted from the right so that the same list
+    serves (N, C, *) tensors and their K-batched (K, N, C, *) forms."""
     return [-ndim] + list(range(-ndim + 2, 0))
 
 
-def _per_channel(v, ndim):
+def per_channel(v, ndim):
     """View a (C,) or (K, C) tensor so it broadcasts against (N, C, *) or (K, N, C, *)."""
     batched = v.dim() == 2
     v = v.reshape(v.shape + (1,) * (ndim - 2))
     return v.unsqueeze(1) if batched else v
 
 
-def _count(x):
-    return x.numel() // x.shape[1] if x.dim() > 1 else x.numel()
+class LocalReduction:
+    """Per-channel reductions over the batch this process holds."""
+
+    def count(self, x):
+        """Elements per channel of x, (N, C, *)."""
+        return x.numel() // x.shape[1]
+
+    def sums(self, ndim, *tensors):
+        """Per-channel sums of element tensors of an ndim-dimensional input."""
+        return [t.sum(reduce_dims(ndim)) for t in tensors]
+
+    def moments(self, x):
+        """Per-channel mean and biased variance of x in the accumulation dtype."""
+        var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), reduce_dims(x.dim()),
+                                   correction=0)
+        return mean, var
 
 
-def _xhat(x, mean, invstd):
+LOCAL = LocalReduction()
+
+
+def xhat_of(x, mean, invstd):
     d = x.dim()
-    return (x.to(mean.dtype) - _per_channel(mean, d)) * _per_channel(invstd, d)
+    return (x.to(mean.dtype) - per_channel(mean, d)) * per_channel(invstd, d)
 
 
-def _relu_mask(xhat, weight, bias):
+def relu_mask(xhat, weight, bias):
     d = xhat.dim()
-    pre = xhat * _per_channel(weight.to(xhat.dtype), d) + _per_channel(bias.to(xhat.dtype), d)
+    pre = xhat * per_channel(weight.to(xhat.dtype), d) + per_channel(bias.to(xhat.dtype), d)
     return pre > 0
 
 
-def _masked(t, mask):
+def masked(t, mask):
     return t if mask is None else torch.where(mask, t, torch.zeros((), dtype=t.dtype))
 
 
-def _mean(t, d):
-    return t.mean(_reduce_dims(d))
-
-
-def _sum(t, d):
-    return t.sum(_reduce_dims(d))
-
-
-def statistics(x, eps):
+def statistics(x, eps, reduction=LOCAL):
     """Per-channel mean, biased variance and 1/sqrt(var + eps), in the accumulation dtype."""
-    var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), _reduce_dims(x.dim()), correction=0)
+    mean, var = reduction.moments(x)
     return mean, var, torch.rsqrt(var + eps)
 
 
@@ -99,21 +108,21 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum):
 
 def _affine(x, scale, shift, activation):
     d = x.dim()
-    y = torch.addcmul(_per_channel(shift, d), x.to(scale.dtype), _per_channel(scale, d))
+    y = torch.addcmul(per_channel(shift, d), x.to(scale.dtype), per_channel(scale, d))
     if activation == "relu":
         y = torch.relu(y)
     return y.to(x.dtype)
 
 
 def forward_train(x, weight, bias, eps, activation=None, running_mean=None, running_var=None,
-                  momentum=0.0):
-    mean, var, invstd = statistics(x, eps)
+                  momentum=0.0, *, reduction=LOCAL):
+    mean, var, invstd = statistics(x, eps, reduction)
     scale = weight.to(invstd.dtype) * invstd
     shift = bias.to(invstd.dtype) - mean * scale
     y = _affine(x, scale, shift, activation)
     if running_mean is not None:
-        update_running_stats(running_mean, running_var, mean.detach(), var.detach(), _count(x),
-                             momentum)
+        update_running_stats(running_mean, running_var, mean.detach(), var.detach(),
+                             reduction.count(x), momentum)
     return y, mean, invstd
 
 
@@ -124,77 +133,74 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
     return _affine(x, scale, shift, activation)
 
 
-def backward(grad_y, x, mean, invstd, weight, bias, activation=None):
+def backward(grad_y, x, mean, invstd, weight, bias, activation=None, *, reduction=LOCAL):
     d = x.dim()
-    xhat = _xhat(x, mean, invstd)
-    mask = _relu_mask(xhat, weight, bias) if activation == "relu" else None
-    g = _masked(grad_y.to(xhat.dtype), mask)
-    grad_bias = _sum(g, d)
-    grad_weight = _sum(g * xhat, d)
-    m = _count(x)
+    xhat = xhat_of(x, mean, invstd)
+    mask = relu_mask(xhat, weight, bias) if activation == "relu" else None
+    g = masked(grad_y.to(xhat.dtype), mask)
+    grad_bias, grad_weight = reduction.sums(d, g, g * xhat)
+    m = reduction.count(x)
     w = weight.to(xhat.dtype)
-    grad_x = (g - _per_channel(grad_bias / m, d) - xhat * _per_channel(grad_weight / m, d)) \
-        * _per_channel(w * invstd, d)
+    grad_x = (g - per_channel(grad_bias / m, d) - xhat * per_channel(grad_weight / m, d)) \
+        * per_channel(w * invstd, d)
     return grad_x.to(grad_y.dtype), grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
 
 
-def _xhat_tangent(x_t, xhat, invstd, d):
+def _xhat_tangent(x_t, xhat, invstd, d, reduction, m):
     """Tangent of xhat for a tangent of x, and the tangent of invstd."""
     xa = x_t.to(xhat.dtype)
-    proj = _mean(xa * xhat, d)
-    xhat_t = (xa - _per_channel(_mean(xa, d), d) - xhat * _per_channel(proj, d)) \
-        * _per_channel(invstd, d)
+    x_t_sum, proj_sum = reduction.sums(d, xa, xa * xhat)
+    proj = proj_sum / m
+    xhat_t = (xa - per_channel(x_t_sum / m, d) - xhat * per_channel(proj, d)) \
+        * per_channel(invstd, d)
     invstd_t = -invstd * invstd * proj
     return xhat_t, invstd_t
-
-
-def _expand(t, shape):
-    return t.expand(shape)   # broadcast_to has no vmap batching rule
 
 
 def _plus(total, term):
     return term if total is None else total + term
 
 
-def forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias, activation=None):
+def forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias, activation=None, *,
+                reduction=LOCAL):
     d = x.dim()
-    xhat = _xhat(x, mean, invstd)
+    xhat = xhat_of(x, mean, invstd)
     y_t = None
     if x_t is not None:
-        xhat_t, _ = _xhat_tangent(x_t, xhat, invstd, d)
-        y_t = xhat_t * _per_channel(weight.to(xhat.dtype), d)
+        xhat_t, _ = _xhat_tangent(x_t, xhat, invstd, d, reduction, reduction.count(x))
+        y_t = xhat_t * per_channel(weight.to(xhat.dtype), d)
     if weight_t is not None:
-        y_t = _plus(y_t, xhat * _per_channel(weight_t.to(xhat.dtype), d))
+        y_t = _plus(y_t, xhat * per_channel(weight_t.to(xhat.dtype), d))
     if bias_t is not None:
-        y_t = _plus(y_t, _per_channel(bias_t.to(xhat.dtype), d))
+        y_t = _plus(y_t, per_channel(bias_t.to(xhat.dtype), d))
     if y_t is None:
         return torch.zeros_like(x)
-    y_t = _expand(y_t, torch.broadcast_shapes(y_t.shape, xhat.shape))
+    # expand, not broadcast_to: the latter has no vmap batching rule
+    y_t = y_t.expand(torch.broadcast_shapes(y_t.shape, xhat.shape))
     if activation == "relu":
-        y_t = _masked(y_t, _relu_mask(xhat, weight, bias))
+        y_t = masked(y_t, relu_mask(xhat, weight, bias))
     return y_t.to(x.dtype)
 
 
 def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight, bias,
-                      activation=None):
+                      activation=None, *, reduction=LOCAL):
     d = x.dim()
-    m = _count(x)
-    xhat = _xhat(x, mean, invstd)
-    mask = _relu_mask(xhat, weight, bias) if activation == "relu" else None
-    g = _masked(grad_y.to(xhat.dtype), mask)
-    w = _per_channel(weight.to(xhat.dtype), d)
-    r = _per_channel(invstd, d)
-    g_mean = _per_channel(_mean(g, d), d)
-    gx_mean = _per_channel(_mean(g * xhat, d), d)
+    m = reduction.count(x)
+    xhat = xhat_of(x, mean, invstd)
+    mask = relu_mask(xhat, weight, bias) if activation == "relu" else None
+    g = masked(grad_y.to(xhat.dtype), mask)
+    w = per_channel(weight.to(xhat.dtype), d)
+    r = per_channel(invstd, d)
+    a = None if gg_x is None else gg_x.to(xhat.dtype)
+    sums = reduction.sums(d, g, g * xhat, *(() if a is None else (a, a * xhat)))
+    g_mean, gx_mean = (per_channel(s / m, d) for s in sums[:2])
+    centered_g = g - g_mean - xhat * gx_mean   # grad_x = weight * invstd * centered_g
 
     g_g = g_x = g_w = None   # g_g: gradient w.r.t. the masked grad_y
-    if gg_x is not None:
-        a = gg_x.to(xhat.dtype)
-        a_mean = _per_channel(_mean(a, d), d)
-        ax_mean = _per_channel(_mean(a * xhat, d), d)
+    if a is not None:
+        a_mean, ax_mean = (per_channel(s / m, d) for s in sums[2:])
         g_g = w * r * (a - a_mean - xhat * ax_mean)
-        # grad_x = weight * invstd * (g - mean g - xhat mean(g xhat)); its product with a:
-        a_dot_centered = _sum(a * (g - g_mean - xhat * gx_mean), d)
+        (a_dot_centered,) = reduction.sums(d, a * centered_g)
         g_w = invstd * a_dot_centered
         # Derivative w.r.t. xhat at fixed invstd, chained through xhat(x) and invstd(x).
         big_g = -w * r * (gx_mean * a + ax_mean * g)
@@ -202,45 +208,45 @@ def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight,
         big_gx_mean = -2 * w * r * gx_mean * ax_mean
         d_invstd = weight.to(xhat.dtype) * a_dot_centered
         g_x = r * (big_g - big_g_mean - xhat * big_gx_mean) \
-            - (r * r / m) * xhat * _per_channel(d_invstd, d)
+            - (r * r / m) * xhat * per_channel(d_invstd, d)
     if gg_weight is not None:
-        alpha = _per_channel(gg_weight.to(xhat.dtype), d)
+        alpha = per_channel(gg_weight.to(xhat.dtype), d)
         g_g = _plus(g_g, alpha * xhat)
-        g_x = _plus(g_x, r * alpha * (g - g_mean - xhat * gx_mean))
+        g_x = _plus(g_x, r * alpha * centered_g)
     if gg_bias is not None:
-        g_g = _plus(g_g, _per_channel(gg_bias.to(xhat.dtype), d))
+        g_g = _plus(g_g, per_channel(gg_bias.to(xhat.dtype), d))
 
     parts = [t.shape for t in (g_g, g_x) if t is not None]
     shape = torch.broadcast_shapes(g.shape, *parts)
     zero = torch.zeros((), dtype=xhat.dtype)
-    g_g = _masked(_expand(zero if g_g is None else g_g, shape), mask)
-    g_x = _expand(zero if g_x is None else g_x, shape)
-    g_w = _expand(zero if g_w is None else g_w, shape[:-d] + weight.shape)
+    g_g = masked((zero if g_g is None else g_g).expand(shape), mask)
+    g_x = (zero if g_x is None else g_x).expand(shape)
+    g_w = (zero if g_w is None else g_w).expand(shape[:-d] + weight.shape)
     return g_g.to(grad_y.dtype), g_x.to(x.dtype), g_w.to(weight.dtype)
 
 
 def backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weight, bias,
-                 activation=None):
+                 activation=None, *, reduction=LOCAL):
     d = x.dim()
-    m = _count(x)
-    xhat = _xhat(x, mean, invstd)
-    mask = _relu_mask(xhat, weight, bias) if activation == "relu" else None
-    g = _masked(grad_y.to(xhat.dtype), mask)
+    m = reduction.count(x)
+    xhat = xhat_of(x, mean, invstd)
+    mask = relu_mask(xhat, weight, bias) if activation == "relu" else None
+    g = masked(grad_y.to(xhat.dtype), mask)
     w = weight.to(xhat.dtype)
-    grad_bias = _sum(g, d)
-    grad_weight = _sum(g * xhat, d)
+    g_t = None if grad_y_t is None else masked(grad_y_t.to(xhat.dtype), mask)
+    grad_bias, grad_weight, *g_t_sums = reduction.sums(
+        d, g, g * xhat, *(() if g_t is None else (g_t, g_t * xhat)))
 
     gb_t = gw_t = gx_t = None
     scale_t = None   # tangent of weight * invstd
-    if grad_y_t is not None:
-        g_t = _masked(grad_y_t.to(xhat.dtype), mask)
-        gb_t = _sum(g_t, d)
-        gw_t = _sum(g_t * xhat, d)
+    if g_t is not None:
+        gb_t, gw_t = g_t_sums
         gx_t = g_t
     if x_t is not None:
-        xhat_t, invstd_t = _xhat_tangent(x_t, xhat, invstd, d)
-        gw_t = _plus(gw_t, _sum(g * xhat_t, d))
-        gx_t = _plus(gx_t, -xhat_t * _per_channel(grad_weight / m, d))
+        xhat_t, invstd_t = _xhat_tangent(x_t, xhat, invstd, d, reduction, m)
+        (g_dot_xhat_t,) = reduction.sums(d, g * xhat_t)
+        gw_t = _plus(gw_t, g_dot_xhat_t)
+        gx_t = _plus(gx_t, -xhat_t * per_channel(grad_weight / m, d))
         scale_t = w * invstd_t
     if weight_t is not None:
         scale_t = _plus(scale_t, weight_t.to(xhat.dtype) * invstd)
@@ -248,14 +254,14 @@ def backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weigh
     gb_t = zero if gb_t is None else gb_t
     gw_t = zero if gw_t is None else gw_t
     gx_t = zero if gx_t is None else gx_t
-    gx_t = (gx_t - _per_channel(gb_t / m, d) - xhat * _per_channel(gw_t / m, d)) \
-        * _per_channel(w * invstd, d)
+    gx_t = (gx_t - per_channel(gb_t / m, d) - xhat * per_channel(gw_t / m, d)) \
+        * per_channel(w * invstd, d)
     if scale_t is not None:
-        inner = g - _per_channel(grad_bias / m, d) - xhat * _per_channel(grad_weight / m, d)
-        gx_t = gx_t + _per_channel(scale_t, d) * inner
+        inner = g - per_channel(grad_bias / m, d) - xhat * per_channel(grad_weight / m, d)
+        gx_t = gx_t + per_channel(scale_t, d) * inner
 
     shape = torch.broadcast_shapes(g.shape, gx_t.shape)
-    gx_t = _expand(gx_t, shape)
-    gw_t = _expand(gw_t, shape[:-d] + weight.shape)
-    gb_t = _expand(gb_t, shape[:-d] + weight.shape)
+    gx_t = gx_t.expand(shape)
+    gw_t = gw_t.expand(shape[:-d] + weight.shape)
+    gb_t = gb_t.expand(shape[:-d] + weight.shape)
     return gx_t.to(x.dtype), gw_t.to(weight.dtype), gb_t.to(bias.dtype)

@@ -307,14 +307,12 @@ class TrainForward(torch.autograd.Function):
 def _eval_parts(x, running_mean, running_var, weight, bias, eps, activation):
     """xhat, scale = weight * invstd and the ReLU mask, in PyTorch ops."""
     acc = reference.acc_dtype(x.dtype)
-    d = x.dim()
     invstd = torch.rsqrt(running_var.to(acc) + eps)
-    xhat = (x.to(acc) - reference._per_channel(running_mean.to(acc), d)) \
-        * reference._per_channel(invstd, d)
+    xhat = reference.xhat_of(x, running_mean.to(acc), invstd)
     scale = weight.to(acc) * invstd
     mask = None
     if activation == "relu":
-        mask = reference._relu_mask(xhat, weight, bias)
+        mask = reference.relu_mask(xhat, weight, bias)
     return xhat, scale, mask
 
 
@@ -322,10 +320,10 @@ def eval_backward(grad_y, x, running_mean, running_var, weight, bias, eps, activ
     """Vector-Jacobian product of batch norm with fixed statistics, in PyTorch ops."""
     xhat, scale, mask = _eval_parts(x, running_mean, running_var, weight, bias, eps, activation)
     d = x.dim()
-    g = reference._masked(grad_y.to(xhat.dtype), mask)
-    grad_x = (g * reference._per_channel(scale, d)).to(x.dtype)
-    grad_weight = reference._sum(g * xhat, d).to(weight.dtype)
-    grad_bias = reference._sum(g, d).to(bias.dtype)
+    g = reference.masked(grad_y.to(xhat.dtype), mask)
+    grad_x = (g * reference.per_channel(scale, d)).to(x.dtype)
+    grad_bias, grad_weight = reference.LOCAL.sums(d, g, g * xhat)
+    grad_weight, grad_bias = grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
     return grad_x, grad_weight, grad_bias
 
 
@@ -359,12 +357,12 @@ class EvalForward(torch.autograd.Function):
         d = x.dim()
         y_t = torch.zeros_like(xhat)
         if x_t is not None:
-            y_t = y_t + x_t.to(xhat.dtype) * reference._per_channel(scale, d)
+            y_t = y_t + x_t.to(xhat.dtype) * reference.per_channel(scale, d)
         if weight_t is not None:
-            y_t = y_t + xhat * reference._per_channel(weight_t.to(xhat.dtype), d)
+            y_t = y_t + xhat * reference.per_channel(weight_t.to(xhat.dtype), d)
         if bias_t is not None:
-            y_t = y_t + reference._per_channel(bias_t.to(xhat.dtype), d)
-        return reference._masked(y_t, mask).to(x.dtype)
+            y_t = y_t + reference.per_channel(bias_t.to(xhat.dtype), d)
+        return reference.masked(y_t, mask).to(x.dtype)
 
     @staticmethod
     def vmap(info, in_dims, x, running_mean, running_var, weight, bias, eps, activation,
