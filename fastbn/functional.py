@@ -11,6 +11,7 @@ import torch
 
 from fastbn import backends
 from fastbn.backends import reference
+from fastbn.backends.distributed import SyncKernels
 from fastbn.ops import transforms
 from fastbn.ops.autograd import EvalForward, TrainForward
 
@@ -28,8 +29,12 @@ def _allowed_param_dtypes(dtype):
     return (dtype,)
 
 
-def check_args(input, running_mean, running_var, weight, bias, training, activation):
-    """Raise, with torch's wording where torch has one, if the call is invalid."""
+def check_args(input, running_mean, running_var, weight, bias, training, activation,
+               synchronized=False):
+    """Raise, with torch's wording where torch has one, if the call is invalid.
+
+    `synchronized`: the statistics span a process group, so a local batch of one value
+    per channel (or none) is fine."""
     check_activation(activation)
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
@@ -56,7 +61,7 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
         raise RuntimeError("running_mean and running_var must be given together")
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
-    if training:
+    if training and not synchronized:
         values = input.numel() // channels if channels else 0
         if values == 1:
             raise ValueError("Expected more than 1 value per channel when training, "
@@ -70,16 +75,22 @@ def _param(t, channels, like, fill):
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, activation=None):
+               momentum=0.1, eps=1e-5, activation=None, *, process_group=None):
     """Batch normalisation over dimension 1, optionally followed by a fused ReLU.
 
     Same semantics as torch.nn.functional.batch_norm: with `training=True` the batch
     statistics normalise and, when given, running_mean/running_var are updated in place
     with `momentum` (unbiased variance); otherwise the running statistics normalise.
     `activation="relu"` applies ReLU in the same kernel.
+
+    With `process_group` (a torch.distributed group) and `training=True`, the batch
+    statistics and every reduction of every derivative span all processes of the group;
+    each process must call with the same channel count (its batch may be empty).
     """
-    check_args(input, running_mean, running_var, weight, bias, training, activation)
-    if input.numel() == 0:
+    synchronized = training and process_group is not None
+    check_args(input, running_mean, running_var, weight, bias, training, activation,
+               synchronized)
+    if input.numel() == 0 and not synchronized:
         # As torch: an empty output that stays connected to weight and bias.
         out = input.clone()
         if weight is not None:
@@ -93,6 +104,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     running_mean = None if running_mean is None else running_mean.reshape(channels)
     running_var = None if running_var is None else running_var.reshape(channels)
 
+    if synchronized and (torch.compiler.is_compiling() or transforms.nested_forward_mode()):
+        raise NotImplementedError("fastbn: a synchronised batch norm runs eagerly, with at "
+                                  "most one level of forward-mode AD")
     if torch.compiler.is_compiling():
         from fastbn.ops import library
         if training:
@@ -112,7 +126,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         return reference.forward_eval(input, running_mean, running_var, weight, bias, eps,
                                       activation)
 
-    backend = backends.select(input)
+    backend = SyncKernels(process_group) if synchronized else backends.select(input)
     if training:
         if transforms.under_transform():
             running_mean = running_var = None

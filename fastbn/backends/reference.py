@@ -32,6 +32,7 @@ Conventions:
 import torch
 
 name = "reference"
+runs_pytorch_ops = True   # so it also runs on the batched wrappers of transforms
 
 
 def available():
@@ -63,9 +64,9 @@ class LocalReduction:
         """Elements per channel of x, (N, C, *)."""
         return x.numel() // x.shape[1]
 
-    def sums(self, ndim, *tensors):
-        """Per-channel sums of element tensors of an ndim-dimensional input."""
-        return [t.sum(reduce_dims(ndim)) for t in tensors]
+    def total(self, *sums):
+        """Per-channel sums over the whole batch, from the sums over the local one."""
+        return list(sums)
 
     def moments(self, x):
         """Per-channel mean and biased variance of x in the accumulation dtype."""
@@ -75,6 +76,11 @@ class LocalReduction:
 
 
 LOCAL = LocalReduction()
+
+
+def sums(ndim, *tensors):
+    """Per-channel sums of element tensors of an ndim-dimensional input."""
+    return [t.sum(reduce_dims(ndim)) for t in tensors]
 
 
 def xhat_of(x, mean, invstd):
@@ -101,7 +107,11 @@ def statistics(x, eps, reduction=LOCAL):
 def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     """running = (1 - momentum) * running + momentum * batch, with the unbiased variance."""
     with torch.no_grad():
-        unbiased = var * (count / (count - 1)) if count > 1 else var
+        if isinstance(count, torch.Tensor):   # SyncBatchNorm's global count: stay on device
+            correction = count / (count - 1).clamp(min=1)
+        else:
+            correction = count / (count - 1) if count > 1 else 1.0
+        unbiased = var * correction
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
         running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
@@ -138,10 +148,11 @@ def backward(grad_y, x, mean, invstd, weight, bias, activation=None, *, reductio
     xhat = xhat_of(x, mean, invstd)
     mask = relu_mask(xhat, weight, bias) if activation == "relu" else None
     g = masked(grad_y.to(xhat.dtype), mask)
-    grad_bias, grad_weight = reduction.sums(d, g, g * xhat)
+    grad_bias, grad_weight = sums(d, g, g * xhat)
+    total_bias, total_weight = reduction.total(grad_bias, grad_weight)
     m = reduction.count(x)
     w = weight.to(xhat.dtype)
-    grad_x = (g - per_channel(grad_bias / m, d) - xhat * per_channel(grad_weight / m, d)) \
+    grad_x = (g - per_channel(total_bias / m, d) - xhat * per_channel(total_weight / m, d)) \
         * per_channel(w * invstd, d)
     return grad_x.to(grad_y.dtype), grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
 
@@ -149,7 +160,7 @@ def backward(grad_y, x, mean, invstd, weight, bias, activation=None, *, reductio
 def _xhat_tangent(x_t, xhat, invstd, d, reduction, m):
     """Tangent of xhat for a tangent of x, and the tangent of invstd."""
     xa = x_t.to(xhat.dtype)
-    x_t_sum, proj_sum = reduction.sums(d, xa, xa * xhat)
+    x_t_sum, proj_sum = reduction.total(*sums(d, xa, xa * xhat))
     proj = proj_sum / m
     xhat_t = (xa - per_channel(x_t_sum / m, d) - xhat * per_channel(proj, d)) \
         * per_channel(invstd, d)
@@ -192,16 +203,17 @@ def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight,
     w = per_channel(weight.to(xhat.dtype), d)
     r = per_channel(invstd, d)
     a = None if gg_x is None else gg_x.to(xhat.dtype)
-    sums = reduction.sums(d, g, g * xhat, *(() if a is None else (a, a * xhat)))
-    g_mean, gx_mean = (per_channel(s / m, d) for s in sums[:2])
+    totals = reduction.total(*sums(d, g, g * xhat, *(() if a is None else (a, a * xhat))))
+    g_mean, gx_mean = (per_channel(t / m, d) for t in totals[:2])
     centered_g = g - g_mean - xhat * gx_mean   # grad_x = weight * invstd * centered_g
 
     g_g = g_x = g_w = None   # g_g: gradient w.r.t. the masked grad_y
     if a is not None:
-        a_mean, ax_mean = (per_channel(s / m, d) for s in sums[2:])
+        a_mean, ax_mean = (per_channel(t / m, d) for t in totals[2:])
         g_g = w * r * (a - a_mean - xhat * ax_mean)
-        (a_dot_centered,) = reduction.sums(d, a * centered_g)
+        (a_dot_centered,) = sums(d, a * centered_g)
         g_w = invstd * a_dot_centered
+        (a_dot_centered,) = reduction.total(a_dot_centered)
         # Derivative w.r.t. xhat at fixed invstd, chained through xhat(x) and invstd(x).
         big_g = -w * r * (gx_mean * a + ax_mean * g)
         big_g_mean = -w * r * (gx_mean * a_mean + ax_mean * g_mean)
@@ -234,30 +246,32 @@ def backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weigh
     g = masked(grad_y.to(xhat.dtype), mask)
     w = weight.to(xhat.dtype)
     g_t = None if grad_y_t is None else masked(grad_y_t.to(xhat.dtype), mask)
-    grad_bias, grad_weight, *g_t_sums = reduction.sums(
-        d, g, g * xhat, *(() if g_t is None else (g_t, g_t * xhat)))
+    local = sums(d, g, g * xhat, *(() if g_t is None else (g_t, g_t * xhat)))
+    total_bias, total_weight, *g_t_totals = reduction.total(*local)
 
-    gb_t = gw_t = gx_t = None
+    # gb_t, gw_t: tangents of the (local) weight and bias gradients; their totals feed gx_t
+    gb_t = gw_t = gx_t = total_gb_t = total_gw_t = None
     scale_t = None   # tangent of weight * invstd
     if g_t is not None:
-        gb_t, gw_t = g_t_sums
+        gb_t, gw_t = local[2:]
+        total_gb_t, total_gw_t = g_t_totals
         gx_t = g_t
     if x_t is not None:
         xhat_t, invstd_t = _xhat_tangent(x_t, xhat, invstd, d, reduction, m)
-        (g_dot_xhat_t,) = reduction.sums(d, g * xhat_t)
+        (g_dot_xhat_t,) = sums(d, g * xhat_t)
         gw_t = _plus(gw_t, g_dot_xhat_t)
-        gx_t = _plus(gx_t, -xhat_t * per_channel(grad_weight / m, d))
+        total_gw_t = _plus(total_gw_t, reduction.total(g_dot_xhat_t)[0])
+        gx_t = _plus(gx_t, -xhat_t * per_channel(total_weight / m, d))
         scale_t = w * invstd_t
     if weight_t is not None:
         scale_t = _plus(scale_t, weight_t.to(xhat.dtype) * invstd)
     zero = torch.zeros((), dtype=xhat.dtype)
-    gb_t = zero if gb_t is None else gb_t
-    gw_t = zero if gw_t is None else gw_t
-    gx_t = zero if gx_t is None else gx_t
-    gx_t = (gx_t - per_channel(gb_t / m, d) - xhat * per_channel(gw_t / m, d)) \
+    gb_t, gw_t, gx_t, total_gb_t, total_gw_t = (
+        zero if t is None else t for t in (gb_t, gw_t, gx_t, total_gb_t, total_gw_t))
+    gx_t = (gx_t - per_channel(total_gb_t / m, d) - xhat * per_channel(total_gw_t / m, d)) \
         * per_channel(w * invstd, d)
     if scale_t is not None:
-        inner = g - per_channel(grad_bias / m, d) - xhat * per_channel(grad_weight / m, d)
+        inner = g - per_channel(total_bias / m, d) - xhat * per_channel(total_weight / m, d)
         gx_t = gx_t + per_channel(scale_t, d) * inner
 
     shape = torch.broadcast_shapes(g.shape, gx_t.shape)

@@ -8,7 +8,7 @@ Under torch.func transforms a module in training mode normalises with batch stat
 and leaves `running_mean`, `running_var` and `num_batches_tracked` untouched.
 """
 
-import torch
+import torch.distributed as dist
 from torch import nn
 
 from fastbn import functional
@@ -25,15 +25,20 @@ class _FastBatchNorm:
                          device=device, dtype=dtype)
         self.activation = activation
 
+    def _sync_group(self, batch_stats):
+        """The process group whose batches share statistics, or None (local layers)."""
+        return None
+
     def forward(self, input):
         self._check_input_dim(input)
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
+        group = self._sync_group(batch_stats)
         # Check everything before num_batches_tracked moves: errors change no state.
         functional.check_args(input, running_mean, running_var, self.weight, self.bias,
-                              batch_stats, self.activation)
+                              batch_stats, self.activation, group is not None)
         factor = 0.0 if self.momentum is None else self.momentum
         if (self.training and self.track_running_stats and self.num_batches_tracked is not None
                 and not transforms.under_transform()):
@@ -41,7 +46,8 @@ class _FastBatchNorm:
             if self.momentum is None:
                 factor = 1.0 / float(self.num_batches_tracked)
         return functional.batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                     batch_stats, factor, self.eps, self.activation)
+                                     batch_stats, factor, self.eps, self.activation,
+                                     process_group=group)
 
     def extra_repr(self):
         text = super().extra_repr()
@@ -60,16 +66,42 @@ class BatchNorm3d(_FastBatchNorm, nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on fastbn kernels; input (N, C, D, H, W)."""
 
 
+class SyncBatchNorm(_FastBatchNorm, nn.SyncBatchNorm):
+    """torch.nn.SyncBatchNorm on fastbn: statistics over every process of the group.
+
+    In training mode inside an initialised process group of more than one process, the
+    forward's statistics travel in one collective and each reduction of the backward in
+    one all_reduce; double backward, jvp and vmap over tangents work across processes
+    (stock SyncBatchNorm has none of them). Otherwise it behaves as the local layer.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, process_group=None, device=None, dtype=None,
+                 activation=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype, activation=activation)
+        self.process_group = process_group
+
+    def _sync_group(self, batch_stats):
+        if not (batch_stats and self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group or dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+
 _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
-                 nn.BatchNorm3d: BatchNorm3d}
+                 nn.BatchNorm3d: BatchNorm3d, nn.SyncBatchNorm: SyncBatchNorm}
 
 
-def _converted(layer):
+def _converted(layer, sync, process_group):
     """The fastbn layer that takes over `layer`'s parameters, buffers, flags and hooks."""
-    new = _REPLACEMENTS[type(layer)].__new__(_REPLACEMENTS[type(layer)])
+    cls = SyncBatchNorm if sync else _REPLACEMENTS[type(layer)]
+    new = cls.__new__(cls)
     new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v)
                          for k, v in layer.__dict__.items()})
     new.activation = None
+    if cls is SyncBatchNorm:
+        new.process_group = process_group if sync else layer.process_group
     return new
 
 
@@ -83,18 +115,21 @@ def _fuse_relu(seq):
             seq._modules[second] = nn.Identity().train(relu.training)
 
 
-def convert(module, *, fuse_relu=False):
-    """Replace every torch BatchNorm1d/2d/3d in `module` by its fastbn equivalent.
+def convert(module, *, fuse_relu=False, sync=False, process_group=None):
+    """Replace every torch BatchNorm1d/2d/3d and SyncBatchNorm in `module` by fastbn's.
 
     Parameters and buffers are kept (the same tensors), and so are the training flag,
     device and dtype. With `fuse_relu=True`, a batch norm directly followed by nn.ReLU
-    inside an nn.Sequential becomes one fused layer (the ReLU becomes nn.Identity).
-    Returns the converted module (a new object only when `module` itself is a batch norm).
+    inside an nn.Sequential becomes one fused layer (the ReLU becomes nn.Identity). With
+    `sync=True` every batch norm becomes a fastbn.SyncBatchNorm over `process_group`
+    (default: the whole world). Returns the converted module (a new object only when
+    `module` itself is a batch norm).
     """
     if type(module) in _REPLACEMENTS:
-        return _converted(module)
+        return _converted(module, sync, process_group)
     for name, child in module.named_children():
-        setattr(module, name, convert(child, fuse_relu=fuse_relu))
+        setattr(module, name, convert(child, fuse_relu=fuse_relu, sync=sync,
+                                      process_group=process_group))
     if fuse_relu and isinstance(module, nn.Sequential):
         _fuse_relu(module)
     return module

@@ -34,9 +34,10 @@ from fastbn.backends import reference
 _PRIMAL = 5
 
 
-def _has_k(t, x, per_channel):
-    """Whether a tangent-like argument already carries the leading K dimension."""
-    return t is not None and t.dim() > (1 if per_channel else x.dim())
+def _has_k(t, x, per_channel, vmapped):
+    """Whether a tangent-like argument carries a leading K dimension besides the one
+    the current vmap level adds (`vmapped`)."""
+    return t is not None and t.dim() - vmapped > (1 if per_channel else x.dim())
 
 
 def _sum_k(t, like):
@@ -50,6 +51,8 @@ def _runnable(backend, tensors):
     """The backend, or the reference where it cannot run: the legacy vmap behind
     `autograd.grad(..., is_grads_batched=True)` hands Functions batched tensors without
     storage, which only PyTorch ops accept."""
+    if getattr(backend, "runs_pytorch_ops", False):
+        return backend
     if any(t is not None and is_legacy_batchedtensor(t) for t in tensors):
         return reference
     return backend
@@ -60,12 +63,21 @@ def _all_batched(out):
     return out, (0 if isinstance(out, torch.Tensor) else (0,) * len(out))
 
 
-def _composite(kernel, n_tangent):
+def _reduction(backend):
+    """How the backend reduces over the batch (across processes for SyncBatchNorm)."""
+    return getattr(backend, "reduction", reference.LOCAL)
+
+
+def _composite(kernel_name, n_tangent, backend):
     """Reference math with mean/invstd recomputed (differentiably) from x."""
+    kernel = getattr(reference, kernel_name)
+    reduction = _reduction(backend)
+
     def run(*args, eps, activation):
         tangents, (x, _mean, _invstd, weight, bias) = args[:n_tangent], args[n_tangent:]
-        mean, _, invstd = reference.statistics(x, eps)
-        return kernel(*tangents, x, mean, invstd, weight, bias, activation)
+        mean, _, invstd = reference.statistics(x, eps, reduction)
+        return kernel(*tangents, x, mean, invstd, weight, bias, activation,
+                      reduction=reduction)
     return run
 
 
@@ -103,12 +115,13 @@ class _KernelFunction(torch.autograd.Function):
         tangents, primal, options = args[:n], args[n:n + _PRIMAL], args[n + _PRIMAL:]
         x = primal[0]
         primal_batched = any(d is not None for d in in_dims[n:n + _PRIMAL])
-        nested = any(_has_k(t, x, pc) for t, pc in zip(tangents, cls.per_channel))
+        nested = any(_has_k(t, x, pc, d is not None)
+                     for t, pc, d in zip(tangents, cls.per_channel, in_dims))
         if not primal_batched and not nested:
             moved = [t if d is None else t.movedim(d, 0) for t, d in zip(tangents, in_dims)]
             return _all_batched(cls.apply(*moved, *primal, *options))
-        eps, activation, _ = options
-        composite = functools.partial(_composite(getattr(reference, cls.kernel), n),
+        eps, activation, backend = options
+        composite = functools.partial(_composite(cls.kernel, n, backend),
                                       eps=eps, activation=activation)
         return _all_batched(torch.vmap(composite, in_dims=tuple(in_dims[:n + _PRIMAL]))(
             *args[:n + _PRIMAL]))
@@ -116,10 +129,10 @@ class _KernelFunction(torch.autograd.Function):
     @classmethod
     def _third_order_vjp(cls, ctx, *grads):
         """Backward of a second-order Function: reverse mode through the composite."""
-        eps, activation, _ = ctx.options
+        eps, activation, backend = ctx.options
         args = cls._saved(ctx, ctx.saved_tensors)
         n = cls.n_tangent()
-        composite = _composite(getattr(reference, cls.kernel), n)
+        composite = _composite(cls.kernel, n, backend)
         diff_idx = [i for i, t in enumerate(args) if t is not None]
 
         def f(*diff):
@@ -299,7 +312,8 @@ class TrainForward(torch.autograd.Function):
         # statistics, which the composite computes under torch.vmap. Running statistics
         # are never passed under a transform.
         def composite(x, weight, bias):
-            return reference.forward_train(x, weight, bias, eps, activation)
+            return reference.forward_train(x, weight, bias, eps, activation,
+                                           reduction=_reduction(backend))
         out = torch.vmap(composite, in_dims=tuple(in_dims[:3]))(x, weight, bias)
         return out, (0, 0, 0)
 
@@ -322,7 +336,7 @@ def eval_backward(grad_y, x, running_mean, running_var, weight, bias, eps, activ
     d = x.dim()
     g = reference.masked(grad_y.to(xhat.dtype), mask)
     grad_x = (g * reference.per_channel(scale, d)).to(x.dtype)
-    grad_bias, grad_weight = reference.LOCAL.sums(d, g, g * xhat)
+    grad_bias, grad_weight = reference.sums(d, g, g * xhat)
     grad_weight, grad_bias = grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
     return grad_x, grad_weight, grad_bias
 

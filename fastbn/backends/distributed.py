@@ -1,0 +1,91 @@
+"""Kernels whose per-channel reductions span every process of a torch.distributed group.
+
+`SyncKernels(group)` has the kernel interface of `reference.py`; it runs the reference math
+with a `GroupReduction`, so the op layer's Functions give SyncBatchNorm every order of
+autodiff (double backward, jvp, vmap over tangents) with no math of its own.
+
+Communication: the forward statistics travel in one all_gather of packed per-channel
+(count, mean, M2), merged with the parallel Welford formula, so unequal batch sizes are
+exact and a rank with no samples contributes nothing. Each later reduction (the backward's
+sums of grad and grad * xhat, ...) is one packed all_reduce. Gradients of weight and bias
+stay the local batch's share, as in torch.nn.SyncBatchNorm. Counts stay on the device:
+no host-device synchronisation.
+
+One SyncKernels object serves one forward call and every derivative taken from it: it
+keeps the global count that the forward's collective produced.
+"""
+
+import torch
+import torch.distributed as dist
+
+from fastbn.backends import reference
+
+
+class GroupReduction:
+    """Per-channel reductions over the batches of all processes in `group`."""
+
+    def __init__(self, group):
+        self.group = group
+        self.global_count = None   # a 0-dim tensor once `moments` has run
+
+    def count(self, x):
+        if self.global_count is None:
+            local = torch.tensor(float(reference.LOCAL.count(x)), device=x.device)
+            dist.all_reduce(local, group=self.group)
+            self.global_count = local
+        return self.global_count.to(reference.acc_dtype(x.dtype))
+
+    def total(self, *sums):
+        packed = torch.cat([t.reshape(-1) for t in sums])
+        dist.all_reduce(packed, group=self.group)
+        return [chunk.view(t.shape) for chunk, t in
+                zip(packed.split([t.numel() for t in sums]), sums)]
+
+    def moments(self, x):
+        n = reference.LOCAL.count(x)
+        acc = reference.acc_dtype(x.dtype)
+        channels = x.shape[1]
+        if n:
+            mean, var = reference.LOCAL.moments(x)
+        else:
+            mean = var = torch.zeros(channels, dtype=acc, device=x.device)
+        counts = torch.full((channels,), float(n), dtype=acc, device=x.device)
+        packed = torch.stack([counts, mean, var * n])
+        gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(gathered, packed, group=self.group)
+        counts, means, m2s = torch.stack(gathered).unbind(1)   # each (world, C)
+        total = counts.sum(0)
+        mean = (counts * means).sum(0) / total
+        m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
+        self.global_count = total[0]
+        return mean, m2 / total
+
+
+class SyncKernels:
+    """The kernel interface, with reductions across the processes of `group`."""
+
+    name = "distributed"
+    runs_pytorch_ops = True
+
+    def __init__(self, group):
+        self.reduction = GroupReduction(group)
+
+    def forward_train(self, x, weight, bias, eps, activation=None, running_mean=None,
+                      running_var=None, momentum=0.0):
+        return reference.forward_train(x, weight, bias, eps, activation, running_mean,
+                                       running_var, momentum, reduction=self.reduction)
+
+    def forward_eval(self, *args):
+        return reference.forward_eval(*args)
+
+    def backward(self, *args):
+        return reference.backward(*args, reduction=self.reduction)
+
+    def forward_jvp(self, *args):
+        return reference.forward_jvp(*args, reduction=self.reduction)
+
+    def backward_backward(self, *args):
+        return reference.backward_backward(*args, reduction=self.reduction)
+
+    def backward_jvp(self, *args):
+        return reference.backward_jvp(*args, reduction=self.reduction)

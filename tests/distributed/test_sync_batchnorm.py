@@ -1,0 +1,155 @@
+"""SyncBatchNorm over gloo processes against one process on the concatenated batch."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.func import functional_call, jvp, vmap
+
+import fastbn
+from tests.distributed import launch
+
+DT = torch.float64
+
+
+def _problem(sizes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=DT)
+
+    return {"x": randn(n, 3, 4, 5) * 2 + 1, "cot": randn(n, 3, 4, 5), "v": randn(n, 3, 4, 5),
+            "x_t": randn(2, n, 3, 4, 5), "weight": randn(3), "bias": randn(3),
+            "weight_t": randn(3)}
+
+
+def _shard(data, sizes, rank):
+    start = sum(sizes[:rank])
+    out = dict(data)
+    for key in ("x", "cot", "v"):
+        out[key] = data[key][start:start + sizes[rank]]
+    out["x_t"] = data["x_t"][:, start:start + sizes[rank]]
+    return out
+
+
+def _layer(data, process_group=None):
+    layer = fastbn.SyncBatchNorm(3, momentum=0.3, activation="relu",
+                                 process_group=process_group).to(DT)
+    with torch.no_grad():
+        layer.weight.copy_(data["weight"])
+        layer.bias.copy_(data["bias"])
+    return layer
+
+
+def _all_orders(layer, data, reduce):
+    """Forward, first and second derivatives, jvp and vmap'd jvp; parameter gradients are
+    passed through `reduce` (a sum over processes when the batch is sharded)."""
+    x = data["x"].clone().requires_grad_()
+    y = layer(x)
+    grad_x, grad_w, grad_b = torch.autograd.grad((y * data["cot"]).sum(),
+                                                 (x, layer.weight, layer.bias),
+                                                 create_graph=True)
+    # Summed over processes this is the full second-order objective: each process's
+    # backward yields the derivative of the sum w.r.t. its own inputs.
+    second = (grad_x * data["v"]).sum() + (grad_w * data["weight_t"]).sum()
+    hess_x, hess_w = torch.autograd.grad(second, (x, layer.weight))
+
+    def f(inp, w):
+        return functional_call(layer, {"weight": w, "bias": layer.bias.detach()}, (inp,))
+
+    primals = (data["x"], layer.weight.detach())
+    y_t = jvp(f, primals, (data["x_t"][0], data["weight_t"]))[1]
+    y_t_batched = vmap(lambda t: jvp(f, primals, (t, data["weight_t"]))[1])(data["x_t"])
+    for _ in range(3):
+        layer(data["x"])
+    return {"y": y.detach(), "grad_x": grad_x.detach(), "grad_w": reduce(grad_w.detach()),
+            "grad_b": reduce(grad_b.detach()), "hess_x": hess_x, "hess_w": reduce(hess_w),
+            "y_t": y_t, "y_t_batched": y_t_batched,
+            "running_mean": layer.running_mean, "running_var": layer.running_var,
+            "num_batches_tracked": layer.num_batches_tracked}
+
+
+def _all_reduce(t, group=None):
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t
+
+
+def _worker(rank, world, sizes, group_ranks):
+    group = dist.new_group(group_ranks) if group_ranks else None
+    if group_ranks and rank not in group_ranks:
+        return None
+    members = group_ranks or list(range(world))
+    member_sizes = [sizes[r] for r in members]
+    data = _shard(_problem(member_sizes), member_sizes, members.index(rank))
+    return _all_orders(_layer(data, group), data, lambda t: _all_reduce(t, group))
+
+
+def _single_process(sizes):
+    data = _problem(sizes)
+    return _all_orders(_layer(data), data, lambda t: t)
+
+
+def _check(results, sizes, members):
+    expected = _single_process(sizes)
+    for index, rank in enumerate(members):
+        got = results[rank]
+        assert "value" in got, got.get("trace", got)
+        start = sum(sizes[:index])
+        for key, want in expected.items():
+            if key in ("y", "grad_x", "hess_x", "y_t"):
+                want = want[start:start + sizes[index]]
+            elif key == "y_t_batched":
+                want = want[:, start:start + sizes[index]]
+            torch.testing.assert_close(got["value"][key], want, rtol=1e-9, atol=1e-10,
+                                       msg=f"rank {rank}: {key}")
+
+
+@pytest.mark.parametrize("sizes", [[4, 4], [3, 5], [2, 0, 5]], ids=["equal", "unequal", "empty"])
+def test_matches_single_process(sizes):
+    results = launch.run(_worker, len(sizes), sizes, None)
+    _check(results, sizes, list(range(len(sizes))))
+
+
+def test_subgroup():
+    sizes = [3, 4, 2]
+    results = launch.run(_worker, 3, sizes, [0, 2])
+    assert results[1] == {"value": None}
+    _check(results, [sizes[0], sizes[2]], [0, 2])
+
+
+def _failing_worker(rank, world):
+    if rank == 1:
+        raise ValueError("rank 1 failed on purpose")
+    layer = fastbn.SyncBatchNorm(2).to(DT)
+    return layer(torch.randn(3, 2, 4, dtype=DT))
+
+
+def test_a_failing_rank_makes_the_others_fail_without_hanging():
+    results = launch.run(_failing_worker, 2, collective_timeout=5, join_timeout=60)
+    assert "rank 1 failed on purpose" in results[1]["error"]
+    assert "error" in results[0] and "no result" not in results[0]["error"]
+
+
+def test_outside_a_process_group_it_is_the_local_layer():
+    data = _problem([6])
+    local = _all_orders(_layer(data), data, lambda t: t)
+    plain = fastbn.BatchNorm2d(3, momentum=0.3, activation="relu").to(DT)
+    plain.load_state_dict(_layer(data).state_dict())
+    expected = _all_orders(plain, data, lambda t: t)
+    for key in expected:
+        torch.testing.assert_close(local[key], expected[key])
+
+
+def test_convert_sync():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.ReLU(),
+                          nn.SyncBatchNorm(3))
+    fastbn.convert(model, sync=True, fuse_relu=True)
+    assert type(model[1]) is fastbn.SyncBatchNorm and model[1].activation == "relu"
+    assert type(model[3]) is fastbn.SyncBatchNorm
+    state = model.state_dict()
+    reference = nn.Sequential(nn.Conv2d(2, 3, 1), nn.SyncBatchNorm(3), nn.ReLU(),
+                              nn.SyncBatchNorm(3))
+    reference.load_state_dict(state)
+    assert isinstance(model[1], nn.SyncBatchNorm)
