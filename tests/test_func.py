@@ -129,3 +129,23 @@ def test_stock_batchnorm_fails_where_fastbn_works():
     fastbn.convert(model)
     out = vmap(lambda v: jvp(grad(loss), (params,), (v,))[1])(vs)
     assert all(torch.isfinite(t).all() for t in out.values())
+
+
+def test_vmap_over_tangents_is_one_batched_kernel_call(monkeypatch, problem):
+    # The batched-HVP primitive: K tangents reach each kernel as one call with a K dim.
+    from fastbn.backends import reference
+    model, x, params, loss = problem
+    calls = []
+    for kernel in ("forward_jvp", "backward_jvp"):
+        original = getattr(reference, kernel)
+
+        def spy(*args, _original=original, _kernel=kernel, **kwargs):
+            calls.append((_kernel, args[0].shape if args[0] is not None else None))
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(reference, kernel, spy)
+    vs = {k: torch.randn(5, *p.shape, dtype=DT) for k, p in params.items()}
+    with fastbn.use_backend("reference"):
+        vmap(lambda u: jvp(grad(loss), (params,), (u,))[1])(vs)
+    assert {k for k, _ in calls} == {"forward_jvp", "backward_jvp"}
+    assert all(shape is not None and shape[0] == 5 for _, shape in calls), calls
+    assert len(calls) == 4   # two layers, one call each per kernel
