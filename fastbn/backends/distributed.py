@@ -4,8 +4,9 @@
 with a `GroupReduction`, so the op layer's Functions give SyncBatchNorm every order of
 autodiff (double backward, jvp, vmap over tangents) with no math of its own.
 
-Communication: the forward statistics travel in one all_gather of packed per-channel
-(count, mean, M2), merged with the parallel Welford formula, so unequal batch sizes are
+Communication: the forward statistics travel in one all_gather of the packed count,
+per-channel means and M2 (2C + 1 values per process), merged with the parallel Welford
+formula, so unequal batch sizes are
 exact and a rank with no samples contributes nothing. Each later reduction (the backward's
 sums of grad and grad * xhat, ...) is one packed all_reduce. Gradients of weight and bias
 stay the local batch's share, as in torch.nn.SyncBatchNorm. Counts stay on the device:
@@ -49,11 +50,14 @@ class GroupReduction:
             mean, var = reference.LOCAL.moments(x)
         else:
             mean = var = torch.zeros(channels, dtype=acc, device=x.device)
-        counts = torch.full((channels,), float(n), dtype=acc, device=x.device)
-        packed = torch.stack([counts, mean, var * n])
-        gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(gathered, packed, group=self.group)
-        counts, means, m2s = torch.stack(gathered).unbind(1)   # each (world, C)
+        # One message of 2C + 1 values: count, per-channel mean, per-channel M2.
+        packed = torch.cat([torch.full((1,), float(n), dtype=acc, device=x.device),
+                            mean, var * n])
+        gathered = torch.empty(dist.get_world_size(self.group), packed.numel(), dtype=acc,
+                               device=x.device)
+        dist.all_gather(list(gathered.unbind(0)), packed, group=self.group)
+        counts = gathered[:, :1]
+        means, m2s = gathered[:, 1:].split(channels, dim=1)   # each (world, C)
         total = counts.sum(0)
         mean = (counts * means).sum(0) / total
         m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
