@@ -7,7 +7,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vmap
 
 import fastbn
-from tests.distributed import launch
+from fastbn.testing import run_processes
 
 DT = torch.float64
 
@@ -108,13 +108,13 @@ def _check(results, sizes, members):
 
 @pytest.mark.parametrize("sizes", [[4, 4], [3, 5], [2, 0, 5]], ids=["equal", "unequal", "empty"])
 def test_matches_single_process(sizes):
-    results = launch.run(_worker, len(sizes), sizes, None)
+    results = run_processes(_worker, len(sizes), sizes, None)
     _check(results, sizes, list(range(len(sizes))))
 
 
 def test_subgroup():
     sizes = [3, 4, 2]
-    results = launch.run(_worker, 3, sizes, [0, 2])
+    results = run_processes(_worker, 3, sizes, [0, 2])
     assert results[1] == {"value": None}
     _check(results, [sizes[0], sizes[2]], [0, 2])
 
@@ -127,7 +127,7 @@ def _failing_worker(rank, world):
 
 
 def test_a_failing_rank_makes_the_others_fail_without_hanging():
-    results = launch.run(_failing_worker, 2, collective_timeout=5, join_timeout=60)
+    results = run_processes(_failing_worker, 2, collective_timeout=5, join_timeout=60)
     assert "rank 1 failed on purpose" in results[1]["error"]
     assert "error" in results[0] and "no result" not in results[0]["error"]
 

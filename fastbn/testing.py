@@ -1,4 +1,9 @@
-"""Run a function on several gloo processes on this machine and collect what each returns."""
+"""Helpers for testing and benchmarking fastbn.
+
+`run_processes` runs a function on several gloo processes of this machine (a process
+group per call) and collects what each returns: the harness of the distributed tests and
+benchmarks.
+"""
 
 import datetime
 import os
@@ -29,7 +34,7 @@ def _entry(rank, world, init_file, timeout_s, fn, args, out_dir):
                 pass
 
 
-def run(fn, world, *args, collective_timeout=60, join_timeout=180):
+def run_processes(fn, world, *args, collective_timeout=60, join_timeout=180):
     """fn(rank, world, *args) on `world` processes; returns the list of per-rank results
     ({"value": ...} or {"error": ..., "trace": ...}). Never hangs past join_timeout."""
     ctx = mp.get_context("spawn")
