@@ -48,7 +48,12 @@ def extensions():
         SOURCES,
         include_dirs=["csrc"],
         cxx_std=17,
-        extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"],
+        extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"]
+        # Tune for the building CPU only on a local source build with gcc/clang on Linux;
+        # FASTBN_PORTABLE=1 (wheels, clusters with mixed CPUs) keeps the baseline ISA.
+        + (["-march=native"] if sys.platform.startswith("linux")
+           and os.uname().machine in ("x86_64", "aarch64")
+           and not os.environ.get("FASTBN_PORTABLE") else []),
     )]
 
 

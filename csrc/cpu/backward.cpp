@@ -16,7 +16,7 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
   reduce_pass<A, CL>(g, nth, K, 2, sums.data(), [&](const Seg& s, Scratch<A>& sc, A* f) {
     A *xh = sc.buf(0), *mask = sc.buf(1), *gv = sc.buf(2);
     load<CL, T>(x, s, 0, xh);
-    normalise<CL, RELU>(xh, s, mean, invstd, w, b, xh, mask);
+    normalise<CL, RELU>(xh, s, mean, invstd, w, b, mask);
     for (int64_t k = 0; k < K; ++k) {
       load<CL, T>(dy, s, k, gv);
       apply_mask<RELU>(gv, mask, s.n);
@@ -38,7 +38,7 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
   map_pass<A, CL>(g, nth, K, [&](const Seg& s, Scratch<A>& sc) {
     A *xh = sc.buf(0), *mask = sc.buf(1), *gv = sc.buf(2);
     load<CL, T>(x, s, 0, xh);
-    normalise<CL, RELU>(xh, s, mean, invstd, w, b, xh, mask);
+    normalise<CL, RELU>(xh, s, mean, invstd, w, b, mask);
     const A* __restrict a = cg.data() + s.c;
     for (int64_t k = 0; k < K; ++k) {
       load<CL, T>(dy, s, k, gv);

@@ -196,14 +196,15 @@ inline void acc_dot(A* __restrict f, const A* __restrict u, const A* __restrict 
   }
 }
 
-// xhat = (x - mean) * invstd over a loaded segment, and the ReLU mask
-// (xhat * weight + bias > 0) as 1/0, both as the reference computes them.
+// Turns a loaded segment of x into xhat = (x - mean) * invstd in place, and writes the
+// ReLU mask (xhat * weight + bias > 0) as 1/0, both as the reference computes them.
 template <bool CL, bool RELU, class A>
-inline void normalise(const A* __restrict x, const Seg& s, const A* mean, const A* invstd,
-                      const A* w, const A* b, A* __restrict xh, A* __restrict mask) {
+inline void normalise(A* __restrict xh, const Seg& s, const A* mean, const A* invstd,
+                      const A* w, const A* b, A* __restrict mask) {
   const A* __restrict m = mean + s.c;
   const A* __restrict r = invstd + s.c;
-  for (int64_t i = 0; i < padded<A>(s.n); ++i) xh[i] = (x[i] - m[ch<CL>(i)]) * r[ch<CL>(i)];
+  for (int64_t i = 0; i < s.n; ++i) xh[i] = (xh[i] - m[ch<CL>(i)]) * r[ch<CL>(i)];
+  for (int64_t i = s.n; i < padded<A>(s.n); ++i) xh[i] = A(0);
   if constexpr (RELU) {
     const A* __restrict ww = w + s.c;
     const A* __restrict bb = b + s.c;
@@ -223,7 +224,7 @@ inline void apply_mask(A* __restrict v, const A* __restrict mask, int64_t n) {
 
 // ---- passes ----------------------------------------------------------------------------
 
-// Fixed task grid: NCHW tasks are (c, n, L-chunk) single segments in channel-major order;
+// Fixed task grid: NCHW tasks are (n, c, L-chunk) single segments in memory order;
 // channels-last tasks are (row block, channel block). Threads take contiguous task ranges,
 // so the partition (and every sum) depends only on the shape and thread count.
 inline int64_t num_tasks(const Geom& g) {
@@ -240,9 +241,9 @@ inline void task_segments(const Geom& g, int64_t task, F&& f) {
     for (int64_t r = r0; r < r1; ++r) f(Seg{r / g.L, c, r % g.L, std::min(SEG, g.C - c)});
   } else {
     const int64_t nlb = (g.L + SEG - 1) / SEG;
-    const int64_t c = task / (g.N * nlb), rem = task % (g.N * nlb);
+    const int64_t nn = task / (g.C * nlb), rem = task % (g.C * nlb);
     const int64_t l = rem % nlb * SEG;
-    f(Seg{rem / nlb, c, l, std::min(SEG, g.L - l)});
+    f(Seg{nn, rem / nlb, l, std::min(SEG, g.L - l)});
   }
 }
 

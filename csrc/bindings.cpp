@@ -1,0 +1,82 @@
+// pybind11 module fastbn._C: raw addresses, sizes and strides in, no torch headers.
+// Element tensors are (ptr, sK, sN, sC, sL) tuples; the geometry is (N, C, L, channels_last).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <tuple>
+
+#include "cpu/ops.h"
+
+namespace py = pybind11;
+using fastbn::Geom;
+using fastbn::TD;
+
+namespace {
+
+using TDArg = std::tuple<uintptr_t, int64_t, int64_t, int64_t, int64_t>;
+using GeomArg = std::tuple<int64_t, int64_t, int64_t, bool>;
+
+TD td(const TDArg& a) {
+  return TD{std::get<0>(a), std::get<1>(a), std::get<2>(a), std::get<3>(a), std::get<4>(a)};
+}
+
+Geom geom(const GeomArg& a) {
+  return Geom{std::get<0>(a), std::get<1>(a), std::get<2>(a), std::get<3>(a)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastbn fused CPU batch-norm kernels (see fastbn/backends/cpu.py)";
+  m.attr("FLOAT64") = int(fastbn::kFloat64);
+  m.attr("FLOAT32") = int(fastbn::kFloat32);
+  m.attr("BFLOAT16") = int(fastbn::kBFloat16);
+  m.attr("FLOAT16") = int(fastbn::kFloat16);
+
+  m.def("forward_train",
+        [](int dtype, const GeomArg& g, int nth, const TDArg& x, const TDArg& y, uintptr_t w,
+           uintptr_t b, double eps, bool relu, uintptr_t mean, uintptr_t invstd,
+           uintptr_t var) {
+          py::gil_scoped_release nogil;
+          fastbn::forward_train(dtype, geom(g), nth, td(x), td(y), w, b, eps, relu, mean,
+                                invstd, var);
+        });
+  m.def("affine", [](int dtype, const GeomArg& g, int nth, const TDArg& x, const TDArg& y,
+                     uintptr_t scale, uintptr_t shift, bool relu) {
+    py::gil_scoped_release nogil;
+    fastbn::affine(dtype, geom(g), nth, td(x), td(y), scale, shift, relu);
+  });
+  m.def("backward", [](int dtype, const GeomArg& g, int nth, int64_t K, bool relu,
+                       const TDArg& x, const TDArg& dy, const TDArg& dx, uintptr_t mean,
+                       uintptr_t invstd, uintptr_t w, uintptr_t b, uintptr_t gw, uintptr_t gb) {
+    py::gil_scoped_release nogil;
+    fastbn::backward(dtype, geom(g), nth, K, relu, td(x), td(dy), td(dx), mean, invstd, w, b,
+                     gw, gb);
+  });
+  m.def("forward_jvp", [](int dtype, const GeomArg& g, int nth, int64_t K, bool relu,
+                          const TDArg& x, const TDArg& xt, const TDArg& yt, uintptr_t mean,
+                          uintptr_t invstd, uintptr_t w, uintptr_t b, uintptr_t wt,
+                          uintptr_t bt) {
+    py::gil_scoped_release nogil;
+    fastbn::forward_jvp(dtype, geom(g), nth, K, relu, td(x), td(xt), td(yt), mean, invstd, w,
+                        b, wt, bt);
+  });
+  m.def("backward_backward",
+        [](int dtype, const GeomArg& g, int nth, int64_t K, bool relu, const TDArg& x,
+           const TDArg& dy, const TDArg& ggx, uintptr_t ggw, uintptr_t ggb, uintptr_t mean,
+           uintptr_t invstd, uintptr_t w, uintptr_t b, const TDArg& out_gdy,
+           const TDArg& out_gx, uintptr_t out_gw) {
+          py::gil_scoped_release nogil;
+          fastbn::backward_backward(dtype, geom(g), nth, K, relu, td(x), td(dy), td(ggx), ggw,
+                                    ggb, mean, invstd, w, b, td(out_gdy), td(out_gx), out_gw);
+        });
+  m.def("backward_jvp",
+        [](int dtype, const GeomArg& g, int nth, int64_t K, bool relu, const TDArg& x,
+           const TDArg& dy, const TDArg& dyt, const TDArg& xt, uintptr_t wt, uintptr_t mean,
+           uintptr_t invstd, uintptr_t w, uintptr_t b, const TDArg& out_gx, uintptr_t out_gw,
+           uintptr_t out_gb) {
+          py::gil_scoped_release nogil;
+          fastbn::backward_jvp(dtype, geom(g), nth, K, relu, td(x), td(dy), td(dyt), td(xt),
+                               wt, mean, invstd, w, b, td(out_gx), out_gw, out_gb);
+        });
+}

@@ -1,0 +1,278 @@
+"""The compiled CPU kernels (fastbn.backends.cpu) against the reference backend.
+
+Native cases run with the reference fallback disabled, so they exercise the C++ kernels;
+half-precision results follow the upcast rule of DESIGN.md (error vs the float64 reference
+at most twice the reference backend's own error at that dtype, plus a small atol).
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("fastbn._C")
+
+from fastbn.backends import cpu, reference  # noqa: E402
+
+HALF = (torch.bfloat16, torch.float16)
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+ELEMENT_ARGS = ("grad_y", "x_t", "grad_y_t", "gg_x")
+
+
+class _NoFallback:
+    """Stands in for `reference` inside cpu.py: kernel calls must not fall back."""
+
+    def __getattr__(self, attr):
+        if attr in ("acc_dtype", "update_running_stats"):
+            return getattr(reference, attr)
+        raise AssertionError(f"cpu backend fell back to reference.{attr}")
+
+
+@pytest.fixture
+def native(monkeypatch):
+    monkeypatch.setattr(cpu, "reference", _NoFallback())
+
+
+def _layout(name, gen, dtype):
+    """An x of the given layout: odd and prime sizes, C=1 and N=2 included."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    if name == "nchw":
+        x = randn(2, 3, 5, 7)
+    elif name == "channels_last":
+        x = randn(3, 5, 7, 11).contiguous(memory_format=torch.channels_last)
+    elif name == "channels_last_3d":
+        x = randn(2, 3, 3, 5, 7).contiguous(memory_format=torch.channels_last_3d)
+    elif name == "2d":
+        x = randn(13, 7)
+    elif name == "3d":
+        x = randn(2, 5, 17)
+    elif name == "slice":  # channel slice of a bigger tensor: not contiguous
+        x = randn(3, 7, 5, 6)[:, 2:5]
+    elif name == "c1":
+        x = randn(5, 1, 7, 3)
+    elif name == "c1_2d":
+        x = randn(9, 1)
+    elif name == "big_nchw":  # several segments per row, two threads with K=3
+        x = randn(4, 6, 23, 41)
+    elif name == "big_cl":  # two channel blocks, several row blocks
+        x = randn(4, 600, 5, 3).contiguous(memory_format=torch.channels_last)
+    else:
+        raise ValueError(name)
+    return x.to(dtype)
+
+
+LAYOUTS = ("nchw", "channels_last", "channels_last_3d", "2d", "3d", "slice", "c1", "c1_2d")
+BIG = ("big_nchw", "big_cl")
+# Small layouts at every dtype; the larger ones (multi-segment, multi-thread) at two.
+CASES = [(layout, dtype) for layout in LAYOUTS for dtype in DTYPES] + \
+        [(layout, dtype) for layout in BIG for dtype in (torch.float32, torch.float16)]
+
+
+def _like(x, gen, k):
+    """A random element tensor like x (x's memory format), K-batched when k is set."""
+    shape = x.shape if k is None else (k, *x.shape)
+    t = torch.randn(shape, generator=gen, dtype=torch.float64).to(x.dtype)
+    if k is None:
+        return torch.empty_like(x).copy_(t)
+    return t
+
+
+def _problem(layout, dtype, k, seed=0, half_weight_fp32=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = _layout(layout, gen, dtype)
+    c = x.shape[1]
+    pdtype = torch.float32 if (dtype in HALF and half_weight_fp32) else dtype
+    chan_shape = (c,) if k is None else (k, c)
+
+    def chan(shape=(c,)):
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(pdtype)
+
+    weight, bias = chan(), chan()
+    mean, _, invstd = reference.statistics(x, 1e-5)
+    return dict(x=x, weight=weight, bias=bias, mean=mean, invstd=invstd,
+                grad_y=_like(x, gen, k), x_t=_like(x, gen, k), grad_y_t=_like(x, gen, k),
+                gg_x=_like(x, gen, k), weight_t=chan(chan_shape), bias_t=chan(chan_shape))
+
+
+def _call(backend, op, p, act):
+    if op == "forward_train":
+        return backend.forward_train(p["x"], p["weight"], p["bias"], 1e-5, act)
+    if op == "forward_eval":
+        return backend.forward_eval(p["x"], p["mean"], 1.0 / p["invstd"] ** 2, p["weight"],
+                                    p["bias"], 0.0, act)
+    args = (p["x"], p["mean"], p["invstd"], p["weight"], p["bias"], act)
+    if op == "backward":
+        return backend.backward(p["grad_y"], *args)
+    if op == "forward_jvp":
+        return backend.forward_jvp(p["x_t"], p["weight_t"], p["bias_t"], *args)
+    if op == "backward_backward":
+        return backend.backward_backward(p["gg_x"], p["weight_t"], p["bias_t"], p["grad_y"],
+                                         *args)
+    if op == "backward_jvp":
+        return backend.backward_jvp(p["grad_y_t"], p["x_t"], p["weight_t"], p["bias_t"],
+                                    p["grad_y"], *args)
+    raise ValueError(op)
+
+
+def _upcast(p):
+    return {key: None if v is None else v.double() for key, v in p.items()}
+
+
+def _tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _check(out, ref, ref64, dtype):
+    for o, r, r64 in zip(_tuple(out), _tuple(ref), _tuple(ref64)):
+        assert o.shape == r.shape and o.dtype == r.dtype
+        scale = max(r64.abs().max().item(), 1.0) if r64.numel() else 1.0
+        if dtype == torch.float64:
+            torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10 * scale)
+        elif dtype == torch.float32:
+            torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5 * scale)
+        else:
+            err = (o.double() - r64).abs().max().item()
+            stock = (r.double() - r64).abs().max().item()
+            assert err <= 2 * stock + 1e-3 * scale, (err, stock, scale)
+
+
+OPS = ("forward_train", "forward_eval", "backward", "forward_jvp", "backward_backward",
+       "backward_jvp")
+K_OPS = OPS[2:]
+
+
+@pytest.mark.parametrize("act", [None, "relu"])
+@pytest.mark.parametrize("layout,dtype", CASES, ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_matches_reference(native, op, layout, dtype, act):
+    ks = (None, 1, 3) if layout not in BIG else (None, 3)
+    for k in ks if op in K_OPS else (None,):
+        p = _problem(layout, dtype, k, half_weight_fp32=(layout == "nchw"))
+        out = _call(cpu, op, p, act)
+        ref = _call(reference, op, p, act)
+        ref64 = _call(reference, op, _upcast(p), act) if dtype in HALF else ref
+        _check(out, ref, ref64, dtype)
+
+
+@pytest.mark.parametrize("layout", ("nchw", "channels_last", "2d"))
+@pytest.mark.parametrize("k", (None, 3))
+@pytest.mark.parametrize("op", K_OPS[1:])
+def test_absent_tangents(native, op, layout, k):
+    """Every pattern of None tangents/cotangents (None = zero)."""
+    names = {"forward_jvp": ("x_t", "weight_t", "bias_t"),
+             "backward_backward": ("gg_x", "weight_t", "bias_t"),
+             "backward_jvp": ("grad_y_t", "x_t", "weight_t", "bias_t")}[op]
+    base = _problem(layout, torch.float64, k)
+    for mask in range(1, 2 ** len(names)):
+        p = dict(base)
+        for i, key in enumerate(names):
+            if mask >> i & 1:
+                p[key] = None
+        if op == "forward_jvp" and all(p[key] is None for key in names):
+            continue  # all-zero tangents: answered by the reference (zeros_like)
+        for act in (None, "relu"):
+            _check(_call(cpu, op, p, act), _call(reference, op, p, act),
+                   _call(reference, op, p, act), torch.float64)
+
+
+@pytest.mark.parametrize("op", K_OPS)
+def test_mixed_k(native, op):
+    """Batched per-channel tangents with an unbatched element argument, and vice versa."""
+    batched = _problem("channels_last", torch.float64, 3, seed=1)
+    plain = _problem("channels_last", torch.float64, None, seed=1)
+    for swap in (("grad_y", "x_t"), ("weight_t", "bias_t", "grad_y_t", "gg_x")):
+        p = dict(batched)
+        for key in swap:
+            p[key] = plain[key]
+        for act in (None, "relu"):
+            _check(_call(cpu, op, p, act), _call(reference, op, p, act),
+                   _call(reference, op, p, act), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+def test_large_offset_statistics(native, layout, dtype):
+    """x = 1e4 + N(0, 1): statistics against float64 math on the same values."""
+    gen = torch.Generator().manual_seed(3)
+    x = (1e4 + torch.randn(16, 5, 9, 13, generator=gen, dtype=torch.float64)).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(5, dtype=dtype) + 0.5, torch.randn(5, dtype=dtype)
+    y, mean, invstd = cpu.forward_train(x, w, b, 1e-5)
+    y64, mean64, invstd64 = reference.forward_train(x.double(), w.double(), b.double(), 1e-5)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(mean.double(), mean64, rtol=tol, atol=0)
+    torch.testing.assert_close(invstd.double(), invstd64, rtol=100 * tol, atol=0)
+    torch.testing.assert_close(y.double(), y64, rtol=0, atol=1e-9 if tol < 1e-9 else 2e-3)
+
+
+def test_million_elements_per_channel(native):
+    gen = torch.Generator().manual_seed(4)
+    x = 1e3 + torch.randn(4, 2, 512, 512, generator=gen)
+    w, b = torch.tensor([1.5, -0.5]), torch.tensor([0.1, 0.2])
+    y, mean, invstd = cpu.forward_train(x, w, b, 1e-5)
+    x64 = x.double()
+    _, mean64, invstd64 = reference.forward_train(x64, w.double(), b.double(), 1e-5)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-7, atol=0)
+    torch.testing.assert_close(invstd.double(), invstd64, rtol=1e-5, atol=0)
+    dy = torch.randn(x.shape, generator=gen)
+    gx, gw, gb = cpu.backward(dy, x, mean, invstd, w, b)
+    gx64, gw64, gb64 = reference.backward(dy.double(), x64, mean.double(), invstd.double(),
+                                          w.double(), b.double())
+    torch.testing.assert_close(gb.double(), gb64, rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(gw.double(), gw64, rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(gx.double(), gx64, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("running_dtype", (torch.float32, torch.float64, torch.bfloat16),
+                         ids=str)
+def test_running_stats(native, running_dtype):
+    p = _problem("channels_last", torch.float32, None)
+    runs = [(torch.randn(5).to(running_dtype), torch.rand(5).to(running_dtype) + 0.5)
+            for _ in range(2)]
+    runs[1] = (runs[0][0].clone(), runs[0][1].clone())
+    cpu.forward_train(p["x"], p["weight"], p["bias"], 1e-5, None, *runs[0], 0.1)
+    reference.forward_train(p["x"], p["weight"], p["bias"], 1e-5, None, *runs[1], 0.1)
+    for got, want in zip(runs[0], runs[1]):
+        assert got.dtype == running_dtype
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", BIG)
+def test_bitwise_deterministic(native, layout):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for op in OPS:
+            for k in (3,) if op in K_OPS else (None,):
+                p = _problem(layout, torch.float32, k, seed=5)
+                first, second = _call(cpu, op, p, "relu"), _call(cpu, op, p, "relu")
+                for a, b in zip(_tuple(first), _tuple(second)):
+                    assert torch.equal(a, b), op
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_output_memory_format(native):
+    p = _problem("channels_last", torch.float32, 3)
+    y, _, _ = cpu.forward_train(p["x"], p["weight"], p["bias"], 1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    gx, _, _ = _call(cpu, "backward", p, None)
+    assert gx[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fallbacks_agree():
+    """Cases the kernels do not take still give the reference answer."""
+    gen = torch.Generator().manual_seed(6)
+    base = torch.randn(3, 4, 5, 8, generator=gen, dtype=torch.float64)
+    x = base[..., :6]  # spatial dims that do not flatten to one stride
+    w, b = torch.rand(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    for got, want in zip(cpu.forward_train(x, w, b, 1e-5), reference.forward_train(x, w, b, 1e-5)):
+        torch.testing.assert_close(got, want)
+    mean, _, invstd = reference.statistics(x, 1e-5)
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float32)  # dtype differs from x
+    for got, want in zip(cpu.backward(dy, x, mean, invstd, w, b),
+                         reference.backward(dy, x, mean, invstd, w, b)):
+        torch.testing.assert_close(got, want)
+    assert torch.equal(cpu.forward_jvp(None, None, None, x, mean, invstd, w, b),
+                       torch.zeros_like(x))
