@@ -149,3 +149,24 @@ def test_vmap_over_tangents_is_one_batched_kernel_call(monkeypatch, problem):
     assert {k for k, _ in calls} == {"forward_jvp", "backward_jvp"}
     assert all(shape is not None and shape[0] == 5 for _, shape in calls), calls
     assert len(calls) == 4   # two layers, one call each per kernel
+
+
+def test_vmap_over_models_and_over_data_with_hvps(backend, problem):
+    # vmap over an ensemble of weights, and per-batch Hessian-vector products.
+    model, x, params, loss = problem
+    ensemble = {k: torch.stack([v, 0.5 * v + 0.1]) for k, v in params.items()}
+    losses = vmap(loss)(ensemble)
+    copies = {k: v.clone() for k, v in model.named_buffers()}   # eager calls update them
+    for i in range(2):
+        torch.testing.assert_close(losses[i], loss({k: v[i] for k, v in ensemble.items()},
+                                                   buffers=copies))
+    xs = torch.stack([x, x.flip(0) * 1.5])
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+
+    def hvp(inp):
+        return jvp(grad(lambda p: loss(p, inp)), (params,), (v,))[1]
+
+    batched = vmap(hvp)(xs)
+    for i in range(2):
+        torch.testing.assert_close(_flat({k: t[i] for k, t in batched.items()}),
+                                   _flat(hvp(xs[i])), rtol=1e-9, atol=1e-12)

@@ -18,8 +18,10 @@ derivatives through them; each derivative formula includes their dependence on x
 
 vmap rules: when only the tangent-like arguments (cotangents, tangents, grad_y) are
 batched, the batch becomes the kernels' leading K dimension and one kernel call serves
-all K (the batched-HVP primitive). Any other batching (a batched x or weight) runs the
-composite (PyTorch ops with statistics recomputed from x) under torch.vmap.
+all K (the batched-HVP primitive). A batched x or weight (vmap over data or models) folds
+the batch into the channels: B batch norms of C channels are one of B * C. Nested
+batching of tangents runs the composite (PyTorch ops with statistics recomputed from x)
+under torch.vmap.
 """
 
 import functools
@@ -58,6 +60,32 @@ def _runnable(backend, tensors):
     return backend
 
 
+_PRIMAL_PER_CHANNEL = (False, True, True, True, True)   # x, mean, invstd, weight, bias
+
+
+def _fold(t, bdim, batch, per_channel):
+    """Fold a vmap batch into the channel dimension: B independent batch norms of C
+    channels are one of B * C channels. (B, N, C, *) -> (N, B*C, *), (B, C) -> (B*C,)."""
+    if t is None:
+        return None
+    t = t.expand(batch, *t.shape) if bdim is None else t.movedim(bdim, 0)
+    if per_channel:
+        return t.reshape(-1)
+    return t.movedim(0, 1).reshape(t.shape[1], -1, *t.shape[3:])
+
+
+def _unfold(t, batch, per_channel):
+    if per_channel:
+        return t.reshape(batch, -1)
+    return t.reshape(t.shape[0], batch, -1, *t.shape[2:]).movedim(1, 0)
+
+
+def _unfold_all(out, batch, per_channel):
+    if isinstance(out, torch.Tensor):
+        return _unfold(out, batch, per_channel[0])
+    return tuple(_unfold(t, batch, pc) for t, pc in zip(out, per_channel))
+
+
 def _all_batched(out):
     """(output, out_dims) for a vmap rule whose outputs all carry the batch at dim 0."""
     return out, (0 if isinstance(out, torch.Tensor) else (0,) * len(out))
@@ -85,7 +113,8 @@ class _KernelFunction(torch.autograd.Function):
     """Shared vmap rule and context handling for Functions of the argument layout above."""
 
     kernel = None              # name of the backend function
-    per_channel = ()           # one bool per tangent-like argument
+    per_channel = ()           # one bool per tangent-like argument: (C,) rather than x-shaped
+    out_per_channel = ()       # the same for each output
 
     @classmethod
     def n_tangent(cls):
@@ -120,6 +149,12 @@ class _KernelFunction(torch.autograd.Function):
         if not primal_batched and not nested:
             moved = [t if d is None else t.movedim(d, 0) for t, d in zip(tangents, in_dims)]
             return _all_batched(cls.apply(*moved, *primal, *options))
+        if not nested:
+            kinds = cls.per_channel + _PRIMAL_PER_CHANNEL
+            folded = [_fold(t, d, info.batch_size, pc)
+                      for t, d, pc in zip(args[:n + _PRIMAL], in_dims, kinds)]
+            out = cls.apply(*folded, *options)
+            return _all_batched(_unfold_all(out, info.batch_size, cls.out_per_channel))
         eps, activation, backend = options
         composite = functools.partial(_composite(cls.kernel, n, backend),
                                       eps=eps, activation=activation)
@@ -155,6 +190,7 @@ class TrainBackward(_KernelFunction):
 
     kernel = "backward"
     per_channel = (False,)
+    out_per_channel = (False, True, True)
 
     @staticmethod
     def forward(*args):
@@ -191,6 +227,7 @@ class ForwardJvp(_KernelFunction):
 
     kernel = "forward_jvp"
     per_channel = (False, True, True)
+    out_per_channel = (False,)
 
     @staticmethod
     def forward(*args):
@@ -228,6 +265,7 @@ class BackwardBackward(_KernelFunction):
 
     kernel = "backward_backward"
     per_channel = (False, True, True, False)
+    out_per_channel = (False, False, True)
 
     @staticmethod
     def forward(*args):
@@ -252,6 +290,7 @@ class BackwardJvp(_KernelFunction):
 
     kernel = "backward_jvp"
     per_channel = (False, False, True, True, False)
+    out_per_channel = (False, True, True)
 
     @staticmethod
     def forward(*args):
@@ -308,14 +347,14 @@ class TrainForward(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, x, weight, bias, running_mean, running_var, momentum, eps,
              activation, backend):
-        # A batched primal (vmap over data or over weights): each instance has its own
-        # statistics, which the composite computes under torch.vmap. Running statistics
-        # are never passed under a transform.
-        def composite(x, weight, bias):
-            return reference.forward_train(x, weight, bias, eps, activation,
-                                           reduction=_reduction(backend))
-        out = torch.vmap(composite, in_dims=tuple(in_dims[:3]))(x, weight, bias)
-        return out, (0, 0, 0)
+        # A batched x or weight (vmap over data or over models): each instance has its own
+        # statistics, so the batch folds into the channels. Running statistics are never
+        # passed under a transform.
+        batch = info.batch_size
+        folded = [_fold(t, d, batch, pc)
+                  for t, d, pc in zip((x, weight, bias), in_dims, (False, True, True))]
+        out = TrainForward.apply(*folded, None, None, momentum, eps, activation, backend)
+        return _unfold_all(out, batch, (False, True, True)), (0, 0, 0)
 
 
 def _eval_parts(x, running_mean, running_var, weight, bias, eps, activation):
