@@ -1,0 +1,108 @@
+"""Run a user's model functionally without ever touching it.
+
+`FunctionalModel` keeps a private structural copy of the model whose batch norms are
+fastbn layers and whose parameters and buffers are meta placeholders (so the copy costs
+no memory). Every call feeds the user's *current* parameters and fresh clones of its
+buffers through `torch.func.functional_call`, so the user's model (tensors, buffers,
+training flags, hooks) is only ever read, whatever happens inside the call.
+"""
+
+import copy
+import itertools
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_flatten, tree_map
+
+import fastbn
+
+BN_MODES = ("train", "eval")
+
+
+def check_bn_mode(bn_mode):
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"unknown bn_mode {bn_mode!r}; expected 'train' or 'eval'")
+
+
+def _placeholder(tensor):
+    meta = torch.empty_like(tensor, device="meta")
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(meta, requires_grad=tensor.requires_grad)
+    return meta
+
+
+class FunctionalModel:
+    """`model` as a pure function of (parameters, inputs).
+
+    bn_mode "train": every batch norm normalises with batch statistics (running
+    statistics unused and untouched); "eval": with running statistics. Every other module
+    follows the user's model's training flag at the time of the call.
+    """
+
+    def __init__(self, model, bn_mode):
+        check_bn_mode(bn_mode)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        self.model = model
+        self.bn_mode = bn_mode
+        memo = {id(t): _placeholder(t)
+                for t in itertools.chain(model.parameters(), model.buffers())}
+        self.copy = fastbn.convert(copy.deepcopy(model, memo))
+
+    def _sync_training_flags(self):
+        user = dict(self.model.named_modules(remove_duplicate=False))
+        for name, module in self.copy.named_modules(remove_duplicate=False):
+            if isinstance(module, _BatchNorm):
+                module.training = self.bn_mode == "train"
+            else:
+                module.training = user[name].training
+
+    def state(self):
+        """(parameters, buffers) for one call: the user's parameters detached (read
+        only) and clones of its buffers (a module that writes to a buffer writes to the
+        clone)."""
+        self._sync_training_flags()
+        params = {name: p.detach() for name, p in self.model.named_parameters()}
+        buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
+        return params, buffers
+
+    def __call__(self, params, buffers, inputs):
+        return torch.func.functional_call(self.copy, (params, buffers), (inputs,))
+
+    def named_module(self, name):
+        """The copy's module called `name` (as in model.named_modules())."""
+        modules = dict(self.copy.named_modules())
+        if name not in modules:
+            known = ", ".join(repr(n) for n in list(modules)[:20] if n)
+            raise ValueError(f"unknown layer {name!r}; the model's modules include {known}")
+        return modules[name]
+
+
+def split_batch(batch):
+    """(inputs, targets, number of samples) of one `(inputs, targets)` batch."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError("each batch must be an (inputs, targets) pair, got "
+                         f"{type(batch).__name__}"
+                         + (f" of length {len(batch)}" if hasattr(batch, "__len__") else ""))
+    inputs, targets = batch
+    leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+    if not leaves or leaves[0].dim() == 0:
+        raise ValueError("batch inputs must contain a tensor with a leading batch dimension")
+    n = leaves[0].shape[0]
+    if n == 0:
+        raise ValueError("empty batch (0 samples)")
+    return inputs, targets, n
+
+
+def is_single_batch(data):
+    """Whether `data` is one (inputs, targets) batch rather than an iterable of batches:
+    a pair whose inputs are a tensor or a dict of tensors. (A batch whose inputs are a
+    tuple is ambiguous: pass it as [batch].)"""
+    return (isinstance(data, (tuple, list)) and len(data) == 2
+            and isinstance(data[0], (torch.Tensor, Mapping)))
+
+
+def to_device(tree, device):
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)

@@ -1,0 +1,110 @@
+"""Gradients and Hessian-vector products of the loss with respect to a layer's output."""
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from fastbn.curvature._functional import (FunctionalModel, is_single_batch, split_batch,
+                                          to_device)
+from fastbn.curvature.operator import check_finite_loss
+
+
+@dataclass
+class ActivationHessian:
+    """The loss as a function of one layer's output z, at the value z had in the forward.
+
+    activation: z (detached). grad: dL/dz. loss: L. hvp(v): (∂²L/∂z²) v with everything
+    upstream of the layer fixed and everything downstream (batch norms in the chosen
+    mode included) differentiated, by jvp of grad (reverse-over-reverse where the
+    forward-mode route raises). quadratic_form(): gᵀHg/‖g‖² for g = grad, the quantity
+    of Theorem 4.2 in PAPER.md.
+    """
+
+    activation: torch.Tensor
+    grad: torch.Tensor
+    loss: torch.Tensor
+    _loss_of_activation: Callable = field(repr=False)
+    _reverse_only: bool = field(default=False, repr=False)
+
+    def hvp(self, v):
+        v = torch.as_tensor(v)
+        if v.shape != self.activation.shape:
+            raise ValueError(f"hvp expects a tensor of the activation's shape "
+                             f"{tuple(self.activation.shape)}, got {tuple(v.shape)}")
+        v = v.to(device=self.activation.device, dtype=self.activation.dtype)
+        gradient = torch.func.grad(self._loss_of_activation)
+        if not self._reverse_only:
+            try:
+                return torch.func.jvp(gradient, (self.activation,), (v,))[1]
+            except RuntimeError:
+                # e.g. torch 2.13's forward-mode rule of mse_loss's backward ("ZeroTensors
+                # are immutable"): reverse-over-reverse gives the same product.
+                self._reverse_only = True
+        return torch.func.grad(lambda z: (gradient(z) * v).sum())(self.activation)
+
+    def quadratic_form(self):
+        g = self.grad
+        return float((g * self.hvp(g)).sum() / (g * g).sum())
+
+
+@contextlib.contextmanager
+def _forward_hook(module, hook):
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def activation_hessian(model, criterion, data, layer, *, bn_mode="train"):
+    """Hook the output of `layer` (a name from model.named_modules()) on one batch.
+
+    data: one (inputs, targets) batch (or an iterable holding exactly one). The layer
+    must be called once per forward and return a tensor. The model is only read: the
+    computation runs on a private fastbn copy fed the model's current tensors. With
+    bn_mode="train" every batch norm uses batch statistics (running statistics untouched),
+    so a batch norm downstream of the layer couples the samples of the batch.
+    Returns an ActivationHessian.
+    """
+    functional = FunctionalModel(model, bn_mode)
+    module = functional.named_module(layer)
+    if not is_single_batch(data):
+        batches = list(data)
+        if len(batches) != 1:
+            raise ValueError("activation_hessian takes one (inputs, targets) batch, got "
+                             f"{len(batches)} batches")
+        data = batches[0]
+    inputs, targets, _ = split_batch(data)
+    params, buffers = functional.state()
+    device = next(iter(params.values())).device if params else None
+    if device is not None:
+        inputs, targets = to_device(inputs, device), to_device(targets, device)
+
+    outputs = []
+
+    def record(_module, _args, output):
+        outputs.append(output)
+
+    with torch.no_grad(), _forward_hook(module, record):
+        functional(params, buffers, inputs)
+    if len(outputs) != 1:
+        raise ValueError(f"layer {layer!r} ran {len(outputs)} times in one forward; it must "
+                         "run exactly once")
+    if not isinstance(outputs[0], torch.Tensor):
+        raise ValueError(f"layer {layer!r} returns {type(outputs[0]).__name__}, not a tensor")
+    activation = outputs[0].detach()
+    # Fresh buffer clones: the recording forward ran outside a transform, where a
+    # train-mode batch norm updates (its clones of) the running statistics.
+    params, buffers = functional.state()
+
+    def loss_of_activation(z):
+        with _forward_hook(module, lambda _m, _a, _o: z):
+            value = criterion(functional(params, buffers, inputs), targets)
+        return value.reshape(())
+
+    gradient, loss = torch.func.grad_and_value(loss_of_activation)(activation)
+    check_finite_loss(loss, f"layer {layer!r}")
+    return ActivationHessian(activation=activation, grad=gradient, loss=loss.detach(),
+                             _loss_of_activation=loss_of_activation)

@@ -1,0 +1,381 @@
+"""The Hessian of a model's loss as a linear operator on flat parameter vectors."""
+
+import math
+import time
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_flatten
+from tqdm.auto import tqdm
+
+from fastbn.curvature import _memory
+from fastbn.curvature._functional import (FunctionalModel, is_single_batch, split_batch,
+                                          to_device)
+
+METHODS = ("auto", "forward-over-reverse", "reverse-over-reverse")
+
+
+def check_finite_loss(loss, where):
+    if not bool(torch.isfinite(loss).all()):
+        raise RuntimeError(f"non-finite loss ({float(loss)}) on {where}; refusing to "
+                           "differentiate it")
+
+
+def _dot(a, b):
+    return sum((a[name] * b[name]).sum() for name in a)
+
+
+class HessianOperator:
+    """H = ∇²_θ L for L the sample-weighted mean loss of `model` over `data`.
+
+    model: an nn.Module; torch's BatchNorm layers are fine (a private structural copy
+        with fastbn layers runs instead, fed the model's current tensors), and the model
+        itself is only read: its parameters, buffers and training flags are bitwise the
+        same after every call, also when a call raises.
+    criterion: (outputs, targets) -> scalar mean loss over the batch.
+    data: one `(inputs, targets)` batch (inputs a tensor or a dict of tensors; wrap a
+        batch with tuple inputs as [batch]) or an iterable of batches (re-iterated on every
+        call, so it must yield the same batches each time; a one-shot iterator is stored
+        as a list). The loss is Σ_b n_b L_b / Σ_b n_b with n_b the batch's sample count
+        (the leading dimension of its inputs). With bn_mode="train" each batch normalises
+        with its own batch statistics, as in training, so the loss is not the loss of
+        the concatenated batch. Inputs go to the model as its single argument.
+    params: the parameters θ (tensors of the model, or their names); default every
+        parameter with requires_grad. Others are held fixed. Flat vectors concatenate
+        them in model.named_parameters() order (see `param_names`).
+    bn_mode: "train" (batch statistics; running statistics untouched) or "eval"
+        (running statistics). Every other module follows the model's own training flag.
+    method: "forward-over-reverse" (jvp of grad), "reverse-over-reverse" (grad of
+        grad·v; for matvec on a single batch it keeps the gradient graph between calls,
+        see `matvec`), or "auto": the first HVP times one product of each (functional,
+        on the first batch, after a warm-up) and keeps the faster (`method_used`,
+        `timings`); a method that raises a RuntimeError there is skipped.
+    max_memory: byte budget for the working memory of each matmat pass (beyond the
+        (P, K) result): the chunk size (tangents per vmapped pass) comes from the peak
+        memory of 1- and 2-tangent probe passes on the first batch (`probe_peaks`),
+        measured with the CUDA allocator's counters or the CPU profiler. At least one
+        tangent per pass, even if that exceeds the budget.
+    chunk_size: explicit tangents per pass (overrides max_memory). With neither, matmat
+        runs all K tangents in one pass.
+    progress: tqdm bars over batches and chunks.
+    """
+
+    def __init__(self, model, criterion, data, *, params=None, bn_mode="train", method="auto",
+                 max_memory=None, chunk_size=None, progress=False):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if max_memory is not None and not max_memory > 0:
+            raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
+        self._model = FunctionalModel(model, bn_mode)
+        self.criterion = criterion
+        self.bn_mode = bn_mode
+        self.method = method
+        self.method_used = None if method == "auto" else method
+        self.timings = {}
+        self.max_memory = max_memory
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.param_names = self._select_params(model, params)
+        selected = dict(model.named_parameters())
+        tensors = [selected[name] for name in self.param_names]
+        self._shapes = [t.shape for t in tensors]
+        self._numels = [t.numel() for t in tensors]
+        if len({t.dtype for t in tensors}) > 1 or len({t.device for t in tensors}) > 1:
+            raise ValueError("all selected parameters must share one dtype and device")
+        self.dtype = tensors[0].dtype
+        self.device = tensors[0].device
+        size = sum(self._numels)
+        self.shape = (size, size)
+        self._data = self._store_data(data)
+        self._single_batch = isinstance(self._data, list) and len(self._data) == 1
+        self._graph = None
+
+    # ---- construction helpers ------------------------------------------------------
+
+    @staticmethod
+    def _select_params(model, params):
+        named = list(model.named_parameters())
+        if params is None:
+            names = [name for name, p in named if p.requires_grad]
+        else:
+            by_id = {id(p): name for name, p in named}
+            known = {name for name, _ in named}
+            wanted = set()
+            for p in params:
+                if isinstance(p, str):
+                    if p not in known:
+                        raise ValueError(f"model has no parameter named {p!r}")
+                    wanted.add(p)
+                elif id(p) in by_id:
+                    wanted.add(by_id[id(p)])
+                else:
+                    raise ValueError("params contains a tensor that is not a parameter of "
+                                     "the model")
+            names = [name for name, _ in named if name in wanted]
+        if not names:
+            raise ValueError("no parameters to differentiate: the model has none with "
+                             "requires_grad, or params is empty")
+        return names
+
+    @staticmethod
+    def _store_data(data):
+        if is_single_batch(data):
+            split_batch(data)
+            return [data]
+        try:
+            iterator = iter(data)
+        except TypeError:
+            raise ValueError("data must be an (inputs, targets) batch or an iterable of "
+                             f"batches, got {type(data).__name__}") from None
+        if iterator is data or isinstance(data, (list, tuple)):
+            data = list(iterator)       # a one-shot iterator, or a list the caller may edit
+            iterator = iter(data)
+        try:
+            split_batch(next(iterator))
+        except StopIteration:
+            raise ValueError("data yields no batches") from None
+        return data
+
+    # ---- flat vectors <-> parameter dicts --------------------------------------------
+
+    def _unflatten(self, flat):
+        pieces = flat.split(self._numels)
+        return {name: piece.reshape(shape)
+                for name, piece, shape in zip(self.param_names, pieces, self._shapes)}
+
+    def _flatten(self, tensors):
+        return torch.cat([tensors[name].reshape(-1) for name in self.param_names])
+
+    def _as_operand(self, v, ndim, what):
+        if not isinstance(v, torch.Tensor):
+            v = torch.as_tensor(v)
+        if v.dim() != ndim or v.shape[0] != self.shape[0]:
+            expected = "(P,)" if ndim == 1 else "(P, K)"
+            raise ValueError(f"{what} expects a tensor of shape {expected} with "
+                             f"P={self.shape[0]}, got shape {tuple(v.shape)}")
+        return v.to(device=self.device, dtype=self.dtype)
+
+    # ---- per-batch functions ---------------------------------------------------------
+
+    def _batches(self):
+        """(inputs, targets, n, index) for every batch, on the operator's device."""
+        bar = tqdm(self._data, desc="batches", disable=not self.progress, leave=False)
+        for index, batch in enumerate(bar):
+            inputs, targets, n = split_batch(batch)
+            yield to_device(inputs, self.device), to_device(targets, self.device), n, index
+
+    def _loss_fn(self, fixed, buffers, inputs, targets):
+        def loss(theta):
+            value = self.criterion(self._model({**fixed, **theta}, buffers, inputs), targets)
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                raise ValueError("criterion must return a scalar tensor")
+            value = value.reshape(())
+            return value, value.detach()
+        return loss
+
+    def _split_state(self):
+        params, buffers = self._model.state()
+        theta = {name: params.pop(name) for name in self.param_names}
+        return theta, params, buffers
+
+    def _hvp_fn(self, method, loss):
+        """v (dict) -> (H v, loss) for one batch's loss."""
+        grad = torch.func.grad(loss, has_aux=True)
+
+        def forward_over_reverse(theta, v):
+            _, hv, value = torch.func.jvp(grad, (theta,), (v,), has_aux=True)
+            return hv, value
+
+        def reverse_over_reverse(theta, v):
+            def grad_dot_v(th):
+                g, value = grad(th)
+                return _dot(g, v), value
+            return torch.func.grad(grad_dot_v, has_aux=True)(theta)
+
+        if method == "forward-over-reverse":
+            return forward_over_reverse
+        return reverse_over_reverse
+
+    # ---- public API ------------------------------------------------------------------
+
+    def grad(self):
+        """The flat gradient of the loss at the model's current parameters."""
+        return self._flatten(self._accumulate(None))
+
+    def matvec(self, v):
+        """H v for a flat vector v of size P.
+
+        With reverse-over-reverse on a single batch the first-order graph (create_graph
+        backward) is kept between calls and each product is one more backward through it,
+        as long as the model's tensors, training flags and the batch are unchanged (their
+        storage and version counters are compared on every call); `clear_cache()` frees it.
+        """
+        v = self._as_operand(v, 1, "matvec")
+        if self._single_batch and self._pick_method_once(v) == "reverse-over-reverse":
+            return self._retained_graph_hvp(v)
+        return self._flatten(self._accumulate(v))
+
+    def clear_cache(self):
+        """Free the first-order graph kept by reverse-over-reverse matvec."""
+        self._graph = None
+
+    def matmat(self, V):
+        """H V for V of shape (P, K): K HVPs per vmapped pass (fastbn's K-batched kernels),
+        in chunks of `chunk_size` tangents (set from `max_memory` on first use)."""
+        V = self._as_operand(V, 2, "matmat")
+        k = V.shape[1]
+        result = torch.empty_like(V)
+        if k == 0:
+            return result
+        chunk = self._chunk_size(k)
+        starts = range(0, k, chunk)
+        bar = tqdm(starts, desc="matmat chunks", disable=not self.progress or len(starts) < 2,
+                   leave=False)
+        for start in bar:
+            result[:, start:start + chunk] = self._matmat_pass(V[:, start:start + chunk])
+        return result
+
+    def __matmul__(self, x):
+        return self.matvec(x) if x.dim() == 1 else self.matmat(x)
+
+    def to_scipy(self):
+        """A scipy.sparse.linalg.LinearOperator (float64 numpy in and out)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def apply(x):
+            t = torch.from_numpy(np.array(x, dtype=np.float64))
+            out = self.matvec(t) if t.dim() == 1 else self.matmat(t)
+            return out.detach().to("cpu", torch.float64).numpy()
+
+        return LinearOperator(self.shape, matvec=apply, rmatvec=apply, matmat=apply,
+                              rmatmat=apply, dtype=np.float64)
+
+    # ---- internals -------------------------------------------------------------------
+
+    def _matmat_pass(self, V, batches=None):
+        return self._flatten_batched(self._accumulate(V.t(), True, batches)).t()
+
+    def _flatten_batched(self, tensors):
+        return torch.cat([tensors[name].reshape(tensors[name].shape[0], -1)
+                          for name in self.param_names], dim=1)
+
+    def _apply(self, method, loss, theta, tangent, batched):
+        """(H_b v, loss) for a flat v (batched=False) or (H_b Vᵀ rows, loss) for the
+        (K, P) rows of V in one vmapped pass (batched=True)."""
+        hvp = self._hvp_fn(method, loss)
+        if not batched:
+            return hvp(theta, self._unflatten(tangent))
+        return torch.func.vmap(lambda v: hvp(theta, self._unflatten(v)),
+                               out_dims=(0, None))(tangent)
+
+    def _accumulate(self, tangent, batched=False, batches=None):
+        """Σ_b n_b X_b / Σ_b n_b over `batches` (default: all of data), where X_b is the
+        gradient (tangent None) or the HVPs of batch b's loss (see `_apply`)."""
+        theta, fixed, buffers = self._split_state()
+        total, count = None, 0
+        for inputs, targets, n, index in batches or self._batches():
+            loss = self._loss_fn(fixed, buffers, inputs, targets)
+            if tangent is None:
+                value, loss_value = torch.func.grad(loss, has_aux=True)(theta)
+            else:
+                method = self._pick_method(loss, theta, tangent[0] if batched else tangent)
+                value, loss_value = self._apply(method, loss, theta, tangent, batched)
+            check_finite_loss(loss_value, f"batch {index}")
+            weighted = {name: t * n for name, t in value.items()}
+            total = weighted if total is None else {k: total[k] + weighted[k] for k in total}
+            count += n
+        if count == 0:
+            raise ValueError("data yielded no batches")
+        return {name: t / count for name, t in total.items()}
+
+    def _pick_method_once(self, v):
+        if self.method_used is None:
+            theta, fixed, buffers = self._split_state()
+            inputs, targets, _, _ = next(self._batches())
+            self._pick_method(self._loss_fn(fixed, buffers, inputs, targets), theta, v)
+        return self.method_used
+
+    def _fingerprint(self):
+        model = self._model.model
+        batch = [t for t in tree_flatten(self._data[0])[0] if isinstance(t, torch.Tensor)]
+        tensors = [*model.parameters(), *model.buffers(), *batch]
+        return ([(t.data_ptr(), t._version) for t in tensors],
+                [m.training for m in model.modules()])
+
+    def _retained_graph_hvp(self, v):
+        """H v by one backward through the kept gradient graph of the single batch
+        (built on the private copy with cloned buffers, so a train-mode forward outside a
+        transform updates only the clones)."""
+        fingerprint = self._fingerprint()
+        if self._graph is None or self._graph[0] != fingerprint:
+            self._graph = None
+            theta, fixed, buffers = self._split_state()
+            inputs, targets, _, _ = next(self._batches())
+            leaves = {name: t.detach().requires_grad_() for name, t in theta.items()}
+            with torch.enable_grad():
+                loss = self._loss_fn(fixed, buffers, inputs, targets)(leaves)[0]
+                check_finite_loss(loss.detach(), "batch 0")
+                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
+                                            allow_unused=True, materialize_grads=True)
+            self._graph = (fingerprint, leaves, grads)
+        _, leaves, grads = self._graph
+        tangent = self._unflatten(v)
+        pairs = [(g, tangent[name]) for name, g in zip(leaves, grads) if g.requires_grad]
+        if not pairs:
+            return torch.zeros_like(v)
+        with torch.enable_grad():
+            products = torch.autograd.grad([g for g, _ in pairs], list(leaves.values()),
+                                           grad_outputs=[t for _, t in pairs],
+                                           retain_graph=True, allow_unused=True,
+                                           materialize_grads=True)
+        return self._flatten(dict(zip(leaves, products)))
+
+    def _pick_method(self, loss, theta, vector):
+        """The configured method; for "auto", time one HVP of each on this batch (after
+        a warm-up run of each) the first time, and keep the faster. A method that raises
+        a RuntimeError is skipped (timing inf): torch 2.13's forward-mode rule of
+        mse_loss's backward fails ("ZeroTensors are immutable"), so jvp(grad) of an MSE
+        loss does."""
+        if self.method_used is None:
+            usable, failure = [], None
+            for method in ("forward-over-reverse", "reverse-over-reverse"):
+                try:
+                    self._apply(method, loss, theta, vector, batched=False)
+                except RuntimeError as error:
+                    failure = error
+                    self.timings[method] = math.inf
+                else:
+                    usable.append(method)
+            if not usable:
+                raise failure
+            for method in usable:
+                start = time.perf_counter()
+                self._apply(method, loss, theta, vector, batched=False)
+                self.timings[method] = time.perf_counter() - start
+            self.method_used = min(usable, key=self.timings.get)
+        return self.method_used
+
+    def _chunk_size(self, k):
+        if self.chunk_size is not None:
+            return self.chunk_size
+        if self.max_memory is None:
+            return k
+        self.chunk_size = self._chunk_from_budget()
+        return self.chunk_size
+
+    def _chunk_from_budget(self):
+        """Tangents per pass that fit `max_memory`, from the peak memory of 1- and
+        2-tangent passes on the first batch (peak ≈ base + K · per_tangent)."""
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(self.shape[0], 2, generator=generator, dtype=torch.float64)
+        probe = probe.to(device=self.device, dtype=self.dtype)
+        first = [next(self._batches())]
+        self._matmat_pass(probe[:, :1], first)      # picks the method; warms up
+        self.probe_peaks = [
+            _memory.peak_bytes(lambda k=k: self._matmat_pass(probe[:, :k], first), self.device)
+            for k in (1, 2)]
+        per_tangent = max(self.probe_peaks[1] - self.probe_peaks[0], 1)
+        base = max(self.probe_peaks[0] - per_tangent, 0)
+        return max(1, math.floor((self.max_memory - base) / per_tangent))

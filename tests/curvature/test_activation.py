@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastbn.curvature import activation_hessian
+from tests.curvature.helpers import (DTYPE, assert_unchanged, batch_for, cnn, mlp, snapshot,
+                                     stock_copy, with_nontrivial_running_stats)
+
+CRITERION = nn.CrossEntropyLoss()
+
+
+def by_hand(model, batch, layer_index, bn_mode):
+    """Activation, gradient and Hessian of the loss as a function of the output of
+    model[layer_index], written with the stock-BN layers that follow it."""
+    reference = stock_copy(model, bn_mode)
+    inputs, targets = batch
+    with torch.no_grad():
+        activation = reference[:layer_index + 1](inputs)
+    downstream = reference[layer_index + 1:]
+
+    def loss(z):
+        return CRITERION(downstream(z), targets)
+
+    gradient = torch.autograd.functional.jacobian(loss, activation)
+    hessian = torch.autograd.functional.hessian(loss, activation)
+    return activation, gradient, hessian.reshape(activation.numel(), activation.numel())
+
+
+@pytest.mark.parametrize("make_model", [mlp, cnn])
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+def test_hvp_and_quadratic_form_match_the_hessian_by_hand(make_model, bn_mode):
+    model = with_nontrivial_running_stats(make_model())
+    batch = batch_for(model, 5, seed=0)
+    before = snapshot(model)
+    result = activation_hessian(model, CRITERION, batch, "0", bn_mode=bn_mode)
+    activation, gradient, hessian = by_hand(model, batch, 0, bn_mode)
+    assert torch.allclose(result.activation, activation, rtol=0, atol=1e-12)
+    assert torch.allclose(result.grad, gradient, rtol=0, atol=1e-12)
+    v = torch.randn(activation.shape, dtype=DTYPE)
+    expected = (hessian @ v.reshape(-1)).reshape(v.shape)
+    assert (result.hvp(v) - expected).abs().max() <= 1e-8 * expected.abs().max()
+    g = gradient.reshape(-1)
+    expected_form = float(g @ hessian @ g / (g @ g))
+    assert math.isclose(result.quadratic_form(), expected_form, rel_tol=1e-8)
+    assert_unchanged(model, before)
+
+
+def test_batch_norm_output_as_the_variable():
+    model = mlp()
+    batch = batch_for(model, 5, seed=0)
+    result = activation_hessian(model, CRITERION, batch, "1")
+    activation, gradient, hessian = by_hand(model, batch, 1, "train")
+    v = torch.randn(activation.shape, dtype=DTYPE)
+    assert torch.allclose(result.grad, gradient, atol=1e-12)
+    assert torch.allclose(result.hvp(v), (hessian @ v.reshape(-1)).reshape(v.shape), atol=1e-10)
+
+
+def test_errors_leave_the_model_alone():
+    model = cnn()
+    batch = batch_for(model, 5, seed=0)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="unknown layer 'conv9'"):
+        activation_hessian(model, CRITERION, batch, "conv9")
+    with pytest.raises(ValueError, match="bn_mode"):
+        activation_hessian(model, CRITERION, batch, "0", bn_mode="running")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        activation_hessian(model, lambda out, y: CRITERION(out, y) / 0.0, batch, "0")
+    result = activation_hessian(model, CRITERION, [batch], "1")
+    with pytest.raises(ValueError, match="activation's shape"):
+        result.hvp(torch.ones(3))
+    assert_unchanged(model, before)
+
+
+def test_a_layer_called_twice_is_refused():
+    shared = nn.Linear(4, 4).to(DTYPE)
+    model = nn.Sequential(shared, nn.BatchNorm1d(4).to(DTYPE), shared)
+    batch = (torch.randn(5, 4, dtype=DTYPE), torch.randint(0, 4, (5,)))
+    with pytest.raises(ValueError, match="ran 2 times"):
+        activation_hessian(model, CRITERION, batch, "0")
+
+
+def test_hvp_with_an_mse_loss():
+    model = mlp()
+    inputs = torch.randn(5, 3, dtype=DTYPE)
+    targets = torch.randn(5, 3, dtype=DTYPE)
+    criterion = nn.MSELoss()
+    result = activation_hessian(model, criterion, (inputs, targets), "1")
+    reference = stock_copy(model, "train")
+    activation = reference[:2](inputs).detach()
+    hessian = torch.autograd.functional.hessian(
+        lambda z: criterion(reference[2:](z), targets), activation).reshape(20, 20)
+    v = torch.randn(activation.shape, dtype=DTYPE)
+    assert torch.allclose(result.hvp(v), (hessian @ v.reshape(-1)).reshape(v.shape),
+                          atol=1e-12)

@@ -1,0 +1,259 @@
+import pytest
+import torch
+from torch import nn
+
+import fastbn
+from fastbn.curvature import HessianOperator
+from tests.curvature.helpers import (DTYPE, assert_unchanged, batch_for, cnn, exact_hessian,
+                                     mlp, snapshot, with_nontrivial_running_stats)
+
+METHODS = ["forward-over-reverse", "reverse-over-reverse"]
+CRITERION = nn.CrossEntropyLoss()
+
+
+def close(actual, expected, rtol=1e-8):
+    scale = expected.abs().max()
+    assert (actual - expected).abs().max() <= rtol * scale, \
+        float((actual - expected).abs().max() / scale)
+
+
+@pytest.mark.parametrize("make_model", [mlp, cnn])
+@pytest.mark.parametrize("method", METHODS)
+def test_matvec_and_matmat_equal_exact_hessian(make_model, method, backend):
+    model = make_model()
+    batch = batch_for(model, 6, seed=0)
+    gradient, hessian = exact_hessian(model, CRITERION, [batch])
+    op = HessianOperator(model, CRITERION, batch, method=method)
+    size = hessian.shape[0]
+    assert op.shape == (size, size) and op.dtype == DTYPE and op.device.type == "cpu"
+    v = torch.randn(size, dtype=DTYPE)
+    close(op.grad(), gradient)
+    close(op.matvec(v), hessian @ v)
+    close(op.matmat(torch.eye(size, dtype=DTYPE)), hessian)
+
+
+def test_auto_times_both_and_keeps_the_faster():
+    model = mlp()
+    batch = batch_for(model, 6, seed=0)
+    _, hessian = exact_hessian(model, CRITERION, [batch])
+    op = HessianOperator(model, CRITERION, batch)
+    v = torch.randn(op.shape[0], dtype=DTYPE)
+    close(op.matvec(v), hessian @ v)
+    assert set(op.timings) == set(METHODS)
+    assert op.method_used == min(METHODS, key=op.timings.get)
+
+
+def test_multiple_batches_weight_by_sample_count():
+    model = cnn()
+    batches = [batch_for(model, 5, seed=1), batch_for(model, 8, seed=2)]
+    gradient, hessian = exact_hessian(model, CRITERION, batches)
+    V = torch.randn(hessian.shape[0], 3, dtype=DTYPE)
+    for data in (batches, iter(batches)):      # a one-shot iterator is kept as a list
+        op = HessianOperator(model, CRITERION, data, method="forward-over-reverse")
+        close(op.matmat(V), hessian @ V)
+        close(op.grad(), gradient)
+
+
+def test_eval_mode_uses_running_statistics():
+    model = with_nontrivial_running_stats(cnn())
+    batch = batch_for(model, 6, seed=0)
+    _, hessian = exact_hessian(model, CRITERION, [batch], bn_mode="eval")
+    _, train_hessian = exact_hessian(model, CRITERION, [batch], bn_mode="train")
+    assert not torch.allclose(hessian, train_hessian)
+    for method in METHODS:
+        op = HessianOperator(model, CRITERION, batch, bn_mode="eval", method=method)
+        close(op.matmat(torch.eye(op.shape[0], dtype=DTYPE)), hessian)
+
+
+def test_params_subset_is_the_matching_block():
+    model = mlp()
+    batch = batch_for(model, 6, seed=0)
+    _, hessian = exact_hessian(model, CRITERION, [batch])
+    op = HessianOperator(model, CRITERION, batch, params=[model[1].weight, "3.bias"])
+    # Flat layout: named_parameters order (1.weight at 16..19, 3.bias at 36..38).
+    index = torch.tensor([16, 17, 18, 19, 36, 37, 38])
+    assert op.param_names == ["1.weight", "3.bias"]
+    close(op.matmat(torch.eye(7, dtype=DTYPE)), hessian[index][:, index])
+
+
+def test_chunked_matmat_equals_unchunked():
+    model = cnn()
+    batch = batch_for(model, 6, seed=0)
+    V = torch.randn(89, 7, dtype=DTYPE)
+    whole = HessianOperator(model, CRITERION, batch, method="forward-over-reverse").matmat(V)
+    by_three = HessianOperator(model, CRITERION, batch, method="forward-over-reverse",
+                               chunk_size=3).matmat(V)
+    budget = HessianOperator(model, CRITERION, batch, method="forward-over-reverse",
+                             max_memory=1)
+    by_budget = budget.matmat(V)
+    assert budget.chunk_size == 1 and len(budget.probe_peaks) == 2
+    close(by_three, whole, rtol=1e-12)
+    close(by_budget, whole, rtol=1e-12)
+
+
+def test_to_scipy_with_eigsh():
+    from scipy.sparse.linalg import eigsh
+    model = mlp()
+    batch = batch_for(model, 6, seed=0)
+    _, hessian = exact_hessian(model, CRITERION, [batch])
+    op = HessianOperator(model, CRITERION, batch).to_scipy()
+    values = eigsh(op, k=2, which="LA", return_eigenvectors=False, tol=1e-10)
+    expected = torch.linalg.eigvalsh(hessian)[-2:].numpy()
+    assert abs(sorted(values) - expected).max() <= 1e-7 * abs(expected).max()
+
+
+@pytest.mark.parametrize("make_model", [mlp, cnn])
+def test_model_state_is_bitwise_unchanged(make_model):
+    model = make_model()
+    model(batch_for(model, 6, seed=9)[0])       # move running stats off their defaults
+    batch = batch_for(model, 6, seed=0)
+    for training in (True, False):
+        model.train(training)
+        before = snapshot(model)
+        for bn_mode in ("train", "eval"):
+            op = HessianOperator(model, CRITERION, batch, bn_mode=bn_mode, max_memory=10**6)
+            op.grad()
+            op.matvec(torch.ones(op.shape[0], dtype=DTYPE))
+            op.matmat(torch.ones(op.shape[0], 2, dtype=DTYPE))
+            assert_unchanged(model, before)
+
+
+def test_model_state_is_unchanged_when_the_criterion_raises():
+    model = cnn()
+    model.train()
+    before = snapshot(model)
+    calls = []
+
+    def failing(outputs, targets):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyError("boom")
+        return CRITERION(outputs, targets)
+
+    op = HessianOperator(model, failing, batch_for(model, 6, seed=0), method="reverse-over-reverse")
+    op.grad()
+    with pytest.raises(KeyError, match="boom"):
+        op.matvec(torch.ones(op.shape[0], dtype=DTYPE))
+    assert_unchanged(model, before)
+    assert model.training
+
+
+def test_errors():
+    model = mlp()
+    batch = batch_for(model, 6, seed=0)
+    with pytest.raises(ValueError, match="no parameters"):
+        HessianOperator(model, CRITERION, batch, params=[])
+    frozen = mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameters"):
+        HessianOperator(frozen, CRITERION, batch)
+    with pytest.raises(ValueError, match="not a parameter"):
+        HessianOperator(model, CRITERION, batch, params=[torch.zeros(2)])
+    with pytest.raises(ValueError, match="yields no batches"):
+        HessianOperator(model, CRITERION, [])
+    with pytest.raises(ValueError, match="yields no batches"):
+        HessianOperator(model, CRITERION, iter([]))
+    with pytest.raises(ValueError, match="bn_mode"):
+        HessianOperator(model, CRITERION, batch, bn_mode="frozen")
+    with pytest.raises(ValueError, match="method"):
+        HessianOperator(model, CRITERION, batch, method="finite-differences")
+    op = HessianOperator(model, CRITERION, batch)
+    with pytest.raises(ValueError, match="P=39"):
+        op.matvec(torch.ones(38, dtype=DTYPE))
+    with pytest.raises(ValueError, match="P=39"):
+        op.matmat(torch.ones(39, dtype=DTYPE))
+    with pytest.raises(ValueError, match="P=39"):
+        op.matmat(torch.ones(40, 2, dtype=DTYPE))
+
+
+def test_non_finite_loss_raises():
+    model = mlp()
+    batch = batch_for(model, 6, seed=0)
+    op = HessianOperator(model, lambda out, y: CRITERION(out, y) * float("inf"), batch)
+    with pytest.raises(RuntimeError, match="non-finite loss"):
+        op.grad()
+    with pytest.raises(RuntimeError, match="non-finite loss"):
+        op.matvec(torch.ones(39, dtype=DTYPE))
+    with pytest.raises(RuntimeError, match="non-finite loss"):
+        fastbn.curvature.eigenvalues(op)
+
+
+def test_retained_graph_follows_in_place_updates_of_the_model():
+    model = cnn()
+    batch = batch_for(model, 6, seed=0)
+    op = HessianOperator(model, CRITERION, batch, method="reverse-over-reverse")
+    v = torch.randn(op.shape[0], dtype=DTYPE)
+    _, hessian = exact_hessian(model, CRITERION, [batch])
+    close(op.matvec(v), hessian @ v)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)          # as an optimizer step would
+    _, updated = exact_hessian(model, CRITERION, [batch])
+    close(op.matvec(v), updated @ v)
+    with torch.no_grad():
+        batch[0].mul_(2.0)                 # the batch itself changed in place
+    _, rescaled = exact_hessian(model, CRITERION, [batch])
+    close(op.matvec(v), rescaled @ v)
+    op.clear_cache()
+    close(op.matvec(v), rescaled @ v)
+
+
+def test_dataloader_dict_inputs_and_progress_bars():
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = mlp()
+
+        def forward(self, inputs):
+            return self.body(inputs["x"])
+
+    model = DictModel()
+    inputs, targets = batch_for(model.body, 8, seed=0)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, targets),
+                                         batch_size=4)
+    batches = [(inputs[:4], targets[:4]), (inputs[4:], targets[4:])]
+    _, hessian = exact_hessian(model.body, CRITERION, batches)
+    V = torch.randn(39, 2, dtype=DTYPE)
+    op = HessianOperator(model, lambda out, y: CRITERION(out, y),
+                         [({"x": x}, y) for x, y in loader], progress=True, chunk_size=1)
+    close(op.matmat(V), hessian @ V)
+    single = HessianOperator(model, CRITERION, ({"x": inputs[:4]}, targets[:4]))
+    _, first = exact_hessian(model.body, CRITERION, batches[:1])
+    close(single.matvec(V[:, 0]), first @ V[:, 0])
+    plain = HessianOperator(model.body, CRITERION, loader, method="forward-over-reverse")
+    close(plain.matvec(V[:, 0]), hessian @ V[:, 0])
+
+
+def test_matmat_calls_each_batch_norm_kernel_once_for_all_tangents(monkeypatch):
+    from fastbn.backends import reference
+    calls = []
+    for kernel in ("forward_jvp", "backward_jvp"):
+        original = getattr(reference, kernel)
+
+        def counted(*args, kernel=kernel, original=original, **kwargs):
+            calls.append((kernel, args[0].shape))
+            return original(*args, **kwargs)
+        monkeypatch.setattr(reference, kernel, counted)
+    model = mlp()
+    batch = batch_for(model, 6, seed=0)
+    op = HessianOperator(model, CRITERION, batch, method="forward-over-reverse")
+    V = torch.randn(op.shape[0], 5, dtype=DTYPE)
+    with fastbn.use_backend("reference"):
+        result = op.matmat(V)
+    # One BN layer: one K=5 call of each kernel (the tangent of x leads with K).
+    assert sorted(calls) == [("backward_jvp", (5, 6, 4)), ("forward_jvp", (5, 6, 4))]
+    _, hessian = exact_hessian(model, CRITERION, [batch])
+    close(result, hessian @ V)
+
+
+def test_auto_skips_a_method_that_fails():
+    # torch 2.13: jvp(grad(mse_loss)) raises "ZeroTensors are immutable".
+    model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 2)).to(DTYPE)
+    inputs = torch.randn(6, 3, dtype=DTYPE)
+    targets = torch.randn(6, 2, dtype=DTYPE)
+    criterion = nn.MSELoss()
+    _, hessian = exact_hessian(model, criterion, [(inputs, targets)])
+    v = torch.randn(hessian.shape[0], dtype=DTYPE)
+    op = HessianOperator(model, criterion, (inputs, targets))
+    close(op.matvec(v), hessian @ v)
+    close(op.matmat(v[:, None])[:, 0], hessian @ v)
+    if op.timings["forward-over-reverse"] == float("inf"):
+        assert op.method_used == "reverse-over-reverse"
