@@ -38,10 +38,11 @@ class FunctionalModel:
 
     bn_mode "train": every batch norm normalises with batch statistics (running
     statistics unused and untouched); "eval": with running statistics. Every other module
-    follows the user's model's training flag at the time of the call.
+    follows the user's model's training flag at the time of the call. With a
+    `process_group`, batch statistics span the batches of every process in it.
     """
 
-    def __init__(self, model, bn_mode):
+    def __init__(self, model, bn_mode, process_group=None):
         check_bn_mode(bn_mode)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -49,7 +50,8 @@ class FunctionalModel:
         self.bn_mode = bn_mode
         memo = {id(t): _placeholder(t)
                 for t in itertools.chain(model.parameters(), model.buffers())}
-        self.copy = fastbn.convert(copy.deepcopy(model, memo))
+        self.copy = fastbn.convert(copy.deepcopy(model, memo), sync=process_group is not None,
+                                   process_group=process_group)
 
     def _sync_training_flags(self):
         user = dict(self.model.named_modules(remove_duplicate=False))

@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
@@ -58,17 +59,24 @@ class HessianOperator:
     chunk_size: explicit tangents per pass (overrides max_memory). With neither, matmat
         runs all K tangents in one pass.
     progress: tqdm bars over batches and chunks.
+    process_group: data-parallel curvature over torch.distributed. Each process holds its
+        shard of the data (the same number of batches on each); batch norms synchronise
+        their statistics over the group (batch b of every process forms one global
+        batch), and gradients and HVPs are summed over the group, so every process gets
+        the operator of the whole data, bit for bit the same on each. Call every method
+        on every process in the same order.
     """
 
     def __init__(self, model, criterion, data, *, params=None, bn_mode="train", method="auto",
-                 max_memory=None, chunk_size=None, progress=False):
+                 max_memory=None, chunk_size=None, progress=False, process_group=None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         if max_memory is not None and not max_memory > 0:
             raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
-        self._model = FunctionalModel(model, bn_mode)
+        self._group = process_group
+        self._model = FunctionalModel(model, bn_mode, process_group)
         self.criterion = criterion
         self.bn_mode = bn_mode
         self.method = method
@@ -166,13 +174,15 @@ class HessianOperator:
             inputs, targets, n = split_batch(batch)
             yield to_device(inputs, self.device), to_device(targets, self.device), n, index
 
-    def _loss_fn(self, fixed, buffers, inputs, targets):
+    def _loss_fn(self, fixed, buffers, inputs, targets, weight=1):
+        """theta -> (weight * loss, loss): the batch's term of the summed objective, so
+        that synchronised batch norms couple every process's terms consistently."""
         def loss(theta):
             value = self.criterion(self._model({**fixed, **theta}, buffers, inputs), targets)
             if not isinstance(value, torch.Tensor) or value.numel() != 1:
                 raise ValueError("criterion must return a scalar tensor")
             value = value.reshape(())
-            return value, value.detach()
+            return value * weight, value.detach()
         return loss
 
     def _split_state(self):
@@ -213,7 +223,8 @@ class HessianOperator:
         storage and version counters are compared on every call); `clear_cache()` frees it.
         """
         v = self._as_operand(v, 1, "matvec")
-        if self._single_batch and self._pick_method_once(v) == "reverse-over-reverse":
+        if (self._group is None and self._single_batch
+                and self._pick_method_once(v) == "reverse-over-reverse"):
             return self._retained_graph_hvp(v)
         return self._flatten(self._accumulate(v))
 
@@ -276,19 +287,29 @@ class HessianOperator:
         theta, fixed, buffers = self._split_state()
         total, count = None, 0
         for inputs, targets, n, index in batches or self._batches():
-            loss = self._loss_fn(fixed, buffers, inputs, targets)
+            loss = self._loss_fn(fixed, buffers, inputs, targets, weight=n)
             if tangent is None:
                 value, loss_value = torch.func.grad(loss, has_aux=True)(theta)
             else:
                 method = self._pick_method(loss, theta, tangent[0] if batched else tangent)
                 value, loss_value = self._apply(method, loss, theta, tangent, batched)
             check_finite_loss(loss_value, f"batch {index}")
-            weighted = {name: t * n for name, t in value.items()}
-            total = weighted if total is None else {k: total[k] + weighted[k] for k in total}
+            total = value if total is None else {k: total[k] + value[k] for k in total}
             count += n
         if count == 0:
             raise ValueError("data yielded no batches")
+        if self._group is not None:
+            total, count = self._sum_over_group(total, count)
         return {name: t / count for name, t in total.items()}
+
+    def _sum_over_group(self, total, count):
+        """One all_reduce of every per-process sum and the sample count."""
+        pieces = [total[name].reshape(-1) for name in total]
+        packed = torch.cat(pieces + [pieces[0].new_full((1,), count)])
+        dist.all_reduce(packed, group=self._group)
+        chunks = packed.split([p.numel() for p in pieces] + [1])
+        return ({name: c.view(total[name].shape) for name, c in zip(total, chunks)},
+                chunks[-1])
 
     def _pick_method_once(self, v):
         if self.method_used is None:
@@ -354,6 +375,12 @@ class HessianOperator:
                 start = time.perf_counter()
                 self._apply(method, loss, theta, vector, batched=False)
                 self.timings[method] = time.perf_counter() - start
+            if self._group is not None:   # every process must pick the same method
+                slowest = torch.tensor([self.timings[m] for m in self.timings],
+                                       dtype=torch.float64, device=self.device)
+                dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=self._group)
+                self.timings = dict(zip(self.timings, slowest.tolist()))
+                usable = [m for m in usable if math.isfinite(self.timings[m])]
             self.method_used = min(usable, key=self.timings.get)
         return self.method_used
 
@@ -378,4 +405,9 @@ class HessianOperator:
             for k in (1, 2)]
         per_tangent = max(self.probe_peaks[1] - self.probe_peaks[0], 1)
         base = max(self.probe_peaks[0] - per_tangent, 0)
-        return max(1, math.floor((self.max_memory - base) / per_tangent))
+        chunk = max(1, math.floor((self.max_memory - base) / per_tangent))
+        if self._group is not None:   # the same passes (and collectives) on every process
+            agreed = torch.tensor([chunk], device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self._group)
+            chunk = int(agreed)
+        return chunk

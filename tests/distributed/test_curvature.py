@@ -1,0 +1,57 @@
+"""Data-parallel curvature: every process gets the operator of the whole data."""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastbn import curvature
+from fastbn.testing import run_processes
+
+DT = torch.float64
+SIZES = [3, 5]
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3),
+                          nn.BatchNorm1d(3)).to(DT).train()
+    gen = torch.Generator().manual_seed(1)
+    inputs = torch.randn(sum(SIZES), 4, generator=gen, dtype=DT)
+    targets = torch.randint(0, 3, (sum(SIZES),), generator=gen)
+    return model, inputs, targets
+
+
+def _measure(op):
+    p = op.shape[0]
+    v = torch.linspace(-1, 1, p, dtype=DT)
+    values, _ = curvature.eigenvalues(op, k=2, seed=3)
+    return {"grad": op.grad(), "matvec": op.matvec(v),
+            "matmat": op.matmat(torch.stack([v, v.flip(0)], 1)), "eigenvalues": values,
+            "trace": curvature.trace(op, num_samples=p + 1, seed=4)[0]}
+
+
+def _worker(rank, world, method):
+    model, inputs, targets = _setup()
+    start = sum(SIZES[:rank])
+    shard = (inputs[start:start + SIZES[rank]], targets[start:start + SIZES[rank]])
+    op = curvature.HessianOperator(model, nn.functional.cross_entropy, shard, method=method,
+                                   process_group=dist.group.WORLD)
+    return _measure(op)
+
+
+def test_data_parallel_operator_equals_single_process():
+    for method in ("forward-over-reverse", "auto"):
+        results = run_processes(_worker, 2, method)
+        model, inputs, targets = _setup()
+        expected = _measure(curvature.HessianOperator(model, nn.functional.cross_entropy,
+                                                      (inputs, targets),
+                                                      method="reverse-over-reverse"))
+        for rank, result in enumerate(results):
+            assert "value" in result, result.get("trace", result)
+            for key, want in expected.items():
+                got = torch.as_tensor(result["value"][key])
+                torch.testing.assert_close(got, torch.as_tensor(want), rtol=1e-8, atol=1e-10,
+                                           msg=f"rank {rank}: {key}")
+        for key in expected:   # the same numbers on every process
+            assert torch.equal(torch.as_tensor(results[0]["value"][key]),
+                               torch.as_tensor(results[1]["value"][key])), key
