@@ -1,0 +1,5 @@
+"""`python -m benchmarks ...` from the repository root: the same runner as `fastbn bench`."""
+
+from fastbn.bench import main
+
+main()

@@ -1,0 +1,539 @@
+"""Benchmark runner: fastbn against stock torch batch norm, with a same-run roofline.
+
+    python -m benchmarks [--backend auto reference cpu] [--ops ...] [--shapes ...]
+                         [--dtype float32|bfloat16|float16] [--quick] [--json PATH]
+                         [--threads 1 --clock cpu] [--suite batchnorm curvature]
+    fastbn bench ...     (same arguments)
+
+On a machine shared with other jobs use `--threads 1 --clock cpu` (see CLOCKS).
+
+Methodology (DESIGN.md, "Benchmark shapes"): everything runs in one process and is
+measured as ratios, because the machines we have are shared and noisy. For each
+(op, shape) the candidates (stock torch, each fastbn backend, and a copy of x's bytes,
+`torch.mul(x, 1.0, out=buf)`) are called once untimed, then timed round-robin one call at a time
+until a per-measurement time budget is spent; each candidate's median is reported, as
+milliseconds and as a multiple of the copy's median. Effective GB/s for fastbn uses the
+op's minimum memory traffic, counted in passes over x's bytes (OPS below).
+
+Every fastbn candidate's first outputs are compared with stock torch's (max error relative
+to the largest stock value, `max_rel_err` in the JSON), so a fast number is never a wrong
+one unnoticed. A candidate that raises (stock torch under a transform, a backend that
+fails) is recorded as n/a with its error, never a crash.
+"""
+
+import argparse
+import contextlib
+import datetime
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+import fastbn
+from fastbn import backends
+
+MOMENTUM, EPS = 0.1, 1e-5
+VMAP_K = 8
+
+# (shape, channels_last) from DESIGN.md; channels_last only applies to 4-d inputs.
+_SHAPES_2D = [(32, 64, 56, 56), (32, 256, 14, 14), (64, 128, 28, 28), (128, 512, 7, 7),
+              (128, 64, 32, 32)]
+FULL_SHAPES = ([(s, False) for s in _SHAPES_2D] + [(s, True) for s in _SHAPES_2D]
+               + [((1024, 512), False), ((64, 256, 100), False), ((4, 32, 16, 32, 32), False)])
+QUICK_SHAPES = [((8, 16, 12, 12), False), ((8, 16, 12, 12), True), ((64, 32), False),
+                ((2, 8, 4, 8, 8), False)]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Timing:
+    """Per-measurement timing policy, after one untimed warm-up call per candidate."""
+    budget_s: float     # time-boxed round-robin ...
+    min_runs: int       # ... but at least this many calls per candidate ...
+    max_runs: int       # ... and at most this many
+
+
+# Sized so the full fp32 run stays under 10 minutes on 2 cores: the slow cases (vmap_jvp,
+# double_backward at 6-8M elements, ~1 s a call) get min_runs, the fast ones many more.
+FULL_TIMING = Timing(budget_s=1.5, min_runs=3, max_runs=200)
+QUICK_TIMING = Timing(budget_s=0.05, min_runs=3, max_runs=20)
+
+
+def shape_label(shape, channels_last):
+    return "x".join(map(str, shape)) + (":cl" if channels_last else "")
+
+
+def parse_shape(text):
+    """'32x64x56x56' or '32x64x56x56:cl' (channels_last, 4-d only) -> (shape, channels_last)."""
+    dims, _, layout = text.partition(":")
+    if layout not in ("", "cl"):
+        raise argparse.ArgumentTypeError(f"bad layout {layout!r} in {text!r}; use ':cl'")
+    try:
+        shape = tuple(int(d) for d in dims.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}; expected e.g. 32x64x56x56")
+    if not 2 <= len(shape) <= 5 or (layout and len(shape) != 4):
+        raise argparse.ArgumentTypeError(f"shape {text!r}: 2 to 5 dims, ':cl' only with 4")
+    return shape, layout == "cl"
+
+
+# --- the inputs and the ops -------------------------------------------------------------
+
+def make_inputs(shape, channels_last, dtype, seed=0):
+    """Everything any op needs for one shape, shared by every candidate."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def element(gen, *batch):
+        t = torch.randn(*batch, *shape, generator=gen).to(dtype)
+        # The layout applies per instance: a K-batched tangent is K channels_last tensors.
+        return torch.stack([e.contiguous(memory_format=fmt) for e in t]) if batch \
+            else t.contiguous(memory_format=fmt)
+
+    def channel(gen, *batch, offset=0.0):
+        return (torch.randn(*batch, shape[1], generator=gen) * 0.5 + offset).to(dtype)
+
+    def batched_tangents(k):
+        """K tangents of (x, weight, bias); the same ones on every call."""
+        gen = torch.Generator().manual_seed(seed + 1)
+        return element(gen, k), channel(gen, k), channel(gen, k)
+
+    gen = torch.Generator().manual_seed(seed)
+    return SimpleNamespace(x=element(gen), dy=element(gen), ggx=element(gen),
+                           x_t=element(gen), weight=channel(gen, offset=1.0),
+                           bias=channel(gen), weight_t=channel(gen), bias_t=channel(gen),
+                           ggw=channel(gen), ggb=channel(gen),
+                           running_mean=torch.zeros(shape[1], dtype=dtype),
+                           running_var=torch.ones(shape[1], dtype=dtype),
+                           batched_tangents=batched_tangents)
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+# Each op: setup(bn, inputs) -> zero-argument callable returning a tuple of tensors.
+# `bn` has F.batch_norm's positional signature (x, running_mean, running_var, weight,
+# bias, training), so one definition serves stock torch and fastbn. Derivative ops pass
+# running statistics as None: torch.func refuses their in-place update.
+
+def _forward_train(bn, t):
+    # Running statistics are updated in place on every call, as in training.
+    return lambda: (bn(t.x, t.running_mean, t.running_var, t.weight, t.bias, True),)
+
+
+def _forward_eval(bn, t):
+    return lambda: (bn(t.x, t.running_mean, t.running_var, t.weight, t.bias, False),)
+
+
+def _backward(bn, t):
+    # Only the backward is timed: the graph is built once and replayed.
+    x, w, b = _leaves(t.x, t.weight, t.bias)
+    y = bn(x, None, None, w, b, True)
+    return lambda: torch.autograd.grad(y, (x, w, b), t.dy, retain_graph=True)
+
+
+def _double_backward(bn, t):
+    # The whole second-order step, as an HVP would run it: forward, first grad with
+    # create_graph, then the vjp of that grad w.r.t. (x, weight, dy).
+    x, w, b, dy = _leaves(t.x, t.weight, t.bias, t.dy)
+
+    def run():
+        y = bn(x, None, None, w, b, True)
+        grads = torch.autograd.grad(y, (x, w, b), dy, create_graph=True)
+        return torch.autograd.grad(grads, (x, w, dy), (t.ggx, t.ggw, t.ggb))
+    return run
+
+
+def _jvp(bn, t):
+    def f(x, w, b):
+        return bn(x, None, None, w, b, True)
+    return lambda: torch.func.jvp(f, (t.x, t.weight, t.bias), (t.x_t, t.weight_t, t.bias_t))
+
+
+def _vmap_jvp(bn, t):
+    # K tangents of (x, weight, bias) at one primal: the batched-HVP primitive.
+    def f(x, w, b):
+        return bn(x, None, None, w, b, True)
+
+    def tangent(x_t, w_t, b_t):
+        return torch.func.jvp(f, (t.x, t.weight, t.bias), (x_t, w_t, b_t))[1]
+    x_ts, w_ts, b_ts = t.batched_tangents(VMAP_K)
+    batched = torch.func.vmap(tangent)
+    return lambda: (batched(x_ts, w_ts, b_ts),)
+
+
+@dataclass(frozen=True)
+class Op:
+    setup: object
+    reads: int      # minimum traffic, in passes over x's bytes (DESIGN.md)
+    writes: int
+    note: str
+
+
+OPS = {
+    "forward_train": Op(_forward_train, 2, 1, "batch stats + running-stat update"),
+    "forward_eval": Op(_forward_eval, 1, 1, "running stats"),
+    "backward": Op(_backward, 2, 1, "autograd.grad of a saved graph wrt (x, w, b)"),
+    "double_backward": Op(_double_backward, 3, 2,
+                          "forward + grad(create_graph) + grad wrt (x, w, dy); "
+                          "traffic counts the second-order kernel only"),
+    "jvp": Op(_jvp, 2, 1, "torch.func.jvp, tangents on (x, w, b)"),
+    "vmap_jvp": Op(_vmap_jvp, 1 + VMAP_K, VMAP_K,
+                   f"torch.func.vmap over jvp, K={VMAP_K} tangents"),
+}
+
+
+def stock_bn(x, running_mean, running_var, weight, bias, training):
+    return F.batch_norm(x, running_mean, running_var, weight, bias, training, MOMENTUM, EPS)
+
+
+def fastbn_bn(x, running_mean, running_var, weight, bias, training):
+    return fastbn.batch_norm(x, running_mean, running_var, weight, bias, training,
+                             MOMENTUM, EPS)
+
+
+# --- the timing harness -----------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    name: str           # "stock", "copy" or a fastbn backend name
+    bn: object          # batch_norm with F.batch_norm's signature; None for the copy
+    context: object     # zero-arg factory of the context every call runs in
+
+
+def candidate(name):
+    """"stock", "copy" (the roofline) or a fastbn backend name."""
+    if name == "stock":
+        return Candidate(name, stock_bn, contextlib.nullcontext)
+    if name == "copy":
+        return Candidate(name, None, contextlib.nullcontext)
+    return Candidate(name, fastbn_bn, lambda: fastbn.use_backend(name))
+
+
+def prepare(cand, op, inputs):
+    """(timed callable, its first outputs) for Candidate `cand`; raises what the op raises.
+
+    The first call is the warm-up (it also faults in the output buffers' pages)."""
+    if cand.bn is None:
+        buf = torch.empty_like(inputs.x)
+
+        def call():
+            return (torch.mul(inputs.x, 1.0, out=buf),)
+    else:
+        with cand.context():
+            body = op.setup(cand.bn, inputs)
+
+        def call():
+            with cand.context():
+                return body()
+    return call, call()
+
+
+def _max_rel_error(outputs, reference):
+    worst = 0.0
+    for out, ref in zip(outputs, reference):
+        out, ref = out.detach().double(), ref.detach().double()
+        worst = max(worst, ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item())
+    return worst
+
+
+# Wall clock by default. "cpu" reads this thread's CPU time, which does not count time
+# spent descheduled: with one torch thread all work runs on the calling thread, so on a
+# machine oversubscribed by other jobs it measures the work rather than the queue.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def time_interleaved(calls, timing, clock=time.perf_counter):
+    """{name: sorted per-call seconds}: round-robin, one call each per round."""
+    times = {name: [] for name in calls}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()   # a collection inside one candidate's call would bias it
+    try:
+        start = time.perf_counter()
+        rounds = 0
+        while rounds < timing.min_runs or (rounds < timing.max_runs
+                                           and time.perf_counter() - start < timing.budget_s):
+            for name, call in calls.items():
+                t0 = clock()
+                call()
+                times[name].append(clock() - t0)
+            rounds += 1
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: sorted(ts) for name, ts in times.items()}
+
+
+def measure(op_name, shape, channels_last, dtype, backend_names, timing,
+            clock=time.perf_counter):
+    """One result row: copy, stock and every backend for one (op, shape)."""
+    op = OPS[op_name]
+    inputs = make_inputs(shape, channels_last, dtype)
+    calls, errors, outputs = {}, {}, {}
+    # Interleaving order: stock, each backend, copy.
+    for cand in map(candidate, ["stock", *backend_names, "copy"]):
+        try:
+            calls[cand.name], outputs[cand.name] = prepare(cand, op, inputs)
+        except Exception as err:   # recorded as n/a: one failing candidate must not end the run
+            errors[cand.name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    times = time_interleaved(calls, timing, clock)
+    copy_s = statistics.median(times["copy"])
+    x_bytes = inputs.x.numel() * inputs.x.element_size()
+    traffic = (op.reads + op.writes) * x_bytes
+
+    def entry(name):
+        if name not in times:
+            return {"ms": None, "error": errors.get(name, "not run")}
+        median = statistics.median(times[name])
+        ts = times[name]
+        return {"ms": median * 1e3, "x_copy": median / copy_s, "runs": len(ts),
+                "min_ms": ts[0] * 1e3, "iqr_ms": (ts[3 * len(ts) // 4] - ts[len(ts) // 4]) * 1e3}
+
+    stock = entry("stock")
+    fast = {}
+    for name in backend_names:
+        e = entry(name)
+        if e["ms"] is not None:
+            e["gbps"] = traffic / (e["ms"] * 1e-3) / 1e9
+            if stock["ms"] is not None:
+                e["speedup"] = stock["ms"] / e["ms"]
+                e["max_rel_err"] = _max_rel_error(outputs[name], outputs["stock"])
+        fast[name] = e
+    return {"op": op_name, "shape": list(shape), "channels_last": channels_last,
+            "label": shape_label(shape, channels_last), "dtype": str(dtype).removeprefix("torch."),
+            "x_bytes": x_bytes, "traffic_bytes": traffic, "copy_ms": copy_s * 1e3,
+            "copy_runs": len(times["copy"]), "stock": stock, "fastbn": fast}
+
+
+# --- reporting --------------------------------------------------------------------------
+
+def geomean(values):
+    values = [v for v in values if v is not None]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def summarize(rows, backend_names):
+    """{op: {"stock_x_copy": g, backend: {"speedup": g, "x_copy": g, "shapes": n}}}."""
+    summary = {}
+    for op_name in dict.fromkeys(r["op"] for r in rows):
+        op_rows = [r for r in rows if r["op"] == op_name]
+        s = {"stock_x_copy": geomean([r["stock"].get("x_copy") for r in op_rows])}
+        for name in backend_names:
+            both = [r for r in op_rows if "speedup" in r["fastbn"][name]]
+            s[name] = {"speedup": geomean([r["fastbn"][name]["speedup"] for r in both]),
+                       "x_copy": geomean([r["fastbn"][name]["x_copy"] for r in both]),
+                       "shapes": len(both)}
+        summary[op_name] = s
+    return summary
+
+
+def markdown_table(header, rows):
+    return "\n".join("| " + " | ".join(cells) + " |"
+                     for cells in [header, ["---"] * len(header), *rows])
+
+
+def _fmt(value, spec, suffix=""):
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _ms_cell(e):
+    if e["ms"] is None:
+        return "n/a"
+    return f"{e['ms']:.3g} ({e['x_copy']:.2f}×)"
+
+
+def format_op_table(op_name, rows, backend_names, summary):
+    """Markdown table for one op: ms (multiple of copy), speedup, GB/s, per shape."""
+    op = OPS[op_name]
+    header = ["shape", "copy ms", "stock ms (×copy)"]
+    for name in backend_names:
+        header += [f"{name} ms (×copy)", f"{name} speedup", f"{name} GB/s"]
+    table = []
+    for r in rows:
+        cells = [r["label"], f"{r['copy_ms']:.3g}", _ms_cell(r["stock"])]
+        for name in backend_names:
+            e = r["fastbn"][name]
+            cells += [_ms_cell(e), _fmt(e.get("speedup"), ".2f"), _fmt(e.get("gbps"), ".1f")]
+        table.append(cells)
+    s = summary[op_name]
+    cells = ["**geomean**", "", f"({_fmt(s['stock_x_copy'], '.2f', '×')})"]
+    for name in backend_names:
+        cells += [f"({_fmt(s[name]['x_copy'], '.2f', '×')})",
+                  f"**{_fmt(s[name]['speedup'], '.2f')}**", ""]
+    table.append(cells)
+    lines = [f"### {op_name}: {op.note}; min traffic {op.reads}R+{op.writes}W of x", "",
+             markdown_table(header, table)]
+    errs = [f"{name} {max(e['max_rel_err'] for e in es):.1e}" for name in backend_names
+            if (es := [r["fastbn"][name] for r in rows if "max_rel_err" in r["fastbn"][name]])]
+    if errs:
+        lines.append(f"- max error vs stock (relative to max |stock|): {', '.join(errs)}")
+    failures = sorted({f"{name}: {e['error']}" for r in rows
+                       for name, e in [("stock", r["stock"]), *r["fastbn"].items()]
+                       if e["ms"] is None})
+    lines += [f"- n/a {f}" for f in failures]
+    return "\n".join(lines)
+
+
+def format_summary(summary, backend_names):
+    header = ["op", "stock ×copy"]
+    for name in backend_names:
+        header += [f"{name} ×copy", f"{name} speedup (stock/{name})"]
+    table = []
+    for op_name, s in summary.items():
+        cells = [op_name, _fmt(s["stock_x_copy"], ".2f")]
+        for name in backend_names:
+            cells += [_fmt(s[name]["x_copy"], ".2f"), _fmt(s[name]["speedup"], ".2f")]
+        table.append(cells)
+    return "### geometric means over shapes\n\n" + markdown_table(header, table)
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info():
+    return {"cpu_model": _cpu_model(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+            "fastbn_version": fastbn.__version__, "python": platform.python_version(),
+            "platform": platform.platform(),
+            # Other jobs on the machine: how far to trust wall-clock numbers.
+            "load_average": [round(v, 2) for v in os.getloadavg()],
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def backend_info(requested):
+    """What each requested name resolves to on a CPU tensor ("auto" -> concrete backend)."""
+    if requested != "auto":
+        ok, why = backends.availability(requested)
+        return {"requested": requested, "available": ok, "reason": why,
+                "selected": requested if ok else None}
+    with fastbn.use_backend("auto"):
+        selected = backends.select(torch.empty(0)).name
+    return {"requested": "auto", "available": True, "reason": f"auto -> {selected}",
+            "selected": selected}
+
+
+def run_curvature(quick):
+    """Rows of the optional curvature suite (benchmarks/bench_curvature.py, importable
+    from the repository root); raises ImportError when it is not there."""
+    return importlib.import_module("benchmarks.bench_curvature").run(quick=quick)
+
+
+def format_rows(rows):
+    """Markdown table of a list of dicts (columns: every key, in first-seen order)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return markdown_table(keys, [[cell(r.get(k, "")) for k in keys] for r in rows])
+
+
+# --- command line -----------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="fastbn bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backend", nargs="+", default=["auto"],
+                   help="fastbn backends to time against stock torch (names or a "
+                        "comma-separated list; default auto)")
+    p.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS), metavar="OP",
+                   help=f"default: all of {', '.join(OPS)}")
+    p.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
+                   help="e.g. 32x64x56x56 32x64x56x56:cl 1024x512 (default: DESIGN.md shapes)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes, short budget: a smoke run for CI")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of round-robin timing per (op, shape) (default 1.5, "
+                        "--quick 0.05); at least 3 rounds either way")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's choice); use 1 on a "
+                        "machine shared with other jobs")
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="wall time, or this thread's CPU time (requires --threads 1)")
+    p.add_argument("--suite", nargs="+", choices=["batchnorm", "curvature"],
+                   default=["batchnorm"])
+    p.add_argument("--json", metavar="PATH", help="write every number and the machine info")
+    p.add_argument("--quiet", action="store_true", help="print only the tables")
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and torch.get_num_threads() != 1:
+        parser.error("--clock cpu only sees the calling thread: add --threads 1")
+    names = list(dict.fromkeys(n for arg in args.backend for n in arg.split(",") if n))
+    for name in names:
+        if name not in backends.NAMES:
+            raise SystemExit(f"unknown backend {name!r}; expected one of {backends.NAMES}")
+    infos = [backend_info(n) for n in names]
+    runnable = [i["requested"] for i in infos if i["available"]]
+    dtype = DTYPES[args.dtype]
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
+    timing = QUICK_TIMING if args.quick else FULL_TIMING
+    if args.budget is not None:
+        timing = Timing(args.budget, timing.min_runs, timing.max_runs)
+
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    machine = machine_info()
+    print(f"machine: {machine['cpu_model']}, {machine['cores']} cores, "
+          f"{machine['torch_threads']} torch threads, torch {machine['torch_version']}, "
+          f"{machine['date']}; {args.clock} clock, load average {machine['load_average']}")
+    for i in infos:
+        state = f"selected {i['selected']}" if i["available"] else f"unavailable ({i['reason']})"
+        print(f"backend {i['requested']}: {state}")
+
+    command = " ".join(["fastbn bench", *(sys.argv[1:] if argv is None else argv)])
+    report = {"machine": machine, "command": command,
+              "dtype": args.dtype, "quick": args.quick, "backends": infos,
+              "timing": vars(timing), "clock": args.clock, "results": [], "summary": {}}
+    if "batchnorm" in args.suite:
+        started = time.perf_counter()
+        for op_name in args.ops:
+            op_rows = []
+            for shape, cl in shapes:
+                log(f"  {op_name} {shape_label(shape, cl)} ...")
+                op_rows.append(measure(op_name, shape, cl, dtype, runnable, timing,
+                                       CLOCKS[args.clock]))
+            report["results"] += op_rows
+            report["summary"] = summarize(report["results"], runnable)
+            print("\n" + format_op_table(op_name, op_rows, runnable, report["summary"]) + "\n",
+                  flush=True)
+        print(format_summary(report["summary"], runnable))
+        log(f"batchnorm suite: {time.perf_counter() - started:.0f} s")
+    if "curvature" in args.suite:
+        try:
+            report["curvature"] = run_curvature(args.quick)
+            print("\n### curvature\n\n" + format_rows(report["curvature"]))
+        except ImportError as err:
+            report["curvature"] = {"error": f"{type(err).__name__}: {err}"}
+            print(f"\ncurvature suite not run: {report['curvature']['error']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

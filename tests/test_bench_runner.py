@@ -1,0 +1,77 @@
+"""The benchmark runner (fastbn.bench) in --quick mode on one tiny shape: JSON schema and
+sane numbers. No timing assertions: this machine's timings mean nothing here."""
+
+import argparse
+import json
+import math
+
+import pytest
+
+from fastbn import bench
+
+TINY = ["--quick", "--quiet", "--shapes", "4x8x3x3:cl", "--backend", "reference",
+        "--budget", "0.01"]
+
+
+def _positive(value):
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def _run(tmp_path, *extra):
+    path = tmp_path / "bench.json"
+    report = bench.main([*TINY, *extra, "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(report))
+    return report
+
+
+def test_quick_run_writes_schema(tmp_path):
+    report = _run(tmp_path)
+    machine = report["machine"]
+    assert machine["cores"] >= 1 and machine["torch_threads"] >= 1
+    assert machine["cpu_model"] and machine["torch_version"] and machine["date"]
+    assert report["backends"] == [{"requested": "reference", "available": True,
+                                   "reason": report["backends"][0]["reason"],
+                                   "selected": "reference"}]
+    assert [r["op"] for r in report["results"]] == list(bench.OPS)
+    for row in report["results"]:
+        assert row["label"] == "4x8x3x3:cl" and row["channels_last"]
+        assert row["shape"] == [4, 8, 3, 3] and row["dtype"] == "float32"
+        op = bench.OPS[row["op"]]
+        assert row["traffic_bytes"] == (op.reads + op.writes) * row["x_bytes"]
+        assert _positive(row["copy_ms"])
+        stock, ours = row["stock"], row["fastbn"]["reference"]
+        for entry in (stock, ours):
+            assert _positive(entry["ms"]) and _positive(entry["x_copy"])
+            assert entry["runs"] >= bench.QUICK_TIMING.min_runs
+        for key in ("speedup", "gbps"):
+            assert _positive(ours[key])
+        assert ours["max_rel_err"] < 1e-4   # same numbers as stock torch
+    for op_name, s in report["summary"].items():
+        assert _positive(s["stock_x_copy"])
+        assert _positive(s["reference"]["speedup"]) and _positive(s["reference"]["x_copy"])
+        assert s["reference"]["shapes"] == 1
+
+
+def test_failing_candidate_is_recorded_not_raised(tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no batching rule")
+    monkeypatch.setattr(bench, "stock_bn", broken)
+    report = _run(tmp_path, "--ops", "jvp")
+    (row,) = report["results"]
+    assert row["stock"] == {"ms": None, "error": "RuntimeError: no batching rule"}
+    assert _positive(row["fastbn"]["reference"]["ms"])
+    assert "speedup" not in row["fastbn"]["reference"]
+    assert report["summary"]["jvp"]["reference"]["speedup"] is None
+
+
+@pytest.mark.parametrize("text, expected", [("32x64x56x56", ((32, 64, 56, 56), False)),
+                                            ("32x64x56x56:cl", ((32, 64, 56, 56), True)),
+                                            ("1024x512", ((1024, 512), False))])
+def test_parse_shape(text, expected):
+    assert bench.parse_shape(text) == expected
+
+
+@pytest.mark.parametrize("text", ["1024", "1024x512:cl", "4x8xa", "4x8x3x3:nhwc"])
+def test_parse_shape_rejects(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench.parse_shape(text)
