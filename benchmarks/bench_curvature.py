@@ -29,16 +29,17 @@ MAX_ITER = 100
 K = 16
 
 
-def vgg_bn(widths=WIDTHS, classes=10):
+def vgg_bn(widths=WIDTHS, classes=10, batch_norm=True):
     """Conv3×3 → BatchNorm2d → ReLU blocks with max pooling, global pool, linear head
-    (BN after each conv, before ReLU, as in the paper's VGG)."""
+    (BN after each conv, before ReLU, as in the paper's VGG); batch_norm=False drops the
+    BN layers."""
     layers, channels = [], 3
     for width in widths:
         if width == "M":
             layers.append(nn.MaxPool2d(2))
         else:
             layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False),
-                       nn.BatchNorm2d(width), nn.ReLU()]
+                       *([nn.BatchNorm2d(width)] if batch_norm else []), nn.ReLU()]
             channels = width
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes)]
     return nn.Sequential(*layers)
@@ -88,6 +89,36 @@ def pyhessian_top_eigenvalue(model, criterion, inputs, targets, tol, max_iter, s
     return value, products
 
 
+def double_backward_hvp(model, criterion, inputs, targets, v):
+    """One HVP the stock way: create_graph backward, then a backward of grad · v."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(criterion(model(inputs), targets), params, create_graph=True)
+    return torch.autograd.grad(grads, params, grad_outputs=v)
+
+
+def batch_norm_overhead(model, criterion, inputs, targets, repeats):
+    """HVP time with batch norm over HVP time without, for fastbn and for stock torch."""
+    plain = vgg_bn(batch_norm=False)
+    data = (inputs, targets)
+    rows = []
+    for method in ("forward-over-reverse", "reverse-over-reverse"):
+        times = []
+        for net in (model, plain):
+            op = HessianOperator(net, criterion, data, method=method)
+            v = torch.randn(op.shape[0])
+            times.append(seconds(lambda: (op.clear_cache(), op.matvec(v)), repeats))
+        rows.append((f"HVP with BN / without BN, fastbn {method}", times[0] / times[1],
+                     f"{times[0]:.3g} s vs {times[1]:.3g} s"))
+    times = []
+    for net in (copy.deepcopy(model), plain):     # stock nn.BatchNorm2d in train mode
+        v = [torch.randn_like(p) for p in net.parameters()]
+        times.append(seconds(lambda: double_backward_hvp(net, criterion, inputs, targets, v),
+                             repeats))
+    rows.append(("HVP with BN / without BN, stock double backward", times[0] / times[1],
+                 f"{times[0]:.3g} s vs {times[1]:.3g} s"))
+    return rows
+
+
 def run(quick: bool) -> list[dict]:
     torch.manual_seed(0)
     batch = 16 if quick else 128
@@ -103,6 +134,9 @@ def run(quick: bool) -> list[dict]:
     def row(measure, value, unit, note=""):
         rows.append({"measure": measure, "value": value, "unit": unit, "note": note,
                      "batch": batch, "threads": torch.get_num_threads()})
+
+    for measure, ratio, note in batch_norm_overhead(model, criterion, inputs, targets, repeats):
+        row(measure, ratio, "x", note)
 
     forward = HessianOperator(model, criterion, data, method="forward-over-reverse")
     reverse = HessianOperator(model, criterion, data, method="reverse-over-reverse")
