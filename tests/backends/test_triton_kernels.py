@@ -1,0 +1,413 @@
+"""The Triton kernels (fastbn.backends.triton) against the reference backend.
+
+On a machine without a GPU these run through Triton's interpreter, which must be switched
+on before Triton is imported, so run them as their own pytest process:
+
+    TRITON_INTERPRET=1 python -m pytest tests/backends/test_triton_kernels.py -q
+
+The CI job (about 5 minutes on 2 cores) adds the core matrix for the "triton" backend; the
+float64 gradcheck/gradgradcheck cases cost ~40 s each in the interpreter, so two of them:
+
+    TRITON_INTERPRET=1 python -m pytest tests/backends/test_triton_kernels.py \
+        tests/test_autograd.py tests/test_functional.py tests/test_modules.py \
+        tests/test_func.py tests/test_compile.py tests/test_backends.py -q \
+        -k "triton and (not test_gradcheck_and_gradgradcheck or True-True-shape2)"
+
+On a CUDA machine (no TRITON_INTERPRET) they run on CUDA tensors. Native cases replace the
+backend's `reference` fallback with a stub that fails, so they exercise the kernels; the
+split (two-launch) reduction is forced through `config` on these small shapes. Half
+precision follows the upcast rule of DESIGN.md: the error against the float64 reference is
+at most twice the reference backend's own error at that dtype plus a small tolerance.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fastbn.backends import reference  # noqa: E402
+
+T = pytest.importorskip("fastbn.backends.triton")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cpu" if INTERPRET else "cuda"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("no CUDA device; run with TRITON_INTERPRET=1 for the CPU interpreter",
+                allow_module_level=True)
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+HALF = (torch.bfloat16, torch.float16)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+class _NoFallback:
+    """Stands in for `reference` inside the backend: kernel calls must not fall back."""
+
+    def __getattr__(self, attr):
+        if attr in ("acc_dtype", "update_running_stats"):
+            return getattr(reference, attr)
+        raise AssertionError(f"triton backend fell back to reference.{attr}")
+
+
+@pytest.fixture
+def native(monkeypatch):
+    monkeypatch.setattr(T, "reference", _NoFallback())
+
+
+@pytest.fixture(params=["persistent", "split"])
+def path(request, monkeypatch):
+    """The persistent single-read path, or the split reduction forced with odd chunks."""
+    if request.param == "split":
+        monkeypatch.setattr(T.config, "persist_max", 0)
+        monkeypatch.setattr(T.config, "chunk", 11)
+        monkeypatch.setattr(T.config, "block_m", 4)
+    return request.param
+
+
+def _x(layout, gen, dtype):
+    """Small x with odd sizes in the given layout."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    if layout == "nchw":
+        x = randn(2, 3, 5, 3)
+    elif layout == "channels_last":
+        x = randn(3, 5, 3, 2).contiguous(memory_format=torch.channels_last)
+    elif layout == "channels_last_3d":
+        x = randn(2, 3, 2, 3, 2).contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "2d":
+        x = randn(11, 5)
+    elif layout == "3d":
+        x = randn(2, 5, 7)
+    elif layout == "slice":   # channel slice of a bigger tensor: not contiguous
+        x = randn(3, 6, 3, 4)[:, 2:5]
+    elif layout == "c1":
+        x = randn(5, 1, 3, 2)
+    else:
+        raise ValueError(layout)
+    return x.to(DEVICE, dtype)
+
+
+def _like(x, gen, k, expanded=False):
+    """A random element tensor in x's memory format, with a leading K if k is set."""
+    out = T._empty_like(x, None if expanded else k, x.dtype)
+    out.copy_(torch.randn(out.shape, generator=gen, dtype=torch.float64))
+    if expanded:   # K copies of one tensor through a stride-0 dimension
+        out = out.expand(k, *x.shape)
+    return out
+
+
+def _problem(layout, dtype, k, seed=0, pdtype=None, expanded=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = _x(layout, gen, dtype)
+    c = x.shape[1]
+    pdtype = pdtype or (torch.float32 if dtype in HALF else dtype)
+
+    def chan(shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(DEVICE, pdtype)
+
+    cshape = (c,) if k is None else (k, c)
+    mean, var, invstd = reference.statistics(x, 1e-5)
+    return dict(x=x, weight=chan((c,)), bias=chan((c,)), mean=mean, invstd=invstd,
+                running_var=var + 0.25,
+                grad_y=_like(x, gen, k, expanded), x_t=_like(x, gen, k),
+                grad_y_t=_like(x, gen, k), gg_x=_like(x, gen, k),
+                weight_t=chan(cshape), bias_t=chan(cshape))
+
+
+def _call(be, op, p, act):
+    if op == "forward_train":
+        return be.forward_train(p["x"], p["weight"], p["bias"], 1e-5, act)
+    if op == "forward_eval":
+        return be.forward_eval(p["x"], p["mean"], p["running_var"], p["weight"], p["bias"],
+                               1e-5, act)
+    args = (p["x"], p["mean"], p["invstd"], p["weight"], p["bias"], act)
+    if op == "backward":
+        return be.backward(p["grad_y"], *args)
+    if op == "forward_jvp":
+        return be.forward_jvp(p["x_t"], p["weight_t"], p["bias_t"], *args)
+    if op == "backward_backward":
+        return be.backward_backward(p["gg_x"], p["weight_t"], p["bias_t"], p["grad_y"], *args)
+    if op == "backward_jvp":
+        return be.backward_jvp(p["grad_y_t"], p["x_t"], p["weight_t"], p["bias_t"],
+                               p["grad_y"], *args)
+    raise ValueError(op)
+
+
+def _upcast(p):
+    return {key: None if v is None else v.double() for key, v in p.items()}
+
+
+def _tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _check(out, ref, ref64, dtype):
+    for o, r, r64 in zip(_tuple(out), _tuple(ref), _tuple(ref64)):
+        assert o.shape == r.shape and o.dtype == r.dtype and o.device == r.device
+        o, r, r64 = o.cpu(), r.cpu(), r64.cpu()
+        scale = max(r64.abs().max().item(), 1.0) if r64.numel() else 1.0
+        if dtype == torch.float64:
+            torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10 * scale)
+        elif dtype == torch.float32:
+            torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5 * scale)
+        else:
+            err = (o.double() - r64).abs().max().item()
+            stock = (r.double() - r64).abs().max().item()
+            tol = (1e-2 if dtype == torch.bfloat16 else 2e-3) * scale
+            assert err <= 2 * stock + tol, (err, stock, scale)
+
+
+def _run(op, p, act, dtype):
+    out = _call(T, op, p, act)
+    ref = _call(reference, op, p, act)
+    ref64 = _call(reference, op, _upcast(p), act) if dtype in HALF else ref
+    _check(out, ref, ref64, dtype)
+    return out
+
+
+OPS = ("forward_train", "forward_eval", "backward", "forward_jvp", "backward_backward",
+       "backward_jvp")
+K_OPS = OPS[2:]
+LAYOUTS = ("nchw", "channels_last", "channels_last_3d", "2d", "3d", "slice", "c1")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", OPS)
+def test_float32_every_layout(native, path, op, layout):
+    """Every op, layout and both reduction paths; ReLU on for half of the layouts, and
+    K-batched forms (K=1 on one layout, K=3 on all) for the ops that take them."""
+    act = "relu" if LAYOUTS.index(layout) % 2 else None
+    ks = ((None, 1, 3) if layout == "nchw" else (None, 3)) if op in K_OPS else (None,)
+    for k in ks:
+        p = _problem(layout, torch.float32, k)
+        out = _tuple(_run(op, p, act, torch.float32))
+        x = p["x"]
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            y = out[0] if k is None else out[0][0]
+            assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_other_dtypes(native, monkeypatch, op, dtype):
+    """float64, bfloat16, float16: persistent path in NCHW, split path in channels_last."""
+    for layout in ("nchw", "channels_last"):
+        if layout == "channels_last":
+            monkeypatch.setattr(T.config, "persist_max", 0)
+            monkeypatch.setattr(T.config, "chunk", 8)
+            monkeypatch.setattr(T.config, "block_m", 4)
+        for k in (None, 3) if op in K_OPS else (None,):
+            act = "relu" if k is None else None
+            _run(op, _problem(layout, dtype, k, seed=1), act, dtype)
+
+
+@pytest.mark.parametrize("op", K_OPS)
+def test_half_weights(native, op):
+    """Half-precision weight and bias next to half-precision x."""
+    p = _problem("channels_last", torch.bfloat16, 3, pdtype=torch.bfloat16)
+    _run(op, p, "relu", torch.bfloat16)
+
+
+@pytest.mark.parametrize("op", K_OPS[1:])
+def test_absent_tangents(native, path, op):
+    """Every pattern of None tangents/cotangents (None = zero)."""
+    names = {"forward_jvp": ("x_t", "weight_t", "bias_t"),
+             "backward_backward": ("gg_x", "weight_t", "bias_t"),
+             "backward_jvp": ("grad_y_t", "x_t", "weight_t", "bias_t")}[op]
+    base = _problem("channels_last" if path == "split" else "nchw", torch.float64, 3)
+    for mask in range(1, 2 ** len(names)):
+        p = dict(base)
+        for i, key in enumerate(names):
+            if mask >> i & 1:
+                p[key] = None
+        if op == "forward_jvp" and all(p[key] is None for key in names):
+            continue   # all-zero tangents: zeros_like, from the reference
+        _run(op, p, "relu" if mask % 2 else None, torch.float64)
+
+
+@pytest.mark.parametrize("op", K_OPS)
+def test_mixed_k(native, path, op):
+    """K-batched per-channel tangents with shared element arguments, and vice versa, and a
+    K dimension of stride 0."""
+    batched = _problem("channels_last", torch.float64, 3, seed=2)
+    plain = _problem("channels_last", torch.float64, None, seed=2)
+    for swap in (("grad_y", "x_t"), ("weight_t", "bias_t", "grad_y_t", "gg_x")):
+        p = dict(batched)
+        for key in swap:
+            p[key] = plain[key]
+        _run(op, p, "relu", torch.float64)
+    _run(op, _problem("nchw", torch.float64, 3, seed=2, expanded=True), None, torch.float64)
+
+
+def test_forward_train_running_stats(native, path):
+    p = _problem("channels_last", torch.float32, None)
+    rm, rv = torch.zeros(5, device=DEVICE), torch.ones(5, device=DEVICE)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    T.forward_train(p["x"], p["weight"], p["bias"], 1e-5, None, rm, rv, 0.1)
+    reference.forward_train(p["x"], p["weight"], p["bias"], 1e-5, None, rm_ref, rv_ref, 0.1)
+    torch.testing.assert_close(rm, rm_ref)
+    torch.testing.assert_close(rv, rv_ref)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("split", (False, True))
+def test_large_offset_statistics(native, monkeypatch, dtype, split):
+    """x = 1e4 + N(0, 1): Welford partials keep the statistics exact to float32 rounding."""
+    if split:
+        monkeypatch.setattr(T.config, "persist_max", 0)
+        monkeypatch.setattr(T.config, "chunk", 256)
+        monkeypatch.setattr(T.config, "block_m", 64)
+    gen = torch.Generator().manual_seed(3)
+    x64 = 1e4 + torch.randn(16, 3, 9, 13, generator=gen, dtype=torch.float64)
+    x = x64.to(DEVICE, dtype)
+    w, b = torch.ones(3, device=DEVICE, dtype=dtype), torch.zeros(3, device=DEVICE,
+                                                                  dtype=dtype)
+    y, mean, invstd = T.forward_train(x, w, b, 1e-5)
+    mean64, _, invstd64 = reference.statistics(x.double(), 1e-5)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(mean.double().cpu(), mean64.cpu(), rtol=tol, atol=0)
+    torch.testing.assert_close(invstd.double().cpu(), invstd64.cpu(), rtol=100 * tol, atol=0)
+
+
+def test_million_elements_per_channel(native, monkeypatch):
+    """Split path over 2**20 elements per channel (large tiles keep the interpreter fast)."""
+    monkeypatch.setattr(T.config, "persist_max", 0)
+    monkeypatch.setattr(T.config, "block_m", 1 << 16)
+    monkeypatch.setattr(T.config, "block_c", 1)
+    monkeypatch.setattr(T.config, "programs", 8)
+    gen = torch.Generator().manual_seed(4)
+    x = (1e3 + torch.randn(4, 2, 512, 512, generator=gen)).to(DEVICE)
+    w, b = torch.tensor([1.5, -0.5], device=DEVICE), torch.tensor([0.1, 0.2], device=DEVICE)
+    y, mean, invstd = T.forward_train(x, w, b, 1e-5)
+    x64 = x.double()
+    _, mean64, invstd64 = reference.forward_train(x64, w.double(), b.double(), 1e-5)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-7, atol=0)
+    torch.testing.assert_close(invstd.double(), invstd64, rtol=1e-5, atol=0)
+    dy = torch.randn(x.shape, generator=gen).to(DEVICE)
+    gx, gw, gb = T.backward(dy, x, mean, invstd, w, b)
+    gx64, gw64, gb64 = reference.backward(dy.double(), x64, mean.double(), invstd.double(),
+                                          w.double(), b.double())
+    torch.testing.assert_close(gb.double(), gb64, rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(gw.double(), gw64, rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(gx.double(), gx64, rtol=1e-4, atol=1e-5)
+
+
+def test_split_plan_uses_many_programs_for_small_c(monkeypatch):
+    """Small C with large N*H*W is split into chunks, never one program per channel."""
+    monkeypatch.setattr(T.config, "programs", 64)
+    monkeypatch.setattr(T.config, "block_m", 256)
+    x = torch.empty(64, 2, 32, 32, device=DEVICE)
+    call = T._Call(x, [], [])
+    kind, bm, bc, chunk, nchunks = call.plan()
+    assert kind == "split" and nchunks * T.triton.cdiv(2, bc) >= 32
+    assert chunk * nchunks >= call.M and chunk * (nchunks - 1) < call.M
+    monkeypatch.setattr(T.config, "persist_max", 1 << 30)
+    assert call.plan()[0] == "fused"
+
+
+def test_unsupported_falls_back():
+    """Spatial dims that do not flatten to one stride go to the reference backend."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64).to(DEVICE)
+    x = x.transpose(2, 3)
+    assert T._view(x, False) is None
+    w, b = torch.ones(3, dtype=x.dtype, device=DEVICE), torch.zeros(3, dtype=x.dtype,
+                                                                    device=DEVICE)
+    out = T.forward_train(x, w, b, 1e-5)
+    ref = reference.forward_train(x, w, b, 1e-5)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r)
+
+
+def test_availability(monkeypatch):
+    ok, why = T.available()
+    assert ok, why
+    assert T.runs_on_cpu() == INTERPRET
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not T.runs_on_cpu()
+    if not torch.cuda.is_available():
+        ok, why = T.available()
+        assert not ok and "TRITON_INTERPRET=1" in why
+        # CPU tensors outside the interpreter: the reference answers.
+        x = torch.randn(2, 3, 4)
+        assert not T._Call(x, [], []).ok
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" /
+                                                  "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """The GPU check script imports and plans its runs without a GPU."""
+    gpu_check = _gpu_check()
+    plan = gpu_check.plan_cases()
+    ops = {case["op"] for case in plan}
+    assert ops == set(gpu_check.OPS)
+    assert {case["dtype"] for case in plan} == {"float32", "bfloat16"}
+    assert any(case["layout"] == "channels_last" for case in plan)
+    assert gpu_check.geomean([1.0, 4.0]) == pytest.approx(2.0)
+    assert gpu_check.bytes_moved("backward", (2, 3, 4, 4), 4) == 3 * 2 * 3 * 16 * 4
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"),
+                           str(tmp_path), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "forward_train" in done.stdout
+    report = json.loads((tmp_path / "gpu_check_plan.json").read_text())
+    assert len(report["cases"]) == len(plan)
+
+
+_AOT = r'''
+import inspect, sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastbn.backends.triton import kernels as K
+
+names = list(inspect.signature(K.bn_kernel.fn).parameters)
+consts = ("OP", "MODE", "ACT", "HAS_E1", "HAS_E2", "HAS_E3", "HAS_P1", "HAS_P2", "NS", "ACC",
+          "IDX64", "BLOCK_M", "BLOCK_C")
+elems = ("X", "E1", "E2", "E3", "O1", "O2")
+chans = ("MEAN", "INVSTD", "W", "B", "P1", "P2", "Q1", "Q2", "Q3", "PART")
+for op, mode, dt, acc in ((K.OP_FWD, K.MODE_REDUCE, "*bf16", tl.float32),
+                          (K.OP_BB, K.MODE_FUSED, "*fp32", tl.float32),
+                          (K.OP_BJVP, K.MODE_APPLY, "*fp64", tl.float64)):
+    sig = {n: "constexpr" if n in consts else dt if n in elems else
+           ("*fp64" if acc == tl.float64 else "*fp32") if n in chans else
+           "fp32" if n == "eps" else "i32" for n in names}
+    values = dict(OP=op, MODE=mode, ACT=True, HAS_E1=True, HAS_E2=True, HAS_E3=True,
+                  HAS_P1=True, HAS_P2=False, NS=K.NSUMS[op], ACC=acc, IDX64=op == K.OP_BB,
+                  BLOCK_M=64, BLOCK_C=16)
+    src = ASTSource(K.bn_kernel, sig, constexprs={(names.index(k),): v
+                                                  for k, v in values.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=4))
+    assert "ld.global" in compiled.asm["ptx"]
+print("compiled")
+'''
+
+
+@pytest.mark.skipif(not INTERPRET, reason="on a GPU the other tests compile the kernels")
+def test_kernels_compile_for_cuda_without_a_gpu():
+    """The interpreter runs the kernels as Python; this compiles them (TTIR -> PTX for
+    sm_90) the way a GPU run would, which catches what only the compiler rejects."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", _AOT], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode and "ptxas" in done.stderr and "not found" in done.stderr:
+        pytest.skip("no ptxas for an offline CUDA compile")
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
