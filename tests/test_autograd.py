@@ -34,6 +34,8 @@ def _op(training, activation, running, affine):
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_gradcheck_and_gradgradcheck(backend, shape, training, affine, activation):
+    if backend == "triton" and (shape, training, affine) != (SHAPES[2], True, True):
+        pytest.skip("Triton interpreter: about 40 s a case; one 2d case per activation")
     x, params, running = _inputs(shape, affine)
     f = _op(training, activation, running, affine)
     assert gradcheck(f, (x, *params), check_forward_ad=True, check_backward_ad=True,
