@@ -1,0 +1,200 @@
+"""The paper's claims as numbers computed from the results, each with a verdict.
+
+Verdict rules (stated in the report): a ratio claim is "reproduced" when the measured
+ratio passes the paper's order of magnitude (threshold below), "partly" when it only
+points the same way (ratio > 1, or a majority of steps), "not reproduced" otherwise;
+"no data" when every value is missing; "inconclusive" when the comparison has no
+baseline (the plain net trains at no swept learning rate).
+"""
+
+import math
+
+import numpy as np
+
+EARLY_FRACTION = 0.1  # "early in training" = the first 10% of the steps
+
+
+def _float(v):
+    return math.nan if v is None else float(v)
+
+
+def _ratio(numerator, denominator):
+    """numerator / denominator with blown-up numerators kept as inf, missing values as NaN."""
+    a, b = _float(numerator), _float(denominator)
+    if math.isnan(a) or math.isnan(b) or b <= 0 or math.isinf(b):
+        return math.nan
+    return a / b
+
+
+def _median(values):
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.median(values)) if values else math.nan
+
+
+def _paired(plain, bn, field, window_end=None):
+    """Values of `field` at the probe steps both runs reached (optionally step < window_end)."""
+    a = dict(zip(plain["probes"].get("step", []), plain["probes"].get(field, [])))
+    b = dict(zip(bn["probes"].get("step", []), bn["probes"].get(field, [])))
+    steps = sorted(s for s in set(a) & set(b) if window_end is None or s < window_end)
+    return [a[s] for s in steps], [b[s] for s in steps]
+
+
+def _early_end(run, steps):
+    """End of the first 10% of training, but late enough to hold two probe steps."""
+    probe_steps = run["probes"].get("step", [])
+    return max(EARLY_FRACTION * steps, probe_steps[1] + 1 if len(probe_steps) > 1 else 1)
+
+
+def _verdict(value, strong, weak=1.0):
+    if math.isnan(value):
+        return "no data"
+    if value >= strong:
+        return "reproduced"
+    if value > weak:
+        return "partly"
+    return "not reproduced"
+
+
+def landscape_claims(runs, steps, network, paper_setting):
+    """Claims 1–3 of Figure 4 (loss range, gradient predictiveness, effective β) for one net."""
+    plain, bn = runs["plain"], runs["bn"]
+    end = _early_end(bn, steps)
+
+    def ranges(run_fields, window):
+        lo_p, lo_b = _paired(plain, bn, run_fields[0], window)
+        hi_p, hi_b = _paired(plain, bn, run_fields[1], window)
+        return [_ratio(_float(hp) - _float(lp), _float(hb) - _float(lb))
+                for lp, lb, hp, hb in zip(lo_p, lo_b, hi_p, hi_b)]
+
+    loss_early = _median(ranges(("loss_min", "loss_max"), end))
+    loss_all = _median(ranges(("loss_min", "loss_max"), None))
+    grad_p, grad_b = _paired(plain, bn, "grad_change_max", end)
+    grad_early = _median([_ratio(p, b) for p, b in zip(grad_p, grad_b)])
+    grad_p, grad_b = _paired(plain, bn, "grad_change_max")
+    grad_all = _median([_ratio(p, b) for p, b in zip(grad_p, grad_b)])
+    beta_p, beta_b = _paired(plain, bn, "beta_eff")
+    beta_ratios = [_ratio(p, b) for p, b in zip(beta_p, beta_b)]
+    lower = [r > 1 for r in beta_ratios if not math.isnan(r)]
+    lower_fraction = sum(lower) / len(lower) if lower else math.nan
+    beta_early_p, beta_early_b = _paired(plain, bn, "beta_eff", end)
+    beta_early = _median([_ratio(p, b) for p, b in zip(beta_early_p, beta_early_b)])
+    return [
+        {"id": f"{network}_loss_range",
+         "claim": f"{paper_setting}: without BN the loss varies over a much wider range along "
+                  "the gradient, especially early in training (Figure 4a).",
+         "measure": "median over probe steps in the first 10% of training of "
+                    "(loss_max − loss_min) without BN / with BN",
+         "value": loss_early, "also": {"median_ratio_whole_run": loss_all},
+         "verdict": _verdict(loss_early, strong=2.0)},
+        {"id": f"{network}_gradient_predictiveness",
+         "claim": f"{paper_setting}: gradient predictiveness — the change of the gradient along "
+                  "the gradient step — differs by close to two orders of magnitude early in "
+                  "training, larger without BN (Figure 4b).",
+         "measure": "median over the first 10% of training of max_η‖∇L(w−ηg)−g‖ without BN / "
+                    "with BN (reproduced at ≥ 10, i.e. at least one order of magnitude)",
+         "value": grad_early, "also": {"median_ratio_whole_run": grad_all},
+         "verdict": _verdict(grad_early, strong=10.0)},
+        {"id": f"{network}_effective_beta",
+         "claim": f"{paper_setting}: the effective β-smoothness is consistently lower with BN "
+                  "(Figure 4c).",
+         "measure": "fraction of probe steps with β_eff(BN) < β_eff(no BN) (reproduced at ≥ 0.8, "
+                    "partly above 0.5); median ratio no-BN/BN over the first 10% in `also`",
+         "value": lower_fraction, "also": {"median_ratio_early": beta_early},
+         "verdict": _verdict(lower_fraction, strong=0.8, weak=0.5)},
+    ]
+
+
+def learning_rate_claim(sweep):
+    def largest_trained(rows):
+        trained = [r["lr"] for r in rows if r["trains"]]
+        return max(trained) if trained else math.nan
+
+    plain, bn = largest_trained(sweep["plain"]), largest_trained(sweep["bn"])
+    only_bn = [r_bn["lr"] for r_p, r_bn in zip(sweep["plain"], sweep["bn"])
+               if r_bn["trains"] and not r_p["trains"]]
+    if math.isnan(bn):
+        verdict = "not reproduced"
+    elif math.isnan(plain):
+        verdict = "inconclusive"  # the plain net trains at no swept lr: nothing to compare
+    else:
+        verdict = "reproduced" if bn > plain else "not reproduced"
+    return {"id": "lr_range",
+            "claim": "BN lets the network train at larger learning rates, where the plain "
+                     "network fails (Figure 1/11).",
+            "measure": "largest swept lr at which each variant trains (no divergence and the "
+                       "training loss at least halved); value = that lr with BN / without",
+            "value": _ratio(bn, plain),
+            "also": {"largest_lr_plain": plain, "largest_lr_bn": bn,
+                     "lrs_only_bn_trains": only_bn,
+                     "lrs_plain_diverged": [r["lr"] for r in sweep["plain"]
+                                            if r["diverged_at_step"] is not None],
+                     "lrs_bn_diverged": [r["lr"] for r in sweep["bn"]
+                                         if r["diverged_at_step"] is not None]},
+            "verdict": verdict}
+
+
+def accuracy_claim(runs):
+    plain = _float(runs["plain"]["evaluations"][-1]["test_accuracy"])
+    bn = _float(runs["bn"]["evaluations"][-1]["test_accuracy"])
+    difference = bn - plain
+    return {"id": "vgg_test_accuracy",
+            "claim": "With BN the VGG network reaches a higher test accuracy (83% vs 80% on "
+                     "CIFAR-10).",
+            "measure": "final test accuracy with BN minus without BN",
+            "value": difference, "also": {"plain": plain, "bn": bn},
+            "verdict": ("no data" if math.isnan(difference)
+                        else "reproduced" if difference > 0 else "not reproduced")}
+
+
+def theory_claims(theory):
+    rows_41, rows_42, checked_42, identity_errors = [], [], [], []
+    for moments in theory.values():
+        for layers in moments.values():
+            for layer in layers.values():
+                rows_41 += layer["theorem_4_1"]["per_channel"]["held"]
+                identity_errors.append(layer["theorem_4_1"]["identity_rel_error"])
+                if "channels" in layer["theorem_4_2"]:
+                    checked_42 += layer["theorem_4_2"]["channels"]
+                    rows_42 += [c for c in layer["theorem_4_2"]["channels"] if c["preconditions"]]
+    held_41 = sum(rows_41) / len(rows_41) if rows_41 else math.nan
+    held_42 = (sum(c["held"] for c in rows_42) / len(rows_42)) if rows_42 else math.nan
+    same_point = [c for c in checked_42 if c.get("inner_gz_yhat", 0) > 0]
+    held_same_point = (sum(c["held_same_point"] for c in same_point) / len(same_point)
+                       if same_point else None)
+    return [
+        {"id": "theorem_4_1",
+         "claim": "Theorem 4.1: BN's gradient w.r.t. the pre-BN activations is bounded by "
+                  "(γ²/σ²) times the plain gradient's norm² minus two projections.",
+         "measure": "fraction of (network, moment, layer, channel) where the printed "
+                    "inequality held, with L = the network with that BN removed",
+         "value": held_41, "also": {"max_identity_rel_error": max(identity_errors, default=None)},
+         "verdict": ("no data" if math.isnan(held_41) else
+                     "held everywhere" if held_41 == 1 else "violated in places")},
+        {"id": "theorem_4_2",
+         "claim": "Theorem 4.2: the Hessian quadratic form along the gradient is rescaled by "
+                  "γ²/σ² and reduced, when H is PSD and ⟨ŷ, ĝ⟩ > 0.",
+         "measure": "fraction of checked channels satisfying the preconditions where the "
+                    "inequality held",
+         "value": held_42, "also": {"channels_with_preconditions": len(rows_42),
+                                    "held_fraction_same_point": held_same_point,
+                                    "channels_same_point": len(same_point)},
+         "verdict": ("no data" if math.isnan(held_42) else
+                     "held everywhere" if held_42 == 1 else "violated in places")},
+    ]
+
+
+def all_claims(results, config):
+    experiments = results["experiments"]
+    claims = []
+    if "vgg" in experiments:
+        claims += landscape_claims(experiments["vgg"], config["vgg_steps"], "vgg",
+                                   "VGG")
+        claims.append(accuracy_claim(experiments["vgg"]))
+    if "dln" in experiments:
+        claims += landscape_claims(experiments["dln"], config["dln_steps"], "dln",
+                                   "Deep linear network")
+    if "lr" in experiments:
+        claims.append(learning_rate_claim(experiments["lr"]))
+    if "theory" in experiments:
+        claims += theory_claims(experiments["theory"])
+    return claims

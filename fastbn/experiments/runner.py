@@ -1,0 +1,210 @@
+"""The four experiments. Each model run is one resumable part, checkpointed to the out dir.
+
+A part's checkpoint (`checkpoints/<part>.pt`) holds its JSON-ready result, the model's
+initial and final state dicts and the configuration fields it depends on; `--resume`
+reuses a checkpoint only when those fields match.
+"""
+
+import itertools
+import json
+import os
+
+import torch
+from torch import nn
+
+from fastbn.experiments import data as datasets
+from fastbn.experiments import models
+from fastbn.experiments.training import evaluate_classifier, train
+from fastbn.probes import theory_checks
+
+VARIANTS = (("plain", False), ("bn", True))
+
+
+class PartStore:
+    """Completed parts of this run, in memory and on disk; reads old ones with `resume`."""
+
+    def __init__(self, out_dir, *, resume):
+        self.folder = os.path.join(out_dir, "checkpoints")
+        os.makedirs(self.folder, exist_ok=True)
+        self.resume = resume
+        self.done = {}
+
+    def _path(self, part):
+        return os.path.join(self.folder, f"{part}.pt")
+
+    def get(self, part, key):
+        if part in self.done:
+            return self.done[part]
+        if self.resume and os.path.exists(self._path(part)):
+            saved = torch.load(self._path(part), map_location="cpu", weights_only=False)
+            if saved["key"] == key:
+                self.done[part] = saved
+                return saved
+        return None
+
+    def put(self, part, key, result, states):
+        saved = {"key": key, "result": result, "states": states}
+        tmp = self._path(part) + ".tmp"
+        torch.save(saved, tmp)
+        os.replace(tmp, self._path(part))  # a killed run never leaves a half-written part
+        self.done[part] = saved
+        return saved
+
+
+def _key(config, *fields):
+    return json.dumps({f: getattr(config, f) for f in ("seed", "dataset", "device") + fields},
+                      sort_keys=True, default=str)
+
+
+def _state(model):
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _every(steps, probes):
+    return max(1, steps // probes) if probes else 0
+
+
+VGG_FIELDS = ("vgg_width", "vgg_hidden", "batch_size")
+
+
+def build_vgg(config, dataset, batch_norm):
+    return models.vgg(dataset.image_shape, dataset.num_classes, batch_norm=batch_norm,
+                      width=config.vgg_width, hidden=config.vgg_hidden,
+                      seed=config.seed).to(config.device)
+
+
+def _vgg_run(config, dataset, batch_norm, *, lr, steps, probes, part, store, progress):
+    """Train one VGG variant (cached by `part`); returns the stored part."""
+    key = _key(config, *VGG_FIELDS, "eval_every", "vgg_multipliers",
+               "sharpness") + json.dumps([lr, steps, probes])
+    saved = store.get(part, key)
+    if saved is not None:
+        return saved
+    model = build_vgg(config, dataset, batch_norm)
+    initial = _state(model)
+    criterion = nn.CrossEntropyLoss()
+    # Same seed, same batch order for both variants.
+    order = datasets.batch_order(len(dataset.train_y), config.batch_size, steps, config.seed)
+    batches = ((dataset.train_x[i.to(config.device)], dataset.train_y[i.to(config.device)])
+               for i in order)
+
+    def evaluate(m):
+        loss, accuracy = evaluate_classifier(m, criterion, dataset.test_x, dataset.test_y)
+        return {"test_loss": loss, "test_accuracy": accuracy}
+
+    result = train(model, criterion, batches, steps, lr=lr, probe_every=_every(steps, probes),
+                   multipliers=config.vgg_multipliers, sharpness=config.sharpness,
+                   seed=config.seed, evaluate=evaluate,
+                   eval_every=config.eval_every, classification=True, progress=progress,
+                   desc=part)
+    result["batch_norm"] = batch_norm
+    return store.put(part, key, result, {"init": initial, "final": _state(model)})
+
+
+def run_vgg(config, dataset, store, progress):
+    """Figure 4: VGG with and without BN, probed along the trajectory."""
+    return {name: _vgg_run(config, dataset, bn, lr=config.vgg_lr, steps=config.vgg_steps,
+                           probes=config.vgg_probes, part=f"vgg_{name}", store=store,
+                           progress=progress)["result"]
+            for name, bn in VARIANTS}
+
+
+def _dln_problem(config):
+    return datasets.deep_linear_problem(dim=config.dln_dim, samples=config.dln_samples,
+                                        seed=config.seed)
+
+
+def build_dln(config, batch_norm):
+    return models.deep_linear_net(config.dln_dim, config.dln_depth, batch_norm=batch_norm,
+                                  seed=config.seed).to(config.device)
+
+
+DLN_CRITERION = nn.MSELoss(reduction="sum")  # ‖W1…W25 x − A x‖² summed over the samples
+
+
+def _dln_run(config, batch_norm, part, store, progress):
+    key = _key(config, "dln_dim", "dln_depth", "dln_samples", "dln_lr", "dln_steps",
+               "dln_probes", "dln_multipliers", "sharpness")
+    saved = store.get(part, key)
+    if saved is not None:
+        return saved
+    inputs, targets = (t.to(config.device) for t in _dln_problem(config))
+    model = build_dln(config, batch_norm)
+    initial = _state(model)
+    # Full-batch gradient descent: the same batch every step.
+    steps = config.dln_steps
+    result = train(model, DLN_CRITERION, itertools.repeat((inputs, targets), steps), steps,
+                   lr=config.dln_lr, probe_every=_every(steps, config.dln_probes),
+                   multipliers=config.dln_multipliers, sharpness=config.sharpness,
+                   seed=config.seed, progress=progress, desc=part)
+    result["batch_norm"] = batch_norm
+    return store.put(part, key, result, {"init": initial, "final": _state(model)})
+
+
+def run_dln(config, store, progress):
+    """The deep linear network, full-batch GD, with and without BN."""
+    return {name: _dln_run(config, bn, f"dln_{name}", store, progress)["result"]
+            for name, bn in VARIANTS}
+
+
+def _summary_of_sweep_run(result):
+    losses = result["curves"]["loss"]
+    tail = losses[-max(1, len(losses) // 10):]
+    final_eval = result["evaluations"][-1]
+    diverged = result["diverged_at_step"] is not None
+    final_loss = float("nan") if diverged else sum(tail) / len(tail)
+    return {"lr": result["lr"], "diverged_at_step": result["diverged_at_step"],
+            "initial_loss": losses[0], "final_train_loss": final_loss,
+            "test_accuracy": final_eval["test_accuracy"],
+            # "Trains": no divergence and the loss at least halved (a stated choice).
+            "trains": (not diverged) and final_loss < 0.5 * losses[0]}
+
+
+def run_lr_sweep(config, dataset, store, progress):
+    """Figure 1/11: which learning rates each VGG variant trains at, and where it diverges."""
+    results = {}
+    for name, bn in VARIANTS:
+        results[name] = [
+            _summary_of_sweep_run(_vgg_run(
+                config, dataset, bn, lr=lr, steps=config.sweep_steps, probes=0,
+                part=f"lr_{name}_{lr:g}", store=store, progress=progress)["result"])
+            for lr in config.sweep_lrs]
+    return results
+
+
+def _theory_for(model, states, criterion, batch, config):
+    out = {}
+    for moment in ("init", "final"):
+        model.load_state_dict(states[moment])
+        out[moment] = theory_checks(model, criterion, batch, channels=config.theory_channels,
+                                    layers=config.theory_layers,
+                                    lanczos_iterations=config.theory_lanczos, seed=config.seed)
+    return out
+
+
+def run_theory(config, dataset, store, progress):
+    """Theorems 4.1/4.2 per BN layer at initialisation and at the end of training."""
+    key = _key(config, *VGG_FIELDS, "vgg_lr", "vgg_steps", "theory_batch", "theory_channels",
+               "theory_layers", "theory_lanczos", "dln_dim", "dln_depth", "dln_samples",
+               "dln_lr", "dln_steps")
+    saved = store.get("theory", key)
+    if saved is not None:
+        return saved["result"]
+    vgg_part = _vgg_run(config, dataset, True, lr=config.vgg_lr, steps=config.vgg_steps,
+                        probes=config.vgg_probes, part="vgg_bn", store=store,
+                        progress=progress)
+    order = datasets.batch_order(len(dataset.train_y), config.theory_batch, 1, config.seed)[0]
+    image_batch = (dataset.train_x[order.to(config.device)],
+                   dataset.train_y[order.to(config.device)])
+    dln_part = _dln_run(config, True, "dln_bn", store, progress)
+    dln_batch = tuple(t.to(config.device) for t in _dln_problem(config))
+    result = {
+        "vgg_bn": _theory_for(build_vgg(config, dataset, True), vgg_part["states"],
+                              nn.CrossEntropyLoss(), image_batch, config),
+        "dln_bn": _theory_for(build_dln(config, True), dln_part["states"], DLN_CRITERION,
+                              dln_batch, config),
+    }
+    return store.put("theory", key, result, {})["result"]
+
+
+EXPERIMENTS = ("vgg", "dln", "lr", "theory")

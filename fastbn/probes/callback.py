@@ -1,0 +1,60 @@
+"""SmoothnessProbe: landscape probes from inside any training loop."""
+
+import json
+import math
+import time
+
+from fastbn.probes.landscape import gradient_step_probe
+from fastbn.probes.sharpness import top_hessian_eigenvalue
+
+
+def json_safe(value):
+    """`value` with every non-finite float replaced by None (strict JSON has no NaN/inf)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+class SmoothnessProbe:
+    """Call `probe(step, batch)` once per training step, before the optimiser update.
+
+    Every `every` steps it runs `gradient_step_probe` (and, with `sharpness=True`, the
+    top Hessian eigenvalue by at most `sharpness_max_iter` Lanczos steps) on that step's
+    batch, keeps the record in `records` and, with
+    `log_path`, appends it as one JSON line (non-finite values written as null). The
+    model is left exactly as it was. `seconds` is the wall time spent probing, to keep
+    apart from training time.
+    """
+
+    def __init__(self, model, criterion, lr, *, every=10, log_path=None, multipliers=None,
+                 sharpness=False, sharpness_max_iter=30, seed=0):
+        if every < 1:
+            raise ValueError(f"every must be a positive number of steps, got {every}")
+        self.model, self.criterion, self.lr = model, criterion, lr
+        self.every, self.log_path = every, log_path
+        self.multipliers, self.seed = multipliers, seed
+        self.sharpness, self.sharpness_max_iter = sharpness, sharpness_max_iter
+        self.records = []
+        self.seconds = 0.0
+
+    def __call__(self, step, batch):
+        """The probe record for `step`, or None when this step is not probed."""
+        if step % self.every:
+            return None
+        start = time.perf_counter()
+        record = {"step": step, **gradient_step_probe(self.model, self.criterion, batch, self.lr,
+                                                      multipliers=self.multipliers)}
+        if self.sharpness:
+            record["sharpness"] = top_hessian_eigenvalue(
+                self.model, self.criterion, batch, seed=self.seed + step, tol=1e-2,
+                max_iter=self.sharpness_max_iter)
+        self.seconds += time.perf_counter() - start
+        self.records.append(record)
+        if self.log_path is not None:
+            with open(self.log_path, "a") as log:
+                log.write(json.dumps(json_safe(record)) + "\n")
+        return record

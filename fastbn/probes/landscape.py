@@ -1,0 +1,81 @@
+"""Loss landscape along the gradient (Santurkar et al. 2018, Section 3.2 and Figure 4).
+
+At weights w with mini-batch B, g = ∇L(w; B). For each step length η on a grid the probe
+evaluates, on the same batch B, the loss L(w − ηg) and the gradient change
+‖∇L(w − ηg) − g‖₂; the "effective β-smoothness" is max_η ‖∇L(w − ηg) − g‖₂ / ‖ηg‖₂.
+"""
+
+import math
+
+import numpy as np
+from torch.func import grad_and_value
+
+from fastbn.probes import _functional
+
+DEFAULT_MULTIPLIERS = tuple(np.geomspace(0.5, 4.0, 8).tolist())
+
+
+def _max(values):
+    """Maximum where a non-finite value (a blown-up step) counts as +inf."""
+    return max((v if math.isfinite(v) else math.inf) for v in values)
+
+
+def _min(values):
+    """Minimum over the finite values; NaN when none is finite."""
+    finite = [v for v in values if math.isfinite(v)]
+    return min(finite) if finite else math.nan
+
+
+def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mode="train"):
+    """Loss and gradient along −g at step lengths η = m·lr, all on the same batch.
+
+    `batch` is (inputs, targets); `criterion(outputs, targets)` gives the scalar loss.
+    BN layers use batch statistics (`bn_mode="train"`, the only mode: the paper's probe
+    measures the training objective). The model, its parameters, buffers (running stats,
+    num_batches_tracked) and training flags are left exactly as they were.
+
+    Returns a dict of floats: `loss`, `grad_norm`, `loss_min`, `loss_max`,
+    `grad_change_min`, `grad_change_max`, `beta_eff`, and per-η lists `etas`, `losses`,
+    `grad_changes`, `betas`. Non-finite losses or gradients are kept as NaN/inf (in the
+    maxima they count as +inf: the landscape blew up inside the probed range).
+    """
+    if bn_mode != "train":
+        raise ValueError(f"bn_mode must be 'train' (batch statistics), got {bn_mode!r}")
+    multipliers = DEFAULT_MULTIPLIERS if multipliers is None else tuple(multipliers)
+    if not multipliers or any(m <= 0 for m in multipliers):
+        raise ValueError("multipliers must be a non-empty sequence of positive numbers")
+    inputs, targets = batch
+    work = _functional.transformable(model)
+    params, constants = _functional.split_state(work)
+    with _functional.batch_norm_in_train_mode(work):
+        grad_and_loss = grad_and_value(
+            _functional.loss_function(work, criterion, constants, inputs, targets))
+        grad, loss = grad_and_loss(params)
+        grad_norm = _functional.flat_norm(grad)
+        etas = [m * lr for m in multipliers]
+        losses, grad_changes = [], []
+        for eta in etas:
+            if not math.isfinite(grad_norm):
+                losses.append(math.nan)
+                grad_changes.append(math.nan)
+                continue
+            moved = {k: p - eta * grad[k] for k, p in params.items()}
+            grad_eta, loss_eta = grad_and_loss(moved)
+            losses.append(loss_eta.item())
+            grad_changes.append(_functional.flat_norm(
+                {k: grad_eta[k] - grad[k] for k in grad}))
+    betas = [change / (eta * grad_norm) if grad_norm > 0 else math.nan
+             for change, eta in zip(grad_changes, etas)]
+    return {
+        "loss": loss.item(),
+        "grad_norm": grad_norm,
+        "loss_min": _min(losses),
+        "loss_max": _max(losses),
+        "grad_change_min": _min(grad_changes),
+        "grad_change_max": _max(grad_changes),
+        "beta_eff": _max(betas),
+        "etas": etas,
+        "losses": losses,
+        "grad_changes": grad_changes,
+        "betas": betas,
+    }

@@ -1,0 +1,300 @@
+"""Numerical checks of Theorems 4.1 and 4.2 of Santurkar et al. (2018), per BN layer.
+
+Setting (PAPER.md, Section 4): a BN layer normalises y, the output of the preceding
+conv/linear layer; ŷ is the standardised y, z = γŷ + β; σ_j the batch standard deviation
+of unit (channel) j, sqrt(Var_batch(y_j) + eps) as the layer computes it; m the number of
+values per unit (batch size × spatial size). L̂ is the loss of the network as it is, L the
+loss of the same network at the same weights with this one BN layer replaced by identity.
+All gradients and Hessian-vector products are taken with respect to y with BN layers on
+batch statistics, so both networks see the same y.
+
+- Theorem 4.1, as printed: ‖∇_{y_j}L̂‖² ≤ (γ²/σ_j²)(‖ĝ_j‖² − ⟨1, ĝ_j⟩²/m − ⟨ĝ_j, ŷ_j⟩²/√m)
+  with ĝ_j = ∇_{y_j}L. With ∇_z L̂ in place of ĝ and 1/m in place of 1/√m the two sides
+  are equal up to O(eps/σ²) (the BN backward formula); `identity_rel_error` reports that
+  as a check of the autodiff.
+- Theorem 4.2: (∇_{y_j}L̂)ᵀ Ĥ_jj (∇_{y_j}L̂) ≤ (γ²/σ_j²)(∇_{y_j}L̂)ᵀ H_jj (∇_{y_j}L̂)
+  − (γ/(mσ_j²))⟨ĝ_j, ŷ_j⟩‖∇_{y_j}L̂‖², where Ĥ and H are the Hessians of L̂ and L with
+  respect to y; the proof needs H_jj PSD and ⟨ĝ_j, ŷ_j⟩ > 0. Also checked with L taken
+  at the BN output z as in the paper's proof (`*_same_point`). Second-order quantities come
+  from `fastbn.curvature.activation_hessian`; without that module these checks are
+  reported as skipped.
+"""
+
+import copy
+import math
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from fastbn.probes import _functional
+
+# Relative slack for "inequality held" (float32 round-off in sums over m values).
+RELATIVE_TOLERANCE = 1e-4
+CURVATURE_MISSING = ("fastbn.curvature is not available; Theorem 4.2 needs "
+                     "fastbn.curvature.activation_hessian")
+
+
+def _curvature():
+    try:
+        from fastbn import curvature
+    except ImportError:
+        return None
+    return curvature if hasattr(curvature, "activation_hessian") else None
+
+
+def curvature_available():
+    """Whether the second-order checks (Theorem 4.2) can run."""
+    return _curvature() is not None
+
+
+def _holds(lhs, rhs):
+    return lhs <= rhs + RELATIVE_TOLERANCE * max(abs(lhs), abs(rhs))
+
+
+def _per_channel(t):
+    """(N, C, *) -> (C, m): one row of m values per unit/channel."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def _run_capturing(model, criterion, batch, names):
+    """Loss and the outputs of the named submodules (in the autograd graph), BN on batch stats."""
+    inputs, targets = batch
+    params, constants = _functional.split_state(model)
+    params = {k: p.requires_grad_() for k, p in params.items()}
+    modules = dict(model.named_modules())
+    captured = {}
+    handles = [modules[name].register_forward_hook(
+        lambda module, args, out, name=name: captured.__setitem__(name, out)) for name in names]
+    try:
+        with _functional.batch_norm_in_train_mode(model):
+            loss = criterion(functional_call(model, {**constants, **params}, (inputs,)), targets)
+    finally:
+        for h in handles:
+            h.remove()
+    return loss, captured
+
+
+def _gradients(model, criterion, batch, names):
+    """{name: (output, ∂loss/∂output)} for the named submodules."""
+    loss, captured = _run_capturing(model, criterion, batch, names)
+    grads = torch.autograd.grad(loss, [captured[n] for n in names])
+    return {n: (captured[n].detach(), g.detach()) for n, g in zip(names, grads)}
+
+
+def pre_batch_norm_layers(model, batch):
+    """{BN layer name: name of the submodule whose output is that BN layer's input}."""
+    outputs = {}  # id(output) -> (name, output); holding the tensor keeps the id unique
+    producers = {}
+    leaves = [(n, m) for n, m in model.named_modules()
+              if n and not list(m.children()) and not isinstance(m, _functional.TORCH_BATCH_NORMS)]
+    handles = [m.register_forward_hook(
+        lambda module, args, out, name=n: outputs.__setitem__(id(out), (name, out)))
+        for n, m in leaves]
+    handles += [m.register_forward_pre_hook(
+        lambda module, args, name=n: producers.__setitem__(
+            name, outputs.get(id(args[0]), (None,))[0]))
+        for n, m in _functional.batch_norm_layers(model)]
+    try:
+        _run_capturing(model, lambda out, targets: out.sum(), batch, [])
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [bn for bn, pre in producers.items() if pre is None]
+    if missing:
+        raise ValueError(f"cannot find the layer feeding BN layer(s) {missing}: the BN input "
+                         "must be the output of a submodule")
+    return producers
+
+
+def without_layer(model, name):
+    """A deep copy of `model` with submodule `name` replaced by identity."""
+    copied = copy.deepcopy(model)
+    parent_name, _, child = name.rpartition(".")
+    parent = copied.get_submodule(parent_name) if parent_name else copied
+    setattr(parent, child, nn.Identity())
+    return copied
+
+
+def _bn_statistics(bn, y):
+    """Per-channel σ, ŷ and γ as the BN layer computes them in training mode."""
+    rows = _per_channel(y).double()
+    mean = rows.mean(dim=1, keepdim=True)
+    sigma = torch.sqrt(rows.var(dim=1, unbiased=False, keepdim=True) + bn.eps)
+    gamma = (bn.weight.detach().double() if bn.weight is not None
+             else torch.ones(rows.shape[0], dtype=torch.float64, device=rows.device))
+    return sigma.squeeze(1), (rows - mean) / sigma, gamma
+
+
+def theorem_4_1(bn, y, grad_bn, grad_plain, grad_z):
+    """Both sides of Theorem 4.1 for one BN layer, per channel and summed."""
+    sigma, y_hat, gamma = _bn_statistics(bn, y)
+    m = y_hat.shape[1]
+    scale = gamma ** 2 / sigma ** 2
+    g_hat, g_plain, g_z = (_per_channel(t).double() for t in (grad_bn, grad_plain, grad_z))
+
+    def reduced(g, projection_weight):
+        return (g.pow(2).sum(1) - g.sum(1).pow(2) / m
+                - projection_weight * (g * y_hat).sum(1).pow(2))
+
+    lhs = g_hat.pow(2).sum(1)
+    rhs = scale * reduced(g_plain, 1 / math.sqrt(m))
+    identity = scale * reduced(g_z, 1 / m)
+    held = [_holds(a, b) for a, b in zip(lhs.tolist(), rhs.tolist())]
+    return {
+        "lhs": lhs.sum().item(),
+        "rhs": rhs.sum().item(),
+        "ratio": (lhs.sum() / rhs.sum()).item(),
+        "held": all(held),
+        "held_fraction": sum(held) / len(held),
+        # The actual Lipschitz comparison: ‖∇_y L̂‖² / ‖∇_y L‖² (< 1: BN flattened it).
+        "grad_norm_sq_ratio": (lhs.sum() / g_plain.pow(2).sum()).item(),
+        "identity_rel_error": ((identity - lhs).abs().sum() / lhs.abs().sum()).item(),
+        "per_channel": {"lhs": lhs.tolist(), "rhs": rhs.tolist(), "held": held},
+    }
+
+
+def _masked(t, channel):
+    out = torch.zeros_like(t)
+    out[:, channel] = t[:, channel]
+    return out
+
+
+def _dot(a, b):
+    return (a.double() * b.double()).sum().item()
+
+
+def _extreme_eigenvalues(matvec, start, iterations):
+    """(smallest, largest) Ritz values of a symmetric operator after a few Lanczos steps.
+
+    Full reorthogonalisation; a Ritz value below zero proves the operator indefinite.
+    """
+    basis = [start / start.norm()]
+    alphas, betas = [], []
+    for _ in range(iterations):
+        w = matvec(basis[-1])
+        alphas.append(_dot(w, basis[-1]))
+        for q in basis:
+            w = w - _dot(w, q) * q
+        beta = w.norm().item()
+        if beta <= 1e-12 * max(1.0, abs(alphas[-1])):
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    k = len(alphas)
+    tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if k > 1:
+        off = torch.tensor(betas[:k - 1], dtype=torch.float64)
+        tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+    ritz = torch.linalg.eigvalsh(tridiagonal)
+    return ritz[0].item(), ritz[-1].item()
+
+
+def theorem_4_2(curvature, model, plain_model, criterion, batch, bn, bn_name, pre_name, *,
+                channels, lanczos_iterations, seed):
+    """Quadratic forms of Theorem 4.2 for the first `channels` channels of one BN layer.
+
+    Besides L = the network with this BN removed (`rhs`, `held`), the `*_same_point`
+    fields take L as the paper's proof does: the loss as a function of the BN output z,
+    at the z the BN network produces (gradient and Hessian w.r.t. z).
+    """
+    bn_hessian = curvature.activation_hessian(model, criterion, batch, pre_name, bn_mode="train")
+    plain_hessian = curvature.activation_hessian(plain_model, criterion, batch, pre_name,
+                                                 bn_mode="train")
+    output_hessian = curvature.activation_hessian(model, criterion, batch, bn_name,
+                                                  bn_mode="train")
+    y = bn_hessian.activation.detach()
+    g_bn, g_plain = bn_hessian.grad.detach(), plain_hessian.grad.detach()
+    g_z = output_hessian.grad.detach()
+    sigma, y_hat, gamma = _bn_statistics(bn, y)
+    m = y_hat.shape[1]
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    rows = []
+    for j in range(min(channels, y.shape[1])):
+        v = _masked(g_bn, j)
+        g_j = _masked(g_plain, j)
+        v_norm_sq = _dot(v, v)
+        inner = _dot(_per_channel(g_plain)[j], y_hat[j])
+        scale = (gamma[j] ** 2 / sigma[j] ** 2).item()
+        lhs = _dot(v, bn_hessian.hvp(v).reshape(y.shape))
+        plain_form_on_bn_grad = _dot(v, plain_hessian.hvp(v).reshape(y.shape))
+        plain_form = _dot(g_j, plain_hessian.hvp(g_j).reshape(y.shape))
+        reduction = (gamma[j] / (m * sigma[j] ** 2)).item() * inner * v_norm_sq
+        rhs = scale * plain_form_on_bn_grad - reduction
+        inner_z = _dot(_per_channel(g_z)[j], y_hat[j])
+        rhs_same_point = (scale * _dot(v, output_hessian.hvp(v).reshape(y.shape))
+                          - (gamma[j] / (m * sigma[j] ** 2)).item() * inner_z * v_norm_sq)
+        start = _masked(torch.randn(y.shape, generator=generator).to(y), j)
+        lam_min, lam_max = _extreme_eigenvalues(
+            lambda u, j=j: _masked(plain_hessian.hvp(u).reshape(y.shape), j),
+            start, lanczos_iterations)
+        psd = lam_min >= -RELATIVE_TOLERANCE * max(abs(lam_max), 1e-30)
+        rows.append({"channel": j, "lhs": lhs, "rhs": rhs, "held": _holds(lhs, rhs),
+                     "plain_form_on_bn_grad": plain_form_on_bn_grad,
+                     "plain_form": plain_form, "inner_g_yhat": inner,
+                     "h_min_eig": lam_min, "h_max_eig": lam_max, "h_psd": psd,
+                     "preconditions": psd and inner > 0,
+                     "rhs_same_point": rhs_same_point,
+                     "held_same_point": _holds(lhs, rhs_same_point),
+                     "inner_gz_yhat": inner_z})
+    with_preconditions = [r for r in rows if r["preconditions"]]
+    return {
+        "channels": rows,
+        "held_fraction": sum(r["held"] for r in rows) / len(rows),
+        "preconditions_fraction": len(with_preconditions) / len(rows),
+        "held_fraction_given_preconditions": (
+            sum(r["held"] for r in with_preconditions) / len(with_preconditions)
+            if with_preconditions else None),
+        # Layer-level smoothness along the gradient, gᵀHg/‖g‖², with and without the BN.
+        "quadratic_form_bn": float(bn_hessian.quadratic_form()),
+        "quadratic_form_plain": float(plain_hessian.quadratic_form()),
+    }
+
+
+def _evenly_spaced(names, count):
+    if count is None or count >= len(names):
+        return list(names)
+    picks = {round(i * (len(names) - 1) / max(1, count - 1)) for i in range(count)}
+    return [names[i] for i in sorted(picks)]
+
+
+def theory_checks(model, criterion, batch, *, channels=4, layers=None, lanczos_iterations=10,
+                  seed=0):
+    """Theorem 4.1 and 4.2 checks for the BN layers of `model` on one batch.
+
+    Returns {BN layer name: {"input_layer", "theorem_4_1", "theorem_4_2"}}; the model is
+    left untouched. Theorem 4.1 (first order) is checked on every BN layer and channel.
+    The costlier second-order checks of Theorem 4.2 run on `layers` evenly spaced BN
+    layers (None: all) and their first `channels` channels; `lanczos_iterations` sets the
+    PSD test of H_jj; `channels=0` turns the second-order checks off.
+    """
+    work = _functional.transformable(model)
+    producers = pre_batch_norm_layers(work, batch)
+    curvature = _curvature()
+    second_order = set(_evenly_spaced(list(producers), layers))
+    modules = dict(work.named_modules())
+    results = {}
+    for bn_name, pre_name in producers.items():
+        bn = modules[bn_name]
+        if getattr(bn, "activation", None):
+            raise ValueError(f"{bn_name}: BN with a fused activation has no separate output z")
+        plain = without_layer(work, bn_name)
+        bn_grads = _gradients(work, criterion, batch, [pre_name, bn_name])
+        (y, grad_bn), (_, grad_z) = bn_grads[pre_name], bn_grads[bn_name]
+        _, grad_plain = _gradients(plain, criterion, batch, [pre_name])[pre_name]
+        result = {"input_layer": pre_name,
+                  "theorem_4_1": theorem_4_1(bn, y, grad_bn, grad_plain, grad_z)}
+        if curvature is None:
+            result["theorem_4_2"] = {"skipped": CURVATURE_MISSING}
+        elif channels < 1:
+            result["theorem_4_2"] = {"skipped": "channels=0: second-order checks off"}
+        elif bn_name not in second_order:
+            result["theorem_4_2"] = {"skipped": f"only {layers} evenly spaced BN layers get "
+                                                "second-order checks"}
+        else:
+            result["theorem_4_2"] = theorem_4_2(
+                curvature, work, plain, criterion, batch, bn, bn_name, pre_name,
+                channels=channels,
+                lanczos_iterations=lanczos_iterations, seed=seed)
+        results[bn_name] = result
+    return results

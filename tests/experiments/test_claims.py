@@ -1,0 +1,51 @@
+import math
+
+from fastbn.experiments import claims
+
+
+def run(scale, steps=10, beta=1.0):
+    """A fake probed run whose landscape spreads `scale` times more than the reference."""
+    probe_steps = list(range(steps))
+    return {"probes": {"step": probe_steps, "loss_min": [1.0] * steps,
+                       "loss_max": [1.0 + scale] * steps,
+                       "grad_change_min": [0.0] * steps,
+                       "grad_change_max": [scale] * steps,
+                       "beta_eff": [beta * scale] * steps}}
+
+
+def by_id(found):
+    return {c["id"]: c for c in found}
+
+
+def test_verdicts_follow_the_measured_ratios():
+    smooth = by_id(claims.landscape_claims({"plain": run(100.0), "bn": run(1.0)}, 100, "x", "X"))
+    assert smooth["x_loss_range"]["value"] == 100.0
+    assert all(c["verdict"] == "reproduced" for c in smooth.values())
+    rough = by_id(claims.landscape_claims({"plain": run(1.0), "bn": run(3.0)}, 100, "x", "X"))
+    assert all(c["verdict"] == "not reproduced" for c in rough.values())
+    mild = by_id(claims.landscape_claims({"plain": run(3.0), "bn": run(1.0)}, 100, "x", "X"))
+    assert mild["x_gradient_predictiveness"]["verdict"] == "partly"  # 3× < one order
+
+
+def test_blown_up_plain_probes_count_as_wider_and_missing_ones_as_no_data():
+    plain = run(1.0)
+    plain["probes"]["loss_max"] = [math.inf] * 10  # a step length inside the grid blew up
+    found = by_id(claims.landscape_claims({"plain": plain, "bn": run(1.0)}, 100, "x", "X"))
+    assert found["x_loss_range"]["value"] == math.inf
+    assert found["x_loss_range"]["verdict"] == "reproduced"
+    plain["probes"]["loss_max"] = [None] * 10
+    found = by_id(claims.landscape_claims({"plain": plain, "bn": run(1.0)}, 100, "x", "X"))
+    assert found["x_loss_range"]["verdict"] == "no data"
+
+
+def test_learning_rate_claim():
+    def rows(trains):
+        return [{"lr": lr, "trains": t, "diverged_at_step": None if t else 3}
+                for lr, t in zip((0.1, 1.0), trains)]
+
+    assert claims.learning_rate_claim({"plain": rows([True, False]),
+                                       "bn": rows([True, True])})["verdict"] == "reproduced"
+    assert claims.learning_rate_claim({"plain": rows([True, True]),
+                                       "bn": rows([True, True])})["verdict"] == "not reproduced"
+    assert claims.learning_rate_claim({"plain": rows([False, False]),
+                                       "bn": rows([True, False])})["verdict"] == "inconclusive"

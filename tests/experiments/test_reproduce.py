@@ -1,0 +1,115 @@
+import csv
+import json
+import math
+import os
+
+import pytest
+
+from fastbn.experiments import config
+from fastbn.experiments.cli import reproduce_main
+
+pytest.importorskip("sklearn")  # the tiny run uses scikit-learn's 8×8 digits
+pytest.importorskip("matplotlib")
+
+TINY = ["--quick", "--dataset", "digits", "--steps", "6", "--width", "0.0625",
+        "--batch-size", "16", "--threads", "1", "--no-progress", "--seed", "3", "--sharpness"]
+
+
+def finite_numbers(tree):
+    """Every number in a JSON tree (null stands for a non-finite value)."""
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in finite_numbers(v)]
+    if isinstance(tree, list):
+        return [x for v in tree for x in finite_numbers(v)]
+    return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+# The quick preset shrunk further so the end-to-end run takes seconds.
+TINY_PRESET = dict(config.QUICK, vgg_hidden=8, dln_depth=5, dln_samples=64, vgg_probes=8,
+                   dln_probes=8, eval_every=3, sweep_lrs=(0.1, 1.0), theory_batch=16,
+                   theory_layers=1, theory_channels=1, theory_lanczos=2)
+
+
+@pytest.fixture(autouse=True)
+def _tiny_preset(monkeypatch):
+    monkeypatch.setattr(config, "QUICK", TINY_PRESET)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(config, "QUICK", TINY_PRESET)
+        assert reproduce_main(TINY + ["--out", str(out)]) == 0
+    return out
+
+
+def test_writes_every_output(tiny_run):
+    for name in ("results.json", "report.md", "figure4_vgg.png", "figure4_dln.png",
+                 "training.png", "lr_sweep.png", "theory.png", "vgg_probes.csv",
+                 "vgg_curves.csv", "vgg_eval.csv", "dln_probes.csv", "dln_curves.csv",
+                 "lr_sweep.csv", "theory.csv"):
+        assert os.path.getsize(tiny_run / name) > 0, name
+    for part in ("vgg_plain", "vgg_bn", "dln_plain", "dln_bn", "theory"):
+        assert (tiny_run / "checkpoints" / f"{part}.pt").exists()
+
+
+def test_results_follow_the_schema(tiny_run):
+    results = json.loads((tiny_run / "results.json").read_text())
+    assert results["schema_version"] == 1
+    assert results["config"]["seed"] == 3 and results["config"]["vgg_steps"] == 6
+    assert {"torch", "fastbn", "threads", "curvature_available"} <= set(results["environment"])
+    experiments = results["experiments"]
+    assert set(experiments) == {"vgg", "dln", "lr", "theory"}
+    for network in ("vgg", "dln"):
+        for model in ("plain", "bn"):
+            run = experiments[network][model]
+            assert run["batch_norm"] == (model == "bn")
+            assert len(run["curves"]["loss"]) == 6
+            probes = run["probes"]
+            assert probes["step"] == list(range(6))  # more probes than steps: every step
+            for field in ("loss", "grad_norm", "loss_min", "loss_max", "grad_change_min",
+                          "grad_change_max", "beta_eff", "sharpness"):
+                assert all(isinstance(v, float) and math.isfinite(v) for v in probes[field])
+            assert all(len(etas) == 8 for etas in probes["etas"])
+            assert probes["loss_min"][0] <= probes["loss_max"][0]
+    assert experiments["vgg"]["bn"]["evaluations"][-1]["step"] == 6
+    lrs = results["config"]["sweep_lrs"]
+    assert [row["lr"] for row in experiments["lr"]["bn"]] == lrs
+    theory = experiments["theory"]
+    assert set(theory) == {"vgg_bn", "dln_bn"} and set(theory["vgg_bn"]) == {"init", "final"}
+    first = next(iter(theory["vgg_bn"]["init"].values()))
+    assert first["theorem_4_1"]["identity_rel_error"] < 1e-3
+    ids = {claim["id"] for claim in results["claims"]}
+    assert {"vgg_loss_range", "vgg_gradient_predictiveness", "vgg_effective_beta",
+            "dln_loss_range", "lr_range", "theorem_4_1", "theorem_4_2"} <= ids
+    verdicts = {"reproduced", "partly", "not reproduced", "no data", "inconclusive",
+                "held everywhere", "violated in places"}
+    assert all(claim["verdict"] in verdicts for claim in results["claims"])
+    assert finite_numbers(results)  # strict JSON: json.loads would have refused NaN
+
+
+def test_csv_and_report_agree_with_results(tiny_run):
+    with open(tiny_run / "vgg_probes.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and {r["model"] for r in rows} == {"plain", "bn"}
+    report = (tiny_run / "report.md").read_text()
+    assert "![figure4_vgg](figure4_vgg.png)" in report
+    assert "Choices the paper does not state" in report
+    results = json.loads((tiny_run / "results.json").read_text())
+    for claim in results["claims"]:
+        assert claim["verdict"] in report
+
+
+def test_resume_reuses_completed_parts_and_is_deterministic(tiny_run, tmp_path):
+    before = json.loads((tiny_run / "results.json").read_text())
+    assert reproduce_main(TINY + ["--out", str(tiny_run), "--resume",
+                                  "--experiment", "vgg"]) == 0
+    after = json.loads((tiny_run / "results.json").read_text())
+    assert after["experiments"]["vgg"] == before["experiments"]["vgg"]
+    assert after["timings"]["experiments"]["vgg"] < 1.0  # loaded, not retrained
+    # same seed and thread count, fresh folder: the same numbers
+    assert reproduce_main(TINY + ["--out", str(tmp_path), "--experiment", "dln"]) == 0
+    fresh = json.loads((tmp_path / "results.json").read_text())
+    dln_probes = before["experiments"]["dln"]["bn"]["probes"]
+    assert fresh["experiments"]["dln"]["bn"]["probes"] == dln_probes

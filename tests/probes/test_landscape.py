@@ -1,0 +1,124 @@
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fastbn
+from fastbn.probes import DEFAULT_MULTIPLIERS, SmoothnessProbe, gradient_step_probe
+
+
+def tiny_model(torch_bn=True):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    model = model.double()
+    # Non-trivial running statistics and counter, so restoration is really tested.
+    model.train()
+    for _ in range(3):
+        model(torch.randn(8, 4, dtype=torch.float64))
+    return model if torch_bn else fastbn.convert(model)
+
+
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    return (torch.randn(10, 4, generator=generator, dtype=torch.float64),
+            torch.randint(0, 3, (10,), generator=generator))
+
+
+def direct_probe(model, criterion, data, lr, multipliers):
+    """The probe by hand: plain torch model copies, BN in train mode, autograd gradients."""
+    inputs, targets = data
+
+    def loss_and_grad(m):
+        m = copy.deepcopy(m).train()
+        loss = criterion(m(inputs), targets)
+        return loss.item(), torch.autograd.grad(loss, list(m.parameters()))
+
+    loss0, grad0 = loss_and_grad(model)
+    losses, changes = [], []
+    for mult in multipliers:
+        eta = mult * lr
+        moved = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, g in zip(moved.parameters(), grad0):
+                p -= eta * g
+        loss, grad = loss_and_grad(moved)
+        losses.append(loss)
+        changes.append(math.sqrt(sum((a - b).pow(2).sum().item() for a, b in zip(grad, grad0))))
+    grad_norm = math.sqrt(sum(g.pow(2).sum().item() for g in grad0))
+    return loss0, grad_norm, losses, changes
+
+
+@pytest.mark.parametrize("torch_bn", [True, False])
+def test_probe_matches_direct_computation(torch_bn):
+    model, criterion, data, lr = tiny_model(torch_bn), nn.CrossEntropyLoss(), batch(), 0.3
+    multipliers = (0.5, 1.0, 4.0)
+    result = gradient_step_probe(model, criterion, data, lr, multipliers=multipliers)
+    loss0, grad_norm, losses, changes = direct_probe(model, criterion, data, lr, multipliers)
+    assert result["loss"] == pytest.approx(loss0, rel=1e-10)
+    assert result["grad_norm"] == pytest.approx(grad_norm, rel=1e-10)
+    assert result["etas"] == pytest.approx([m * lr for m in multipliers])
+    assert result["losses"] == pytest.approx(losses, rel=1e-10)
+    assert result["grad_changes"] == pytest.approx(changes, rel=1e-8)
+    assert result["loss_min"] == pytest.approx(min(losses), rel=1e-10)
+    assert result["loss_max"] == pytest.approx(max(losses), rel=1e-10)
+    assert result["grad_change_min"] == pytest.approx(min(changes), rel=1e-8)
+    assert result["grad_change_max"] == pytest.approx(max(changes), rel=1e-8)
+    betas = [c / (m * lr * grad_norm) for c, m in zip(changes, multipliers)]
+    assert result["betas"] == pytest.approx(betas, rel=1e-8)
+    assert result["beta_eff"] == pytest.approx(max(betas), rel=1e-8)
+
+
+def test_default_grid_is_eight_log_spaced_points():
+    assert len(DEFAULT_MULTIPLIERS) == 8
+    assert DEFAULT_MULTIPLIERS[0] == pytest.approx(0.5)
+    assert DEFAULT_MULTIPLIERS[-1] == pytest.approx(4.0)
+    ratios = [b / a for a, b in zip(DEFAULT_MULTIPLIERS, DEFAULT_MULTIPLIERS[1:])]
+    assert ratios == pytest.approx([ratios[0]] * 7)
+
+
+@pytest.mark.parametrize("torch_bn", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_model_state_is_restored_bitwise(torch_bn, training):
+    model = tiny_model(torch_bn).train(training)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    kinds = [type(m) for m in model.modules()]
+    gradient_step_probe(model, nn.CrossEntropyLoss(), batch(), 0.1)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [m.training for m in model.modules()] == flags
+    assert [type(m) for m in model.modules()] == kinds  # never converted in place
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_blown_up_steps_are_data_not_errors():
+    model = nn.Sequential(nn.Linear(3, 3)).double()
+    inputs = torch.randn(5, 3, dtype=torch.float64)
+    result = gradient_step_probe(model, nn.MSELoss(), (inputs, 1e150 * torch.ones(5, 3,
+                                 dtype=torch.float64)), 1e150, multipliers=(1.0, 2.0))
+    assert result["loss_max"] == math.inf
+    assert result["beta_eff"] == math.inf
+
+
+def test_rejects_eval_mode_and_bad_grids():
+    with pytest.raises(ValueError, match="bn_mode"):
+        gradient_step_probe(tiny_model(), nn.CrossEntropyLoss(), batch(), 0.1, bn_mode="eval")
+    with pytest.raises(ValueError, match="multipliers"):
+        gradient_step_probe(tiny_model(), nn.CrossEntropyLoss(), batch(), 0.1, multipliers=[0])
+
+
+def test_callback_probes_every_k_steps_and_logs_json_lines(tmp_path):
+    model = tiny_model()
+    log = tmp_path / "probe.jsonl"
+    probe = SmoothnessProbe(model, nn.CrossEntropyLoss(), 0.1, every=2, log_path=log,
+                            multipliers=(0.5, 1.0))
+    records = [probe(step, batch()) for step in range(5)]
+    assert [r is not None for r in records] == [True, False, True, False, True]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 2, 4]
+    assert lines[0]["loss_max"] == pytest.approx(records[0]["loss_max"])
+    assert probe.seconds > 0
+    assert len(probe.records) == 3

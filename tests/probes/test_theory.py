@@ -1,0 +1,144 @@
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fastbn
+from fastbn.probes import theory
+from fastbn.probes.theory import pre_batch_norm_layers, theory_checks, without_layer
+
+needs_curvature = pytest.mark.skipif(not theory.curvature_available(),
+                                     reason="fastbn.curvature is not available")
+
+
+def network():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 5),
+                          nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    with torch.no_grad():  # non-trivial γ so the γ²/σ² factors are exercised
+        model[1].weight.uniform_(0.5, 2.0)
+        model[4].weight.uniform_(0.5, 2.0)
+        model[4].bias.uniform_(-1.0, 1.0)
+    return fastbn.convert(model)
+
+
+def data():
+    generator = torch.Generator().manual_seed(2)
+    return (torch.randn(12, 4, generator=generator, dtype=torch.float64),
+            torch.randint(0, 3, (12,), generator=generator))
+
+
+def downstream_loss(model, start, criterion, targets):
+    """y ↦ loss of model[start:] applied to y, BN on batch statistics (a throwaway copy)."""
+    tail = copy.deepcopy(model[start:]).train()
+    return lambda y: criterion(tail(y), targets)
+
+
+def gradient_and_hvp(loss_of_y, y, v=None):
+    y = y.detach().requires_grad_()
+    (grad,) = torch.autograd.grad(loss_of_y(y), y, create_graph=True)
+    if v is None:
+        return grad.detach(), None
+    (hv,) = torch.autograd.grad((grad * v).sum(), y)
+    return grad.detach(), hv
+
+
+def test_finds_the_layer_feeding_each_batch_norm():
+    assert pre_batch_norm_layers(network(), data()) == {"1": "0", "4": "3"}
+
+
+def test_theorem_4_1_against_direct_autograd():
+    model, criterion = network(), nn.CrossEntropyLoss()
+    inputs, targets = data()
+    results = theory_checks(model, criterion, (inputs, targets), channels=0)
+    with torch.no_grad():
+        y = model[0](inputs)
+    bn = model[1]
+    g_hat, _ = gradient_and_hvp(downstream_loss(model, 1, criterion, targets), y)
+    g_plain, _ = gradient_and_hvp(downstream_loss(model, 2, criterion, targets), y)
+    m = y.shape[0]
+    sigma = torch.sqrt(y.var(0, unbiased=False) + bn.eps)
+    y_hat = (y - y.mean(0)) / sigma
+    gamma = bn.weight.detach()
+    rhs = (gamma ** 2 / sigma ** 2) * ((g_plain ** 2).sum(0) - g_plain.sum(0) ** 2 / m
+                                       - (g_plain * y_hat).sum(0) ** 2 / math.sqrt(m))
+    checks = results["1"]["theorem_4_1"]
+    assert checks["per_channel"]["lhs"] == pytest.approx((g_hat ** 2).sum(0).tolist(), rel=1e-9)
+    assert checks["per_channel"]["rhs"] == pytest.approx(rhs.tolist(), rel=1e-9)
+    assert checks["held"] == all(a <= b for a, b in zip(checks["per_channel"]["lhs"],
+                                                        rhs.tolist()))
+    # With ∇_z L̂ and 1/m the two sides are the BN backward identity, up to O(eps/σ²).
+    assert checks["identity_rel_error"] < 1e-4
+
+
+def test_model_is_left_untouched():
+    model = network().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    theory_checks(model, nn.CrossEntropyLoss(), data(), channels=1, lanczos_iterations=3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m.training for m in model.modules())
+
+
+def test_without_layer_replaces_only_that_layer():
+    model = network()
+    plain = without_layer(model, "4")
+    assert isinstance(plain[4], nn.Identity) and isinstance(model[4], nn.BatchNorm1d)
+
+
+def test_second_order_checks_skip_cleanly_without_curvature(monkeypatch):
+    monkeypatch.setattr(theory, "_curvature", lambda: None)
+    results = theory_checks(network(), nn.CrossEntropyLoss(), data())
+    assert all("fastbn.curvature" in r["theorem_4_2"]["skipped"] for r in results.values())
+
+
+@needs_curvature
+def test_theorem_4_2_against_direct_double_backward():
+    model, criterion = network(), nn.CrossEntropyLoss()
+    inputs, targets = data()
+    results = theory_checks(model, criterion, (inputs, targets), channels=5, layers=None,
+                            lanczos_iterations=5)
+    with torch.no_grad():
+        y = model[:4](inputs)  # input of the second BN
+    bn_loss = downstream_loss(model, 4, criterion, targets)
+    plain_loss = downstream_loss(model, 5, criterion, targets)
+    with torch.no_grad():
+        z = copy.deepcopy(model[4]).train()(y)  # the BN output the network produces
+    output_loss = downstream_loss(model, 5, criterion, targets)
+    g_z, _ = gradient_and_hvp(output_loss, z)
+    g_hat, _ = gradient_and_hvp(bn_loss, y)
+    g_plain, _ = gradient_and_hvp(plain_loss, y)
+    sigma = torch.sqrt(y.var(0, unbiased=False) + model[4].eps)
+    y_hat = (y - y.mean(0)) / sigma
+    gamma, m = model[4].weight.detach(), y.shape[0]
+    rows = results["4"]["theorem_4_2"]["channels"]
+    for j, row in enumerate(rows):
+        v = torch.zeros_like(g_hat)
+        v[:, j] = g_hat[:, j]
+        _, bn_hv = gradient_and_hvp(bn_loss, y, v)
+        _, plain_hv = gradient_and_hvp(plain_loss, y, v)
+        inner = (g_plain[:, j] * y_hat[:, j]).sum()
+        rhs = (gamma[j] ** 2 / sigma[j] ** 2 * (v * plain_hv).sum()
+               - gamma[j] / (m * sigma[j] ** 2) * inner * (v * v).sum())
+        assert row["lhs"] == pytest.approx((v * bn_hv).sum().item(), rel=1e-7, abs=1e-12)
+        assert row["rhs"] == pytest.approx(rhs.item(), rel=1e-7, abs=1e-12)
+        assert row["inner_g_yhat"] == pytest.approx(inner.item(), rel=1e-9)
+        _, output_hv = gradient_and_hvp(output_loss, z, v)
+        inner_z = (g_z[:, j] * y_hat[:, j]).sum()
+        rhs_z = (gamma[j] ** 2 / sigma[j] ** 2 * (v * output_hv).sum()
+                 - gamma[j] / (m * sigma[j] ** 2) * inner_z * (v * v).sum())
+        assert row["rhs_same_point"] == pytest.approx(rhs_z.item(), rel=1e-7, abs=1e-12)
+        assert row["inner_gz_yhat"] == pytest.approx(inner_z.item(), rel=1e-9)
+        assert row["h_min_eig"] <= row["h_max_eig"]
+    summary = results["4"]["theorem_4_2"]
+    assert 0 <= summary["held_fraction"] <= 1
+    assert math.isfinite(summary["quadratic_form_bn"])
+
+
+@needs_curvature
+def test_lanczos_extremes_of_a_known_matrix():
+    matrix = torch.diag(torch.tensor([-2.0, 0.5, 1.0, 3.0], dtype=torch.float64))
+    low, high = theory._extreme_eigenvalues(lambda v: matrix @ v,
+                                            torch.ones(4, dtype=torch.float64), 4)
+    assert (low, high) == pytest.approx((-2.0, 3.0))
