@@ -143,14 +143,18 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
     return _affine(x, scale, shift, activation)
 
 
-def backward(grad_y, x, mean, invstd, weight, bias, activation=None, *, reduction=LOCAL):
-    d = x.dim()
+def _backward_inputs(grad_y, x, mean, invstd, weight, bias, activation, reduction):
+    """(ndim, count, xhat, ReLU mask or None, masked grad_y) in the accumulation dtype."""
     xhat = xhat_of(x, mean, invstd)
     mask = relu_mask(xhat, weight, bias) if activation == "relu" else None
-    g = masked(grad_y.to(xhat.dtype), mask)
+    return x.dim(), reduction.count(x), xhat, mask, masked(grad_y.to(xhat.dtype), mask)
+
+
+def backward(grad_y, x, mean, invstd, weight, bias, activation=None, *, reduction=LOCAL):
+    d, m, xhat, _, g = _backward_inputs(grad_y, x, mean, invstd, weight, bias, activation,
+                                        reduction)
     grad_bias, grad_weight = sums(d, g, g * xhat)
     total_bias, total_weight = reduction.total(grad_bias, grad_weight)
-    m = reduction.count(x)
     w = weight.to(xhat.dtype)
     grad_x = (g - per_channel(total_bias / m, d) - xhat * per_channel(total_weight / m, d)) \
         * per_channel(w * invstd, d)
@@ -195,11 +199,8 @@ def forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias, activation
 
 def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight, bias,
                       activation=None, *, reduction=LOCAL):
-    d = x.dim()
-    m = reduction.count(x)
-    xhat = xhat_of(x, mean, invstd)
-    mask = relu_mask(xhat, weight, bias) if activation == "relu" else None
-    g = masked(grad_y.to(xhat.dtype), mask)
+    d, m, xhat, mask, g = _backward_inputs(grad_y, x, mean, invstd, weight, bias,
+                                           activation, reduction)
     w = per_channel(weight.to(xhat.dtype), d)
     r = per_channel(invstd, d)
     a = None if gg_x is None else gg_x.to(xhat.dtype)
@@ -239,11 +240,8 @@ def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight,
 
 def backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weight, bias,
                  activation=None, *, reduction=LOCAL):
-    d = x.dim()
-    m = reduction.count(x)
-    xhat = xhat_of(x, mean, invstd)
-    mask = relu_mask(xhat, weight, bias) if activation == "relu" else None
-    g = masked(grad_y.to(xhat.dtype), mask)
+    d, m, xhat, mask, g = _backward_inputs(grad_y, x, mean, invstd, weight, bias,
+                                           activation, reduction)
     w = weight.to(xhat.dtype)
     g_t = None if grad_y_t is None else masked(grad_y_t.to(xhat.dtype), mask)
     local = sums(d, g, g * xhat, *(() if g_t is None else (g_t, g_t * xhat)))

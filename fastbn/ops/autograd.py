@@ -134,13 +134,15 @@ class _KernelFunction(_Function):
     def n_tangent(cls):
         return len(cls.per_channel)
 
+    # The autograd.Function protocol, shared: classmethods, so each subclass's kernel and
+    # argument kinds are found through cls.
     @classmethod
-    def _forward(cls, *args):
+    def forward(cls, *args):
         *tensors, eps, activation, backend = args
         return getattr(_runnable(backend, tensors), cls.kernel)(*tensors, activation)
 
     @classmethod
-    def _setup(cls, ctx, inputs):
+    def setup_context(cls, ctx, inputs, output):
         *tensors, eps, activation, backend = inputs
         ctx.save_for_backward(*[t for t in tensors if t is not None])
         ctx.save_for_forward(*[t for t in tensors if t is not None])
@@ -153,7 +155,7 @@ class _KernelFunction(_Function):
         return [next(it) if present else None for present in ctx.present]
 
     @classmethod
-    def _vmap(cls, info, in_dims, *args):
+    def vmap(cls, info, in_dims, *args):
         n = cls.n_tangent()
         tangents, primal, options = args[:n], args[n:n + _PRIMAL], args[n + _PRIMAL:]
         x = primal[0]
@@ -176,8 +178,9 @@ class _KernelFunction(_Function):
             *args[:n + _PRIMAL]))
 
     @classmethod
-    def _third_order_vjp(cls, ctx, *grads):
-        """Backward of a second-order Function: reverse mode through the composite."""
+    def backward(cls, ctx, *grads):
+        """Reverse mode through the composite (PyTorch ops): the third order, for the
+        second-order Functions; the others override it with kernel Functions."""
         eps, activation, backend = ctx.options
         args = cls._saved(ctx, ctx.saved_tensors)
         n = cls.n_tangent()
@@ -207,14 +210,6 @@ class TrainBackward(_KernelFunction):
     out_per_channel = (False, True, True)
 
     @staticmethod
-    def forward(*args):
-        return TrainBackward._forward(*args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        TrainBackward._setup(ctx, inputs)
-
-    @staticmethod
     def backward(ctx, gg_x, gg_weight, gg_bias):
         grad_y, x, mean, invstd, weight, bias = TrainBackward._saved(ctx, ctx.saved_tensors)
         eps, activation, backend = ctx.options
@@ -231,10 +226,6 @@ class TrainBackward(_KernelFunction):
         return BackwardJvp.apply(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd,
                                  weight, bias, eps, activation, backend)
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return TrainBackward._vmap(info, in_dims, *args)
-
 
 class ForwardJvp(_KernelFunction):
     """(x_t, weight_t, bias_t, x, mean, invstd, weight, bias) -> y_t."""
@@ -242,14 +233,6 @@ class ForwardJvp(_KernelFunction):
     kernel = "forward_jvp"
     per_channel = (False, True, True)
     out_per_channel = (False,)
-
-    @staticmethod
-    def forward(*args):
-        return ForwardJvp._forward(*args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ForwardJvp._setup(ctx, inputs)
 
     @staticmethod
     def backward(ctx, grad_y_t):
@@ -268,10 +251,6 @@ class ForwardJvp(_KernelFunction):
                 _sum_k(g_x, x), None, None,
                 _sum_k(g_weight, weight), None, None, None, None)
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return ForwardJvp._vmap(info, in_dims, *args)
-
 
 class BackwardBackward(_KernelFunction):
     """(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight, bias)
@@ -281,22 +260,6 @@ class BackwardBackward(_KernelFunction):
     per_channel = (False, True, True, False)
     out_per_channel = (False, False, True)
 
-    @staticmethod
-    def forward(*args):
-        return BackwardBackward._forward(*args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        BackwardBackward._setup(ctx, inputs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return BackwardBackward._third_order_vjp(ctx, *grads)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return BackwardBackward._vmap(info, in_dims, *args)
-
 
 class BackwardJvp(_KernelFunction):
     """(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weight, bias)
@@ -305,22 +268,6 @@ class BackwardJvp(_KernelFunction):
     kernel = "backward_jvp"
     per_channel = (False, False, True, True, False)
     out_per_channel = (False, True, True)
-
-    @staticmethod
-    def forward(*args):
-        return BackwardJvp._forward(*args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        BackwardJvp._setup(ctx, inputs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return BackwardJvp._third_order_vjp(ctx, *grads)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return BackwardJvp._vmap(info, in_dims, *args)
 
 
 class TrainForward(_Function):
