@@ -50,6 +50,9 @@ class FunctionalModel:
         self.bn_mode = bn_mode
         memo = {id(t): _placeholder(t)
                 for t in itertools.chain(model.parameters(), model.buffers())}
+        # Process groups cannot be copied: the copy shares the model's.
+        memo.update({id(m.process_group): m.process_group for m in model.modules()
+                     if getattr(m, "process_group", None) is not None})
         self.copy = fastbn.convert(copy.deepcopy(model, memo), sync=process_group is not None,
                                    process_group=process_group)
 

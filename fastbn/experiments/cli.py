@@ -5,11 +5,20 @@
     fastbn reproduce --experiment dln --steps 2000 --seed 1 --out runs/dln
     fastbn reproduce --dataset cifar10 --data-dir ~/data --device cuda --width 1
     fastbn reproduce --resume                     # after an interruption: skip finished parts
+    torchrun --nproc_per_node 2 -m fastbn.cli reproduce --quick   # batch split over 2 processes
 
 `--experiment theory` trains the BN networks it needs (or reuses them from the same run
 or, with --resume, from the out dir). Results are deterministic for a given seed and
 thread count (`--threads`, 1 by default on CPU: on shared cores a second thread made the
 tiny kernels here up to 30× slower).
+
+Data-parallel: launched by torchrun (WORLD_SIZE > 1), or called with a `process_group`,
+every process takes an equal contiguous shard of each VGG training batch (the batch size
+must divide by the number of processes), batch norms synchronise over the group,
+gradients are averaged before each SGD step and the probes measure the whole batch
+(see `training` and `runner`). The full-batch DLN and the theorem checks run identically
+on every process. Only rank 0 shows progress bars and writes the out dir; results match
+a single-process run up to float rounding.
 """
 
 import argparse
@@ -21,6 +30,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import fastbn
 from fastbn.experiments import claims as claim_checks
@@ -62,17 +72,50 @@ def build_parser():
     return parser
 
 
-def _environment(config):
+def _environment(config, world_size):
     return {"python": platform.python_version(), "torch": torch.__version__,
             "fastbn": fastbn.__version__, "numpy": np.__version__,
             "platform": platform.platform(), "device": config.device,
             "threads": torch.get_num_threads(), "fastbn_backend": str(fastbn.get_backend()),
-            "curvature_available": curvature_available()}
+            "curvature_available": curvature_available(), "world_size": world_size}
 
 
-def reproduce_main(argv=None):
-    args = build_parser().parse_args(argv)
+def _launched_by_torchrun():
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _init_default_group(device):
+    """The default process group of a torchrun launch: nccl for CUDA (this process on GPU
+    LOCAL_RANK), gloo on CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return dist.group.WORLD
+
+
+def reproduce_main(argv=None, *, process_group=None):
+    """Run `fastbn reproduce` with command-line arguments `argv`; returns the exit code.
+
+    process_group: run data-parallel over this initialised group (every process calls
+    with the same arguments). Without one, a torchrun launch initialises (and at the end
+    destroys) the default group.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    owns_group = process_group is None and _launched_by_torchrun()
+    if owns_group:
+        process_group = _init_default_group(device)
+    try:
+        return _reproduce(parser, args, device, process_group)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _reproduce(parser, args, device, process_group):
     threads = args.threads or (1 if device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
@@ -82,10 +125,16 @@ def reproduce_main(argv=None):
                          data_dir=args.data_dir, device=device, vgg_width=args.width,
                          batch_size=args.batch_size, vgg_steps=steps, dln_steps=steps,
                          sweep_steps=steps, sharpness=args.sharpness or None)
+    world_size = 1 if process_group is None else dist.get_world_size(process_group)
+    if config.batch_size % world_size:
+        parser.error(f"batch size {config.batch_size} is not divisible by the {world_size} "
+                     "processes (each trains on an equal shard of every batch)")
+    lead = process_group is None or dist.get_rank(process_group) == 0  # writes the outputs
     chosen = runner.EXPERIMENTS if args.experiment == "all" else (args.experiment,)
-    progress = not args.no_progress
-    os.makedirs(args.out, exist_ok=True)
-    store = runner.PartStore(args.out, resume=args.resume)
+    progress = not args.no_progress and lead
+    if lead:
+        os.makedirs(args.out, exist_ok=True)
+    store = runner.PartStore(args.out, resume=args.resume, process_group=process_group)
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     dataset = None
@@ -95,18 +144,19 @@ def reproduce_main(argv=None):
     experiments, timings = {}, {}
     for name in chosen:
         part_start = time.perf_counter()
-        if name == "vgg":
-            experiments[name] = runner.run_vgg(config, dataset, store, progress)
-        elif name == "dln":
+        if name == "dln":
             experiments[name] = runner.run_dln(config, store, progress)
-        elif name == "lr":
-            experiments[name] = runner.run_lr_sweep(config, dataset, store, progress)
         else:
-            experiments[name] = runner.run_theory(config, dataset, store, progress)
+            run = {"vgg": runner.run_vgg, "lr": runner.run_lr_sweep,
+                   "theory": runner.run_theory}[name]
+            experiments[name] = run(config, dataset, store, progress, process_group)
         timings[name] = time.perf_counter() - part_start
-        print(f"[fastbn reproduce] {name} done in {timings[name]:.0f} s", file=sys.stderr)
+        if lead:
+            print(f"[fastbn reproduce] {name} done in {timings[name]:.0f} s", file=sys.stderr)
+    if not lead:
+        return 0
     results = {"schema_version": SCHEMA_VERSION, "config": config.as_dict(),
-               "environment": _environment(config), "experiments": experiments}
+               "environment": _environment(config, world_size), "experiments": experiments}
     results["claims"] = claim_checks.all_claims(results, results["config"])
     results["timings"] = {"total_seconds": time.perf_counter() - start, "experiments": timings}
     tables = report.write_tables(results, args.out)

@@ -341,6 +341,11 @@ CHOICES = [
     "network's z (`held_fraction_same_point`, channels with ⟨∇_z L̂, ŷ⟩ > 0). H_jj PSD is "
     "tested with a few Lanczos steps (PSD unless a Ritz value is below −1e-4 × the "
     "largest).",
+    "Several processes (torchrun, `world_size` > 1): each VGG training batch (also in the "
+    "learning-rate sweep) is split into equal contiguous shards, BN statistics are "
+    "synchronised, gradients averaged before each step and the probes measure the whole "
+    "batch, so results match one process up to float rounding; the full-batch DLN and the "
+    "theorem checks run identically on every process; rank 0 writes the outputs.",
     "Verdicts: \"reproduced\" when the measured ratio reaches the paper's order of magnitude "
     "(loss range ≥ 2×, gradient change ≥ 10×, β lower at ≥ 80% of probe steps), \"partly\" "
     "when it only points the same way, \"not reproduced\" otherwise; the learning-rate claim "

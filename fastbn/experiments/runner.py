@@ -3,6 +3,13 @@
 A part's checkpoint (`checkpoints/<part>.pt`) holds its JSON-ready result, the model's
 initial and final state dicts and the configuration fields it depends on; `--resume`
 reuses a checkpoint only when those fields match.
+
+With a process group (data-parallel, e.g. under torchrun) the VGG runs and the
+learning-rate sweep train with the batch split across the processes (`train` with
+`process_group`). The full-batch DLN and the theorem checks are not sharded: every
+process runs them identically, without collectives. Only rank 0 writes checkpoints;
+with `--resume` rank 0 reads them and broadcasts each part, so that every process skips
+(or trains) the same parts.
 """
 
 import itertools
@@ -10,8 +17,10 @@ import json
 import os
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+import fastbn
 from fastbn.experiments import data as datasets
 from fastbn.experiments import models
 from fastbn.experiments.training import evaluate_classifier, train
@@ -21,32 +30,47 @@ VARIANTS = (("plain", False), ("bn", True))
 
 
 class PartStore:
-    """Completed parts of this run, in memory and on disk; reads old ones with `resume`."""
+    """Completed parts of this run, in memory and on disk; reads old ones with `resume`.
 
-    def __init__(self, out_dir, *, resume):
+    With `process_group`, only its rank 0 touches the disk (see the module docstring).
+    """
+
+    def __init__(self, out_dir, *, resume, process_group=None):
         self.folder = os.path.join(out_dir, "checkpoints")
-        os.makedirs(self.folder, exist_ok=True)
+        self.group = process_group
+        self.writes = process_group is None or dist.get_rank(process_group) == 0
+        if self.writes:
+            os.makedirs(self.folder, exist_ok=True)
         self.resume = resume
         self.done = {}
 
     def _path(self, part):
         return os.path.join(self.folder, f"{part}.pt")
 
+    def _load(self, part):
+        if self.writes and os.path.exists(self._path(part)):
+            return torch.load(self._path(part), map_location="cpu", weights_only=False)
+        return None
+
     def get(self, part, key):
         if part in self.done:
             return self.done[part]
-        if self.resume and os.path.exists(self._path(part)):
-            saved = torch.load(self._path(part), map_location="cpu", weights_only=False)
-            if saved["key"] == key:
-                self.done[part] = saved
-                return saved
+        if not self.resume:
+            return None
+        saved = [self._load(part)]
+        if self.group is not None:
+            dist.broadcast_object_list(saved, group_src=0, group=self.group)
+        if saved[0] is not None and saved[0]["key"] == key:
+            self.done[part] = saved[0]
+            return saved[0]
         return None
 
     def put(self, part, key, result, states):
         saved = {"key": key, "result": result, "states": states}
-        tmp = self._path(part) + ".tmp"
-        torch.save(saved, tmp)
-        os.replace(tmp, self._path(part))  # a killed run never leaves a half-written part
+        if self.writes:
+            tmp = self._path(part) + ".tmp"
+            torch.save(saved, tmp)
+            os.replace(tmp, self._path(part))  # a killed run never leaves a half-written part
         self.done[part] = saved
         return saved
 
@@ -73,8 +97,17 @@ def build_vgg(config, dataset, batch_norm):
                       seed=config.seed).to(config.device)
 
 
-def _vgg_run(config, dataset, batch_norm, *, lr, steps, probes, part, store, progress):
-    """Train one VGG variant (cached by `part`); returns the stored part."""
+def _shard(indices, process_group):
+    """This process's contiguous, equal share of a batch's indices (all without a group)."""
+    if process_group is None:
+        return indices
+    return indices.chunk(dist.get_world_size(process_group))[dist.get_rank(process_group)]
+
+
+def _vgg_run(config, dataset, batch_norm, *, lr, steps, probes, part, store, progress,
+             process_group=None):
+    """Train one VGG variant (cached by `part`), data-parallel over `process_group` if
+    given; returns the stored part."""
     key = _key(config, *VGG_FIELDS, "eval_every", "vgg_multipliers",
                "sharpness") + json.dumps([lr, steps, probes])
     saved = store.get(part, key)
@@ -82,11 +115,13 @@ def _vgg_run(config, dataset, batch_norm, *, lr, steps, probes, part, store, pro
         return saved
     model = build_vgg(config, dataset, batch_norm)
     initial = _state(model)
+    if process_group is not None:
+        model = fastbn.convert(model, sync=True, process_group=process_group)
     criterion = nn.CrossEntropyLoss()
     # Same seed, same batch order for both variants.
     order = datasets.batch_order(len(dataset.train_y), config.batch_size, steps, config.seed)
-    batches = ((dataset.train_x[i.to(config.device)], dataset.train_y[i.to(config.device)])
-               for i in order)
+    shards = (_shard(i, process_group).to(config.device) for i in order)
+    batches = ((dataset.train_x[i], dataset.train_y[i]) for i in shards)
 
     def evaluate(m):
         loss, accuracy = evaluate_classifier(m, criterion, dataset.test_x, dataset.test_y)
@@ -96,16 +131,16 @@ def _vgg_run(config, dataset, batch_norm, *, lr, steps, probes, part, store, pro
                    multipliers=config.vgg_multipliers, sharpness=config.sharpness,
                    seed=config.seed, evaluate=evaluate,
                    eval_every=config.eval_every, classification=True, progress=progress,
-                   desc=part)
+                   desc=part, process_group=process_group)
     result["batch_norm"] = batch_norm
     return store.put(part, key, result, {"init": initial, "final": _state(model)})
 
 
-def run_vgg(config, dataset, store, progress):
+def run_vgg(config, dataset, store, progress, process_group=None):
     """Figure 4: VGG with and without BN, probed along the trajectory."""
     return {name: _vgg_run(config, dataset, bn, lr=config.vgg_lr, steps=config.vgg_steps,
                            probes=config.vgg_probes, part=f"vgg_{name}", store=store,
-                           progress=progress)["result"]
+                           progress=progress, process_group=process_group)["result"]
             for name, bn in VARIANTS}
 
 
@@ -160,14 +195,15 @@ def _summary_of_sweep_run(result):
             "trains": (not diverged) and final_loss < 0.5 * losses[0]}
 
 
-def run_lr_sweep(config, dataset, store, progress):
+def run_lr_sweep(config, dataset, store, progress, process_group=None):
     """Figure 1/11: which learning rates each VGG variant trains at, and where it diverges."""
     results = {}
     for name, bn in VARIANTS:
         results[name] = [
             _summary_of_sweep_run(_vgg_run(
                 config, dataset, bn, lr=lr, steps=config.sweep_steps, probes=0,
-                part=f"lr_{name}_{lr:g}", store=store, progress=progress)["result"])
+                part=f"lr_{name}_{lr:g}", store=store, progress=progress,
+                process_group=process_group)["result"])
             for lr in config.sweep_lrs]
     return results
 
@@ -182,8 +218,11 @@ def _theory_for(model, states, criterion, batch, config):
     return out
 
 
-def run_theory(config, dataset, store, progress):
-    """Theorems 4.1/4.2 per BN layer at initialisation and at the end of training."""
+def run_theory(config, dataset, store, progress, process_group=None):
+    """Theorems 4.1/4.2 per BN layer at initialisation and at the end of training.
+
+    With `process_group` only the VGG training it needs is data-parallel; the checks run
+    on every process alike."""
     key = _key(config, *VGG_FIELDS, "vgg_lr", "vgg_steps", "theory_batch", "theory_channels",
                "theory_layers", "theory_lanczos", "dln_dim", "dln_depth", "dln_samples",
                "dln_lr", "dln_steps")
@@ -192,7 +231,7 @@ def run_theory(config, dataset, store, progress):
         return saved["result"]
     vgg_part = _vgg_run(config, dataset, True, lr=config.vgg_lr, steps=config.vgg_steps,
                         probes=config.vgg_probes, part="vgg_bn", store=store,
-                        progress=progress)
+                        progress=progress, process_group=process_group)
     order = datasets.batch_order(len(dataset.train_y), config.theory_batch, 1, config.seed)[0]
     image_batch = (dataset.train_x[order.to(config.device)],
                    dataset.train_y[order.to(config.device)])

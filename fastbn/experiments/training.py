@@ -2,19 +2,37 @@
 
 Divergence is data: the first non-finite training loss is recorded as
 `diverged_at_step`, training of that run stops there, and the caller goes on.
+
+Data-parallel training (`process_group`): each process trains its copy of the model
+(batch norms synchronised over the group) on an equal shard of every batch and
+backpropagates its local mean loss; gradients, loss and accuracy are then averaged over
+the group in one all_reduce, which makes them those of the concatenated batch, as DDP
+with SyncBatchNorm does. Every process stays bit-for-bit in step.
 """
 
 import math
 import time
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from fastbn.probes import SmoothnessProbe
 
 
-def _accuracy(outputs, targets):
-    return (outputs.argmax(dim=1) == targets).double().mean().item()
+def _average_over_group(model, metrics, process_group):
+    """Average the gradients (in place) and the scalar `metrics` over the group, in one
+    all_reduce; returns the averaged metrics."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    pieces = [g.reshape(-1) for g in grads]
+    dtype = pieces[0].dtype
+    packed = torch.cat(pieces + [m.reshape(1).to(dtype) for m in metrics.values()])
+    dist.all_reduce(packed, group=process_group)
+    packed /= dist.get_world_size(process_group)
+    chunks = packed.split([p.numel() for p in pieces] + [len(metrics)])
+    for grad, chunk in zip(grads, chunks):
+        grad.copy_(chunk.view_as(grad))
+    return dict(zip(metrics, chunks[-1]))
 
 
 @torch.no_grad()
@@ -42,7 +60,8 @@ def probe_columns(records):
 
 
 def train(model, criterion, batches, steps, *, lr, probe_every=0, multipliers=None, sharpness=False,
-          seed=0, evaluate=None, eval_every=0, classification=False, progress=True, desc=""):
+          seed=0, evaluate=None, eval_every=0, classification=False, progress=True, desc="",
+          process_group=None):
     """Train `model` in place with SGD(lr) for `steps` steps over `batches`, an iterable of
     (inputs, targets) (consumed lazily: the batches never all sit in memory).
 
@@ -51,10 +70,16 @@ def train(model, criterion, batches, steps, *, lr, probe_every=0, multipliers=No
     `eval_every` steps and at the end `evaluate(model)` gives
     a dict of metrics. Returns a JSON-ready dict of per-step curves, probe columns,
     evaluations, divergence step and the seconds spent training, probing and evaluating.
+
+    process_group: data-parallel training (see the module docstring). Every process
+    passes the same model (its BN layers synchronised over the group, e.g. by
+    fastbn.convert(model, sync=True, process_group=...)) and its equal shard of each
+    batch; curves and probes are those of the whole batch. `criterion` must be a mean
+    over the batch. `evaluate` runs on every process.
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     probe = (SmoothnessProbe(model, criterion, lr, every=probe_every, multipliers=multipliers,
-                             sharpness=sharpness, seed=seed)
+                             sharpness=sharpness, seed=seed, process_group=process_group)
              if probe_every else None)
     curves = {"step": [], "loss": []}
     if classification:
@@ -78,17 +103,25 @@ def train(model, criterion, batches, steps, *, lr, probe_every=0, multipliers=No
         start = time.perf_counter()
         outputs = model(inputs)
         loss = criterion(outputs, targets)
-        loss_value = loss.item()
+        metrics = {"loss": loss.detach()}
+        if classification:
+            metrics["accuracy"] = (outputs.argmax(dim=1) == targets).double().mean()
+        optimizer.zero_grad(set_to_none=True)
+        # Backward before the divergence check: with a group the check needs the loss of
+        # the whole batch, which travels with the gradients (and every process must run
+        # the backward's collectives alike).
+        loss.backward()
+        if process_group is not None:
+            metrics = _average_over_group(model, metrics, process_group)
+        loss_value = metrics["loss"].item()
         curves["step"].append(step)
         curves["loss"].append(loss_value)
         if classification:
-            curves["accuracy"].append(_accuracy(outputs, targets))
+            curves["accuracy"].append(metrics["accuracy"].item())
         if not math.isfinite(loss_value):
             diverged_at = step
             seconds["train"] += time.perf_counter() - start
             break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         optimizer.step()
         seconds["train"] += time.perf_counter() - start
         if step % 10 == 0:

@@ -99,7 +99,7 @@ def _converted(layer, sync, process_group):
     new = cls.__new__(cls)
     new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v)
                          for k, v in layer.__dict__.items()})
-    new.activation = None
+    new.activation = getattr(layer, "activation", None)   # a fastbn layer keeps its fusion
     if cls is SyncBatchNorm:
         new.process_group = process_group if sync else layer.process_group
     return new
@@ -121,11 +121,14 @@ def convert(module, *, fuse_relu=False, sync=False, process_group=None):
     Parameters and buffers are kept (the same tensors), and so are the training flag,
     device and dtype. With `fuse_relu=True`, a batch norm directly followed by nn.ReLU
     inside an nn.Sequential becomes one fused layer (the ReLU becomes nn.Identity). With
-    `sync=True` every batch norm becomes a fastbn.SyncBatchNorm over `process_group`
-    (default: the whole world). Returns the converted module (a new object only when
+    `sync=True` every batch norm, fastbn's local layers included, becomes a
+    fastbn.SyncBatchNorm over `process_group` (default: the whole world). Returns the converted module (a new object only when
     `module` itself is a batch norm).
     """
-    if type(module) in _REPLACEMENTS:
+    if sync and isinstance(module, SyncBatchNorm):
+        module.process_group = process_group
+        return module
+    if type(module) in _REPLACEMENTS or (sync and isinstance(module, _FastBatchNorm)):
         return _converted(module, sync, process_group)
     for name, child in module.named_children():
         setattr(module, name, convert(child, fuse_relu=fuse_relu, sync=sync,

@@ -4,18 +4,23 @@ Every probe evaluates the loss at weights other than the model's own. Doing that
 torch.func.functional_call (instead of writing into the model) means the model's
 parameters and buffers are never touched; the only state that changes, the training
 flags of the BN layers, is put back on exit.
+
+Data-parallel probes (`process_group`): each process holds a shard of the batch and runs
+a private copy whose BN layers synchronise over the group, so the loss and gradient are
+those of the concatenated batch on every process.
 """
 
 import contextlib
 import copy
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, grad_and_value
 
 from fastbn.nn.batchnorm import _FastBatchNorm
 
-TORCH_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+TORCH_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def batch_norm_layers(model):
@@ -23,15 +28,22 @@ def batch_norm_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, TORCH_BATCH_NORMS)]
 
 
-def transformable(model):
-    """`model` itself if all its BN layers are fastbn's, else a converted deep copy.
+def transformable(model, process_group=None):
+    """`model` itself if all its BN layers are fastbn's, else a converted deep copy; with
+    `process_group`, always a deep copy whose BN layers are fastbn.SyncBatchNorm over it.
 
     torch's own BN layers mutate running statistics in training mode, which torch.func
     transforms refuse; fastbn's layers leave them alone under a transform.
     """
+    import fastbn
+    if process_group is not None:
+        # Process groups cannot be deep-copied: the copy shares the model's.
+        groups = {id(m.process_group): m.process_group for m in model.modules()
+                  if getattr(m, "process_group", None) is not None}
+        return fastbn.convert(copy.deepcopy(model, groups), sync=True,
+                              process_group=process_group)
     if all(isinstance(m, _FastBatchNorm) for _, m in batch_norm_layers(model)):
         return model
-    import fastbn
     return fastbn.convert(copy.deepcopy(model))
 
 
@@ -68,6 +80,35 @@ def loss_function(model, criterion, constants, inputs, targets):
     def loss(params):
         return criterion(functional_call(model, {**constants, **params}, (inputs,)), targets)
     return loss
+
+
+def grad_and_loss_function(model, criterion, constants, inputs, targets, process_group=None):
+    """params -> (∇L, L), L = criterion(model(inputs; params), targets), a mean over the batch.
+
+    With `process_group`, L is the mean loss of the batch that concatenates every process's
+    shard, the same numbers on each. Every process differentiates n_r·L_r (its sample
+    count times its mean loss; SyncBatchNorm's backward couples the processes, so all must
+    scale alike), then one all_reduce sums gradients, losses and counts: divided by the
+    total count they are the global gradient and loss.
+    """
+    loss = loss_function(model, criterion, constants, inputs, targets)
+    if process_group is None:
+        return grad_and_value(loss)
+    count = len(inputs)
+    weighted = grad_and_value(lambda params: count * loss(params))
+
+    def global_grad_and_loss(params):
+        grad, value = weighted(params)
+        pieces = [g.reshape(-1) for g in grad.values()]
+        packed = torch.cat(pieces + [value.reshape(1).to(pieces[0].dtype),
+                                     pieces[0].new_full((1,), count)])
+        dist.all_reduce(packed, group=process_group)
+        packed = packed[:-1] / packed[-1]
+        chunks = packed.split([p.numel() for p in pieces] + [1])
+        return ({name: c.view_as(g) for (name, g), c in zip(grad.items(), chunks)},
+                chunks[-1].reshape(()))
+
+    return global_grad_and_loss
 
 
 def flat_norm(tensors):

@@ -4,6 +4,8 @@ import json
 import math
 import time
 
+import torch.distributed as dist
+
 from fastbn.probes.landscape import gradient_step_probe
 from fastbn.probes.sharpness import top_hessian_eigenvalue
 
@@ -28,14 +30,21 @@ class SmoothnessProbe:
     `log_path`, appends it as one JSON line (non-finite values written as null). The
     model is left exactly as it was. `seconds` is the wall time spent probing, to keep
     apart from training time.
+
+    With `process_group` (data-parallel training), every process calls it with its shard
+    of the batch and gets the records of the concatenated batch (see
+    `gradient_step_probe`); only the group's rank 0 writes `log_path`.
     """
 
     def __init__(self, model, criterion, lr, *, every=10, log_path=None, multipliers=None,
-                 sharpness=False, sharpness_max_iter=30, seed=0):
+                 sharpness=False, sharpness_max_iter=30, seed=0, process_group=None):
         if every < 1:
             raise ValueError(f"every must be a positive number of steps, got {every}")
         self.model, self.criterion, self.lr = model, criterion, lr
-        self.every, self.log_path = every, log_path
+        self.every = every
+        writes_log = process_group is None or dist.get_rank(process_group) == 0
+        self.log_path = log_path if writes_log else None
+        self.process_group = process_group
         self.multipliers, self.seed = multipliers, seed
         self.sharpness, self.sharpness_max_iter = sharpness, sharpness_max_iter
         self.records = []
@@ -46,12 +55,13 @@ class SmoothnessProbe:
         if step % self.every:
             return None
         start = time.perf_counter()
-        record = {"step": step, **gradient_step_probe(self.model, self.criterion, batch, self.lr,
-                                                      multipliers=self.multipliers)}
+        record = {"step": step, **gradient_step_probe(
+            self.model, self.criterion, batch, self.lr, multipliers=self.multipliers,
+            process_group=self.process_group)}
         if self.sharpness:
             record["sharpness"] = top_hessian_eigenvalue(
                 self.model, self.criterion, batch, seed=self.seed + step, tol=1e-2,
-                max_iter=self.sharpness_max_iter)
+                max_iter=self.sharpness_max_iter, process_group=self.process_group)
         self.seconds += time.perf_counter() - start
         self.records.append(record)
         if self.log_path is not None:

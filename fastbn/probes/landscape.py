@@ -3,12 +3,12 @@
 At weights w with mini-batch B, g = ∇L(w; B). For each step length η on a grid the probe
 evaluates, on the same batch B, the loss L(w − ηg) and the gradient change
 ‖∇L(w − ηg) − g‖₂; the "effective β-smoothness" is max_η ‖∇L(w − ηg) − g‖₂ / ‖ηg‖₂.
+With a process group, B is the concatenation of every process's shard.
 """
 
 import math
 
 import numpy as np
-from torch.func import grad_and_value
 
 from fastbn.probes import _functional
 
@@ -26,7 +26,8 @@ def _min(values):
     return min(finite) if finite else math.nan
 
 
-def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mode="train"):
+def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mode="train",
+                        process_group=None):
     """Loss and gradient along −g at step lengths η = m·lr, all on the same batch.
 
     `batch` is (inputs, targets); `criterion(outputs, targets)` gives the scalar loss.
@@ -38,6 +39,11 @@ def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mod
     `grad_change_min`, `grad_change_max`, `beta_eff`, and per-η lists `etas`, `losses`,
     `grad_changes`, `betas`. Non-finite losses or gradients are kept as NaN/inf (in the
     maxima they count as +inf: the landscape blew up inside the probed range).
+
+    process_group: data-parallel probe. Each process passes its shard of the batch (the
+    criterion must be a mean over the batch); BN statistics, losses and gradients are
+    those of the concatenated batch (one all_reduce per evaluated point), and every
+    process returns the same numbers. Call it on every process of the group.
     """
     if bn_mode != "train":
         raise ValueError(f"bn_mode must be 'train' (batch statistics), got {bn_mode!r}")
@@ -45,11 +51,11 @@ def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mod
     if not multipliers or any(m <= 0 for m in multipliers):
         raise ValueError("multipliers must be a non-empty sequence of positive numbers")
     inputs, targets = batch
-    work = _functional.transformable(model)
+    work = _functional.transformable(model, process_group)
     params, constants = _functional.split_state(work)
     with _functional.batch_norm_in_train_mode(work):
-        grad_and_loss = grad_and_value(
-            _functional.loss_function(work, criterion, constants, inputs, targets))
+        grad_and_loss = _functional.grad_and_loss_function(work, criterion, constants, inputs,
+                                                           targets, process_group)
         grad, loss = grad_and_loss(params)
         grad_norm = _functional.flat_norm(grad)
         etas = [m * lr for m in multipliers]

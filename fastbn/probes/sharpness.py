@@ -1,22 +1,22 @@
 """Sharpness: the top eigenvalue of the loss Hessian in weight space (via fastbn.curvature)."""
 
-from fastbn.probes import _functional
+from fastbn import curvature
 
 
-def top_hessian_eigenvalue(model, criterion, batch, *, seed=0, tol=1e-3, max_iter=100):
+def top_hessian_eigenvalue(model, criterion, batch, *, seed=0, tol=1e-3, max_iter=100,
+                           process_group=None):
     """Largest Hessian eigenvalue of `criterion(model(x), y)` on `batch`, BN on batch stats.
 
-    Raises RuntimeError while fastbn.curvature is not available.
+    With `process_group`, `batch` is this process's shard and the Hessian that of the
+    concatenated batch (criterion a mean over the batch), the same on every process.
+    The operator runs a private copy of the model (synchronised over the group), so the
+    model itself is only read.
     """
-    try:
-        from fastbn import curvature
-    except ImportError as error:
-        raise RuntimeError("sharpness needs fastbn.curvature (HessianOperator, eigenvalues), "
-                           "which is not available") from error
     # Reverse-over-reverse: on torch 2.13 jvp(grad(f)) fails for plain nn.Linear + MSE
-    # ("ZeroTensors are immutable"), which method="auto" would try first.
-    operator = curvature.HessianOperator(_functional.transformable(model), criterion, batch,
-                                         bn_mode="train", method="reverse-over-reverse")
+    # ("ZeroTensors are immutable"); "auto" would first time both.
+    operator = curvature.HessianOperator(model, criterion, batch, bn_mode="train",
+                                         method="reverse-over-reverse",
+                                         process_group=process_group)
     values, _ = curvature.eigenvalues(operator, k=1, method="lanczos", tol=tol,
                                       max_iter=max_iter, seed=seed)
     return float(values[0])

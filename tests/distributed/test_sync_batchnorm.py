@@ -153,3 +153,10 @@ def test_convert_sync():
                               nn.SyncBatchNorm(3))
     reference.load_state_dict(state)
     assert isinstance(model[1], nn.SyncBatchNorm)
+
+
+def test_convert_sync_turns_fastbn_layers_into_sync_layers():
+    model = fastbn.convert(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.ReLU()),
+                           fuse_relu=True)
+    fastbn.convert(model, sync=True)
+    assert type(model[1]) is fastbn.SyncBatchNorm and model[1].activation == "relu"
