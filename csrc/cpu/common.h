@@ -1,16 +1,21 @@
 // Shared machinery of the fused batch-norm kernels: element types, the canonical
-// (K, N, C, L) strided view, per-segment loads/stores into float buffers, and the two
+// (K, N, C, L) strided view, in-place element runs converted in registers, and the two
 // passes every kernel is built from (one reduction pass, one elementwise pass).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
 
 #include "cpu/parallel.h"
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace fastbn {
 
@@ -112,10 +117,15 @@ struct Geom {
   int64_t M() const { return N * L; }
 };
 
-constexpr int64_t SEG = 512;  // elements per segment: buffers stay in L1
-constexpr int64_t RB = 32;    // rows per channels-last task: bounds float accumulation length
+constexpr int64_t SEG = 512;   // channels per channels-last run: slot sums stay in L1
+constexpr int64_t RB = 32;     // rows per channels-last task: bounds float accumulation length
+constexpr int64_t RUN = 4096;  // max NCHW run: float lanes add at most RUN elements
+                               // before going to double
+constexpr int64_t UNIT_ELEMS = 16384;  // elements per NCHW work unit: its x fits in L2
+constexpr int64_t CHUNK = 8192;        // min contiguous elements per step of an NCHW unit
+constexpr int64_t CB_MAX = 64;         // max channels per NCHW unit: bounds its float lanes
 
-// A segment is a run of elements along L at one (n, c) (NCHW) or along C at one (n, l)
+// A run is n elements along L at one (n, c) (NCHW) or along C at one (n, l)
 // (channels-last); c is the channel of its first element.
 struct Seg {
   int64_t nn, c, l, n;
@@ -126,124 +136,182 @@ constexpr int64_t lanes() {
   return 64 / sizeof(A);
 }
 
-template <class A>
-inline int64_t padded(int64_t n) {
-  return (n + lanes<A>() - 1) / lanes<A>() * lanes<A>();
-}
-
 inline int64_t offset(const TD& t, const Seg& s, int64_t k) {
   return k * t.sK + s.nn * t.sN + s.c * t.sC + s.l * t.sL;
 }
 
-// Converts one segment of t (problem k) into buf, zero-padded to a whole number of lanes.
-template <bool CL, class T, class A>
-inline void load(const TD& t, const Seg& s, int64_t k, A* __restrict buf) {
-  const T* __restrict p = reinterpret_cast<const T*>(t.ptr) + offset(t, s, k);
-  const int64_t st = CL ? t.sC : t.sL;
-  if (st == 1) {
-    for (int64_t i = 0; i < s.n; ++i) buf[i] = to_acc<A>(p[i]);
-  } else {
-    for (int64_t i = 0; i < s.n; ++i) buf[i] = to_acc<A>(p[i * st]);
+// Runs are read and written in place, converting to the accumulation type in registers.
+// UNIT (stride 1, known at compile time) lets the compiler emit plain vector loads.
+template <class T, bool UNIT>
+struct Src {
+  const T* p;
+  int64_t st;
+  template <class A>
+  A at(int64_t i) const {
+    return to_acc<A>(p[UNIT ? i : i * st]);
   }
-  for (int64_t i = s.n; i < padded<A>(s.n); ++i) buf[i] = A(0);
-}
+};
 
-template <bool CL, class T, class A>
-inline void store(const TD& t, const Seg& s, int64_t k, const A* __restrict buf) {
-  T* __restrict p = reinterpret_cast<T*>(t.ptr) + offset(t, s, k);
-  const int64_t st = CL ? t.sC : t.sL;
-  if (st == 1) {
-    for (int64_t i = 0; i < s.n; ++i) p[i] = from_acc<T>(buf[i]);
-  } else {
-    for (int64_t i = 0; i < s.n; ++i) p[i * st] = from_acc<T>(buf[i]);
+template <class T, bool UNIT>
+struct Dst {
+  T* p;
+  int64_t st;
+  template <class A>
+  void put(int64_t i, A v) const {
+    p[UNIT ? i : i * st] = from_acc<T>(v);
   }
-}
+};
 
-// Per-channel value for element i of a segment: one channel (NCHW) or consecutive ones.
 template <bool CL>
-inline int64_t ch(int64_t i) {
-  return CL ? i : 0;
+inline int64_t run_stride(const TD& t) {
+  return CL ? t.sC : t.sL;
 }
 
-// Segment-local accumulation of sums: NCHW folds a segment into lanes<A>() partial sums
-// (the loop the compiler vectorises without reassociating), channels-last keeps one slot
-// per channel. Inputs are zero-padded, so NCHW may run over whole lanes.
+template <class T, bool CL, bool UNIT>
+inline Src<T, UNIT> src(const TD& t, const Seg& s, int64_t k) {
+  if (!t.ptr) return {nullptr, 0};  // absent: callers never read it
+  return {reinterpret_cast<const T*>(t.ptr) + offset(t, s, k), run_stride<CL>(t)};
+}
+
+template <class T, bool CL, bool UNIT>
+inline Dst<T, UNIT> dst(const TD& t, const Seg& s, int64_t k) {
+  return {reinterpret_cast<T*>(t.ptr) + offset(t, s, k), run_stride<CL>(t)};
+}
+
+// True when every present tensor runs with stride 1.
+template <bool CL>
+inline bool unit_runs(std::initializer_list<TD> ts) {
+  for (const TD& t : ts)
+    if (t.ptr && run_stride<CL>(t) != 1) return false;
+  return true;
+}
+
+// Per-channel value at element i of a run: a register copy for NCHW (one channel per
+// run, and no aliasing with the outputs), consecutive channels for channels-last.
 template <bool CL, class A>
-inline void acc_sum(A* __restrict f, const A* __restrict u, int64_t n) {
-  if constexpr (CL) {
-    for (int64_t i = 0; i < n; ++i) f[i] += u[i];
-  } else {
-    constexpr int64_t W = lanes<A>();
-    A l[W];
-    for (int64_t w = 0; w < W; ++w) l[w] = f[w];
-    for (int64_t b = 0; b < padded<A>(n); b += W)
-      for (int64_t w = 0; w < W; ++w) l[w] += u[b + w];
-    for (int64_t w = 0; w < W; ++w) f[w] = l[w];
+struct Chan {
+  const A* p;
+  A v;
+  Chan(const A* base, int64_t c) : p(base + c), v(CL ? A(0) : base[c]) {}
+  A operator[](int64_t i) const {
+    if constexpr (CL) return p[i];
+    else return v;
   }
-}
+};
 
-template <bool CL, class A>
-inline void acc_dot(A* __restrict f, const A* __restrict u, const A* __restrict v, int64_t n) {
-  if constexpr (CL) {
-    for (int64_t i = 0; i < n; ++i) f[i] += u[i] * v[i];
-  } else {
-    constexpr int64_t W = lanes<A>();
-    A l[W];
-    for (int64_t w = 0; w < W; ++w) l[w] = f[w];
-    for (int64_t b = 0; b < padded<A>(n); b += W)
-      for (int64_t w = 0; w < W; ++w) l[w] += u[b + w] * v[b + w];
-    for (int64_t w = 0; w < W; ++w) f[w] = l[w];
+// x's run with the statistics: xhat and the ReLU mask (xhat * weight + bias > 0), both
+// as the reference computes them.
+template <class T, class A, bool CL, bool RELU, bool UNIT>
+struct Prim {
+  Src<T, UNIT> x;
+  Chan<CL, A> m, r, w, b;
+  Prim(const TD& xt, const Seg& s, const A* mean, const A* invstd, const A* wt, const A* bt)
+      : x(src<T, CL, UNIT>(xt, s, 0)), m(mean, s.c), r(invstd, s.c), w(wt, s.c), b(bt, s.c) {}
+  A xhat(int64_t i) const { return (x.template at<A>(i) - m[i]) * r[i]; }
+  // v where the mask is set, else 0; the identity without ReLU.
+  A keep(int64_t i, A xh, A v) const {
+    if constexpr (RELU) return xh * w[i] + b[i] > A(0) ? v : A(0);
+    else return v;
   }
-}
+};
 
-// Turns a loaded segment of x into xhat = (x - mean) * invstd in place, and writes the
-// ReLU mask (xhat * weight + bias > 0) as 1/0, both as the reference computes them.
-template <bool CL, bool RELU, class A>
-inline void normalise(A* __restrict xh, const Seg& s, const A* mean, const A* invstd,
-                      const A* w, const A* b, A* __restrict mask) {
-  const A* __restrict m = mean + s.c;
-  const A* __restrict r = invstd + s.c;
-  for (int64_t i = 0; i < s.n; ++i) xh[i] = (xh[i] - m[ch<CL>(i)]) * r[ch<CL>(i)];
-  for (int64_t i = s.n; i < padded<A>(s.n); ++i) xh[i] = A(0);
-  if constexpr (RELU) {
-    const A* __restrict ww = w + s.c;
-    const A* __restrict bb = b + s.c;
-    for (int64_t i = 0; i < s.n; ++i)
-      mask[i] = (xh[i] * ww[ch<CL>(i)] + bb[ch<CL>(i)] > A(0)) ? A(1) : A(0);
-    for (int64_t i = s.n; i < padded<A>(s.n); ++i) mask[i] = A(0);
-  }
-}
-
-// g = mask ? v : 0 in place (the masked cotangent), a no-op without ReLU.
-template <bool RELU, class A>
-inline void apply_mask(A* __restrict v, const A* __restrict mask, int64_t n) {
-  if constexpr (RELU) {
-    for (int64_t i = 0; i < padded<A>(n); ++i) v[i] = mask[i] > A(0) ? v[i] : A(0);
-  }
+// Calls f(std::bool_constant<b>): lifts a per-call flag out of the element loops.
+template <class F>
+inline void when(bool b, F&& f) {
+  if (b) f(std::true_type{});
+  else f(std::false_type{});
 }
 
 // ---- passes ----------------------------------------------------------------------------
 
-// Fixed task grid: NCHW tasks are (n, c, L-chunk) single segments in memory order;
-// channels-last tasks are (row block, channel block). Threads take contiguous task ranges,
-// so the partition (and every sum) depends only on the shape and thread count.
-inline int64_t num_tasks(const Geom& g) {
-  if (g.cl) return (g.M() + RB - 1) / RB * ((g.C + SEG - 1) / SEG);
-  return g.C * g.N * ((g.L + SEG - 1) / SEG);
+// Sums of one problem over a run. NCHW folds a run into W lanes per sum (independent
+// vector accumulators, no reassociation); channels-last keeps one slot per channel.
+// fn(i, v) writes the NS terms of element i into v.
+template <class A, bool CL, int NS>
+struct Acc {
+  static constexpr int64_t W = 2 * lanes<A>();
+  A* f;  // NCHW: [NS][W] lanes; channels-last: [NS][SEG] slots
+
+  template <class F>
+  void add(int64_t n, F&& fn) const {
+    if constexpr (CL) {
+      A* __restrict s = f;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        A v[NS];
+        fn(i, v);
+        for (int j = 0; j < NS; ++j) s[j * SEG + i] += v[j];
+      }
+    } else {
+      A l[NS][W];  // local, so the lanes live in registers across the loop
+      for (int j = 0; j < NS; ++j)
+        for (int64_t w = 0; w < W; ++w) l[j][w] = f[j * W + w];
+      int64_t i = 0;
+      for (; i + W <= n; i += W) {
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) {
+          A v[NS];
+          fn(i + w, v);
+          for (int j = 0; j < NS; ++j) l[j][w] += v[j];
+        }
+      }
+#pragma omp simd
+      for (int64_t w = 0; w < n - i; ++w) {
+        A v[NS];
+        fn(i + w, v);
+        for (int j = 0; j < NS; ++j) l[j][w] += v[j];
+      }
+      for (int j = 0; j < NS; ++j)
+        for (int64_t w = 0; w < W; ++w) f[j * W + w] = l[j][w];
+    }
+  }
+};
+
+// Elementwise loop over a run.
+template <class F>
+inline void each(int64_t n, F&& fn) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) fn(i);
 }
 
+// NCHW work units: a block of CB channels times R rows (n), in channel-block-major order,
+// walked n by n so each step reads CB adjacent rows (contiguous in NCHW): at least CHUNK
+// elements where CB_MAX allows, so the prefetchers stream instead of restarting at each
+// jump of C * L elements. The grid depends on the shape
+// only, and the reduction combines per-unit sums in unit order, so its bits do not depend
+// on the thread count either.
+struct Grid {
+  int64_t cb, R, nb;  // channels and rows per unit, row blocks per channel block
+};
+
+inline Grid nchw_grid(const Geom& g) {
+  const int64_t L = std::max<int64_t>(g.L, 1);
+  const int64_t cb = std::min({g.C, CB_MAX, (CHUNK + L - 1) / L});
+  const int64_t R = std::min(g.N, std::max<int64_t>(1, UNIT_ELEMS / (cb * L)));
+  return {cb, R, (g.N + R - 1) / R};
+}
+
+inline int64_t num_tasks(const Geom& g) {
+  if (g.cl) return (g.M() + RB - 1) / RB * ((g.C + SEG - 1) / SEG);
+  const Grid G = nchw_grid(g);
+  return (g.C + G.cb - 1) / G.cb * G.nb;
+}
+
+// Calls f(seg) for the runs of one task (NCHW unit or channels-last block).
 template <bool CL, class F>
-inline void task_segments(const Geom& g, int64_t task, F&& f) {
+inline void task_runs(const Geom& g, int64_t task, F&& f) {
   if constexpr (CL) {
     const int64_t ncb = (g.C + SEG - 1) / SEG;
     const int64_t r0 = task / ncb * RB, c = task % ncb * SEG;
     const int64_t r1 = std::min(r0 + RB, g.M());
     for (int64_t r = r0; r < r1; ++r) f(Seg{r / g.L, c, r % g.L, std::min(SEG, g.C - c)});
   } else {
-    const int64_t nlb = (g.L + SEG - 1) / SEG;
-    const int64_t nn = task / (g.C * nlb), rem = task % (g.C * nlb);
-    const int64_t l = rem % nlb * SEG;
-    f(Seg{nn, rem / nlb, l, std::min(SEG, g.L - l)});
+    const Grid G = nchw_grid(g);
+    const int64_t c0 = task / G.nb * G.cb, c1 = std::min(g.C, c0 + G.cb);
+    const int64_t n0 = task % G.nb * G.R, n1 = std::min(g.N, n0 + G.R);
+    for (int64_t nn = n0; nn < n1; ++nn)
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t l = 0; l < g.L; l += RUN) f(Seg{nn, c, l, std::min(RUN, g.L - l)});
   }
 }
 
@@ -254,70 +322,109 @@ inline int threads_for(const Geom& g, int64_t K, int nth) {
   return int(std::max<int64_t>(1, std::min<int64_t>({int64_t(nth), by_work, num_tasks(g)})));
 }
 
-// Per-thread scratch: NB segment buffers.
-template <class A>
-struct Scratch {
-  static constexpr int NB = 6;
-  std::vector<A> mem;
-  Scratch() : mem(NB * SEG + lanes<A>()) {}
-  A* buf(int i) {
-    auto base = reinterpret_cast<uintptr_t>(mem.data());
-    A* aligned = reinterpret_cast<A*>((base + 63) & ~uintptr_t(63));
-    return aligned + i * SEG;
-  }
-};
-
-// Reduction pass: seg_fn(seg, scratch, facc) adds NS sums for each of K problems into
-// facc[(k * NS + j) * SEG + slot]; results land in out[(k * NS + j) * C + c] (double).
-template <class A, bool CL, class F>
-void reduce_pass(const Geom& g, int nth, int64_t K, int64_t NS, double* out, F&& seg_fn) {
-  const int64_t C = g.C, nt = num_tasks(g), width = K * NS * C;
+// Both passes do a task one problem k at a time: x and the inputs shared by the K
+// problems (64 KiB a task) come back from L2 for each k, and only the few streams of one
+// problem are live at once, which the hardware prefetchers follow; interleaving the K
+// problems' rows instead ran 3K+ streams and was latency bound.
+//
+// Reduction pass: fn(seg, k, Acc) adds NS sums of problem k over a run; results land in
+// out[(k * NS + j) * C + c] (double). Float partials go to double at least every RUN
+// (NCHW) or RB rows (channels-last) elements per slot.
+template <class A, bool CL, int NS, class F>
+void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
+  using Ac = Acc<A, CL, NS>;
+  const int64_t C = g.C, nt = num_tasks(g), KS = K * NS;
   const int T = threads_for(g, K, nth);
-  std::vector<double> part(size_t(T) * width, 0.0);
+  const Grid G = CL ? Grid{} : nchw_grid(g);
+  // Float partials: channels-last [NS][SEG] channel slots, NCHW [CB][NS][W] lanes.
+  // Double partials: channels-last per thread (KS, C), NCHW per unit (KS, CB).
+  const int64_t fsize = CL ? NS * SEG : G.cb * NS * Ac::W;
+  std::vector<double> part(CL ? size_t(T) * KS * C : size_t(nt) * KS * G.cb, 0.0);
   parallel_run(T, [&](int t) {
-    Scratch<A> s;
-    std::vector<A> facc(K * NS * SEG);
-    double* mine = part.data() + size_t(t) * width;
-    for (int64_t task = nt * t / T; task < nt * (t + 1) / T; ++task) {
-      std::fill(facc.begin(), facc.end(), A(0));
-      Seg last{};
-      task_segments<CL>(g, task, [&](const Seg& seg) {
-        seg_fn(seg, s, facc.data());
-        last = seg;
-      });
-      for (int64_t kj = 0; kj < K * NS; ++kj) {
-        const A* f = facc.data() + kj * SEG;
-        double* o = mine + kj * C + last.c;
-        if constexpr (CL) {
-          for (int64_t i = 0; i < last.n; ++i) o[i] += double(f[i]);
-        } else {
-          double sum = 0;
-          for (int64_t w = 0; w < lanes<A>(); ++w) sum += double(f[w]);
-          o[0] += sum;
-        }
+    std::vector<A> facc(fsize, A(0));
+    for (int64_t task = nt * t / T; task < nt * (t + 1) / T; ++task)
+      for (int64_t k = 0; k < K; ++k) {
+        int64_t pending = 0, c0 = -1, c1 = 0;
+        // Float partials of problem k to double, and reset.
+        auto flush = [&] {
+          for (int j = 0; j < NS; ++j) {
+            const int64_t kj = k * NS + j;
+            if constexpr (CL) {
+              const A* f = facc.data() + j * SEG;
+              double* o = part.data() + (size_t(t) * KS + kj) * C;
+              for (int64_t c = c0; c < c1; ++c) o[c] += double(f[c - c0]);
+            } else {
+              for (int64_t c = c0; c < c1; ++c) {
+                const A* f = facc.data() + ((c - c0) * NS + j) * Ac::W;
+                double sum = 0;
+                for (int64_t w = 0; w < Ac::W; ++w) sum += double(f[w]);
+                part[(size_t(task) * KS + kj) * G.cb + (c - c0)] += sum;
+              }
+            }
+          }
+          std::fill(facc.begin(), facc.end(), A(0));
+        };
+        task_runs<CL>(g, task, [&](const Seg& s) {
+          if (c0 < 0) c0 = s.c;
+          c1 = std::max(c1, CL ? s.c + s.n : s.c + 1);
+          if constexpr (!CL) {  // every channel of the unit sees the same runs
+            if (s.c == c0) {
+              if (pending + s.n > RUN) flush(), pending = 0;
+              pending += s.n;
+            }
+          }
+          fn(s, k, Ac{facc.data() + (CL ? 0 : (s.c - c0) * NS * Ac::W)});
+        });
+        flush();
       }
-    }
   });
-  std::fill(out, out + width, 0.0);
-  for (int t = 0; t < T; ++t)
-    for (int64_t i = 0; i < width; ++i) out[i] += part[size_t(t) * width + i];
+  std::fill(out, out + KS * C, 0.0);
+  if constexpr (CL) {
+    for (int t = 0; t < T; ++t)
+      for (int64_t i = 0; i < KS * C; ++i) out[i] += part[size_t(t) * KS * C + i];
+  } else {  // units of a channel block are in row order
+    for (int64_t u = 0; u < nt; ++u) {
+      const int64_t c0 = u / G.nb * G.cb, c1 = std::min(C, c0 + G.cb);
+      for (int64_t kj = 0; kj < KS; ++kj)
+        for (int64_t c = c0; c < c1; ++c)
+          out[kj * C + c] += part[(size_t(u) * KS + kj) * G.cb + (c - c0)];
+    }
+  }
 }
 
-// Elementwise pass: seg_fn(seg, scratch) for every segment.
-template <class A, bool CL, class F>
-void map_pass(const Geom& g, int nth, int64_t K, F&& seg_fn) {
+// Elementwise pass: fn(seg, k) for every run and problem.
+template <bool CL, class F>
+void map_pass(const Geom& g, int nth, int64_t K, F&& fn) {
   const int64_t nt = num_tasks(g);
   const int T = threads_for(g, K, nth);
   parallel_run(T, [&](int t) {
-    Scratch<A> s;
     for (int64_t task = nt * t / T; task < nt * (t + 1) / T; ++task)
-      task_segments<CL>(g, task, [&](const Seg& seg) { seg_fn(seg, s); });
+      for (int64_t k = 0; k < K; ++k)
+        task_runs<CL>(g, task, [&](const Seg& s) { fn(s, k); });
   });
 }
 
 // ---- dispatch --------------------------------------------------------------------------
 
 enum DType : int { kFloat64 = 0, kFloat32 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+// A large fresh output (K-batched ones pass glibc's mmap threshold on every call) is
+// first touched by the kernel, and 4 KiB page faults then cost several times the write
+// itself; asking for transparent huge pages first (THP "madvise" mode) avoids that.
+// A hint only: the results do not depend on it.
+inline void advise_output(int dtype, const Geom& g, int64_t K, const TD& t) {
+#ifdef MADV_HUGEPAGE
+  if (!t.ptr || t.sK < 0 || t.sN < 0 || t.sC < 0 || t.sL < 0) return;
+  const int64_t last = (K - 1) * t.sK + (g.N - 1) * t.sN + (g.C - 1) * t.sC + (g.L - 1) * t.sL;
+  const uintptr_t esize = dtype == kFloat64 ? 8 : dtype == kFloat32 ? 4 : 2;
+  const uintptr_t huge = uintptr_t(1) << 21;
+  const uintptr_t a = (t.ptr + huge - 1) & ~(huge - 1);
+  const uintptr_t e = (t.ptr + uintptr_t(last + 1) * esize) & ~(huge - 1);
+  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#else
+  (void)dtype, (void)g, (void)K, (void)t;
+#endif
+}
 
 template <class T>
 struct type_tag {

@@ -10,16 +10,17 @@ template <class T, bool CL, bool RELU>
 void affine_pass(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* scale,
                  const acc_t<T>* shift) {
   using A = acc_t<T>;
-  map_pass<A, CL>(g, nth, 1, [&](const Seg& s, Scratch<A>& sc) {
-    A* v = sc.buf(0);
-    load<CL, T>(x, s, 0, v);
-    const A* __restrict a = scale + s.c;
-    const A* __restrict b = shift + s.c;
-    for (int64_t i = 0; i < s.n; ++i) {
-      A out = b[ch<CL>(i)] + v[i] * a[ch<CL>(i)];
-      v[i] = RELU ? (out > A(0) ? out : A(0)) : out;
-    }
-    store<CL, T>(y, s, 0, v);
+  when(unit_runs<CL>({x, y}), [&](auto unit) {
+    constexpr bool U = decltype(unit)::value;
+    map_pass<CL>(g, nth, 1, [&](const Seg& s, int64_t) {
+      const auto in = src<T, CL, U>(x, s, 0);
+      const auto out = dst<T, CL, U>(y, s, 0);
+      const Chan<CL, A> a(scale, s.c), b(shift, s.c);
+      each(s.n, [&](int64_t i) {
+        const A v = b[i] + in.template at<A>(i) * a[i];
+        out.put(i, RELU ? (v > A(0) ? v : A(0)) : v);
+      });
+    });
   });
 }
 
@@ -34,13 +35,18 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
   for (int64_t c = 0; c < C; ++c)
     pivot[c] = to_acc<A>(reinterpret_cast<const T*>(x.ptr)[c * x.sC]);
   std::vector<double> sums(2 * C);
-  reduce_pass<A, CL>(g, nth, 1, 2, sums.data(), [&](const Seg& s, Scratch<A>& sc, A* f) {
-    A* d = sc.buf(0);
-    load<CL, T>(x, s, 0, d);
-    const A* __restrict p = pivot.data() + s.c;
-    for (int64_t i = 0; i < s.n; ++i) d[i] -= p[ch<CL>(i)];
-    acc_sum<CL>(f, d, s.n);
-    acc_dot<CL>(f + SEG, d, d, s.n);
+  when(unit_runs<CL>({x}), [&](auto unit) {
+    constexpr bool U = decltype(unit)::value;
+    reduce_pass<A, CL, 2>(g, nth, 1, sums.data(), [&](const Seg& s, int64_t,
+                                                      const Acc<A, CL, 2>& acc) {
+      const auto in = src<T, CL, U>(x, s, 0);
+      const Chan<CL, A> p(pivot.data(), s.c);
+      acc.add(s.n, [&](int64_t i, A(&v)[2]) {
+        const A d = in.template at<A>(i) - p[i];
+        v[0] = d;
+        v[1] = d * d;
+      });
+    });
   });
   std::vector<A> scale(C), shift(C);
   const double M = double(g.M());
@@ -61,6 +67,7 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
 void forward_train(int dtype, const Geom& g, int nth, const TD& x, const TD& y, uintptr_t w,
                    uintptr_t b, double eps, bool relu, uintptr_t mean, uintptr_t invstd,
                    uintptr_t var) {
+  advise_output(dtype, g, 1, y);
   dispatch(dtype, g.cl, relu, [&](auto tag, auto cl, auto act) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
@@ -72,6 +79,7 @@ void forward_train(int dtype, const Geom& g, int nth, const TD& x, const TD& y, 
 
 void affine(int dtype, const Geom& g, int nth, const TD& x, const TD& y, uintptr_t scale,
             uintptr_t shift, bool relu) {
+  advise_output(dtype, g, 1, y);
   dispatch(dtype, g.cl, relu, [&](auto tag, auto cl, auto act) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;

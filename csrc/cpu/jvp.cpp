@@ -1,6 +1,6 @@
 // forward_jvp: y_t = mask * (w * xhat_t + w_t * xhat + b_t), with
 // xhat_t = invstd * (x_t - mean(x_t) - xhat * mean(x_t * xhat)). The reduction pass runs
-// only when x_t is present; x is read once per segment for all K tangents.
+// only when x_t is present; x is read from memory once per run for all K tangents.
 #include "cpu/ops.h"
 
 namespace fastbn {
@@ -13,47 +13,46 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
   using A = acc_t<T>;
   const int64_t C = g.C;
   const double M = double(g.M());
-  const bool has_xt = xt.ptr != 0;
   std::vector<double> sums(K * 2 * C, 0.0);
-  if (has_xt) {
-    reduce_pass<A, CL>(g, nth, K, 2, sums.data(), [&](const Seg& s, Scratch<A>& sc, A* f) {
-      A *xh = sc.buf(0), *tv = sc.buf(2);
-      load<CL, T>(x, s, 0, xh);
-      normalise<CL, false>(xh, s, mean, invstd, w, b, sc.buf(1));
-      for (int64_t k = 0; k < K; ++k) {
-        load<CL, T>(xt, s, k, tv);
-        acc_sum<CL>(f + (2 * k) * SEG, tv, s.n);
-        acc_dot<CL>(f + (2 * k + 1) * SEG, tv, xh, s.n);
-      }
-    });
-  }
-  // y_t = mask * (alpha * x_t + beta * xhat + gamma)
   std::vector<A> alpha(C), beta(K * C), gamma(K * C);
-  for (int64_t c = 0; c < C; ++c) alpha[c] = has_xt ? A(double(w[c]) * invstd[c]) : A(0);
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t c = 0; c < C; ++c) {
-      const double mu = sums[(2 * k) * C + c] / M, proj = sums[(2 * k + 1) * C + c] / M;
-      beta[k * C + c] = A(-double(alpha[c]) * proj + (wt ? double(wt[k * C + c]) : 0.0));
-      gamma[k * C + c] = A(-double(alpha[c]) * mu + (bt ? double(bt[k * C + c]) : 0.0));
-    }
-  map_pass<A, CL>(g, nth, K, [&](const Seg& s, Scratch<A>& sc) {
-    A *xh = sc.buf(0), *mask = sc.buf(1), *tv = sc.buf(2);
-    load<CL, T>(x, s, 0, xh);
-    normalise<CL, RELU>(xh, s, mean, invstd, w, b, mask);
-    const A* __restrict al = alpha.data() + s.c;
-    for (int64_t k = 0; k < K; ++k) {
-      const A* __restrict be = beta.data() + k * C + s.c;
-      const A* __restrict ga = gamma.data() + k * C + s.c;
-      if (has_xt) {
-        load<CL, T>(xt, s, k, tv);
-        for (int64_t i = 0; i < s.n; ++i)
-          tv[i] = al[ch<CL>(i)] * tv[i] + be[ch<CL>(i)] * xh[i] + ga[ch<CL>(i)];
-      } else {
-        for (int64_t i = 0; i < s.n; ++i) tv[i] = be[ch<CL>(i)] * xh[i] + ga[ch<CL>(i)];
+  when(unit_runs<CL>({x, xt, yt}), [&](auto unit) {
+    when(xt.ptr != 0, [&](auto has_xt) {
+      constexpr bool U = decltype(unit)::value, HX = decltype(has_xt)::value;
+      using P = Prim<T, A, CL, RELU, U>;
+      if constexpr (HX) {
+        reduce_pass<A, CL, 2>(g, nth, K, sums.data(), [&](const Seg& s, int64_t k,
+                                                          const Acc<A, CL, 2>& acc) {
+          const P pr(x, s, mean, invstd, w, b);
+          const auto t = src<T, CL, U>(xt, s, k);
+          acc.add(s.n, [&](int64_t i, A(&v)[2]) {
+            const A tv = t.template at<A>(i);
+            v[0] = tv;
+            v[1] = tv * pr.xhat(i);
+          });
+        });
       }
-      apply_mask<RELU>(tv, mask, s.n);
-      store<CL, T>(yt, s, k, tv);
-    }
+      // y_t = mask * (alpha * x_t + beta * xhat + gamma)
+      for (int64_t c = 0; c < C; ++c) alpha[c] = HX ? A(double(w[c]) * invstd[c]) : A(0);
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < C; ++c) {
+          const double mu = sums[(2 * k) * C + c] / M, proj = sums[(2 * k + 1) * C + c] / M;
+          beta[k * C + c] = A(-double(alpha[c]) * proj + (wt ? double(wt[k * C + c]) : 0.0));
+          gamma[k * C + c] = A(-double(alpha[c]) * mu + (bt ? double(bt[k * C + c]) : 0.0));
+        }
+      map_pass<CL>(g, nth, K, [&](const Seg& s, int64_t k) {
+        const P pr(x, s, mean, invstd, w, b);
+        const auto t = src<T, CL, U>(xt, s, k);
+        const auto o = dst<T, CL, U>(yt, s, k);
+        const Chan<CL, A> al(alpha.data(), s.c), be(beta.data() + k * C, s.c),
+            ga(gamma.data() + k * C, s.c);
+        each(s.n, [&](int64_t i) {
+          const A xh = pr.xhat(i);
+          A v = be[i] * xh + ga[i];
+          if constexpr (HX) v = al[i] * t.template at<A>(i) + v;
+          o.put(i, pr.keep(i, xh, v));
+        });
+      });
+    });
   });
 }
 
@@ -62,6 +61,7 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
 void forward_jvp(int dtype, const Geom& g, int nth, int64_t K, bool relu, const TD& x,
                  const TD& xt, const TD& yt, uintptr_t mean, uintptr_t invstd, uintptr_t w,
                  uintptr_t b, uintptr_t wt, uintptr_t bt) {
+  advise_output(dtype, g, K, yt);
   dispatch(dtype, g.cl, relu, [&](auto tag, auto cl, auto act) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;

@@ -48,12 +48,18 @@ def _layout(name, gen, dtype):
         x = randn(2, 5, 17)
     elif name == "slice":  # channel slice of a bigger tensor: not contiguous
         x = randn(3, 7, 5, 6)[:, 2:5]
+    elif name == "strided_l":  # NCHW rows with element stride 2: the non-unit-stride loops
+        x = randn(2, 3, 5, 14)[..., ::2]
     elif name == "c1":
         x = randn(5, 1, 7, 3)
     elif name == "c1_2d":
         x = randn(9, 1)
-    elif name == "big_nchw":  # several segments per row, two threads with K=3
+    elif name == "big_nchw":  # several work units, two threads with K=3
         x = randn(4, 6, 23, 41)
+    elif name == "many_rows":  # several NCHW work units (row blocks) per channel
+        x = randn(400, 3, 7, 7)
+    elif name == "wide_c":  # NCHW channel blocks, the last one partial
+        x = randn(8, 70, 7, 7)
     elif name == "big_cl":  # two channel blocks, several row blocks
         x = randn(4, 600, 5, 3).contiguous(memory_format=torch.channels_last)
     else:
@@ -61,8 +67,9 @@ def _layout(name, gen, dtype):
     return x.to(dtype)
 
 
-LAYOUTS = ("nchw", "channels_last", "channels_last_3d", "2d", "3d", "slice", "c1", "c1_2d")
-BIG = ("big_nchw", "big_cl")
+LAYOUTS = ("nchw", "channels_last", "channels_last_3d", "2d", "3d", "slice", "strided_l", "c1",
+           "c1_2d")
+BIG = ("big_nchw", "many_rows", "wide_c", "big_cl")
 # Small layouts at every dtype; the larger ones (multi-segment, multi-thread) at two.
 CASES = [(layout, dtype) for layout in LAYOUTS for dtype in DTYPES] + \
         [(layout, dtype) for layout in BIG for dtype in (torch.float32, torch.float16)]
@@ -248,6 +255,24 @@ def test_bitwise_deterministic(native, layout):
                 p = _problem(layout, torch.float32, k, seed=5)
                 first, second = _call(cpu, op, p, "relu"), _call(cpu, op, p, "relu")
                 for a, b in zip(_tuple(first), _tuple(second)):
+                    assert torch.equal(a, b), op
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("layout", ("big_nchw", "many_rows", "wide_c"))
+def test_nchw_thread_count_invariant(native, layout):
+    """NCHW sums are combined per fixed work unit, so the bits do not depend on threads."""
+    threads = torch.get_num_threads()
+    try:
+        for op in OPS:
+            for k in (3,) if op in K_OPS else (None,):
+                p = _problem(layout, torch.float32, k, seed=7)
+                torch.set_num_threads(1)
+                one = _call(cpu, op, p, "relu")
+                torch.set_num_threads(2)
+                two = _call(cpu, op, p, "relu")
+                for a, b in zip(_tuple(one), _tuple(two)):
                     assert torch.equal(a, b), op
     finally:
         torch.set_num_threads(threads)
