@@ -1,6 +1,8 @@
-"""Communication and step time of fastbn.SyncBatchNorm on gloo processes.
+"""Communication and step time of fastbn.SyncBatchNorm on several processes.
 
-    python -m benchmarks.bench_distributed [--ranks 2] [--quick] [--json PATH]
+    python -m benchmarks.bench_distributed [--ranks 2] [--quick] [--nccl] [--json PATH]
+
+gloo on CPU by default; --nccl puts each process on its own GPU.
 
 Counts collectives and bytes per training step by wrapping torch.distributed's collective
 functions, and times steps (forward + backward, and a Hessian-vector product by double
@@ -62,26 +64,30 @@ def _model(width):
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * 4 * 4, 10))
 
 
-def _median_seconds(fn, repeats):
+def _median_seconds(fn, repeats, device):
     fn()
     times = []
     for _ in range(repeats):
         dist.barrier()
         start = time.perf_counter()
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def _worker(rank, world, batch, width, repeats):
+def _worker(rank, world, batch, width, repeats, device):
     torch.manual_seed(0)
     base = _model(width)
     results = {}
-    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
-    target = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(rank))
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(rank)).to(device)
+    target = torch.randint(0, 10, (batch,),
+                           generator=torch.Generator().manual_seed(rank)).to(device)
     for name, sync in (("local", False), ("sync", True)):
         model = fastbn.convert(_model(width), sync=sync, fuse_relu=True)
         model.load_state_dict(base.state_dict())
+        model.to(device)
         params = list(model.parameters())
 
         def step():
@@ -98,15 +104,24 @@ def _worker(rank, world, batch, width, repeats):
                 fn()
             results[(name, kind)] = {
                 "collectives": counter.calls, "bytes": counter.bytes,
-                "seconds": _median_seconds(fn, repeats)}
+                "seconds": _median_seconds(fn, repeats, device)}
     bn_channels = [m.num_features for m in base.modules() if isinstance(m, nn.BatchNorm2d)]
     return {"results": {f"{k[0]}/{k[1]}": v for k, v in results.items()},
             "bn_channels": bn_channels}
 
 
-def run(ranks=2, quick=False):
+def _nccl_worker(rank, world, batch, width, repeats):
+    return _worker(rank, world, batch, width, repeats, torch.device("cuda", rank))
+
+
+def _gloo_worker(rank, world, batch, width, repeats):
+    return _worker(rank, world, batch, width, repeats, torch.device("cpu"))
+
+
+def run(ranks=2, quick=False, nccl=False):
     batch, width, repeats = (8, 8, 3) if quick else (32, 16, 10)
-    out = run_processes(_worker, ranks, batch, width, repeats)
+    out = run_processes(_nccl_worker if nccl else _gloo_worker, ranks, batch, width, repeats,
+                        backend="nccl" if nccl else "gloo")
     for r in out:
         if "error" in r:
             raise RuntimeError(r.get("trace", r["error"]))
@@ -114,7 +129,8 @@ def run(ranks=2, quick=False):
     channels = rank0["bn_channels"]
     stock = {"collectives": 2 * len(channels),
              "bytes": sum((2 * c + 1) * 4 + 2 * c * 4 for c in channels)}
-    return {"ranks": ranks, "batch_per_rank": batch, "width": width,
+    return {"ranks": ranks, "backend": "nccl" if nccl else "gloo",
+            "batch_per_rank": batch, "width": width,
             "bn_layers": len(channels), "fastbn": rank0["results"],
             "stock_sync_train_step_from_algorithm": stock}
 
@@ -123,10 +139,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--nccl", action="store_true", help="one GPU per process")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    report = run(args.ranks, args.quick)
-    print(f"{report['ranks']} gloo ranks, batch {report['batch_per_rank']} per rank, "
+    report = run(args.ranks, args.quick, args.nccl)
+    print(f"{report['ranks']} {report['backend']} ranks, "
+          f"batch {report['batch_per_rank']} per rank, "
           f"{report['bn_layers']} batch-norm layers")
     print(f"{'variant':<18}{'collectives':>12}{'bytes sent':>12}{'ms':>10}")
     for key, row in report["fastbn"].items():

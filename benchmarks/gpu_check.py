@@ -299,6 +299,12 @@ def main(argv=None):
     report["rows"] = rows
     report["summary"] = summarise(rows)
     print_table(rows, report["summary"])
+    if torch.cuda.device_count() > 1:   # SyncBatchNorm over NCCL, one GPU per process
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+        import bench_distributed
+        report["nccl"] = bench_distributed.run(ranks=min(torch.cuda.device_count(), 8),
+                                               quick=True, nccl=True)
+        print(json.dumps(report["nccl"], indent=1))
     path = args.out_dir / "gpu_check.json"
     path.write_text(json.dumps(report, indent=1, default=str))
     print(f"\nwrote {path}")

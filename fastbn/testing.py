@@ -1,8 +1,8 @@
 """Helpers for testing and benchmarking fastbn.
 
-`run_processes` runs a function on several gloo processes of this machine (a process
-group per call) and collects what each returns: the harness of the distributed tests and
-benchmarks.
+`run_processes` runs a function on several processes of this machine (a gloo process
+group per call, or NCCL with one GPU per process) and collects what each returns: the
+harness of the distributed tests and benchmarks.
 """
 
 import datetime
@@ -15,10 +15,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _entry(rank, world, init_file, timeout_s, fn, args, out_dir):
+def _entry(rank, world, init_file, timeout_s, backend, fn, args, out_dir):
     result = {}
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                                 world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         torch.set_num_threads(1)
@@ -34,14 +36,16 @@ def _entry(rank, world, init_file, timeout_s, fn, args, out_dir):
                 pass
 
 
-def run_processes(fn, world, *args, collective_timeout=60, join_timeout=180):
+def run_processes(fn, world, *args, collective_timeout=60, join_timeout=180, backend="gloo"):
     """fn(rank, world, *args) on `world` processes; returns the list of per-rank results
-    ({"value": ...} or {"error": ..., "trace": ...}). Never hangs past join_timeout."""
+    ({"value": ...} or {"error": ..., "trace": ...}). Never hangs past join_timeout.
+    With backend="nccl", process r uses GPU r."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        procs = [ctx.Process(target=_entry, args=(r, world, init_file, collective_timeout, fn,
-                                                   args, tmp)) for r in range(world)]
+        procs = [ctx.Process(target=_entry, args=(r, world, init_file, collective_timeout,
+                                                   backend, fn, args, tmp))
+                 for r in range(world)]
         for p in procs:
             p.start()
         for p in procs:

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -11,6 +12,10 @@
 namespace fastbn {
 namespace {
 
+// Shares are claimed, not assigned: the caller and the woken workers take share indices
+// from one counter, so a worker that the OS has not scheduled yet (say, because torch's
+// OpenMP threads still spin on the other core) delays nothing: the caller takes its
+// shares. Which thread runs a share never changes what the share computes.
 class Pool {
  public:
   void run(int n, const std::function<void(int)>& fn) {
@@ -19,47 +24,61 @@ class Pool {
       for (int t = 0; t < n; ++t) fn(t);
       return;
     }
+    uint64_t generation;
     {
       std::unique_lock<std::mutex> lk(m_);
       while (int(workers_.size()) < n - 1) {
-        int id = int(workers_.size()) + 1;
-        workers_.emplace_back([this, id] { loop(id); });
+        workers_.emplace_back([this] { loop(); });
         workers_.back().detach();
       }
+      generation = ++generation_;
       job_ = &fn;
       width_ = n;
-      pending_ = n - 1;
-      ++generation_;
+      finished_ = 0;
+      next_.store(generation << 32);
     }
     wake_.notify_all();
-    fn(0);
+    work(generation, n, fn);
     std::unique_lock<std::mutex> lk(m_);
-    done_.wait(lk, [this] { return pending_ == 0; });
-    job_ = nullptr;
+    done_.wait(lk, [&] { return finished_ == n; });
   }
 
  private:
-  void loop(int id) {
+  // Runs shares of `generation` while any is left; a stale generation claims nothing.
+  void work(uint64_t generation, int n, const std::function<void(int)>& fn) {
+    for (;;) {
+      uint64_t claim = next_.load();
+      if ((claim >> 32) != generation || int(claim & 0xffffffffu) >= n) return;
+      if (!next_.compare_exchange_weak(claim, claim + 1)) continue;
+      fn(int(claim & 0xffffffffu));
+      std::lock_guard<std::mutex> lk(m_);
+      if (++finished_ == n) done_.notify_one();
+    }
+  }
+
+  void loop() {
     uint64_t seen = 0;
     for (;;) {
       const std::function<void(int)>* job;
+      uint64_t generation;
+      int n;
       {
         std::unique_lock<std::mutex> lk(m_);
-        wake_.wait(lk, [&] { return generation_ != seen && id < width_; });
-        seen = generation_;
+        wake_.wait(lk, [&] { return generation_ != seen; });
+        seen = generation = generation_;
         job = job_;
+        n = width_;
       }
-      (*job)(id);
-      std::lock_guard<std::mutex> lk(m_);
-      if (--pending_ == 0) done_.notify_one();
+      work(generation, n, *job);
     }
   }
 
   std::mutex use_, m_;
   std::condition_variable wake_, done_;
   std::vector<std::thread> workers_;
+  std::atomic<uint64_t> next_{0};   // generation << 32 | next unclaimed share
   const std::function<void(int)>* job_ = nullptr;
-  int width_ = 0, pending_ = 0;
+  int width_ = 0, finished_ = 0;
   uint64_t generation_ = 0;
 };
 
