@@ -11,24 +11,21 @@ import torch
 pytest.importorskip("fastbn._C")
 
 from fastbn.backends import cpu, reference  # noqa: E402
+from tests.backends.kernel_checks import (HALF, K_OPS, OPS, NoFallback,  # noqa: E402
+                                          as_tuple as _tuple, call as _call, check,
+                                          upcast as _upcast)
 
-HALF = (torch.bfloat16, torch.float16)
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 ELEMENT_ARGS = ("grad_y", "x_t", "grad_y_t", "gg_x")
 
 
-class _NoFallback:
-    """Stands in for `reference` inside cpu.py: kernel calls must not fall back."""
-
-    def __getattr__(self, attr):
-        if attr in ("acc_dtype", "update_running_stats"):
-            return getattr(reference, attr)
-        raise AssertionError(f"cpu backend fell back to reference.{attr}")
+def _check(out, ref, ref64, dtype):
+    check(out, ref, ref64, dtype, half_atol={torch.bfloat16: 1e-3, torch.float16: 1e-3})
 
 
 @pytest.fixture
 def native(monkeypatch):
-    monkeypatch.setattr(cpu, "reference", _NoFallback())
+    monkeypatch.setattr(cpu, "reference", NoFallback("cpu"))
 
 
 def _layout(name, gen, dtype):
@@ -95,57 +92,13 @@ def _problem(layout, dtype, k, seed=0, half_weight_fp32=False):
         return torch.randn(shape, generator=gen, dtype=torch.float64).to(pdtype)
 
     weight, bias = chan(), chan()
-    mean, _, invstd = reference.statistics(x, 1e-5)
+    mean, var, invstd = reference.statistics(x, 1e-5)
     return dict(x=x, weight=weight, bias=bias, mean=mean, invstd=invstd,
+                running_var=var + 0.25,
                 grad_y=_like(x, gen, k), x_t=_like(x, gen, k), grad_y_t=_like(x, gen, k),
                 gg_x=_like(x, gen, k), weight_t=chan(chan_shape), bias_t=chan(chan_shape))
 
 
-def _call(backend, op, p, act):
-    if op == "forward_train":
-        return backend.forward_train(p["x"], p["weight"], p["bias"], 1e-5, act)
-    if op == "forward_eval":
-        return backend.forward_eval(p["x"], p["mean"], 1.0 / p["invstd"] ** 2, p["weight"],
-                                    p["bias"], 0.0, act)
-    args = (p["x"], p["mean"], p["invstd"], p["weight"], p["bias"], act)
-    if op == "backward":
-        return backend.backward(p["grad_y"], *args)
-    if op == "forward_jvp":
-        return backend.forward_jvp(p["x_t"], p["weight_t"], p["bias_t"], *args)
-    if op == "backward_backward":
-        return backend.backward_backward(p["gg_x"], p["weight_t"], p["bias_t"], p["grad_y"],
-                                         *args)
-    if op == "backward_jvp":
-        return backend.backward_jvp(p["grad_y_t"], p["x_t"], p["weight_t"], p["bias_t"],
-                                    p["grad_y"], *args)
-    raise ValueError(op)
-
-
-def _upcast(p):
-    return {key: None if v is None else v.double() for key, v in p.items()}
-
-
-def _tuple(out):
-    return out if isinstance(out, tuple) else (out,)
-
-
-def _check(out, ref, ref64, dtype):
-    for o, r, r64 in zip(_tuple(out), _tuple(ref), _tuple(ref64)):
-        assert o.shape == r.shape and o.dtype == r.dtype
-        scale = max(r64.abs().max().item(), 1.0) if r64.numel() else 1.0
-        if dtype == torch.float64:
-            torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10 * scale)
-        elif dtype == torch.float32:
-            torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5 * scale)
-        else:
-            err = (o.double() - r64).abs().max().item()
-            stock = (r.double() - r64).abs().max().item()
-            assert err <= 2 * stock + 1e-3 * scale, (err, stock, scale)
-
-
-OPS = ("forward_train", "forward_eval", "backward", "forward_jvp", "backward_backward",
-       "backward_jvp")
-K_OPS = OPS[2:]
 
 
 @pytest.mark.parametrize("act", [None, "relu"])

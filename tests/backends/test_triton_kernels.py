@@ -33,6 +33,9 @@ import torch
 pytest.importorskip("triton")
 
 from fastbn.backends import reference  # noqa: E402
+from tests.backends.kernel_checks import (HALF, K_OPS, OPS, NoFallback,  # noqa: E402
+                                          as_tuple as _tuple, call as _call, check,
+                                          upcast as _upcast)
 
 T = pytest.importorskip("fastbn.backends.triton")
 
@@ -43,22 +46,16 @@ if not INTERPRET and not torch.cuda.is_available():
                 allow_module_level=True)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-HALF = (torch.bfloat16, torch.float16)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-class _NoFallback:
-    """Stands in for `reference` inside the backend: kernel calls must not fall back."""
-
-    def __getattr__(self, attr):
-        if attr in ("acc_dtype", "update_running_stats"):
-            return getattr(reference, attr)
-        raise AssertionError(f"triton backend fell back to reference.{attr}")
+def _check(out, ref, ref64, dtype):
+    check(out, ref, ref64, dtype, half_atol={torch.bfloat16: 1e-2, torch.float16: 2e-3})
 
 
 @pytest.fixture
 def native(monkeypatch):
-    monkeypatch.setattr(T, "reference", _NoFallback())
+    monkeypatch.setattr(T, "reference", NoFallback("triton"))
 
 
 @pytest.fixture(params=["persistent", "split"])
@@ -122,49 +119,6 @@ def _problem(layout, dtype, k, seed=0, pdtype=None, expanded=False):
                 weight_t=chan(cshape), bias_t=chan(cshape))
 
 
-def _call(be, op, p, act):
-    if op == "forward_train":
-        return be.forward_train(p["x"], p["weight"], p["bias"], 1e-5, act)
-    if op == "forward_eval":
-        return be.forward_eval(p["x"], p["mean"], p["running_var"], p["weight"], p["bias"],
-                               1e-5, act)
-    args = (p["x"], p["mean"], p["invstd"], p["weight"], p["bias"], act)
-    if op == "backward":
-        return be.backward(p["grad_y"], *args)
-    if op == "forward_jvp":
-        return be.forward_jvp(p["x_t"], p["weight_t"], p["bias_t"], *args)
-    if op == "backward_backward":
-        return be.backward_backward(p["gg_x"], p["weight_t"], p["bias_t"], p["grad_y"], *args)
-    if op == "backward_jvp":
-        return be.backward_jvp(p["grad_y_t"], p["x_t"], p["weight_t"], p["bias_t"],
-                               p["grad_y"], *args)
-    raise ValueError(op)
-
-
-def _upcast(p):
-    return {key: None if v is None else v.double() for key, v in p.items()}
-
-
-def _tuple(out):
-    return out if isinstance(out, tuple) else (out,)
-
-
-def _check(out, ref, ref64, dtype):
-    for o, r, r64 in zip(_tuple(out), _tuple(ref), _tuple(ref64)):
-        assert o.shape == r.shape and o.dtype == r.dtype and o.device == r.device
-        o, r, r64 = o.cpu(), r.cpu(), r64.cpu()
-        scale = max(r64.abs().max().item(), 1.0) if r64.numel() else 1.0
-        if dtype == torch.float64:
-            torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10 * scale)
-        elif dtype == torch.float32:
-            torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5 * scale)
-        else:
-            err = (o.double() - r64).abs().max().item()
-            stock = (r.double() - r64).abs().max().item()
-            tol = (1e-2 if dtype == torch.bfloat16 else 2e-3) * scale
-            assert err <= 2 * stock + tol, (err, stock, scale)
-
-
 def _run(op, p, act, dtype):
     out = _call(T, op, p, act)
     ref = _call(reference, op, p, act)
@@ -173,9 +127,6 @@ def _run(op, p, act, dtype):
     return out
 
 
-OPS = ("forward_train", "forward_eval", "backward", "forward_jvp", "backward_backward",
-       "backward_jvp")
-K_OPS = OPS[2:]
 LAYOUTS = ("nchw", "channels_last", "channels_last_3d", "2d", "3d", "slice", "c1")
 
 
