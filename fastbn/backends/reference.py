@@ -124,8 +124,57 @@ def _affine(x, scale, shift, activation):
     return y.to(x.dtype)
 
 
+# ---- torch's own kernels for plain calls ----------------------------------------------
+#
+# The composed math of this module is the definition and serves every call that is differentiated, batched
+# or reduced across processes. A plain local call (the autograd layer's kernel calls when
+# this backend is selected) computes the same values with torch's native batch-norm
+# kernels: PyTorch ops too, and several times faster than the composed reductions
+# (`torch.var_mean` alone costs 10-50 copies of x on CPU). tests/backends check both
+# paths against each other.
+
+def _native_ok(x, reduction, *others):
+    """Whether torch's native kernels may serve this call: local statistics, a non-empty
+    x, and tensors that nothing differentiates or batches (no autograd graph, no forward
+    AD level, no functorch wrapper or legacy batched tensor: those have no storage)."""
+    if (reduction is not LOCAL or x.numel() == 0
+            or torch.autograd.forward_ad._current_level >= 0):
+        return False
+    grad = torch.is_grad_enabled()
+    for t in (x, *others):
+        if t is None:
+            continue
+        if not torch._C._has_storage(t) or (grad and t.requires_grad):
+            return False
+    return True
+
+
+def _native_forward(x, weight, bias, eps, activation, running_mean, running_var,
+                    momentum=0.0, training=True):
+    acc = acc_dtype(x.dtype)
+    y, mean, invstd = torch.native_batch_norm(x, weight.to(acc), bias.to(acc), running_mean,
+                                              running_var, training, momentum, eps)
+    if activation == "relu":
+        y.relu_()
+    return y, mean, invstd
+
+
+def _native_backward(grad_y, x, mean, invstd, weight, bias, activation):
+    acc = acc_dtype(x.dtype)
+    if activation == "relu":
+        grad_y = masked(grad_y, relu_mask(xhat_of(x, mean, invstd), weight, bias))
+    grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+        grad_y, x, weight.to(acc), None, None, mean, invstd, True, 0.0, [True, True, True])
+    return grad_x, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
+
+
 def forward_train(x, weight, bias, eps, activation=None, running_mean=None, running_var=None,
                   momentum=0.0, *, reduction=LOCAL):
+    acc = acc_dtype(x.dtype)
+    if (_native_ok(x, reduction, weight, bias, running_mean, running_var)
+            and (running_mean is None or running_mean.dtype == running_var.dtype == acc)):
+        return _native_forward(x, weight, bias, eps, activation, running_mean, running_var,
+                               momentum)
     mean, var, invstd = statistics(x, eps, reduction)
     scale = weight.to(invstd.dtype) * invstd
     shift = bias.to(invstd.dtype) - mean * scale
@@ -138,6 +187,10 @@ def forward_train(x, weight, bias, eps, activation=None, running_mean=None, runn
 
 def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=None):
     acc = acc_dtype(x.dtype)
+    if (running_mean.dtype == running_var.dtype == acc
+            and _native_ok(x, LOCAL, running_mean, running_var, weight, bias)):
+        return _native_forward(x, weight, bias, eps, activation, running_mean, running_var,
+                               training=False)[0]
     scale = weight.to(acc) * torch.rsqrt(running_var.to(acc) + eps)
     shift = bias.to(acc) - running_mean.to(acc) * scale
     return _affine(x, scale, shift, activation)
@@ -151,6 +204,10 @@ def _backward_inputs(grad_y, x, mean, invstd, weight, bias, activation, reductio
 
 
 def backward(grad_y, x, mean, invstd, weight, bias, activation=None, *, reduction=LOCAL):
+    if (grad_y.shape == x.shape and grad_y.dtype == x.dtype
+            and mean.dtype == invstd.dtype == acc_dtype(x.dtype)
+            and _native_ok(x, reduction, grad_y, mean, invstd, weight, bias)):
+        return _native_backward(grad_y, x, mean, invstd, weight, bias, activation)
     d, m, xhat, _, g = _backward_inputs(grad_y, x, mean, invstd, weight, bias, activation,
                                         reduction)
     grad_bias, grad_weight = sums(d, g, g * xhat)

@@ -1,0 +1,114 @@
+"""The reference backend's two paths: torch's native batch-norm kernels serve plain local
+forward and backward calls; the composed definition serves everything that is
+differentiated, batched or synchronised. Both must give the same values."""
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import fastbn
+from fastbn.backends import reference
+from tests.backends.kernel_checks import HALF, check
+
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _x(layout, gen, dtype):
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    x = {"nchw": lambda: randn(2, 3, 5, 7),
+         "channels_last": lambda: randn(3, 5, 7, 11).contiguous(
+             memory_format=torch.channels_last),
+         "channels_last_3d": lambda: randn(2, 3, 3, 5, 7).contiguous(
+             memory_format=torch.channels_last_3d),
+         "2d": lambda: randn(13, 7),
+         "3d": lambda: randn(2, 5, 17),
+         "slice": lambda: randn(3, 7, 5, 6)[:, 2:5],
+         "offset": lambda: 1e4 + randn(16, 5, 9, 13)}[layout]()
+    return x.to(dtype)
+
+
+def _problem(layout, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = _x(layout, gen, dtype)
+    c = x.shape[1]
+    pdtype = torch.float32 if dtype in HALF and layout == "nchw" else dtype
+    weight, bias = (torch.randn(c, generator=gen, dtype=torch.float64).to(pdtype)
+                    for _ in range(2))
+    mean, _, invstd = reference.statistics(x, 1e-5)
+    grad_y = torch.empty_like(x).copy_(torch.randn(x.shape, generator=gen))
+    return dict(x=x, weight=weight, bias=bias, mean=mean, invstd=invstd, grad_y=grad_y)
+
+
+def _run(p, act):
+    """forward_train (with running statistics), forward_eval and backward on problem p."""
+    acc = reference.acc_dtype(p["x"].dtype)
+    c = p["x"].shape[1]
+    running = (torch.linspace(-1, 1, c, dtype=acc), torch.linspace(0.5, 2, c, dtype=acc))
+    y, mean, invstd = reference.forward_train(p["x"], p["weight"], p["bias"], 1e-5, act,
+                                              *running, 0.1)
+    y_eval = reference.forward_eval(p["x"], *running, p["weight"], p["bias"], 1e-5, act)
+    grads = reference.backward(p["grad_y"], p["x"], p["mean"], p["invstd"], p["weight"],
+                               p["bias"], act)
+    return (y, mean, invstd, *running, y_eval, *grads)
+
+
+def _upcast(p):
+    return {key: v.double() for key, v in p.items()}
+
+
+@pytest.fixture
+def definition(monkeypatch):
+    """Runs a function with the native path switched off."""
+    def run(fn, *args):
+        with monkeypatch.context() as m:
+            m.setattr(reference, "_native_ok", lambda *_: False)
+            return fn(*args)
+    return run
+
+
+@pytest.mark.parametrize("act", (None, "relu"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ("nchw", "channels_last", "channels_last_3d", "2d", "3d",
+                                    "slice", "offset"))
+def test_native_path_matches_definition(definition, layout, dtype, act):
+    if layout == "offset" and dtype in HALF:
+        pytest.skip("1e4 + N(0, 1) is not representable in half precision")
+    p = _problem(layout, dtype)
+    native = _run(p, act)
+    spec = definition(_run, p, act)
+    spec64 = definition(_run, _upcast(p), act) if dtype in HALF else spec
+    for got, want in zip(native, spec):
+        assert got.stride() == want.stride() or got.dim() == 1
+    check(native, spec, spec64, dtype, half_atol={torch.bfloat16: 1e-2, torch.float16: 2e-3})
+
+
+def test_plain_calls_take_the_native_path(monkeypatch):
+    """The autograd layer's kernel calls are plain: forward and backward of a training
+    step run torch's kernels; a call under autograd or forward AD does not."""
+    calls = []
+    for name in ("_native_forward", "_native_backward"):
+        fn = getattr(reference, name)
+
+        def counted(*args, _fn=fn, _name=name, **kwargs):
+            calls.append(_name)
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(reference, name, counted)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    w = torch.rand(3, requires_grad=True)
+    with fastbn.use_backend("reference"):
+        y = fastbn.batch_norm(x, torch.zeros(3), torch.ones(3), w, None, training=True)
+        y.square().sum().backward()
+        fastbn.batch_norm(x, torch.zeros(3), torch.ones(3), w, None, training=False)
+    assert calls == ["_native_forward", "_native_backward", "_native_forward"]
+    calls.clear()
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_()
+        out = reference.forward_train(xr, w, torch.zeros(3), 1e-5)[0]
+    assert calls == [] and out.grad_fn is not None
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x.detach(), torch.randn_like(x))
+        out = reference.forward_train(dual, w.detach(), torch.zeros(3), 1e-5)[0]
+        assert fwAD.unpack_dual(out).tangent is not None
+    assert calls == []
