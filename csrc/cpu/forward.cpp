@@ -1,10 +1,26 @@
-// forward_train (statistics pass + normalise pass) and the eval affine pass.
+// forward_train (statistics pass + normalise pass, running statistics updated in place)
+// and forward_eval (one affine pass).
 #include <cmath>
+#include <vector>
 
 #include "cpu/ops.h"
 
 namespace fastbn {
 namespace {
+
+// The running statistics, updated in place from the batch statistics of a channel:
+// running = (1 - momentum) * running + momentum * batch, with the unbiased variance.
+template <class A>
+struct Running {
+  A *mean, *var;  // null: not tracked
+  double momentum;
+  void update(int64_t c, double batch_mean, double biased_var, double count) const {
+    if (!mean) return;
+    const double unbiased = count > 1 ? biased_var * count / (count - 1) : biased_var;
+    mean[c] = A((1 - momentum) * double(mean[c]) + momentum * batch_mean);
+    var[c] = A((1 - momentum) * double(var[c]) + momentum * unbiased);
+  }
+};
 
 template <class T, bool CL, bool RELU>
 void affine_pass(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* scale,
@@ -26,7 +42,8 @@ void affine_pass(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T
 
 template <class T, bool CL, bool RELU>
 void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
-           const acc_t<T>* b, double eps, acc_t<T>* mean, acc_t<T>* invstd, acc_t<T>* var) {
+           const acc_t<T>* b, double eps, acc_t<T>* mean, acc_t<T>* invstd, acc_t<T>* var,
+           const Running<acc_t<T>>& running) {
   using A = acc_t<T>;
   const int64_t C = g.C;
   // Sums of (x - pivot) and its square, pivot = the channel's first element: no
@@ -54,8 +71,9 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
     const double m1 = sums[c] / M;
     const double v = std::max(sums[C + c] / M - m1 * m1, 0.0);
     mean[c] = A(double(pivot[c]) + m1);
-    var[c] = A(v);
+    if (var) var[c] = A(v);
     invstd[c] = A(1.0 / std::sqrt(v + eps));
+    running.update(c, double(mean[c]), v, M);
     scale[c] = w[c] * invstd[c];
     shift[c] = b[c] - mean[c] * scale[c];
   }
@@ -66,25 +84,39 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
 
 void forward_train(int dtype, const Geom& g, int nth, const TD& x, const TD& y, uintptr_t w,
                    uintptr_t b, double eps, bool relu, uintptr_t mean, uintptr_t invstd,
-                   uintptr_t var) {
+                   uintptr_t var, uintptr_t running_mean, uintptr_t running_var,
+                   double momentum) {
   advise_output(dtype, g, 1, y);
   dispatch(dtype, g.cl, relu, [&](auto tag, auto cl, auto act) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
+    const Running<A> running{reinterpret_cast<A*>(running_mean),
+                             reinterpret_cast<A*>(running_var), momentum};
     train<T, decltype(cl)::value, decltype(act)::value>(
         g, nth, x, y, reinterpret_cast<const A*>(w), reinterpret_cast<const A*>(b), eps,
-        reinterpret_cast<A*>(mean), reinterpret_cast<A*>(invstd), reinterpret_cast<A*>(var));
+        reinterpret_cast<A*>(mean), reinterpret_cast<A*>(invstd), reinterpret_cast<A*>(var),
+        running);
   });
 }
 
-void affine(int dtype, const Geom& g, int nth, const TD& x, const TD& y, uintptr_t scale,
-            uintptr_t shift, bool relu) {
+void forward_eval(int dtype, const Geom& g, int nth, const TD& x, const TD& y,
+                  uintptr_t running_mean, uintptr_t running_var, uintptr_t w, uintptr_t b,
+                  double eps, bool relu) {
   advise_output(dtype, g, 1, y);
   dispatch(dtype, g.cl, relu, [&](auto tag, auto cl, auto act) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
-    affine_pass<T, decltype(cl)::value, decltype(act)::value>(
-        g, nth, x, y, reinterpret_cast<const A*>(scale), reinterpret_cast<const A*>(shift));
+    const A* rm = reinterpret_cast<const A*>(running_mean);
+    const A* rv = reinterpret_cast<const A*>(running_var);
+    const A* wt = reinterpret_cast<const A*>(w);
+    const A* bt = reinterpret_cast<const A*>(b);
+    std::vector<A> scale(g.C), shift(g.C);
+    for (int64_t c = 0; c < g.C; ++c) {
+      scale[c] = wt[c] * A(1.0 / std::sqrt(double(rv[c]) + eps));
+      shift[c] = bt[c] - rm[c] * scale[c];
+    }
+    affine_pass<T, decltype(cl)::value, decltype(act)::value>(g, nth, x, y, scale.data(),
+                                                              shift.data());
   });
 }
 

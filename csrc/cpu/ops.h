@@ -9,14 +9,17 @@
 
 namespace fastbn {
 
-// Statistics + normalise (+ ReLU): writes y, mean, invstd and the biased variance.
+// Statistics + normalise (+ ReLU): writes y, mean, invstd and (if var != 0) the biased
+// variance, and updates running_mean/running_var in place when they are given.
 void forward_train(int dtype, const Geom& g, int nth, const TD& x, const TD& y, uintptr_t w,
                    uintptr_t b, double eps, bool relu, uintptr_t mean, uintptr_t invstd,
-                   uintptr_t var);
+                   uintptr_t var, uintptr_t running_mean, uintptr_t running_var,
+                   double momentum);
 
-// y = act(x * scale + shift): the eval forward.
-void affine(int dtype, const Geom& g, int nth, const TD& x, const TD& y, uintptr_t scale,
-            uintptr_t shift, bool relu);
+// Normalise with the running statistics (+ ReLU).
+void forward_eval(int dtype, const Geom& g, int nth, const TD& x, const TD& y,
+                  uintptr_t running_mean, uintptr_t running_var, uintptr_t w, uintptr_t b,
+                  double eps, bool relu);
 
 // grad_x (K, N, C, L), grad_weight and grad_bias (K, C).
 void backward(int dtype, const Geom& g, int nth, int64_t K, bool relu, const TD& x,

@@ -8,6 +8,7 @@ threads. Anything the kernels do not cover (non-CPU or wrapped tensors, spatial 
 do not flatten, mismatched element dtypes or K sizes, empty tensors) goes to `reference`.
 """
 
+import functools
 import math
 
 import torch
@@ -24,7 +25,8 @@ except ImportError as err:  # extension not built: the registry reports why
 name = "cpu"
 
 _CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_has_storage = torch._C._has_storage   # False for functorch wrappers and sparse tensors
 
 
 def available():
@@ -34,24 +36,32 @@ def available():
 
 
 def _plain(t):
-    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
-            and t.layout == torch.strided and not _is_wrapped(t) and not t.is_neg())
+    return (type(t) in _PLAIN_TYPES and t.is_cpu and t.layout == torch.strided
+            and _has_storage(t) and not t.is_neg())
 
 
-def _strides(t, batched):
-    """(sK, sN, sC, sL) of t seen as (K, N, C, L), or None if its spatial dims do not
-    flatten to a single stride."""
+def _acc(t, acc):
+    """t as a contiguous tensor of dtype acc, without a copy when it already is one."""
+    return t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous()
+
+
+@functools.lru_cache(maxsize=4096)
+def _strides(shape, stride, batched, swap):
+    """(sK, sN, sC, sL) of a tensor seen as (K, N, C, L), or None if its spatial dims do
+    not flatten to a single stride. `swap`: no spatial dims, so N runs as the L axis."""
     lead = 1 if batched else 0
-    st = t.stride()
     s_l, expected = None, None
-    for size, stride in zip(reversed(t.shape[lead + 2:]), reversed(st[lead + 2:])):
+    for size, st in zip(reversed(shape[lead + 2:]), reversed(stride[lead + 2:])):
         if size == 1:
             continue
-        if s_l is not None and stride != expected:
+        if s_l is not None and st != expected:
             return None
-        s_l = stride if s_l is None else s_l
-        expected = stride * size
-    return (st[0] if batched else 0, st[lead], st[lead + 1], 1 if s_l is None else s_l)
+        s_l = st if s_l is None else s_l
+        expected = st * size
+    s_n, s_l = stride[lead], 1 if s_l is None else s_l
+    if swap:
+        s_n, s_l = 0, s_n
+    return (stride[0] if batched else 0, s_n, stride[lead + 1], s_l)
 
 
 class _Plan:
@@ -59,8 +69,9 @@ class _Plan:
 
     def __init__(self, x, elems, chans):
         self.ok = False
-        self.ndim_batched = x.dim() + 1
-        if _C is None or x.dtype not in _CODES or x.dim() < 2 or x.numel() == 0:
+        shape = x.shape
+        self.ndim_batched = len(shape) + 1
+        if _C is None or x.dtype not in _CODES or len(shape) < 2 or x.numel() == 0:
             return
         if not all(_plain(t) for t in (x, *elems, *chans) if t is not None):
             return
@@ -70,23 +81,25 @@ class _Plan:
                 continue
             if t.dtype != x.dtype:
                 return
-            if t.shape == x.shape:
+            t_shape = t.shape
+            if t_shape == shape:
                 continue
-            if t.dim() != x.dim() + 1 or t.shape[1:] != x.shape:
+            if len(t_shape) != len(shape) + 1 or t_shape[1:] != shape:
                 return
-            ks.add(t.shape[0])
+            ks.add(t_shape[0])
+        n, c = shape[0], shape[1]
         for t in chans:
             if t is None:
                 continue
-            if t.dim() == 2 and t.shape[1] == x.shape[1]:
-                ks.add(t.shape[0])
-            elif t.shape != (x.shape[1],):
+            t_shape = t.shape
+            if len(t_shape) == 2 and t_shape[1] == c:
+                ks.add(t_shape[0])
+            elif t_shape != (c,):
                 return
         if len(ks) > 1 or 0 in ks:
             return
         self.K = ks.pop() if ks else None
-        n, c = x.shape[0], x.shape[1]
-        length = math.prod(x.shape[2:])
+        length = math.prod(shape[2:])
         # Without spatial dims, run along N as the "L" axis (one channel's values).
         self.swap = length == 1
         self.N, self.C, self.L = (1, c, n) if self.swap else (n, c, length)
@@ -106,13 +119,8 @@ class _Plan:
         does not flatten."""
         if t is None:
             return (0, 0, 0, 0, 0)
-        st = _strides(t, t.dim() == self.ndim_batched)
-        if st is None:
-            return None
-        s_k, s_n, s_c, s_l = st
-        if self.swap:
-            s_n, s_l = 0, s_n
-        return (t.data_ptr(), s_k, s_n, s_c, s_l)
+        st = _strides(t.shape, t.stride(), t.dim() == self.ndim_batched, self.swap)
+        return None if st is None else (t.data_ptr(), *st)
 
     def tds(self, *ts):
         out = [self.td(t) for t in ts]
@@ -122,14 +130,18 @@ class _Plan:
         """Contiguous per-channel tensor in the accumulation dtype, (K, C) in a K call."""
         if t is None:
             return None
-        t = t.to(acc)
         if self.K is not None and t.dim() == 1:
             t = t.expand(self.K, self.C)
-        return t.contiguous()
+        return _acc(t, acc)
 
 
 def _plan(x, elems=(), chans=()):
     return _Plan(x, elems, chans)
+
+
+def _as(t, like):
+    """t in like's dtype (per-channel results are computed in the accumulation dtype)."""
+    return t if t.dtype == like.dtype else t.to(like.dtype)
 
 
 def _ptr(t):
@@ -161,14 +173,20 @@ def forward_train(x, weight, bias, eps, activation=None, running_mean=None, runn
         return reference.forward_train(x, weight, bias, eps, activation, running_mean,
                                        running_var, momentum)
     acc = reference.acc_dtype(x.dtype)
-    w, b = plan.chan(weight, acc), plan.chan(bias, acc)
+    w, b = _acc(weight, acc), _acc(bias, acc)
     y = torch.empty_like(x)
-    mean, invstd, var = (torch.empty(plan.C, dtype=acc) for _ in range(3))
+    mean, invstd = torch.empty(plan.C, dtype=acc), torch.empty(plan.C, dtype=acc)
+    # The kernel updates running statistics of the accumulation dtype in place; others
+    # (say bfloat16 buffers) from the variance it returns.
+    fused = running_mean is None or all(
+        _plain(t) and t.dtype == acc and t.is_contiguous() for t in (running_mean, running_var))
+    var = None if fused else torch.empty(plan.C, dtype=acc)
     tx, ty = plan.tds(x, y)
     _C.forward_train(_CODES[x.dtype], plan.geom, _threads(), tx, ty, w.data_ptr(),
                      b.data_ptr(), float(eps), activation == "relu", mean.data_ptr(),
-                     invstd.data_ptr(), var.data_ptr())
-    if running_mean is not None:
+                     invstd.data_ptr(), _ptr(var), _ptr(running_mean if fused else None),
+                     _ptr(running_var if fused else None), float(momentum))
+    if not fused:
         reference.update_running_stats(running_mean, running_var, mean, var,
                                        plan.N * plan.L, momentum)
     return y, mean, invstd
@@ -180,18 +198,17 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
         return reference.forward_eval(x, running_mean, running_var, weight, bias, eps,
                                       activation)
     acc = reference.acc_dtype(x.dtype)
-    scale = (weight.to(acc) * torch.rsqrt(running_var.to(acc) + eps)).contiguous()
-    shift = (bias.to(acc) - running_mean.to(acc) * scale).contiguous()
+    m, v, w, b = (_acc(t, acc) for t in (running_mean, running_var, weight, bias))
     y = torch.empty_like(x)
     tx, ty = plan.tds(x, y)
-    _C.affine(_CODES[x.dtype], plan.geom, _threads(), tx, ty, scale.data_ptr(),
-              shift.data_ptr(), activation == "relu")
+    _C.forward_eval(_CODES[x.dtype], plan.geom, _threads(), tx, ty, m.data_ptr(),
+                    v.data_ptr(), w.data_ptr(), b.data_ptr(), float(eps), activation == "relu")
     return y
 
 
 def _stats(plan, x, mean, invstd, weight, bias):
     acc = reference.acc_dtype(x.dtype)
-    return acc, [t.to(acc).contiguous() for t in (mean, invstd, weight, bias)]
+    return acc, [_acc(t, acc) for t in (mean, invstd, weight, bias)]
 
 
 def backward(grad_y, x, mean, invstd, weight, bias, activation=None):
@@ -208,7 +225,7 @@ def backward(grad_y, x, mean, invstd, weight, bias, activation=None):
                 gb.data_ptr())
     if plan.K is None:
         gw, gb = gw[0], gb[0]
-    return dx, gw.to(weight.dtype), gb.to(bias.dtype)
+    return dx, _as(gw, weight), _as(gb, bias)
 
 
 def forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias, activation=None):
@@ -243,7 +260,7 @@ def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight,
                          w.data_ptr(), b.data_ptr(), tgy, tgx, g_w.data_ptr())
     if plan.K is None:
         g_w = g_w[0]
-    return g_gy, g_x, g_w.to(weight.dtype)
+    return g_gy, g_x, _as(g_w, weight)
 
 
 def backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weight, bias,
@@ -264,4 +281,4 @@ def backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weigh
                     b.data_ptr(), tgx, gw_t.data_ptr(), gb_t.data_ptr())
     if plan.K is None:
         gw_t, gb_t = gw_t[0], gb_t[0]
-    return gx_t, gw_t.to(weight.dtype), gb_t.to(bias.dtype)
+    return gx_t, _as(gw_t, weight), _as(gb_t, bias)
