@@ -49,6 +49,7 @@ def extensions():
         "fastbn._C",
         SOURCES,
         include_dirs=["csrc"],
+        libraries=["dl"] if sys.platform.startswith("linux") else [],  # dlsym, glibc < 2.34
         cxx_std=17,
         extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math",
                             "-fopenmp-simd"]  # honours `omp simd` loops, no OpenMP runtime

@@ -408,15 +408,20 @@ void map_pass(const Geom& g, int nth, int64_t K, F&& fn) {
 
 enum DType : int { kFloat64 = 0, kFloat32 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
-// A large fresh output (K-batched ones pass glibc's mmap threshold on every call) is
-// first touched by the kernel, and 4 KiB page faults then cost several times the write
-// itself; asking for transparent huge pages first (THP "madvise" mode) avoids that.
+// An output of 32 MiB or more (glibc's largest mmap threshold, so every such allocation
+// is a fresh mapping; K-batched outputs often are) is first touched by the kernel, and
+// 4 KiB page faults then cost several times the write itself; asking for transparent
+// huge pages first (THP "madvise" mode) avoids that. Smaller outputs come from the
+// reused heap, where the advice only costs (huge pages zeroed and compacted on fault).
 // A hint only: the results do not depend on it.
+constexpr uintptr_t ADVISE_MIN_BYTES = uintptr_t(32) << 20;
+
 inline void advise_output(int dtype, const Geom& g, int64_t K, const TD& t) {
 #ifdef MADV_HUGEPAGE
   if (!t.ptr || t.sK < 0 || t.sN < 0 || t.sC < 0 || t.sL < 0) return;
   const int64_t last = (K - 1) * t.sK + (g.N - 1) * t.sN + (g.C - 1) * t.sC + (g.L - 1) * t.sL;
   const uintptr_t esize = dtype == kFloat64 ? 8 : dtype == kFloat32 ? 4 : 2;
+  if (uintptr_t(last + 1) * esize < ADVISE_MIN_BYTES) return;
   const uintptr_t huge = uintptr_t(1) << 21;
   const uintptr_t a = (t.ptr + huge - 1) & ~(huge - 1);
   const uintptr_t e = (t.ptr + uintptr_t(last + 1) * esize) & ~(huge - 1);

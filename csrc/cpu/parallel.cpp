@@ -1,11 +1,14 @@
 #include "cpu/parallel.h"
 
+#include <dlfcn.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -96,11 +99,46 @@ Pool* pool() {
   return p;
 }
 
+// torch's own OpenMP team, found at run time (no link-time dependency): the GNU entry
+// point that `#pragma omp parallel` compiles to, exported by libgomp and by LLVM's and
+// Intel's OpenMP runtimes alike. torch's workers are the threads torch.get_num_threads()
+// counts, and they spin for a while after each of torch's ops, so between two torch ops
+// a team of them starts in microseconds, where a separate pool would have to wait for a
+// core they are spinning on.
+using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+
+// FASTBN_CPU_POOL=own selects our pool even where the OpenMP team is found (tests).
+GompParallel torch_openmp() {
+  static const GompParallel fn = [] {
+    const char* choice = std::getenv("FASTBN_CPU_POOL");
+    if (choice && std::string(choice) == "own") return GompParallel(nullptr);
+    return reinterpret_cast<GompParallel>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
+  }();
+  return fn;
+}
+
+struct Job {
+  const std::function<void(int)>* fn;
+  int n;
+  std::atomic<int> next{0};
+};
+
+// Each team member claims shares until none is left (the same claim rule as the pool).
+void run_shares(void* data) {
+  Job& job = *static_cast<Job*>(data);
+  for (int t; (t = job.next.fetch_add(1)) < job.n;) (*job.fn)(t);
+}
+
 }  // namespace
 
 void parallel_run(int n, const std::function<void(int)>& fn) {
   if (n <= 1) {
     fn(0);
+    return;
+  }
+  if (GompParallel team = torch_openmp()) {
+    Job job{&fn, n};
+    team(run_shares, &job, unsigned(n), 0);
     return;
   }
   pool()->run(n, fn);

@@ -1,14 +1,16 @@
-// A small persistent thread pool, separate from torch's, used with exactly the thread
-// count the caller passes (torch.get_num_threads()).
+// The kernels' threads: torch's own OpenMP team where the runtime exports it, else a
+// small persistent pool of our own; used with exactly the thread count the caller passes
+// (torch.get_num_threads()).
 #pragma once
 
 #include <functional>
 
 namespace fastbn {
 
-// Runs fn(t) for t in [0, n) and returns when all are done; t = 0 runs on the caller.
-// If the pool is busy (another Python thread is inside a kernel) the caller runs every
-// t itself: same partition, same bits.
+// Runs fn(t) for t in [0, n) and returns when all are done. Threads claim the shares t
+// in turn, so which thread runs a share varies, never what it computes: same bits for
+// the same n. If our pool is busy (another Python thread is inside a kernel) the caller
+// runs every t itself.
 void parallel_run(int n, const std::function<void(int)>& fn);
 
 }  // namespace fastbn

@@ -254,3 +254,37 @@ def test_fallbacks_agree():
         torch.testing.assert_close(got, want)
     assert torch.equal(cpu.forward_jvp(None, None, None, x, mean, invstd, w, b),
                        torch.zeros_like(x))
+
+
+_POOL_SCRIPT = """
+import sys, torch
+from tests.backends import test_cpu_kernels as t
+torch.set_num_threads(2)
+out = {}
+for layout in t.BIG:
+    for op in t.OPS:
+        k = 3 if op in t.K_OPS else None
+        out[layout, op] = t._tuple(t._call(t.cpu, op, t._problem(layout, torch.float32, k, seed=8),
+                                           "relu"))
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_own_pool_matches_openmp_team(tmp_path):
+    """The kernels run on torch's OpenMP team where the runtime exports it, else on their
+    own pool (FASTBN_CPU_POOL=own forces it): the same shares, so the same bits."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[2]
+    results = {}
+    for pool in ("own", "openmp"):
+        path = tmp_path / f"{pool}.pt"
+        env = dict(os.environ, FASTBN_CPU_POOL=pool, PYTHONPATH=str(root))
+        subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(path)], check=True, env=env,
+                       cwd=root, timeout=300)
+        results[pool] = torch.load(path)
+    for key, outs in results["own"].items():
+        for a, b in zip(outs, results["openmp"][key]):
+            assert torch.equal(a, b), key
