@@ -274,27 +274,30 @@ inline void each(int64_t n, F&& fn) {
   for (int64_t i = 0; i < n; ++i) fn(i);
 }
 
-// NCHW work units: a block of CB channels times R rows (n), in channel-block-major order,
-// walked n by n so each step reads CB adjacent rows (contiguous in NCHW): at least CHUNK
-// elements where CB_MAX allows, so the prefetchers stream instead of restarting at each
-// jump of C * L elements. The grid depends on the shape
-// only, and the reduction combines per-unit sums in unit order, so its bits do not depend
-// on the thread count either.
+// NCHW work units: a block of CB channels times R rows (n), walked n by n so each step
+// reads CB adjacent rows (contiguous in NCHW): at least CHUNK elements where CB_MAX
+// allows, so the prefetchers stream instead of restarting at each jump of C * L
+// elements. Units are numbered row-block-major, i.e. in memory order, so a thread's range
+// of units is one forward sweep. The grid depends on the shape only, and the reduction
+// combines per-unit sums in a fixed order, so its bits do not depend on the thread count.
 struct Grid {
-  int64_t cb, R, nb;  // channels and rows per unit, row blocks per channel block
+  int64_t cb, R, nb;  // channels and rows per unit, row blocks
+  int64_t ncb;        // channel blocks
+  int64_t c0(int64_t unit) const { return unit % ncb * cb; }
+  int64_t n0(int64_t unit) const { return unit / ncb * R; }
 };
 
 inline Grid nchw_grid(const Geom& g) {
   const int64_t L = std::max<int64_t>(g.L, 1);
   const int64_t cb = std::min({g.C, CB_MAX, (CHUNK + L - 1) / L});
   const int64_t R = std::min(g.N, std::max<int64_t>(1, UNIT_ELEMS / (cb * L)));
-  return {cb, R, (g.N + R - 1) / R};
+  return {cb, R, (g.N + R - 1) / R, (g.C + cb - 1) / cb};
 }
 
 inline int64_t num_tasks(const Geom& g) {
   if (g.cl) return (g.M() + RB - 1) / RB * ((g.C + SEG - 1) / SEG);
   const Grid G = nchw_grid(g);
-  return (g.C + G.cb - 1) / G.cb * G.nb;
+  return G.ncb * G.nb;
 }
 
 // Calls f(seg) for the runs of one task (NCHW unit or channels-last block).
@@ -307,8 +310,8 @@ inline void task_runs(const Geom& g, int64_t task, F&& f) {
     for (int64_t r = r0; r < r1; ++r) f(Seg{r / g.L, c, r % g.L, std::min(SEG, g.C - c)});
   } else {
     const Grid G = nchw_grid(g);
-    const int64_t c0 = task / G.nb * G.cb, c1 = std::min(g.C, c0 + G.cb);
-    const int64_t n0 = task % G.nb * G.R, n1 = std::min(g.N, n0 + G.R);
+    const int64_t c0 = G.c0(task), c1 = std::min(g.C, c0 + G.cb);
+    const int64_t n0 = G.n0(task), n1 = std::min(g.N, n0 + G.R);
     for (int64_t nn = n0; nn < n1; ++nn)
       for (int64_t c = c0; c < c1; ++c)
         for (int64_t l = 0; l < g.L; l += RUN) f(Seg{nn, c, l, std::min(RUN, g.L - l)});
@@ -382,9 +385,9 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
   if constexpr (CL) {
     for (int t = 0; t < T; ++t)
       for (int64_t i = 0; i < KS * C; ++i) out[i] += part[size_t(t) * KS * C + i];
-  } else {  // units of a channel block are in row order
+  } else {  // a channel block's units in row order
     for (int64_t u = 0; u < nt; ++u) {
-      const int64_t c0 = u / G.nb * G.cb, c1 = std::min(C, c0 + G.cb);
+      const int64_t c0 = G.c0(u), c1 = std::min(C, c0 + G.cb);
       for (int64_t kj = 0; kj < KS; ++kj)
         for (int64_t c = c0; c < c1; ++c)
           out[kj * C + c] += part[(size_t(u) * KS + kj) * G.cb + (c - c0)];
