@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import fastbn
-from fastbn import backends
+from fastbn import backends, memory
 
 MOMENTUM, EPS = 0.1, 1e-5
 VMAP_K = 8
@@ -470,6 +470,9 @@ def build_parser():
                    help="wall time, or this thread's CPU time (requires --threads 1)")
     p.add_argument("--suite", nargs="+", choices=["batchnorm", "curvature"],
                    default=["batchnorm"])
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="fastbn.memory.keep_freed_memory() for the whole run (stock and "
+                        "fastbn alike): freed outputs are reused instead of faulted in anew")
     p.add_argument("--json", metavar="PATH", help="write every number and the machine info")
     p.add_argument("--quiet", action="store_true", help="print only the tables")
     return p
@@ -482,6 +485,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.clock == "cpu" and torch.get_num_threads() != 1:
         parser.error("--clock cpu only sees the calling thread: add --threads 1")
+    if args.keep_freed_memory and not memory.keep_freed_memory():
+        parser.error("--keep-freed-memory needs glibc's malloc")
     names = list(dict.fromkeys(n for arg in args.backend for n in arg.split(",") if n))
     for name in names:
         if name not in backends.NAMES:
@@ -498,7 +503,8 @@ def main(argv=None):
     machine = machine_info()
     print(f"machine: {machine['cpu_model']}, {machine['cores']} cores, "
           f"{machine['torch_threads']} torch threads, torch {machine['torch_version']}, "
-          f"{machine['date']}; {args.clock} clock, load average {machine['load_average']}")
+          f"{machine['date']}; {args.clock} clock, load average {machine['load_average']}"
+          + ("; freed memory kept" if args.keep_freed_memory else ""))
     for i in infos:
         state = f"selected {i['selected']}" if i["available"] else f"unavailable ({i['reason']})"
         print(f"backend {i['requested']}: {state}")
@@ -506,7 +512,8 @@ def main(argv=None):
     command = " ".join(["fastbn bench", *(sys.argv[1:] if argv is None else argv)])
     report = {"machine": machine, "command": command,
               "dtype": args.dtype, "quick": args.quick, "backends": infos,
-              "timing": vars(timing), "clock": args.clock, "results": [], "summary": {}}
+              "timing": vars(timing), "clock": args.clock,
+              "keep_freed_memory": args.keep_freed_memory, "results": [], "summary": {}}
     if "batchnorm" in args.suite:
         started = time.perf_counter()
         for op_name in args.ops:
