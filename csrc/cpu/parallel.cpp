@@ -108,13 +108,17 @@ Pool* pool() {
 using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
 
 // FASTBN_CPU_POOL=own selects our pool even where the OpenMP team is found (tests).
+// Only in the process that found it: GNU OpenMP's team does not survive fork() (a forked
+// child's first parallel region waits forever for the parent's threads), so a child
+// uses our pool, which starts afresh there.
 GompParallel torch_openmp() {
+  static const pid_t owner = getpid();
   static const GompParallel fn = [] {
     const char* choice = std::getenv("FASTBN_CPU_POOL");
     if (choice && std::string(choice) == "own") return GompParallel(nullptr);
     return reinterpret_cast<GompParallel>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
   }();
-  return fn;
+  return getpid() == owner ? fn : nullptr;
 }
 
 struct Job {

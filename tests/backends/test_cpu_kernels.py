@@ -288,3 +288,30 @@ def test_own_pool_matches_openmp_team(tmp_path):
     for key, outs in results["own"].items():
         for a, b in zip(outs, results["openmp"][key]):
             assert torch.equal(a, b), key
+
+
+_FORK_SCRIPT = """
+import os, torch
+from tests.backends import test_cpu_kernels as t
+torch.set_num_threads(2)
+p = t._problem("big_nchw", torch.float32, None, seed=9)
+before = t._call(t.cpu, "forward_train", p, None)
+pid = os.fork()
+if pid == 0:   # only fastbn kernels here: torch's own OpenMP ops hang in a forked child
+    after = t._call(t.cpu, "forward_train", p, None)
+    os._exit(0 if all(torch.equal(a, b) for a, b in zip(before, after)) else 1)
+_, status = os.waitpid(pid, 0)
+raise SystemExit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_kernels_run_in_a_forked_child():
+    """A child forked after the kernels ran on torch's OpenMP team runs them on a fresh
+    pool of its own, with the same bits."""
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], cwd=root, timeout=120,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
