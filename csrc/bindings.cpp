@@ -3,9 +3,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <string>
 #include <tuple>
 
 #include "cpu/ops.h"
+#include "cpu/parallel.h"
 
 namespace py = pybind11;
 using fastbn::Geom;
@@ -32,6 +34,21 @@ PYBIND11_MODULE(_C, m) {
   m.attr("FLOAT32") = int(fastbn::kFloat32);
   m.attr("BFLOAT16") = int(fastbn::kBFloat16);
   m.attr("FLOAT16") = int(fastbn::kFloat16);
+  m.def("threading", [] { return std::string(fastbn::threading()); });
+  m.def("build_info", [] {
+    std::string isa =
+#if defined(__AVX512F__)
+        "AVX-512";
+#elif defined(__AVX2__)
+        "AVX2";
+#elif defined(__aarch64__)
+        "AArch64";
+#else
+        "baseline ISA";
+#endif
+    return std::string("compiler ") + __VERSION__ + ", " + isa + ", threads: " +
+           fastbn::threading();
+  });
 
   m.def("forward_train",
         [](int dtype, const GeomArg& g, int nth, const TDArg& x, const TDArg& y, uintptr_t w,

@@ -20,7 +20,7 @@ def info(_args=None):
         ok, why = backends.availability(name)
         print(f"  {name:<10} {'available' if ok else 'unavailable'}: {why}")
     cpu = backends.load("cpu")
-    if cpu is not None and hasattr(cpu, "build_info"):
+    if cpu is not None:
         print(f"cpu build: {cpu.build_info()}")
     print(f"cuda: {torch.cuda.is_available()}")
     return 0

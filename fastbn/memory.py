@@ -33,9 +33,9 @@ def _libc():
 
 def keep_freed_memory(max_bytes=1 << 30):
     """Let malloc keep up to `max_bytes` of freed memory and serve blocks of up to that
-    size from its heap instead of fresh mappings (older glibc accepts at most 32 MiB for
-    the latter, and gets that). Returns whether the setting applied: False where the C
-    library is not glibc."""
+    size from its heap instead of fresh mappings (a glibc that caps that threshold at
+    32 MiB gets 32 MiB). Returns whether the setting applied: False where the C library
+    is not glibc."""
     if not isinstance(max_bytes, int) or not 0 < max_bytes < 2 ** 31:
         raise ValueError(f"max_bytes must be an int in (0, 2**31), got {max_bytes!r}")
     libc = _libc()

@@ -277,9 +277,10 @@ inline void each(int64_t n, F&& fn) {
 // NCHW work units: a block of CB channels times R rows (n), walked n by n so each step
 // reads CB adjacent rows (contiguous in NCHW): at least CHUNK elements where CB_MAX
 // allows, so the prefetchers stream instead of restarting at each jump of C * L
-// elements. Units are numbered row-block-major, i.e. in memory order, so a thread's range
-// of units is one forward sweep. The grid depends on the shape only, and the reduction
-// combines per-unit sums in a fixed order, so its bits do not depend on the thread count.
+// elements. Units are numbered row-block-major, so a thread's range of units moves forward
+// through memory (one sweep when units hold one row). The grid depends on the shape only,
+// and the reduction combines per-unit sums in a fixed order, so its bits do not depend on
+// the thread count.
 struct Grid {
   int64_t cb, R, nb;  // channels and rows per unit, row blocks
   int64_t ncb;        // channel blocks

@@ -111,14 +111,15 @@ using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
 // Only in the process that found it: GNU OpenMP's team does not survive fork() (a forked
 // child's first parallel region waits forever for the parent's threads), so a child
 // uses our pool, which starts afresh there.
+const pid_t loaded_in = getpid();   // the process that loaded the extension
+
 GompParallel torch_openmp() {
-  static const pid_t owner = getpid();
   static const GompParallel fn = [] {
     const char* choice = std::getenv("FASTBN_CPU_POOL");
     if (choice && std::string(choice) == "own") return GompParallel(nullptr);
     return reinterpret_cast<GompParallel>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
   }();
-  return getpid() == owner ? fn : nullptr;
+  return getpid() == loaded_in ? fn : nullptr;
 }
 
 struct Job {
@@ -134,6 +135,8 @@ void run_shares(void* data) {
 }
 
 }  // namespace
+
+const char* threading() { return torch_openmp() ? "torch's OpenMP team" : "own pool"; }
 
 void parallel_run(int n, const std::function<void(int)>& fn) {
   if (n <= 1) {

@@ -13,4 +13,7 @@ namespace fastbn {
 // runs every t itself.
 void parallel_run(int n, const std::function<void(int)>& fn);
 
+// Which threads parallel_run uses in this process: "torch's OpenMP team" or "own pool".
+const char* threading();
+
 }  // namespace fastbn

@@ -35,6 +35,11 @@ def available():
     return True, "fused C++ kernels (fastbn._C)"
 
 
+def build_info():
+    """Compiler, vector ISA and thread source of the extension, for `fastbn info`."""
+    return _C.build_info() if _C is not None else f"not built ({_IMPORT_ERROR})"
+
+
 def _plain(t):
     return (type(t) in _PLAIN_TYPES and t.is_cpu and t.layout == torch.strided
             and _has_storage(t) and not t.is_neg())
@@ -179,7 +184,8 @@ def forward_train(x, weight, bias, eps, activation=None, running_mean=None, runn
     # The kernel updates running statistics of the accumulation dtype in place; others
     # (say bfloat16 buffers) from the variance it returns.
     fused = running_mean is None or all(
-        _plain(t) and t.dtype == acc and t.is_contiguous() for t in (running_mean, running_var))
+        _plain(t) and t.dtype == acc and t.shape == (plan.C,) and t.is_contiguous()
+        for t in (running_mean, running_var))
     var = None if fused else torch.empty(plan.C, dtype=acc)
     tx, ty = plan.tds(x, y)
     _C.forward_train(_CODES[x.dtype], plan.geom, _threads(), tx, ty, w.data_ptr(),
@@ -189,6 +195,9 @@ def forward_train(x, weight, bias, eps, activation=None, running_mean=None, runn
     if not fused:
         reference.update_running_stats(running_mean, running_var, mean, var,
                                        plan.N * plan.L, momentum)
+    elif running_mean is not None:   # written through raw pointers: tell autograd
+        torch.autograd.graph.increment_version(running_mean)
+        torch.autograd.graph.increment_version(running_var)
     return y, mean, invstd
 
 

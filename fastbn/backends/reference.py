@@ -171,8 +171,10 @@ def _native_backward(grad_y, x, mean, invstd, weight, bias, activation):
 def forward_train(x, weight, bias, eps, activation=None, running_mean=None, running_var=None,
                   momentum=0.0, *, reduction=LOCAL):
     acc = acc_dtype(x.dtype)
+    # torch's running variance is NaN for one value per channel (n / (n - 1)); ours is not.
     if (_native_ok(x, reduction, weight, bias, running_mean, running_var)
-            and (running_mean is None or running_mean.dtype == running_var.dtype == acc)):
+            and (running_mean is None or (running_mean.dtype == running_var.dtype == acc
+                                          and x.numel() > x.shape[1]))):
         return _native_forward(x, weight, bias, eps, activation, running_mean, running_var,
                                momentum)
     mean, var, invstd = statistics(x, eps, reduction)

@@ -57,6 +57,8 @@ def _layout(name, gen, dtype):
         x = randn(400, 3, 7, 7)
     elif name == "wide_c":  # NCHW channel blocks, the last one partial
         x = randn(8, 70, 7, 7)
+    elif name == "threaded":  # enough work for two threads in every op
+        x = randn(8, 64, 16, 16)
     elif name == "big_cl":  # two channel blocks, several row blocks
         x = randn(4, 600, 5, 3).contiguous(memory_format=torch.channels_last)
     else:
@@ -184,18 +186,33 @@ def test_million_elements_per_channel(native):
     torch.testing.assert_close(gx.double(), gx64, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("running_dtype", (torch.float32, torch.float64, torch.bfloat16),
-                         ids=str)
-def test_running_stats(native, running_dtype):
-    p = _problem("channels_last", torch.float32, None)
-    runs = [(torch.randn(5).to(running_dtype), torch.rand(5).to(running_dtype) + 0.5)
-            for _ in range(2)]
-    runs[1] = (runs[0][0].clone(), runs[0][1].clone())
-    cpu.forward_train(p["x"], p["weight"], p["bias"], 1e-5, None, *runs[0], 0.1)
-    reference.forward_train(p["x"], p["weight"], p["bias"], 1e-5, None, *runs[1], 0.1)
-    for got, want in zip(runs[0], runs[1]):
-        assert got.dtype == running_dtype
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("x_dtype,running_dtype,strided", [
+    (torch.float32, torch.float32, False), (torch.float32, torch.float64, False),
+    (torch.float32, torch.bfloat16, False), (torch.float32, torch.float32, True),
+    (torch.float64, torch.float64, False), (torch.bfloat16, torch.float32, False),
+    (torch.float16, torch.float32, False)], ids=str)
+def test_running_stats(native, x_dtype, running_dtype, strided):
+    """In the kernel (accumulation dtype, contiguous) or after it (any other buffer)."""
+    p = _problem("channels_last", x_dtype, None, half_weight_fp32=True)
+    c = p["x"].shape[1]
+
+    def buffers():
+        gen = torch.Generator().manual_seed(2)
+        base = torch.randn(2, 2 * c, generator=gen, dtype=torch.float64).to(running_dtype)
+        pair = (base[0, ::2], base[1, ::2].abs() + 0.5) if strided else \
+            (base[0, :c].clone(), base[1, :c].abs() + 0.5)
+        return tuple(t.clone() if not strided else t for t in pair)
+
+    got, want = buffers(), buffers()
+    versions = [t._version for t in got]
+    cpu.forward_train(p["x"], p["weight"], p["bias"], 1e-5, None, *got, 0.1)
+    reference.forward_train(p["x"].double(), p["weight"].double(), p["bias"].double(), 1e-5,
+                            None, *want, 0.1)
+    tol = 1e-12 if x_dtype == torch.float64 else 1e-5 if running_dtype != torch.bfloat16 \
+        else 1e-2
+    for g, w, v in zip(got, want, versions):
+        assert g.dtype == running_dtype and g._version > v   # autograd sees the update
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("layout", BIG)
@@ -258,10 +275,11 @@ def test_fallbacks_agree():
 
 _POOL_SCRIPT = """
 import sys, torch
+from fastbn import _C
 from tests.backends import test_cpu_kernels as t
 torch.set_num_threads(2)
-out = {}
-for layout in t.BIG:
+out = {"threading": _C.threading()}
+for layout in t.BIG + ("threaded",):
     for op in t.OPS:
         k = 3 if op in t.K_OPS else None
         out[layout, op] = t._tuple(t._call(t.cpu, op, t._problem(layout, torch.float32, k, seed=8),
@@ -285,6 +303,9 @@ def test_own_pool_matches_openmp_team(tmp_path):
         subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(path)], check=True, env=env,
                        cwd=root, timeout=300)
         results[pool] = torch.load(path)
+    assert results["own"].pop("threading") == "own pool"
+    if results["openmp"].pop("threading") != "torch's OpenMP team":
+        pytest.skip("torch's OpenMP runtime does not export GOMP_parallel")
     for key, outs in results["own"].items():
         for a, b in zip(outs, results["openmp"][key]):
             assert torch.equal(a, b), key
@@ -294,11 +315,12 @@ _FORK_SCRIPT = """
 import os, torch
 from tests.backends import test_cpu_kernels as t
 torch.set_num_threads(2)
-p = t._problem("big_nchw", torch.float32, None, seed=9)
+p = t._problem("threaded", torch.float32, None, seed=9)
 before = t._call(t.cpu, "forward_train", p, None)
 pid = os.fork()
-if pid == 0:   # only fastbn kernels here: torch's own OpenMP ops hang in a forked child
+if pid == 0:   # torch's own multi-threaded ops hang in a forked child: compare on one
     after = t._call(t.cpu, "forward_train", p, None)
+    torch.set_num_threads(1)
     os._exit(0 if all(torch.equal(a, b) for a, b in zip(before, after)) else 1)
 _, status = os.waitpid(pid, 0)
 raise SystemExit(os.waitstatus_to_exitcode(status))

@@ -112,3 +112,16 @@ def test_plain_calls_take_the_native_path(monkeypatch):
         out = reference.forward_train(dual, w.detach(), torch.zeros(3), 1e-5)[0]
         assert fwAD.unpack_dual(out).tangent is not None
     assert calls == []
+
+
+def test_one_value_per_channel_keeps_running_variance_finite(definition):
+    """torch's own kernel would set NaN (n / (n - 1) with n = 1); the definition serves."""
+    x = torch.randn(1, 3, dtype=torch.float64)
+    w, b = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    got = (torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    want = tuple(t.clone() for t in got)
+    reference.forward_train(x, w, b, 1e-5, None, *got, 0.1)
+    definition(reference.forward_train, x, w, b, 1e-5, None, *want, 0.1)
+    for g, v in zip(got, want):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, v)
