@@ -215,7 +215,7 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
     return y
 
 
-def _stats(plan, x, mean, invstd, weight, bias):
+def _stats(x, mean, invstd, weight, bias):
     acc = reference.acc_dtype(x.dtype)
     return acc, [_acc(t, acc) for t in (mean, invstd, weight, bias)]
 
@@ -224,7 +224,7 @@ def backward(grad_y, x, mean, invstd, weight, bias, activation=None):
     plan = _plan(x, (grad_y,), (mean, invstd, weight, bias))
     if not plan.ok:
         return reference.backward(grad_y, x, mean, invstd, weight, bias, activation)
-    acc, (m, r, w, b) = _stats(plan, x, mean, invstd, weight, bias)
+    acc, (m, r, w, b) = _stats(x, mean, invstd, weight, bias)
     k = _k(plan)
     dx = _empty(x, plan)
     gw, gb = (torch.empty(k, plan.C, dtype=acc) for _ in range(2))
@@ -242,7 +242,7 @@ def forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias, activation
     if not plan.ok or (x_t is None and weight_t is None and bias_t is None):
         return reference.forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias,
                                      activation)
-    acc, (m, r, w, b) = _stats(plan, x, mean, invstd, weight, bias)
+    acc, (m, r, w, b) = _stats(x, mean, invstd, weight, bias)
     wt, bt = plan.chan(weight_t, acc), plan.chan(bias_t, acc)
     y_t = _empty(x, plan)
     tx, txt, tyt = plan.tds(x, x_t, y_t)
@@ -258,7 +258,7 @@ def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight,
     if not plan.ok:
         return reference.backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd,
                                            weight, bias, activation)
-    acc, (m, r, w, b) = _stats(plan, x, mean, invstd, weight, bias)
+    acc, (m, r, w, b) = _stats(x, mean, invstd, weight, bias)
     ggw, ggb = plan.chan(gg_weight, acc), plan.chan(gg_bias, acc)
     k = _k(plan)
     g_gy, g_x = _empty(x, plan, grad_y.dtype), _empty(x, plan)
@@ -279,7 +279,7 @@ def backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weigh
     if not plan.ok:
         return reference.backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean,
                                       invstd, weight, bias, activation)
-    acc, (m, r, w, b) = _stats(plan, x, mean, invstd, weight, bias)
+    acc, (m, r, w, b) = _stats(x, mean, invstd, weight, bias)
     wt = plan.chan(weight_t, acc)
     k = _k(plan)
     gx_t = _empty(x, plan)

@@ -1,5 +1,5 @@
-"""What every backend's kernel tests share: calling an op of the kernel interface on one
-problem dict, and comparing with the reference backend (half precision by the upcast
+"""What every backend's kernel tests share: inputs of the named layouts, calling an op of
+the kernel interface on one problem dict, and comparing with the reference backend (half precision by the upcast
 rule of DESIGN.md: error vs the float64 reference at most twice the reference backend's
 own error at that dtype, plus a small tolerance)."""
 
@@ -23,6 +23,47 @@ class NoFallback:
         if attr in ("acc_dtype", "update_running_stats"):
             return getattr(reference, attr)
         raise AssertionError(f"{self.backend} backend fell back to reference.{attr}")
+
+
+def layout_x(name, gen, dtype):
+    """An x of the named layout (float64 values cast to dtype): odd and prime sizes, C=1
+    and N=2 included."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    if name == "nchw":
+        x = randn(2, 3, 5, 7)
+    elif name == "channels_last":
+        x = randn(3, 5, 7, 11).contiguous(memory_format=torch.channels_last)
+    elif name == "channels_last_3d":
+        x = randn(2, 3, 3, 5, 7).contiguous(memory_format=torch.channels_last_3d)
+    elif name == "2d":
+        x = randn(13, 7)
+    elif name == "3d":
+        x = randn(2, 5, 17)
+    elif name == "slice":  # channel slice of a bigger tensor: not contiguous
+        x = randn(3, 7, 5, 6)[:, 2:5]
+    elif name == "strided_l":  # NCHW rows with element stride 2: the non-unit-stride loops
+        x = randn(2, 3, 5, 14)[..., ::2]
+    elif name == "c1":
+        x = randn(5, 1, 7, 3)
+    elif name == "c1_2d":
+        x = randn(9, 1)
+    elif name == "big_nchw":  # several work units, two threads with K=3
+        x = randn(4, 6, 23, 41)
+    elif name == "many_rows":  # several NCHW work units (row blocks) per channel
+        x = randn(400, 3, 7, 7)
+    elif name == "wide_c":  # NCHW channel blocks, the last one partial
+        x = randn(8, 70, 7, 7)
+    elif name == "threaded":  # enough work for two threads in every op
+        x = randn(8, 64, 16, 16)
+    elif name == "offset":  # x = 1e4 + N(0, 1): statistics without cancellation
+        x = 1e4 + randn(16, 5, 9, 13)
+    elif name == "big_cl":  # two channel blocks, several row blocks
+        x = randn(4, 600, 5, 3).contiguous(memory_format=torch.channels_last)
+    else:
+        raise ValueError(name)
+    return x.to(dtype)
 
 
 def call(backend, op, p, act):

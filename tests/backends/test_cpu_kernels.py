@@ -13,7 +13,7 @@ pytest.importorskip("fastbn._C")
 from fastbn.backends import cpu, reference  # noqa: E402
 from tests.backends.kernel_checks import (HALF, K_OPS, OPS, NoFallback,  # noqa: E402
                                           as_tuple as _tuple, call as _call, check,
-                                          upcast as _upcast)
+                                          layout_x, upcast as _upcast)
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 ELEMENT_ARGS = ("grad_y", "x_t", "grad_y_t", "gg_x")
@@ -26,44 +26,6 @@ def _check(out, ref, ref64, dtype):
 @pytest.fixture
 def native(monkeypatch):
     monkeypatch.setattr(cpu, "reference", NoFallback("cpu"))
-
-
-def _layout(name, gen, dtype):
-    """An x of the given layout: odd and prime sizes, C=1 and N=2 included."""
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    if name == "nchw":
-        x = randn(2, 3, 5, 7)
-    elif name == "channels_last":
-        x = randn(3, 5, 7, 11).contiguous(memory_format=torch.channels_last)
-    elif name == "channels_last_3d":
-        x = randn(2, 3, 3, 5, 7).contiguous(memory_format=torch.channels_last_3d)
-    elif name == "2d":
-        x = randn(13, 7)
-    elif name == "3d":
-        x = randn(2, 5, 17)
-    elif name == "slice":  # channel slice of a bigger tensor: not contiguous
-        x = randn(3, 7, 5, 6)[:, 2:5]
-    elif name == "strided_l":  # NCHW rows with element stride 2: the non-unit-stride loops
-        x = randn(2, 3, 5, 14)[..., ::2]
-    elif name == "c1":
-        x = randn(5, 1, 7, 3)
-    elif name == "c1_2d":
-        x = randn(9, 1)
-    elif name == "big_nchw":  # several work units, two threads with K=3
-        x = randn(4, 6, 23, 41)
-    elif name == "many_rows":  # several NCHW work units (row blocks) per channel
-        x = randn(400, 3, 7, 7)
-    elif name == "wide_c":  # NCHW channel blocks, the last one partial
-        x = randn(8, 70, 7, 7)
-    elif name == "threaded":  # enough work for two threads in every op
-        x = randn(8, 64, 16, 16)
-    elif name == "big_cl":  # two channel blocks, several row blocks
-        x = randn(4, 600, 5, 3).contiguous(memory_format=torch.channels_last)
-    else:
-        raise ValueError(name)
-    return x.to(dtype)
 
 
 LAYOUTS = ("nchw", "channels_last", "channels_last_3d", "2d", "3d", "slice", "strided_l", "c1",
@@ -85,7 +47,7 @@ def _like(x, gen, k):
 
 def _problem(layout, dtype, k, seed=0, half_weight_fp32=False):
     gen = torch.Generator().manual_seed(seed)
-    x = _layout(layout, gen, dtype)
+    x = layout_x(layout, gen, dtype)
     c = x.shape[1]
     pdtype = torch.float32 if (dtype in HALF and half_weight_fp32) else dtype
     chan_shape = (c,) if k is None else (k, c)

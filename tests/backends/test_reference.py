@@ -8,30 +8,14 @@ import torch.autograd.forward_ad as fwAD
 
 import fastbn
 from fastbn.backends import reference
-from tests.backends.kernel_checks import HALF, check
+from tests.backends.kernel_checks import HALF, check, layout_x
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
-def _x(layout, gen, dtype):
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    x = {"nchw": lambda: randn(2, 3, 5, 7),
-         "channels_last": lambda: randn(3, 5, 7, 11).contiguous(
-             memory_format=torch.channels_last),
-         "channels_last_3d": lambda: randn(2, 3, 3, 5, 7).contiguous(
-             memory_format=torch.channels_last_3d),
-         "2d": lambda: randn(13, 7),
-         "3d": lambda: randn(2, 5, 17),
-         "slice": lambda: randn(3, 7, 5, 6)[:, 2:5],
-         "offset": lambda: 1e4 + randn(16, 5, 9, 13)}[layout]()
-    return x.to(dtype)
-
-
 def _problem(layout, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    x = _x(layout, gen, dtype)
+    x = layout_x(layout, gen, dtype)
     c = x.shape[1]
     pdtype = torch.float32 if dtype in HALF and layout == "nchw" else dtype
     weight, bias = (torch.randn(c, generator=gen, dtype=torch.float64).to(pdtype)
