@@ -242,6 +242,12 @@ struct Acc {
         fn(i, v);
         for (int j = 0; j < NS; ++j) s[j * SEG + i] += v[j];
       }
+    } else if (n < W) {  // a short run: straight into the lanes in memory
+      for (int64_t w = 0; w < n; ++w) {
+        A v[NS];
+        fn(w, v);
+        for (int j = 0; j < NS; ++j) f[j * W + w] += v[j];
+      }
     } else {
       A l[NS][W];  // local, so the lanes live in registers across the loop
       for (int j = 0; j < NS; ++j)
@@ -255,11 +261,17 @@ struct Acc {
           for (int j = 0; j < NS; ++j) l[j][w] += v[j];
         }
       }
+      if (i < n) {
+        // The tail as the run's last W elements with those already added masked out:
+        // full vectors only. A partial-vector tail made the compiler keep the lanes on
+        // the stack, and each run then stalled on store forwarding (7×7 planes: 3×).
+        const int64_t base = n - W, done = i - base;
 #pragma omp simd
-      for (int64_t w = 0; w < n - i; ++w) {
-        A v[NS];
-        fn(i + w, v);
-        for (int j = 0; j < NS; ++j) l[j][w] += v[j];
+        for (int64_t w = 0; w < W; ++w) {
+          A v[NS];
+          fn(base + w, v);
+          for (int j = 0; j < NS; ++j) l[j][w] += w >= done ? v[j] : A(0);
+        }
       }
       for (int j = 0; j < NS; ++j)
         for (int64_t w = 0; w < W; ++w) f[j * W + w] = l[j][w];
@@ -308,7 +320,10 @@ inline void task_runs(const Geom& g, int64_t task, F&& f) {
     const int64_t ncb = (g.C + SEG - 1) / SEG;
     const int64_t r0 = task / ncb * RB, c = task % ncb * SEG;
     const int64_t r1 = std::min(r0 + RB, g.M());
-    for (int64_t r = r0; r < r1; ++r) f(Seg{r / g.L, c, r % g.L, std::min(SEG, g.C - c)});
+    for (int64_t r = r0, nn = r0 / g.L, l = r0 % g.L; r < r1; ++r) {
+      f(Seg{nn, c, l, std::min(SEG, g.C - c)});
+      if (++l == g.L) l = 0, ++nn;
+    }
   } else {
     const Grid G = nchw_grid(g);
     const int64_t c0 = G.c0(task), c1 = std::min(g.C, c0 + G.cb);
@@ -320,10 +335,22 @@ inline void task_runs(const Geom& g, int64_t task, F&& f) {
 }
 
 // Few elements do not pay for waking threads; the choice depends on the shape only.
-inline int threads_for(const Geom& g, int64_t K, int nth) {
+inline int threads_for(const Geom& g, int64_t K, int nth, int64_t tasks) {
   const int64_t work = g.M() * g.C * std::max<int64_t>(K, 1);
   const int64_t by_work = std::max<int64_t>(1, work / 32768);
-  return int(std::max<int64_t>(1, std::min<int64_t>({int64_t(nth), by_work, num_tasks(g)})));
+  return int(std::max<int64_t>(1, std::min<int64_t>({int64_t(nth), by_work, tasks})));
+}
+
+// The W float lanes of one sum, added in double: eight independent partials (one vector
+// register), not a W-long chain of dependent additions; a fixed order, so fixed bits.
+template <int64_t W, class A>
+inline double lane_sum(const A* f) {
+  static_assert(W % 8 == 0, "lanes come in vectors of 8 doubles");
+  double q[8] = {};
+  for (int64_t w = 0; w < W; w += 8)
+#pragma omp simd
+    for (int e = 0; e < 8; ++e) q[e] += double(f[w + e]);
+  return ((q[0] + q[4]) + (q[1] + q[5])) + ((q[2] + q[6]) + (q[3] + q[7]));
 }
 
 // Both passes do a task one problem k at a time: x and the inputs shared by the K
@@ -338,7 +365,7 @@ template <class A, bool CL, int NS, class F>
 void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
   using Ac = Acc<A, CL, NS>;
   const int64_t C = g.C, nt = num_tasks(g), KS = K * NS;
-  const int T = threads_for(g, K, nth);
+  const int T = threads_for(g, K, nth, nt);
   const Grid G = CL ? Grid{} : nchw_grid(g);
   // Float partials: channels-last [NS][SEG] channel slots, NCHW [CB][NS][W] lanes.
   // Double partials: channels-last per thread (KS, C), NCHW per unit (KS, CB).
@@ -360,9 +387,7 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
             } else {
               for (int64_t c = c0; c < c1; ++c) {
                 const A* f = facc.data() + ((c - c0) * NS + j) * Ac::W;
-                double sum = 0;
-                for (int64_t w = 0; w < Ac::W; ++w) sum += double(f[w]);
-                part[(size_t(task) * KS + kj) * G.cb + (c - c0)] += sum;
+                part[(size_t(task) * KS + kj) * G.cb + (c - c0)] += lane_sum<Ac::W>(f);
               }
             }
           }
@@ -396,15 +421,29 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
   }
 }
 
-// Elementwise pass: fn(seg, k) for every run and problem.
+// Elementwise pass: fn(seg, k) for every run and problem. Any split of the runs gives the
+// same bits, so NCHW tasks are stretches of UNIT_ELEMS elements in (n, c) order, one
+// forward sweep of memory: the reduction's units interleave R rows, which costs short rows
+// (7×7 planes) up to twice the time where x is in the last-level cache.
 template <bool CL, class F>
 void map_pass(const Geom& g, int nth, int64_t K, F&& fn) {
-  const int64_t nt = num_tasks(g);
-  const int T = threads_for(g, K, nth);
+  const int64_t runs = g.N * g.C;
+  const int64_t per = std::max<int64_t>(1, UNIT_ELEMS / std::max<int64_t>(g.L, 1));
+  const int64_t nt = CL ? num_tasks(g) : (runs + per - 1) / per;
+  const int T = threads_for(g, K, nth, nt);
   parallel_run(T, [&](int t) {
     for (int64_t task = nt * t / T; task < nt * (t + 1) / T; ++task)
-      for (int64_t k = 0; k < K; ++k)
-        task_runs<CL>(g, task, [&](const Seg& s) { fn(s, k); });
+      for (int64_t k = 0; k < K; ++k) {
+        if constexpr (CL) {
+          task_runs<CL>(g, task, [&](const Seg& s) { fn(s, k); });
+        } else {
+          const int64_t r0 = task * per, r1 = std::min(runs, r0 + per);
+          for (int64_t r = r0, nn = r0 / g.C, c = r0 % g.C; r < r1; ++r) {
+            for (int64_t l = 0; l < g.L; l += RUN) fn(Seg{nn, c, l, std::min(RUN, g.L - l)}, k);
+            if (++c == g.C) c = 0, ++nn;
+          }
+        }
+      }
   });
 }
 
