@@ -106,6 +106,17 @@ def test_convert_keeps_parameters_buffers_and_flags():
     assert fastbn.convert(model) is model   # idempotent
 
 
+@pytest.mark.parametrize("hooked", ["bn", "relu"])
+def test_convert_does_not_fuse_a_hooked_pair(hooked):
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU())
+    seen = []
+    model[1 if hooked == "bn" else 2].register_forward_hook(lambda m, i, o: seen.append(o))
+    fastbn.convert(model, fuse_relu=True)
+    assert model[1].activation is None and type(model[2]) is nn.ReLU
+    model(torch.randn(4, 2, 5, 5))
+    assert len(seen) == 1 and (seen[0].min() < 0) == (hooked == "bn")
+
+
 @pytest.mark.parametrize("fuse_relu", [False, True])
 def test_training_run_matches_torch(backend, fuse_relu):
     torch.manual_seed(3)

@@ -39,10 +39,13 @@ class FunctionalModel:
     bn_mode "train": every batch norm normalises with batch statistics (running
     statistics unused and untouched); "eval": with running statistics. Every other module
     follows the user's model's training flag at the time of the call. With a
-    `process_group`, batch statistics span the batches of every process in it.
+    `process_group`, batch statistics span the batches of every process in it. With
+    `fuse_relu`, the copy fuses each batch norm with an nn.ReLU that follows it in an
+    nn.Sequential (the same function; the batch norm's own output is then no longer seen
+    on its own, so layer probes keep them apart).
     """
 
-    def __init__(self, model, bn_mode, process_group=None):
+    def __init__(self, model, bn_mode, process_group=None, *, fuse_relu=False):
         check_bn_mode(bn_mode)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -53,8 +56,8 @@ class FunctionalModel:
         # Process groups cannot be copied: the copy shares the model's.
         memo.update({id(m.process_group): m.process_group for m in model.modules()
                      if getattr(m, "process_group", None) is not None})
-        self.copy = fastbn.convert(copy.deepcopy(model, memo), sync=process_group is not None,
-                                   process_group=process_group)
+        self.copy = fastbn.convert(copy.deepcopy(model, memo), fuse_relu=fuse_relu,
+                                   sync=process_group is not None, process_group=process_group)
 
     def _sync_training_flags(self):
         user = dict(self.model.named_modules(remove_duplicate=False))

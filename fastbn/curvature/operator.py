@@ -30,7 +30,9 @@ class HessianOperator:
     """H = ∇²_θ L for L the sample-weighted mean loss of `model` over `data`.
 
     model: an nn.Module; torch's BatchNorm layers are fine (a private structural copy
-        with fastbn layers runs instead, fed the model's current tensors), and the model
+        with fastbn layers runs instead, fed the model's current tensors; there a batch
+        norm directly followed by nn.ReLU in an nn.Sequential runs as one fused layer,
+        unless either module has hooks), and the model
         itself is only read: its parameters, buffers and training flags are bitwise the
         same after every call, also when a call raises.
     criterion: (outputs, targets) -> scalar mean loss over the batch.
@@ -76,7 +78,7 @@ class HessianOperator:
         if max_memory is not None and not max_memory > 0:
             raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
         self._group = process_group
-        self._model = FunctionalModel(model, bn_mode, process_group)
+        self._model = FunctionalModel(model, bn_mode, process_group, fuse_relu=True)
         self.criterion = criterion
         self.bn_mode = bn_mode
         self.method = method

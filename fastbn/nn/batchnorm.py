@@ -105,12 +105,19 @@ def _converted(layer, sync, process_group):
     return new
 
 
+def _has_hooks(module):
+    return any(getattr(module, name) for name in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
 def _fuse_relu(seq):
-    """In a Sequential, fold an nn.ReLU that directly follows a fastbn layer into it."""
+    """In a Sequential, fold an nn.ReLU that directly follows a fastbn layer into it;
+    not where either has a hook, which would see the other's output or be lost."""
     names = list(seq._modules)
     for first, second in zip(names, names[1:]):
         bn, relu = seq._modules[first], seq._modules[second]
-        if isinstance(bn, _FastBatchNorm) and bn.activation is None and type(relu) is nn.ReLU:
+        if (isinstance(bn, _FastBatchNorm) and bn.activation is None
+                and type(relu) is nn.ReLU and not (_has_hooks(bn) or _has_hooks(relu))):
             bn.activation = "relu"
             seq._modules[second] = nn.Identity().train(relu.training)
 
@@ -120,7 +127,8 @@ def convert(module, *, fuse_relu=False, sync=False, process_group=None):
 
     Parameters and buffers are kept (the same tensors), and so are the training flag,
     device and dtype. With `fuse_relu=True`, a batch norm directly followed by nn.ReLU
-    inside an nn.Sequential becomes one fused layer (the ReLU becomes nn.Identity). With
+    inside an nn.Sequential becomes one fused layer (the ReLU becomes nn.Identity; not
+    where either module has a hook). With
     `sync=True` every batch norm, fastbn's local layers included, becomes a
     fastbn.SyncBatchNorm over `process_group` (default: the whole world). Returns the converted module (a new object only when
     `module` itself is a batch norm).

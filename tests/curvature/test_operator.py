@@ -32,6 +32,23 @@ def test_matvec_and_matmat_equal_exact_hessian(make_model, method, backend):
     close(op.matmat(torch.eye(size, dtype=DTYPE)), hessian)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_norm_then_relu_runs_fused_and_equals_exact_hessian(method, backend):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 2)).to(DTYPE)
+    batch = batch_for(model, 6, seed=1)
+    gradient, hessian = exact_hessian(model, CRITERION, [batch])
+    op = HessianOperator(model, CRITERION, batch, method=method)
+    private = op._model.copy
+    assert private[1].activation == "relu" and isinstance(private[2], nn.Identity)
+    assert type(model[1]) is nn.BatchNorm2d and type(model[2]) is nn.ReLU   # user's: as is
+    v = torch.randn(hessian.shape[0], dtype=DTYPE)
+    close(op.grad(), gradient)
+    close(op.matvec(v), hessian @ v)
+    close(op.matmat(torch.eye(hessian.shape[0], dtype=DTYPE)), hessian)
+
+
 def test_auto_times_both_and_keeps_the_faster():
     model = mlp()
     batch = batch_for(model, 6, seed=0)
