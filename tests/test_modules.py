@@ -107,14 +107,31 @@ def test_convert_keeps_parameters_buffers_and_flags():
 
 
 @pytest.mark.parametrize("hooked", ["bn", "relu"])
-def test_convert_does_not_fuse_a_hooked_pair(hooked):
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "full_backward", "global"])
+def test_convert_does_not_fuse_a_hooked_pair(hooked, kind):
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU())
-    seen = []
-    model[1 if hooked == "bn" else 2].register_forward_hook(lambda m, i, o: seen.append(o))
-    fastbn.convert(model, fuse_relu=True)
+    module = model[1 if hooked == "bn" else 2]
+    hook = {"forward": lambda: module.register_forward_hook(lambda m, i, o: None),
+            "forward_pre": lambda: module.register_forward_pre_hook(lambda m, i: None),
+            "full_backward": lambda: module.register_full_backward_hook(lambda m, gi, go: None),
+            "global": lambda: nn.modules.module.register_module_forward_hook(
+                lambda m, i, o: None)}[kind]()
+    try:
+        fastbn.convert(model, fuse_relu=True)
+    finally:
+        hook.remove()
     assert model[1].activation is None and type(model[2]) is nn.ReLU
-    model(torch.randn(4, 2, 5, 5))
-    assert len(seen) == 1 and (seen[0].min() < 0) == (hooked == "bn")
+
+
+def test_convert_fuses_a_copy_of_a_shared_batch_norm():
+    bn = fastbn.BatchNorm2d(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), bn, nn.ReLU(), bn)
+    x = torch.randn(4, 2, 5, 5)
+    expected = model(x)
+    fastbn.convert(model, fuse_relu=True)
+    assert model[1] is not bn and model[1].activation == "relu" and model[3] is bn
+    assert bn.activation is None and model[1].weight is bn.weight
+    torch.testing.assert_close(model(x), expected)
 
 
 @pytest.mark.parametrize("fuse_relu", [False, True])

@@ -422,20 +422,28 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
 }
 
 // Elementwise pass: fn(seg, k) for every run and problem. Any split of the runs gives the
-// same bits, so NCHW tasks are stretches of UNIT_ELEMS elements in (n, c) order, one
-// forward sweep of memory: the reduction's units interleave R rows, which costs short rows
-// (7×7 planes) up to twice the time where x is in the last-level cache.
+// same bits, so NCHW tasks are stretches of whole rows of about UNIT_ELEMS elements in
+// (n, c) order, or UNIT_ELEMS-long pieces of longer rows: one forward sweep of memory.
+// (The reduction's units interleave R rows, which costs short rows, 7×7 planes, up to
+// twice the time where x is in the last-level cache.)
 template <bool CL, class F>
 void map_pass(const Geom& g, int nth, int64_t K, F&& fn) {
-  const int64_t runs = g.N * g.C;
-  const int64_t per = std::max<int64_t>(1, UNIT_ELEMS / std::max<int64_t>(g.L, 1));
-  const int64_t nt = CL ? num_tasks(g) : (runs + per - 1) / per;
+  static_assert(UNIT_ELEMS % RUN == 0, "pieces of a row start on a run boundary");
+  const int64_t runs = g.N * g.C, L = std::max<int64_t>(g.L, 1);
+  const int64_t per = std::max<int64_t>(1, UNIT_ELEMS / L);  // rows per task
+  const int64_t pieces = (L + UNIT_ELEMS - 1) / UNIT_ELEMS;   // tasks per row
+  const int64_t nt = CL ? num_tasks(g) : pieces > 1 ? runs * pieces : (runs + per - 1) / per;
   const int T = threads_for(g, K, nth, nt);
   parallel_run(T, [&](int t) {
     for (int64_t task = nt * t / T; task < nt * (t + 1) / T; ++task)
       for (int64_t k = 0; k < K; ++k) {
         if constexpr (CL) {
           task_runs<CL>(g, task, [&](const Seg& s) { fn(s, k); });
+        } else if (pieces > 1) {
+          const int64_t r = task / pieces, l0 = task % pieces * UNIT_ELEMS;
+          const int64_t l1 = std::min(g.L, l0 + UNIT_ELEMS);
+          for (int64_t l = l0; l < l1; l += RUN)
+            fn(Seg{r / g.C, r % g.C, l, std::min(RUN, l1 - l)}, k);
         } else {
           const int64_t r0 = task * per, r1 = std::min(runs, r0 + per);
           for (int64_t r = r0, nn = r0 / g.C, c = r0 % g.C; r < r1; ++r) {

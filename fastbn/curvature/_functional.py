@@ -17,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_map
 
 import fastbn
+from fastbn.nn.batchnorm import fuse_relu_along_sequentials
 
 BN_MODES = ("train", "eval")
 
@@ -40,9 +41,9 @@ class FunctionalModel:
     statistics unused and untouched); "eval": with running statistics. Every other module
     follows the user's model's training flag at the time of the call. With a
     `process_group`, batch statistics span the batches of every process in it. With
-    `fuse_relu`, the copy fuses each batch norm with an nn.ReLU that follows it in an
-    nn.Sequential (the same function; the batch norm's own output is then no longer seen
-    on its own, so layer probes keep them apart).
+    `fuse_relu`, the copy fuses batch norm + ReLU pairs in nested plain nn.Sequentials
+    from the root down (`fuse_relu_along_sequentials`: the same function, faster; the
+    batch norm's own output is then not computed, so layer probes keep them apart).
     """
 
     def __init__(self, model, bn_mode, process_group=None, *, fuse_relu=False):
@@ -56,8 +57,10 @@ class FunctionalModel:
         # Process groups cannot be copied: the copy shares the model's.
         memo.update({id(m.process_group): m.process_group for m in model.modules()
                      if getattr(m, "process_group", None) is not None})
-        self.copy = fastbn.convert(copy.deepcopy(model, memo), fuse_relu=fuse_relu,
-                                   sync=process_group is not None, process_group=process_group)
+        self.copy = fastbn.convert(copy.deepcopy(model, memo), sync=process_group is not None,
+                                   process_group=process_group)
+        if fuse_relu:
+            fuse_relu_along_sequentials(self.copy)
 
     def _sync_training_flags(self):
         user = dict(self.model.named_modules(remove_duplicate=False))

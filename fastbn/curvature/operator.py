@@ -30,11 +30,11 @@ class HessianOperator:
     """H = ∇²_θ L for L the sample-weighted mean loss of `model` over `data`.
 
     model: an nn.Module; torch's BatchNorm layers are fine (a private structural copy
-        with fastbn layers runs instead, fed the model's current tensors; there a batch
-        norm directly followed by nn.ReLU in an nn.Sequential runs as one fused layer,
-        unless either module has hooks), and the model
-        itself is only read: its parameters, buffers and training flags are bitwise the
-        same after every call, also when a call raises.
+        with fastbn layers runs instead, fed the model's current tensors; where the
+        model is an nn.Sequential, a batch norm directly followed by nn.ReLU in it or in
+        Sequentials nested in it runs as one fused layer, unless either has hooks), and
+        the model itself is only read: its parameters, buffers and training flags are
+        bitwise the same after every call, also when a call raises.
     criterion: (outputs, targets) -> scalar mean loss over the batch.
     data: one `(inputs, targets)` batch (inputs a tensor or a dict of tensors; wrap a
         batch with tuple inputs as [batch]) or an iterable of batches (re-iterated on every

@@ -93,33 +93,66 @@ _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
                  nn.BatchNorm3d: BatchNorm3d, nn.SyncBatchNorm: SyncBatchNorm}
 
 
-def _converted(layer, sync, process_group):
-    """The fastbn layer that takes over `layer`'s parameters, buffers, flags and hooks."""
-    cls = SyncBatchNorm if sync else _REPLACEMENTS[type(layer)]
+def _shallow_copy(layer, cls):
+    """A `cls` layer that shares `layer`'s parameters, buffers, flags and hooks."""
     new = cls.__new__(cls)
     new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v)
                          for k, v in layer.__dict__.items()})
+    return new
+
+
+def _converted(layer, sync, process_group):
+    """The fastbn layer that takes over `layer`'s parameters, buffers, flags and hooks."""
+    cls = SyncBatchNorm if sync else _REPLACEMENTS[type(layer)]
+    new = _shallow_copy(layer, cls)
     new.activation = getattr(layer, "activation", None)   # a fastbn layer keeps its fusion
     if cls is SyncBatchNorm:
         new.process_group = process_group if sync else layer.process_group
     return new
 
 
-def _has_hooks(module):
-    return any(getattr(module, name) for name in (
-        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hooked(module):
+    """Whether hooks would see `module`'s output: its own or global module hooks."""
+    return any(getattr(module, name, None) or getattr(nn.modules.module, "_global" + name, None)
+               for name in _HOOKS)
+
+
+def _plain_sequential(module):
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
 def _fuse_relu(seq):
-    """In a Sequential, fold an nn.ReLU that directly follows a fastbn layer into it;
-    not where either has a hook, which would see the other's output or be lost."""
+    """In a plain nn.Sequential, a fastbn layer that an nn.ReLU directly follows becomes a
+    fused copy of itself (sharing its parameters and buffers: the layer may be used
+    elsewhere, unfused), and the ReLU nn.Identity. Not where either has a hook (it would
+    see the other's output), nor for subclasses with their own forward."""
+    if not _plain_sequential(seq):
+        return
     names = list(seq._modules)
     for first, second in zip(names, names[1:]):
         bn, relu = seq._modules[first], seq._modules[second]
-        if (isinstance(bn, _FastBatchNorm) and bn.activation is None
-                and type(relu) is nn.ReLU and not (_has_hooks(bn) or _has_hooks(relu))):
-            bn.activation = "relu"
+        if (isinstance(bn, _FastBatchNorm) and type(bn).forward is _FastBatchNorm.forward
+                and bn.activation is None and type(relu) is nn.ReLU
+                and not (_hooked(bn) or _hooked(relu))):
+            fused = _shallow_copy(bn, type(bn))
+            fused.activation = "relu"
+            seq._modules[first] = fused
             seq._modules[second] = nn.Identity().train(relu.training)
+
+
+def fuse_relu_along_sequentials(module):
+    """Fuse batch norm + ReLU pairs (as `convert(fuse_relu=True)`) only in `module` and
+    the nn.Sequentials nested in it through plain nn.Sequentials: there nothing but
+    Sequential.forward calls a layer, so fusing cannot change what any other code sees
+    (a custom module's forward might call `self.seq[1]` alone). Returns `module`."""
+    if _plain_sequential(module):
+        _fuse_relu(module)
+        for child in module.children():
+            fuse_relu_along_sequentials(child)
+    return module
 
 
 def convert(module, *, fuse_relu=False, sync=False, process_group=None):
@@ -127,11 +160,13 @@ def convert(module, *, fuse_relu=False, sync=False, process_group=None):
 
     Parameters and buffers are kept (the same tensors), and so are the training flag,
     device and dtype. With `fuse_relu=True`, a batch norm directly followed by nn.ReLU
-    inside an nn.Sequential becomes one fused layer (the ReLU becomes nn.Identity; not
-    where either module has a hook). With
-    `sync=True` every batch norm, fastbn's local layers included, becomes a
-    fastbn.SyncBatchNorm over `process_group` (default: the whole world). Returns the converted module (a new object only when
-    `module` itself is a batch norm).
+    inside an nn.Sequential becomes one fused layer, a copy sharing its tensors (the ReLU
+    becomes nn.Identity), except where either module has hooks or the Sequential or the
+    batch norm overrides forward; fusion assumes no custom forward calls the batch norm
+    of a pair on its own. With `sync=True` every batch norm, fastbn's local layers
+    included, becomes a fastbn.SyncBatchNorm over `process_group` (default: the whole
+    world). Returns the converted module (a new object only when `module` itself is a
+    batch norm).
     """
     if sync and isinstance(module, SyncBatchNorm):
         module.process_group = process_group

@@ -59,6 +59,8 @@ def layout_x(name, gen, dtype):
         x = randn(8, 64, 16, 16)
     elif name == "offset":  # x = 1e4 + N(0, 1): statistics without cancellation
         x = 1e4 + randn(16, 5, 9, 13)
+    elif name == "long_rows":  # rows past one 4096-element run, ending in a short tail
+        x = randn(2, 3, 4096 + 17)
     elif name == "big_cl":  # two channel blocks, several row blocks
         x = randn(4, 600, 5, 3).contiguous(memory_format=torch.channels_last)
     else:

@@ -30,7 +30,7 @@ def native(monkeypatch):
 
 LAYOUTS = ("nchw", "channels_last", "channels_last_3d", "2d", "3d", "slice", "strided_l", "c1",
            "c1_2d")
-BIG = ("big_nchw", "many_rows", "wide_c", "big_cl")
+BIG = ("big_nchw", "many_rows", "wide_c", "long_rows", "big_cl")
 # Small layouts at every dtype; the larger ones (multi-segment, multi-thread) at two.
 CASES = [(layout, dtype) for layout in LAYOUTS for dtype in DTYPES] + \
         [(layout, dtype) for layout in BIG for dtype in (torch.float32, torch.float16)]

@@ -32,17 +32,53 @@ def test_matvec_and_matmat_equal_exact_hessian(make_model, method, backend):
     close(op.matmat(torch.eye(size, dtype=DTYPE)), hessian)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_batch_norm_then_relu_runs_fused_and_equals_exact_hessian(method, backend):
+class _CallsItsBatchNormAlone(nn.Module):
+    """A custom forward that uses the batch norm of a BN → ReLU pair on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), fastbn.BatchNorm2d(3),
+                                 nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 2))
+
+    def forward(self, x):
+        h = self.seq(x)
+        return self.head(h + self.seq[1](self.seq[0](x)))
+
+
+def _relu_models():
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 2)).to(DTYPE)
-    batch = batch_for(model, 6, seed=1)
-    gradient, hessian = exact_hessian(model, CRITERION, [batch])
-    op = HessianOperator(model, CRITERION, batch, method=method)
-    private = op._model.copy
-    assert private[1].activation == "relu" and isinstance(private[2], nn.Identity)
-    assert type(model[1]) is nn.BatchNorm2d and type(model[2]) is nn.ReLU   # user's: as is
+    conv = lambda: nn.Conv2d(2, 3, 3, padding=1)    # noqa: E731
+    head = lambda: (nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 2))   # noqa: E731
+    shared = fastbn.BatchNorm2d(3)
+    return {
+        # fused: a plain Sequential, nested in one, torch's batch norm
+        "torch_bn": (nn.Sequential(conv(), nn.BatchNorm2d(3), nn.ReLU(), *head()), True),
+        "nested": (nn.Sequential(nn.Sequential(conv(), fastbn.BatchNorm2d(3), nn.ReLU()),
+                                 *head()), True),
+        # a fastbn layer used twice: each use fused through its own copy
+        "shared": (nn.Sequential(conv(), shared, nn.ReLU(), nn.Conv2d(3, 3, 1), shared,
+                                 *head()), True),
+        # not fused: a custom forward could call the pair's batch norm alone
+        "custom_parent": (_CallsItsBatchNormAlone(), False),
+    }
+
+
+@pytest.mark.parametrize("name", ["torch_bn", "nested", "shared", "custom_parent"])
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+def test_batch_norm_then_relu_runs_fused_where_safe_and_equals_exact_hessian(name, bn_mode):
+    model, fused = _relu_models()[name]
+    model = with_nontrivial_running_stats(model.to(DTYPE))
+    generator = torch.Generator().manual_seed(1)
+    batch = (torch.randn(6, 2, 4, 4, generator=generator, dtype=DTYPE),
+             torch.randint(0, 2, (6,), generator=generator))
+    gradient, hessian = exact_hessian(model, CRITERION, [batch], bn_mode)
+    before = [type(m) for m in model.modules()]
+    op = HessianOperator(model, CRITERION, batch, bn_mode=bn_mode,
+                         method="reverse-over-reverse")
+    activations = [getattr(m, "activation", None) for m in op._model.copy.modules()]
+    assert ("relu" in activations) == fused
+    assert [type(m) for m in model.modules()] == before    # the user's model: as it was
     v = torch.randn(hessian.shape[0], dtype=DTYPE)
     close(op.grad(), gradient)
     close(op.matvec(v), hessian @ v)
