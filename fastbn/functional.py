@@ -68,10 +68,14 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
                              f"got input size {input.size()}")
 
 
+def _vector(t, channels):
+    return t if t is None or t.dim() == 1 else t.reshape(channels)
+
+
 def _param(t, channels, like, fill):
     if t is None:
         return torch.full((channels,), fill, dtype=like.dtype, device=like.device)
-    return t if t.dim() == 1 else t.reshape(channels)
+    return _vector(t, channels)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -87,9 +91,27 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     statistics and every reduction of every derivative span all processes of the group;
     each process must call with the same channel count (its batch may be empty).
     """
-    synchronized = training and process_group is not None
     check_args(input, running_mean, running_var, weight, bias, training, activation,
-               synchronized)
+               training and process_group is not None)
+    return checked_batch_norm(input, running_mean, running_var, weight, bias, training,
+                              momentum, eps, activation, process_group)
+
+
+def _differentiable(*tensors):
+    """Whether autograd, forward-mode AD or a torch.func transform can see this call, or
+    a tensor subclass could intercept it."""
+    return (torch._C._are_functorch_transforms_active()
+            or torch.autograd.forward_ad._current_level >= 0
+            or type(tensors[0]) is not torch.Tensor
+            or (torch.is_grad_enabled()
+                and any(t is not None and t.requires_grad for t in tensors)))
+
+
+def checked_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                       eps, activation, process_group):
+    """`batch_norm` once `check_args` has passed (the modules check before they touch
+    num_batches_tracked)."""
+    synchronized = training and process_group is not None
     if input.numel() == 0 and not synchronized:
         # As torch: an empty output that stays connected to weight and bias.
         out = input.clone()
@@ -101,8 +123,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     channels = input.shape[1]
     weight = _param(weight, channels, input, 1.0)
     bias = _param(bias, channels, input, 0.0)
-    running_mean = None if running_mean is None else running_mean.reshape(channels)
-    running_var = None if running_var is None else running_var.reshape(channels)
+    running_mean = _vector(running_mean, channels)
+    running_var = _vector(running_var, channels)
 
     if synchronized and (torch.compiler.is_compiling() or transforms.nested_forward_mode()):
         raise NotImplementedError("fastbn: a synchronised batch norm runs eagerly, with at "
@@ -127,10 +149,14 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                                       activation)
 
     backend = SyncKernels(process_group) if synchronized else backends.select(input)
-    if training:
-        if transforms.under_transform():
-            running_mean = running_var = None
-        return TrainForward.apply(input, weight, bias, running_mean, running_var, momentum,
-                                  eps, activation, backend)[0]
-    return EvalForward.apply(input, running_mean, running_var, weight, bias, eps, activation,
-                             backend)
+    if training and transforms.under_transform():
+        running_mean = running_var = None
+    function, args = ((TrainForward, (input, weight, bias, running_mean, running_var,
+                                      momentum, eps, activation, backend)) if training else
+                      (EvalForward, (input, running_mean, running_var, weight, bias, eps,
+                                     activation, backend)))
+    # Function.apply costs ~10 µs a call; where nothing can see the call but its result,
+    # the forward alone is the whole of it.
+    differentiable = _differentiable(input, weight, bias)
+    out = function.apply(*args) if differentiable else function.forward(*args)
+    return out[0] if training else out

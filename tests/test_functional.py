@@ -182,3 +182,35 @@ def test_running_statistics_update(backend):
         F.batch_norm(x, rm_t, rv_t, training=True, momentum=momentum)
         torch.testing.assert_close(rm, rm_t)
         torch.testing.assert_close(rv, rv_t)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_autograd_function_only_where_something_differentiates(monkeypatch, training):
+    """A call nothing can differentiate runs the Function's forward alone (apply costs
+    microseconds); any grad-requiring input, forward-AD level or torch.func transform goes
+    through apply, whose results must agree."""
+    from fastbn.ops import autograd
+    calls = []
+    for cls in (autograd.TrainForward, autograd.EvalForward):
+        original = cls.apply.__func__
+        monkeypatch.setattr(cls, "apply", classmethod(
+            lambda c, *a, _f=original: calls.append(c.__name__) or _f(c, *a)))
+    x, w = torch.randn(4, 3, 5), torch.randn(3, requires_grad=True)
+    rm, rv = torch.zeros(3), torch.ones(3)
+
+    def run():
+        return fastbn.batch_norm(x, rm, rv, w, None, training=training)
+
+    with torch.no_grad():
+        plain = run()
+    assert calls == [] and plain.grad_fn is None
+    differentiated = run()
+    assert len(calls) == 1 and differentiated.grad_fn is not None
+    before = len(calls)
+    torch.func.vmap(lambda t: fastbn.batch_norm(t, None, None, training=True))(x[None])
+    assert len(calls) > before
+    before = len(calls)
+    with torch.autograd.forward_ad.dual_level(), torch.no_grad():
+        run()
+    assert len(calls) > before
+    torch.testing.assert_close(plain, differentiated.detach(), rtol=0, atol=0)

@@ -5,12 +5,13 @@ A backend is a module with the kernel functions documented in `reference.py` plu
 of each call; nothing above it knows which one ran.
 
 Selection: `set_backend(name)`, the context manager `use_backend(name)`, or the
-environment variable FASTBN_BACKEND; names are "auto", "reference", "cpu", "triton".
+environment variable FASTBN_BACKEND (read on first use); names are "auto", "reference", "cpu", "triton".
 "auto" takes the compiled CPU kernels for CPU tensors and Triton for CUDA tensors when
 they are available, and the reference backend otherwise.
 """
 
 import contextlib
+import functools
 import importlib
 import os
 import threading
@@ -60,13 +61,18 @@ def _require(name):
     return load(name)
 
 
+@functools.cache
+def _environment_backend():
+    """FASTBN_BACKEND, read once (os.environ costs a microsecond a call)."""
+    name = os.environ.get("FASTBN_BACKEND", "auto") or "auto"
+    _check_name(name)
+    return name
+
+
 def get_backend():
     """The name of the selected backend ("auto" unless set)."""
     name = getattr(_state, "name", None)
-    if name is None:
-        name = os.environ.get("FASTBN_BACKEND", "auto") or "auto"
-        _check_name(name)
-    return name
+    return _environment_backend() if name is None else name
 
 
 def set_backend(name):
@@ -88,13 +94,20 @@ def use_backend(name):
         _state.name = previous
 
 
+_auto = {}   # device type -> the backend "auto" picks there (probed once: microseconds a call)
+
+
 def select(x):
     """The backend module that runs an op on tensor x."""
     name = get_backend()
     if name != "auto":
         return _require(name)
-    if x.is_cuda and availability("triton")[0]:
-        return load("triton")
-    if x.device.type == "cpu" and availability("cpu")[0]:
-        return load("cpu")
-    return load("reference")
+    device = "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
+    if device not in _auto:
+        if device == "cuda" and availability("triton")[0]:
+            _auto[device] = load("triton")
+        elif device == "cpu" and availability("cpu")[0]:
+            _auto[device] = load("cpu")
+        else:
+            _auto[device] = load("reference")
+    return _auto[device]
