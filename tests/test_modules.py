@@ -168,3 +168,17 @@ def test_channels_last_model(backend):
     ref, fast = ref.to(memory_format=torch.channels_last), fast.to(
         memory_format=torch.channels_last)
     torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_parametrized_weight_is_honoured(backend):
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    ref, fast = nn.BatchNorm2d(3), fastbn.BatchNorm2d(3)
+    fast.load_state_dict(ref.state_dict())
+    for layer in (ref, fast):
+        torch.nn.utils.parametrize.register_parametrization(layer, "weight", Double())
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(fast(x), ref(x))
+    torch.testing.assert_close(fast.running_mean, ref.running_mean)

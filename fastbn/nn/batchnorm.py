@@ -33,9 +33,10 @@ class _FastBatchNorm:
         self._check_input_dim(input)
         # Each parameter and buffer read once: nn.Module's attribute fallback costs
         # a fraction of a microsecond a read, a visible share of a small layer's call.
-        buffers, params, training = self._buffers, self._parameters, self.training
-        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-        weight, bias = params["weight"], params["bias"]
+        # (Attributes, not the dicts: parametrizations and functional_call act on them.)
+        training = self.training
+        running_mean, running_var = self.running_mean, self.running_var
+        weight, bias = self.weight, self.bias
         batch_stats = training or (running_mean is None and running_var is None)
         if training and not self.track_running_stats:
             running_mean = running_var = None
@@ -44,8 +45,8 @@ class _FastBatchNorm:
         functional.check_args(input, running_mean, running_var, weight, bias, batch_stats,
                               self.activation, group is not None)
         factor = 0.0 if self.momentum is None else self.momentum
-        tracked = buffers["num_batches_tracked"]
-        if (training and self.track_running_stats and tracked is not None
+        tracked = self.num_batches_tracked if training else None
+        if (tracked is not None and self.track_running_stats
                 and not transforms.under_transform()):
             tracked.add_(1)
             if self.momentum is None:
