@@ -157,6 +157,5 @@ def checked_batch_norm(input, running_mean, running_var, weight, bias, training,
                                      activation, backend)))
     # Function.apply costs ~10 µs a call; where nothing can see the call but its result,
     # the forward alone is the whole of it.
-    differentiable = _differentiable(input, weight, bias)
-    out = function.apply(*args) if differentiable else function.forward(*args)
+    out = function.apply(*args) if _differentiable(input, weight, bias) else function.forward(*args)
     return out[0] if training else out

@@ -5,9 +5,9 @@ A backend is a module with the kernel functions documented in `reference.py` plu
 of each call; nothing above it knows which one ran.
 
 Selection: `set_backend(name)`, the context manager `use_backend(name)`, or the
-environment variable FASTBN_BACKEND (read on first use); names are "auto", "reference", "cpu", "triton".
-"auto" takes the compiled CPU kernels for CPU tensors and Triton for CUDA tensors when
-they are available, and the reference backend otherwise.
+environment variable FASTBN_BACKEND (read on first use); names are "auto", "reference",
+"cpu", "triton". "auto" takes the compiled CPU kernels for CPU tensors and Triton for
+CUDA tensors when they are available, and the reference backend otherwise.
 """
 
 import contextlib

@@ -126,12 +126,12 @@ def _affine(x, scale, shift, activation):
 
 # ---- torch's own kernels for plain calls ----------------------------------------------
 #
-# The composed math of this module is the definition and serves every call that is differentiated, batched
-# or reduced across processes. A plain local call (the autograd layer's kernel calls when
-# this backend is selected) computes the same values with torch's native batch-norm
-# kernels: PyTorch ops too, and several times faster than the composed reductions
-# (`torch.var_mean` alone costs 10-50 copies of x on CPU). tests/backends check both
-# paths against each other.
+# The composed math of this module is the definition and serves every call that is
+# differentiated, batched or reduced across processes. A plain local call (the autograd
+# layer's kernel calls when this backend is selected) computes the same values with
+# torch's native batch-norm kernels: PyTorch ops too, and several times faster than the
+# composed reductions (`torch.var_mean` alone costs 10-50 copies of x on CPU).
+# tests/backends check both paths against each other.
 
 def _native_ok(x, reduction, *others):
     """Whether torch's native kernels may serve this call: local statistics, a non-empty

@@ -1,7 +1,7 @@
 """What every backend's kernel tests share: inputs of the named layouts, calling an op of
-the kernel interface on one problem dict, and comparing with the reference backend (half precision by the upcast
-rule of DESIGN.md: error vs the float64 reference at most twice the reference backend's
-own error at that dtype, plus a small tolerance)."""
+the kernel interface on one problem dict, and comparing with the reference backend (half
+precision by the upcast rule of DESIGN.md: error vs the float64 reference at most twice
+the reference backend's own error at that dtype, plus a small tolerance)."""
 
 import torch
 
@@ -25,46 +25,43 @@ class NoFallback:
         raise AssertionError(f"{self.backend} backend fell back to reference.{attr}")
 
 
-def layout_x(name, gen, dtype):
-    """An x of the named layout (float64 values cast to dtype): odd and prime sizes, C=1
-    and N=2 included."""
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+# The size of x in each layout: odd and prime sizes, C=1 and N=2 included.
+SIZES = {
+    "nchw": (2, 3, 5, 7),
+    "channels_last": (3, 5, 7, 11),
+    "channels_last_3d": (2, 3, 3, 5, 7),
+    "2d": (13, 7),
+    "3d": (2, 5, 17),
+    "slice": (3, 7, 5, 6),         # channels 2:5 of it: not contiguous
+    "strided_l": (2, 3, 5, 14),    # every other element of a row: the non-unit-stride loops
+    "c1": (5, 1, 7, 3),
+    "c1_2d": (9, 1),
+    "big_nchw": (4, 6, 23, 41),    # several work units, two threads with K=3
+    "many_rows": (400, 3, 7, 7),   # several NCHW work units (row blocks) per channel
+    "wide_c": (8, 70, 7, 7),       # NCHW channel blocks, the last one partial
+    "threaded": (8, 64, 16, 16),   # enough work for two threads in every op
+    "offset": (16, 5, 9, 13),      # x = 1e4 + N(0, 1): statistics without cancellation
+    "long_rows": (2, 3, 4096 + 17),  # rows past one 4096-element run, ending in a short tail
+    "big_cl": (4, 600, 5, 3),      # channels-last: two channel blocks, several row blocks
+}
+_CHANNELS_LAST = {"channels_last": torch.channels_last, "big_cl": torch.channels_last,
+                  "channels_last_3d": torch.channels_last_3d}
 
-    if name == "nchw":
-        x = randn(2, 3, 5, 7)
-    elif name == "channels_last":
-        x = randn(3, 5, 7, 11).contiguous(memory_format=torch.channels_last)
-    elif name == "channels_last_3d":
-        x = randn(2, 3, 3, 5, 7).contiguous(memory_format=torch.channels_last_3d)
-    elif name == "2d":
-        x = randn(13, 7)
-    elif name == "3d":
-        x = randn(2, 5, 17)
-    elif name == "slice":  # channel slice of a bigger tensor: not contiguous
-        x = randn(3, 7, 5, 6)[:, 2:5]
-    elif name == "strided_l":  # NCHW rows with element stride 2: the non-unit-stride loops
-        x = randn(2, 3, 5, 14)[..., ::2]
-    elif name == "c1":
-        x = randn(5, 1, 7, 3)
-    elif name == "c1_2d":
-        x = randn(9, 1)
-    elif name == "big_nchw":  # several work units, two threads with K=3
-        x = randn(4, 6, 23, 41)
-    elif name == "many_rows":  # several NCHW work units (row blocks) per channel
-        x = randn(400, 3, 7, 7)
-    elif name == "wide_c":  # NCHW channel blocks, the last one partial
-        x = randn(8, 70, 7, 7)
-    elif name == "threaded":  # enough work for two threads in every op
-        x = randn(8, 64, 16, 16)
-    elif name == "offset":  # x = 1e4 + N(0, 1): statistics without cancellation
-        x = 1e4 + randn(16, 5, 9, 13)
-    elif name == "long_rows":  # rows past one 4096-element run, ending in a short tail
-        x = randn(2, 3, 4096 + 17)
-    elif name == "big_cl":  # two channel blocks, several row blocks
-        x = randn(4, 600, 5, 3).contiguous(memory_format=torch.channels_last)
-    else:
+
+def layout_x(name, gen, dtype, sizes=SIZES):
+    """An x of the named layout, float64 N(0, 1) values cast to dtype; `sizes` maps
+    layout names to the full tensor's shape (smaller ones for slow backends)."""
+    if name not in sizes:
         raise ValueError(name)
+    x = torch.randn(*sizes[name], generator=gen, dtype=torch.float64)
+    if name == "slice":
+        x = x[:, 2:5]
+    elif name == "strided_l":
+        x = x[..., ::2]
+    elif name == "offset":
+        x = 1e4 + x
+    elif name in _CHANNELS_LAST:
+        x = x.contiguous(memory_format=_CHANNELS_LAST[name])
     return x.to(dtype)
 
 

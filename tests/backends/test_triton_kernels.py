@@ -35,7 +35,7 @@ pytest.importorskip("triton")
 from fastbn.backends import reference  # noqa: E402
 from tests.backends.kernel_checks import (HALF, K_OPS, OPS, NoFallback,  # noqa: E402
                                           as_tuple as _tuple, call as _call, check,
-                                          upcast as _upcast)
+                                          layout_x, upcast as _upcast)
 
 T = pytest.importorskip("fastbn.backends.triton")
 
@@ -68,28 +68,14 @@ def path(request, monkeypatch):
     return request.param
 
 
-def _x(layout, gen, dtype):
-    """Small x with odd sizes in the given layout."""
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+# Small sizes: the interpreter runs a kernel element by element.
+SMALL = {"nchw": (2, 3, 5, 3), "channels_last": (3, 5, 3, 2),
+         "channels_last_3d": (2, 3, 2, 3, 2), "2d": (11, 5), "3d": (2, 5, 7),
+         "slice": (3, 6, 3, 4), "c1": (5, 1, 3, 2)}
 
-    if layout == "nchw":
-        x = randn(2, 3, 5, 3)
-    elif layout == "channels_last":
-        x = randn(3, 5, 3, 2).contiguous(memory_format=torch.channels_last)
-    elif layout == "channels_last_3d":
-        x = randn(2, 3, 2, 3, 2).contiguous(memory_format=torch.channels_last_3d)
-    elif layout == "2d":
-        x = randn(11, 5)
-    elif layout == "3d":
-        x = randn(2, 5, 7)
-    elif layout == "slice":   # channel slice of a bigger tensor: not contiguous
-        x = randn(3, 6, 3, 4)[:, 2:5]
-    elif layout == "c1":
-        x = randn(5, 1, 3, 2)
-    else:
-        raise ValueError(layout)
-    return x.to(DEVICE, dtype)
+
+def _x(layout, gen, dtype):
+    return layout_x(layout, gen, dtype, SMALL).to(DEVICE)
 
 
 def _like(x, gen, k, expanded=False):
