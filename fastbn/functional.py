@@ -8,6 +8,7 @@ statistics are left exactly as they were.
 """
 
 import torch
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from fastbn import backends
 from fastbn.backends import reference
@@ -23,13 +24,20 @@ def check_activation(activation):
         raise ValueError(f"unknown activation {activation!r}; expected None or 'relu'")
 
 
+# torch's names of the element types its kernels reject (its error messages use them).
+_SCALAR_TYPE_NAMES = {torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short",
+                      torch.int32: "Int", torch.int64: "Long", torch.bool: "Bool",
+                      torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
+                      torch.complex128: "ComplexDouble"}
+
+
 def _allowed_param_dtypes(dtype):
     if dtype in (torch.float16, torch.bfloat16):
         return (dtype, torch.float32)
     return (dtype,)
 
 
-def check_args(input, running_mean, running_var, weight, bias, training, activation,
+def check_args(input, running_mean, running_var, weight, bias, training, activation, eps,
                synchronized=False):
     """Raise, with torch's wording where torch has one, if the call is invalid.
 
@@ -39,8 +47,8 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
     if not input.is_floating_point():
-        raise NotImplementedError(f'"batch_norm" not implemented for '
-                                  f"'{str(input.dtype).removeprefix('torch.')}'")
+        name = _SCALAR_TYPE_NAMES.get(input.dtype, str(input.dtype).removeprefix("torch."))
+        raise NotImplementedError(f'"batch_norm" not implemented for \'{name}\'')
     if input.dim() < 2:
         raise ValueError(f"expected 2D or higher input (got {input.dim()}D input)")
     channels = input.shape[1]
@@ -57,10 +65,17 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
         if t.dtype not in allowed:
             raise RuntimeError(f"mixed dtype: expected {name} to have dtype "
                                f"{' or '.join(str(d) for d in allowed)}, got {t.dtype}")
-    if (running_mean is None) != (running_var is None):
-        raise RuntimeError("running_mean and running_var must be given together")
-    if not training and running_mean is None:
-        raise RuntimeError("running_mean must be defined in evaluation mode")
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or "
+                         "neither be None")
+    if not training:
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is None:
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if training and not synchronized:
         values = input.numel() // channels if channels else 0
         if values == 1:
@@ -91,7 +106,12 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     statistics and every reduction of every derivative span all processes of the group;
     each process must call with the same channel count (its batch may be empty).
     """
-    check_args(input, running_mean, running_var, weight, bias, training, activation,
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(
+            batch_norm, (input, running_mean, running_var, weight, bias), input,
+            running_mean, running_var, weight, bias, training, momentum, eps, activation,
+            process_group=process_group)
+    check_args(input, running_mean, running_var, weight, bias, training, activation, eps,
                training and process_group is not None)
     return checked_batch_norm(input, running_mean, running_var, weight, bias, training,
                               momentum, eps, activation, process_group)
@@ -129,7 +149,8 @@ def checked_batch_norm(input, running_mean, running_var, weight, bias, training,
     if synchronized and (torch.compiler.is_compiling() or transforms.nested_forward_mode()):
         raise NotImplementedError("fastbn: a synchronised batch norm runs eagerly, with at "
                                   "most one level of forward-mode AD")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # Graph capture sees only registered ops: the custom ops, not the raw kernels.
         from fastbn.ops import library
         if training:
             y, mean, invstd = library.forward_train(input, weight, bias, float(eps),

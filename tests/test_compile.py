@@ -30,14 +30,22 @@ def test_compiled_training_step_matches_eager():
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
 
 
+_LAYOUTS = {"contiguous": lambda x: x.contiguous(),
+            "channels_last": lambda x: x.contiguous(memory_format=torch.channels_last),
+            "permuted": lambda x: x.permute(0, 1, 3, 2)}   # spatial dims that do not flatten
+
+
 @pytest.mark.parametrize("activation", ["", "relu"])
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_opcheck(backend, activation, layout):
-    x = torch.randn(4, 3, 5, 5).contiguous(memory_format=layout)
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+@pytest.mark.parametrize("grad_layout", ["same", "contiguous", "channels_last"])
+def test_opcheck(backend, activation, layout, grad_layout):
+    """Fake and real kernels agree on shapes and strides, whatever the layouts."""
+    x = _LAYOUTS[layout](torch.randn(4, 3, 5, 6))
     w, b = torch.randn(3), torch.randn(3)
     torch.library.opcheck(library.forward_train, (x, w, b, 1e-5, activation))
     _, mean, invstd = library.forward_train(x, w, b, 1e-5, activation)
-    gy = torch.randn_like(x)
+    gy = torch.randn_like(x) if grad_layout == "same" else \
+        _LAYOUTS[grad_layout](torch.randn(x.shape))
     torch.library.opcheck(library.backward, (gy, x, mean, invstd, w, b, activation))
     torch.library.opcheck(library.backward_backward,
                           (torch.randn_like(x), torch.randn(3), None, gy, x, mean, invstd, w, b,

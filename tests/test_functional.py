@@ -140,7 +140,8 @@ def _state():
 
 @pytest.mark.parametrize("call, error, message", [
     (lambda rm, rv: fastbn.batch_norm(torch.ones(2, 3, dtype=torch.long), rm, rv,
-                                      training=True), NotImplementedError, "not implemented"),
+                                      training=True),
+     NotImplementedError, "\"batch_norm\" not implemented for 'Long'"),
     (lambda rm, rv: fastbn.batch_norm(torch.randn(3), rm, rv, training=True),
      ValueError, "expected 2D or higher input"),
     (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 4), rm, rv, training=True),
@@ -163,7 +164,13 @@ def _state():
                                       training=True),
      RuntimeError, "same device"),
     (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, None, training=False),
-     RuntimeError, "running_mean and running_var"),
+     RuntimeError, "running_var must be defined in evaluation mode"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, None, training=True),
+     ValueError, "running_mean and running_var must either both be None or neither be None"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, rv, training=True, eps=0.0),
+     ValueError, "batch_norm eps must be positive during training, but got 0.0"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, rv, training=False, eps=-1.0),
+     ValueError, "batch_norm eps must be non-negative, but got -1.0"),
 ])
 def test_bad_input_raises_and_changes_nothing(backend, call, error, message):
     rm, rv = _state()
@@ -214,3 +221,44 @@ def test_autograd_function_only_where_something_differentiates(monkeypatch, trai
         run()
     assert len(calls) > before
     torch.testing.assert_close(plain, differentiated.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("x, with_var, training, eps", [
+    (torch.ones(2, 3, dtype=torch.int32), True, True, 1e-5),
+    (torch.ones(2, 3, dtype=torch.complex64), True, True, 1e-5),
+    (torch.randn(1, 3), True, True, 1e-5),
+    (torch.randn(2, 3), False, True, 1e-5),
+    (torch.randn(2, 3), False, False, 1e-5),
+    (torch.randn(2, 3), True, True, 0.0),
+    (torch.randn(2, 3), True, False, -1.0),
+], ids=str)
+def test_errors_in_torchs_words(x, with_var, training, eps):
+    def raised(batch_norm):
+        rm, rv = _state()
+        with pytest.raises(Exception) as info:
+            batch_norm(x, rm, rv if with_var else None, training=training, eps=eps)
+        return type(info.value), str(info.value)
+    assert raised(fastbn.batch_norm) == raised(F.batch_norm)
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass that records the functions it intercepts."""
+    seen = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_torch_function_subclasses_see_the_call():
+    _Tagged.seen.clear()
+    x = torch.randn(4, 3, 5).as_subclass(_Tagged)
+    y = fastbn.batch_norm(x, None, None, training=True)
+    assert fastbn.batch_norm in _Tagged.seen and type(y) is _Tagged
+    torch.testing.assert_close(y.as_subclass(torch.Tensor),
+                               F.batch_norm(x.as_subclass(torch.Tensor), None, None,
+                                            training=True))
+    _Tagged.seen.clear()
+    fastbn.BatchNorm1d(3)(x)
+    assert fastbn.batch_norm in _Tagged.seen

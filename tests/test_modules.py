@@ -134,6 +134,43 @@ def test_convert_fuses_a_copy_of_a_shared_batch_norm():
     torch.testing.assert_close(model(x), expected)
 
 
+def test_convert_keeps_hook_handles_and_shared_layers():
+    bn = nn.BatchNorm2d(3)
+    model = nn.Sequential(bn, nn.ReLU(), bn)
+    holder = nn.ModuleDict({"model": model, "alias": bn})
+    calls = []
+    handle = bn.register_forward_hook(lambda m, i, o: calls.append(1))
+    fastbn.convert(holder)
+    assert type(model[0]) is fastbn.BatchNorm2d and model[0] is model[2] is holder["alias"]
+    model(torch.randn(2, 3, 4, 4))
+    assert len(calls) == 2
+    handle.remove()
+    model(torch.randn(2, 3, 4, 4))
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_jit_trace_records_the_batch_norm(backend, training, grad):
+    torch.manual_seed(0)
+    model = fastbn.convert(_cnn()).train(training)
+    eager = copy.deepcopy(model)
+    x, x2 = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(model, x, check_trace=False)
+        eager(x)
+        torch.testing.assert_close(traced(x2), eager(x2))
+    for got, want in zip(model.buffers(), eager.buffers()):
+        torch.testing.assert_close(got, want)
+
+
+def test_sync_batch_norm_without_channels_is_torchs_error():
+    layer = fastbn.SyncBatchNorm(0)
+    with pytest.raises(ValueError, match="number of input channels should be non-zero"):
+        layer(torch.randn(4, 0))
+    assert layer.num_batches_tracked.item() == 0
+
+
 @pytest.mark.parametrize("fuse_relu", [False, True])
 def test_training_run_matches_torch(backend, fuse_relu):
     torch.manual_seed(3)

@@ -10,6 +10,7 @@ and leaves `running_mean`, `running_var` and `num_batches_tracked` untouched.
 
 import torch.distributed as dist
 from torch import nn
+from torch.overrides import has_torch_function_variadic
 
 from fastbn import functional
 from fastbn.ops import transforms
@@ -29,8 +30,11 @@ class _FastBatchNorm:
         """The process group whose batches share statistics, or None (local layers)."""
         return None
 
-    def forward(self, input):
+    def _check_input(self, input):
         self._check_input_dim(input)
+
+    def forward(self, input):
+        self._check_input(input)
         # Each parameter and buffer read once: nn.Module's attribute fallback costs
         # a fraction of a microsecond a read, a visible share of a small layer's call.
         # (Attributes, not the dicts: parametrizations and functional_call act on them.)
@@ -43,7 +47,7 @@ class _FastBatchNorm:
         group = self._sync_group(batch_stats)
         # Check everything before num_batches_tracked moves: errors change no state.
         functional.check_args(input, running_mean, running_var, weight, bias, batch_stats,
-                              self.activation, group is not None)
+                              self.activation, self.eps, group is not None)
         factor = 0.0 if self.momentum is None else self.momentum
         tracked = self.num_batches_tracked if training else None
         if (tracked is not None and self.track_running_stats
@@ -51,9 +55,10 @@ class _FastBatchNorm:
             tracked.add_(1)
             if self.momentum is None:
                 factor = 1.0 / float(tracked)
-        return functional.checked_batch_norm(input, running_mean, running_var, weight, bias,
-                                             batch_stats, factor, self.eps, self.activation,
-                                             group)
+        call = (functional.batch_norm if has_torch_function_variadic(
+            input, running_mean, running_var, weight, bias) else functional.checked_batch_norm)
+        return call(input, running_mean, running_var, weight, bias, batch_stats, factor,
+                    self.eps, self.activation, process_group=group)
 
     def extra_repr(self):
         text = super().extra_repr()
@@ -88,6 +93,10 @@ class SyncBatchNorm(_FastBatchNorm, nn.SyncBatchNorm):
                          device=device, dtype=dtype, activation=activation)
         self.process_group = process_group
 
+    def _check_input(self, input):
+        super()._check_input(input)
+        self._check_non_zero_input_channels(input)
+
     def _sync_group(self, batch_stats):
         if not (batch_stats and self.training and dist.is_available() and dist.is_initialized()):
             return None
@@ -99,10 +108,12 @@ _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
                  nn.BatchNorm3d: BatchNorm3d, nn.SyncBatchNorm: SyncBatchNorm}
 
 
-def _shallow_copy(layer, cls):
-    """A `cls` layer that shares `layer`'s parameters, buffers, flags and hooks."""
+def _shallow_copy(layer, cls, take_over=False):
+    """A `cls` layer that shares `layer`'s parameters, buffers, flags and hooks: in
+    copies of its dicts, or with `take_over` in the dicts themselves (the handles of
+    hooks registered on `layer` then still remove them)."""
     new = cls.__new__(cls)
-    new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v)
+    new.__dict__.update({k: (v.copy() if isinstance(v, dict) and not take_over else v)
                          for k, v in layer.__dict__.items()})
     return new
 
@@ -110,7 +121,7 @@ def _shallow_copy(layer, cls):
 def _converted(layer, sync, process_group):
     """The fastbn layer that takes over `layer`'s parameters, buffers, flags and hooks."""
     cls = SyncBatchNorm if sync else _REPLACEMENTS[type(layer)]
-    new = _shallow_copy(layer, cls)
+    new = _shallow_copy(layer, cls, take_over=True)
     new.activation = getattr(layer, "activation", None)   # a fastbn layer keeps its fusion
     if cls is SyncBatchNorm:
         new.process_group = process_group if sync else layer.process_group
@@ -171,17 +182,28 @@ def convert(module, *, fuse_relu=False, sync=False, process_group=None):
     batch norm overrides forward; fusion assumes no custom forward calls the batch norm
     of a pair on its own. With `sync=True` every batch norm, fastbn's local layers
     included, becomes a fastbn.SyncBatchNorm over `process_group` (default: the whole
-    world). Returns the converted module (a new object only when `module` itself is a
-    batch norm).
+    world). A layer reached at several places becomes one converted layer. Returns the
+    converted module (a new object only when `module` itself is a batch norm).
     """
+    return _convert(module, fuse_relu, sync, process_group, {})
+
+
+def _convert(module, fuse_relu, sync, process_group, done):
+    """`convert`, with `done` mapping id(original) -> (original, its conversion)."""
+    if id(module) in done:
+        return done[id(module)][1]
     if sync and isinstance(module, SyncBatchNorm):
         module.process_group = process_group
-        return module
-    if type(module) in _REPLACEMENTS or (sync and isinstance(module, _FastBatchNorm)):
-        return _converted(module, sync, process_group)
-    for name, child in module.named_children():
-        setattr(module, name, convert(child, fuse_relu=fuse_relu, sync=sync,
-                                      process_group=process_group))
-    if fuse_relu and isinstance(module, nn.Sequential):
-        _fuse_relu(module)
-    return module
+        new = module
+    elif type(module) in _REPLACEMENTS or (sync and isinstance(module, _FastBatchNorm)):
+        new = _converted(module, sync, process_group)
+    else:
+        # Every name, not named_children(): that lists a child held twice only once.
+        for name, child in list(module._modules.items()):
+            if child is not None:
+                setattr(module, name, _convert(child, fuse_relu, sync, process_group, done))
+        if fuse_relu and isinstance(module, nn.Sequential):
+            _fuse_relu(module)
+        new = module
+    done[id(module)] = (module, new)   # the original kept alive: its id stays unique
+    return new

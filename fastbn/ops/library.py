@@ -25,10 +25,21 @@ def _stats_like(x):
     return x.new_empty(x.shape[1], dtype=reference.acc_dtype(x.dtype))
 
 
+# Every element output is laid out as torch.empty_like(x), as the fake kernels declare;
+# a backend may return another layout (spatial dims that do not flatten, a grad_y laid
+# out unlike x), and compiled code relies on the declared strides.
+def _like_x(out, x):
+    if out is None or out.stride() == torch.empty_like(x, device="meta").stride():
+        return out
+    return torch.empty_like(x).copy_(out)
+
+
 @torch.library.custom_op("fastbn::forward_train", mutates_args=())
 def forward_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
                   activation: str) -> tuple[Tensor, Tensor, Tensor]:
-    return backends.select(x).forward_train(x, weight, bias, eps, _activation(activation))
+    y, mean, invstd = backends.select(x).forward_train(x, weight, bias, eps,
+                                                       _activation(activation))
+    return _like_x(y, x), mean, invstd
 
 
 @forward_train.register_fake
@@ -39,8 +50,8 @@ def _(x, weight, bias, eps, activation):
 @torch.library.custom_op("fastbn::forward_eval", mutates_args=())
 def forward_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor,
                  bias: Tensor, eps: float, activation: str) -> Tensor:
-    return backends.select(x).forward_eval(x, running_mean, running_var, weight, bias, eps,
-                                           _activation(activation))
+    return _like_x(backends.select(x).forward_eval(x, running_mean, running_var, weight,
+                                                   bias, eps, _activation(activation)), x)
 
 
 @forward_eval.register_fake
@@ -51,13 +62,14 @@ def _(x, running_mean, running_var, weight, bias, eps, activation):
 @torch.library.custom_op("fastbn::backward", mutates_args=())
 def backward(grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor,
              bias: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:
-    return backends.select(x).backward(grad_y, x, mean, invstd, weight, bias,
-                                       _activation(activation))
+    grad_x, grad_weight, grad_bias = backends.select(x).backward(
+        grad_y, x, mean, invstd, weight, bias, _activation(activation))
+    return _like_x(grad_x, x), grad_weight, grad_bias
 
 
 @backward.register_fake
 def _(grad_y, x, mean, invstd, weight, bias, activation):
-    return torch.empty_like(grad_y), torch.empty_like(weight), torch.empty_like(bias)
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
 
 
 @torch.library.custom_op("fastbn::backward_backward", mutates_args=())
@@ -65,13 +77,15 @@ def backward_backward(gg_x: Optional[Tensor], gg_weight: Optional[Tensor],
                       gg_bias: Optional[Tensor], grad_y: Tensor, x: Tensor, mean: Tensor,
                       invstd: Tensor, weight: Tensor, bias: Tensor,
                       activation: str) -> tuple[Tensor, Tensor, Tensor]:
-    return backends.select(x).backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean,
-                                                invstd, weight, bias, _activation(activation))
+    g_grad_y, g_x, g_weight = backends.select(x).backward_backward(
+        gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight, bias,
+        _activation(activation))
+    return _like_x(g_grad_y, x), _like_x(g_x, x), g_weight
 
 
 @backward_backward.register_fake
 def _(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight, bias, activation):
-    return torch.empty_like(grad_y), torch.empty_like(x), torch.empty_like(weight)
+    return torch.empty_like(x), torch.empty_like(x), torch.empty_like(weight)
 
 
 def _setup_forward_train(ctx, inputs, output):
