@@ -164,6 +164,20 @@ def test_jit_trace_records_the_batch_norm(backend, training, grad):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_fx_symbolic_trace_keeps_layers_as_leaves(training):
+    torch.manual_seed(0)
+    model = fastbn.convert(_cnn(), fuse_relu=True).train(training)
+    graph_module = torch.fx.symbolic_trace(model)
+    assert [n.target for n in graph_module.graph.nodes if n.op == "call_module"] == \
+        [name for name, _ in model.named_children()]
+    eager = copy.deepcopy(model)
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(graph_module(x), eager(x))
+    for got, want in zip(model.buffers(), eager.buffers()):
+        torch.testing.assert_close(got, want)
+
+
 def test_sync_batch_norm_without_channels_is_torchs_error():
     layer = fastbn.SyncBatchNorm(0)
     with pytest.raises(ValueError, match="number of input channels should be non-zero"):

@@ -8,6 +8,7 @@ Under torch.func transforms a module in training mode normalises with batch stat
 and leaves `running_mean`, `running_var` and `num_batches_tracked` untouched.
 """
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.overrides import has_torch_function_variadic
@@ -34,6 +35,10 @@ class _FastBatchNorm:
         self._check_input_dim(input)
 
     def forward(self, input):
+        if isinstance(input, torch.fx.Proxy):
+            # torch.fx symbolic tracing: a leaf module, as torch's own batch norms are.
+            tracer = input.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
         self._check_input(input)
         # Each parameter and buffer read once: nn.Module's attribute fallback costs
         # a fraction of a microsecond a read, a visible share of a small layer's call.
