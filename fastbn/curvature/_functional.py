@@ -14,10 +14,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
 from torch.utils._pytree import tree_flatten, tree_map
 
 import fastbn
-from fastbn.nn.batchnorm import fuse_relu_along_sequentials
+from fastbn.nn.batchnorm import _FastBatchNorm, fuse_relu_along_sequentials
 
 BN_MODES = ("train", "eval")
 
@@ -25,6 +26,37 @@ BN_MODES = ("train", "eval")
 def check_bn_mode(bn_mode):
     if bn_mode not in BN_MODES:
         raise ValueError(f"unknown bn_mode {bn_mode!r}; expected 'train' or 'eval'")
+
+
+# The torch classes fastbn.convert replaces (it matches exact types).
+TORCH_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _retype_batch_norm_subclasses(copy_of_model, bn_mode):
+    """In the private copy, make each subclass of a torch batch norm that keeps torch's
+    forward an instance of that torch class, so that fastbn.convert replaces it too
+    (torch's forward updates running statistics in place, which torch.func refuses).
+    Any other subclass (its own forward) runs as it is where it cannot update them
+    (bn_mode "eval", or no running statistics) and is refused where it would."""
+    for name, module in copy_of_model.named_modules():
+        if (not isinstance(module, _BatchNorm) or isinstance(module, _FastBatchNorm)
+                or type(module) in TORCH_BATCH_NORMS):
+            continue
+        base = next((cls for cls in type(module).__mro__ if cls in TORCH_BATCH_NORMS), None)
+        if base is not None and type(module).forward is base.forward:
+            module.__class__ = base
+        elif bn_mode == "train" and module.track_running_stats:
+            reason = ("it overrides forward" if base is not None
+                      else "it derives from none of " + ", ".join(c.__name__ for c in
+                                                                  TORCH_BATCH_NORMS))
+            fastbn_class = f"fastbn.{base.__name__}" if base is not None else "a fastbn layer"
+            raise TypeError(
+                f"layer {name or '(the model)'!r} ({type(module).__name__}) subclasses "
+                f"torch's batch norm but cannot run as a fastbn layer ({reason}), and in "
+                "training mode it would update its running statistics in place, which "
+                f"fails inside torch.func transforms. Derive it from {fastbn_class} "
+                "instead, or use bn_mode=\"eval\", or construct it with "
+                "track_running_stats=False.")
 
 
 def _placeholder(tensor):
@@ -38,12 +70,17 @@ class FunctionalModel:
     """`model` as a pure function of (parameters, inputs).
 
     bn_mode "train": every batch norm normalises with batch statistics (running
-    statistics unused and untouched); "eval": with running statistics. Every other module
-    follows the user's model's training flag at the time of the call. With a
-    `process_group`, batch statistics span the batches of every process in it. With
-    `fuse_relu`, the copy fuses batch norm + ReLU pairs in nested plain nn.Sequentials
-    from the root down (`fuse_relu_along_sequentials`: the same function, faster; the
-    batch norm's own output is then not computed, so layer probes keep them apart).
+    statistics unused and untouched); "eval": with running statistics. Subclasses of
+    torch's batch norms run as fastbn layers where they keep torch's forward (see
+    `_retype_batch_norm_subclasses`). Dropout layers (subclasses of torch's _DropoutNd:
+    nn.Dropout, Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout) always run in eval
+    mode: the loss of a randomly masked model has no Hessian, and torch.func's vmap
+    refuses random operations. Every other module follows the user's model's training
+    flag at the time of the call. With a `process_group`, batch statistics span the
+    batches of every process in it. With `fuse_relu`, the copy fuses batch norm + ReLU
+    pairs in nested plain nn.Sequentials from the root down
+    (`fuse_relu_along_sequentials`: the same function, faster; the batch norm's own
+    output is then not computed, so layer probes keep them apart).
     """
 
     def __init__(self, model, bn_mode, process_group=None, *, fuse_relu=False):
@@ -57,7 +94,9 @@ class FunctionalModel:
         # Process groups cannot be copied: the copy shares the model's.
         memo.update({id(m.process_group): m.process_group for m in model.modules()
                      if getattr(m, "process_group", None) is not None})
-        self.copy = fastbn.convert(copy.deepcopy(model, memo), sync=process_group is not None,
+        private = copy.deepcopy(model, memo)
+        _retype_batch_norm_subclasses(private, bn_mode)
+        self.copy = fastbn.convert(private, sync=process_group is not None,
                                    process_group=process_group)
         if fuse_relu:
             fuse_relu_along_sequentials(self.copy)
@@ -67,6 +106,8 @@ class FunctionalModel:
         for name, module in self.copy.named_modules(remove_duplicate=False):
             if isinstance(module, _BatchNorm):
                 module.training = self.bn_mode == "train"
+            elif isinstance(module, _DropoutNd):
+                module.training = False
             else:
                 module.training = user[name].training
 

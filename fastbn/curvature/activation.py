@@ -66,6 +66,7 @@ def activation_hessian(model, criterion, data, layer, *, bn_mode="train"):
     computation runs on a private fastbn copy fed the model's current tensors. With
     bn_mode="train" every batch norm uses batch statistics (running statistics untouched),
     so a batch norm downstream of the layer couples the samples of the batch.
+    Dropout layers run in eval mode (a randomly masked loss has no Hessian).
     Returns an ActivationHessian.
     """
     functional = FunctionalModel(model, bn_mode)

@@ -5,10 +5,11 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from fastbn.curvature.lanczos import BREAKDOWN_ULPS, check_finite_product, random_vectors
+from fastbn.curvature.lanczos import (BREAKDOWN_ULPS, check_finite_product, random_vectors,
+                                      show_progress)
 
 
-def stochastic_lanczos_quadrature(op, *, num_runs=8, num_steps=64, seed=0):
+def stochastic_lanczos_quadrature(op, *, num_runs=8, num_steps=64, seed=0, progress=None):
     """Quadrature (nodes, weights) of the spectral measure (1/P) Σ_i δ(λ − λ_i).
 
     Runs `num_runs` independent Lanczos processes (full reorthogonalisation) from
@@ -19,6 +20,7 @@ def stochastic_lanczos_quadrature(op, *, num_runs=8, num_steps=64, seed=0):
     m = min(num_steps, P) on the CPU in float64; each row of weights sums to 1, and a run
     whose Krylov space became invariant early is padded with zero weights.
     Memory: the bases take num_runs · m · P values.
+    progress: a tqdm bar over the steps; None follows the operator's `progress`.
     """
     if num_runs < 1 or num_steps < 1:
         raise ValueError(f"num_runs and num_steps must be positive, got {num_runs}, "
@@ -32,7 +34,7 @@ def stochastic_lanczos_quadrature(op, *, num_runs=8, num_steps=64, seed=0):
     betas = torch.zeros(num_runs, steps, dtype=torch.float64)
     lengths = torch.full((num_runs,), steps)
     active = torch.ones(num_runs, dtype=torch.bool)
-    bar = tqdm(range(steps), desc="SLQ", disable=not getattr(op, "progress", False), leave=False)
+    bar = tqdm(range(steps), desc="SLQ", disable=not show_progress(op, progress), leave=False)
     for j in bar:
         current = basis[:, j]                                    # (runs, P)
         w = op.matmat(current.t()).t()
@@ -66,7 +68,8 @@ def stochastic_lanczos_quadrature(op, *, num_runs=8, num_steps=64, seed=0):
     return nodes, weights
 
 
-def spectral_density(op, *, num_runs=8, num_steps=64, grid=None, sigma=None, seed=0):
+def spectral_density(op, *, num_runs=8, num_steps=64, grid=None, sigma=None, seed=0,
+                     progress=None):
     """(grid, density) of the Hessian's eigenvalues by SLQ with Gaussian smoothing.
 
     density(t) = (1/num_runs) Σ_rj τ_rj N(t; θ_rj, σ²), renormalised so that its
@@ -75,9 +78,11 @@ def spectral_density(op, *, num_runs=8, num_steps=64, grid=None, sigma=None, see
     loses no visible mass at the ends).
     sigma: smoothing width (default: 1% of the node range, or of max|θ| when the range
     is 0). The raw quadrature is `stochastic_lanczos_quadrature`. CPU float64 tensors.
+    progress: a tqdm bar over the Lanczos steps; None follows the operator's `progress`.
     """
     nodes, weights = stochastic_lanczos_quadrature(op, num_runs=num_runs,
-                                                   num_steps=num_steps, seed=seed)
+                                                   num_steps=num_steps, seed=seed,
+                                                   progress=progress)
     used = nodes[weights > 0]
     low, high = float(used.min()), float(used.max())
     if sigma is None:

@@ -1,5 +1,6 @@
 """Extreme eigenvalues of a symmetric operator: Lanczos and power iteration."""
 
+import math
 import warnings
 
 import torch
@@ -19,6 +20,11 @@ def random_vectors(op, count, seed, kind="gaussian"):
     else:
         v = torch.randn(shape, generator=generator, dtype=torch.float64)
     return v.to(device=op.device, dtype=op.dtype)
+
+
+def show_progress(op, progress):
+    """An estimator's `progress` argument: None follows the operator's own setting."""
+    return getattr(op, "progress", False) if progress is None else progress
 
 
 def check_finite_product(value):
@@ -50,95 +56,164 @@ def _tridiagonal(alphas, betas):
             + torch.diag(off, 1) + torch.diag(off, -1))
 
 
-def lanczos_eigenvalues(op, k, *, tol, max_iter, seed, progress):
-    """Top-k algebraic eigenpairs by Lanczos with full reorthogonalisation.
+def _lanczos_run(op, want, *, locked, threshold, norm_estimate, generator, tol, max_iter,
+                 progress):
+    """One Lanczos process with full reorthogonalisation, from a random start, in the
+    orthogonal complement of the orthonormal rows of `locked` (found eigenvectors).
 
-    Stops when every wanted Ritz pair has residual ‖H x − θ x‖ = β_j |s_j| ≤ tol · max|θ|
-    (max|θ| estimates ‖H‖), when the Krylov space is invariant, or after max_iter steps.
-    Returns (eigenvalues (k,), eigenvectors (P, k), converged).
+    After a breakdown (an invariant Krylov space) it continues from a fresh random vector
+    orthogonal to everything so far. It stops when the top Ritz pairs it looks for have
+    residual ‖H x − θ x‖ = β_j |s_j| ≤ tol · ‖H‖ (‖H‖ estimated by max(norm_estimate,
+    max|θ|)): the top `want`, or fewer where the others lie at or below `threshold`
+    (the top ones above it, and the next one); or when the complement is exhausted, or
+    after max_iter steps. Returns (values descending, vectors (P, m), converged) of the
+    top m pairs it looked for.
     """
     size = op.shape[0]
-    steps = min(max_iter, size)
-    q = random_vectors(op, 1, seed)[:, 0]
-    basis = torch.empty(steps, size, device=op.device, dtype=op.dtype)   # rows: contiguous
-    basis[0] = q / q.norm()
+    steps = min(max_iter, size - len(locked))
+    want = min(want, steps)
+    # Rows: the locked vectors, then the Krylov basis (contiguous for one projection).
+    basis = torch.empty(len(locked) + steps, size, device=op.device, dtype=op.dtype)
+    basis[:len(locked)] = locked
+    krylov = basis[len(locked):]
+
+    def fresh_direction(used):
+        q = _orthogonalise(random_vectors(op, 1, generator)[:, 0], basis[:used])
+        return q / q.norm()
+
+    krylov[0] = fresh_direction(len(locked))
     alphas, betas = [], []
     converged = False
     bar = tqdm(range(steps), desc="lanczos", disable=not progress, leave=False)
     for j in bar:
-        w = op.matvec(basis[j])
-        alphas.append(float(basis[j] @ w))
+        w = op.matvec(krylov[j])
+        alphas.append(float(krylov[j] @ w))
         check_finite_product(alphas[-1])
-        w = _orthogonalise(w, basis[:j + 1])
+        w = _orthogonalise(w, basis[:len(locked) + j + 1])
         beta = float(w.norm())
         theta, s = torch.linalg.eigh(_tridiagonal(alphas, betas))
-        if j + 1 >= k:
-            residual = beta * s[-1, -k:].abs()
-            converged = bool((residual <= tol * theta.abs().max()).all())
+        scale = max(norm_estimate, float(theta.abs().max()))
+        above = int((theta > threshold + tol * scale).sum())
+        looked_for = min(want, above + 1)
+        if j + 1 >= looked_for:
+            residual = beta * s[-1, -looked_for:].abs()
+            converged = bool((residual <= tol * scale).all())
             bar.set_postfix(top=float(theta[-1]), residual=float(residual.max()))
-        invariant = beta <= _breakdown_threshold(alphas, betas, op.dtype)
-        if converged or invariant or j + 1 == steps:
+        if converged or j + 1 == steps:
             break
-        betas.append(beta)
-        basis[j + 1] = w / beta
-    if len(alphas) < k:
-        raise RuntimeError(f"Lanczos found an invariant subspace of dimension {len(alphas)} "
-                           f"< k={k}: the start vector does not reach k eigenvectors")
-    top = torch.arange(len(alphas) - 1, len(alphas) - 1 - k, -1)
+        if beta <= _breakdown_threshold(alphas, betas, op.dtype):
+            betas.append(0.0)           # the Krylov space is invariant: start another
+            krylov[j + 1] = fresh_direction(len(locked) + j + 1)
+        else:
+            betas.append(beta)
+            krylov[j + 1] = w / beta
+    top = torch.arange(len(alphas) - 1, len(alphas) - 1 - min(looked_for, len(alphas)), -1)
     values = theta[top].to(device=op.device, dtype=op.dtype)
-    vectors = basis[:len(alphas)].t() @ s[:, top].to(device=op.device, dtype=op.dtype)
+    vectors = krylov[:len(alphas)].t() @ s[:, top].to(device=op.device, dtype=op.dtype)
     return values, vectors, converged
 
 
-def power_eigenvalues(op, k, *, tol, max_iter, seed, progress):
-    """k eigenpairs by power iteration with deflation (PyHessian's method).
+def lanczos_eigenvalues(op, k, *, tol, max_iter, seed, progress):
+    """Top-k algebraic eigenpairs by Lanczos with full reorthogonalisation and locking.
 
-    Power iteration converges to the eigenvalue of largest *magnitude* of the deflated
-    operator, so these are the k largest in magnitude, returned in descending algebraic
-    order. Each stops when |θ − θ_prev| ≤ tol · |θ| or after max_iter products.
+    A Krylov space from one start vector holds one direction of each eigenspace, so a
+    repeated eigenvalue shows once. For k > 1, once the top k Ritz pairs converge they
+    are locked, and Lanczos runs again from a random vector in the orthogonal complement
+    of every locked vector; pairs it finds above the current k-th value by more than
+    tol · ‖H‖ are locked too, until a run finds none (or does not converge). The top
+    value needs no locking: k = 1 is one run. Returns (eigenvalues (k,), eigenvectors
+    (P, k), converged).
     """
-    values, vectors = [], []
-    converged = True
+    generator = torch.Generator().manual_seed(seed)
+    run = dict(generator=generator, tol=tol, max_iter=max_iter, progress=progress)
+    empty = torch.empty(0, op.shape[0], device=op.device, dtype=op.dtype)
+    values, vectors, converged = _lanczos_run(op, k, locked=empty, threshold=-math.inf,
+                                              norm_estimate=0.0, **run)
+    while k > 1 and converged and len(values) < op.shape[0]:
+        kth = float(values.topk(k).values[-1])
+        norm_estimate = float(values.abs().max())
+        found, found_vectors, converged = _lanczos_run(
+            op, k, locked=vectors.t(), threshold=kth, norm_estimate=norm_estimate, **run)
+        new = found > kth + tol * max(norm_estimate, float(found.abs().max()))
+        if not new.any():
+            break
+        values = torch.cat([values, found[new]])
+        vectors = torch.cat([vectors, found_vectors[:, new]], dim=1)
+    order = values.argsort(descending=True)[:k]
+    return values[order], vectors[:, order], converged
+
+
+def _power_run(op, start, shift, found, *, tol, max_iter, progress, desc):
+    """Power iteration on (H + shift·I) deflated by the eigenpairs `found` (eigenvalues
+    of H): the pair of largest magnitude there, as (eigenvalue of H, vector, converged).
+    Stops when the residual ‖H v − θ v‖ ≤ tol · ‖H‖ (‖H‖ estimated by max(shift, |θ|)),
+    as Lanczos does, or after max_iter products. (A small change of θ between steps
+    is no test: on a shifted operator the ratio of eigenvalues, and so the change per
+    step, is close to 1 long before θ is accurate.)"""
+    v = start / start.norm()
+    bar = tqdm(range(max_iter), desc=desc, disable=not progress, leave=False)
+    for _ in bar:
+        w = op.matvec(v) + shift * v
+        check_finite_product(float(v @ w))
+        for value, u in found:
+            w = w - (value + shift) * (u @ v) * u
+        theta = float(v @ w)
+        residual = float((w - theta * v).norm())
+        bar.set_postfix(theta=theta - shift, residual=residual)
+        if residual <= tol * max(shift, abs(theta - shift)):
+            return theta - shift, v, True
+        v = w / w.norm()
+    return theta - shift, v, False
+
+
+def power_eigenvalues(op, k, *, tol, max_iter, seed, progress):
+    """Top-k algebraic eigenpairs by power iteration with deflation (PyHessian's method)
+    and a spectral shift.
+
+    Power iteration finds the eigenvalue of largest magnitude, λ_abs. Where that is not
+    the answer (λ_abs < 0, or k > 1), the k largest algebraic eigenvalues are the k
+    largest of H + |λ_abs|·I, which is positive semidefinite, so there they are also the
+    largest in magnitude: deflated power iteration runs on it (a positive λ_abs is its
+    first pair) and the shift is subtracted. The shift brings the eigenvalues' ratios
+    closer to 1, so these runs need more products than unshifted ones.
+    """
     starts = random_vectors(op, k, seed)
-    for i in range(k):
-        v = starts[:, i] / starts[:, i].norm()
-        theta = None
-        done = False
-        bar = tqdm(range(max_iter), desc=f"power {i + 1}/{k}", disable=not progress, leave=False)
-        for _ in bar:
-            w = op.matvec(v)
-            check_finite_product(float(v @ w))
-            for value, u in zip(values, vectors):
-                w = w - value * (u @ v) * u
-            previous, theta = theta, float(v @ w)
-            bar.set_postfix(theta=theta)
-            norm = w.norm()
-            if norm == 0:
-                done = True
-                break
-            v = w / norm
-            if previous is not None and abs(theta - previous) <= tol * abs(theta):
-                done = True
-                break
-        converged = converged and done
-        values.append(theta)
-        vectors.append(v)
-    order = sorted(range(k), key=lambda i: -values[i])
-    return (torch.tensor([values[i] for i in order], device=op.device, dtype=op.dtype),
-            torch.stack([vectors[i] for i in order], dim=1), converged)
+
+    def run(i, shift, found):
+        return _power_run(op, starts[:, i], shift, found, tol=tol, max_iter=max_iter,
+                          progress=progress, desc=f"power {i + 1}/{k}")
+
+    value, vector, converged = run(0, 0.0, [])
+    found = [(value, vector)]
+    if value < 0 or k > 1:
+        shift = abs(value)
+        if value < 0:       # the most negative eigenvalue: start again on H + shift·I
+            found = []
+        for i in range(len(found), k):
+            value, vector, done = run(i, shift, found)
+            found.append((value, vector))
+            converged = converged and done
+    order = sorted(range(k), key=lambda i: -found[i][0])
+    return (torch.tensor([found[i][0] for i in order], device=op.device, dtype=op.dtype),
+            torch.stack([found[i][1] for i in order], dim=1), converged)
 
 
-def eigenvalues(op, k=1, *, method="lanczos", tol=1e-3, max_iter=100, seed=0, progress=False):
-    """The k largest algebraic eigenvalues of `op` (largest first) and their eigenvectors.
+def eigenvalues(op, k=1, *, method="lanczos", tol=1e-3, max_iter=100, seed=0, progress=None):
+    """The k largest algebraic eigenvalues of `op` (largest first, repeated ones as often
+    as their multiplicity) and their eigenvectors.
 
     op: a HessianOperator (anything with shape, dtype, device and matvec).
     method: "lanczos" (full reorthogonalisation, on the operator's device and dtype; at
-        most max_iter Krylov steps, stopping when the k Ritz residuals are ≤ tol·‖H‖) or
-        "power" (power iteration with deflation, max_iter products per eigenvalue; finds
-        the k largest in *magnitude*, which equal the largest algebraic ones when those
-        dominate, as for the top of a Hessian spectrum).
-    Lanczos keeps its basis: max_iter · P values on the operator's device. It cannot see
-    multiplicities: a repeated eigenvalue appears once.
+        most max_iter Krylov steps per run, stopping when the k Ritz residuals are
+        ≤ tol·‖H‖; for k > 1, further runs in the complement of the eigenvectors found
+        so far bring out repeated eigenvalues, see `lanczos_eigenvalues`) or "power"
+        (power iteration with deflation, max_iter products per eigenvalue, on H shifted
+        by its largest-magnitude eigenvalue where needed, see `power_eigenvalues`;
+        each eigenvalue stops when its residual is ≤ tol·‖H‖).
+    Lanczos keeps its basis and the eigenvectors it has found, twice while it runs again:
+    (max_iter + 2m) · P values on the operator's device, m the eigenvectors found (k, or
+    more where repeated eigenvalues bring out more).
+    progress: a tqdm bar per run; None follows the operator's `progress`.
     Returns (eigenvalues (k,), eigenvectors (P, k)); a run that stops at max_iter before
     reaching tol returns its best estimates with a RuntimeWarning.
     """
@@ -150,7 +225,7 @@ def eigenvalues(op, k=1, *, method="lanczos", tol=1e-3, max_iter=100, seed=0, pr
         raise ValueError(f"max_iter must be at least k={k}, got {max_iter}")
     solver = lanczos_eigenvalues if method == "lanczos" else power_eigenvalues
     values, vectors, converged = solver(op, k, tol=tol, max_iter=max_iter, seed=seed,
-                                        progress=progress)
+                                        progress=show_progress(op, progress))
     if not converged:
         warnings.warn(f"{method} did not reach tol={tol} within max_iter={max_iter}",
                       RuntimeWarning, stacklevel=2)

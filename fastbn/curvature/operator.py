@@ -2,10 +2,12 @@
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
@@ -14,6 +16,9 @@ from fastbn.curvature._functional import (FunctionalModel, is_single_batch, spli
                                           to_device)
 
 METHODS = ("auto", "forward-over-reverse", "reverse-over-reverse")
+# What torch 2.13 raises for jvp of grad through mse_loss (its forward-mode rule of
+# mse_loss's backward writes to a ZeroTensor).
+TORCH_ZERO_TENSOR_ERROR = "ZeroTensors are immutable"
 
 
 def check_finite_loss(loss, where):
@@ -26,6 +31,22 @@ def _dot(a, b):
     return sum((a[name] * b[name]).sum() for name in a)
 
 
+def _same_values(a, b):
+    return a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+
+
+@dataclass
+class _KeptGraph:
+    """The single batch's first-order graph and what it was built from: `leaves`, the
+    copies of θ it differentiates; `others`, copies of every other tensor it read;
+    `flags`, the training flags of the model and the criterion."""
+
+    leaves: dict
+    grads: tuple
+    others: list
+    flags: list
+
+
 class HessianOperator:
     """H = ∇²_θ L for L the sample-weighted mean loss of `model` over `data`.
 
@@ -33,8 +54,12 @@ class HessianOperator:
         with fastbn layers runs instead, fed the model's current tensors; where the
         model is an nn.Sequential, a batch norm directly followed by nn.ReLU in it or in
         Sequentials nested in it runs as one fused layer, unless either has hooks), and
-        the model itself is only read: its parameters, buffers and training flags are
-        bitwise the same after every call, also when a call raises.
+        so are subclasses of them that keep torch's forward (one with its own forward is
+        refused where, in training mode, it would update running statistics). The model
+        itself is only read: its parameters, buffers and training flags are bitwise the
+        same after every call, also when a call raises. Dropout layers (nn.Dropout,
+        Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout) run in eval mode in the copy
+        whatever the model's flag: the loss of a randomly masked model has no Hessian.
     criterion: (outputs, targets) -> scalar mean loss over the batch.
     data: one `(inputs, targets)` batch (inputs a tensor or a dict of tensors; wrap a
         batch with tuple inputs as [batch]) or an iterable of batches (re-iterated on every
@@ -60,7 +85,8 @@ class HessianOperator:
         tangent per pass, even if that exceeds the budget.
     chunk_size: explicit tangents per pass (overrides max_memory). With neither, matmat
         runs all K tangents in one pass.
-    progress: tqdm bars over batches and chunks.
+    progress: tqdm bars over batches and chunks; also the default of `progress` in
+        eigenvalues, trace and spectral_density.
     process_group: data-parallel curvature over torch.distributed. Each process holds its
         shard of the data (the same number of batches on each); batch norms synchronise
         their statistics over the group (batch b of every process forms one global
@@ -220,9 +246,16 @@ class HessianOperator:
         """H v for a flat vector v of size P.
 
         With reverse-over-reverse on a single batch the first-order graph (create_graph
-        backward) is kept between calls and each product is one more backward through it,
-        as long as the model's tensors, training flags and the batch are unchanged (their
-        storage and version counters are compared on every call); `clear_cache()` frees it.
+        backward) is kept between calls and each product is one more backward through it.
+        The graph is built on a copy of θ and keeps a copy of every other tensor it reads
+        (the model's other parameters and buffers, the batch, and the parameters and
+        buffers of a criterion that is an nn.Module): each call compares these and the
+        training flags with the current ones (O(P + batch) work) and rebuilds the graph
+        on any change, also one made through `.data`. Other tensors (say, one a criterion
+        function closes over) are not compared: the graph is rebuilt when autograd finds
+        one changed in place, but a change through `.data` goes unseen; call
+        `clear_cache()` after such a change. Memory: the graph plus those copies, until
+        `clear_cache()` frees them.
         """
         v = self._as_operand(v, 1, "matvec")
         if (self._group is None and self._single_batch
@@ -278,10 +311,20 @@ class HessianOperator:
         """(H_b v, loss) for a flat v (batched=False) or (H_b Vᵀ rows, loss) for the
         (K, P) rows of V in one vmapped pass (batched=True)."""
         hvp = self._hvp_fn(method, loss)
-        if not batched:
-            return hvp(theta, self._unflatten(tangent))
-        return torch.func.vmap(lambda v: hvp(theta, self._unflatten(v)),
-                               out_dims=(0, None))(tangent)
+        try:
+            if not batched:
+                return hvp(theta, self._unflatten(tangent))
+            return torch.func.vmap(lambda v: hvp(theta, self._unflatten(v)),
+                                   out_dims=(0, None))(tangent)
+        except RuntimeError as error:
+            if method == "forward-over-reverse" and TORCH_ZERO_TENSOR_ERROR in str(error):
+                raise RuntimeError(
+                    'method="forward-over-reverse" hit a limitation of torch: the '
+                    "forward-mode derivative of some backward formulas (mse_loss's, in "
+                    f'torch 2.13) fails with "{TORCH_ZERO_TENSOR_ERROR}". Use '
+                    'method="reverse-over-reverse", or "auto", which falls back to it.'
+                ) from error
+            raise
 
     def _accumulate(self, tangent, batched=False, batches=None):
         """Σ_b n_b X_b / Σ_b n_b over `batches` (default: all of data), where X_b is the
@@ -320,30 +363,61 @@ class HessianOperator:
             self._pick_method(self._loss_fn(fixed, buffers, inputs, targets), theta, v)
         return self.method_used
 
-    def _fingerprint(self):
+    def _graph_inputs(self):
+        """(θ, every other tensor, training flags) that the single batch's loss reads,
+        as they are now: the model's parameters and buffers, the batch's tensors, and a
+        criterion module's parameters and buffers."""
         model = self._model.model
-        batch = [t for t in tree_flatten(self._data[0])[0] if isinstance(t, torch.Tensor)]
-        tensors = [*model.parameters(), *model.buffers(), *batch]
-        return ([(t.data_ptr(), t._version) for t in tensors],
-                [m.training for m in model.modules()])
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        theta = {name: params.pop(name) for name in self.param_names}
+        others = [*params.values(), *model.buffers(),
+                  *(t for t in tree_flatten(self._data[0])[0] if isinstance(t, torch.Tensor))]
+        modules = list(model.modules())
+        if isinstance(self.criterion, nn.Module):
+            others += [*self.criterion.parameters(), *self.criterion.buffers()]
+            modules += list(self.criterion.modules())
+        return theta, [t.detach() for t in others], [m.training for m in modules]
+
+    def _graph_is_current(self, theta, others, flags):
+        graph = self._graph
+        return (graph is not None and flags == graph.flags
+                and len(others) == len(graph.others)
+                and all(_same_values(graph.leaves[name], t) for name, t in theta.items())
+                and all(map(_same_values, others, graph.others)))
 
     def _retained_graph_hvp(self, v):
-        """H v by one backward through the kept gradient graph of the single batch
-        (built on the private copy with cloned buffers, so a train-mode forward outside a
-        transform updates only the clones)."""
-        fingerprint = self._fingerprint()
-        if self._graph is None or self._graph[0] != fingerprint:
-            self._graph = None
-            theta, fixed, buffers = self._split_state()
-            inputs, targets, _, _ = next(self._batches())
-            leaves = {name: t.detach().requires_grad_() for name, t in theta.items()}
-            with torch.enable_grad():
-                loss = self._loss_fn(fixed, buffers, inputs, targets)(leaves)[0]
-                check_finite_loss(loss.detach(), "batch 0")
-                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
-                                            allow_unused=True, materialize_grads=True)
-            self._graph = (fingerprint, leaves, grads)
-        _, leaves, grads = self._graph
+        """H v by one backward through the kept gradient graph of the single batch,
+        rebuilt first if anything it was built from has changed (see `matvec`)."""
+        theta, others, flags = self._graph_inputs()
+        if self._graph_is_current(theta, others, flags):
+            try:
+                return self._kept_graph_product(v)
+            except RuntimeError as error:
+                if "modified by an inplace operation" not in str(error):
+                    raise
+                # A tensor the graph saved changed in place where the comparison does
+                # not look (one a criterion closes over, say): rebuild.
+        self._graph = None          # free the old graph before building the new one
+        self._graph = self._build_graph(theta, others, flags)
+        return self._kept_graph_product(v)
+
+    def _build_graph(self, theta, others, flags):
+        """The gradient graph of the single batch (create_graph backward), on the
+        private copy with cloned buffers, so a train-mode forward outside a transform
+        updates only the clones."""
+        snapshot = [t.clone() for t in others]
+        _, fixed, buffers = self._split_state()
+        inputs, targets, _, _ = next(self._batches())
+        leaves = {name: t.clone().requires_grad_() for name, t in theta.items()}
+        with torch.enable_grad():
+            loss = self._loss_fn(fixed, buffers, inputs, targets)(leaves)[0]
+            check_finite_loss(loss.detach(), "batch 0")
+            grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
+                                        allow_unused=True, materialize_grads=True)
+        return _KeptGraph(leaves, grads, snapshot, flags)
+
+    def _kept_graph_product(self, v):
+        leaves, grads = self._graph.leaves, self._graph.grads
         tangent = self._unflatten(v)
         pairs = [(g, tangent[name]) for name, g in zip(leaves, grads) if g.requires_grad]
         if not pairs:

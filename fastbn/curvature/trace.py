@@ -3,8 +3,9 @@
 import math
 
 import torch
+from tqdm.auto import tqdm
 
-from fastbn.curvature.lanczos import check_finite_product, random_vectors
+from fastbn.curvature.lanczos import check_finite_product, random_vectors, show_progress
 
 TRACE_METHODS = ("hutch++", "hutchinson")
 BLOCK = 32   # probes drawn and applied per op.matmat call (fixed: results depend on it)
@@ -18,7 +19,7 @@ def _mean_and_error(samples):
     return mean, float(samples.std() / math.sqrt(samples.numel()))
 
 
-def _probe_quadratic_forms(op, count, seed, basis=None):
+def _probe_quadratic_forms(op, count, seed, bar, basis=None):
     """gᵀHg for `count` Rademacher probes g, in blocks of BLOCK columns; with `basis`
     (orthonormal columns Q), for the projected probes (I − QQᵀ)g instead."""
     generator = torch.Generator().manual_seed(seed)
@@ -27,13 +28,20 @@ def _probe_quadratic_forms(op, count, seed, basis=None):
         probes = random_vectors(op, min(BLOCK, count - start), generator, kind="rademacher")
         if basis is not None:
             probes = probes - basis @ (basis.t() @ probes)
-        forms.append((probes * op.matmat(probes)).sum(0))
+        forms.append((probes * _products(op, probes, bar)).sum(0))
     forms = torch.cat(forms)
     check_finite_product(float(forms.sum()))
     return forms
 
 
-def _exact_trace(op):
+def _products(op, vectors, bar):
+    """op.matmat(vectors), counted on the progress bar."""
+    products = op.matmat(vectors)
+    bar.update(vectors.shape[1])
+    return products
+
+
+def _exact_trace(op, bar):
     """Σ_i e_iᵀ H e_i from P unit vectors, BLOCK at a time."""
     size = op.shape[0]
     total = 0.0
@@ -41,11 +49,11 @@ def _exact_trace(op):
         width = min(BLOCK, size - start)
         units = torch.zeros(size, width, device=op.device, dtype=op.dtype)
         units[start:start + width] = torch.eye(width, device=op.device, dtype=op.dtype)
-        total += float(op.matmat(units)[start:start + width].diagonal().sum())
+        total += float(_products(op, units, bar)[start:start + width].diagonal().sum())
     return total
 
 
-def _hutch_plus_plus(op, num_samples, seed):
+def _hutch_plus_plus(op, num_samples, seed, bar):
     """Hutch++ (Meyer, Musco, Musco, Woodruff 2021): the trace of H on the range of a
     sketch exactly, Hutchinson on the rest. A third of the budget sketches (HS), a third
     applies H to its orthonormal basis Q, and the last third probes (I − QQᵀ)H(I − QQᵀ)."""
@@ -53,15 +61,16 @@ def _hutch_plus_plus(op, num_samples, seed):
     exact_part = 0.0
     basis = None
     if sketch_size > 0:
-        sketch = op.matmat(random_vectors(op, sketch_size, seed, kind="rademacher"))
+        sketch = _products(op, random_vectors(op, sketch_size, seed, kind="rademacher"), bar)
         basis = torch.linalg.qr(sketch).Q
-        exact_part = float((basis * op.matmat(basis)).sum())
-    residual = _probe_quadratic_forms(op, num_samples - 2 * sketch_size, seed + 1, basis)
+        exact_part = float((basis * _products(op, basis, bar)).sum())
+    residual = _probe_quadratic_forms(op, num_samples - 2 * sketch_size, seed + 1, bar,
+                                      basis)
     mean, error = _mean_and_error(residual)
     return exact_part + mean, error
 
 
-def trace(op, *, num_samples=100, method="hutch++", seed=0):
+def trace(op, *, num_samples=100, method="hutch++", seed=0, progress=None):
     """(estimate, standard_error) of trace(H) from about num_samples Hessian-vector
     products, computed in batched op.matmat calls.
 
@@ -70,13 +79,17 @@ def trace(op, *, num_samples=100, method="hutch++", seed=0):
     a few eigenvalues dominate); when num_samples ≥ P it returns the exact trace from P
     unit vectors instead (standard error 0). The standard error covers the stochastic
     part only and is nan when that part has fewer than two samples.
+    progress: a tqdm bar over the products; None follows the operator's `progress`.
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"unknown method {method!r}; expected 'hutch++' or 'hutchinson'")
     if num_samples < 1:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
-    if method == "hutchinson":
-        return _mean_and_error(_probe_quadratic_forms(op, num_samples, seed))
-    if num_samples >= op.shape[0]:
-        return _exact_trace(op), 0.0
-    return _hutch_plus_plus(op, num_samples, seed)
+    exact = method == "hutch++" and num_samples >= op.shape[0]
+    with tqdm(total=op.shape[0] if exact else num_samples, desc="trace", unit="HVP",
+              disable=not show_progress(op, progress), leave=False) as bar:
+        if method == "hutchinson":
+            return _mean_and_error(_probe_quadratic_forms(op, num_samples, seed, bar))
+        if exact:
+            return _exact_trace(op, bar), 0.0
+        return _hutch_plus_plus(op, num_samples, seed, bar)

@@ -25,6 +25,10 @@ def cnn():
                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 2)).to(DTYPE)
 
 
+class SubclassedBatchNorm1d(nn.BatchNorm1d):
+    """A subclass of torch's batch norm that keeps torch's forward."""
+
+
 def batch_for(model, n, seed):
     generator = torch.Generator().manual_seed(seed)
     shape = (n, 3) if isinstance(model[0], nn.Linear) else (n, 2, 4, 4)
@@ -72,6 +76,16 @@ def exact_hessian(model, criterion, batches, bn_mode="train"):
 
     gradient = torch.autograd.functional.jacobian(loss, flat)
     return gradient, torch.autograd.functional.hessian(loss, flat)
+
+
+def flat_indices(model, names):
+    """Where the named parameters sit in the flat vector of all of the model's."""
+    index, start = [], 0
+    for name, p in model.named_parameters():
+        if name in names:
+            index.extend(range(start, start + p.numel()))
+        start += p.numel()
+    return torch.tensor(index)
 
 
 def snapshot(model):

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -5,8 +6,9 @@ import torch
 from torch import nn
 
 from fastbn.curvature import activation_hessian
-from tests.curvature.helpers import (DTYPE, assert_unchanged, batch_for, cnn, mlp, snapshot,
-                                     stock_copy, with_nontrivial_running_stats)
+from tests.curvature.helpers import (DTYPE, SubclassedBatchNorm1d, assert_unchanged,
+                                     batch_for, cnn, mlp, snapshot, stock_copy,
+                                     with_nontrivial_running_stats)
 
 CRITERION = nn.CrossEntropyLoss()
 
@@ -94,3 +96,33 @@ def test_hvp_with_an_mse_loss():
     v = torch.randn(activation.shape, dtype=DTYPE)
     assert torch.allclose(result.hvp(v), (hessian @ v.reshape(-1)).reshape(v.shape),
                           atol=1e-12)
+
+
+def test_dropout_downstream_runs_in_eval_mode():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Dropout(0.5), nn.BatchNorm1d(4),
+                          nn.Linear(4, 3)).to(DTYPE)
+    batch = batch_for(model, 5, seed=0)
+    before = snapshot(model)
+    result = activation_hessian(model, CRITERION, batch, "0")
+    without_dropout = copy.deepcopy(model)
+    without_dropout[2].eval()
+    activation, gradient, hessian = by_hand(without_dropout, batch, 0, "train")
+    v = torch.randn(activation.shape, dtype=DTYPE)
+    expected = (hessian @ v.reshape(-1)).reshape(v.shape)
+    assert torch.allclose(result.grad, gradient, atol=1e-12)
+    for _ in range(2):
+        assert (result.hvp(v) - expected).abs().max() <= 1e-8 * expected.abs().max()
+    assert_unchanged(model, before)
+
+
+def test_a_torch_batch_norm_subclass_downstream():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), SubclassedBatchNorm1d(4), nn.Tanh(),
+                          nn.Linear(4, 3)).to(DTYPE)
+    batch = batch_for(model, 5, seed=0)
+    result = activation_hessian(model, CRITERION, batch, "0")
+    activation, _, hessian = by_hand(model, batch, 0, "train")
+    v = torch.randn(activation.shape, dtype=DTYPE)
+    expected = (hessian @ v.reshape(-1)).reshape(v.shape)
+    assert (result.hvp(v) - expected).abs().max() <= 1e-8 * expected.abs().max()

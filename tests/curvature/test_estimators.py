@@ -8,7 +8,7 @@ from fastbn.curvature import (HessianOperator, eigenvalues, spectral_density,
                               stochastic_lanczos_quadrature, trace)
 from fastbn.curvature.lanczos import random_vectors
 from tests.curvature.helpers import (DTYPE, MatrixOperator, assert_unchanged, batch_for, cnn,
-                                     exact_hessian, random_symmetric, snapshot)
+                                     exact_hessian, mlp, random_symmetric, snapshot)
 
 CRITERION = nn.CrossEntropyLoss()
 
@@ -19,6 +19,26 @@ def cnn_problem():
     batch = batch_for(model, 6, seed=0)
     _, hessian = exact_hessian(model, CRITERION, [batch])
     return model, batch, hessian
+
+
+@pytest.fixture(scope="module")
+def mlp_problem():
+    """A batch-norm MLP's Hessian: several exact zero eigenvalues (batch norm cancels the
+    first layer's bias), and a most negative eigenvalue larger in magnitude than the
+    sixth largest."""
+    model = mlp()
+    batch = batch_for(model, 8, seed=0)
+    _, hessian = exact_hessian(model, CRITERION, [batch])
+    return model, batch, hessian
+
+
+def assert_eigenpairs(matrix, values, vectors, atol):
+    """Orthonormal eigenvectors with the largest algebraic eigenvalues of `matrix`."""
+    expected = torch.linalg.eigvalsh(matrix).flip(0)[:len(values)]
+    assert (values - expected).abs().max() <= atol
+    assert (matrix @ vectors - vectors * values).norm(dim=0).max() <= 10 * atol
+    identity = torch.eye(len(values), dtype=DTYPE)
+    assert (vectors.t() @ vectors - identity).abs().max() <= 1e-8
 
 
 @pytest.fixture
@@ -164,3 +184,80 @@ def test_slq_stops_runs_whose_krylov_space_is_invariant():
     kept = nodes[weights > 0].reshape(3, 4).sort(dim=1).values
     assert torch.allclose(kept, torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=DTYPE).expand(3, 4),
                           atol=1e-8)
+
+
+def test_lanczos_returns_repeated_eigenvalues_as_often_as_their_multiplicity():
+    spectrum = torch.tensor([5.0, 5.0, 3.0, 2.0, 1.0, 0.0, 0.0, 0.0, -1.0, -2.0], dtype=DTYPE)
+    matrix = random_symmetric(10, seed=0, spectrum=spectrum)
+    for k in (2, 4, 7, 10):
+        values, vectors = eigenvalues(MatrixOperator(matrix), k=k, tol=1e-10)
+        assert_eigenpairs(matrix, values, vectors, atol=1e-8)
+    values, vectors = eigenvalues(MatrixOperator(torch.zeros(5, 5, dtype=DTYPE)), k=2)
+    assert torch.equal(values, torch.zeros(2, dtype=DTYPE))
+    assert torch.allclose(vectors.t() @ vectors, torch.eye(2, dtype=DTYPE))
+
+
+def test_lanczos_on_a_hessian_with_exact_zero_eigenvalues(mlp_problem):
+    model, batch, hessian = mlp_problem
+    exact = torch.linalg.eigvalsh(hessian).flip(0)
+    scale = float(exact.abs().max())
+    zeros = int((exact.abs() <= 1e-12 * scale).sum())
+    assert zeros >= 4
+    positive = int((exact > 1e-12 * scale).sum())
+    op = HessianOperator(model, CRITERION, batch, method="reverse-over-reverse")
+    for k in (positive + zeros // 2, op.shape[0]):    # the top k reach into the zeros
+        values, vectors = eigenvalues(op, k=k, tol=1e-10, max_iter=op.shape[0])
+        assert_eigenpairs(hessian, values, vectors, atol=1e-8 * scale)
+
+
+def test_lanczos_with_k_one_is_a_single_run(matrix):
+    counting = MatrixOperator(matrix)
+    products = []
+    counting.matvec = lambda v: products.append(1) or matrix @ v
+    values, _ = eigenvalues(counting, k=1, tol=1e-10)
+    # One Krylov run, stopped as soon as the top Ritz pair converged: running it with
+    # one step fewer must fall short of tol.
+    with pytest.warns(RuntimeWarning, match="did not reach"):
+        eigenvalues(MatrixOperator(matrix), k=1, tol=1e-10, max_iter=len(products) - 1)
+    assert math.isclose(float(values[0]), float(torch.linalg.eigvalsh(matrix)[-1]),
+                        rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("spectrum", [
+    [-10.0, -9.0, -8.0, 4.0, 3.0, 2.0] + [0.1 * i for i in range(-7, 7)],   # indefinite
+    [-1.0 - 0.5 * i for i in range(20)],                                     # negative
+])
+def test_power_finds_the_largest_algebraic_eigenvalues(spectrum):
+    matrix = random_symmetric(20, seed=5, spectrum=torch.tensor(spectrum, dtype=DTYPE))
+    for k in (1, 3):
+        values, vectors = eigenvalues(MatrixOperator(matrix), k=k, method="power",
+                                      tol=1e-10, max_iter=2000)
+        assert_eigenpairs(matrix, values, vectors, atol=1e-8)
+
+
+def test_power_on_a_hessian_with_a_large_negative_eigenvalue(mlp_problem):
+    _, _, hessian = mlp_problem
+    exact = torch.linalg.eigvalsh(hessian).flip(0)
+    assert -exact[-1] > exact[5]     # in magnitude, the most negative comes before the 6th
+    tol = 1e-3
+    values, _ = eigenvalues(MatrixOperator(hessian), k=6, method="power", tol=tol,
+                            max_iter=2000)
+    assert (values - exact[:6]).abs().max() <= tol * exact.abs().max()
+
+
+_ESTIMATES = {
+    "eigenvalues": lambda op, progress: eigenvalues(op, k=2, progress=progress),
+    "trace": lambda op, progress: trace(op, num_samples=10, progress=progress),
+    "spectral_density": lambda op, progress: spectral_density(op, num_runs=2, num_steps=4,
+                                                              progress=progress),
+}
+
+
+@pytest.mark.parametrize("estimate", list(_ESTIMATES))
+def test_progress_bars_follow_the_operator_unless_told_otherwise(matrix, capsys, estimate):
+    op = MatrixOperator(matrix)
+    for operator_progress, progress, shown in ((False, None, False), (True, None, True),
+                                               (True, False, False), (False, True, True)):
+        op.progress = operator_progress
+        _ESTIMATES[estimate](op, progress)
+        assert bool(capsys.readouterr().err) == shown, (operator_progress, progress)

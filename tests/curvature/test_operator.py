@@ -1,11 +1,15 @@
+import copy
+import functools
+
 import pytest
 import torch
 from torch import nn
 
 import fastbn
 from fastbn.curvature import HessianOperator
-from tests.curvature.helpers import (DTYPE, assert_unchanged, batch_for, cnn, exact_hessian,
-                                     mlp, snapshot, with_nontrivial_running_stats)
+from tests.curvature.helpers import (DTYPE, SubclassedBatchNorm1d, assert_unchanged,
+                                     batch_for, cnn, exact_hessian, flat_indices, mlp,
+                                     snapshot, with_nontrivial_running_stats)
 
 METHODS = ["forward-over-reverse", "reverse-over-reverse"]
 CRITERION = nn.CrossEntropyLoss()
@@ -297,16 +301,159 @@ def test_matmat_calls_each_batch_norm_kernel_once_for_all_tangents(monkeypatch):
     close(result, hessian @ V)
 
 
-def test_auto_skips_a_method_that_fails():
-    # torch 2.13: jvp(grad(mse_loss)) raises "ZeroTensors are immutable".
+def _mse_problem():
     model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 2)).to(DTYPE)
     inputs = torch.randn(6, 3, dtype=DTYPE)
     targets = torch.randn(6, 2, dtype=DTYPE)
-    criterion = nn.MSELoss()
-    _, hessian = exact_hessian(model, criterion, [(inputs, targets)])
+    return model, nn.MSELoss(), (inputs, targets)
+
+
+def test_auto_skips_a_method_that_fails():
+    # torch 2.13: jvp(grad(mse_loss)) raises "ZeroTensors are immutable".
+    model, criterion, batch = _mse_problem()
+    _, hessian = exact_hessian(model, criterion, [batch])
     v = torch.randn(hessian.shape[0], dtype=DTYPE)
-    op = HessianOperator(model, criterion, (inputs, targets))
+    op = HessianOperator(model, criterion, batch)
     close(op.matvec(v), hessian @ v)
     close(op.matmat(v[:, None])[:, 0], hessian @ v)
     if op.timings["forward-over-reverse"] == float("inf"):
         assert op.method_used == "reverse-over-reverse"
+
+
+def test_forward_over_reverse_names_the_torch_limitation_it_hits():
+    model, criterion, (inputs, targets) = _mse_problem()
+    outputs = model(inputs).detach()
+    try:
+        torch.func.jvp(torch.func.grad(lambda z: criterion(z, targets)), (outputs,),
+                       (torch.ones_like(outputs),))
+    except RuntimeError:
+        pass
+    else:
+        pytest.skip("this torch differentiates mse_loss forward-over-reverse")
+    op = HessianOperator(model, criterion, (inputs, targets), method="forward-over-reverse")
+    v = torch.ones(op.shape[0], dtype=DTYPE)
+    for product in (lambda: op.matvec(v), lambda: op.matmat(v[:, None])):
+        with pytest.raises(RuntimeError, match='limitation of torch.*'
+                                              'method="reverse-over-reverse"') as raised:
+            product()
+        assert "ZeroTensors are immutable" in str(raised.value.__cause__)
+
+
+def _weighted_cross_entropy():
+    return nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0], dtype=DTYPE))
+
+
+def _closed_over_weight():
+    return functools.partial(nn.functional.cross_entropy,
+                             weight=torch.tensor([1.0, 3.0], dtype=DTYPE))
+
+
+# Class weights of a weighted mean: only their ratio matters.
+_REWEIGHT = torch.tensor([1.0, 4.0], dtype=DTYPE)
+
+# name: (edit(model, batch, criterion), criterion, bn_mode, parameter held fixed)
+_EDITS = {
+    "a parameter through .data":
+        (lambda m, b, c: m[0].weight.data.mul_(1.5), nn.CrossEntropyLoss, "train", None),
+    "a held parameter through .data":
+        (lambda m, b, c: m[5].bias.data.mul_(-3.0), nn.CrossEntropyLoss, "train", "5.bias"),
+    "running statistics through .data":
+        (lambda m, b, c: m[1].running_var.data.mul_(3.0), nn.CrossEntropyLoss, "eval", None),
+    "the inputs through .data":
+        (lambda m, b, c: b[0].data.mul_(2.0), nn.CrossEntropyLoss, "train", None),
+    "the targets through .data":
+        (lambda m, b, c: b[1].data.copy_(1 - b[1]), nn.CrossEntropyLoss, "train", None),
+    "a criterion buffer in place":
+        (lambda m, b, c: c.weight.mul_(_REWEIGHT), _weighted_cross_entropy, "train", None),
+    "a criterion buffer through .data":
+        (lambda m, b, c: c.weight.data.mul_(_REWEIGHT), _weighted_cross_entropy, "train", None),
+    "a tensor the criterion closes over, in place":
+        (lambda m, b, c: c.keywords["weight"].mul_(_REWEIGHT), _closed_over_weight, "train", None),
+}
+
+
+@pytest.mark.parametrize("edit", list(_EDITS))
+def test_retained_graph_follows_any_change_of_what_it_was_built_from(edit):
+    change, make_criterion, bn_mode, held = _EDITS[edit]
+    model = with_nontrivial_running_stats(cnn())
+    batch = batch_for(model, 6, seed=0)
+    criterion = make_criterion()
+    names = [name for name, _ in model.named_parameters() if name != held]
+    index = flat_indices(model, names)
+
+    def hessian():
+        return exact_hessian(model, criterion, [batch], bn_mode)[1][index][:, index]
+
+    op = HessianOperator(model, criterion, batch, bn_mode=bn_mode, params=names,
+                         method="reverse-over-reverse")
+    v = torch.randn(op.shape[0], dtype=DTYPE)
+    before = hessian()
+    close(op.matvec(v), before @ v)
+    graph = op._graph
+    close(op.matvec(v), before @ v)
+    assert op._graph is graph                   # unchanged: the kept graph is reused
+    change(model, batch, criterion)
+    after = hessian()
+    assert not torch.allclose(after @ v, before @ v)
+    close(op.matvec(v), after @ v)
+
+
+@pytest.mark.parametrize("dropout", [nn.Dropout, nn.AlphaDropout])
+def test_dropout_runs_in_eval_mode_and_the_model_keeps_its_flags(dropout):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), fastbn.BatchNorm1d(4), nn.Tanh(), dropout(0.5),
+                          nn.Linear(4, 3)).to(DTYPE)
+    batch = batch_for(model, 6, seed=0)
+    without_dropout = copy.deepcopy(model)
+    without_dropout[3].eval()
+    _, hessian = exact_hessian(without_dropout, CRITERION, [batch])
+    before = snapshot(model)
+    v = torch.randn(hessian.shape[0], dtype=DTYPE)
+    for method in METHODS:
+        op = HessianOperator(model, CRITERION, batch, method=method)
+        close(op.matvec(v), hessian @ v)
+        close(op.matvec(v), hessian @ v)
+        close(op.matmat(torch.eye(hessian.shape[0], dtype=DTYPE)), hessian)
+    assert_unchanged(model, before)
+    assert model[3].training
+
+
+class _OwnForward(nn.BatchNorm1d):
+    def forward(self, input):
+        return super().forward(input)
+
+
+def _model_with(batch_norm):
+    torch.manual_seed(6)
+    return nn.Sequential(nn.Linear(3, 4), batch_norm, nn.Tanh(), nn.Linear(4, 3)).to(DTYPE)
+
+
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+def test_a_torch_batch_norm_subclass_with_torch_forward_runs_as_fastbn(bn_mode):
+    model = with_nontrivial_running_stats(_model_with(SubclassedBatchNorm1d(4)))
+    batch = batch_for(model, 6, seed=0)
+    _, hessian = exact_hessian(model, CRITERION, [batch], bn_mode)
+    before = snapshot(model)
+    v = torch.randn(hessian.shape[0], dtype=DTYPE)
+    for method in METHODS:
+        op = HessianOperator(model, CRITERION, batch, bn_mode=bn_mode, method=method)
+        close(op.matvec(v), hessian @ v)
+        close(op.matmat(torch.eye(hessian.shape[0], dtype=DTYPE)), hessian)
+    assert type(model[1]) is SubclassedBatchNorm1d
+    assert_unchanged(model, before)
+
+
+def test_a_batch_norm_subclass_with_its_own_forward():
+    model = _model_with(_OwnForward(4))
+    batch = batch_for(model, 6, seed=0)
+    with pytest.raises(TypeError, match=r"'1' \(_OwnForward\).*overrides forward.*"
+                                        r"fastbn\.BatchNorm1d.*bn_mode=\"eval\".*"
+                                        r"track_running_stats=False"):
+        HessianOperator(model, CRITERION, batch)
+    # Where it cannot update running statistics, it runs as it is.
+    for bn_mode, layer in (("eval", _OwnForward(4)),
+                           ("train", _OwnForward(4, track_running_stats=False))):
+        model = _model_with(layer)
+        _, hessian = exact_hessian(model, CRITERION, [batch], bn_mode)
+        op = HessianOperator(model, CRITERION, batch, bn_mode=bn_mode)
+        close(op.matmat(torch.eye(hessian.shape[0], dtype=DTYPE)), hessian)
