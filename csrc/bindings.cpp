@@ -47,8 +47,12 @@ PYBIND11_MODULE(_C, m) {
         "baseline ISA";
 #endif
     return std::string("compiler ") + __VERSION__ + ", " + isa + ", threads: " +
-           fastbn::threading();
+           fastbn::threading() + ", non-temporal stores for outputs from " +
+           std::to_string(fastbn::stream_min_bytes() >> 20) + " MiB";
   });
+  m.def("set_stream_min_bytes", &fastbn::set_stream_min_bytes, py::arg("bytes"),
+        "Outputs from this many bytes are written with non-temporal stores (-1: half "
+        "of the last-level cache, the default). Returns the previous setting.");
 
   m.def("forward_train",
         [](int dtype, const GeomArg& g, int nth, const TDArg& x, const TDArg& y, uintptr_t w,

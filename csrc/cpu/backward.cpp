@@ -56,12 +56,11 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
 void backward(int dtype, const Geom& g, int nth, int64_t K, bool relu, const TD& x,
               const TD& dy, const TD& dx, uintptr_t mean, uintptr_t invstd, uintptr_t w,
               uintptr_t b, uintptr_t gw, uintptr_t gb) {
-  advise_output(dtype, g, K, dx);
   dispatch(dtype, g.cl, relu, [&](auto tag, auto cl, auto act) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     run<T, decltype(cl)::value, decltype(act)::value>(
-        g, nth, K, x, dy, dx, reinterpret_cast<const A*>(mean),
+        g, nth, K, x, dy, output(dtype, g, K, dx), reinterpret_cast<const A*>(mean),
         reinterpret_cast<const A*>(invstd), reinterpret_cast<const A*>(w),
         reinterpret_cast<const A*>(b), reinterpret_cast<A*>(gw), reinterpret_cast<A*>(gb));
   });

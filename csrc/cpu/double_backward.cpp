@@ -162,15 +162,14 @@ void backward_backward(int dtype, const Geom& g, int nth, int64_t K, bool relu, 
                        const TD& dy, const TD& ggx, uintptr_t ggw, uintptr_t ggb,
                        uintptr_t mean, uintptr_t invstd, uintptr_t w, uintptr_t b,
                        const TD& out_gdy, const TD& out_gx, uintptr_t out_gw) {
-  advise_output(dtype, g, K, out_gdy);
-  advise_output(dtype, g, K, out_gx);
   dispatch(dtype, g.cl, relu, [&](auto tag, auto cl, auto act) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     auto p = [](uintptr_t a) { return reinterpret_cast<const A*>(a); };
     bb<T, decltype(cl)::value, decltype(act)::value>(
-        g, nth, K, x, dy, ggx, p(ggw), p(ggb), p(mean), p(invstd), p(w), p(b), out_gdy,
-        out_gx, reinterpret_cast<A*>(out_gw));
+        g, nth, K, x, dy, ggx, p(ggw), p(ggb), p(mean), p(invstd), p(w), p(b),
+        output(dtype, g, K, out_gdy), output(dtype, g, K, out_gx),
+        reinterpret_cast<A*>(out_gw));
   });
 }
 
@@ -178,13 +177,13 @@ void backward_jvp(int dtype, const Geom& g, int nth, int64_t K, bool relu, const
                   const TD& dy, const TD& dyt, const TD& xt, uintptr_t wt, uintptr_t mean,
                   uintptr_t invstd, uintptr_t w, uintptr_t b, const TD& out_gx,
                   uintptr_t out_gw, uintptr_t out_gb) {
-  advise_output(dtype, g, K, out_gx);
   dispatch(dtype, g.cl, relu, [&](auto tag, auto cl, auto act) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     auto p = [](uintptr_t a) { return reinterpret_cast<const A*>(a); };
     bjvp<T, decltype(cl)::value, decltype(act)::value>(
-        g, nth, K, x, dy, dyt, xt, p(wt), p(mean), p(invstd), p(w), p(b), out_gx,
+        g, nth, K, x, dy, dyt, xt, p(wt), p(mean), p(invstd), p(w), p(b),
+        output(dtype, g, K, out_gx),
         reinterpret_cast<A*>(out_gw), reinterpret_cast<A*>(out_gb));
   });
 }

@@ -86,23 +86,21 @@ void forward_train(int dtype, const Geom& g, int nth, const TD& x, const TD& y, 
                    uintptr_t b, double eps, bool relu, uintptr_t mean, uintptr_t invstd,
                    uintptr_t var, uintptr_t running_mean, uintptr_t running_var,
                    double momentum) {
-  advise_output(dtype, g, 1, y);
   dispatch(dtype, g.cl, relu, [&](auto tag, auto cl, auto act) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     const Running<A> running{reinterpret_cast<A*>(running_mean),
                              reinterpret_cast<A*>(running_var), momentum};
     train<T, decltype(cl)::value, decltype(act)::value>(
-        g, nth, x, y, reinterpret_cast<const A*>(w), reinterpret_cast<const A*>(b), eps,
-        reinterpret_cast<A*>(mean), reinterpret_cast<A*>(invstd), reinterpret_cast<A*>(var),
-        running);
+        g, nth, x, output(dtype, g, 1, y), reinterpret_cast<const A*>(w),
+        reinterpret_cast<const A*>(b), eps, reinterpret_cast<A*>(mean),
+        reinterpret_cast<A*>(invstd), reinterpret_cast<A*>(var), running);
   });
 }
 
 void forward_eval(int dtype, const Geom& g, int nth, const TD& x, const TD& y,
                   uintptr_t running_mean, uintptr_t running_var, uintptr_t w, uintptr_t b,
                   double eps, bool relu) {
-  advise_output(dtype, g, 1, y);
   dispatch(dtype, g.cl, relu, [&](auto tag, auto cl, auto act) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
@@ -115,8 +113,8 @@ void forward_eval(int dtype, const Geom& g, int nth, const TD& x, const TD& y,
       scale[c] = wt[c] * A(1.0 / std::sqrt(double(rv[c]) + eps));
       shift[c] = bt[c] - rm[c] * scale[c];
     }
-    affine_pass<T, decltype(cl)::value, decltype(act)::value>(g, nth, x, y, scale.data(),
-                                                              shift.data());
+    affine_pass<T, decltype(cl)::value, decltype(act)::value>(
+        g, nth, x, output(dtype, g, 1, y), scale.data(), shift.data());
   });
 }
 

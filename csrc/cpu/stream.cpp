@@ -1,0 +1,52 @@
+// The size from which kernel outputs are written with non-temporal stores (common.h).
+#include <unistd.h>
+
+#include <atomic>
+#include <fstream>
+#include <string>
+
+#include "cpu/common.h"
+
+namespace fastbn {
+namespace {
+
+std::atomic<int64_t> min_bytes{-1};
+
+// Linux's sysfs gives the cache one core shares (glibc's sysconf can report the whole
+// package's, 10x that, inside a VM).
+int64_t last_level_cache_bytes() {
+  int64_t best_level = 0, bytes = -1;
+  for (int i = 0; i < 8; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i);
+    std::ifstream level_file(dir + "/level"), size_file(dir + "/size");
+    int64_t level = 0, size = 0;
+    std::string unit;
+    if (!(level_file >> level) || !(size_file >> size)) break;
+    size_file >> unit;  // "K" or "M", when given
+    size <<= unit == "M" ? 20 : unit == "K" ? 10 : 0;
+    if (level >= best_level) best_level = level, bytes = size;
+  }
+#ifdef _SC_LEVEL3_CACHE_SIZE
+  if (bytes <= 0) bytes = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+  return bytes;
+}
+
+int64_t half_of_last_level_cache() {
+  const int64_t llc = last_level_cache_bytes();
+  return llc > 0 ? llc / 2 : int64_t(16) << 20;  // unknown: 16 MiB
+}
+
+}  // namespace
+
+int64_t stream_min_bytes() {
+  static const int64_t automatic = half_of_last_level_cache();
+  const int64_t set = min_bytes.load(std::memory_order_relaxed);
+  return set < 0 ? automatic : set;
+}
+
+int64_t set_stream_min_bytes(int64_t bytes) {
+  return min_bytes.exchange(bytes < 0 ? -1 : bytes, std::memory_order_relaxed);
+}
+
+}  // namespace fastbn
