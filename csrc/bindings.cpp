@@ -50,9 +50,12 @@ PYBIND11_MODULE(_C, m) {
            fastbn::threading() + ", non-temporal stores for outputs from " +
            std::to_string(fastbn::stream_min_bytes() >> 20) + " MiB";
   });
+  m.def("stream_min_bytes", &fastbn::stream_min_bytes,
+        "The output size (bytes) from which the kernels use non-temporal stores.");
   m.def("set_stream_min_bytes", &fastbn::set_stream_min_bytes, py::arg("bytes"),
-        "Outputs from this many bytes are written with non-temporal stores (-1: half "
-        "of the last-level cache, the default). Returns the previous setting.");
+        "Outputs from this many bytes are written with non-temporal stores (-1: the "
+        "default, FASTBN_STREAM_MIN_BYTES or half the last-level cache). Returns the "
+        "previous setting.");
 
   m.def("forward_train",
         [](int dtype, const GeomArg& g, int nth, const TDArg& x, const TDArg& y, uintptr_t w,

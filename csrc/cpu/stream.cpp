@@ -2,6 +2,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <fstream>
 #include <string>
 
@@ -32,7 +33,13 @@ int64_t last_level_cache_bytes() {
   return bytes;
 }
 
-int64_t half_of_last_level_cache() {
+// FASTBN_STREAM_MIN_BYTES where set, else half the last-level cache.
+int64_t default_min_bytes() {
+  if (const char* env = std::getenv("FASTBN_STREAM_MIN_BYTES")) {
+    char* end = nullptr;
+    const long long bytes = std::strtoll(env, &end, 10);
+    if (end != env && *end == '\0' && bytes >= 0) return bytes;
+  }
   const int64_t llc = last_level_cache_bytes();
   return llc > 0 ? llc / 2 : int64_t(16) << 20;  // unknown: 16 MiB
 }
@@ -40,7 +47,7 @@ int64_t half_of_last_level_cache() {
 }  // namespace
 
 int64_t stream_min_bytes() {
-  static const int64_t automatic = half_of_last_level_cache();
+  static const int64_t automatic = default_min_bytes();
   const int64_t set = min_bytes.load(std::memory_order_relaxed);
   return set < 0 ? automatic : set;
 }

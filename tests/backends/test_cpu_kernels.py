@@ -102,6 +102,22 @@ def test_streamed_outputs_same_bits(native, stream_min_bytes, op, layout, dtype)
             assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_stream_size_from_the_environment():
+    import os
+    import subprocess
+    import sys
+    code = "from fastbn import _C; print(_C.stream_min_bytes())"
+    env = {**os.environ, "FASTBN_STREAM_MIN_BYTES": "5000000"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "5000000"
+    previous = cpu._C.set_stream_min_bytes(123)
+    try:
+        assert cpu._C.stream_min_bytes() == 123
+    finally:
+        cpu._C.set_stream_min_bytes(previous)
+
+
 @pytest.mark.parametrize("layout", ("nchw", "channels_last", "2d"))
 @pytest.mark.parametrize("k", (None, 3))
 @pytest.mark.parametrize("op", K_OPS[1:])
