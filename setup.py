@@ -19,6 +19,7 @@ except ImportError:  # pragma: no cover - pybind11 is a build requirement
     from setuptools.command.build_ext import build_ext
 
 SOURCES = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+HEADERS = sorted(glob.glob("csrc/**/*.h", recursive=True))  # a change rebuilds the extension
 
 
 class OptionalBuildExt(build_ext):
@@ -48,6 +49,7 @@ def extensions():
     return [Pybind11Extension(
         "fastbn._C",
         SOURCES,
+        depends=HEADERS,
         include_dirs=["csrc"],
         libraries=["dl"] if sys.platform.startswith("linux") else [],  # dlsym, glibc < 2.34
         cxx_std=17,

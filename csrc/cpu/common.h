@@ -192,26 +192,38 @@ inline void store_fence() {
 #endif
 }
 
-// An output run. A streamed unit-stride run is computed into `stage` (in L1) and goes to
-// memory with non-temporal stores when the Dst goes out of scope, at the end of the run.
+// Per-thread staging buffers of streamed output runs, taken in turn: a run's outputs
+// (at most STAGE_SLOTS) each hold one until the run ends.
+constexpr int STAGE_SLOTS = 4;
+
+inline void* stage_buffer() {
+  alignas(64) static thread_local unsigned char buffers[STAGE_SLOTS][MAP_RUN * sizeof(double)];
+  static thread_local int next = 0;
+  void* buffer = buffers[next];
+  next = (next + 1) % STAGE_SLOTS;
+  return buffer;
+}
+
+// An output run. A streamed unit-stride run is computed into a staging buffer (in L1)
+// and goes to memory with non-temporal stores when the Dst goes out of scope, at the
+// end of the run.
 template <class T, bool UNIT>
 struct Dst {
-  T* p;  // where put() writes: the run itself, or `stage`
+  T* p;  // where put() writes: the run itself, or its staging buffer
   int64_t st;
   T* out = nullptr;  // streamed: the run in the output, and its length
   int64_t n = 0;
-  alignas(64) mutable T stage[UNIT ? MAP_RUN : 1];
 
   Dst(T* run, int64_t stride, int64_t len, bool stream) : p(run), st(stride) {
     // Shorter runs are written in place: their partial lines and the staging cost
     // outweigh the saving (channels-last rows of 64 floats ran 10% slower staged).
     if (UNIT && stream && len <= MAP_RUN && len * int64_t(sizeof(T)) >= 512)
-      p = stage, out = run, n = len;
+      out = run, n = len, p = static_cast<T*>(stage_buffer());
   }
   Dst(const Dst&) = delete;
   Dst& operator=(const Dst&) = delete;
   ~Dst() {
-    if (out) stream_store(out, stage, size_t(n) * sizeof(T));
+    if (out) stream_store(out, p, size_t(n) * sizeof(T));
   }
   template <class A>
   void put(int64_t i, A v) const {
@@ -492,12 +504,15 @@ void map_pass(const Geom& g, int nth, int64_t K, F&& fn) {
   const int64_t pieces = (L + UNIT_ELEMS - 1) / UNIT_ELEMS;   // tasks per row
   const int64_t nt = CL ? num_tasks(g) : pieces > 1 ? runs * pieces : (runs + per - 1) / per;
   const int T = threads_for(g, K, nth, nt);
-  // [l0, l1) of row (nn, c) in runs of equal length (a multiple of 16): a short last
+  // Runs of equal length (a multiple of 16) up to MAP_RUN over n elements: a short last
   // run would be written in place between streamed ones (see Dst), which cost a
   // 3136-element row 10-20% more than streaming it all.
-  auto row = [&](int64_t nn, int64_t c, int64_t l0, int64_t l1, int64_t k) {
-    const int64_t parts = (l1 - l0 + MAP_RUN - 1) / MAP_RUN;
-    const int64_t len = ((l1 - l0 + parts - 1) / parts + 15) / 16 * 16;
+  auto run_length = [](int64_t n) {
+    const int64_t parts = (n + MAP_RUN - 1) / MAP_RUN;
+    return ((n + parts - 1) / parts + 15) / 16 * 16;
+  };
+  const int64_t row_run = run_length(g.L);  // whole rows: once, not per row
+  auto row = [&](int64_t nn, int64_t c, int64_t l0, int64_t l1, int64_t len, int64_t k) {
     for (int64_t l = l0; l < l1; l += len) fn(Seg{nn, c, l, std::min(len, l1 - l)}, k);
   };
   parallel_run(T, [&](int t) {
@@ -507,11 +522,12 @@ void map_pass(const Geom& g, int nth, int64_t K, F&& fn) {
           task_runs<CL>(g, task, [&](const Seg& s) { fn(s, k); });
         } else if (pieces > 1) {
           const int64_t r = task / pieces, l0 = task % pieces * UNIT_ELEMS;
-          row(r / g.C, r % g.C, l0, std::min(g.L, l0 + UNIT_ELEMS), k);
+          const int64_t l1 = std::min(g.L, l0 + UNIT_ELEMS);
+          row(r / g.C, r % g.C, l0, l1, run_length(l1 - l0), k);
         } else {
           const int64_t r0 = task * per, r1 = std::min(runs, r0 + per);
           for (int64_t r = r0, nn = r0 / g.C, c = r0 % g.C; r < r1; ++r) {
-            row(nn, c, 0, g.L, k);
+            row(nn, c, 0, g.L, row_run, k);
             if (++c == g.C) c = 0, ++nn;
           }
         }
