@@ -5,8 +5,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from fastbn.curvature.lanczos import (BREAKDOWN_ULPS, check_finite_product, random_vectors,
-                                      show_progress)
+from fastbn.curvature.lanczos import (BREAKDOWN_ULPS, bar_disabled, check_finite_product,
+                                      random_vectors, show_progress)
 
 
 def stochastic_lanczos_quadrature(op, *, num_runs=8, num_steps=64, seed=0, progress=None):
@@ -34,7 +34,8 @@ def stochastic_lanczos_quadrature(op, *, num_runs=8, num_steps=64, seed=0, progr
     betas = torch.zeros(num_runs, steps, dtype=torch.float64)
     lengths = torch.full((num_runs,), steps)
     active = torch.ones(num_runs, dtype=torch.bool)
-    bar = tqdm(range(steps), desc="SLQ", disable=not show_progress(op, progress), leave=False)
+    bar = tqdm(range(steps), desc="SLQ", disable=bar_disabled(show_progress(op, progress)),
+               leave=False)
     for j in bar:
         current = basis[:, j]                                    # (runs, P)
         w = op.matmat(current.t()).t()

@@ -24,7 +24,13 @@ def random_vectors(op, count, seed, kind="gaussian"):
 
 def show_progress(op, progress):
     """An estimator's `progress` argument: None follows the operator's own setting."""
-    return getattr(op, "progress", False) if progress is None else progress
+    return getattr(op, "progress", None) if progress is None else progress
+
+
+def bar_disabled(progress):
+    """tqdm's `disable` for a progress option: True shows bars, False hides them, None
+    shows them where stderr is a terminal."""
+    return None if progress is None else not progress
 
 
 def check_finite_product(value):
@@ -84,7 +90,7 @@ def _lanczos_run(op, want, *, locked, threshold, norm_estimate, generator, tol, 
     krylov[0] = fresh_direction(len(locked))
     alphas, betas = [], []
     converged = False
-    bar = tqdm(range(steps), desc="lanczos", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc="lanczos", disable=bar_disabled(progress), leave=False)
     for j in bar:
         w = op.matvec(krylov[j])
         alphas.append(float(krylov[j] @ w))
@@ -151,7 +157,7 @@ def _power_run(op, start, shift, found, *, tol, max_iter, progress, desc):
     is no test: on a shifted operator the ratio of eigenvalues, and so the change per
     step, is close to 1 long before θ is accurate.)"""
     v = start / start.norm()
-    bar = tqdm(range(max_iter), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(range(max_iter), desc=desc, disable=bar_disabled(progress), leave=False)
     for _ in bar:
         w = op.matvec(v) + shift * v
         check_finite_product(float(v @ w))

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from fastbn.curvature import _memory
 from fastbn.curvature._functional import (FunctionalModel, is_single_batch, split_batch,
                                           to_device)
+from fastbn.curvature.lanczos import bar_disabled
 
 METHODS = ("auto", "forward-over-reverse", "reverse-over-reverse")
 # What torch 2.13 raises for jvp of grad through mse_loss (its forward-mode rule of
@@ -85,8 +86,9 @@ class HessianOperator:
         tangent per pass, even if that exceeds the budget.
     chunk_size: explicit tangents per pass (overrides max_memory). With neither, matmat
         runs all K tangents in one pass.
-    progress: tqdm bars over batches and chunks; also the default of `progress` in
-        eigenvalues, trace and spectral_density.
+    progress: tqdm bars over batches and chunks: True shows them, False hides them,
+        None (the default) shows them where stderr is a terminal; also the default of
+        `progress` in eigenvalues, trace and spectral_density.
     process_group: data-parallel curvature over torch.distributed. Each process holds its
         shard of the data (the same number of batches on each); batch norms synchronise
         their statistics over the group (batch b of every process forms one global
@@ -96,7 +98,7 @@ class HessianOperator:
     """
 
     def __init__(self, model, criterion, data, *, params=None, bn_mode="train", method="auto",
-                 max_memory=None, chunk_size=None, progress=False, process_group=None):
+                 max_memory=None, chunk_size=None, progress=None, process_group=None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -197,7 +199,7 @@ class HessianOperator:
 
     def _batches(self):
         """(inputs, targets, n, index) for every batch, on the operator's device."""
-        bar = tqdm(self._data, desc="batches", disable=not self.progress, leave=False)
+        bar = tqdm(self._data, desc="batches", disable=bar_disabled(self.progress), leave=False)
         for index, batch in enumerate(bar):
             inputs, targets, n = split_batch(batch)
             yield to_device(inputs, self.device), to_device(targets, self.device), n, index
@@ -277,8 +279,8 @@ class HessianOperator:
             return result
         chunk = self._chunk_size(k)
         starts = range(0, k, chunk)
-        bar = tqdm(starts, desc="matmat chunks", disable=not self.progress or len(starts) < 2,
-                   leave=False)
+        bar = tqdm(starts, desc="matmat chunks", leave=False,
+                   disable=True if len(starts) < 2 else bar_disabled(self.progress))
         for start in bar:
             result[:, start:start + chunk] = self._matmat_pass(V[:, start:start + chunk])
         return result

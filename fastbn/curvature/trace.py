@@ -5,7 +5,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from fastbn.curvature.lanczos import check_finite_product, random_vectors, show_progress
+from fastbn.curvature.lanczos import (bar_disabled, check_finite_product, random_vectors,
+                                      show_progress)
 
 TRACE_METHODS = ("hutch++", "hutchinson")
 BLOCK = 32   # probes drawn and applied per op.matmat call (fixed: results depend on it)
@@ -87,7 +88,7 @@ def trace(op, *, num_samples=100, method="hutch++", seed=0, progress=None):
         raise ValueError(f"num_samples must be positive, got {num_samples}")
     exact = method == "hutch++" and num_samples >= op.shape[0]
     with tqdm(total=op.shape[0] if exact else num_samples, desc="trace", unit="HVP",
-              disable=not show_progress(op, progress), leave=False) as bar:
+              disable=bar_disabled(show_progress(op, progress)), leave=False) as bar:
         if method == "hutchinson":
             return _mean_and_error(_probe_quadratic_forms(op, num_samples, seed, bar))
         if exact:

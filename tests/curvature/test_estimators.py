@@ -1,4 +1,6 @@
+import io
 import math
+import sys
 
 import pytest
 import torch
@@ -257,7 +259,23 @@ _ESTIMATES = {
 def test_progress_bars_follow_the_operator_unless_told_otherwise(matrix, capsys, estimate):
     op = MatrixOperator(matrix)
     for operator_progress, progress, shown in ((False, None, False), (True, None, True),
-                                               (True, False, False), (False, True, True)):
+                                               (True, False, False), (False, True, True),
+                                               (None, None, False)):   # not a terminal
         op.progress = operator_progress
         _ESTIMATES[estimate](op, progress)
         assert bool(capsys.readouterr().err) == shown, (operator_progress, progress)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("estimate", list(_ESTIMATES))
+def test_progress_bars_by_default_on_a_terminal_only(matrix, monkeypatch, estimate):
+    op = MatrixOperator(matrix)
+    op.progress = None   # HessianOperator's default
+    for stderr, shown in ((_Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        _ESTIMATES[estimate](op, None)
+        assert bool(stderr.getvalue()) == shown
