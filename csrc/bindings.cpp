@@ -48,7 +48,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return std::string("compiler ") + __VERSION__ + ", " + isa + ", threads: " +
            fastbn::threading() + ", non-temporal stores for outputs from " +
-           std::to_string(fastbn::stream_min_bytes() >> 20) + " MiB";
+           std::to_string(fastbn::stream_min_bytes()) + " bytes";
   });
   m.def("stream_min_bytes", &fastbn::stream_min_bytes,
         "The output size (bytes) from which the kernels use non-temporal stores.");

@@ -192,9 +192,15 @@ inline void store_fence() {
 #endif
 }
 
+#if defined(__SSE2__)
+constexpr bool NON_TEMPORAL_STORES = true;
+#else
+constexpr bool NON_TEMPORAL_STORES = false;  // stream_store is a memcpy: never stage
+#endif
+
 // Per-thread staging buffers of streamed output runs, taken in turn: a run's outputs
-// (at most STAGE_SLOTS) each hold one until the run ends.
-constexpr int STAGE_SLOTS = 4;
+// (at most STAGE_SLOTS: backward_backward writes two) each hold one until the run ends.
+constexpr int STAGE_SLOTS = 2;
 
 inline void* stage_buffer() {
   alignas(64) static thread_local unsigned char buffers[STAGE_SLOTS][MAP_RUN * sizeof(double)];
@@ -511,7 +517,7 @@ void map_pass(const Geom& g, int nth, int64_t K, F&& fn) {
     const int64_t parts = (n + MAP_RUN - 1) / MAP_RUN;
     return ((n + parts - 1) / parts + 15) / 16 * 16;
   };
-  const int64_t row_run = run_length(g.L);  // whole rows: once, not per row
+  const int64_t row_run = run_length(L);  // whole rows: once, not per row
   auto row = [&](int64_t nn, int64_t c, int64_t l0, int64_t l1, int64_t len, int64_t k) {
     for (int64_t l = l0; l < l1; l += len) fn(Seg{nn, c, l, std::min(len, l1 - l)}, k);
   };
@@ -565,7 +571,7 @@ inline TD output(int dtype, const Geom& g, int64_t K, TD t) {
   const int64_t last = (K - 1) * t.sK + (g.N - 1) * t.sN + (g.C - 1) * t.sC + (g.L - 1) * t.sL;
   const uintptr_t esize = dtype == kFloat64 ? 8 : dtype == kFloat32 ? 4 : 2;
   const uintptr_t bytes = uintptr_t(last + 1) * esize;
-  t.stream = int64_t(bytes) >= stream_min_bytes();
+  t.stream = NON_TEMPORAL_STORES && int64_t(bytes) >= stream_min_bytes();
 #ifdef MADV_HUGEPAGE
   if (bytes >= ADVISE_MIN_BYTES) {
     const uintptr_t huge = uintptr_t(1) << 21;
