@@ -286,7 +286,7 @@ class HessianOperator:
         return result
 
     def __matmul__(self, x):
-        return self.matvec(x) if x.dim() == 1 else self.matmat(x)
+        return self.matvec(x) if torch.as_tensor(x).dim() == 1 else self.matmat(x)
 
     def to_scipy(self):
         """A scipy.sparse.linalg.LinearOperator (float64 numpy in and out)."""

@@ -159,6 +159,16 @@ def test_to_scipy_with_eigsh():
     assert abs(sorted(values) - expected).max() <= 1e-7 * abs(expected).max()
 
 
+def test_matmul_takes_tensors_and_numpy_arrays():
+    model = mlp()
+    batch = batch_for(model, 6, seed=0)
+    _, hessian = exact_hessian(model, CRITERION, [batch])
+    op = HessianOperator(model, CRITERION, batch)
+    V = torch.randn(op.shape[0], 2, dtype=op.dtype)
+    for operand in (V[:, 0], V, V[:, 0].numpy(), V.numpy()):
+        close(op @ operand, hessian @ torch.as_tensor(operand), rtol=1e-8)
+
+
 @pytest.mark.parametrize("make_model", [mlp, cnn])
 def test_model_state_is_bitwise_unchanged(make_model):
     model = make_model()
