@@ -9,7 +9,7 @@ import fastbn
 
 SHAPES = [(2, 1), (7, 3), (2, 5, 13), (3, 4, 5, 7), (2, 3, 1, 1), (5, 2, 3, 4, 3),
           (4, 1, 3, 3)]
-LAYOUTS = ["contiguous", "channels_last", "strided"]
+LAYOUTS = ["contiguous", "channels_last", "strided", "transposed"]
 HALF = [torch.bfloat16, torch.float16]
 
 
@@ -21,6 +21,8 @@ def _layout(x, layout):
     if layout == "strided":   # every other element of a wider tensor along dim 0 and -1
         wide = torch.cat([x, x], dim=-1).repeat_interleave(2, dim=0)
         return wide[::2, ..., : x.shape[-1]]
+    if layout == "transposed":  # dense, neither contiguous nor channels-last: N and C swapped
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
     return x
 
 
@@ -58,8 +60,8 @@ def test_float32_matches_stock(backend, shape, layout, training, activation):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
     y = got[0]
     assert y.dtype == x.dtype
-    if layout != "strided":   # the output's memory format is torch's
-        assert y.stride() == F.batch_norm(x, None, None, training=True).stride()
+    # The output's memory format is torch's (not x's, where the two differ).
+    assert y.stride() == F.batch_norm(x, None, None, training=True).stride()
 
 
 @pytest.mark.parametrize("dtype", HALF)

@@ -14,6 +14,7 @@ import math
 import torch
 
 from fastbn.backends import reference
+from fastbn.backends.layout import empty_output
 
 try:
     from fastbn import _C
@@ -157,7 +158,7 @@ def _empty(x, plan, dtype=None):
     """An element output in x's memory format, with the leading K in a K call."""
     dtype = x.dtype if dtype is None else dtype
     if plan.K is None:
-        return torch.empty_like(x, dtype=dtype)
+        return empty_output(x, dtype)
     order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
     return torch.empty_permuted((plan.K, *x.shape), (0, *(d + 1 for d in order)),
                                 dtype=dtype, device=x.device)
@@ -179,7 +180,7 @@ def forward_train(x, weight, bias, eps, activation=None, running_mean=None, runn
                                        running_var, momentum)
     acc = reference.acc_dtype(x.dtype)
     w, b = _acc(weight, acc), _acc(bias, acc)
-    y = torch.empty_like(x)
+    y = empty_output(x)
     mean, invstd = torch.empty(plan.C, dtype=acc), torch.empty(plan.C, dtype=acc)
     # The kernel updates running statistics of the accumulation dtype in place; others
     # (say bfloat16 buffers) from the variance it returns.
@@ -208,7 +209,7 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
                                       activation)
     acc = reference.acc_dtype(x.dtype)
     m, v, w, b = (_acc(t, acc) for t in (running_mean, running_var, weight, bias))
-    y = torch.empty_like(x)
+    y = empty_output(x)
     tx, ty = plan.tds(x, y)
     _C.forward_eval(_CODES[x.dtype], plan.geom, _threads(), tx, ty, m.data_ptr(),
                     v.data_ptr(), w.data_ptr(), b.data_ptr(), float(eps), activation == "relu")

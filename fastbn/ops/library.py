@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fastbn import backends
 from fastbn.backends import reference
+from fastbn.backends.layout import empty_output
 from fastbn.ops.autograd import eval_backward
 
 
@@ -25,13 +26,13 @@ def _stats_like(x):
     return x.new_empty(x.shape[1], dtype=reference.acc_dtype(x.dtype))
 
 
-# Every element output is laid out as torch.empty_like(x), as the fake kernels declare;
-# a backend may return another layout (spatial dims that do not flatten, a grad_y laid
-# out unlike x), and compiled code relies on the declared strides.
+# Every element output is laid out as torch's batch norm lays out x's (empty_output), as
+# the fake kernels declare; a backend may return another layout (a grad_y laid out unlike
+# x, say), and compiled code relies on the declared strides.
 def _like_x(out, x):
-    if out is None or out.stride() == torch.empty_like(x, device="meta").stride():
+    if out is None or out.stride() == empty_output(x, device="meta").stride():
         return out
-    return torch.empty_like(x).copy_(out)
+    return empty_output(x).copy_(out)
 
 
 @torch.library.custom_op("fastbn::forward_train", mutates_args=())
@@ -44,7 +45,7 @@ def forward_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
 
 @forward_train.register_fake
 def _(x, weight, bias, eps, activation):
-    return torch.empty_like(x), _stats_like(x), _stats_like(x)
+    return empty_output(x), _stats_like(x), _stats_like(x)
 
 
 @torch.library.custom_op("fastbn::forward_eval", mutates_args=())
@@ -56,7 +57,7 @@ def forward_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: T
 
 @forward_eval.register_fake
 def _(x, running_mean, running_var, weight, bias, eps, activation):
-    return torch.empty_like(x)
+    return empty_output(x)
 
 
 @torch.library.custom_op("fastbn::backward", mutates_args=())
@@ -69,7 +70,7 @@ def backward(grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Te
 
 @backward.register_fake
 def _(grad_y, x, mean, invstd, weight, bias, activation):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+    return empty_output(x), torch.empty_like(weight), torch.empty_like(bias)
 
 
 @torch.library.custom_op("fastbn::backward_backward", mutates_args=())
@@ -85,7 +86,7 @@ def backward_backward(gg_x: Optional[Tensor], gg_weight: Optional[Tensor],
 
 @backward_backward.register_fake
 def _(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight, bias, activation):
-    return torch.empty_like(x), torch.empty_like(x), torch.empty_like(weight)
+    return empty_output(x), empty_output(x), torch.empty_like(weight)
 
 
 def _setup_forward_train(ctx, inputs, output):

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from fastbn.backends import reference
+from fastbn.backends.layout import empty_output
 
 try:
     import triton
@@ -160,9 +161,12 @@ def _plain(t, device):
 
 
 def _empty_like(x, k, dtype):
-    """A tensor of x's shape (with a leading K if k) in x's memory format: dims ordered by
-    x's strides, dense, K outermost. Not a view (autograd forbids in-place ops on views
-    made inside a custom Function)."""
+    """A tensor of x's shape: without k, in torch's batch-norm output layout; with k,
+    a leading K outermost and the rest in x's memory format (dims ordered by x's strides,
+    dense). Not a view (autograd forbids in-place ops on views made inside a custom
+    Function)."""
+    if k is None:
+        return empty_output(x, dtype)
     d = x.dim()
     order = sorted(range(d), key=lambda i: (-x.stride(i), i))
     strides = [0] * d
