@@ -160,7 +160,9 @@ def run(quick: bool) -> list[dict]:
     for measure, ratio, note in batch_norm_overhead(model, criterion, inputs, targets, repeats):
         row(measure, ratio, "x", note)
 
-    forward = HessianOperator(model, criterion, data, method="forward-over-reverse")
+    # chunk_size=K: its matmat is the one-pass K-tangent form (no budget probes).
+    forward = HessianOperator(model, criterion, data, method="forward-over-reverse",
+                              chunk_size=K)
     reverse = HessianOperator(model, criterion, data, method="reverse-over-reverse")
     size = forward.shape[0]
     v = torch.randn(size)

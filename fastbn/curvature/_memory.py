@@ -1,7 +1,25 @@
 """Peak memory of a call, for sizing matmat chunks to a budget."""
 
+import os
+
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+
+def available_bytes(device):
+    """Memory a computation on `device` can still take: CUDA's free memory, or the
+    system's available memory (Linux's MemAvailable, else free pages)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def peak_bytes(fn, device):

@@ -83,9 +83,11 @@ class HessianOperator:
         (P, K) result): the chunk size (tangents per vmapped pass) comes from the peak
         memory of 1- and 2-tangent probe passes on the first batch (`probe_peaks`),
         measured with the CUDA allocator's counters or the CPU profiler. At least one
-        tangent per pass, even if that exceeds the budget.
-    chunk_size: explicit tangents per pass (overrides max_memory). With neither, matmat
-        runs all K tangents in one pass.
+        tangent per pass, even if that exceeds the budget. None: a quarter of the memory
+        available when the first matmat of more than two tangents runs (CUDA: the
+        device's free memory; CPU: the system's available memory), so a large K (say
+        Hutch++'s) is chunked rather than run out of memory.
+    chunk_size: explicit tangents per pass (overrides max_memory).
     progress: tqdm bars over batches and chunks: True shows them, False hides them,
         None (the default) shows them where stderr is a terminal; also the default of
         `progress` in eigenvalues, trace and spectral_density.
@@ -465,8 +467,8 @@ class HessianOperator:
     def _chunk_size(self, k):
         if self.chunk_size is not None:
             return self.chunk_size
-        if self.max_memory is None:
-            return k
+        if self.max_memory is None and k <= 2:
+            return k   # no smaller pass than the probes' to measure
         self.chunk_size = self._chunk_from_budget()
         return self.chunk_size
 
@@ -483,7 +485,10 @@ class HessianOperator:
             for k in (1, 2)]
         per_tangent = max(self.probe_peaks[1] - self.probe_peaks[0], 1)
         base = max(self.probe_peaks[0] - per_tangent, 0)
-        chunk = max(1, math.floor((self.max_memory - base) / per_tangent))
+        budget = self.max_memory
+        if budget is None:
+            budget = _memory.available_bytes(self.device) / 4
+        chunk = max(1, math.floor((budget - base) / per_tangent))
         if self._group is not None:   # the same passes (and collectives) on every process
             agreed = torch.tensor([chunk], device=self.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self._group)

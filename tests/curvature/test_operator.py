@@ -137,7 +137,8 @@ def test_chunked_matmat_equals_unchunked():
     model = cnn()
     batch = batch_for(model, 6, seed=0)
     V = torch.randn(89, 7, dtype=DTYPE)
-    whole = HessianOperator(model, CRITERION, batch, method="forward-over-reverse").matmat(V)
+    whole = HessianOperator(model, CRITERION, batch, method="forward-over-reverse",
+                            chunk_size=7).matmat(V)
     by_three = HessianOperator(model, CRITERION, batch, method="forward-over-reverse",
                                chunk_size=3).matmat(V)
     budget = HessianOperator(model, CRITERION, batch, method="forward-over-reverse",
@@ -146,6 +147,23 @@ def test_chunked_matmat_equals_unchunked():
     assert budget.chunk_size == 1 and len(budget.probe_peaks) == 2
     close(by_three, whole, rtol=1e-12)
     close(by_budget, whole, rtol=1e-12)
+
+
+def test_matmat_budget_defaults_to_a_quarter_of_available_memory(monkeypatch):
+    from fastbn.curvature import _memory
+    model = cnn()
+    batch = batch_for(model, 6, seed=0)
+    V = torch.randn(89, 5, dtype=DTYPE)
+    whole = HessianOperator(model, CRITERION, batch, chunk_size=5).matmat(V)
+    roomy = HessianOperator(model, CRITERION, batch)
+    close(roomy.matmat(V), whole, rtol=1e-12)
+    assert roomy.chunk_size >= 5 and len(roomy.probe_peaks) == 2
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: 4)
+    tight = HessianOperator(model, CRITERION, batch)
+    close(tight.matmat(V[:, :2]), whole[:, :2], rtol=1e-12)
+    assert tight.chunk_size is None          # two tangents: run as one pass, no probes
+    close(tight.matmat(V), whole, rtol=1e-12)
+    assert tight.chunk_size == 1
 
 
 def test_to_scipy_with_eigsh():
@@ -301,7 +319,8 @@ def test_matmat_calls_each_batch_norm_kernel_once_for_all_tangents(monkeypatch):
         monkeypatch.setattr(reference, kernel, counted)
     model = mlp()
     batch = batch_for(model, 6, seed=0)
-    op = HessianOperator(model, CRITERION, batch, method="forward-over-reverse")
+    op = HessianOperator(model, CRITERION, batch, method="forward-over-reverse",
+                         chunk_size=5)
     V = torch.randn(op.shape[0], 5, dtype=DTYPE)
     with fastbn.use_backend("reference"):
         result = op.matmat(V)
