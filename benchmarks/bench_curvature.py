@@ -3,7 +3,8 @@
 Measures one gradient, one HVP per method, the per-vector cost of matmat with K=16
 tangents against a single HVP, the top eigenvalue by Lanczos against a PyHessian-style
 power iteration (double-backward HVPs through stock nn.BatchNorm2d in train mode, same
-relative tolerance; and Lanczos stopped at the power loop's accuracy), and the peak memory of a budgeted matmat against its budget.
+relative tolerance; and Lanczos stopped at the power loop's accuracy), and the peak
+memory of a budgeted matmat against its budget.
 
     python benchmarks/bench_curvature.py [--quick]
 

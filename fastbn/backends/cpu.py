@@ -155,7 +155,8 @@ def _ptr(t):
 
 
 def _empty(x, plan, dtype=None):
-    """An element output in x's memory format, with the leading K in a K call."""
+    """An element output: in torch's batch-norm output layout, or in a K call with the
+    leading K outermost and the rest in x's memory format."""
     dtype = x.dtype if dtype is None else dtype
     if plan.K is None:
         return empty_output(x, dtype)

@@ -18,7 +18,8 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.utils._pytree import tree_flatten, tree_map
 
 import fastbn
-from fastbn.nn.batchnorm import _FastBatchNorm, fuse_relu_along_sequentials
+from fastbn.nn.batchnorm import (TORCH_BATCH_NORMS, _FastBatchNorm,
+                                 fuse_relu_along_sequentials)
 
 BN_MODES = ("train", "eval")
 
@@ -26,10 +27,6 @@ BN_MODES = ("train", "eval")
 def check_bn_mode(bn_mode):
     if bn_mode not in BN_MODES:
         raise ValueError(f"unknown bn_mode {bn_mode!r}; expected 'train' or 'eval'")
-
-
-# The torch classes fastbn.convert replaces (it matches exact types).
-TORCH_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def _retype_batch_norm_subclasses(copy_of_model, bn_mode):

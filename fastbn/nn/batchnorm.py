@@ -111,6 +111,7 @@ class SyncBatchNorm(_FastBatchNorm, nn.SyncBatchNorm):
 
 _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
                  nn.BatchNorm3d: BatchNorm3d, nn.SyncBatchNorm: SyncBatchNorm}
+TORCH_BATCH_NORMS = tuple(_REPLACEMENTS)   # the torch classes convert replaces (exact types)
 
 
 def _shallow_copy(layer, cls, take_over=False):

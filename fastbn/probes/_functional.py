@@ -15,12 +15,9 @@ import copy
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.func import functional_call, grad_and_value
 
-from fastbn.nn.batchnorm import _FastBatchNorm
-
-TORCH_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+from fastbn.nn.batchnorm import TORCH_BATCH_NORMS, _FastBatchNorm
 
 
 def batch_norm_layers(model):
