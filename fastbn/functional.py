@@ -49,6 +49,9 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
     if not input.is_floating_point():
         name = _SCALAR_TYPE_NAMES.get(input.dtype, str(input.dtype).removeprefix("torch."))
         raise NotImplementedError(f'"batch_norm" not implemented for \'{name}\'')
+    if not isinstance(training, bool):
+        raise TypeError("batch_norm(): argument 'training' (position 6) must be bool, not "
+                        f"{type(training).__name__}")
     if input.dim() < 2:
         raise ValueError(f"expected 2D or higher input (got {input.dim()}D input)")
     channels = input.shape[1]
@@ -65,6 +68,11 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
         if t.dtype not in allowed:
             raise RuntimeError(f"mixed dtype: expected {name} to have dtype "
                                f"{' or '.join(str(d) for d in allowed)}, got {t.dtype}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"The function 'batch_norm' is not differentiable with respect "
+                               f"to argument '{name}'. This input cannot have requires_grad "
+                               "True.")
     if training and (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or "
                          "neither be None")

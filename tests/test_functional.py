@@ -173,6 +173,14 @@ def _state():
      ValueError, "batch_norm eps must be positive during training, but got 0.0"),
     (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, rv, training=False, eps=-1.0),
      ValueError, "batch_norm eps must be non-negative, but got -1.0"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, rv, training=torch.tensor(True)),
+     TypeError, "argument 'training' \\(position 6\\) must be bool, not Tensor"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm.requires_grad_(), rv,
+                                      training=True),
+     RuntimeError, "not differentiable with respect to argument 'running_mean'"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, rv.requires_grad_(),
+                                      training=False),
+     RuntimeError, "not differentiable with respect to argument 'running_var'"),
 ])
 def test_bad_input_raises_and_changes_nothing(backend, call, error, message):
     rm, rv = _state()
