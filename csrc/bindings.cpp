@@ -46,9 +46,13 @@ PYBIND11_MODULE(_C, m) {
 #else
         "baseline ISA";
 #endif
+    const std::string stores =
+        fastbn::NON_TEMPORAL_STORES
+            ? "non-temporal stores for outputs from " +
+                  std::to_string(fastbn::stream_min_bytes()) + " bytes"
+            : "plain stores (no non-temporal stores on this ISA)";
     return std::string("compiler ") + __VERSION__ + ", " + isa + ", threads: " +
-           fastbn::threading() + ", non-temporal stores for outputs from " +
-           std::to_string(fastbn::stream_min_bytes()) + " bytes";
+           fastbn::threading() + ", " + stores;
   });
   m.def("stream_min_bytes", &fastbn::stream_min_bytes,
         "The output size (bytes) from which the kernels use non-temporal stores.");

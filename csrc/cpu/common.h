@@ -28,8 +28,14 @@ struct bf16 {
   uint16_t v;
 };
 
-#if defined(__FLT16_MANT_DIG__) && !defined(FASTBN_SOFT_HALF)
-using half = _Float16;  // hardware conversions (F16C / AArch64 fcvt) where available
+#if !defined(FASTBN_SOFT_HALF) && (defined(__aarch64__) || defined(__FLT16_MANT_DIG__))
+#if defined(__aarch64__)
+// ACLE's binary16 storage type (fcvt conversions): g++ before 13 takes _Float16 on
+// AArch64 in C only.
+using half = __fp16;
+#else
+using half = _Float16;  // hardware conversions with F16C
+#endif
 inline float half_to_float(half h) { return float(h); }
 inline half float_to_half(float f) { return half(f); }
 #else
