@@ -1,0 +1,26 @@
+"""The `fastbn` command's info, through `python -m fastbn` as a user would run it."""
+
+import subprocess
+import sys
+
+from fastbn import backends
+
+
+def test_info_names_every_backend_and_the_cpu_build():
+    done = subprocess.run([sys.executable, "-m", "fastbn", "info"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    for name in ("reference", "cpu", "triton"):
+        available = backends.availability(name)[0]
+        assert any(line.split()[:2] == [name, "available:" if available else "unavailable:"]
+                   for line in lines), done.stdout
+    cpu = backends.load("cpu")
+    if cpu is not None:
+        assert f"cpu build: {cpu.build_info()}" in lines
+
+
+def test_unknown_command_fails():
+    done = subprocess.run([sys.executable, "-m", "fastbn", "no-such-command"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "invalid choice" in done.stderr
