@@ -1,6 +1,7 @@
 """fastbn modules against torch's, convert(), state_dict and a short training run."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ CASES = [(nn.BatchNorm1d, fastbn.BatchNorm1d, (6, 5)),
          (nn.BatchNorm2d, fastbn.BatchNorm2d, (3, 5, 4, 6)),
          (nn.BatchNorm3d, fastbn.BatchNorm3d, (2, 5, 3, 2, 4))]
 OPTIONS = [dict(), dict(affine=False), dict(momentum=None), dict(track_running_stats=False),
-           dict(eps=1e-3, momentum=0.5)]
+           dict(eps=1e-3, momentum=0.5), dict(bias=False)]
 
 
 def _pair(torch_cls, fast_cls, options):
@@ -45,6 +46,18 @@ def test_module_matches_torch_over_steps(backend, torch_cls, fast_cls, shape, op
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5)
         for (name, b), (_, c) in zip(ref.named_buffers(), fast.named_buffers()):
             torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("torch_cls, fast_cls", [
+    (nn.BatchNorm1d, fastbn.BatchNorm1d), (nn.BatchNorm2d, fastbn.BatchNorm2d),
+    (nn.BatchNorm3d, fastbn.BatchNorm3d), (nn.SyncBatchNorm, fastbn.SyncBatchNorm)])
+def test_signature_is_torchs_plus_activation(torch_cls, fast_cls):
+    """Every argument of torch's constructor, same kind and default; `activation` added."""
+    ours = dict(inspect.signature(fast_cls).parameters)
+    assert ours.pop("activation").default is None
+    theirs = inspect.signature(torch_cls).parameters
+    assert {n: (p.kind, p.default) for n, p in ours.items()} == \
+        {n: (p.kind, p.default) for n, p in theirs.items()}
 
 
 def test_state_dict_round_trip_and_isinstance():

@@ -21,10 +21,12 @@ class _FastBatchNorm:
     """The forward shared by BatchNorm1d/2d/3d (mixed in before torch's class)."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None, activation=None):
+                 track_running_stats=True, device=None, dtype=None, activation=None, *,
+                 bias=True):
         functional.check_activation(activation)
+        # `bias` reaches torch only when False: older torch releases have no such argument.
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype)
+                         device=device, dtype=dtype, **({} if bias else {"bias": False}))
         self.activation = activation
 
     def _sync_group(self, batch_stats):
@@ -93,9 +95,9 @@ class SyncBatchNorm(_FastBatchNorm, nn.SyncBatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, process_group=None, device=None, dtype=None,
-                 activation=None):
+                 activation=None, *, bias=True):
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype, activation=activation)
+                         device=device, dtype=dtype, activation=activation, bias=bias)
         self.process_group = process_group
 
     def _check_input(self, input):
