@@ -246,3 +246,40 @@ def test_parametrized_weight_is_honoured(backend):
     x = torch.randn(4, 3, 5, 5)
     torch.testing.assert_close(fast(x), ref(x))
     torch.testing.assert_close(fast.running_mean, ref.running_mean)
+
+
+@pytest.mark.parametrize("torch_cls, fast_cls, shape", [
+    (nn.LazyBatchNorm1d, fastbn.LazyBatchNorm1d, (6, 5)),
+    (nn.LazyBatchNorm2d, fastbn.LazyBatchNorm2d, (3, 5, 4, 6)),
+    (nn.LazyBatchNorm3d, fastbn.LazyBatchNorm3d, (2, 5, 3, 2, 4))])
+@pytest.mark.parametrize("options", [dict(), dict(affine=False), dict(bias=False)])
+def test_lazy_layers_become_fastbn_layers(torch_cls, fast_cls, shape, options):
+    ref, fast = torch_cls(**options), fast_cls(**options)
+    assert inspect.signature(fast_cls).parameters.keys() - {"activation"} == \
+        inspect.signature(torch_cls).parameters.keys()
+    x = torch.randn(shape)
+    torch.testing.assert_close(fast(x), ref(x))
+    assert type(fast) is fast_cls.cls_to_become and type(ref) is torch_cls.cls_to_become
+    assert fast.num_features == 5 and fast.state_dict().keys() == ref.state_dict().keys()
+    for (name, b), (_, c) in zip(ref.named_buffers(), fast.named_buffers()):
+        torch.testing.assert_close(c, b, msg=name)
+
+
+def test_convert_makes_an_unrun_lazy_layer_fastbn_and_keeps_its_hooks():
+    def unrun():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d(momentum=0.3), nn.ReLU())
+    model, reference = unrun(), unrun()   # (an unrun lazy module cannot be deep-copied)
+    seen = []
+    handle = model[1].register_forward_hook(lambda m, i, o: seen.append(type(m)))
+    fastbn.convert(model, fuse_relu=True)
+    assert type(model[1]) is fastbn.LazyBatchNorm2d and model[1].momentum == 0.3
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model(x), reference(x))
+    assert type(model[1]) is fastbn.BatchNorm2d and seen == [fastbn.BatchNorm2d]
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+    handle.remove()
+    model(x)
+    assert len(seen) == 1
+    with pytest.raises(ValueError, match="run one forward first"):
+        fastbn.convert(nn.Sequential(nn.LazyBatchNorm1d()), sync=True)

@@ -111,9 +111,39 @@ class SyncBatchNorm(_FastBatchNorm, nn.SyncBatchNorm):
         return group if dist.get_world_size(group) > 1 else None
 
 
+class _LazyFastBatchNorm(nn.modules.batchnorm._LazyNormBase):
+    """torch's lazy batch norm (num_features from the first input), becoming the fastbn
+    layer of `cls_to_become` on that first call."""
+
+    def __init__(self, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, activation=None, *, bias=True):
+        functional.check_activation(activation)
+        super().__init__(eps, momentum, affine, track_running_stats, device, dtype,
+                         **({} if bias else {"bias": False}))
+        self.activation = activation
+
+
+class LazyBatchNorm1d(_LazyFastBatchNorm, BatchNorm1d):
+    """torch.nn.LazyBatchNorm1d on fastbn kernels."""
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_LazyFastBatchNorm, BatchNorm2d):
+    """torch.nn.LazyBatchNorm2d on fastbn kernels."""
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_LazyFastBatchNorm, BatchNorm3d):
+    """torch.nn.LazyBatchNorm3d on fastbn kernels."""
+    cls_to_become = BatchNorm3d
+
+
 _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
                  nn.BatchNorm3d: BatchNorm3d, nn.SyncBatchNorm: SyncBatchNorm}
 TORCH_BATCH_NORMS = tuple(_REPLACEMENTS)   # the torch classes convert replaces (exact types)
+# Lazy layers not yet run: they become fastbn's when they first see an input.
+_LAZY_REPLACEMENTS = {nn.LazyBatchNorm1d: LazyBatchNorm1d, nn.LazyBatchNorm2d: LazyBatchNorm2d,
+                      nn.LazyBatchNorm3d: LazyBatchNorm3d}
 
 
 def _shallow_copy(layer, cls, take_over=False):
@@ -181,7 +211,8 @@ def fuse_relu_along_sequentials(module):
 
 
 def convert(module, *, fuse_relu=False, sync=False, process_group=None):
-    """Replace every torch BatchNorm1d/2d/3d and SyncBatchNorm in `module` by fastbn's.
+    """Replace every torch BatchNorm1d/2d/3d and SyncBatchNorm in `module` by fastbn's
+    (a LazyBatchNorm that has not run yet by fastbn's lazy layer of the same kind).
 
     Parameters and buffers are kept (the same tensors), and so are the training flag,
     device and dtype. With `fuse_relu=True`, a batch norm directly followed by nn.ReLU
@@ -203,6 +234,12 @@ def _convert(module, fuse_relu, sync, process_group, done):
     if sync and isinstance(module, SyncBatchNorm):
         module.process_group = process_group
         new = module
+    elif type(module) in _LAZY_REPLACEMENTS or (sync and isinstance(module, _LazyFastBatchNorm)):
+        if sync:
+            raise ValueError(f"convert(sync=True): a {type(module).__name__} that has not "
+                             "seen an input yet has no channel count; run one forward first")
+        new = _shallow_copy(module, _LAZY_REPLACEMENTS[type(module)], take_over=True)
+        new.activation = None
     elif type(module) in _REPLACEMENTS or (sync and isinstance(module, _FastBatchNorm)):
         new = _converted(module, sync, process_group)
     else:
