@@ -17,6 +17,12 @@ from fastbn import functional
 from fastbn.ops import transforms
 
 
+def _torch_bias_kwargs(bias):
+    """torch's keyword for `bias`, passed only when False: older torch releases have no
+    such argument."""
+    return {} if bias else {"bias": False}
+
+
 class _FastBatchNorm:
     """The forward shared by BatchNorm1d/2d/3d (mixed in before torch's class)."""
 
@@ -24,9 +30,8 @@ class _FastBatchNorm:
                  track_running_stats=True, device=None, dtype=None, activation=None, *,
                  bias=True):
         functional.check_activation(activation)
-        # `bias` reaches torch only when False: older torch releases have no such argument.
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype, **({} if bias else {"bias": False}))
+                         device=device, dtype=dtype, **_torch_bias_kwargs(bias))
         self.activation = activation
 
     def _sync_group(self, batch_stats):
@@ -119,7 +124,7 @@ class _LazyFastBatchNorm(nn.modules.batchnorm._LazyNormBase):
                  device=None, dtype=None, activation=None, *, bias=True):
         functional.check_activation(activation)
         super().__init__(eps, momentum, affine, track_running_stats, device, dtype,
-                         **({} if bias else {"bias": False}))
+                         **_torch_bias_kwargs(bias))
         self.activation = activation
 
 
