@@ -280,6 +280,19 @@ struct Chan {
   }
 };
 
+// v if on, else +0 (inf and NaN included), as a bitwise AND: the element loops stay
+// free of branches. A select (`on ? v : 0`) lets the compiler sink v's load into a
+// branch, and loops with several masked terms then did not vectorise at all.
+template <class A>
+inline A and_mask(bool on, A v) {
+  using U = std::conditional_t<sizeof(A) == 8, uint64_t, uint32_t>;
+  U u;
+  std::memcpy(&u, &v, sizeof(A));
+  u &= U(0) - U(on);
+  std::memcpy(&v, &u, sizeof(A));
+  return v;
+}
+
 // x's run with the statistics: xhat and the ReLU mask (xhat * weight + bias > 0), both
 // as the reference computes them.
 template <class T, class A, bool CL, bool RELU, bool UNIT>
@@ -291,7 +304,7 @@ struct Prim {
   A xhat(int64_t i) const { return (x.template at<A>(i) - m[i]) * r[i]; }
   // v where the mask is set, else 0; the identity without ReLU.
   A keep(int64_t i, A xh, A v) const {
-    if constexpr (RELU) return xh * w[i] + b[i] > A(0) ? v : A(0);
+    if constexpr (RELU) return and_mask(xh * w[i] + b[i] > A(0), v);
     else return v;
   }
 };
@@ -351,7 +364,7 @@ struct Acc {
         for (int64_t w = 0; w < W; ++w) {
           A v[NS];
           fn(base + w, v);
-          for (int j = 0; j < NS; ++j) l[j][w] += w >= done ? v[j] : A(0);
+          for (int j = 0; j < NS; ++j) l[j][w] += and_mask(w >= done, v[j]);
         }
       }
       for (int j = 0; j < NS; ++j)
