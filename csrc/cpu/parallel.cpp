@@ -27,18 +27,20 @@ class Pool {
       for (int t = 0; t < n; ++t) fn(t);
       return;
     }
-    uint64_t generation;
+    uint32_t generation;
     {
       std::unique_lock<std::mutex> lk(m_);
       while (int(workers_.size()) < n - 1) {
         workers_.emplace_back([this] { loop(); });
         workers_.back().detach();
       }
-      generation = ++generation_;
+      // 32 bits, as next_ holds them; 0 is what a new worker has seen.
+      if (++generation_ == 0) ++generation_;
+      generation = generation_;
       job_ = &fn;
       width_ = n;
       finished_ = 0;
-      next_.store(generation << 32);
+      next_.store(uint64_t(generation) << 32);
     }
     wake_.notify_all();
     work(generation, n, fn);
@@ -48,10 +50,10 @@ class Pool {
 
  private:
   // Runs shares of `generation` while any is left; a stale generation claims nothing.
-  void work(uint64_t generation, int n, const std::function<void(int)>& fn) {
+  void work(uint32_t generation, int n, const std::function<void(int)>& fn) {
     for (;;) {
       uint64_t claim = next_.load();
-      if ((claim >> 32) != generation || int(claim & 0xffffffffu) >= n) return;
+      if (uint32_t(claim >> 32) != generation || int(claim & 0xffffffffu) >= n) return;
       if (!next_.compare_exchange_weak(claim, claim + 1)) continue;
       fn(int(claim & 0xffffffffu));
       std::lock_guard<std::mutex> lk(m_);
@@ -60,10 +62,10 @@ class Pool {
   }
 
   void loop() {
-    uint64_t seen = 0;
+    uint32_t seen = 0;
     for (;;) {
       const std::function<void(int)>* job;
-      uint64_t generation;
+      uint32_t generation;
       int n;
       {
         std::unique_lock<std::mutex> lk(m_);
@@ -82,7 +84,7 @@ class Pool {
   std::atomic<uint64_t> next_{0};   // generation << 32 | next unclaimed share
   const std::function<void(int)>* job_ = nullptr;
   int width_ = 0, finished_ = 0;
-  uint64_t generation_ = 0;
+  uint32_t generation_ = 0;  // wraps after 2^32 runs, as next_'s high half does
 };
 
 // Leaked on purpose: workers must never be joined during interpreter teardown. A forked
