@@ -159,6 +159,17 @@ def _native_forward(x, weight, bias, eps, activation, running_mean, running_var,
     return y, mean, invstd
 
 
+def _one_memory_format(x, grad_y):
+    """Both dense in one memory format: torch 2.13's native backward returns wrong
+    gradients for some mixed layouts (a channels-last x with a size-1 spatial dim in
+    non-canonical strides next to a contiguous grad_y)."""
+    formats = [torch.contiguous_format]
+    if x.dim() in (4, 5):
+        formats.append(torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return any(x.is_contiguous(memory_format=f) and grad_y.is_contiguous(memory_format=f)
+               for f in formats)
+
+
 def _native_backward(grad_y, x, mean, invstd, weight, bias, activation):
     acc = acc_dtype(x.dtype)
     if activation == "relu":
@@ -208,7 +219,8 @@ def _backward_inputs(grad_y, x, mean, invstd, weight, bias, activation, reductio
 def backward(grad_y, x, mean, invstd, weight, bias, activation=None, *, reduction=LOCAL):
     if (grad_y.shape == x.shape and grad_y.dtype == x.dtype
             and mean.dtype == invstd.dtype == acc_dtype(x.dtype)
-            and _native_ok(x, reduction, grad_y, mean, invstd, weight, bias)):
+            and _native_ok(x, reduction, grad_y, mean, invstd, weight, bias)
+            and _one_memory_format(x, grad_y)):
         return _native_backward(grad_y, x, mean, invstd, weight, bias, activation)
     d, m, xhat, _, g = _backward_inputs(grad_y, x, mean, invstd, weight, bias, activation,
                                         reduction)

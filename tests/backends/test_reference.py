@@ -109,3 +109,22 @@ def test_one_value_per_channel_keeps_running_variance_finite(definition):
     for g, v in zip(got, want):
         assert torch.isfinite(g).all()
         torch.testing.assert_close(g, v)
+
+
+@pytest.mark.parametrize("grad_layout", ("contiguous", "like_x"))
+def test_mixed_layouts_backward_matches_definition(definition, grad_layout):
+    """A channels-last x whose size-1 spatial dim has non-canonical strides, next to a
+    contiguous grad_y, is a case torch 2.13's native backward gets wrong: the definition
+    serves it."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, 5, 1, generator=gen, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last).transpose(2, 3)
+    grad_y = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    if grad_layout == "like_x":
+        grad_y = torch.empty_like(x).copy_(grad_y)
+    w, b = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    mean, _, invstd = reference.statistics(x, 1e-5)
+    got = reference.backward(grad_y, x, mean, invstd, w, b)
+    want = definition(reference.backward, grad_y, x, mean, invstd, w, b)
+    for g, v in zip(got, want):
+        torch.testing.assert_close(g, v, rtol=1e-12, atol=1e-12)
