@@ -34,7 +34,7 @@ void affine_pass(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T
       const Chan<CL, A> a(scale, s.c), b(shift, s.c);
       each(s.n, [&](int64_t i) {
         const A v = b[i] + in.template at<A>(i) * a[i];
-        out.put(i, RELU ? (v > A(0) ? v : A(0)) : v);
+        out.put(i, RELU ? (v < A(0) ? A(0) : v) : v);  // torch's relu: NaN and -0 stay
       });
     });
   });
@@ -46,11 +46,20 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
            const Running<acc_t<T>>& running) {
   using A = acc_t<T>;
   const int64_t C = g.C;
-  // Sums of (x - pivot) and its square, pivot = the channel's first element: no
-  // cancellation when |mean| >> std, in one pass.
+  // Sums of (x - pivot) and its square, in one pass. The pivot, the mean of the first
+  // few elements of the channel's first row, keeps E[d^2] - E[d]^2 from cancelling when
+  // |mean| >> std: float lanes lose about ((pivot - mean) / std)^2 ulps of the variance
+  // (a single element as the pivot lost 1e-4 where it was an outlier). A non-finite
+  // sample falls back to 0, so an inf in x gives torch's inf mean, not inf - inf.
+  constexpr int64_t PIVOT_SAMPLE = 64;
+  const int64_t np = std::min(g.L, PIVOT_SAMPLE);
+  const T* x0 = reinterpret_cast<const T*>(x.ptr);
   std::vector<A> pivot(C);
-  for (int64_t c = 0; c < C; ++c)
-    pivot[c] = to_acc<A>(reinterpret_cast<const T*>(x.ptr)[c * x.sC]);
+  for (int64_t c = 0; c < C; ++c) {
+    double sum = 0;
+    for (int64_t l = 0; l < np; ++l) sum += double(to_acc<A>(x0[c * x.sC + l * x.sL]));
+    pivot[c] = std::isfinite(sum) ? A(sum / double(np)) : A(0);
+  }
   std::vector<double> sums(2 * C);
   when(unit_runs<CL>({x}), [&](auto unit) {
     constexpr bool U = decltype(unit)::value;

@@ -42,8 +42,9 @@ def build_info():
 
 
 def _plain(t):
+    # A ZeroTensor (autograd's stand-in for a zero gradient) has no memory behind it.
     return (type(t) in _PLAIN_TYPES and t.is_cpu and t.layout == torch.strided
-            and _has_storage(t) and not t.is_neg())
+            and _has_storage(t) and not t.is_neg() and not t._is_zerotensor())
 
 
 def _acc(t, acc):
@@ -71,15 +72,18 @@ def _strides(shape, stride, batched, swap):
 
 
 class _Plan:
-    """Geometry shared by one call: x's (N, C, L) view and the K of batched arguments."""
+    """Geometry shared by one call: x's (N, C, L) view and the K of batched arguments.
+    `elems`: element tensors (x's shape, or K-batched); `chans`: per-channel tangents,
+    (C,) or (K, C); `stats`: the primal per-channel tensors, (C,) only (the kernels read
+    one value per channel for all K problems)."""
 
-    def __init__(self, x, elems, chans):
+    def __init__(self, x, elems, chans, stats):
         self.ok = False
         shape = x.shape
         self.ndim_batched = len(shape) + 1
         if _C is None or x.dtype not in _CODES or len(shape) < 2 or x.numel() == 0:
             return
-        if not all(_plain(t) for t in (x, *elems, *chans) if t is not None):
+        if not all(_plain(t) for t in (x, *elems, *chans, *stats) if t is not None):
             return
         ks = set()
         for t in elems:
@@ -102,6 +106,8 @@ class _Plan:
                 ks.add(t_shape[0])
             elif t_shape != (c,):
                 return
+        if any(t is not None and t.shape != (c,) for t in stats):
+            return
         if len(ks) > 1 or 0 in ks:
             return
         self.K = ks.pop() if ks else None
@@ -141,8 +147,8 @@ class _Plan:
         return _acc(t, acc)
 
 
-def _plan(x, elems=(), chans=()):
-    return _Plan(x, elems, chans)
+def _plan(x, elems=(), chans=(), stats=()):
+    return _Plan(x, elems, chans, stats)
 
 
 def _as(t, like):
@@ -175,8 +181,8 @@ def _k(plan):
 
 def forward_train(x, weight, bias, eps, activation=None, running_mean=None, running_var=None,
                   momentum=0.0):
-    plan = _plan(x, chans=(weight, bias))
-    if not plan.ok or plan.K is not None:
+    plan = _plan(x, stats=(weight, bias))
+    if not plan.ok:
         return reference.forward_train(x, weight, bias, eps, activation, running_mean,
                                        running_var, momentum)
     acc = reference.acc_dtype(x.dtype)
@@ -204,8 +210,8 @@ def forward_train(x, weight, bias, eps, activation=None, running_mean=None, runn
 
 
 def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=None):
-    plan = _plan(x, chans=(running_mean, running_var, weight, bias))
-    if not plan.ok or plan.K is not None:
+    plan = _plan(x, stats=(running_mean, running_var, weight, bias))
+    if not plan.ok:
         return reference.forward_eval(x, running_mean, running_var, weight, bias, eps,
                                       activation)
     acc = reference.acc_dtype(x.dtype)
@@ -223,7 +229,7 @@ def _stats(x, mean, invstd, weight, bias):
 
 
 def backward(grad_y, x, mean, invstd, weight, bias, activation=None):
-    plan = _plan(x, (grad_y,), (mean, invstd, weight, bias))
+    plan = _plan(x, (grad_y,), stats=(mean, invstd, weight, bias))
     if not plan.ok:
         return reference.backward(grad_y, x, mean, invstd, weight, bias, activation)
     acc, (m, r, w, b) = _stats(x, mean, invstd, weight, bias)
@@ -240,7 +246,7 @@ def backward(grad_y, x, mean, invstd, weight, bias, activation=None):
 
 
 def forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias, activation=None):
-    plan = _plan(x, (x_t,), (weight_t, bias_t, mean, invstd, weight, bias))
+    plan = _plan(x, (x_t,), (weight_t, bias_t), (mean, invstd, weight, bias))
     if not plan.ok or (x_t is None and weight_t is None and bias_t is None):
         return reference.forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias,
                                      activation)
@@ -256,7 +262,7 @@ def forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias, activation
 
 def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight, bias,
                       activation=None):
-    plan = _plan(x, (gg_x, grad_y), (gg_weight, gg_bias, mean, invstd, weight, bias))
+    plan = _plan(x, (gg_x, grad_y), (gg_weight, gg_bias), (mean, invstd, weight, bias))
     if not plan.ok:
         return reference.backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd,
                                            weight, bias, activation)
@@ -277,7 +283,7 @@ def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight,
 def backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weight, bias,
                  activation=None):
     # bias_t does not enter backward's value (only the mask), so it never shapes the result.
-    plan = _plan(x, (grad_y_t, x_t, grad_y), (weight_t, mean, invstd, weight, bias))
+    plan = _plan(x, (grad_y_t, x_t, grad_y), (weight_t,), (mean, invstd, weight, bias))
     if not plan.ok:
         return reference.backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean,
                                       invstd, weight, bias, activation)

@@ -170,6 +170,74 @@ def test_large_offset_statistics(native, layout, dtype):
     torch.testing.assert_close(y.double(), y64, rtol=0, atol=1e-9 if tol < 1e-9 else 2e-3)
 
 
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+@pytest.mark.parametrize("data", ("outlier", "padded"))
+def test_statistics_when_the_channel_starts_far_from_its_mean(native, layout, data):
+    """The one-pass statistics shift x by a pivot taken from the channel's start; an
+    outlier there (or a zero-padded corner of otherwise narrow data) must not cost the
+    variance its float32 precision."""
+    gen = torch.Generator().manual_seed(12)
+    x64 = torch.randn(16, 5, 9, 13, generator=gen, dtype=torch.float64)
+    if data == "outlier":
+        x64[0, :, 0, 0] = 100.0
+    else:
+        x64 = 0.5 + 0.005 * x64
+        x64[0, :, :2, :2] = 0.0
+    x = x64.float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    _, mean, invstd = cpu.forward_train(x, w, b, 1e-5)
+    _, mean64, invstd64 = reference.forward_train(x.double(), w.double(), b.double(), 1e-5)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(invstd.double(), invstd64, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("layout", ("nchw", "channels_last", "2d"))
+def test_non_finite_values_propagate_as_in_torch(native, layout):
+    """NaN survives the fused ReLU (torch's relu keeps it); an inf makes the mean inf,
+    wherever in the channel it sits."""
+    gen = torch.Generator().manual_seed(13)
+    x = layout_x(layout, gen, torch.float32)
+    c = x.shape[1]
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    rm, rv = torch.zeros(c), torch.ones(c)
+    first = (0,) * x.dim()
+    last = tuple(s - 1 for s in x.shape)
+    for value, where in ((float("nan"), first), (float("nan"), last),
+                         (float("inf"), first), (float("-inf"), last)):
+        bad = x.clone()
+        bad[where] = value
+        for act in (None, "relu"):
+            got = cpu.forward_train(bad, w, b, 1e-5, act)
+            want = reference.forward_train(bad, w, b, 1e-5, act)
+            for g, v in zip(got, want):
+                torch.testing.assert_close(g, v, equal_nan=True, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(cpu.forward_eval(bad, rm, rv, w, b, 1e-5, act),
+                                       reference.forward_eval(bad, rm, rv, w, b, 1e-5, act),
+                                       equal_nan=True)
+
+
+def test_zero_tensors_and_batched_statistics_fall_back():
+    """Inputs the kernels cannot read go to the reference: autograd's ZeroTensor (no
+    memory behind it) and per-problem (K, C) statistics or weights (the kernels read one
+    value per channel)."""
+    p = _problem("nchw", torch.float64, None)
+    x, w, b, mean, invstd = (p[k] for k in ("x", "weight", "bias", "mean", "invstd"))
+    zero = torch._efficientzerotensor(x.shape, dtype=x.dtype)
+    for got, want in zip(cpu.forward_train(zero, w, b, 1e-5),
+                         reference.forward_train(torch.zeros_like(x), w, b, 1e-5)):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(cpu.backward(zero, x, mean, invstd, w, b),
+                         reference.backward(torch.zeros_like(x), x, mean, invstd, w, b)):
+        torch.testing.assert_close(got, want)
+    k_weight = torch.stack([w, 2 * w])
+    grad_y = torch.stack([p["grad_y"], p["x_t"]])
+    for got, want in zip(cpu.backward(grad_y, x, mean, invstd, k_weight, b),
+                         reference.backward(grad_y, x, mean, invstd, k_weight, b)):
+        torch.testing.assert_close(got, want)
+
+
 def test_million_elements_per_channel(native):
     gen = torch.Generator().manual_seed(4)
     x = 1e3 + torch.randn(4, 2, 512, 512, generator=gen)

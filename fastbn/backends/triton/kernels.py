@@ -223,11 +223,11 @@ def _tile_out(OP: tl.constexpr, ACT: tl.constexpr, x, xhat, e1, e2, e3, relu,
     if OP == FWD:
         o1 = xhat * c0[None, :] + c1[None, :]
         if ACT:
-            o1 = tl.maximum(o1, 0.0)
+            o1 = tl.where(o1 < 0, 0.0, o1)   # torch's relu: NaN stays NaN
     if OP == EVAL:
         o1 = x * c0[None, :] + c1[None, :]
         if ACT:
-            o1 = tl.maximum(o1, 0.0)
+            o1 = tl.where(o1 < 0, 0.0, o1)
     if OP == BWD:
         o1 = e1 * c0[None, :] + xhat * c1[None, :] + c2[None, :]
     if OP == FJVP:
