@@ -138,15 +138,29 @@ def test_convert_does_not_fuse_a_hooked_pair(hooked, kind):
     assert model[1].activation is None and type(model[2]) is nn.ReLU
 
 
-def test_convert_fuses_a_copy_of_a_shared_batch_norm():
+def test_convert_does_not_fuse_a_shared_batch_norm():
+    """A batch norm held at two places stays one layer (a fused copy would part from it
+    under .to() or .eval()); one inside a Sequential held at two places is fused, as
+    that Sequential is still one module."""
     bn = fastbn.BatchNorm2d(3)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), bn, nn.ReLU(), bn)
     x = torch.randn(4, 2, 5, 5)
     expected = model(x)
     fastbn.convert(model, fuse_relu=True)
-    assert model[1] is not bn and model[1].activation == "relu" and model[3] is bn
-    assert bn.activation is None and model[1].weight is bn.weight
+    assert model[1] is bn is model[3] and bn.activation is None and type(model[2]) is nn.ReLU
     torch.testing.assert_close(model(x), expected)
+    model.double()
+    assert model[3].running_mean.dtype == torch.float64
+
+    block = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU())
+    twice = nn.Sequential(block, block)
+    fastbn.convert(twice, fuse_relu=True)
+    assert twice[0] is twice[1] and twice[0][1].activation == "relu"
+
+    inner = nn.BatchNorm1d(4)
+    held = nn.ModuleDict({"seq": nn.Sequential(inner, nn.ReLU()), "alias": inner})
+    fastbn.convert(held, fuse_relu=True)
+    assert held["seq"][0] is held["alias"] and held["alias"].activation is None
 
 
 def test_convert_keeps_hook_handles_and_shared_layers():

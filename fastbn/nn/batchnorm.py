@@ -8,6 +8,8 @@ Under torch.func transforms a module in training mode normalises with batch stat
 and leaves `running_mean`, `running_var` and `num_batches_tracked` untouched.
 """
 
+import collections
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -184,11 +186,21 @@ def _plain_sequential(module):
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
-def _fuse_relu(seq):
+def _shared(root):
+    """ids of the modules that two places in `root`'s tree hold (two parents, or two
+    names in one)."""
+    holders = collections.Counter(id(child) for module in root.modules()
+                                  for child in module._modules.values() if child is not None)
+    return {key for key, count in holders.items() if count > 1}
+
+
+def _fuse_relu(seq, shared):
     """In a plain nn.Sequential, a fastbn layer that an nn.ReLU directly follows becomes a
-    fused copy of itself (sharing its parameters and buffers: the layer may be used
-    elsewhere, unfused), and the ReLU nn.Identity. Not where either has a hook (it would
-    see the other's output), nor for subclasses with their own forward."""
+    fused copy of itself (its parameters and buffers), and the ReLU nn.Identity. Not
+    where either has a hook (it would see the other's output), nor for subclasses with
+    their own forward, nor for a layer held at another place too (`shared`): that one
+    stays one layer, where a fused copy would part from it under .to(), .eval() or a
+    changed momentum."""
     if not _plain_sequential(seq):
         return
     names = list(seq._modules)
@@ -196,7 +208,7 @@ def _fuse_relu(seq):
         bn, relu = seq._modules[first], seq._modules[second]
         if (isinstance(bn, _FastBatchNorm) and type(bn).forward is _FastBatchNorm.forward
                 and bn.activation is None and type(relu) is nn.ReLU
-                and not (_hooked(bn) or _hooked(relu))):
+                and id(bn) not in shared and not (_hooked(bn) or _hooked(relu))):
             fused = _shallow_copy(bn, type(bn))
             fused.activation = "relu"
             seq._modules[first] = fused
@@ -208,10 +220,14 @@ def fuse_relu_along_sequentials(module):
     the nn.Sequentials nested in it through plain nn.Sequentials: there nothing but
     Sequential.forward calls a layer, so fusing cannot change what any other code sees
     (a custom module's forward might call `self.seq[1]` alone). Returns `module`."""
-    if _plain_sequential(module):
-        _fuse_relu(module)
-        for child in module.children():
-            fuse_relu_along_sequentials(child)
+    shared = _shared(module)
+
+    def along(seq):
+        if _plain_sequential(seq):
+            _fuse_relu(seq, shared)
+            for child in seq.children():
+                along(child)
+    along(module)
     return module
 
 
@@ -222,17 +238,23 @@ def convert(module, *, fuse_relu=False, sync=False, process_group=None):
     Parameters and buffers are kept (the same tensors), and so are the training flag,
     device and dtype. With `fuse_relu=True`, a batch norm directly followed by nn.ReLU
     inside an nn.Sequential becomes one fused layer, a copy sharing its tensors (the ReLU
-    becomes nn.Identity), except where either module has hooks or the Sequential or the
-    batch norm overrides forward; fusion assumes no custom forward calls the batch norm
-    of a pair on its own. With `sync=True` every batch norm, fastbn's local layers
-    included, becomes a fastbn.SyncBatchNorm over `process_group` (default: the whole
-    world). A layer reached at several places becomes one converted layer. Returns the
-    converted module (a new object only when `module` itself is a batch norm).
+    becomes nn.Identity), except where either module has hooks, the Sequential or the
+    batch norm overrides forward, or the batch norm is held at another place too; fusion
+    assumes no custom forward calls the batch norm of a pair on its own. With
+    `sync=True` every batch norm, fastbn's local layers included, becomes a
+    fastbn.SyncBatchNorm over `process_group` (default: the whole world). A layer
+    reached at several places becomes one converted layer. Returns the converted module
+    (a new object only when `module` itself is a batch norm).
     """
-    return _convert(module, fuse_relu, sync, process_group, {})
+    new = _convert(module, sync, process_group, {})
+    if fuse_relu:
+        shared = _shared(new)
+        for seq in list(new.modules()):
+            _fuse_relu(seq, shared)
+    return new
 
 
-def _convert(module, fuse_relu, sync, process_group, done):
+def _convert(module, sync, process_group, done):
     """`convert`, with `done` mapping id(original) -> (original, its conversion)."""
     if id(module) in done:
         return done[id(module)][1]
@@ -251,9 +273,7 @@ def _convert(module, fuse_relu, sync, process_group, done):
         # Every name, not named_children(): that lists a child held twice only once.
         for name, child in list(module._modules.items()):
             if child is not None:
-                setattr(module, name, _convert(child, fuse_relu, sync, process_group, done))
-        if fuse_relu and isinstance(module, nn.Sequential):
-            _fuse_relu(module)
+                setattr(module, name, _convert(child, sync, process_group, done))
         new = module
     done[id(module)] = (module, new)   # the original kept alive: its id stays unique
     return new
