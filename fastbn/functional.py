@@ -73,6 +73,14 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
             raise RuntimeError(f"The function 'batch_norm' is not differentiable with respect "
                                f"to argument '{name}'. This input cannot have requires_grad "
                                "True.")
+    if torch.is_grad_enabled():
+        inputs = [t for t in (input, weight, bias) if t is not None]
+        if any(t.requires_grad for t in inputs) and any(t.is_inference() for t in inputs):
+            raise RuntimeError(
+                "Inference tensors cannot be saved for backward. Please do not use Tensors "
+                "created in inference mode in computation tracked by autograd. To work "
+                "around this, you can make a clone to get a normal tensor and use it in "
+                "autograd, or use `torch.no_grad()` instead of `torch.inference_mode()`.")
     if training and (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or "
                          "neither be None")

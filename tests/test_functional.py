@@ -140,6 +140,11 @@ def _state():
     return torch.randn(3), torch.rand(3) + 0.5
 
 
+def _inference_tensor():
+    with torch.inference_mode():
+        return torch.randn(4, 3)
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda rm, rv: fastbn.batch_norm(torch.ones(2, 3, dtype=torch.long), rm, rv,
                                       training=True),
@@ -181,6 +186,9 @@ def _state():
     (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, rv.requires_grad_(),
                                       training=False),
      RuntimeError, "not differentiable with respect to argument 'running_var'"),
+    (lambda rm, rv: fastbn.batch_norm(_inference_tensor(), rm, rv,
+                                      torch.ones(3, requires_grad=True), training=True),
+     RuntimeError, "Inference tensors cannot be saved for backward"),
 ])
 def test_bad_input_raises_and_changes_nothing(backend, call, error, message):
     rm, rv = _state()
