@@ -86,7 +86,9 @@ def activation_hessian(model, criterion, data, layer, *, bn_mode="train"):
     outputs = []
 
     def record(_module, _args, output):
-        outputs.append(output)
+        # A clone: an in-place op downstream (ReLU(inplace=True), `out += identity`)
+        # would overwrite the output itself.
+        outputs.append(output.clone() if isinstance(output, torch.Tensor) else output)
 
     with torch.no_grad(), _forward_hook(module, record):
         functional(params, buffers, inputs)
@@ -101,7 +103,9 @@ def activation_hessian(model, criterion, data, layer, *, bn_mode="train"):
     params, buffers = functional.state()
 
     def loss_of_activation(z):
-        with _forward_hook(module, lambda _m, _a, _o: z):
+        # The layer returns a clone of z: an in-place op downstream must not write to z,
+        # the variable being differentiated.
+        with _forward_hook(module, lambda _m, _a, _o: z.clone()):
             value = criterion(functional(params, buffers, inputs), targets)
         return value.reshape(())
 

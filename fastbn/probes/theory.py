@@ -64,8 +64,15 @@ def _run_capturing(model, criterion, batch, names):
     params = {k: p.requires_grad_() for k, p in params.items()}
     modules = dict(model.named_modules())
     captured = {}
+
+    def capture(name, out):
+        captured[name] = out
+        # Downstream runs on a clone, so an in-place op there (ReLU(inplace=True)) leaves
+        # the captured output as the layer computed it.
+        return out.clone()
+
     handles = [modules[name].register_forward_hook(
-        lambda module, args, out, name=name: captured.__setitem__(name, out)) for name in names]
+        lambda module, args, out, name=name: capture(name, out)) for name in names]
     try:
         with _functional.batch_norm_in_train_mode(model):
             loss = criterion(functional_call(model, {**constants, **params}, (inputs,)), targets)

@@ -126,3 +126,33 @@ def test_a_torch_batch_norm_subclass_downstream():
     v = torch.randn(activation.shape, dtype=DTYPE)
     expected = (hessian @ v.reshape(-1)).reshape(v.shape)
     assert (result.hvp(v) - expected).abs().max() <= 1e-8 * expected.abs().max()
+
+
+
+class _AddOne(nn.Module):
+    """x + 1, in place (like a residual block's `out += identity`) or not."""
+
+    def __init__(self, inplace):
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x):
+        return x.add_(1.0) if self.inplace else x + 1.0
+
+
+@pytest.mark.parametrize("follower", [nn.ReLU, _AddOne])
+def test_an_in_place_op_downstream_of_the_layer(follower):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), follower(inplace=True),
+                          nn.Tanh(), nn.Linear(4, 3)).to(DTYPE)
+    not_in_place = copy.deepcopy(model)
+    not_in_place[2] = follower(inplace=False)
+    batch = batch_for(model, 5, seed=0)
+    result = activation_hessian(model, CRITERION, batch, "1")
+    activation, gradient, hessian = by_hand(not_in_place, batch, 1, "train")
+    # The batch norm's output, not the in-place op's.
+    assert torch.allclose(result.activation, activation, rtol=0, atol=1e-12)
+    assert torch.allclose(result.grad, gradient, rtol=0, atol=1e-12)
+    v = torch.randn(activation.shape, dtype=DTYPE)
+    expected = (hessian @ v.reshape(-1)).reshape(v.shape)
+    assert (result.hvp(v) - expected).abs().max() <= 1e-8 * expected.abs().max()

@@ -13,9 +13,9 @@ needs_curvature = pytest.mark.skipif(not theory.curvature_available(),
                                      reason="fastbn.curvature is not available")
 
 
-def network():
+def network(inplace=False):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 5),
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(inplace), nn.Linear(5, 5),
                           nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
     with torch.no_grad():  # non-trivial γ so the γ²/σ² factors are exercised
         model[1].weight.uniform_(0.5, 2.0)
@@ -71,6 +71,24 @@ def test_theorem_4_1_against_direct_autograd():
                                                         rhs.tolist()))
     # With ∇_z L̂ and 1/m the two sides are the BN backward identity, up to O(eps/σ²).
     assert checks["identity_rel_error"] < 1e-4
+
+
+@needs_curvature
+def test_an_in_place_relu_after_a_batch_norm_changes_nothing():
+    criterion, batch = nn.CrossEntropyLoss(), data()
+    results = theory_checks(network(inplace=True), criterion, batch, channels=2,
+                            lanczos_iterations=3)
+    expected = theory_checks(network(), criterion, batch, channels=2, lanczos_iterations=3)
+    assert results["1"]["theorem_4_1"]["identity_rel_error"] < 1e-4
+    for name, result in results.items():
+        first, want = result["theorem_4_1"], expected[name]["theorem_4_1"]
+        for side in ("lhs", "rhs"):
+            assert first["per_channel"][side] == pytest.approx(want["per_channel"][side],
+                                                               rel=1e-12)
+        rows = result["theorem_4_2"]["channels"]
+        for row, want_row in zip(rows, expected[name]["theorem_4_2"]["channels"]):
+            assert (row["lhs"], row["rhs"]) == pytest.approx(
+                (want_row["lhs"], want_row["rhs"]), rel=1e-9)
 
 
 def test_model_is_left_untouched():
