@@ -8,6 +8,9 @@ from tqdm.auto import tqdm
 from fastbn.curvature.lanczos import (BREAKDOWN_ULPS, bar_disabled, check_finite_product,
                                       random_vectors, show_progress)
 
+# Node spans below this fraction of max|θ| count as zero in the default sigma.
+SPAN_RESOLUTION = 1e-6
+
 
 def stochastic_lanczos_quadrature(op, *, num_runs=8, num_steps=64, seed=0, progress=None):
     """Quadrature (nodes, weights) of the spectral measure (1/P) Σ_i δ(λ − λ_i).
@@ -77,8 +80,10 @@ def spectral_density(op, *, num_runs=8, num_steps=64, grid=None, sigma=None, see
     trapezoid integral over the grid is 1; its first moment estimates trace(H)/P.
     grid: points to evaluate at (default: 1001 points over the node range ± 8σ, which
     loses no visible mass at the ends).
-    sigma: smoothing width (default: 1% of the node range, or of max|θ| when the range
-    is 0). The raw quadrature is `stochastic_lanczos_quadrature`. CPU float64 tensors.
+    sigma: smoothing width (default: 1% of the node range; where the range is below 1e-6
+    of max|θ|, as when every eigenvalue is equal up to rounding, 1% of max|θ|, or 1.0
+    when every node is 0). The raw quadrature is `stochastic_lanczos_quadrature`. CPU
+    float64 tensors.
     progress: a tqdm bar over the Lanczos steps; None follows the operator's `progress`.
     """
     nodes, weights = stochastic_lanczos_quadrature(op, num_runs=num_runs,
@@ -87,8 +92,12 @@ def spectral_density(op, *, num_runs=8, num_steps=64, grid=None, sigma=None, see
     used = nodes[weights > 0]
     low, high = float(used.min()), float(used.max())
     if sigma is None:
+        largest = max(abs(low), abs(high))
         span = high - low
-        sigma = 0.01 * (span if span > 0 else max(abs(high), 1.0))
+        if span > SPAN_RESOLUTION * largest:
+            sigma = 0.01 * span
+        else:   # one eigenvalue: the span is rounding noise
+            sigma = 0.01 * largest if largest > 0 else 1.0
     if not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma}")
     if grid is None:

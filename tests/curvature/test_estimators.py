@@ -148,6 +148,19 @@ def test_density_on_the_hessian(cnn_problem):
     assert torch.equal(grid, custom_grid.to(DTYPE))
 
 
+def test_default_sigma_when_every_eigenvalue_is_equal():
+    # Rotated, (2/3)·I is not exactly scalar: its Ritz values differ by rounding.
+    spectrum = torch.full((6,), 2 / 3, dtype=DTYPE)
+    op = MatrixOperator(random_symmetric(6, seed=0, spectrum=spectrum))
+    grid, density = spectral_density(op, num_runs=4, num_steps=3, seed=0)
+    sigma = 0.01 * 2 / 3
+    assert math.isclose(float(grid[-1] - grid[0]), 16 * sigma, rel_tol=1e-6)
+    assert math.isclose(float(density.max()), 1 / (sigma * math.sqrt(2 * math.pi)),
+                        rel_tol=1e-3)
+    grid, _ = spectral_density(MatrixOperator(torch.zeros(6, 6, dtype=DTYPE)), num_steps=3)
+    assert (float(grid[0]), float(grid[-1])) == (-8.0, 8.0)     # sigma 1
+
+
 def test_seeds_reproduce(matrix):
     op = MatrixOperator(matrix)
     first = eigenvalues(op, k=2, seed=5)
