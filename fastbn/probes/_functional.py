@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.func import functional_call, grad_and_value
 
+from fastbn.curvature._functional import _retype_batch_norm_subclasses, split_batch
 from fastbn.nn.batchnorm import TORCH_BATCH_NORMS, _FastBatchNorm
 
 
@@ -30,18 +31,22 @@ def transformable(model, process_group=None):
     `process_group`, always a deep copy whose BN layers are fastbn.SyncBatchNorm over it.
 
     torch's own BN layers mutate running statistics in training mode, which torch.func
-    transforms refuse; fastbn's layers leave them alone under a transform.
+    transforms refuse; fastbn's layers leave them alone under a transform. Subclasses of
+    torch's BN layers that keep torch's forward are converted too; one with its own
+    forward is refused (see `_retype_batch_norm_subclasses`).
     """
     import fastbn
-    if process_group is not None:
-        # Process groups cannot be deep-copied: the copy shares the model's.
-        groups = {id(m.process_group): m.process_group for m in model.modules()
-                  if getattr(m, "process_group", None) is not None}
-        return fastbn.convert(copy.deepcopy(model, groups), sync=True,
-                              process_group=process_group)
-    if all(isinstance(m, _FastBatchNorm) for _, m in batch_norm_layers(model)):
+    if process_group is None and all(isinstance(m, _FastBatchNorm)
+                                     for _, m in batch_norm_layers(model)):
         return model
-    return fastbn.convert(copy.deepcopy(model))
+    # Process groups cannot be deep-copied: the copy shares the model's.
+    groups = {id(m.process_group): m.process_group for m in model.modules()
+              if getattr(m, "process_group", None) is not None}
+    private = copy.deepcopy(model, groups)
+    # fastbn.convert replaces only torch's own classes.
+    _retype_batch_norm_subclasses(private, "train")
+    return fastbn.convert(private, sync=process_group is not None,
+                          process_group=process_group)
 
 
 @contextlib.contextmanager
@@ -91,7 +96,7 @@ def grad_and_loss_function(model, criterion, constants, inputs, targets, process
     loss = loss_function(model, criterion, constants, inputs, targets)
     if process_group is None:
         return grad_and_value(loss)
-    count = len(inputs)
+    _, _, count = split_batch((inputs, targets))
     weighted = grad_and_value(lambda params: count * loss(params))
 
     def global_grad_and_loss(params):

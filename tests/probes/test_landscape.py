@@ -4,10 +4,12 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import fastbn
 from fastbn.probes import DEFAULT_MULTIPLIERS, SmoothnessProbe, gradient_step_probe
+from fastbn.testing import run_processes
 
 
 def tiny_model(torch_bn=True):
@@ -122,3 +124,50 @@ def test_callback_probes_every_k_steps_and_logs_json_lines(tmp_path):
     assert lines[0]["loss_max"] == pytest.approx(records[0]["loss_max"])
     assert probe.seconds > 0
     assert len(probe.records) == 3
+
+
+class _SubclassedBatchNorm1d(nn.BatchNorm1d):
+    """A subclass of torch's batch norm that keeps torch's forward."""
+
+
+def test_a_torch_batch_norm_subclass_that_keeps_torch_forward():
+    model = tiny_model()
+    model[1].__class__ = _SubclassedBatchNorm1d
+    criterion, data, multipliers = nn.CrossEntropyLoss(), batch(), (0.5, 2.0)
+    result = gradient_step_probe(model, criterion, data, 0.3, multipliers=multipliers)
+    loss0, grad_norm, losses, changes = direct_probe(model, criterion, data, 0.3, multipliers)
+    assert (result["loss"], result["grad_norm"]) == pytest.approx((loss0, grad_norm), rel=1e-10)
+    assert result["losses"] == pytest.approx(losses, rel=1e-10)
+    assert result["grad_changes"] == pytest.approx(changes, rel=1e-8)
+    assert type(model[1]) is _SubclassedBatchNorm1d
+
+
+class _DictInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_model()
+
+    def forward(self, inputs):
+        return self.net(inputs["x"])
+
+
+SHARDS = (3, 7)   # unequal, and neither equal to the number of dict keys
+
+
+def _probe_of_a_dict_shard(rank, world):
+    inputs, targets = batch()
+    start = sum(SHARDS[:rank])
+    shard = slice(start, start + SHARDS[rank])
+    return gradient_step_probe(_DictInputs(), nn.CrossEntropyLoss(),
+                               ({"x": inputs[shard], "unused": inputs[shard]}, targets[shard]),
+                               0.1, multipliers=(1.0,), process_group=dist.group.WORLD)
+
+
+def test_data_parallel_probe_weighs_dict_shards_by_their_samples():
+    inputs, targets = batch()
+    expected = gradient_step_probe(_DictInputs(), nn.CrossEntropyLoss(),
+                                   ({"x": inputs}, targets), 0.1, multipliers=(1.0,))
+    for result in run_processes(_probe_of_a_dict_shard, len(SHARDS)):
+        assert "value" in result, result.get("trace", result)
+        for key in ("loss", "grad_norm", "losses", "grad_changes"):
+            assert result["value"][key] == pytest.approx(expected[key], rel=1e-10), key
