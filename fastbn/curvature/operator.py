@@ -2,6 +2,7 @@
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,16 +37,24 @@ def _same_values(a, b):
     return a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
+def _plain_attributes(obj):
+    """`obj`'s attributes holding numbers, strings or None (a loss module's reduction,
+    label_smoothing, ignore_index, training flag, ...)."""
+    return {name: value for name, value in getattr(obj, "__dict__", {}).items()
+            if isinstance(value, (bool, int, float, complex, str, type(None)))}
+
+
 @dataclass
 class _KeptGraph:
     """The single batch's first-order graph and what it was built from: `leaves`, the
     copies of θ it differentiates; `others`, copies of every other tensor it read;
-    `flags`, the training flags of the model and the criterion."""
+    `settings`, the training flags of the model's modules and the plain attributes of
+    the criterion and its submodules (see `_plain_attributes`)."""
 
     leaves: dict
     grads: tuple
     others: list
-    flags: list
+    settings: list
 
 
 class HessianOperator:
@@ -86,7 +95,10 @@ class HessianOperator:
         tangent per pass, even if that exceeds the budget. None: a quarter of the memory
         available when the first matmat of more than two tangents runs (CUDA: the
         device's free memory; CPU: the system's available memory), so a large K (say
-        Hutch++'s) is chunked rather than run out of memory.
+        Hutch++'s) is chunked rather than run out of memory. On CPU the measurement
+        needs the torch profiler, which runs one session at a time: inside a user's
+        profiler session nothing is measured and matmat warns and runs one tangent per
+        pass (the least memory), until a matmat outside the session sizes the chunks.
     chunk_size: explicit tangents per pass (overrides max_memory).
     progress: tqdm bars over batches and chunks: True shows them, False hides them,
         None (the default) shows them where stderr is a terminal; also the default of
@@ -253,13 +265,15 @@ class HessianOperator:
         backward) is kept between calls and each product is one more backward through it.
         The graph is built on a copy of θ and keeps a copy of every other tensor it reads
         (the model's other parameters and buffers, the batch, and the parameters and
-        buffers of a criterion that is an nn.Module): each call compares these and the
-        training flags with the current ones (O(P + batch) work) and rebuilds the graph
-        on any change, also one made through `.data`. Other tensors (say, one a criterion
-        function closes over) are not compared: the graph is rebuilt when autograd finds
-        one changed in place, but a change through `.data` goes unseen; call
-        `clear_cache()` after such a change. Memory: the graph plus those copies, until
-        `clear_cache()` frees them.
+        buffers of a criterion that is an nn.Module): each call compares these, the
+        training flags, and the attributes holding numbers, strings or None of the
+        criterion and its submodules (reduction, label_smoothing, ...) with the current
+        ones (O(P + batch) work) and rebuilds the graph on any change, also one made
+        through `.data`. Other tensors (say, one a criterion function closes over) are not
+        compared: the graph is rebuilt when autograd finds one changed in place, but a
+        change through `.data` goes unseen; so are other settings (the keywords of a
+        functools.partial criterion, say); call `clear_cache()` after such a change.
+        Memory: the graph plus those copies, until `clear_cache()` frees them.
         """
         v = self._as_operand(v, 1, "matvec")
         if (self._group is None and self._single_batch
@@ -368,23 +382,26 @@ class HessianOperator:
         return self.method_used
 
     def _graph_inputs(self):
-        """(θ, every other tensor, training flags) that the single batch's loss reads,
-        as they are now: the model's parameters and buffers, the batch's tensors, and a
-        criterion module's parameters and buffers."""
+        """(θ, every other tensor, settings) that the single batch's loss reads, as they
+        are now: the model's parameters and buffers, the batch's tensors, a criterion
+        module's parameters and buffers; the model's training flags and the plain
+        attributes of the criterion and its submodules (their training flags included)."""
         model = self._model.model
         params = {name: p.detach() for name, p in model.named_parameters()}
         theta = {name: params.pop(name) for name in self.param_names}
         others = [*params.values(), *model.buffers(),
                   *(t for t in tree_flatten(self._data[0])[0] if isinstance(t, torch.Tensor))]
-        modules = list(model.modules())
+        criteria = [self.criterion]
         if isinstance(self.criterion, nn.Module):
             others += [*self.criterion.parameters(), *self.criterion.buffers()]
-            modules += list(self.criterion.modules())
-        return theta, [t.detach() for t in others], [m.training for m in modules]
+            criteria = list(self.criterion.modules())
+        settings = [[m.training for m in model.modules()],
+                    [_plain_attributes(c) for c in criteria]]
+        return theta, [t.detach() for t in others], settings
 
-    def _graph_is_current(self, theta, others, flags):
+    def _graph_is_current(self, theta, others, settings):
         graph = self._graph
-        return (graph is not None and flags == graph.flags
+        return (graph is not None and settings == graph.settings
                 and len(others) == len(graph.others)
                 and all(_same_values(graph.leaves[name], t) for name, t in theta.items())
                 and all(map(_same_values, others, graph.others)))
@@ -392,8 +409,8 @@ class HessianOperator:
     def _retained_graph_hvp(self, v):
         """H v by one backward through the kept gradient graph of the single batch,
         rebuilt first if anything it was built from has changed (see `matvec`)."""
-        theta, others, flags = self._graph_inputs()
-        if self._graph_is_current(theta, others, flags):
+        theta, others, settings = self._graph_inputs()
+        if self._graph_is_current(theta, others, settings):
             try:
                 return self._kept_graph_product(v)
             except RuntimeError as error:
@@ -402,10 +419,10 @@ class HessianOperator:
                 # A tensor the graph saved changed in place where the comparison does
                 # not look (one a criterion closes over, say): rebuild.
         self._graph = None          # free the old graph before building the new one
-        self._graph = self._build_graph(theta, others, flags)
+        self._graph = self._build_graph(theta, others, settings)
         return self._kept_graph_product(v)
 
-    def _build_graph(self, theta, others, flags):
+    def _build_graph(self, theta, others, settings):
         """The gradient graph of the single batch (create_graph backward), on the
         private copy with cloned buffers, so a train-mode forward outside a transform
         updates only the clones."""
@@ -418,7 +435,7 @@ class HessianOperator:
             check_finite_loss(loss.detach(), "batch 0")
             grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
                                         allow_unused=True, materialize_grads=True)
-        return _KeptGraph(leaves, grads, snapshot, flags)
+        return _KeptGraph(leaves, grads, snapshot, settings)
 
     def _kept_graph_product(self, v):
         leaves, grads = self._graph.leaves, self._graph.grads
@@ -469,8 +486,25 @@ class HessianOperator:
             return self.chunk_size
         if self.max_memory is None and k <= 2:
             return k   # no smaller pass than the probes' to measure
+        if not self._can_measure_memory():
+            warnings.warn(
+                "HessianOperator.matmat: a torch profiler session is active, and measuring "
+                "the memory of a pass on CPU would end it, so matmat runs one tangent per "
+                "pass; pass chunk_size to HessianOperator (or set op.chunk_size) to choose "
+                "the chunking.", RuntimeWarning, stacklevel=3)
+            return 1
         self.chunk_size = self._chunk_from_budget()
         return self.chunk_size
+
+    def _can_measure_memory(self):
+        """`_memory.can_measure` on every process, or on none: the probe passes run
+        collectives, so all processes measure or none does."""
+        able = _memory.can_measure(self.device)
+        if self._group is not None:
+            agreed = torch.tensor([int(able)], device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self._group)
+            able = bool(agreed)
+        return able
 
     def _chunk_from_budget(self):
         """Tangents per pass that fit `max_memory`, from the peak memory of 1- and

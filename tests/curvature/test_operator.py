@@ -60,9 +60,9 @@ def _relu_models():
         "torch_bn": (nn.Sequential(conv(), nn.BatchNorm2d(3), nn.ReLU(), *head()), True),
         "nested": (nn.Sequential(nn.Sequential(conv(), fastbn.BatchNorm2d(3), nn.ReLU()),
                                  *head()), True),
-        # a fastbn layer used twice: each use fused through its own copy
+        # not fused: a fastbn layer used twice stays one layer, as convert leaves it
         "shared": (nn.Sequential(conv(), shared, nn.ReLU(), nn.Conv2d(3, 3, 1), shared,
-                                 *head()), True),
+                                 *head()), False),
         # not fused: a custom forward could call the pair's batch norm alone
         "custom_parent": (_CallsItsBatchNormAlone(), False),
     }
@@ -164,6 +164,29 @@ def test_matmat_budget_defaults_to_a_quarter_of_available_memory(monkeypatch):
     assert tight.chunk_size is None          # two tangents: run as one pass, no probes
     close(tight.matmat(V), whole, rtol=1e-12)
     assert tight.chunk_size == 1
+
+
+def test_chunk_sizing_inside_a_user_profiler_session_keeps_the_session():
+    model = mlp()
+    batch = batch_for(model, 6, seed=0)
+    V = torch.randn(39, 5, dtype=DTYPE)
+    whole = HessianOperator(model, CRITERION, batch, chunk_size=5).matmat(V)
+    op = HessianOperator(model, CRITERION, batch)
+    with pytest.warns(RuntimeWarning, match="chunk_size"):
+        with torch.profiler.profile() as profiler:
+            inside = op.matmat(V)
+    assert len(profiler.events()) > 0
+    assert op.chunk_size is None           # sized by the next matmat outside the session
+    close(inside, whole, rtol=1e-12)
+    close(op.matmat(V), whole, rtol=1e-12)
+    assert op.chunk_size >= 5
+
+
+def test_chunk_sizing_writes_nothing_to_stderr(capfd):
+    model = mlp()
+    HessianOperator(model, CRITERION, batch_for(model, 6, seed=0)).matmat(
+        torch.randn(39, 5, dtype=DTYPE))
+    assert "profiler_st" not in capfd.readouterr().err      # kineto's start/stop lines
 
 
 def test_to_scipy_with_eigsh():
@@ -396,6 +419,9 @@ _EDITS = {
         (lambda m, b, c: c.weight.mul_(_REWEIGHT), _weighted_cross_entropy, "train", None),
     "a criterion buffer through .data":
         (lambda m, b, c: c.weight.data.mul_(_REWEIGHT), _weighted_cross_entropy, "train", None),
+    "a criterion setting":
+        (lambda m, b, c: setattr(c, "label_smoothing", 0.3), nn.CrossEntropyLoss, "train",
+         None),
     "a tensor the criterion closes over, in place":
         (lambda m, b, c: c.keywords["weight"].mul_(_REWEIGHT), _closed_over_weight, "train", None),
 }
