@@ -161,6 +161,20 @@ def _jvp(bn, t):
     return lambda: torch.func.jvp(f, (t.x, t.weight, t.bias), (t.x_t, t.weight_t, t.bias_t))
 
 
+def _hvp_step(bn, t):
+    # Forward-over-reverse through one layer, as an HVP runs it: the jvp of the vjp
+    # w.r.t. (x, weight, bias, dy), the last standing for the cotangent that depends on
+    # the parameters downstream.
+    def vjp(x, w, b, dy):
+        return torch.func.vjp(lambda x, w, b: bn(x, None, None, w, b, True), x, w, b)[1](dy)
+
+    def run():
+        grads, tangents = torch.func.jvp(vjp, (t.x, t.weight, t.bias, t.dy),
+                                         (t.x_t, t.weight_t, t.bias_t, t.ggx))
+        return (*grads, *tangents)
+    return run
+
+
 def _vmap_jvp(bn, t):
     # K tangents of (x, weight, bias) at one primal: the batched-HVP primitive.
     def f(x, w, b):
@@ -189,6 +203,8 @@ OPS = {
                           "forward + grad(create_graph) + grad wrt (x, w, dy); "
                           "traffic counts the second-order kernel only"),
     "jvp": Op(_jvp, 2, 1, "torch.func.jvp, tangents on (x, w, b)"),
+    "hvp_step": Op(_hvp_step, 4, 1, "torch.func.jvp of the vjp wrt (x, w, b, dy) "
+                   "(forward-over-reverse); traffic counts the jvp-of-backward kernel only"),
     "vmap_jvp": Op(_vmap_jvp, 1 + VMAP_K, VMAP_K,
                    f"torch.func.vmap over jvp, K={VMAP_K} tangents"),
 }
