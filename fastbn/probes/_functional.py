@@ -16,6 +16,7 @@ import copy
 import torch
 import torch.distributed as dist
 from torch.func import functional_call, grad_and_value
+from torch.nn.modules.dropout import _DropoutNd
 
 from fastbn.curvature._functional import _retype_batch_norm_subclasses, split_batch
 from fastbn.nn.batchnorm import TORCH_BATCH_NORMS, _FastBatchNorm
@@ -50,16 +51,19 @@ def transformable(model, process_group=None):
 
 
 @contextlib.contextmanager
-def batch_norm_in_train_mode(model):
-    """BN layers normalise with batch statistics inside the block; flags restored after."""
-    layers = [m for _, m in batch_norm_layers(model)]
-    flags = [m.training for m in layers]
+def probe_modes(model):
+    """Inside the block BN layers normalise with batch statistics and dropout layers are
+    off (a randomly masked loss changes from one evaluation to the next, so differences
+    along a path would measure the masks); flags restored after."""
+    layers = [(m, True) for _, m in batch_norm_layers(model)]
+    layers += [(m, False) for m in model.modules() if isinstance(m, _DropoutNd)]
+    flags = [m.training for m, _ in layers]
     try:
-        for m in layers:
-            m.train()
+        for m, training in layers:
+            m.train(training)
         yield model
     finally:
-        for m, flag in zip(layers, flags):
+        for (m, _), flag in zip(layers, flags):
             m.training = flag
 
 

@@ -32,8 +32,10 @@ def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mod
 
     `batch` is (inputs, targets); `criterion(outputs, targets)` gives the scalar loss.
     BN layers use batch statistics (`bn_mode="train"`, the only mode: the paper's probe
-    measures the training objective). The model, its parameters, buffers (running stats,
-    num_batches_tracked) and training flags are left exactly as they were.
+    measures the training objective); dropout layers are off, as in the curvature
+    operator (each evaluation would otherwise draw new masks). The model, its
+    parameters, buffers (running stats, num_batches_tracked) and training flags are left
+    exactly as they were.
 
     Returns a dict of floats: `loss`, `grad_norm`, `loss_min`, `loss_max`,
     `grad_change_min`, `grad_change_max`, `beta_eff`, and per-η lists `etas`, `losses`,
@@ -53,7 +55,7 @@ def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mod
     inputs, targets = batch
     work = _functional.transformable(model, process_group)
     params, constants = _functional.split_state(work)
-    with _functional.batch_norm_in_train_mode(work):
+    with _functional.probe_modes(work):
         grad_and_loss = _functional.grad_and_loss_function(work, criterion, constants, inputs,
                                                            targets, process_group)
         grad, loss = grad_and_loss(params)

@@ -74,7 +74,7 @@ def _run_capturing(model, criterion, batch, names):
     handles = [modules[name].register_forward_hook(
         lambda module, args, out, name=name: capture(name, out)) for name in names]
     try:
-        with _functional.batch_norm_in_train_mode(model):
+        with _functional.probe_modes(model):
             loss = criterion(functional_call(model, {**constants, **params}, (inputs,)), targets)
     finally:
         for h in handles:

@@ -96,6 +96,19 @@ def test_model_state_is_restored_bitwise(torch_bn, training):
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("torch_bn", [True, False])
+def test_dropout_is_off_during_the_probe(torch_bn):
+    """Each evaluated point would draw new masks: the probe matches the model without
+    its dropout layer, and leaves the layer in training mode."""
+    model = tiny_model(torch_bn)
+    with_dropout = nn.Sequential(*model[:3], nn.Dropout(0.5), *model[3:]).train()
+    result = gradient_step_probe(with_dropout, nn.CrossEntropyLoss(), batch(), 0.3)
+    without = gradient_step_probe(model, nn.CrossEntropyLoss(), batch(), 0.3)
+    assert result["losses"] == without["losses"]
+    assert result["grad_changes"] == without["grad_changes"]
+    assert with_dropout[3].training
+
+
 def test_blown_up_steps_are_data_not_errors():
     model = nn.Sequential(nn.Linear(3, 3)).double()
     inputs = torch.randn(5, 3, dtype=torch.float64)
