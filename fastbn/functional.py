@@ -7,6 +7,8 @@ mutating captured buffers: there the batch statistics are used and the running
 statistics are left exactly as they were.
 """
 
+import numbers
+
 import torch
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
@@ -127,6 +129,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             batch_norm, (input, running_mean, running_var, weight, bias), input,
             running_mean, running_var, weight, bias, training, momentum, eps, activation,
             process_group=process_group)
+    for position, name, value in ((7, "momentum", momentum), (8, "eps", eps)):
+        if not isinstance(value, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"batch_norm(): argument '{name}' (position {position}) must be "
+                            f"float, not {type(value).__name__}")
     check_args(input, running_mean, running_var, weight, bias, training, activation, eps,
                training and process_group is not None)
     return checked_batch_norm(input, running_mean, running_var, weight, bias, training,
