@@ -30,6 +30,8 @@ Conventions:
 """
 
 import torch
+from torch._prims_common import (make_channels_last_strides_for,
+                                 make_contiguous_strides_for)
 
 name = "reference"
 runs_pytorch_ops = True   # so it also runs on the batched wrappers of transforms
@@ -159,15 +161,13 @@ def _native_forward(x, weight, bias, eps, activation, running_mean, running_var,
     return y, mean, invstd
 
 
-def _one_memory_format(x, grad_y):
-    """Both dense in one memory format: torch 2.13's native backward returns wrong
-    gradients for some mixed layouts (a channels-last x with a size-1 spatial dim in
-    non-canonical strides next to a contiguous grad_y)."""
-    formats = [torch.contiguous_format]
-    if x.dim() in (4, 5):
-        formats.append(torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
-    return any(x.is_contiguous(memory_format=f) and grad_y.is_contiguous(memory_format=f)
-               for f in formats)
+def _canonical_strides(t):
+    """t's strides are those of a fresh contiguous or channels-last tensor of its shape:
+    torch 2.13's native backward returns wrong gradients for others next to a grad_y of
+    another layout (a channels-last x with a size-1 spatial dim in other strides, say)."""
+    shape, stride = t.shape, t.stride()
+    return (stride == make_contiguous_strides_for(shape)
+            or (t.dim() in (4, 5) and stride == make_channels_last_strides_for(shape)))
 
 
 def _native_backward(grad_y, x, mean, invstd, weight, bias, activation):
@@ -220,7 +220,7 @@ def backward(grad_y, x, mean, invstd, weight, bias, activation=None, *, reductio
     if (grad_y.shape == x.shape and grad_y.dtype == x.dtype
             and mean.dtype == invstd.dtype == acc_dtype(x.dtype)
             and _native_ok(x, reduction, grad_y, mean, invstd, weight, bias)
-            and _one_memory_format(x, grad_y)):
+            and _canonical_strides(x) and _canonical_strides(grad_y)):
         return _native_backward(grad_y, x, mean, invstd, weight, bias, activation)
     d, m, xhat, _, g = _backward_inputs(grad_y, x, mean, invstd, weight, bias, activation,
                                         reduction)
