@@ -91,9 +91,11 @@ class HessianOperator:
     max_memory: byte budget for the working memory of each matmat pass (beyond the
         (P, K) result): the chunk size (tangents per vmapped pass) comes from the peak
         memory of 1- and 2-tangent probe passes on the first batch (`probe_peaks`),
-        measured with the CUDA allocator's counters or the CPU profiler. At least one
-        tangent per pass, even if that exceeds the budget. None: a quarter of the memory
-        available when the first matmat of more than two tangents runs (CUDA: the
+        measured with the CUDA allocator's counters or the CPU profiler, rounded down
+        to a power of two. At least one tangent per pass, even if that exceeds the
+        budget. Passes of different widths agree to rounding, not bitwise: for the same
+        bits from the same seed on any machine, set chunk_size. None: a quarter of the
+        memory available when the first matmat of more than two tangents runs (CUDA: the
         device's free memory; CPU: the system's available memory), so a large K (say
         Hutch++'s) is chunked rather than run out of memory. On CPU the measurement
         needs the torch profiler, which runs one session at a time: inside a user's
@@ -523,6 +525,10 @@ class HessianOperator:
         if budget is None:
             budget = _memory.available_bytes(self.device) / 4
         chunk = max(1, math.floor((budget - base) / per_tangent))
+        # Rounded down to a power of two: passes of different widths differ in the last
+        # bits (torch's convolutions), and runs whose available memory differs a little
+        # then still pick the same width.
+        chunk = 1 << (chunk.bit_length() - 1)
         if self._group is not None:   # the same passes (and collectives) on every process
             agreed = torch.tensor([chunk], device=self.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self._group)

@@ -1,5 +1,6 @@
 import copy
 import functools
+import math
 
 import pytest
 import torch
@@ -158,6 +159,12 @@ def test_matmat_budget_defaults_to_a_quarter_of_available_memory(monkeypatch):
     roomy = HessianOperator(model, CRITERION, batch)
     close(roomy.matmat(V), whole, rtol=1e-12)
     assert roomy.chunk_size >= 5 and len(roomy.probe_peaks) == 2
+    for budget in (1.5, 3, 6.5):   # per-tangent peaks: the width is a power of two
+        per_tangent = roomy.probe_peaks[1] - roomy.probe_peaks[0]
+        base = max(roomy.probe_peaks[0] - per_tangent, 0)
+        sized = HessianOperator(model, CRITERION, batch, max_memory=base + budget * per_tangent)
+        sized.matmat(V)
+        assert sized.chunk_size == 2 ** math.floor(math.log2(budget))
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 4)
     tight = HessianOperator(model, CRITERION, batch)
     close(tight.matmat(V[:, :2]), whole[:, :2], rtol=1e-12)
