@@ -75,7 +75,8 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
             raise RuntimeError(f"The function 'batch_norm' is not differentiable with respect "
                                f"to argument '{name}'. This input cannot have requires_grad "
                                "True.")
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # Not under graph capture: dynamo cannot trace is_inference().
         inputs = [t for t in (input, weight, bias) if t is not None]
         if any(t.requires_grad for t in inputs) and any(t.is_inference() for t in inputs):
             raise RuntimeError(
