@@ -35,28 +35,34 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
             v[1] = gv * xh;
             v[2] = av;
             v[3] = av * xh;
-            v[4] = av * gv;
+            v[4] = HA ? av * gv : A(0);
           });
         });
       }
       // g_grad_y = mask * (ya * a + yx * xhat + y0);  g_x = xa * a + xg * g + xx * xhat + x0
+      // Terms of an absent input are left out, not multiplied by 0: a non-finite grad_y
+      // would make them NaN where the reference has nothing.
+      const bool uses_g = HA || ggw;
       for (int64_t k = 0; k < K; ++k)
         for (int64_t c = 0; c < C; ++c) {
           const double* sk = sums.data() + k * NS * C + c;
           const double gm = sk[0] / M, gxm = sk[C] / M, am = sk[2 * C] / M,
                        axm = sk[3 * C] / M;
-          const double adc = sk[4 * C] - gm * sk[2 * C] - gxm * sk[3 * C];  // sum a (g - ...)
+          // sum a (g - ...)
+          const double adc = HA ? sk[4 * C] - gm * sk[2 * C] - gxm * sk[3 * C] : 0.0;
           const double r = invstd[c], wc = w[c], wr = wc * r, wr2 = wr * r;
           const double al = ggw ? double(ggw[k * C + c]) : 0.0;
           const double be = ggb ? double(ggb[k * C + c]) : 0.0;
+          const double by_a = HA ? 2 * wr2 * gxm * axm - r * r / M * wc * adc : 0.0;
+          const double by_w = ggw ? -r * al * gxm : 0.0;
           const int64_t i = k * C + c;
           ya[i] = A(HA ? wr : 0.0);
           yx[i] = A(al - wr * axm);
           y0[i] = A(be - wr * am);
-          xa[i] = A(-wr2 * gxm);
+          xa[i] = A(HA ? -wr2 * gxm : 0.0);
           xg[i] = A(-wr2 * axm + r * al);
-          xx[i] = A(2 * wr2 * gxm * axm - r * r / M * wc * adc - r * al * gxm);
-          x0[i] = A(wr2 * (gxm * am + axm * gm) - r * al * gm);
+          xx[i] = A(by_a + by_w);
+          x0[i] = A((HA ? wr2 * (gxm * am + axm * gm) : 0.0) - (ggw ? r * al * gm : 0.0));
           out_gw[i] = A(r * adc);
         }
       map_pass<CL>(g, nth, K, [&](const Seg& s, int64_t k) {
@@ -73,7 +79,7 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
           const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
           const A av = HA ? a.template at<A>(i) : A(0);
           o1.put(i, pr.keep(i, xh, cya[i] * av + cyx[i] * xh + cy0[i]));
-          o2.put(i, cxa[i] * av + cxg[i] * gv + cxx[i] * xh + cx0[i]);
+          o2.put(i, cxa[i] * av + cxg[i] * and_mask(uses_g, gv) + cxx[i] * xh + cx0[i]);
         });
       });
     });
@@ -114,10 +120,13 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
             v[3] = tv * xh;
             v[4] = uv;
             v[5] = uv * xh;
-            v[6] = uv * gv;
+            v[6] = HX ? uv * gv : A(0);
           });
         });
         // grad_x_t = et * g_t + eu * x_t + eg * g + ex * xhat + e0
+        // Terms of an absent tangent are left out, not multiplied by 0: a non-finite
+        // grad_y would make them NaN where the reference has nothing.
+        const bool uses_g = HX || wt;
         for (int64_t c = 0; c < C; ++c) et[c] = HG ? A(double(w[c]) * invstd[c]) : A(0);
         for (int64_t k = 0; k < K; ++k)
           for (int64_t c = 0; c < C; ++c) {
@@ -125,13 +134,14 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
             const double g0 = sk[0], g1 = sk[C], mu = sk[4 * C] / M, pu = sk[5 * C] / M;
             const double r = invstd[c], wr = double(w[c]) * r, h = r * g1 / M;
             const double gb_t = sk[2 * C];
-            const double gw_t = sk[3 * C] + r * (sk[6 * C] - mu * g0 - pu * g1);
-            const double scale_t = -wr * r * pu + (wt ? double(wt[k * C + c]) * r : 0.0);
+            const double gw_t = sk[3 * C] + (HX ? r * (sk[6 * C] - mu * g0 - pu * g1) : 0.0);
+            const double scale_t = (HX ? -wr * r * pu : 0.0) +
+                                   (wt ? double(wt[k * C + c]) * r : 0.0);
             const int64_t i = k * C + c;
-            eu[i] = A(-wr * h);
+            eu[i] = A(HX ? -wr * h : 0.0);
             eg[i] = A(scale_t);
-            ex[i] = A(wr * (h * pu - gw_t / M) - scale_t * g1 / M);
-            e0[i] = A(wr * (h * mu - gb_t / M) - scale_t * g0 / M);
+            ex[i] = A(wr * ((HX ? h * pu : 0.0) - gw_t / M) - (uses_g ? scale_t * g1 / M : 0.0));
+            e0[i] = A(wr * ((HX ? h * mu : 0.0) - gb_t / M) - (uses_g ? scale_t * g0 / M : 0.0));
             out_gw[i] = A(gw_t);
             out_gb[i] = A(gb_t);
           }
@@ -148,7 +158,8 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
             const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
             const A tv = HG ? pr.keep(i, xh, dt.template at<A>(i)) : A(0);
             const A uv = HX ? u.template at<A>(i) : A(0);
-            out.put(i, ct[i] * tv + cu[i] * uv + cg[i] * gv + cx[i] * xh + c0[i]);
+            out.put(i, ct[i] * tv + cu[i] * uv + cg[i] * and_mask(uses_g, gv) + cx[i] * xh +
+                           c0[i]);
           });
         });
       });

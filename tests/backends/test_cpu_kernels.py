@@ -139,6 +139,31 @@ def test_absent_tangents(native, op, layout, k):
                    _call(reference, op, p, act), torch.float64)
 
 
+@pytest.mark.parametrize("layout", ("nchw", "channels_last", "2d"))
+@pytest.mark.parametrize("k", (None, 3))
+@pytest.mark.parametrize("op", ("backward_backward", "backward_jvp"))
+def test_absent_tangents_with_an_inf_in_grad_y(native, op, layout, k):
+    """An absent tangent contributes nothing, not 0 * inf = NaN: wherever the reference
+    is finite the kernel agrees with it, and it is non-finite where the reference is."""
+    names = {"backward_backward": ("gg_x", "weight_t", "bias_t"),
+             "backward_jvp": ("grad_y_t", "x_t", "weight_t")}[op]
+    base = _problem(layout, torch.float64, k)
+    grad_y = base["grad_y"].clone()
+    grad_y[(1, 1) + (0,) * (grad_y.dim() - 2)] = float("inf")
+    base["grad_y"] = grad_y
+    for mask in range(2 ** len(names)):
+        p = dict(base)
+        for i, key in enumerate(names):
+            if mask >> i & 1:
+                p[key] = None
+        for act in (None, "relu"):
+            for got, want in zip(_tuple(_call(cpu, op, p, act)),
+                                 _tuple(_call(reference, op, p, act))):
+                finite = torch.isfinite(want)
+                torch.testing.assert_close(got[finite], want[finite], rtol=1e-9, atol=1e-9)
+                assert not torch.isfinite(got[~finite]).any()
+
+
 @pytest.mark.parametrize("op", K_OPS)
 def test_mixed_k(native, op):
     """Batched per-channel tangents with an unbatched element argument, and vice versa."""
