@@ -128,7 +128,6 @@ def test_a_torch_batch_norm_subclass_downstream():
     assert (result.hvp(v) - expected).abs().max() <= 1e-8 * expected.abs().max()
 
 
-
 class _AddOne(nn.Module):
     """x + 1, in place (like a residual block's `out += identity`) or not."""
 
