@@ -78,7 +78,8 @@ class HessianOperator:
         (the leading dimension of its inputs). With bn_mode="train" each batch normalises
         with its own batch statistics, as in training, so the loss is not the loss of
         the concatenated batch. Inputs go to the model as its single argument.
-    params: the parameters θ (tensors of the model, or their names); default every
+    params: the parameters θ: tensors of the model, their names, or (name, tensor)
+        pairs as model.named_parameters() yields (one alone too); default every
         parameter with requires_grad. Others are held fixed. Flat vectors concatenate
         them in model.named_parameters() order (see `param_names`).
     bn_mode: "train" (batch statistics; running statistics untouched) or "eval"
@@ -157,7 +158,11 @@ class HessianOperator:
             by_id = {id(p): name for name, p in named}
             known = {name for name, _ in named}
             wanted = set()
+            if isinstance(params, (str, torch.Tensor)):
+                params = [params]
             for p in params:
+                if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
+                    p = p[0]   # a (name, tensor) pair, as model.named_parameters() yields
                 if isinstance(p, str):
                     if p not in known:
                         raise ValueError(f"model has no parameter named {p!r}")

@@ -132,6 +132,15 @@ def test_params_subset_is_the_matching_block():
     index = torch.tensor([16, 17, 18, 19, 36, 37, 38])
     assert op.param_names == ["1.weight", "3.bias"]
     close(op.matmat(torch.eye(7, dtype=DTYPE)), hessian[index][:, index])
+    pairs = [(n, p) for n, p in model.named_parameters() if n in ("1.weight", "3.bias")]
+    for same in (iter(pairs), {"1.weight": model[1].weight, "3.bias": model[3].bias}):
+        assert HessianOperator(model, CRITERION, batch, params=same).param_names == \
+            op.param_names
+    for one in ("3.bias", model[3].bias):
+        assert HessianOperator(model, CRITERION, batch, params=one).param_names == ["3.bias"]
+    assert HessianOperator(model, CRITERION, batch,
+                           params=model.named_parameters()).param_names == \
+        [n for n, _ in model.named_parameters()]
 
 
 def test_chunked_matmat_equals_unchunked():
