@@ -51,15 +51,18 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
   // |mean| >> std: float lanes lose about ((pivot - mean) / std)^2 ulps of the variance
   // (a single element as the pivot lost 1e-4 where it was an outlier). A non-finite
   // sample falls back to 0, so an inf in x gives torch's inf mean, not inf - inf.
+  // The sample is at most 1/16 of a channel, so it stays a small share of the pass
+  // (a (64, 1024) batch's first row is all of it), and channels are innermost: C
+  // independent sums, not one chain of dependent additions per channel.
   constexpr int64_t PIVOT_SAMPLE = 64;
-  const int64_t np = std::min(g.L, PIVOT_SAMPLE);
+  const int64_t np = std::max<int64_t>(1, std::min({g.L, PIVOT_SAMPLE, g.M() / 16}));
   const T* x0 = reinterpret_cast<const T*>(x.ptr);
+  std::vector<double> sample(C, 0.0);
+  for (int64_t l = 0; l < np; ++l)
+    for (int64_t c = 0; c < C; ++c) sample[c] += double(to_acc<A>(x0[c * x.sC + l * x.sL]));
   std::vector<A> pivot(C);
-  for (int64_t c = 0; c < C; ++c) {
-    double sum = 0;
-    for (int64_t l = 0; l < np; ++l) sum += double(to_acc<A>(x0[c * x.sC + l * x.sL]));
-    pivot[c] = std::isfinite(sum) ? A(sum / double(np)) : A(0);
-  }
+  for (int64_t c = 0; c < C; ++c)
+    pivot[c] = std::isfinite(sample[c]) ? A(sample[c] / double(np)) : A(0);
   std::vector<double> sums(2 * C);
   when(unit_runs<CL>({x}), [&](auto unit) {
     constexpr bool U = decltype(unit)::value;
