@@ -140,16 +140,6 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                               momentum, eps, activation, process_group)
 
 
-def _differentiable(*tensors):
-    """Whether autograd, forward-mode AD or a torch.func transform can see this call, or
-    a tensor subclass could intercept it."""
-    return (torch._C._are_functorch_transforms_active()
-            or torch.autograd.forward_ad._current_level >= 0
-            or type(tensors[0]) is not torch.Tensor
-            or (torch.is_grad_enabled()
-                and any(t is not None and t.requires_grad for t in tensors)))
-
-
 def checked_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                        eps, activation, process_group):
     """`batch_norm` once `check_args` has passed (the modules check before they touch
@@ -199,7 +189,5 @@ def checked_batch_norm(input, running_mean, running_var, weight, bias, training,
                                       momentum, eps, activation, backend)) if training else
                       (EvalForward, (input, running_mean, running_var, weight, bias, eps,
                                      activation, backend)))
-    # Function.apply costs ~10 µs a call; where nothing can see the call but its result,
-    # the forward alone is the whole of it.
-    out = function.apply(*args) if _differentiable(input, weight, bias) else function.forward(*args)
+    out = function.apply(*args)
     return out[0] if training else out

@@ -216,34 +216,49 @@ def test_running_statistics_update(backend):
 
 @pytest.mark.parametrize("training", [True, False])
 def test_autograd_function_only_where_something_differentiates(monkeypatch, training):
-    """A call nothing can differentiate runs the Function's forward alone (apply costs
-    microseconds); any grad-requiring input, forward-AD level or torch.func transform goes
-    through apply, whose results must agree."""
+    """A call nothing can differentiate runs the Function's forward alone (a graph node
+    costs microseconds), also a backward without create_graph; any grad-requiring input
+    under grad mode, forward-AD level or torch.func transform builds the node, and the
+    results agree."""
     from fastbn.ops import autograd
     calls = []
-    for cls in (autograd.TrainForward, autograd.EvalForward):
-        original = cls.apply.__func__
-        monkeypatch.setattr(cls, "apply", classmethod(
-            lambda c, *a, _f=original: calls.append(c.__name__) or _f(c, *a)))
+    for name in ("unwrap_dead_wrappers", "custom_function_call"):
+        original = getattr(autograd, name)
+        monkeypatch.setattr(autograd, name,
+                            lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     x, w = torch.randn(4, 3, 5), torch.randn(3, requires_grad=True)
     rm, rv = torch.zeros(3), torch.ones(3)
 
-    def run():
-        return fastbn.batch_norm(x, rm, rv, w, None, training=training)
+    def run(inp=x):
+        return fastbn.batch_norm(inp, rm, rv, w, None, training=training)
 
     with torch.no_grad():
         plain = run()
     assert calls == [] and plain.grad_fn is None
     differentiated = run()
-    assert len(calls) == 1 and differentiated.grad_fn is not None
-    before = len(calls)
+    assert calls == ["unwrap_dead_wrappers"] and differentiated.grad_fn is not None
+    calls.clear()
     torch.func.vmap(lambda t: fastbn.batch_norm(t, None, None, training=True))(x[None])
-    assert len(calls) > before
-    before = len(calls)
+    assert "custom_function_call" in calls
+    calls.clear()
     with torch.autograd.forward_ad.dual_level(), torch.no_grad():
         run()
-    assert len(calls) > before
+    assert calls == ["unwrap_dead_wrappers"]
     torch.testing.assert_close(plain, differentiated.detach(), rtol=0, atol=0)
+    if training:
+        # The backward's own Function: a node only when the backward is differentiated.
+        leaf = x.clone().requires_grad_()
+        run(leaf).sum().backward()
+        calls.clear()
+        first = leaf.grad.clone()
+        leaf.grad = None
+        run(leaf).sum().backward()
+        assert calls == ["unwrap_dead_wrappers"]   # the forward's node only
+        calls.clear()
+        (grad,) = torch.autograd.grad(run(leaf).sum(), leaf, create_graph=True)
+        assert calls == ["unwrap_dead_wrappers"] * 2 and grad.grad_fn is not None
+        torch.testing.assert_close(leaf.grad, first, rtol=0, atol=0)
+        torch.testing.assert_close(grad.detach(), first, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("x, with_var, training, eps", [

@@ -47,6 +47,11 @@ def _plain(t):
             and _has_storage(t) and not t.is_neg() and not t._is_zerotensor())
 
 
+def _kernel_writable(t, acc, channels):
+    """Whether the kernels can update running statistic t in place through its address."""
+    return _plain(t) and t.dtype == acc and t.shape == (channels,) and t.is_contiguous()
+
+
 def _acc(t, acc):
     """t as a contiguous tensor of dtype acc, without a copy when it already is one."""
     return t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous()
@@ -75,21 +80,22 @@ class _Plan:
     """Geometry shared by one call: x's (N, C, L) view and the K of batched arguments.
     `elems`: element tensors (x's shape, or K-batched); `chans`: per-channel tangents,
     (C,) or (K, C); `stats`: the primal per-channel tensors, (C,) only (the kernels read
-    one value per channel for all K problems)."""
+    one value per channel for all K problems). `inputs`: the descriptors (`td`) of x and
+    then of each of `elems`, in order."""
 
     def __init__(self, x, elems, chans, stats):
         self.ok = False
         shape = x.shape
         self.ndim_batched = len(shape) + 1
-        if _C is None or x.dtype not in _CODES or len(shape) < 2 or x.numel() == 0:
+        if (_C is None or x.dtype not in _CODES or len(shape) < 2 or x.numel() == 0
+                or not _plain(x)):
             return
-        if not all(_plain(t) for t in (x, *elems, *chans, *stats) if t is not None):
-            return
+        n, c = shape[0], shape[1]
         ks = set()
         for t in elems:
             if t is None:
                 continue
-            if t.dtype != x.dtype:
+            if t.dtype != x.dtype or not _plain(t):
                 return
             t_shape = t.shape
             if t_shape == shape:
@@ -97,17 +103,19 @@ class _Plan:
             if len(t_shape) != len(shape) + 1 or t_shape[1:] != shape:
                 return
             ks.add(t_shape[0])
-        n, c = shape[0], shape[1]
         for t in chans:
             if t is None:
                 continue
             t_shape = t.shape
+            if not _plain(t):
+                return
             if len(t_shape) == 2 and t_shape[1] == c:
                 ks.add(t_shape[0])
             elif t_shape != (c,):
                 return
-        if any(t is not None and t.shape != (c,) for t in stats):
-            return
+        for t in stats:
+            if t is not None and (t.shape != (c,) or not _plain(t)):
+                return
         if len(ks) > 1 or 0 in ks:
             return
         self.K = ks.pop() if ks else None
@@ -115,10 +123,10 @@ class _Plan:
         # Without spatial dims, run along N as the "L" axis (one channel's values).
         self.swap = length == 1
         self.N, self.C, self.L = (1, c, n) if self.swap else (n, c, length)
-        tds = self.tds(x, *elems)
-        if tds is None:
+        self.inputs = self.tds(x, *elems)
+        if self.inputs is None:
             return
-        _, _, _, s_c, s_l = tds[0]
+        _, _, _, s_c, s_l = self.inputs[0]
         self.cl = c > 1 and (self.L == 1 or abs(s_c) < abs(s_l))
         self.ok = True
 
@@ -191,11 +199,10 @@ def forward_train(x, weight, bias, eps, activation=None, running_mean=None, runn
     mean, invstd = torch.empty(plan.C, dtype=acc), torch.empty(plan.C, dtype=acc)
     # The kernel updates running statistics of the accumulation dtype in place; others
     # (say bfloat16 buffers) from the variance it returns.
-    fused = running_mean is None or all(
-        _plain(t) and t.dtype == acc and t.shape == (plan.C,) and t.is_contiguous()
-        for t in (running_mean, running_var))
+    fused = running_mean is None or (_kernel_writable(running_mean, acc, plan.C)
+                                     and _kernel_writable(running_var, acc, plan.C))
     var = None if fused else torch.empty(plan.C, dtype=acc)
-    tx, ty = plan.tds(x, y)
+    tx, ty = plan.inputs[0], plan.td(y)
     _C.forward_train(_CODES[x.dtype], plan.geom, _threads(), tx, ty, w.data_ptr(),
                      b.data_ptr(), float(eps), activation == "relu", mean.data_ptr(),
                      invstd.data_ptr(), _ptr(var), _ptr(running_mean if fused else None),
@@ -217,7 +224,7 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
     acc = reference.acc_dtype(x.dtype)
     m, v, w, b = (_acc(t, acc) for t in (running_mean, running_var, weight, bias))
     y = empty_output(x)
-    tx, ty = plan.tds(x, y)
+    tx, ty = plan.inputs[0], plan.td(y)
     _C.forward_eval(_CODES[x.dtype], plan.geom, _threads(), tx, ty, m.data_ptr(),
                     v.data_ptr(), w.data_ptr(), b.data_ptr(), float(eps), activation == "relu")
     return y
@@ -236,7 +243,7 @@ def backward(grad_y, x, mean, invstd, weight, bias, activation=None):
     k = _k(plan)
     dx = _empty(x, plan)
     gw, gb = (torch.empty(k, plan.C, dtype=acc) for _ in range(2))
-    tx, tdy, tdx = plan.tds(x, grad_y, dx)
+    (tx, tdy), tdx = plan.inputs, plan.td(dx)
     _C.backward(_CODES[x.dtype], plan.geom, _threads(), k, activation == "relu", tx, tdy, tdx,
                 m.data_ptr(), r.data_ptr(), w.data_ptr(), b.data_ptr(), gw.data_ptr(),
                 gb.data_ptr())
@@ -253,7 +260,7 @@ def forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias, activation
     acc, (m, r, w, b) = _stats(x, mean, invstd, weight, bias)
     wt, bt = plan.chan(weight_t, acc), plan.chan(bias_t, acc)
     y_t = _empty(x, plan)
-    tx, txt, tyt = plan.tds(x, x_t, y_t)
+    (tx, txt), tyt = plan.inputs, plan.td(y_t)
     _C.forward_jvp(_CODES[x.dtype], plan.geom, _threads(), _k(plan), activation == "relu",
                    tx, txt, tyt, m.data_ptr(), r.data_ptr(), w.data_ptr(), b.data_ptr(),
                    _ptr(wt), _ptr(bt))
@@ -262,7 +269,7 @@ def forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias, activation
 
 def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight, bias,
                       activation=None):
-    plan = _plan(x, (gg_x, grad_y), (gg_weight, gg_bias), (mean, invstd, weight, bias))
+    plan = _plan(x, (grad_y, gg_x), (gg_weight, gg_bias), (mean, invstd, weight, bias))
     if not plan.ok:
         return reference.backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd,
                                            weight, bias, activation)
@@ -271,7 +278,7 @@ def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight,
     k = _k(plan)
     g_gy, g_x = _empty(x, plan, grad_y.dtype), _empty(x, plan)
     g_w = torch.empty(k, plan.C, dtype=acc)
-    tx, tdy, tggx, tgy, tgx = plan.tds(x, grad_y, gg_x, g_gy, g_x)
+    (tx, tdy, tggx), (tgy, tgx) = plan.inputs, plan.tds(g_gy, g_x)
     _C.backward_backward(_CODES[x.dtype], plan.geom, _threads(), k, activation == "relu",
                          tx, tdy, tggx, _ptr(ggw), _ptr(ggb), m.data_ptr(), r.data_ptr(),
                          w.data_ptr(), b.data_ptr(), tgy, tgx, g_w.data_ptr())
@@ -283,7 +290,7 @@ def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight,
 def backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weight, bias,
                  activation=None):
     # bias_t does not enter backward's value (only the mask), so it never shapes the result.
-    plan = _plan(x, (grad_y_t, x_t, grad_y), (weight_t,), (mean, invstd, weight, bias))
+    plan = _plan(x, (grad_y, grad_y_t, x_t), (weight_t,), (mean, invstd, weight, bias))
     if not plan.ok:
         return reference.backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean,
                                       invstd, weight, bias, activation)
@@ -292,7 +299,7 @@ def backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weigh
     k = _k(plan)
     gx_t = _empty(x, plan)
     gw_t, gb_t = (torch.empty(k, plan.C, dtype=acc) for _ in range(2))
-    tx, tdy, tdyt, txt, tgx = plan.tds(x, grad_y, grad_y_t, x_t, gx_t)
+    (tx, tdy, tdyt, txt), tgx = plan.inputs, plan.td(gx_t)
     _C.backward_jvp(_CODES[x.dtype], plan.geom, _threads(), k, activation == "relu", tx, tdy,
                     tdyt, txt, _ptr(wt), m.data_ptr(), r.data_ptr(), w.data_ptr(),
                     b.data_ptr(), tgx, gw_t.data_ptr(), gb_t.data_ptr())
