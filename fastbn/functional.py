@@ -7,6 +7,7 @@ mutating captured buffers: there the batch statistics are used and the running
 statistics are left exactly as they were.
 """
 
+import math
 import numbers
 
 import torch
@@ -57,7 +58,7 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
     if input.dim() < 2:
         raise ValueError(f"expected 2D or higher input (got {input.dim()}D input)")
     channels = input.shape[1]
-    allowed = _allowed_param_dtypes(input.dtype)
+    allowed, set_by = _allowed_param_dtypes(input.dtype), None
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         if t is None:
@@ -68,17 +69,25 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
             raise RuntimeError("Expected all tensors to be on the same device, but found "
                                f"{name} on {t.device} and input on {input.device}")
         if t.dtype not in allowed:
+            why = "" if set_by is None else f" as {set_by} has"
             raise RuntimeError(f"mixed dtype: expected {name} to have dtype "
-                               f"{' or '.join(str(d) for d in allowed)}, got {t.dtype}")
+                               f"{' or '.join(str(d) for d in allowed)}{why}, got {t.dtype}")
+        if len(allowed) > 1:
+            # A reduced-precision input takes its own dtype or float32 for the
+            # per-channel tensors, the same for all of them (as torch's CPU kernels).
+            allowed, set_by = (t.dtype,), name
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and t.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(f"The function 'batch_norm' is not differentiable with respect "
                                f"to argument '{name}'. This input cannot have requires_grad "
                                "True.")
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # Not under graph capture: dynamo cannot trace is_inference().
+        # Not under graph capture: dynamo cannot trace is_inference(). The running
+        # statistics are saved for backward too (and would be updated before failing).
         inputs = [t for t in (input, weight, bias) if t is not None]
-        if any(t.requires_grad for t in inputs) and any(t.is_inference() for t in inputs):
+        if (any(t.requires_grad for t in inputs)
+                and any(t.is_inference() for t in (*inputs, running_mean, running_var)
+                        if t is not None)):
             raise RuntimeError(
                 "Inference tensors cannot be saved for backward. Please do not use Tensors "
                 "created in inference mode in computation tracked by autograd. To work "
@@ -96,7 +105,7 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if training and not synchronized:
-        values = input.numel() // channels if channels else 0
+        values = input.shape[0] * math.prod(input.shape[2:])
         if values == 1:
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got input size {input.size()}")

@@ -130,3 +130,38 @@ def test_third_order_plain_autograd(backend):
     fast = third(lambda x: fastbn.batch_norm(x, None, None, w, None, training=True,
                                              activation="relu"))
     torch.testing.assert_close(fast, third(composite), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_relu_keeps_bias_in_the_second_order_graph(backend, training):
+    """BN then relu keeps the bias in the graph of the first-order gradients (their
+    derivative with respect to it is zero), so autograd.grad needs no allow_unused."""
+    x = torch.randn(6, 4, dtype=DT, requires_grad=True)
+    weight = torch.rand(4, dtype=DT, requires_grad=True)
+    bias = torch.randn(4, dtype=DT, requires_grad=True)
+    running = (torch.zeros(4, dtype=DT), torch.ones(4, dtype=DT))
+    y = _op(training, "relu", running, True)(x, weight, bias)
+    g_x, g_w = torch.autograd.grad((y * torch.randn_like(y)).sum(), (x, weight),
+                                   create_graph=True)
+    (g_bias,) = torch.autograd.grad((g_x ** 2).sum() + (g_w ** 2).sum(), bias)
+    assert torch.equal(g_bias, torch.zeros_like(bias))
+    # The same through the jvp's backward (forward-over-reverse's transpose).
+    _, y_t = torch.func.jvp(lambda t: _op(training, "relu", running, True)(t, weight, bias),
+                            (x,), (torch.randn_like(x),))
+    (g_bias,) = torch.autograd.grad((y_t ** 2).sum(), bias)
+    assert torch.equal(g_bias, torch.zeros_like(bias))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("x_layout, grad_layout", [
+    (torch.channels_last, torch.contiguous_format),
+    (torch.contiguous_format, torch.channels_last)])
+def test_input_gradient_takes_the_inputs_layout(backend, training, x_layout, grad_layout):
+    """As torch's: the input gradient is laid out like the input, whatever grad_y's."""
+    x = torch.randn(3, 4, 5, 2, dtype=DT).contiguous(memory_format=x_layout).requires_grad_()
+    weight = torch.rand(4, dtype=DT, requires_grad=True)
+    running = (torch.zeros(4, dtype=DT), torch.ones(4, dtype=DT))
+    y = _op(training, None, running, True)(x, weight, torch.zeros(4, dtype=DT))
+    grad_y = torch.randn(y.shape, dtype=DT).contiguous(memory_format=grad_layout)
+    (g_x,) = torch.autograd.grad(y, x, grad_y)
+    assert g_x.is_contiguous(memory_format=x_layout)

@@ -164,6 +164,15 @@ def _inference_tensor():
     (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, rv,
                                       torch.ones(3, dtype=torch.float64), training=True),
      RuntimeError, "mixed dtype"),
+    # A half input takes half or float32 per-channel tensors, but one dtype for all.
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3).half(), rm, rv,
+                                      torch.ones(3).half(), training=True),
+     RuntimeError, "expected weight to have dtype torch.float32 as running_mean has"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3).half(), rm.half(), rv.half(),
+                                      torch.ones(3), training=True),
+     RuntimeError, "expected weight to have dtype torch.float16 as running_mean has"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(1, 0), None, None, training=True),
+     ValueError, "Expected more than 1 value per channel when training"),
     (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, rv, training=True,
                                       activation="gelu"),
      ValueError, "unknown activation"),
@@ -300,3 +309,26 @@ def test_torch_function_subclasses_see_the_call():
     _Tagged.seen.clear()
     fastbn.BatchNorm1d(3)(x)
     assert fastbn.batch_norm in _Tagged.seen
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_inference_running_statistics_refused_where_saved_for_backward(training):
+    """Running statistics made under inference_mode cannot be saved for backward (torch's
+    error); training must not update them before failing."""
+    with torch.inference_mode():
+        rm, rv = torch.zeros(3), torch.ones(3)
+    weight = torch.ones(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        fastbn.batch_norm(torch.randn(4, 3), rm, rv, weight, training=training)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    with torch.no_grad():   # nothing is saved: torch updates them, and so does fastbn
+        fastbn.batch_norm(torch.randn(4, 3), rm, rv, weight, training=training)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_input_takes_float32_per_channel_tensors(dtype):
+    x = torch.randn(6, 3, 4, dtype=dtype)
+    rm, rv, weight, bias = torch.zeros(3), torch.ones(3), torch.rand(3), torch.randn(3)
+    got = fastbn.batch_norm(x, rm, rv, weight, bias, training=True)
+    want = F.batch_norm(x, torch.zeros(3), torch.ones(3), weight, bias, training=True)
+    torch.testing.assert_close(got, want)

@@ -111,6 +111,13 @@ class SyncBatchNorm(_FastBatchNorm, nn.SyncBatchNorm):
         super()._check_input(input)
         self._check_non_zero_input_channels(input)
 
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        """torch's classmethod, giving fastbn layers: `convert(module, sync=True,
+        process_group=process_group)` (torch's would make torch layers and drop a fused
+        ReLU)."""
+        return convert(module, sync=True, process_group=process_group)
+
     def _sync_group(self, batch_stats):
         if not (batch_stats and self.training and dist.is_available() and dist.is_initialized()):
             return None

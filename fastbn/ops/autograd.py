@@ -32,6 +32,7 @@ from torch._functorch.autograd_function import custom_function_call
 from torch._functorch.utils import unwrap_dead_wrappers
 
 from fastbn.backends import reference
+from fastbn.backends.layout import as_output
 
 # Positions: every Function below except TrainForward takes
 #   (*tangent_like, x, mean, invstd, weight, bias, eps, activation, backend).
@@ -42,6 +43,15 @@ def _has_k(t, x, per_channel, vmapped):
     """Whether a tangent-like argument carries a leading K dimension besides the one
     the current vmap level adds (`vmapped`)."""
     return t is not None and t.dim() - vmapped > (1 if per_channel else x.dim())
+
+
+def _mask_only_grad(ctx, index, bias, activation):
+    """The gradient with respect to the bias of a derivative that depends on it only
+    through the ReLU mask: zero, not None, so that the bias stays part of the graph, as
+    it is in PyTorch's batch norm followed by relu."""
+    if activation == "relu" and bias is not None and ctx.needs_input_grad[index]:
+        return torch.zeros_like(bias)
+    return None
 
 
 def _sum_k(t, like):
@@ -236,8 +246,8 @@ class TrainBackward(_KernelFunction):
         g_grad_y, g_x, g_weight = BackwardBackward.apply(
             gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight, bias,
             eps, activation, backend)
-        return (g_grad_y, _sum_k(g_x, x), None, None, _sum_k(g_weight, weight), None,
-                None, None, None)
+        return (g_grad_y, _sum_k(g_x, x), None, None, _sum_k(g_weight, weight),
+                _mask_only_grad(ctx, 5, bias, activation), None, None, None)
 
     @staticmethod
     def jvp(ctx, grad_y_t, x_t, _mean_t, _invstd_t, weight_t, bias_t, *_):
@@ -268,8 +278,8 @@ class ForwardJvp(_KernelFunction):
             x_t, weight_t, bias_t, grad_y_t, x, mean, invstd, weight, bias,
             eps, activation, backend)
         return (_sum_k(g_x_t, x_t), _sum_k(g_weight_t, weight_t), _sum_k(g_bias_t, bias_t),
-                _sum_k(g_x, x), None, None,
-                _sum_k(g_weight, weight), None, None, None, None)
+                _sum_k(g_x, x), None, None, _sum_k(g_weight, weight),
+                _mask_only_grad(ctx, 7, bias, activation), None, None, None)
 
 
 class BackwardBackward(_KernelFunction):
@@ -339,23 +349,32 @@ class TrainForward(_Function):
 
 
 def _eval_parts(x, running_mean, running_var, weight, bias, eps, activation):
-    """xhat, scale = weight * invstd and the ReLU mask, in PyTorch ops."""
+    """xhat, scale = weight * invstd and the pre-activation (None without ReLU), in
+    PyTorch ops."""
     acc = reference.acc_dtype(x.dtype)
     invstd = torch.rsqrt(running_var.to(acc) + eps)
     xhat = reference.xhat_of(x, running_mean.to(acc), invstd)
     scale = weight.to(acc) * invstd
-    mask = None
+    pre = None
     if activation == "relu":
-        mask = reference.relu_mask(xhat, weight, bias)
-    return xhat, scale, mask
+        d = x.dim()
+        pre = (xhat * reference.per_channel(weight.to(acc), d)
+               + reference.per_channel(bias.to(acc), d))
+    return xhat, scale, pre
+
+
+def _through_relu(t, pre):
+    """t where the ReLU passes, as torch's relu backward: its derivative with respect to
+    the pre-activation is zero, but it keeps weight and bias in the graph, as in torch."""
+    return t if pre is None else torch.ops.aten.threshold_backward(t, pre, 0)
 
 
 def eval_backward(grad_y, x, running_mean, running_var, weight, bias, eps, activation):
     """Vector-Jacobian product of batch norm with fixed statistics, in PyTorch ops."""
-    xhat, scale, mask = _eval_parts(x, running_mean, running_var, weight, bias, eps, activation)
+    xhat, scale, pre = _eval_parts(x, running_mean, running_var, weight, bias, eps, activation)
     d = x.dim()
-    g = reference.masked(grad_y.to(xhat.dtype), mask)
-    grad_x = (g * reference.per_channel(scale, d)).to(x.dtype)
+    g = _through_relu(grad_y.to(xhat.dtype), pre)
+    grad_x = as_output((g * reference.per_channel(scale, d)).to(x.dtype), x)
     grad_bias, grad_weight = reference.sums(d, g, g * xhat)
     grad_weight, grad_bias = grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
     return grad_x, grad_weight, grad_bias
@@ -387,7 +406,7 @@ class EvalForward(_Function):
     @staticmethod
     def jvp(ctx, x_t, _rm_t, _rv_t, weight_t, bias_t, *_):
         x, running_mean, running_var, weight, bias = ctx.saved_tensors
-        xhat, scale, mask = _eval_parts(x, running_mean, running_var, weight, bias, *ctx.options)
+        xhat, scale, pre = _eval_parts(x, running_mean, running_var, weight, bias, *ctx.options)
         d = x.dim()
         y_t = torch.zeros_like(xhat)
         if x_t is not None:
@@ -396,7 +415,7 @@ class EvalForward(_Function):
             y_t = y_t + xhat * reference.per_channel(weight_t.to(xhat.dtype), d)
         if bias_t is not None:
             y_t = y_t + reference.per_channel(bias_t.to(xhat.dtype), d)
-        return reference.masked(y_t, mask).to(x.dtype)
+        return _through_relu(y_t, pre).to(x.dtype)
 
     @staticmethod
     def vmap(info, in_dims, x, running_mean, running_var, weight, bias, eps, activation,

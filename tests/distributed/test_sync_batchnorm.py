@@ -160,3 +160,13 @@ def test_convert_sync_turns_fastbn_layers_into_sync_layers():
                            fuse_relu=True)
     fastbn.convert(model, sync=True)
     assert type(model[1]) is fastbn.SyncBatchNorm and model[1].activation == "relu"
+
+
+def test_sync_classmethod_conversion_gives_fastbn_layers():
+    """torch's classmethod, inherited, would build torch layers and drop the fused ReLU."""
+    model = fastbn.convert(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.ReLU()),
+                           fuse_relu=True)
+    converted = fastbn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert converted is model
+    assert type(model[1]) is fastbn.SyncBatchNorm and model[1].activation == "relu"
+    assert model(torch.randn(5, 2)).min() >= 0
