@@ -56,6 +56,29 @@ def _retype_batch_norm_subclasses(copy_of_model, bn_mode):
                 "track_running_stats=False.")
 
 
+def private_copy(model, memo=None):
+    """copy.deepcopy(model, memo), sharing the model's process groups (they cannot be
+    copied) and copying detached the tensor attributes that autograd made (a weight a
+    forward pre-hook computes, a cached output), which deepcopy refuses."""
+    memo = {} if memo is None else memo
+    for module in model.modules():
+        group = getattr(module, "process_group", None)
+        if group is not None:
+            memo[id(group)] = group
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+class _LocalSyncBatchNorm(fastbn.SyncBatchNorm):
+    """A SyncBatchNorm that normalises with its own process's batch only (the private
+    copy of a model without a process group is a local model)."""
+
+    def _sync_group(self, batch_stats):
+        return None
+
+
 def _placeholder(tensor):
     meta = torch.empty_like(tensor, device="meta")
     if isinstance(tensor, nn.Parameter):
@@ -88,13 +111,15 @@ class FunctionalModel:
         self.bn_mode = bn_mode
         memo = {id(t): _placeholder(t)
                 for t in itertools.chain(model.parameters(), model.buffers())}
-        # Process groups cannot be copied: the copy shares the model's.
-        memo.update({id(m.process_group): m.process_group for m in model.modules()
-                     if getattr(m, "process_group", None) is not None})
-        private = copy.deepcopy(model, memo)
+        private = private_copy(model, memo)
         _retype_batch_norm_subclasses(private, bn_mode)
         self.copy = fastbn.convert(private, sync=process_group is not None,
                                    process_group=process_group)
+        if process_group is None:
+            # The model's SyncBatchNorms would synchronise over the whole world.
+            for module in self.copy.modules():
+                if type(module) is fastbn.SyncBatchNorm:
+                    module.__class__ = _LocalSyncBatchNorm
         if fuse_relu:
             fuse_relu_along_sequentials(self.copy)
 
@@ -136,10 +161,19 @@ def split_batch(batch):
                          f"{type(batch).__name__}"
                          + (f" of length {len(batch)}" if hasattr(batch, "__len__") else ""))
     inputs, targets = batch
-    leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
-    if not leaves or leaves[0].dim() == 0:
+    sizes = {t.shape[0] for t in tree_flatten(inputs)[0]
+             if isinstance(t, torch.Tensor) and t.dim() > 0}
+    if not sizes:
         raise ValueError("batch inputs must contain a tensor with a leading batch dimension")
-    n = leaves[0].shape[0]
+    if len(sizes) > 1:
+        # Inputs with a tensor shared by all samples: the targets say which is the batch.
+        if isinstance(targets, torch.Tensor) and targets.dim() > 0 and targets.shape[0] in sizes:
+            sizes = {targets.shape[0]}
+        else:
+            raise ValueError("the batch's input tensors have different leading sizes "
+                             f"{sorted(sizes)} and the targets do not pick one: cannot "
+                             "tell the number of samples")
+    (n,) = sizes
     if n == 0:
         raise ValueError("empty batch (0 samples)")
     return inputs, targets, n

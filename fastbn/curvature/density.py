@@ -6,12 +6,13 @@ import torch
 from tqdm.auto import tqdm
 
 from fastbn.curvature.lanczos import (BREAKDOWN_ULPS, bar_disabled, check_finite_product,
-                                      random_vectors, show_progress)
+                                      progress_for_all_bars, random_vectors)
 
 # Node spans below this fraction of max|θ| count as zero in the default sigma.
 SPAN_RESOLUTION = 1e-6
 
 
+@progress_for_all_bars
 def stochastic_lanczos_quadrature(op, *, num_runs=8, num_steps=64, seed=0, progress=None):
     """Quadrature (nodes, weights) of the spectral measure (1/P) Σ_i δ(λ − λ_i).
 
@@ -23,7 +24,8 @@ def stochastic_lanczos_quadrature(op, *, num_runs=8, num_steps=64, seed=0, progr
     m = min(num_steps, P) on the CPU in float64; each row of weights sums to 1, and a run
     whose Krylov space became invariant early is padded with zero weights.
     Memory: the bases take num_runs · m · P values.
-    progress: a tqdm bar over the steps; None follows the operator's `progress`.
+    progress: a tqdm bar over the steps (and the operator's own bars); None follows the
+        operator's `progress`.
     """
     if num_runs < 1 or num_steps < 1:
         raise ValueError(f"num_runs and num_steps must be positive, got {num_runs}, "
@@ -37,7 +39,7 @@ def stochastic_lanczos_quadrature(op, *, num_runs=8, num_steps=64, seed=0, progr
     betas = torch.zeros(num_runs, steps, dtype=torch.float64)
     lengths = torch.full((num_runs,), steps)
     active = torch.ones(num_runs, dtype=torch.bool)
-    bar = tqdm(range(steps), desc="SLQ", disable=bar_disabled(show_progress(op, progress)),
+    bar = tqdm(range(steps), desc="SLQ", disable=bar_disabled(progress),
                leave=False)
     for j in bar:
         current = basis[:, j]                                    # (runs, P)
@@ -84,7 +86,8 @@ def spectral_density(op, *, num_runs=8, num_steps=64, grid=None, sigma=None, see
     of max|θ|, as when every eigenvalue is equal up to rounding, 1% of max|θ|, or 1.0
     when every node is 0). The raw quadrature is `stochastic_lanczos_quadrature`. CPU
     float64 tensors.
-    progress: a tqdm bar over the Lanczos steps; None follows the operator's `progress`.
+    progress: a tqdm bar over the Lanczos steps (and the operator's own bars); None
+        follows the operator's `progress`.
     """
     nodes, weights = stochastic_lanczos_quadrature(op, num_runs=num_runs,
                                                    num_steps=num_steps, seed=seed,

@@ -1,5 +1,6 @@
 """Extreme eigenvalues of a symmetric operator: Lanczos and power iteration."""
 
+import functools
 import math
 import warnings
 
@@ -22,9 +23,21 @@ def random_vectors(op, count, seed, kind="gaussian"):
     return v.to(device=op.device, dtype=op.dtype)
 
 
-def show_progress(op, progress):
-    """An estimator's `progress` argument: None follows the operator's own setting."""
-    return getattr(op, "progress", None) if progress is None else progress
+def progress_for_all_bars(estimator):
+    """Decorator for an estimator `f(op, ..., progress=None)`: its `progress` argument
+    holds for the operator's own bars too (batches, matmat chunks) while it runs, and
+    None follows the operator's setting; `f` receives the setting in force."""
+    @functools.wraps(estimator)
+    def run(op, *args, progress=None, **kwargs):
+        if progress is None or not hasattr(op, "progress"):
+            return estimator(op, *args, progress=getattr(op, "progress", progress),
+                             **kwargs)
+        saved, op.progress = op.progress, progress
+        try:
+            return estimator(op, *args, progress=progress, **kwargs)
+        finally:
+            op.progress = saved
+    return run
 
 
 def bar_disabled(progress):
@@ -150,24 +163,29 @@ def lanczos_eigenvalues(op, k, *, tol, max_iter, seed, progress):
 
 
 def _power_run(op, start, shift, found, *, tol, max_iter, progress, desc):
-    """Power iteration on (H + shift·I) deflated by the eigenpairs `found` (eigenvalues
-    of H): the pair of largest magnitude there, as (eigenvalue of H, vector, converged).
-    Stops when the residual ‖H v − θ v‖ ≤ tol · ‖H‖ (‖H‖ estimated by max(shift, |θ|)),
-    as Lanczos does, or after max_iter products. (A small change of θ between steps
-    is no test: on a shifted operator the ratio of eigenvalues, and so the change per
-    step, is close to 1 long before θ is accurate.)"""
-    v = start / start.norm()
+    """Power iteration on H + shift·I in the orthogonal complement of the eigenvectors
+    `found` (eigenpairs of H): the pair of largest magnitude there, as (eigenvalue of H,
+    vector, converged). Every iterate is projected off the found vectors, so a direction
+    found before cannot come back (deflating their eigenvalues alone leaves them, and
+    any eigenvector of H at -shift, as a zero eigenvalue that a start vector near them
+    "converges" to at once). Stops when the residual ‖H v − θ v‖ ≤ tol · ‖H‖ (‖H‖
+    estimated by max(shift, |θ|)), as Lanczos does, or after max_iter products. (A small
+    change of θ between steps is no test: on a shifted operator the ratio of
+    eigenvalues, and so the change per step, is close to 1 long before θ is accurate.)"""
+    basis = torch.stack([u for _, u in found]) if found else None
+    v = start if basis is None else _orthogonalise(start, basis)
+    v = v / v.norm()
     bar = tqdm(range(max_iter), desc=desc, disable=bar_disabled(progress), leave=False)
     for _ in bar:
         w = op.matvec(v) + shift * v
-        check_finite_product(float(v @ w))
-        for value, u in found:
-            w = w - (value + shift) * (u @ v) * u
         theta = float(v @ w)
+        check_finite_product(theta)
         residual = float((w - theta * v).norm())
         bar.set_postfix(theta=theta - shift, residual=residual)
         if residual <= tol * max(shift, abs(theta - shift)):
             return theta - shift, v, True
+        if basis is not None:
+            w = _orthogonalise(w, basis)
         v = w / w.norm()
     return theta - shift, v, False
 
@@ -204,6 +222,7 @@ def power_eigenvalues(op, k, *, tol, max_iter, seed, progress):
             torch.stack([found[i][1] for i in order], dim=1), converged)
 
 
+@progress_for_all_bars
 def eigenvalues(op, k=1, *, method="lanczos", tol=1e-3, max_iter=100, seed=0, progress=None):
     """The k largest algebraic eigenvalues of `op` (largest first, repeated ones as often
     as their multiplicity) and their eigenvectors.
@@ -219,7 +238,8 @@ def eigenvalues(op, k=1, *, method="lanczos", tol=1e-3, max_iter=100, seed=0, pr
     Lanczos keeps its basis and the eigenvectors it has found, twice while it runs again:
     (max_iter + 2m) · P values on the operator's device, m the eigenvectors found (k, or
     more where repeated eigenvalues bring out more).
-    progress: a tqdm bar per run; None follows the operator's `progress`.
+    progress: a tqdm bar per run (and the operator's own bars); None follows the
+        operator's `progress`.
     Returns (eigenvalues (k,), eigenvectors (P, k)); a run that stops at max_iter before
     reaching tol returns its best estimates with a RuntimeWarning.
     """
@@ -231,7 +251,7 @@ def eigenvalues(op, k=1, *, method="lanczos", tol=1e-3, max_iter=100, seed=0, pr
         raise ValueError(f"max_iter must be at least k={k}, got {max_iter}")
     solver = lanczos_eigenvalues if method == "lanczos" else power_eigenvalues
     values, vectors, converged = solver(op, k, tol=tol, max_iter=max_iter, seed=seed,
-                                        progress=show_progress(op, progress))
+                                        progress=progress)
     if not converged:
         warnings.warn(f"{method} did not reach tol={tol} within max_iter={max_iter}",
                       RuntimeWarning, stacklevel=2)

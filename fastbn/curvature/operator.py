@@ -1,5 +1,6 @@
 """The Hessian of a model's loss as a linear operator on flat parameter vectors."""
 
+import functools
 import math
 import time
 import warnings
@@ -44,12 +45,23 @@ def _plain_attributes(obj):
             if isinstance(value, (bool, int, float, complex, str, type(None)))}
 
 
+def _outside_inference_mode(method):
+    """Run an operator method with inference mode off: under it no tensor could be
+    saved for the derivatives the method takes (torch.inference_mode() around a
+    curvature computation is a natural thing to write)."""
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with torch.inference_mode(False):
+            return method(*args, **kwargs)
+    return run
+
+
 @dataclass
 class _KeptGraph:
     """The single batch's first-order graph and what it was built from: `leaves`, the
     copies of θ it differentiates; `others`, copies of every other tensor it read;
-    `settings`, the training flags of the model's modules and the plain attributes of
-    the criterion and its submodules (see `_plain_attributes`)."""
+    `settings`, the training flags of the model's modules, the criterion and the plain
+    attributes of the criterion and its submodules (see `_plain_attributes`)."""
 
     leaves: dict
     grads: tuple
@@ -75,9 +87,11 @@ class HessianOperator:
         batch with tuple inputs as [batch]) or an iterable of batches (re-iterated on every
         call, so it must yield the same batches each time; a one-shot iterator is stored
         as a list). The loss is Σ_b n_b L_b / Σ_b n_b with n_b the batch's sample count
-        (the leading dimension of its inputs). With bn_mode="train" each batch normalises
-        with its own batch statistics, as in training, so the loss is not the loss of
-        the concatenated batch. Inputs go to the model as its single argument.
+        (the leading dimension of its inputs' tensors; where they differ, as with a
+        tensor shared by all samples, the one the targets have). With bn_mode="train"
+        each batch normalises with its own batch statistics, as in training, so the loss
+        is not the loss of the concatenated batch. Inputs go to the model as its single
+        argument.
     params: the parameters θ: tensors of the model, their names, or (name, tensor)
         pairs as model.named_parameters() yields (one alone too); default every
         parameter with requires_grad. Others are held fixed. Flat vectors concatenate
@@ -261,10 +275,12 @@ class HessianOperator:
 
     # ---- public API ------------------------------------------------------------------
 
+    @_outside_inference_mode
     def grad(self):
         """The flat gradient of the loss at the model's current parameters."""
         return self._flatten(self._accumulate(None))
 
+    @_outside_inference_mode
     def matvec(self, v):
         """H v for a flat vector v of size P.
 
@@ -292,6 +308,7 @@ class HessianOperator:
         """Free the first-order graph kept by reverse-over-reverse matvec."""
         self._graph = None
 
+    @_outside_inference_mode
     def matmat(self, V):
         """H V for V of shape (P, K): K HVPs per vmapped pass (fastbn's K-batched kernels),
         in chunks of `chunk_size` tangents (set from `max_memory` on first use)."""
@@ -315,10 +332,16 @@ class HessianOperator:
         """A scipy.sparse.linalg.LinearOperator (float64 numpy in and out)."""
         from scipy.sparse.linalg import LinearOperator
 
-        def apply(x):
+        def apply_real(x):
             t = torch.from_numpy(np.array(x, dtype=np.float64))
             out = self.matvec(t) if t.dim() == 1 else self.matmat(t)
             return out.detach().to("cpu", torch.float64).numpy()
+
+        def apply(x):
+            # H is real: a complex operand (scipy's eigensolvers make some) goes in parts.
+            if np.iscomplexobj(x):
+                return apply_real(x.real) + 1j * apply_real(x.imag)
+            return apply_real(x)
 
         return LinearOperator(self.shape, matvec=apply, rmatvec=apply, matmat=apply,
                               rmatmat=apply, dtype=np.float64)
@@ -391,8 +414,10 @@ class HessianOperator:
     def _graph_inputs(self):
         """(θ, every other tensor, settings) that the single batch's loss reads, as they
         are now: the model's parameters and buffers, the batch's tensors, a criterion
-        module's parameters and buffers; the model's training flags and the plain
-        attributes of the criterion and its submodules (their training flags included)."""
+        module's parameters and buffers; the model's training flags, the criterion itself
+        (compared by identity: one assigned to `criterion` since counts as a change) and
+        the plain attributes of the criterion and its submodules (their training flags
+        included)."""
         model = self._model.model
         params = {name: p.detach() for name, p in model.named_parameters()}
         theta = {name: params.pop(name) for name in self.param_names}
@@ -402,7 +427,7 @@ class HessianOperator:
         if isinstance(self.criterion, nn.Module):
             others += [*self.criterion.parameters(), *self.criterion.buffers()]
             criteria = list(self.criterion.modules())
-        settings = [[m.training for m in model.modules()],
+        settings = [[m.training for m in model.modules()], self.criterion,
                     [_plain_attributes(c) for c in criteria]]
         return theta, [t.detach() for t in others], settings
 

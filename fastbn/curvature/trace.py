@@ -5,8 +5,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from fastbn.curvature.lanczos import (bar_disabled, check_finite_product, random_vectors,
-                                      show_progress)
+from fastbn.curvature.lanczos import (bar_disabled, check_finite_product,
+                                      progress_for_all_bars, random_vectors)
 
 TRACE_METHODS = ("hutch++", "hutchinson")
 BLOCK = 32   # probes drawn and applied per op.matmat call (fixed: results depend on it)
@@ -71,6 +71,7 @@ def _hutch_plus_plus(op, num_samples, seed, bar):
     return exact_part + mean, error
 
 
+@progress_for_all_bars
 def trace(op, *, num_samples=100, method="hutch++", seed=0, progress=None):
     """(estimate, standard_error) of trace(H) from about num_samples Hessian-vector
     products, computed in batched op.matmat calls.
@@ -80,7 +81,8 @@ def trace(op, *, num_samples=100, method="hutch++", seed=0, progress=None):
     a few eigenvalues dominate); when num_samples ≥ P it returns the exact trace from P
     unit vectors instead (standard error 0). The standard error covers the stochastic
     part only and is nan when that part has fewer than two samples.
-    progress: a tqdm bar over the products; None follows the operator's `progress`.
+    progress: a tqdm bar over the products (and the operator's own bars); None follows
+        the operator's `progress`.
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"unknown method {method!r}; expected 'hutch++' or 'hutchinson'")
@@ -88,7 +90,7 @@ def trace(op, *, num_samples=100, method="hutch++", seed=0, progress=None):
         raise ValueError(f"num_samples must be positive, got {num_samples}")
     exact = method == "hutch++" and num_samples >= op.shape[0]
     with tqdm(total=op.shape[0] if exact else num_samples, desc="trace", unit="HVP",
-              disable=bar_disabled(show_progress(op, progress)), leave=False) as bar:
+              disable=bar_disabled(progress), leave=False) as bar:
         if method == "hutchinson":
             return _mean_and_error(_probe_quadratic_forms(op, num_samples, seed, bar))
         if exact:

@@ -11,14 +11,14 @@ those of the concatenated batch on every process.
 """
 
 import contextlib
-import copy
 
 import torch
 import torch.distributed as dist
 from torch.func import functional_call, grad_and_value
 from torch.nn.modules.dropout import _DropoutNd
 
-from fastbn.curvature._functional import _retype_batch_norm_subclasses, split_batch
+from fastbn.curvature._functional import (_retype_batch_norm_subclasses, private_copy,
+                                          split_batch)
 from fastbn.nn.batchnorm import TORCH_BATCH_NORMS, _FastBatchNorm
 
 
@@ -40,10 +40,7 @@ def transformable(model, process_group=None):
     if process_group is None and all(isinstance(m, _FastBatchNorm)
                                      for _, m in batch_norm_layers(model)):
         return model
-    # Process groups cannot be deep-copied: the copy shares the model's.
-    groups = {id(m.process_group): m.process_group for m in model.modules()
-              if getattr(m, "process_group", None) is not None}
-    private = copy.deepcopy(model, groups)
+    private = private_copy(model)
     # fastbn.convert replaces only torch's own classes.
     _retype_batch_norm_subclasses(private, "train")
     return fastbn.convert(private, sync=process_group is not None,

@@ -250,6 +250,21 @@ def test_power_finds_the_largest_algebraic_eigenvalues(spectrum):
         assert_eigenpairs(matrix, values, vectors, atol=1e-8)
 
 
+@pytest.mark.parametrize("spectrum, k, tol", [
+    ([1.0, 0.5, -0.9995], 3, 1e-3),             # the 3rd at -shift, within tol of it
+    ([1.0, 1.0, 0.0, 0.0, 0.0] + [-1.0] * 5 + [-2.0, -2.0], 12, 1e-9),   # all, repeated
+])
+def test_power_vectors_are_eigenvectors_where_an_eigenvalue_sits_at_minus_the_shift(
+        spectrum, k, tol):
+    """Deflation alone maps the found directions and the eigenspace at -shift to the
+    same zero: without projecting them out a run returned a found vector again."""
+    matrix = random_symmetric(len(spectrum), seed=2,
+                              spectrum=torch.tensor(spectrum, dtype=DTYPE))
+    values, vectors = eigenvalues(MatrixOperator(matrix), k=k, method="power", tol=tol,
+                                  max_iter=5000)
+    assert_eigenpairs(matrix, values, vectors, atol=10 * tol)
+
+
 def test_power_on_a_hessian_with_a_large_negative_eigenvalue(mlp_problem):
     _, _, hessian = mlp_problem
     exact = torch.linalg.eigvalsh(hessian).flip(0)
@@ -277,6 +292,19 @@ def test_progress_bars_follow_the_operator_unless_told_otherwise(matrix, capsys,
         op.progress = operator_progress
         _ESTIMATES[estimate](op, progress)
         assert bool(capsys.readouterr().err) == shown, (operator_progress, progress)
+
+
+def test_progress_false_silences_the_operators_own_bars(capsys):
+    model = mlp()
+    batches = [batch_for(model, 6, seed=s) for s in range(2)]
+    op = HessianOperator(model, nn.CrossEntropyLoss(), batches, progress=True,
+                         chunk_size=1)
+    for estimate in _ESTIMATES.values():
+        estimate(op, False)
+        assert capsys.readouterr().err == ""
+        assert op.progress is True
+    estimate(op, None)
+    assert "batches" in capsys.readouterr().err
 
 
 class _Terminal(io.StringIO):

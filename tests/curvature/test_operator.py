@@ -528,3 +528,89 @@ def test_a_batch_norm_subclass_with_its_own_forward():
         _, hessian = exact_hessian(model, CRITERION, [batch], bn_mode)
         op = HessianOperator(model, CRITERION, batch, bn_mode=bn_mode)
         close(op.matmat(torch.eye(hessian.shape[0], dtype=DTYPE)), hessian)
+
+
+def test_a_criterion_assigned_later_rebuilds_the_kept_graph():
+    model = mlp()
+    batch = batch_for(model, 6, seed=0)
+    # Two functions: no attributes to tell them apart, only their identity.
+    op = HessianOperator(model, nn.functional.cross_entropy, batch,
+                         method="reverse-over-reverse")
+    v = torch.randn(op.shape[0], dtype=DTYPE)
+    before = op.matvec(v)
+    op.criterion = lambda out, target: 3 * nn.functional.cross_entropy(out, target)
+    close(op.matvec(v), 3 * before)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_works_under_inference_mode(method):
+    model = mlp()
+    batch = batch_for(model, 6, seed=0)
+    gradient, hessian = exact_hessian(model, CRITERION, [batch])
+    op = HessianOperator(model, CRITERION, batch, method=method)
+    v = torch.randn(op.shape[0], dtype=DTYPE)
+    with torch.inference_mode():
+        close(op.grad(), gradient)
+        close(op.matvec(v), hessian @ v)
+        close(op.matmat(v[:, None])[:, 0], hessian @ v)
+
+
+class _WithAutogradAttribute(nn.Module):
+    """A module holding a tensor autograd made (as nn.utils.weight_norm's weight, or a
+    cached output), which copy.deepcopy refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+        self.last = None
+
+    def forward(self, x):
+        self.last = self.net(x)
+        return self.last
+
+
+def test_a_model_holding_a_non_leaf_tensor_attribute():
+    model = _WithAutogradAttribute()
+    batch = batch_for(model.net, 6, seed=0)
+    model(batch[0])
+    assert not model.last.is_leaf
+    _, hessian = exact_hessian(model.net, CRITERION, [batch])
+    op = HessianOperator(model, CRITERION, batch)
+    v = torch.randn(op.shape[0], dtype=DTYPE)
+    close(op.matvec(v), hessian @ v)
+    assert fastbn.curvature.activation_hessian(model, CRITERION, batch, "net.1").loss > 0
+
+
+def test_dict_inputs_with_a_shared_tensor_count_the_targets_samples():
+    """A tensor every sample shares (leading size 3 here) must not be taken as the batch."""
+    model = mlp()
+    batches = [batch_for(model, n, seed=n) for n in (6, 2)]
+
+    class DictInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, inputs):
+            return self.net(inputs["x"] * inputs["scale"])
+
+    scale = torch.ones(3, dtype=DTYPE)
+    for order in (("scale", "x"), ("x", "scale")):
+        data = [({name: {"scale": scale, "x": x}[name] for name in order}, y)
+                for x, y in batches]
+        op = HessianOperator(DictInputs(), CRITERION, data)
+        close(op.grad(), exact_hessian(model, CRITERION, batches)[0])
+    with pytest.raises(ValueError, match="cannot tell the number of samples"):
+        HessianOperator(DictInputs(), CRITERION,
+                        [({"scale": scale, "x": batches[0][0]}, None)]).grad()
+
+
+def test_to_scipy_takes_complex_operands():
+    model = mlp()
+    batch = batch_for(model, 6, seed=0)
+    _, hessian = exact_hessian(model, CRITERION, [batch])
+    op = HessianOperator(model, CRITERION, batch).to_scipy()
+    z = torch.randn(op.shape[0], dtype=DTYPE) + 1j * torch.randn(op.shape[0], dtype=DTYPE)
+    got = torch.from_numpy(op.matvec(z.numpy()))
+    close(got.real, hessian @ z.real)
+    close(got.imag, hessian @ z.imag)

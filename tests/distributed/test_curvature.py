@@ -55,3 +55,29 @@ def test_data_parallel_operator_equals_single_process():
         for key in expected:   # the same numbers on every process
             assert torch.equal(torch.as_tensor(results[0]["value"][key]),
                                torch.as_tensor(results[1]["value"][key])), key
+
+
+def _local_worker(rank, world):
+    """Without a process group the operator is local, even for a model whose batch
+    norms are SyncBatchNorms in an initialised group (they would synchronise over it)."""
+    model, inputs, targets = _setup()
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    start = sum(SIZES[:rank])
+    shard = (inputs[start:start + SIZES[rank]], targets[start:start + SIZES[rank]])
+    op = curvature.HessianOperator(model, nn.functional.cross_entropy, shard,
+                                   method="forward-over-reverse")
+    return op.matvec(torch.linspace(-1, 1, op.shape[0], dtype=DT))
+
+
+def test_operator_without_a_process_group_is_local():
+    results = run_processes(_local_worker, 2)
+    model, inputs, targets = _setup()
+    for rank, result in enumerate(results):
+        assert "value" in result, result
+        start = sum(SIZES[:rank])
+        shard = (inputs[start:start + SIZES[rank]], targets[start:start + SIZES[rank]])
+        op = curvature.HessianOperator(model, nn.functional.cross_entropy, shard,
+                                       method="reverse-over-reverse")
+        want = op.matvec(torch.linspace(-1, 1, op.shape[0], dtype=DT))
+        torch.testing.assert_close(torch.as_tensor(result["value"]), want, rtol=1e-8,
+                                   atol=1e-10, msg=f"rank {rank}")
