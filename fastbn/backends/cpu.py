@@ -179,6 +179,11 @@ def _empty(x, plan, dtype=None):
                                 dtype=dtype, device=x.device)
 
 
+def _per_channel_output(plan, acc):
+    """A per-channel output: (C,), or (K, C) in a K call (the kernels write K·C values)."""
+    return torch.empty(plan.C if plan.K is None else (plan.K, plan.C), dtype=acc)
+
+
 def _threads():
     return torch.get_num_threads()
 
@@ -242,13 +247,11 @@ def backward(grad_y, x, mean, invstd, weight, bias, activation=None):
     acc, (m, r, w, b) = _stats(x, mean, invstd, weight, bias)
     k = _k(plan)
     dx = _empty(x, plan)
-    gw, gb = (torch.empty(k, plan.C, dtype=acc) for _ in range(2))
+    gw, gb = _per_channel_output(plan, acc), _per_channel_output(plan, acc)
     (tx, tdy), tdx = plan.inputs, plan.td(dx)
     _C.backward(_CODES[x.dtype], plan.geom, _threads(), k, activation == "relu", tx, tdy, tdx,
                 m.data_ptr(), r.data_ptr(), w.data_ptr(), b.data_ptr(), gw.data_ptr(),
                 gb.data_ptr())
-    if plan.K is None:
-        gw, gb = gw[0], gb[0]
     return dx, _as(gw, weight), _as(gb, bias)
 
 
@@ -277,13 +280,11 @@ def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight,
     ggw, ggb = plan.chan(gg_weight, acc), plan.chan(gg_bias, acc)
     k = _k(plan)
     g_gy, g_x = _empty(x, plan, grad_y.dtype), _empty(x, plan)
-    g_w = torch.empty(k, plan.C, dtype=acc)
+    g_w = _per_channel_output(plan, acc)
     (tx, tdy, tggx), (tgy, tgx) = plan.inputs, plan.tds(g_gy, g_x)
     _C.backward_backward(_CODES[x.dtype], plan.geom, _threads(), k, activation == "relu",
                          tx, tdy, tggx, _ptr(ggw), _ptr(ggb), m.data_ptr(), r.data_ptr(),
                          w.data_ptr(), b.data_ptr(), tgy, tgx, g_w.data_ptr())
-    if plan.K is None:
-        g_w = g_w[0]
     return g_gy, g_x, _as(g_w, weight)
 
 
@@ -298,11 +299,9 @@ def backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weigh
     wt = plan.chan(weight_t, acc)
     k = _k(plan)
     gx_t = _empty(x, plan)
-    gw_t, gb_t = (torch.empty(k, plan.C, dtype=acc) for _ in range(2))
+    gw_t, gb_t = _per_channel_output(plan, acc), _per_channel_output(plan, acc)
     (tx, tdy, tdyt, txt), tgx = plan.inputs, plan.td(gx_t)
     _C.backward_jvp(_CODES[x.dtype], plan.geom, _threads(), k, activation == "relu", tx, tdy,
                     tdyt, txt, _ptr(wt), m.data_ptr(), r.data_ptr(), w.data_ptr(),
                     b.data_ptr(), tgx, gw_t.data_ptr(), gb_t.data_ptr())
-    if plan.K is None:
-        gw_t, gb_t = gw_t[0], gb_t[0]
     return gx_t, _as(gw_t, weight), _as(gb_t, bias)
