@@ -56,6 +56,20 @@ def _retype_batch_norm_subclasses(copy_of_model, bn_mode):
                 "track_running_stats=False.")
 
 
+def plain_attributes(obj):
+    """`obj`'s attributes holding numbers, strings or None (a loss module's reduction,
+    a layer's eps or momentum, a training flag, ...)."""
+    return {name: value for name, value in getattr(obj, "__dict__", {}).items()
+            if isinstance(value, (bool, int, float, complex, str, type(None)))}
+
+
+def tensor_attributes(model):
+    """The tensors `model`'s modules hold as plain attributes (neither parameters nor
+    buffers)."""
+    return [value for module in model.modules() for value in vars(module).values()
+            if isinstance(value, torch.Tensor)]
+
+
 def private_copy(model, memo=None):
     """copy.deepcopy(model, memo), sharing the model's process groups (they cannot be
     copied) and copying detached the tensor attributes that autograd made (a weight a
@@ -122,22 +136,35 @@ class FunctionalModel:
                     module.__class__ = _LocalSyncBatchNorm
         if fuse_relu:
             fuse_relu_along_sequentials(self.copy)
+        # The batch norms the copy runs with a ReLU that the model's do not have.
+        self._fused = {name for name, module in self.copy.named_modules()
+                       if getattr(module, "activation", None) == "relu"
+                       and getattr(model.get_submodule(name), "activation", None) != "relu"}
 
-    def _sync_training_flags(self):
+    def _sync_from_model(self):
+        """Bring the copy's modules up to the model's as they are now: its plain
+        attributes (see `plain_attributes`), its tensor attributes (cloned: the copy never
+        writes to the model's), the training flags (batch norms and dropout as the mode
+        says), and the ReLU of the batch norms the copy fuses."""
         user = dict(self.model.named_modules(remove_duplicate=False))
         for name, module in self.copy.named_modules(remove_duplicate=False):
+            source = user[name]
+            for attribute, value in vars(source).items():
+                if isinstance(value, torch.Tensor):
+                    module.__dict__[attribute] = value.detach().clone()
+            module.__dict__.update(plain_attributes(source))
+            if name in self._fused:
+                module.activation = "relu"
             if isinstance(module, _BatchNorm):
                 module.training = self.bn_mode == "train"
             elif isinstance(module, _DropoutNd):
                 module.training = False
-            else:
-                module.training = user[name].training
 
     def state(self):
         """(parameters, buffers) for one call: the user's parameters detached (read
         only) and clones of its buffers (a module that writes to a buffer writes to the
         clone)."""
-        self._sync_training_flags()
+        self._sync_from_model()
         params = {name: p.detach() for name, p in self.model.named_parameters()}
         buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
         return params, buffers

@@ -14,8 +14,8 @@ from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
 from fastbn.curvature import _memory
-from fastbn.curvature._functional import (FunctionalModel, is_single_batch, split_batch,
-                                          to_device)
+from fastbn.curvature._functional import (FunctionalModel, is_single_batch, plain_attributes,
+                                          split_batch, tensor_attributes, to_device)
 from fastbn.curvature.lanczos import bar_disabled
 
 METHODS = ("auto", "forward-over-reverse", "reverse-over-reverse")
@@ -38,13 +38,6 @@ def _same_values(a, b):
     return a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
-def _plain_attributes(obj):
-    """`obj`'s attributes holding numbers, strings or None (a loss module's reduction,
-    label_smoothing, ignore_index, training flag, ...)."""
-    return {name: value for name, value in getattr(obj, "__dict__", {}).items()
-            if isinstance(value, (bool, int, float, complex, str, type(None)))}
-
-
 def _outside_inference_mode(method):
     """Run an operator method with inference mode off: under it no tensor could be
     saved for the derivatives the method takes (torch.inference_mode() around a
@@ -60,8 +53,8 @@ def _outside_inference_mode(method):
 class _KeptGraph:
     """The single batch's first-order graph and what it was built from: `leaves`, the
     copies of θ it differentiates; `others`, copies of every other tensor it read;
-    `settings`, the training flags of the model's modules, the criterion and the plain
-    attributes of the criterion and its submodules (see `_plain_attributes`)."""
+    `settings`, the criterion and the plain attributes of the model's modules and of the
+    criterion's (see `_graph_inputs`)."""
 
     leaves: dict
     grads: tuple
@@ -72,12 +65,15 @@ class _KeptGraph:
 class HessianOperator:
     """H = ∇²_θ L for L the sample-weighted mean loss of `model` over `data`.
 
-    model: an nn.Module; torch's BatchNorm layers are fine (a private structural copy
-        with fastbn layers runs instead, fed the model's current tensors; where the
-        model is an nn.Sequential, a batch norm directly followed by nn.ReLU in it or in
-        Sequentials nested in it runs as one fused layer, unless either has hooks), and
-        so are subclasses of them that keep torch's forward (one with its own forward is
-        refused where, in training mode, it would update running statistics). The model
+    model: an nn.Module. torch's BatchNorm layers are fine, and so are subclasses of
+        them that keep torch's forward (one with its own forward is refused where, in
+        training mode, it would update running statistics): a private structural copy
+        with fastbn layers runs instead. At every call the copy is fed the model's
+        current parameters and buffers and given its modules' current tensor attributes
+        (cloned) and attributes holding numbers, strings or None; a submodule replaced
+        after construction is not seen (build a new operator). Where the model is an
+        nn.Sequential, a batch norm directly followed by nn.ReLU in it or in Sequentials
+        nested in it runs as one fused layer in the copy, unless either has hooks. The model
         itself is only read: its parameters, buffers and training flags are bitwise the
         same after every call, also when a call raises. Dropout layers (nn.Dropout,
         Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout) run in eval mode in the copy
@@ -287,12 +283,12 @@ class HessianOperator:
         With reverse-over-reverse on a single batch the first-order graph (create_graph
         backward) is kept between calls and each product is one more backward through it.
         The graph is built on a copy of θ and keeps a copy of every other tensor it reads
-        (the model's other parameters and buffers, the batch, and the parameters and
-        buffers of a criterion that is an nn.Module): each call compares these, the
-        training flags, and the attributes holding numbers, strings or None of the
-        criterion and its submodules (reduction, label_smoothing, ...) with the current
-        ones (O(P + batch) work) and rebuilds the graph on any change, also one made
-        through `.data`. Other tensors (say, one a criterion function closes over) are not
+        (the model's other parameters, buffers and tensor attributes, the batch, and the
+        parameters, buffers and tensor attributes of a criterion that is an nn.Module):
+        each call compares these, the criterion's identity, and the attributes holding
+        numbers, strings or None (training flags, eps, reduction, label_smoothing, ...)
+        of the model's modules and the criterion's with the current ones (O(P + batch)
+        work) and rebuilds the graph on any change, also one made through `.data`. Other tensors (say, one a criterion function closes over) are not
         compared: the graph is rebuilt when autograd finds one changed in place, but a
         change through `.data` goes unseen; so are other settings (the keywords of a
         functools.partial criterion, say); call `clear_cache()` after such a change.
@@ -413,22 +409,23 @@ class HessianOperator:
 
     def _graph_inputs(self):
         """(θ, every other tensor, settings) that the single batch's loss reads, as they
-        are now: the model's parameters and buffers, the batch's tensors, a criterion
-        module's parameters and buffers; the model's training flags, the criterion itself
-        (compared by identity: one assigned to `criterion` since counts as a change) and
-        the plain attributes of the criterion and its submodules (their training flags
-        included)."""
+        are now: the model's parameters, buffers and tensor attributes, the batch's
+        tensors, a criterion module's parameters, buffers and tensor attributes; the
+        criterion itself (compared by identity: one assigned to `criterion` since counts
+        as a change) and the plain attributes (training flags included) of the model's
+        modules and of the criterion and its submodules."""
         model = self._model.model
         params = {name: p.detach() for name, p in model.named_parameters()}
         theta = {name: params.pop(name) for name in self.param_names}
-        others = [*params.values(), *model.buffers(),
+        others = [*params.values(), *model.buffers(), *tensor_attributes(model),
                   *(t for t in tree_flatten(self._data[0])[0] if isinstance(t, torch.Tensor))]
         criteria = [self.criterion]
         if isinstance(self.criterion, nn.Module):
-            others += [*self.criterion.parameters(), *self.criterion.buffers()]
+            others += [*self.criterion.parameters(), *self.criterion.buffers(),
+                       *tensor_attributes(self.criterion)]
             criteria = list(self.criterion.modules())
-        settings = [[m.training for m in model.modules()], self.criterion,
-                    [_plain_attributes(c) for c in criteria]]
+        settings = [[plain_attributes(m) for m in model.modules()], self.criterion,
+                    [plain_attributes(c) for c in criteria]]
         return theta, [t.detach() for t in others], settings
 
     def _graph_is_current(self, theta, others, settings):

@@ -614,3 +614,40 @@ def test_to_scipy_takes_complex_operands():
     got = torch.from_numpy(op.matvec(z.numpy()))
     close(got.real, hessian @ z.real)
     close(got.imag, hessian @ z.imag)
+
+
+class _Scaled(nn.Module):
+    """An MLP whose output a plain tensor attribute and a number attribute scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+        self.scale = torch.ones(3, dtype=DTYPE)
+        self.power = 1.0
+
+    def forward(self, x):
+        return self.net(x) * self.scale ** self.power
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("change", ["in place", "assigned", "number", "batch norm eps"])
+def test_attribute_changes_after_construction_are_seen(method, change):
+    model = _Scaled()
+    batch = batch_for(model.net, 6, seed=0)
+    op = HessianOperator(model, CRITERION, batch, method=method)
+    v = torch.randn(op.shape[0], dtype=DTYPE)
+    close(op.matvec(v), exact_hessian(model, CRITERION, [batch])[1] @ v)
+    if change == "in place":
+        model.scale.mul_(2.0)
+    elif change == "assigned":
+        model.scale = torch.full((3,), 0.5, dtype=DTYPE)
+    elif change == "number":
+        model.power = 3.0
+        model.scale = torch.full((3,), 1.5, dtype=DTYPE)
+        op.matvec(v)
+        model.power = 2.0
+    else:
+        model.net[1].eps = 0.5
+    expected = exact_hessian(model, CRITERION, [batch])[1] @ v
+    close(op.matvec(v), expected)
+    close(op.matmat(v[:, None])[:, 0], expected)
