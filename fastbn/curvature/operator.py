@@ -288,10 +288,11 @@ class HessianOperator:
         each call compares these, the criterion's identity, and the attributes holding
         numbers, strings or None (training flags, eps, reduction, label_smoothing, ...)
         of the model's modules and the criterion's with the current ones (O(P + batch)
-        work) and rebuilds the graph on any change, also one made through `.data`. Other tensors (say, one a criterion function closes over) are not
-        compared: the graph is rebuilt when autograd finds one changed in place, but a
-        change through `.data` goes unseen; so are other settings (the keywords of a
-        functools.partial criterion, say); call `clear_cache()` after such a change.
+        work) and rebuilds the graph on any change, also one made through `.data`.
+        Other tensors (say, one a criterion function closes over) are not compared: the
+        graph is rebuilt when autograd finds one changed in place, but a change through
+        `.data` goes unseen; so are other settings (the keywords of a functools.partial
+        criterion, say); call `clear_cache()` after such a change.
         Memory: the graph plus those copies, until `clear_cache()` frees them.
         """
         v = self._as_operand(v, 1, "matvec")

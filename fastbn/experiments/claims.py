@@ -19,11 +19,24 @@ def _float(v):
 
 
 def _ratio(numerator, denominator):
-    """numerator / denominator with blown-up numerators kept as inf, missing values as NaN."""
+    """numerator / denominator of two non-negative measures (without BN / with BN), where
+    inf is a blown-up probe: one side blown up gives inf or 0 (it counts against that
+    side), both blown up or both zero gives 1 (a tie), a missing value NaN."""
     a, b = _float(numerator), _float(denominator)
-    if math.isnan(a) or math.isnan(b) or b <= 0 or math.isinf(b):
+    if math.isnan(a) or math.isnan(b) or a < 0 or b < 0:
         return math.nan
+    if a == b:          # inf and inf, 0 and 0 included
+        return 1.0
+    if b == 0 or math.isinf(a):
+        return math.inf
     return a / b
+
+
+def _range(low, high):
+    """loss_max − loss_min of a probe; inf where it blew up (at every step length the
+    minimum is missing then: nothing finite to subtract)."""
+    low, high = _float(low), _float(high)
+    return math.inf if math.isinf(high) else high - low
 
 
 def _median(values):
@@ -63,7 +76,7 @@ def landscape_claims(runs, steps, network, paper_setting):
     def ranges(run_fields, window):
         lo_p, lo_b = _paired(plain, bn, run_fields[0], window)
         hi_p, hi_b = _paired(plain, bn, run_fields[1], window)
-        return [_ratio(_float(hp) - _float(lp), _float(hb) - _float(lb))
+        return [_ratio(_range(lp, hp), _range(lb, hb))
                 for lp, lb, hp, hb in zip(lo_p, lo_b, hi_p, hi_b)]
 
     loss_early = _median(ranges(("loss_min", "loss_max"), end))
@@ -112,10 +125,10 @@ def learning_rate_claim(sweep):
     plain, bn = largest_trained(sweep["plain"]), largest_trained(sweep["bn"])
     only_bn = [r_bn["lr"] for r_p, r_bn in zip(sweep["plain"], sweep["bn"])
                if r_bn["trains"] and not r_p["trains"]]
-    if math.isnan(bn):
-        verdict = "not reproduced"
-    elif math.isnan(plain):
+    if math.isnan(plain):
         verdict = "inconclusive"  # the plain net trains at no swept lr: nothing to compare
+    elif math.isnan(bn):
+        verdict = "not reproduced"
     else:
         verdict = "reproduced" if bn > plain else "not reproduced"
     return {"id": "lr_range",

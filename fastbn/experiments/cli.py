@@ -116,15 +116,20 @@ def reproduce_main(argv=None, *, process_group=None):
 
 
 def _reproduce(parser, args, device, process_group):
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     threads = args.threads or (1 if device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
     steps = args.steps
-    config = make_config(quick=args.quick, seed=args.seed,
-                         dataset=args.dataset or datasets.default_dataset(),
-                         data_dir=args.data_dir, device=device, vgg_width=args.width,
-                         batch_size=args.batch_size, vgg_steps=steps, dln_steps=steps,
-                         sweep_steps=steps, sharpness=args.sharpness or None)
+    try:
+        config = make_config(quick=args.quick, seed=args.seed,
+                             dataset=args.dataset or datasets.default_dataset(),
+                             data_dir=args.data_dir, device=device, vgg_width=args.width,
+                             batch_size=args.batch_size, vgg_steps=steps, dln_steps=steps,
+                             sweep_steps=steps, sharpness=args.sharpness or None)
+    except ValueError as error:
+        parser.error(str(error))
     world_size = 1 if process_group is None else dist.get_world_size(process_group)
     if config.batch_size % world_size:
         parser.error(f"batch size {config.batch_size} is not divisible by the {world_size} "

@@ -1,6 +1,7 @@
 """Run configurations: the default (CPU, under 30 minutes) and `--quick` (about 2–3 minutes)."""
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -42,6 +43,19 @@ class Config:
     theory_channels: int = 4         # channels per BN layer with second-order checks
     theory_layers: int = 4           # BN layers (evenly spaced) with second-order checks
     theory_lanczos: int = 10         # Lanczos steps of the PSD test of H_jj
+
+    def __post_init__(self):
+        # Every other number, and every entry of a grid, is a positive size, count or rate.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "seed" or value is None or isinstance(value, (bool, str)):
+                continue
+            values = value if isinstance(value, tuple) else (value,)
+            if not values or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+                                     for v in values):
+                raise ValueError(f"{field.name} must be positive and finite"
+                                 f"{' (a non-empty grid)' if isinstance(value, tuple) else ''}"
+                                 f", got {value!r}")
 
     def as_dict(self):
         return dataclasses.asdict(self)

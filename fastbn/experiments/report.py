@@ -97,17 +97,29 @@ def write_tables(results, out_dir):
 
 # ---------------------------------------------------------------- figures
 
+def _mark_blown_up(ax, steps, raw, values, model):
+    """✕ at the top of the finite values where a probe gave a non-finite value."""
+    blown = _blown_up(raw)
+    if blown.any():
+        ax.plot(steps[blown], np.full(blown.sum(), np.nanmax(np.append(values, 1.0))), "x",
+                color=COLORS[model], label=f"{LABELS[model]}: non-finite")
+
+
+def _line(ax, steps, values, model, label=None):
+    # Dots too: a finite value between gaps (non-finite neighbours) draws no line.
+    ax.plot(steps, values, color=COLORS[model], linewidth=0.6, marker=".", markersize=3,
+            label=label)
+
+
 def _band(ax, run, low, high, model):
     steps = np.array(run["probes"]["step"])
     lo, hi = _array(run["probes"][low]), _array(run["probes"][high])
     ax.fill_between(steps, lo, hi, color=COLORS[model], alpha=0.35, linewidth=0,
                     label=LABELS[model])
-    ax.plot(steps, lo, color=COLORS[model], linewidth=0.6)
-    ax.plot(steps, hi, color=COLORS[model], linewidth=0.6)
-    blown = _blown_up(run["probes"][high])
-    if blown.any():  # a step length inside the probed range gave a non-finite value
-        ax.plot(steps[blown], np.full(blown.sum(), np.nanmax(np.append(hi, 1.0))), "x",
-                color=COLORS[model], label=f"{LABELS[model]}: non-finite")
+    _line(ax, steps, lo, model)
+    _line(ax, steps, hi, model)
+    # A step length inside the probed range gave a non-finite value.
+    _mark_blown_up(ax, steps, run["probes"][high], hi, model)
 
 
 def landscape_figure(runs, path, title):
@@ -121,9 +133,11 @@ def landscape_figure(runs, path, title):
             continue
         _band(axes[0], run, "loss_min", "loss_max", model)
         _band(axes[1], run, "grad_change_min", "grad_change_max", model)
+        steps = np.array(run["probes"]["step"])
         for ax, field in zip(axes[2:], ("beta_eff", "sharpness")):
-            ax.plot(run["probes"]["step"], _array(run["probes"][field]),
-                    color=COLORS[model], label=LABELS[model])
+            values = _array(run["probes"][field])
+            _line(ax, steps, values, model, LABELS[model])
+            _mark_blown_up(ax, steps, run["probes"][field], values, model)
     titles = ("(a) loss landscape: L(w − ηg) over η",
               "(b) gradient predictiveness: ‖∇L(w − ηg) − ∇L(w)‖",
               "(c) effective β-smoothness", "(d) sharpness: top Hessian eigenvalue")
@@ -273,7 +287,8 @@ def write_figures(results, out_dir):
         figures["figure4_vgg"] = "figure4_vgg.png"
     if "dln" in experiments:
         landscape_figure(experiments["dln"], os.path.join(out_dir, "figure4_dln.png"),
-                         "25-layer deep linear network: landscape along the gradient")
+                         f"{results['config']['dln_depth']}-layer deep linear network: "
+                         "landscape along the gradient")
         figures["figure4_dln"] = "figure4_dln.png"
     if "vgg" in experiments or "dln" in experiments:
         training_figure(results, os.path.join(out_dir, "training.png"))
@@ -307,8 +322,9 @@ def _fmt(value):
     return str(value)
 
 
+# {fields} are filled from the configuration (`choices`).
 CHOICES = [
-    "Step lengths: 8 log-spaced η per probe (VGG: [1/2, 4] × lr; DLN: [1/100, 30] × lr).",
+    "Step lengths per probe, log-spaced: VGG {vgg_grid}; DLN {dln_grid}.",
     "The probe uses the training batch of that step, before the update.",
     "During a probe BN layers use batch statistics (train mode); running statistics and "
     "every other buffer are left bit-for-bit as they were.",
@@ -325,11 +341,13 @@ CHOICES = [
     "Training: plain SGD at a fixed lr, no momentum or weight decay, same batch order for both "
     "variants; training loss/accuracy are those of each step's mini-batch, test metrics are "
     "in eval mode (running statistics).",
-    "DLN: loss = sum of squared errors over all samples and outputs (‖W1…W25 x − A x‖² summed), "
-    "no biases, Glorot init, BN (affine) between consecutive linear layers (24 BN layers).",
+    "DLN: loss = sum of squared errors over all samples and outputs (‖W1…W{dln_depth} x − A x‖² "
+    "summed), no biases, Glorot init, BN (affine) between consecutive linear layers "
+    "({dln_bn_layers} BN layers).",
     "Non-finite values: a NaN/inf loss inside a probe counts as +inf in the maxima and is "
-    "skipped in the minima; a NaN/inf training loss stops that run and is reported as "
-    "divergence.",
+    "skipped in the minima (a probe with no finite loss has an infinite loss range); in the "
+    "claims' ratios a blown-up side counts against that side and two blown-up sides as a "
+    "tie; a NaN/inf training loss stops that run and is reported as divergence.",
     "Learning-rate sweep: a run \"trains\" when it does not diverge and its mean training loss "
     "over the last 10% of steps is at most half the first step's loss.",
     "Theorems: L is the network at the same weights with that one BN layer replaced by "
@@ -351,6 +369,18 @@ CHOICES = [
     "when it only points the same way, \"not reproduced\" otherwise; the learning-rate claim "
     "is \"inconclusive\" when the plain network trains at no swept learning rate.",
 ]
+
+
+def _grid(multipliers):
+    return f"{len(multipliers)} η in [{min(multipliers):.3g}, {max(multipliers):.3g}] × lr"
+
+
+def choices(config):
+    """CHOICES for this configuration."""
+    values = {"vgg_grid": _grid(config["vgg_multipliers"]),
+              "dln_grid": _grid(config["dln_multipliers"]),
+              "dln_depth": config["dln_depth"], "dln_bn_layers": config["dln_depth"] - 1}
+    return [choice.format(**values) for choice in CHOICES]
 
 
 def write_report(results, figures, tables, out_dir):
@@ -398,7 +428,7 @@ def write_report(results, figures, tables, out_dir):
             lines += ["", "Theorem 4.2 was skipped on some layers: "
                       + "; ".join(sorted(skipped)) + "."]
     lines += ["", "## Choices the paper does not state", ""]
-    lines += [f"- {choice}" for choice in CHOICES]
+    lines += [f"- {choice}" for choice in choices(config)]
     environment = results["environment"]
     lines += ["", "## Environment and files", "",
               f"- {_fmt(environment)}",

@@ -127,11 +127,14 @@ def train(model, criterion, batches, steps, *, lr, probe_every=0, multipliers=No
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss_value:.3g}")
     bar.close()
-    if evaluate is not None:
-        run_evaluation(len(curves["step"]))
+    completed = len(curves["step"]) - (diverged_at is not None)   # updates applied
+    # The final weights, unless the last evaluation already saw them (a divergence
+    # right after an evaluation step applies no update).
+    if evaluate is not None and not (evaluations and evaluations[-1]["step"] == completed):
+        run_evaluation(completed)
     if probe is not None:
         seconds["probe"] = probe.seconds
-    return {"lr": lr, "steps_completed": len(curves["step"]) - (diverged_at is not None),
+    return {"lr": lr, "steps_completed": completed,
             "diverged_at_step": diverged_at, "curves": curves, "evaluations": evaluations,
             "probes": probe_columns(probe.records) if probe is not None else {},
             "seconds": seconds}

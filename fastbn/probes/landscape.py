@@ -7,6 +7,7 @@ With a process group, B is the concatenation of every process's shard.
 """
 
 import math
+import numbers
 
 import numpy as np
 
@@ -40,7 +41,8 @@ def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mod
     Returns a dict of floats: `loss`, `grad_norm`, `loss_min`, `loss_max`,
     `grad_change_min`, `grad_change_max`, `beta_eff`, and per-η lists `etas`, `losses`,
     `grad_changes`, `betas`. Non-finite losses or gradients are kept as NaN/inf (in the
-    maxima they count as +inf: the landscape blew up inside the probed range).
+    maxima they count as +inf: the landscape blew up inside the probed range). At a zero
+    gradient the β values are NaN (0/0: undefined, not blown up), and so is `beta_eff`.
 
     process_group: data-parallel probe. Each process passes its shard of the batch (the
     criterion must be a mean over the batch); BN statistics, losses and gradients are
@@ -49,9 +51,12 @@ def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mod
     """
     if bn_mode != "train":
         raise ValueError(f"bn_mode must be 'train' (batch statistics), got {bn_mode!r}")
+    if not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     multipliers = DEFAULT_MULTIPLIERS if multipliers is None else tuple(multipliers)
-    if not multipliers or any(m <= 0 for m in multipliers):
-        raise ValueError("multipliers must be a non-empty sequence of positive numbers")
+    if not multipliers or not all(math.isfinite(m) and m > 0 for m in multipliers):
+        raise ValueError("multipliers must be a non-empty sequence of positive finite "
+                         "numbers")
     inputs, targets = batch
     work = _functional.transformable(model, process_group)
     params, constants = _functional.split_state(work)
@@ -81,7 +86,8 @@ def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mod
         "loss_max": _max(losses),
         "grad_change_min": _min(grad_changes),
         "grad_change_max": _max(grad_changes),
-        "beta_eff": _max(betas),
+        # A zero gradient moves nothing: β is undefined there (NaN), not a blow-up.
+        "beta_eff": math.nan if grad_norm == 0 else _max(betas),
         "etas": etas,
         "losses": losses,
         "grad_changes": grad_changes,

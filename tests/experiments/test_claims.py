@@ -49,3 +49,31 @@ def test_learning_rate_claim():
                                        "bn": rows([True, True])})["verdict"] == "not reproduced"
     assert claims.learning_rate_claim({"plain": rows([False, False]),
                                        "bn": rows([True, False])})["verdict"] == "inconclusive"
+    # Neither variant trains: no baseline, so no verdict either way.
+    assert claims.learning_rate_claim({"plain": rows([False, False]),
+                                       "bn": rows([False, False])})["verdict"] == "inconclusive"
+
+
+def test_blown_up_bn_probes_count_against_batch_norm():
+    bn = run(1.0)
+    for field in ("loss_max", "grad_change_max", "beta_eff"):
+        bn["probes"][field] = [math.inf] * 5 + bn["probes"][field][5:]
+    found = by_id(claims.landscape_claims({"plain": run(100.0), "bn": bn}, 100, "x", "X"))
+    # Half the steps favour BN by 100×, half blew up with BN: no verdict for BN.
+    assert found["x_effective_beta"]["value"] == 0.5
+    assert found["x_effective_beta"]["verdict"] == "not reproduced"
+    bn["probes"]["loss_max"] = [math.inf] * 10
+    found = by_id(claims.landscape_claims({"plain": run(100.0), "bn": bn}, 100, "x", "X"))
+    assert found["x_loss_range"]["value"] == 0.0
+    assert found["x_loss_range"]["verdict"] == "not reproduced"
+
+
+def test_a_probe_blown_up_at_every_step_length_has_an_infinite_range():
+    plain = run(1.0)
+    plain["probes"]["loss_min"] = [math.nan] * 10     # no finite loss at any step length
+    plain["probes"]["loss_max"] = [math.inf] * 10
+    found = by_id(claims.landscape_claims({"plain": plain, "bn": run(1.0)}, 100, "x", "X"))
+    assert found["x_loss_range"]["value"] == math.inf
+    both = by_id(claims.landscape_claims({"plain": plain, "bn": plain}, 100, "x", "X"))
+    assert both["x_loss_range"]["value"] == 1.0     # both blew up: a tie
+

@@ -48,3 +48,17 @@ def test_divergence_is_recorded_not_raised():
     assert result["diverged_at_step"] is not None
     assert result["steps_completed"] == result["diverged_at_step"]
     assert len(result["curves"]["loss"]) == result["diverged_at_step"] + 1
+
+
+def test_final_evaluation_is_of_the_final_weights_once():
+    """A divergence right after an evaluation step applies no update: the final weights
+    were evaluated already, under the number of updates applied."""
+    model = models.deep_linear_net(4, 6, batch_norm=False)
+    x = torch.randn(16, 4)
+    result = train(model, nn.MSELoss(reduction="sum"), [(x, 100 * x)] * 20, 20, lr=10.0,
+                   eval_every=1, evaluate=lambda m: {"norm": float(m[0].weight.norm())},
+                   progress=False)
+    completed = result["steps_completed"]
+    steps = [e["step"] for e in result["evaluations"]]
+    assert steps == list(range(completed + 1))
+

@@ -96,6 +96,9 @@ def test_csv_and_report_agree_with_results(tiny_run):
     report = (tiny_run / "report.md").read_text()
     assert "![figure4_vgg](figure4_vgg.png)" in report
     assert "Choices the paper does not state" in report
+    # The stated choices are this configuration's (the tiny preset's 5-layer DLN).
+    assert "‖W1…W5 x − A x‖²" in report and "(4 BN layers)" in report
+    assert "VGG 8 η in [0.5, 4] × lr" in report
     results = json.loads((tiny_run / "results.json").read_text())
     for claim in results["claims"]:
         assert claim["verdict"] in report
@@ -113,3 +116,37 @@ def test_resume_reuses_completed_parts_and_is_deterministic(tiny_run, tmp_path):
     fresh = json.loads((tmp_path / "results.json").read_text())
     dln_probes = before["experiments"]["dln"]["bn"]["probes"]
     assert fresh["experiments"]["dln"]["bn"]["probes"] == dln_probes
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--batch-size", "-4"], "batch_size must be positive"),
+    (["--batch-size", "0"], "batch_size must be positive"),
+    (["--steps", "0"], "steps must be positive"),
+    (["--width", "0"], "vgg_width must be positive"),
+    (["--threads", "0"], "--threads must be at least 1"),
+])
+def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce_main(["--quick", "--out", str(tmp_path / "out")] + arguments)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+
+def test_figure_draws_finite_values_between_blown_up_ones(tmp_path, monkeypatch):
+    """A finite probe value whose neighbours are non-finite (a diverging run) has no line
+    segment: it must still show, as a marker."""
+    from fastbn.experiments import report
+    plt = report._pyplot()
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    probes = {"step": [0, 2], "loss_min": [1.0, math.nan], "loss_max": [5.0, math.inf],
+              "grad_change_min": [0.1, math.nan], "grad_change_max": [3.0, math.inf],
+              "beta_eff": [7.0, math.inf]}
+    report.landscape_figure({"plain": {"probes": probes}, "bn": {"probes": probes}},
+                            str(tmp_path / "figure.png"), "t")
+    for ax, values in zip(figures[0].axes, ((1.0, 5.0), (0.1, 3.0), (7.0,))):
+        shown = {float(y) for line in ax.get_lines() if line.get_marker() not in ("None", "")
+                 for y in line.get_ydata() if math.isfinite(y)}
+        assert set(values) <= shown

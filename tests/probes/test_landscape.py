@@ -121,8 +121,22 @@ def test_blown_up_steps_are_data_not_errors():
 def test_rejects_eval_mode_and_bad_grids():
     with pytest.raises(ValueError, match="bn_mode"):
         gradient_step_probe(tiny_model(), nn.CrossEntropyLoss(), batch(), 0.1, bn_mode="eval")
-    with pytest.raises(ValueError, match="multipliers"):
-        gradient_step_probe(tiny_model(), nn.CrossEntropyLoss(), batch(), 0.1, multipliers=[0])
+    for multipliers in ([0], [1.0, math.nan], []):
+        with pytest.raises(ValueError, match="multipliers"):
+            gradient_step_probe(tiny_model(), nn.CrossEntropyLoss(), batch(), 0.1,
+                                multipliers=multipliers)
+    for lr in (0.0, -0.1, math.nan, math.inf):
+        with pytest.raises(ValueError, match="lr must be a positive finite number"):
+            gradient_step_probe(tiny_model(), nn.CrossEntropyLoss(), batch(), lr)
+
+
+def test_zero_gradient_has_undefined_not_blown_up_smoothness():
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    inputs = torch.randn(5, 3, dtype=torch.float64)
+    result = gradient_step_probe(model, lambda out, target: (out * 0).sum(), (inputs, None),
+                                 0.1, multipliers=(1.0, 2.0))
+    assert result["grad_norm"] == 0 and result["loss_max"] == 0
+    assert math.isnan(result["beta_eff"])
 
 
 def test_callback_probes_every_k_steps_and_logs_json_lines(tmp_path):
