@@ -22,6 +22,34 @@ import torch.distributed as dist
 from fastbn.backends import reference
 
 
+# (group, channels, accumulation dtype) that every process of the group has agreed on.
+_AGREED = set()
+
+
+def _check_agreement(group, channels, acc, device):
+    """Raise on every process if the group's processes disagree on the channel count or
+    the accumulation dtype: their messages would differ in size, which gloo answers by
+    aborting one process and NCCL by hanging, while the others read garbage. One small
+    collective the first time each (group, channels, dtype) is seen: programs whose
+    collectives match across processes see them in the same order."""
+    key = (group, channels, acc)
+    if key in _AGREED:
+        return
+    mine = torch.tensor([channels, _ACC_CODES[acc]], dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    if any(not torch.equal(theirs, mine) for theirs in everyone):
+        described = ", ".join(f"{int(c)} channels in {_ACC_NAMES[int(a)]}"
+                              for c, a in everyone)
+        raise RuntimeError("fastbn: the processes of a synchronised batch norm disagree on "
+                           f"its channel count or dtype (by rank: {described})")
+    _AGREED.add(key)
+
+
+_ACC_NAMES = ("float32", "float64")
+_ACC_CODES = {torch.float32: 0, torch.float64: 1}
+
+
 class GroupReduction:
     """Per-channel reductions over the batches of all processes in `group`."""
 
@@ -46,6 +74,7 @@ class GroupReduction:
         n = reference.LOCAL.count(x)
         acc = reference.acc_dtype(x.dtype)
         channels = x.shape[1]
+        _check_agreement(self.group, channels, acc, x.device)
         if n:
             mean, var = reference.LOCAL.moments(x)
         else:

@@ -65,11 +65,14 @@ def _runnable(backend, tensors):
     """The backend, or the reference where it cannot run: the legacy vmap behind
     `autograd.grad(..., is_grads_batched=True)` hands Functions batched tensors without
     storage, which only PyTorch ops accept."""
-    if getattr(backend, "runs_pytorch_ops", False):
+    if not any(t is not None and is_legacy_batchedtensor(t) for t in tensors):
         return backend
-    if any(t is not None and is_legacy_batchedtensor(t) for t in tensors):
-        return reference
-    return backend
+    if _reduction(backend) is not reference.LOCAL:
+        raise NotImplementedError(
+            "fastbn: autograd.grad(..., is_grads_batched=True) through a synchronised "
+            "batch norm is not supported (collectives have no legacy batching rule); "
+            "use torch.func.vmap over torch.func.vjp instead")
+    return backend if getattr(backend, "runs_pytorch_ops", False) else reference
 
 
 _PRIMAL_PER_CHANNEL = (False, True, True, True, True)   # x, mean, invstd, weight, bias
@@ -112,6 +115,14 @@ def _composite(kernel_name, n_tangent, backend):
     """Reference math with mean/invstd recomputed (differentiably) from x."""
     kernel = getattr(reference, kernel_name)
     reduction = _reduction(backend)
+    if reduction is not reference.LOCAL:
+        # Its statistics would come out of collectives that autograd and vmap cannot see
+        # through: silently wrong third derivatives, batching errors.
+        raise NotImplementedError(
+            "fastbn: third-order derivatives and nested vmap over tangents (e.g. "
+            "torch.func.hessian with respect to the input) are not supported through a "
+            "synchronised batch norm; first and second order, jvp and one vmap over "
+            "tangents are")
 
     def run(*args, eps, activation):
         tangents, (x, _mean, _invstd, weight, bias) = args[:n_tangent], args[n_tangent:]

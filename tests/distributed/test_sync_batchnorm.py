@@ -170,3 +170,54 @@ def test_sync_classmethod_conversion_gives_fastbn_layers():
     assert converted is model
     assert type(model[1]) is fastbn.SyncBatchNorm and model[1].activation == "relu"
     assert model(torch.randn(5, 2)).min() >= 0
+
+
+def _unsupported_worker(rank, world):
+    """Each form that would need derivatives of the collectives: a clear error."""
+    x = torch.randn(4, 3, dtype=DT, requires_grad=True)
+    layer = fastbn.SyncBatchNorm(3).to(DT)
+    errors = {}
+
+    def third_order():
+        (g1,) = torch.autograd.grad((layer(x) ** 3).sum(), x, create_graph=True)
+        (g2,) = torch.autograd.grad((g1 ** 2).sum(), x, create_graph=True)
+        torch.autograd.grad(g2.sum(), x)
+
+    def hessian_wrt_input():
+        torch.func.hessian(lambda t: (layer(t) ** 3).sum())(x.detach())
+
+    def grads_batched():
+        y = layer(x)
+        torch.autograd.grad(y, x, torch.randn(2, *y.shape, dtype=DT), is_grads_batched=True)
+
+    for name, call in (("third order", third_order), ("hessian", hessian_wrt_input),
+                       ("is_grads_batched", grads_batched)):
+        try:
+            call()
+            errors[name] = None
+        except NotImplementedError as error:
+            errors[name] = str(error)
+    return errors
+
+
+def test_derivatives_through_collectives_are_refused_clearly():
+    for rank, result in enumerate(run_processes(_unsupported_worker, 2)):
+        assert "value" in result, result
+        for name, message in result["value"].items():
+            assert message is not None and "synchronised batch norm" in message, (rank, name)
+
+
+def _mismatched_worker(rank, world):
+    layer = fastbn.SyncBatchNorm(2 + rank)
+    try:
+        layer(torch.randn(4, 2 + rank))
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def test_processes_that_disagree_on_the_channel_count_all_get_an_error():
+    for result in run_processes(_mismatched_worker, 2):
+        assert "value" in result, result
+        assert "disagree on its channel count or dtype" in result["value"]
+        assert "2 channels in float32, 3 channels in float32" in result["value"]
