@@ -100,6 +100,7 @@ def _worker(rank, world, batch, width, repeats, device):
             torch.autograd.grad(grads, params, grad_outputs=[torch.ones_like(p) for p in params])
 
         for kind, fn in (("train_step", step), ("hvp", hvp)):
+            fn()   # the first call also checks that the processes agree on each layer
             with CollectiveCounter() as counter:
                 fn()
             results[(name, kind)] = {
