@@ -64,15 +64,17 @@ class _FastBatchNorm:
                               self.activation, self.eps, group is not None)
         factor = 0.0 if self.momentum is None else self.momentum
         tracked = self.num_batches_tracked if training else None
-        if (tracked is not None and self.track_running_stats
-                and not transforms.under_transform()):
-            tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(tracked)
+        counts = (tracked is not None and self.track_running_stats
+                  and not transforms.under_transform())
+        if counts and self.momentum is None:
+            factor = 1.0 / (float(tracked) + 1.0)   # the cumulative average, this batch in
         call = (functional.batch_norm if has_torch_function_variadic(
             input, running_mean, running_var, weight, bias) else functional.checked_batch_norm)
-        return call(input, running_mean, running_var, weight, bias, batch_stats, factor,
-                    self.eps, self.activation, process_group=group)
+        out = call(input, running_mean, running_var, weight, bias, batch_stats, factor,
+                   self.eps, self.activation, process_group=group)
+        if counts:   # after the call: one that raises (say, in a collective) counts nothing
+            tracked.add_(1)
+        return out
 
     def extra_repr(self):
         text = super().extra_repr()

@@ -208,16 +208,20 @@ def test_derivatives_through_collectives_are_refused_clearly():
 
 
 def _mismatched_worker(rank, world):
-    layer = fastbn.SyncBatchNorm(2 + rank)
+    layer = fastbn.SyncBatchNorm(2 + rank, momentum=None)
+    before = [t.clone() for t in layer.buffers()]
     try:
         layer(torch.randn(4, 2 + rank))
     except RuntimeError as error:
-        return str(error)
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, layer.buffers()))
+        return str(error), unchanged
     return None
 
 
 def test_processes_that_disagree_on_the_channel_count_all_get_an_error():
     for result in run_processes(_mismatched_worker, 2):
-        assert "value" in result, result
-        assert "disagree on its channel count or dtype" in result["value"]
-        assert "2 channels in float32, 3 channels in float32" in result["value"]
+        assert "value" in result and result["value"] is not None, result
+        message, unchanged = result["value"]
+        assert "disagree on its channel count or dtype" in message
+        assert "2 channels in float32, 3 channels in float32" in message
+        assert unchanged    # running statistics and num_batches_tracked
