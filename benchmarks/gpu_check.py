@@ -8,7 +8,7 @@
 2. Times, in one process and interleaved, fastbn (Triton backend, public API), stock torch
    (cuDNN / native batch norm) and torch.compile of stock batch norm for every op:
    forward train, forward eval, backward, double backward, jvp and vmap'd jvp (K=8), at
-   the DESIGN.md shapes, float32 and bfloat16, NCHW and channels_last. CUDA events,
+   the benchmark shapes, float32 and bfloat16, NCHW and channels_last. CUDA events,
    medians of interleaved repetitions; bandwidth is the op's compulsory traffic (each
    input read once, each output written once) over its time, reported against a same-run
    device copy of x (`torch.mul(x, 1.0, out=buf)`).

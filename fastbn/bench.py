@@ -7,7 +7,7 @@
 
 On a machine shared with other jobs use `--threads 1 --clock cpu` (see CLOCKS).
 
-Methodology (DESIGN.md, "Benchmark shapes"): everything runs in one process and is
+Methodology: everything runs in one process and is
 measured as ratios, because the machines we have are shared and noisy. For each
 (op, shape) the candidates (stock torch, each fastbn backend, and a copy of x's bytes,
 `torch.mul(x, 1.0, out=buf)`) are called once untimed, then timed round-robin one call at a time
@@ -45,7 +45,7 @@ from fastbn import backends, memory
 MOMENTUM, EPS = 0.1, 1e-5
 VMAP_K = 8
 
-# (shape, channels_last) from DESIGN.md; channels_last only applies to 4-d inputs.
+# The benchmark shapes, (shape, channels_last); channels_last only applies to 4-d inputs.
 _SHAPES_2D = [(32, 64, 56, 56), (32, 256, 14, 14), (64, 128, 28, 28), (128, 512, 7, 7),
               (128, 64, 32, 32)]
 FULL_SHAPES = ([(s, False) for s in _SHAPES_2D] + [(s, True) for s in _SHAPES_2D]
@@ -190,7 +190,7 @@ def _vmap_jvp(bn, t):
 @dataclass(frozen=True)
 class Op:
     setup: object
-    reads: int      # minimum traffic, in passes over x's bytes (DESIGN.md)
+    reads: int      # minimum traffic, in passes over x's bytes
     writes: int
     note: str
 
@@ -472,7 +472,8 @@ def build_parser():
     p.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS), metavar="OP",
                    help=f"default: all of {', '.join(OPS)}")
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
-                   help="e.g. 32x64x56x56 32x64x56x56:cl 1024x512 (default: DESIGN.md shapes)")
+                   help="e.g. 32x64x56x56 32x64x56x56:cl 1024x512 (default: the "
+                        f"{len(FULL_SHAPES)} benchmark shapes)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--quick", action="store_true",
                    help="small shapes, short budget: a smoke run for CI")

@@ -15,7 +15,11 @@ def info(_args=None):
     print(f"fastbn {fastbn.__version__}")
     print(f"torch {torch.__version__} (threads: {torch.get_num_threads()})")
     print(f"python {platform.python_version()} on {platform.machine()}")
-    print(f"selected backend: {backends.get_backend()}")
+    try:
+        selected = backends.get_backend()
+    except ValueError as error:     # a bad FASTBN_BACKEND: say so, list the rest anyway
+        selected = f"none ({error})"
+    print(f"selected backend: {selected}")
     for name in ("reference", "cpu", "triton"):
         ok, why = backends.availability(name)
         print(f"  {name:<10} {'available' if ok else 'unavailable'}: {why}")
@@ -63,7 +67,8 @@ def demo(args):
 
 def _bench(argv):
     from fastbn import bench
-    return bench.main(argv)
+    bench.main(argv)   # returns the report, for callers in Python
+    return 0
 
 
 def _reproduce(argv):

@@ -1,5 +1,6 @@
 """The `fastbn` command's info, through `python -m fastbn` as a user would run it."""
 
+import os
 import subprocess
 import sys
 
@@ -24,3 +25,21 @@ def test_unknown_command_fails():
     done = subprocess.run([sys.executable, "-m", "fastbn", "no-such-command"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "invalid choice" in done.stderr
+
+
+def test_info_reports_a_bad_backend_variable_and_lists_the_backends():
+    done = subprocess.run([sys.executable, "-m", "fastbn", "info"], capture_output=True,
+                          text=True, timeout=120,
+                          env={**os.environ, "FASTBN_BACKEND": "bogus"})
+    assert done.returncode == 0, done.stderr
+    assert "selected backend: none (unknown fastbn backend 'bogus'" in done.stdout
+    assert any(line.split()[:1] == ["reference"] for line in done.stdout.splitlines())
+
+
+def test_bench_exits_zero_and_prints_only_tables_when_quiet():
+    done = subprocess.run([sys.executable, "-m", "fastbn", "bench", "--quick", "--quiet",
+                           "--shapes", "4x8x3x3", "--backend", "reference", "--budget", "0.01",
+                           "--ops", "forward_eval"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "" and "forward_eval" in done.stdout

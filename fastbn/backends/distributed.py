@@ -22,32 +22,29 @@ import torch.distributed as dist
 from fastbn.backends import reference
 
 
-# (group, channels, accumulation dtype) that every process of the group has agreed on.
+# (group, message shape) pairs that every process of the group has agreed on.
 _AGREED = set()
+_ACC_DTYPES = (torch.float32, torch.float64)
 
 
-def _check_agreement(group, channels, acc, device):
-    """Raise on every process if the group's processes disagree on the channel count or
-    the accumulation dtype: their messages would differ in size, which gloo answers by
-    aborting one process and NCCL by hanging, while the others read garbage. One small
-    collective the first time each (group, channels, dtype) is seen: programs whose
-    collectives match across processes see them in the same order."""
-    key = (group, channels, acc)
+def _check_agreement(group, values, device, what, describe):
+    """Raise on every process if the group's processes describe a collective's message
+    differently (`values`: ints, as many on every process): their messages would differ
+    in size, which gloo answers by aborting a process and NCCL by hanging, while the
+    others read garbage. One small collective the first time each (group, values) is
+    seen: programs whose collectives match across processes see them in the same order.
+    The error names `what` they disagree on and `describe(values)` for each rank."""
+    key = (group, values)
     if key in _AGREED:
         return
-    mine = torch.tensor([channels, _ACC_CODES[acc]], dtype=torch.int64, device=device)
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
     if any(not torch.equal(theirs, mine) for theirs in everyone):
-        described = ", ".join(f"{int(c)} channels in {_ACC_NAMES[int(a)]}"
-                              for c, a in everyone)
+        described = ", ".join(describe(*theirs.tolist()) for theirs in everyone)
         raise RuntimeError("fastbn: the processes of a synchronised batch norm disagree on "
-                           f"its channel count or dtype (by rank: {described})")
+                           f"{what} (by rank: {described})")
     _AGREED.add(key)
-
-
-_ACC_NAMES = ("float32", "float64")
-_ACC_CODES = {torch.float32: 0, torch.float64: 1}
 
 
 class GroupReduction:
@@ -66,6 +63,10 @@ class GroupReduction:
 
     def total(self, *sums):
         packed = torch.cat([t.reshape(-1) for t in sums])
+        # Sizes differ where the tangents do (a jacobian over unequal local batches).
+        _check_agreement(self.group, (packed.numel(),), packed.device,
+                         "the size of a derivative's reduction (channels × tangents)",
+                         lambda size: f"{size} values")
         dist.all_reduce(packed, group=self.group)
         return [chunk.view(t.shape) for chunk, t in
                 zip(packed.split([t.numel() for t in sums]), sums)]
@@ -74,7 +75,9 @@ class GroupReduction:
         n = reference.LOCAL.count(x)
         acc = reference.acc_dtype(x.dtype)
         channels = x.shape[1]
-        _check_agreement(self.group, channels, acc, x.device)
+        _check_agreement(self.group, (channels, _ACC_DTYPES.index(acc)), x.device,
+                         "its channel count or dtype",
+                         lambda c, d: f"{c} channels in {str(_ACC_DTYPES[d])[6:]}")
         if n:
             mean, var = reference.LOCAL.moments(x)
         else:

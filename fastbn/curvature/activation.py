@@ -19,7 +19,7 @@ class ActivationHessian:
     upstream of the layer fixed and everything downstream (batch norms in the chosen
     mode included) differentiated, by jvp of grad (reverse-over-reverse where the
     forward-mode route raises). quadratic_form(): gᵀHg/‖g‖² for g = grad, the quantity
-    of Theorem 4.2 in PAPER.md.
+    of Theorem 4.2 of Santurkar et al. (2018).
     """
 
     activation: torch.Tensor

@@ -1,6 +1,6 @@
 """Numerical checks of Theorems 4.1 and 4.2 of Santurkar et al. (2018), per BN layer.
 
-Setting (PAPER.md, Section 4): a BN layer normalises y, the output of the preceding
+Setting (the paper's Section 4): a BN layer normalises y, the output of the preceding
 conv/linear layer; ŷ is the standardised y, z = γŷ + β; σ_j the batch standard deviation
 of unit (channel) j, sqrt(Var_batch(y_j) + eps) as the layer computes it; m the number of
 values per unit (batch size × spatial size). L̂ is the loss of the network as it is, L the

@@ -1,6 +1,6 @@
 """What every backend's kernel tests share: inputs of the named layouts, calling an op of
 the kernel interface on one problem dict, and comparing with the reference backend (half
-precision by the upcast rule of DESIGN.md: error vs the float64 reference at most twice
+precision by the upcast rule: error vs the float64 reference at most twice
 the reference backend's own error at that dtype, plus a small tolerance)."""
 
 import torch

@@ -1,7 +1,7 @@
 """The compiled CPU kernels (fastbn.backends.cpu) against the reference backend.
 
 Native cases run with the reference fallback disabled, so they exercise the C++ kernels;
-half-precision results follow the upcast rule of DESIGN.md (error vs the float64 reference
+half-precision results follow the upcast rule (error vs the float64 reference
 at most twice the reference backend's own error at that dtype, plus a small atol).
 """
 

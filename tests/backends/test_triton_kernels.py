@@ -16,7 +16,7 @@ float64 gradcheck/gradgradcheck cases cost ~40 s each in the interpreter, so two
 On a CUDA machine (no TRITON_INTERPRET) they run on CUDA tensors. Native cases replace the
 backend's `reference` fallback with a stub that fails, so they exercise the kernels; the
 split (two-launch) reduction is forced through `config` on these small shapes. Half
-precision follows the upcast rule of DESIGN.md: the error against the float64 reference is
+precision follows the upcast rule: the error against the float64 reference is
 at most twice the reference backend's own error at that dtype plus a small tolerance.
 """
 

@@ -225,3 +225,21 @@ def test_processes_that_disagree_on_the_channel_count_all_get_an_error():
         assert "disagree on its channel count or dtype" in message
         assert "2 channels in float32, 3 channels in float32" in message
         assert unchanged    # running statistics and num_batches_tracked
+
+
+def _unequal_jacobian_worker(rank, world):
+    """jacfwd over the local input: as many tangents as local values, so the processes'
+    K-batched reductions differ in size when their batches do."""
+    layer = fastbn.SyncBatchNorm(3).to(DT)
+    x = torch.randn(4 - rank, 3, dtype=DT)
+    try:
+        torch.func.jacfwd(layer)(x)
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def test_tangent_counts_that_differ_across_processes_are_an_error_everywhere():
+    for result in run_processes(_unequal_jacobian_worker, 2):
+        assert "value" in result and result["value"] is not None, result
+        assert "disagree on the size of a derivative's reduction" in result["value"]
