@@ -1,6 +1,6 @@
 """`fastbn reproduce`: run the experiments, then write results.json, CSVs, figures, report.md.
 
-    fastbn reproduce --quick                      # a few minutes on 2 CPU cores
+    fastbn reproduce --quick                      # about 2 minutes on 2 CPU cores
     fastbn reproduce                              # default: all experiments, < 30 min on CPU
     fastbn reproduce --experiment dln --steps 2000 --seed 1 --out runs/dln
     fastbn reproduce --dataset cifar10 --data-dir ~/data --device cuda --width 1
@@ -49,7 +49,7 @@ def build_parser():
         description="Reproduce Santurkar et al. (2018): BN smooths the loss landscape.")
     parser.add_argument("--experiment", choices=runner.EXPERIMENTS + ("all",), default="all")
     parser.add_argument("--quick", action="store_true",
-                        help="small configuration, a few minutes on 2 CPU cores")
+                        help="small configuration, about 2 minutes on 2 CPU cores")
     parser.add_argument("--steps", type=int,
                         help="training steps of every run (VGG, DLN and the lr sweep)")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,4 @@
-"""Run configurations: the default (CPU, under 30 minutes) and `--quick` (about 2–3 minutes)."""
+"""Run configurations: the default (CPU, under 30 minutes) and `--quick` (about 2 minutes)."""
 
 import dataclasses
 import math
