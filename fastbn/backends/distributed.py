@@ -77,7 +77,7 @@ class GroupReduction:
         channels = x.shape[1]
         _check_agreement(self.group, (channels, _ACC_DTYPES.index(acc)), x.device,
                          "its channel count or dtype",
-                         lambda c, d: f"{c} channels in {str(_ACC_DTYPES[d])[6:]}")
+                         lambda c, d: f"{c} channels in {_ACC_DTYPES[d]}")
         if n:
             mean, var = reference.LOCAL.moments(x)
         else:

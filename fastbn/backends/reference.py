@@ -90,10 +90,13 @@ def xhat_of(x, mean, invstd):
     return (x.to(mean.dtype) - per_channel(mean, d)) * per_channel(invstd, d)
 
 
-def relu_mask(xhat, weight, bias):
+def pre_activation(xhat, weight, bias):
     d = xhat.dim()
-    pre = xhat * per_channel(weight.to(xhat.dtype), d) + per_channel(bias.to(xhat.dtype), d)
-    return pre > 0
+    return xhat * per_channel(weight.to(xhat.dtype), d) + per_channel(bias.to(xhat.dtype), d)
+
+
+def relu_mask(xhat, weight, bias):
+    return pre_activation(xhat, weight, bias) > 0
 
 
 def masked(t, mask):

@@ -366,11 +366,7 @@ def _eval_parts(x, running_mean, running_var, weight, bias, eps, activation):
     invstd = torch.rsqrt(running_var.to(acc) + eps)
     xhat = reference.xhat_of(x, running_mean.to(acc), invstd)
     scale = weight.to(acc) * invstd
-    pre = None
-    if activation == "relu":
-        d = x.dim()
-        pre = (xhat * reference.per_channel(weight.to(acc), d)
-               + reference.per_channel(bias.to(acc), d))
+    pre = reference.pre_activation(xhat, weight, bias) if activation == "relu" else None
     return xhat, scale, pre
 
 

@@ -223,7 +223,7 @@ def test_processes_that_disagree_on_the_channel_count_all_get_an_error():
         assert "value" in result and result["value"] is not None, result
         message, unchanged = result["value"]
         assert "disagree on its channel count or dtype" in message
-        assert "2 channels in float32, 3 channels in float32" in message
+        assert "2 channels in torch.float32, 3 channels in torch.float32" in message
         assert unchanged    # running statistics and num_batches_tracked
 
 
