@@ -319,15 +319,19 @@ consts = ("OP", "MODE", "ACT", "HAS_E1", "HAS_E2", "HAS_E3", "HAS_P1", "HAS_P2",
           "IDX64", "BLOCK_M", "BLOCK_C")
 elems = ("X", "E1", "E2", "E3", "O1", "O2")
 chans = ("MEAN", "INVSTD", "W", "B", "P1", "P2", "Q1", "Q2", "Q3", "PART")
-for op, mode, dt, acc in ((K.OP_FWD, K.MODE_REDUCE, "*bf16", tl.float32),
-                          (K.OP_BB, K.MODE_FUSED, "*fp32", tl.float32),
-                          (K.OP_BJVP, K.MODE_APPLY, "*fp64", tl.float64)):
-    sig = {n: "constexpr" if n in consts else dt if n in elems else
+# The JIT makes an int argument equal to 1 a constexpr: (1, C) inputs at batch size 1.
+ONES = ("M", "C", "L", "CHUNK", "NCHUNKS")
+for op, mode, dt, acc, ones in ((K.OP_FWD, K.MODE_REDUCE, "*bf16", tl.float32, ()),
+                                (K.OP_BB, K.MODE_FUSED, "*fp32", tl.float32, ()),
+                                (K.OP_BJVP, K.MODE_APPLY, "*fp64", tl.float64, ()),
+                                (K.OP_EVAL, K.MODE_APPLY, "*fp32", tl.float32, ONES),
+                                (K.OP_FWD, K.MODE_FUSED, "*fp64", tl.float64, ONES)):
+    sig = {n: "constexpr" if n in consts + ones else dt if n in elems else
            ("*fp64" if acc == tl.float64 else "*fp32") if n in chans else
-           "fp32" if n == "eps" else "i32" for n in names}
+           "fp32" if n in ("eps_hi", "eps_lo") else "i32" for n in names}
     values = dict(OP=op, MODE=mode, ACT=True, HAS_E1=True, HAS_E2=True, HAS_E3=True,
                   HAS_P1=True, HAS_P2=False, NS=K.NSUMS[op], ACC=acc, IDX64=op == K.OP_BB,
-                  BLOCK_M=64, BLOCK_C=16)
+                  BLOCK_M=64, BLOCK_C=16, **dict.fromkeys(ones, 1))
     src = ASTSource(K.bn_kernel, sig, constexprs={(names.index(k),): v
                                                   for k, v in values.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -348,3 +352,22 @@ def test_kernels_compile_for_cuda_without_a_gpu():
     if done.returncode and "ptxas" in done.stderr and "not found" in done.stderr:
         pytest.skip("no ptxas for an offline CUDA compile")
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def test_k_batched_launches_stay_within_cudas_grid_limits(monkeypatch):
+    """A vmap over more than 65535 tangents reaches the kernels as K > 65535: K shares grid
+    axis 0 (limit 2^31 - 1) with the channel blocks; axes 1 and 2 are capped at 65535."""
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: grids.append(grid)
+
+    monkeypatch.setattr(T, "_kernel", Recorder)
+    x = torch.randn(2, 3, 2)
+    k = 70000
+    grad_y = torch.randn(k, 1, 1, 1).expand(k, 2, 3, 2)   # stride 0: no large allocation
+    mean, _, invstd = reference.statistics(x, 1e-5)
+    T.backward(grad_y, x, mean, invstd, torch.ones(3), torch.zeros(3))
+    assert grids and all(grid[0] >= k and all(d <= 65535 for d in grid[1:]) for grid in grids)
+

@@ -109,6 +109,15 @@ def _autotuned(interpret):
                                 "sxC", "sxL"])(_k.bn_kernel)
 
 
+# CUDA's limit on grid axis 1 (the chunks; axis 0, channel blocks × K, goes to 2^31 - 1).
+MAX_GRID_Y = 65535
+
+
+def _extent(t):
+    """One past the largest element offset of t from its data pointer."""
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
 _KERNEL = {}
 
 
@@ -237,10 +246,11 @@ class _Call:
         self.N, self.C = x.shape[0], C
         self.L = x.numel() // (self.N * C)
         self.M = self.N * self.L
+        # 64-bit offsets where an element offset (of x, an argument reaching into a larger
+        # buffer, or a K-batched output) or a loop counter (up to 2M) could pass int32's.
         big = 2 ** 31 - 1
-        extent = sum((s - 1) * abs(st) for s, st in zip(x.shape, x.stride()))
-        self.idx64 = (extent * self.K >= big or x.numel() * self.K >= big
-                      or any(t is not None and t.numel() >= big for t in elems))
+        self.idx64 = (2 * self.M >= big or x.numel() * self.K >= big
+                      or any(t is not None and _extent(t) >= big for t in (x, *elems)))
         self.ok = True
 
     def chan(self, t):
@@ -275,10 +285,11 @@ class _Call:
             bm = max(16, 4096 // bc) if chan_contig else 1024
         cblocks = triton.cdiv(C, bc)
         if config.chunk:
-            chunk = config.chunk
+            chunk = max(config.chunk, triton.cdiv(M, MAX_GRID_Y))
             bm = min(bm, _pow2(chunk))
         else:
-            chunks = max(1, min(config.max_chunks, triton.cdiv(_target_programs(self.x.device),
+            chunks = max(1, min(config.max_chunks, MAX_GRID_Y,
+                                triton.cdiv(_target_programs(self.x.device),
                                                                cblocks), triton.cdiv(M, bm)))
             chunk = triton.cdiv(triton.cdiv(M, chunks), bm) * bm
         return "split", bm, bc, chunk, triton.cdiv(M, chunk)
@@ -296,7 +307,7 @@ class _Call:
         sq = qs[0].shape[-1] if qs[0] is not None and qs[0].dim() == 2 else 0
         kind, bm, bc, chunk, nchunks = self.plan(split_only=(op == _k.OP_EVAL))
         ns = _k.NSUMS[op]
-        grid = (triton.cdiv(self.C, bc), nchunks, self.K)
+        grid = (triton.cdiv(self.C, bc) * self.K, nchunks)
         dummy = x
         args = [x] + [t if t is not None else dummy for t in e] \
             + [o if o is not None else dummy for o in outs] \
@@ -305,7 +316,8 @@ class _Call:
         part = dummy
         if kind == "split" and ns:
             part = torch.empty((self.K, nchunks, ns, self.C), dtype=self.acc, device=x.device)
-        tail = [self.M, self.C, self.L, chunk, nchunks, float(eps),
+        eps_hi = float(torch.tensor(eps, dtype=torch.float32))   # the kernel adds the halves
+        tail = [self.M, self.C, self.L, chunk, nchunks, eps_hi, float(eps) - eps_hi,
                 self.sN, self.sC, self.sL, *views[0], *views[1], *views[2], *ov[0], *ov[1],
                 sp1, sp2, sq]
         meta = dict(OP=op, ACT=act == "relu", HAS_E1=e[0] is not None,

@@ -10,7 +10,7 @@ chunk in steps of BLOCK_M (element m sits at n = m // L, l = m % L).
 MODE selects the reduction strategy:
 - FUSED: the whole per-channel slice fits one [BLOCK_M, BLOCK_C] tile; it is read once,
   reduced, and the outputs are written from the same registers (single read).
-- REDUCE: split reduction, pass 1: grid (channel blocks, chunks, K); each program writes
+- REDUCE: split reduction, pass 1: grid (channel blocks × K, chunks); each program writes
   the partial statistics of its (chunk, channels) to PART.
 - APPLY: split reduction, pass 2: each program combines the partials of its channels
   (Chan/Welford merge for the forward statistics, plain sums otherwise), derives the
@@ -281,7 +281,7 @@ def _load_partial(PART, base, C, cs, cmask, i: tl.constexpr, NS: tl.constexpr, z
 @triton.jit
 def bn_kernel(X, E1, E2, E3, O1, O2,
               MEAN, INVSTD, W, B, P1, P2, Q1, Q2, Q3, PART,
-              M, C, L, CHUNK, NCHUNKS, eps,
+              M, C, L, CHUNK, NCHUNKS, eps_hi, eps_lo,
               sxN, sxC, sxL,
               s1K, s1N, s1C, s1L, s2K, s2N, s2C, s2L, s3K, s3N, s3C, s3L,
               so1K, so1N, so1C, so1L, so2K, so2N, so2C, so2L,
@@ -291,19 +291,25 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
               HAS_P1: tl.constexpr, HAS_P2: tl.constexpr, NS: tl.constexpr,
               ACC: tl.constexpr, IDX64: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_c = tl.program_id(0)
+    # K shares grid axis 0 with the channel blocks: CUDA caps axes 1 and 2 at 65535.
+    blocks = tl.cdiv(C, BLOCK_C)
+    k = tl.program_id(0) // blocks
+    pid_c = tl.program_id(0) % blocks
     ch = tl.program_id(1)
-    k = tl.program_id(2)
     rows = tl.arange(0, BLOCK_M)
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     if IDX64:
         ch = ch.to(tl.int64)
         k = k.to(tl.int64)
         rows = rows.to(tl.int64)
-    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        cs = cs.to(tl.int64)
     cmask = cs < C
     c2 = cs[None, :]
     cm2 = cmask[None, :]
-    Mf = M.to(ACC)
+    # Not M.to(ACC): the JIT turns an int argument equal to 1 into a constexpr.
+    Mf = tl.full([], M, ACC)
+    # eps in two float32 halves: a Python float argument is float32 in compiled code.
+    eps = tl.full([], eps_hi, ACC) + tl.full([], eps_lo, ACC)
 
     if OP == FWD:   # pivot: the channel's first element
         mean = tl.load(X + cs * sxC, mask=cmask, other=0.0).to(ACC)
@@ -356,7 +362,10 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
             n = Mf * 0.0
             s0, s1, s2, s3, s4, s5, s6 = zc, zc, zc, zc, zc, zc, zc
             if NS > 0:
-                for j in range(0, NCHUNKS):
+                for j32 in range(0, NCHUNKS):
+                    j = j32
+                    if IDX64:
+                        j = j32.to(tl.int64)
                     base = (k * NCHUNKS + j) * NS * C
                     t0 = _load_partial(PART, base, C, cs, cmask, 0, NS, zc)
                     t1 = _load_partial(PART, base, C, cs, cmask, 1, NS, zc)
