@@ -24,6 +24,7 @@ which are opaque to Dynamo; the launchers only read shapes and strides.
 """
 
 import os
+import struct
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -316,7 +317,7 @@ class _Call:
         part = dummy
         if kind == "split" and ns:
             part = torch.empty((self.K, nchunks, ns, self.C), dtype=self.acc, device=x.device)
-        eps_hi = float(torch.tensor(eps, dtype=torch.float32))   # the kernel adds the halves
+        eps_hi = struct.unpack("f", struct.pack("f", eps))[0]   # the kernel adds the halves
         tail = [self.M, self.C, self.L, chunk, nchunks, eps_hi, float(eps) - eps_hi,
                 self.sN, self.sC, self.sL, *views[0], *views[1], *views[2], *ov[0], *ov[1],
                 sp1, sp2, sq]
