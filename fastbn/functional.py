@@ -175,11 +175,11 @@ def checked_batch_norm(input, running_mean, running_var, weight, bias, training,
         # Graph capture sees only registered ops: the custom ops, not the raw kernels.
         from fastbn.ops import library
         if training:
-            y, mean, invstd = library.forward_train(input, weight, bias, float(eps),
-                                                    activation or "")
+            y, mean, _, unbiased_var = library.forward_train(input, weight, bias, float(eps),
+                                                             activation or "")
             if running_mean is not None:
-                library.update_running_stats(running_mean, running_var, mean, invstd,
-                                             input.numel() // channels, momentum, eps)
+                reference.blend_running_stats(running_mean, running_var, mean,
+                                              unbiased_var, momentum)
             return y
         return library.forward_eval(input, running_mean, running_var, weight, bias,
                                     float(eps), activation or "")

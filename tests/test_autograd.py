@@ -165,3 +165,42 @@ def test_input_gradient_takes_the_inputs_layout(backend, training, x_layout, gra
     grad_y = torch.randn(y.shape, dtype=DT).contiguous(memory_format=grad_layout)
     (g_x,) = torch.autograd.grad(y, x, grad_y)
     assert g_x.is_contiguous(memory_format=x_layout)
+
+
+def _composite_bn(w, b, activation=None):
+    """Training-mode batch norm over (N, C, L) in PyTorch ops: the reference math."""
+    def f(x):
+        var, mean = torch.var_mean(x, (0, 2), correction=0, keepdim=True)
+        y = (x - mean) * torch.rsqrt(var + 1e-5) * w[:, None] + b[:, None]
+        return torch.relu(y) if activation == "relu" else y
+    return f
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_third_order_forward_over_reverse(backend, activation):
+    # Forward mode through a double backward: the second-order Functions' jvp rules,
+    # by torch.func and by plain forward-mode AD over autograd.grad(create_graph=True).
+    import torch.autograd.forward_ad as fwAD
+    x, (w, b), _ = _inputs((5, 3, 2), True)
+    x = x.detach()
+    c, v, t = torch.randn_like(x), torch.randn_like(x), torch.randn_like(x)
+
+    def fast(x):
+        return fastbn.batch_norm(x, None, None, w, b, training=True, activation=activation)
+
+    def by_torch_func(bn):
+        def hvp(x):
+            loss = lambda y: ((bn(y) ** 3) * c).sum()   # noqa: E731
+            return torch.func.grad(lambda y: (torch.func.grad(loss)(y) * v).sum())(x)
+        return jvp(hvp, (x,), (t,))[1]
+
+    def by_forward_ad(bn):
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(x.clone().requires_grad_(), t)
+            g, = torch.autograd.grad(((bn(dual) ** 3) * c).sum(), dual, create_graph=True)
+            h, = torch.autograd.grad((g * v).sum(), dual, create_graph=True)
+            return fwAD.unpack_dual(h).tangent
+
+    reference = _composite_bn(w, b, activation)
+    for route in (by_torch_func, by_forward_ad):
+        torch.testing.assert_close(route(fast), route(reference), rtol=1e-9, atol=1e-10)

@@ -43,7 +43,7 @@ def test_opcheck(backend, activation, layout, grad_layout):
     x = _LAYOUTS[layout](torch.randn(4, 3, 5, 6))
     w, b = torch.randn(3), torch.randn(3)
     torch.library.opcheck(library.forward_train, (x, w, b, 1e-5, activation))
-    _, mean, invstd = library.forward_train(x, w, b, 1e-5, activation)
+    _, mean, invstd, _ = library.forward_train(x, w, b, 1e-5, activation)
     gy = torch.randn_like(x) if grad_layout == "same" else \
         _LAYOUTS[grad_layout](torch.randn(x.shape))
     torch.library.opcheck(library.backward, (gy, x, mean, invstd, w, b, activation))
@@ -52,3 +52,18 @@ def test_opcheck(backend, activation, layout, grad_layout):
                            activation))
     torch.library.opcheck(library.forward_eval,
                           (x, torch.zeros(3), torch.ones(3), w, b, 1e-5, activation))
+
+
+def test_compiled_running_variance_is_exact_below_eps():
+    # A variance far below eps: recovering it from invstd would leave rounding noise.
+    torch.manual_seed(0)
+    stock = nn.BatchNorm2d(3, momentum=1.0)
+    eager = fastbn.convert(copy.deepcopy(stock))
+    compiled_model = fastbn.convert(copy.deepcopy(stock))
+    compiled = torch.compile(compiled_model, backend="eager", fullgraph=True)
+    x = 1e-4 * torch.randn(8, 3, 4, 4)
+    for model in (stock, eager, compiled):
+        model(x)
+    torch.testing.assert_close(compiled_model.running_var, stock.running_var, rtol=1e-6, atol=0)
+    torch.testing.assert_close(compiled_model.running_var, eager.running_var, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_model.running_mean, eager.running_mean, rtol=0, atol=0)

@@ -170,3 +170,76 @@ def test_vmap_over_models_and_over_data_with_hvps(backend, problem):
     for i in range(2):
         torch.testing.assert_close(_flat({k: t[i] for k, t in batched.items()}),
                                    _flat(hvp(xs[i])), rtol=1e-9, atol=1e-12)
+
+
+def _bn(x, w, b):
+    return fastbn.batch_norm(x, None, None, w, b, training=True)
+
+
+def _composite_bn(x, w, b):
+    var, mean = torch.var_mean(x, 0, correction=0)
+    return (x - mean) * torch.rsqrt(var + 1e-5) * w + b
+
+
+def test_vmap_over_data_around_transforms_of_tangents(backend):
+    # Per-batch Hessians: a vmapped x with an inner jacrev/jvp batching the tangents.
+    xs = torch.randn(2, 4, 3, dtype=DT)
+    w, b, c = torch.randn(3, dtype=DT), torch.randn(3, dtype=DT), torch.randn(4, 3, dtype=DT)
+
+    def per_batch(bn):
+        loss = lambda x, w: (bn(x, w, b) ** 2 * c).sum()   # noqa: E731
+        hvp = lambda x: jvp(lambda w_: grad(loss, 1)(x, w_), (w,), (torch.ones_like(w),))[1]  # noqa: E731,E501
+        return (vmap(lambda x: hessian(loss, 1)(x, w))(xs),
+                vmap(lambda x: jacrev(jacrev(loss, 1), 1)(x, w))(xs), vmap(hvp)(xs))
+
+    for got, expected in zip(per_batch(_bn), per_batch(_composite_bn)):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_bias_tangents_alone_under_vmap(backend):
+    # The jvp of a gradient that the bias does not reach: K tangents give K zeros.
+    x, w, b = torch.randn(4, 3, 2, dtype=DT), torch.randn(3, dtype=DT), torch.randn(3, dtype=DT)
+    c = torch.randn_like(x)
+
+    def grad_x(b_):
+        return grad(lambda x: (fastbn.batch_norm(x, None, None, w, b_, training=True)
+                               * c).sum())(x)
+
+    out = vmap(lambda t: jvp(grad_x, (b,), (t,))[1])(torch.randn(5, 3, dtype=DT))
+    assert out.shape == (5, *x.shape)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_eval_mode_channels_last_under_transforms(backend):
+    # Batched cotangents of an eval-mode layer keep working with a channels-last input.
+    x = torch.randn(2, 3, 2, 2, dtype=DT).contiguous(memory_format=torch.channels_last)
+    rm, rv = torch.randn(3, dtype=DT), torch.rand(3, dtype=DT) + 0.5
+    w, b = torch.randn(3, dtype=DT), torch.randn(3, dtype=DT)
+
+    def f(bn):
+        return lambda x, w: bn(x, rm, rv, w, b, training=False).square().sum()
+
+    for transform in (lambda f: jacrev(f, (0, 1)), lambda f: hessian(f, 1)):
+        got = transform(f(fastbn.batch_norm))(x, w)
+        expected = transform(f(nn.functional.batch_norm))(x, w)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_tracers_see_the_op(backend, training):
+    # make_fx and linearize record the calls: a traced graph recomputes new inputs.
+    from torch.fx.experimental.proxy_tensor import make_fx
+    x, t = torch.randn(4, 3, 2, dtype=DT), torch.randn(4, 3, 2, dtype=DT)
+    rm, rv = torch.randn(3, dtype=DT), torch.rand(3, dtype=DT) + 0.5
+    w, b = torch.randn(3, dtype=DT), torch.randn(3, dtype=DT)
+
+    def f(x):
+        return fastbn.batch_norm(x, None if training else rm, None if training else rv,
+                                 w, b, training=training, activation="relu")
+
+    graph = make_fx(f)(x)
+    x2 = 3 * torch.randn_like(x) + 1
+    torch.testing.assert_close(graph(x2), f(x2), rtol=1e-12, atol=1e-12)
+    _, linear = torch.func.linearize(f, x)
+    torch.testing.assert_close(linear(t), jvp(f, (x,), (t,))[1], rtol=1e-10, atol=1e-12)

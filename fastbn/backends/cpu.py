@@ -5,7 +5,8 @@ Same functions and semantics as `reference.py`. Each call views every element te
 outputs in x's memory format, converts the small per-channel tensors to the accumulation
 dtype, and hands raw addresses to the kernels, which run on torch.get_num_threads()
 threads. Anything the kernels do not cover (non-CPU or wrapped tensors, spatial dims that
-do not flatten, mismatched element dtypes or K sizes, empty tensors) goes to `reference`.
+do not flatten, mismatched element dtypes or K sizes, empty tensors, calls under a
+dispatch mode) goes to `reference`.
 """
 
 import functools
@@ -87,8 +88,10 @@ class _Plan:
         self.ok = False
         shape = x.shape
         self.ndim_batched = len(shape) + 1
+        # Under a dispatch mode (make_fx, linearize, a flop counter) the mode must see
+        # every op: kernels writing through raw addresses would record only `empty`.
         if (_C is None or x.dtype not in _CODES or len(shape) < 2 or x.numel() == 0
-                or not _plain(x)):
+                or not _plain(x) or torch._C._len_torch_dispatch_stack()):
             return
         n, c = shape[0], shape[1]
         ks = set()

@@ -110,15 +110,21 @@ def statistics(x, eps, reduction=LOCAL):
 
 
 def update_running_stats(running_mean, running_var, mean, var, count, momentum):
-    """running = (1 - momentum) * running + momentum * batch, with the unbiased variance."""
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased variance
+    of `count` values from their biased `var`."""
+    if isinstance(count, torch.Tensor):   # SyncBatchNorm's global count: stay on device
+        correction = count / (count - 1).clamp(min=1)
+    else:
+        correction = count / (count - 1) if count > 1 else 1.0
+    blend_running_stats(running_mean, running_var, mean, var * correction, momentum)
+
+
+def blend_running_stats(running_mean, running_var, mean, unbiased_var, momentum):
+    """running = (1 - momentum) * running + momentum * batch."""
     with torch.no_grad():
-        if isinstance(count, torch.Tensor):   # SyncBatchNorm's global count: stay on device
-            correction = count / (count - 1).clamp(min=1)
-        else:
-            correction = count / (count - 1) if count > 1 else 1.0
-        unbiased = var * correction
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype),
+                                            alpha=momentum)
 
 
 def _affine(x, scale, shift, activation):

@@ -9,8 +9,8 @@ its own derivatives, so any backend's kernels serve every order of autodiff:
                                                          jvp      -> BackwardJvp
     ForwardJvp      y_t = J (x_t, w_t, b_t)              backward -> TrainBackward +
                                                                      BackwardBackward
-    BackwardBackward, BackwardJvp                        backward -> torch.func on the
-                                                                     composite (3rd order)
+    BackwardBackward, BackwardJvp                        backward, jvp -> the composite
+                                                                     in PyTorch ops (3rd order)
     EvalForward     y = BN with running statistics       derivatives in PyTorch ops
 
 `mean` and `invstd` travel with x as a cache of its statistics: no Function takes
@@ -39,10 +39,10 @@ from fastbn.backends.layout import as_output
 _PRIMAL = 5
 
 
-def _has_k(t, x, per_channel, vmapped):
+def _has_k(t, x_dim, per_channel, vmapped):
     """Whether a tangent-like argument carries a leading K dimension besides the one
-    the current vmap level adds (`vmapped`)."""
-    return t is not None and t.dim() - vmapped > (1 if per_channel else x.dim())
+    the current vmap level adds (`vmapped`); `x_dim`: x's dimensions without that one."""
+    return t is not None and t.dim() - vmapped > (1 if per_channel else x_dim)
 
 
 def _mask_only_grad(ctx, index, bias, activation):
@@ -104,6 +104,15 @@ def _unfold_all(out, batch, per_channel):
 def _all_batched(out):
     """(output, out_dims) for a vmap rule whose outputs all carry the batch at dim 0."""
     return out, (0 if isinstance(out, torch.Tensor) else (0,) * len(out))
+
+
+def _k_batched(out, x_dim, per_channel):
+    """(output, out_dims) for a K call: an output that no batched argument reaches (the
+    jvp of backward's gradients for a bias tangent alone) comes back without K."""
+    if isinstance(out, torch.Tensor):
+        return out, 0 if _has_k(out, x_dim, per_channel[0], False) else None
+    return out, tuple(0 if _has_k(t, x_dim, pc, False) else None
+                      for t, pc in zip(out, per_channel))
 
 
 def _reduction(backend):
@@ -199,13 +208,14 @@ class _KernelFunction(_Function):
     def vmap(cls, info, in_dims, *args):
         n = cls.n_tangent()
         tangents, primal, options = args[:n], args[n:n + _PRIMAL], args[n + _PRIMAL:]
-        x = primal[0]
+        x_dim = primal[0].dim() - (in_dims[n] is not None)
         primal_batched = any(d is not None for d in in_dims[n:n + _PRIMAL])
-        nested = any(_has_k(t, x, pc, d is not None)
+        nested = any(_has_k(t, x_dim, pc, d is not None)
                      for t, pc, d in zip(tangents, cls.per_channel, in_dims))
         if not primal_batched and not nested:
             moved = [t if d is None else t.movedim(d, 0) for t, d in zip(tangents, in_dims)]
-            return _all_batched(cls.apply(*moved, *primal, *options))
+            return _k_batched(cls.apply(*moved, *primal, *options), x_dim,
+                              cls.out_per_channel)
         if not nested:
             kinds = cls.per_channel + _PRIMAL_PER_CHANNEL
             folded = [_fold(t, d, info.batch_size, pc)
@@ -219,28 +229,44 @@ class _KernelFunction(_Function):
             *args[:n + _PRIMAL]))
 
     @classmethod
-    def backward(cls, ctx, *grads):
-        """Reverse mode through the composite (PyTorch ops): the third order, for the
-        second-order Functions; the others override it with kernel Functions."""
+    def _composite_of_saved(cls, ctx):
+        """(f, inputs, positions): the composite as a function of the saved arguments that
+        are present, mean and invstd excepted (a cache, not inputs)."""
         eps, activation, backend = ctx.options
         args = cls._saved(ctx, ctx.saved_tensors)
         n = cls.n_tangent()
         composite = _composite(cls.kernel, n, backend)
-        diff_idx = [i for i, t in enumerate(args) if t is not None]
+        positions = [i for i, t in enumerate(args) if t is not None and i not in (n + 1, n + 2)]
 
-        def f(*diff):
+        def f(*inputs):
             full = list(args)
-            for i, t in zip(diff_idx, diff):
+            for i, t in zip(positions, inputs):
                 full[i] = t
             return composite(*full, eps=eps, activation=activation)
+        return f, [args[i] for i in positions], positions
 
-        out, vjp = torch.func.vjp(f, *[args[i] for i in diff_idx])
+    @classmethod
+    def backward(cls, ctx, *grads):
+        """Reverse mode through the composite (PyTorch ops): the third order, for the
+        second-order Functions; the others override it with kernel Functions."""
+        f, inputs, positions = cls._composite_of_saved(ctx)
+        out, vjp = torch.func.vjp(f, *inputs)
         got = vjp(tuple(torch.zeros_like(o) if g is None else g for o, g in zip(out, grads)))
-        result = [None] * len(args)
-        for i, g in zip(diff_idx, got):
+        result = [None] * (cls.n_tangent() + _PRIMAL + 3)
+        for i, g in zip(positions, got):
             result[i] = g
-        result[n + 1] = result[n + 2] = None   # mean, invstd: a cache, not inputs
-        return (*result, None, None, None)
+        return tuple(result)
+
+    @classmethod
+    def jvp(cls, ctx, *tangents):
+        """Forward mode through the composite: the third order, for the second-order
+        Functions. The transpose of the (linear) vjp, by reverse mode twice: forward mode
+        cannot nest inside the forward-mode level that calls this rule."""
+        f, inputs, positions = cls._composite_of_saved(ctx)
+        out, vjp = torch.func.vjp(f, *inputs)
+        _, transpose = torch.func.vjp(lambda *cot: vjp(cot), *(torch.zeros_like(o) for o in out))
+        return transpose(tuple(torch.zeros_like(t) if tangents[i] is None else tangents[i]
+                               for t, i in zip(inputs, positions)))
 
 
 class TrainBackward(_KernelFunction):

@@ -4,7 +4,8 @@ Dynamo cannot trace an autograd.Function with a custom `jvp`, so under
 `torch.compiler.is_compiling()` the functional layer calls these ops instead. They cover
 forward (train and eval), backward and double backward; derivatives beyond the second
 are not available inside a compiled graph. Autograd needs functional ops, so running
-statistics are updated outside the op, from its mean and invstd (`update_running_stats`).
+statistics are updated outside the op, from the batch mean and unbiased variance it
+returns (`reference.blend_running_stats`).
 """
 
 from typing import Optional
@@ -37,15 +38,20 @@ def _like_x(out, x):
 
 @torch.library.custom_op("fastbn::forward_train", mutates_args=())
 def forward_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
-                  activation: str) -> tuple[Tensor, Tensor, Tensor]:
-    y, mean, invstd = backends.select(x).forward_train(x, weight, bias, eps,
-                                                       _activation(activation))
-    return _like_x(y, x), mean, invstd
+                  activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, invstd, unbiased variance): the variance comes from the backend's own
+    running-statistics update with momentum 1 (exact where var << eps, unlike one
+    recovered from invstd)."""
+    batch_mean, batch_var = _stats_like(x), _stats_like(x)
+    y, mean, invstd = backends.select(x).forward_train(
+        x, weight, bias, eps, _activation(activation), batch_mean.zero_(), batch_var.zero_(),
+        1.0)
+    return _like_x(y, x), mean, invstd, batch_var
 
 
 @forward_train.register_fake
 def _(x, weight, bias, eps, activation):
-    return empty_output(x), _stats_like(x), _stats_like(x)
+    return empty_output(x), _stats_like(x), _stats_like(x), _stats_like(x)
 
 
 @torch.library.custom_op("fastbn::forward_eval", mutates_args=())
@@ -91,12 +97,12 @@ def _(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight, bias, activatio
 
 def _setup_forward_train(ctx, inputs, output):
     x, weight, bias, _, activation = inputs
-    _, mean, invstd = output
+    _, mean, invstd, _ = output
     ctx.save_for_backward(x, mean, invstd, weight, bias)
     ctx.activation = activation
 
 
-def _backward_forward_train(ctx, grad_y, _grad_mean, _grad_invstd):
+def _backward_forward_train(ctx, grad_y, _grad_mean, _grad_invstd, _grad_var):
     grad_x, grad_weight, grad_bias = backward(grad_y, *ctx.saved_tensors, ctx.activation)
     return grad_x, grad_weight, grad_bias, None, None
 
@@ -138,9 +144,3 @@ backward.register_autograd(_backward_backward, setup_context=_setup_backward)
 backward_backward.register_autograd(_third_order, setup_context=_setup_backward_backward)
 forward_eval.register_autograd(_backward_forward_eval, setup_context=_setup_forward_eval)
 
-
-def update_running_stats(running_mean, running_var, mean, invstd, count, momentum, eps):
-    """The running-statistics update of a training step, from the op's mean and invstd."""
-    var = invstd.detach().pow(-2) - eps
-    reference.update_running_stats(running_mean, running_var, mean.detach(), var, count,
-                                   momentum)

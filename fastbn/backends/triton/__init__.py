@@ -195,7 +195,10 @@ class _Call:
 
     def __init__(self, x, elems, chans):
         self.ok = False
-        if triton is None or x.dim() < 2 or x.numel() == 0 or x.dtype not in _DTYPES:
+        # Under a dispatch mode (make_fx, linearize) the mode must see every op: kernels
+        # writing through raw addresses would record only `empty`.
+        if (triton is None or x.dim() < 2 or x.numel() == 0 or x.dtype not in _DTYPES
+                or torch._C._len_torch_dispatch_stack()):
             return
         if x.device.type == "cpu":
             if not _interpreting():
