@@ -324,7 +324,8 @@ inline void when(bool b, F&& f) {
 template <class A, bool CL, int NS>
 struct Acc {
   static constexpr int64_t W = 2 * lanes<A>();
-  A* f;  // NCHW: [NS][W] lanes; channels-last: [NS][SEG] slots
+  A* f;               // NCHW: [NS][W] lanes; channels-last: [NS][SEG] slots
+  int64_t first = 0;  // NCHW: the lane of a short run's first element
 
   template <class F>
   void add(int64_t n, F&& fn) const {
@@ -336,11 +337,13 @@ struct Acc {
         fn(i, v);
         for (int j = 0; j < NS; ++j) s[j * SEG + i] += v[j];
       }
-    } else if (n < W) {  // a short run: straight into the lanes in memory
+    } else if (n < W) {
+      // A short run: straight into the lanes in memory, from lane `first` on, so that
+      // successive short runs fill all W lanes and each adds RUN / W elements at most.
       for (int64_t w = 0; w < n; ++w) {
         A v[NS];
         fn(w, v);
-        for (int j = 0; j < NS; ++j) f[j * W + w] += v[j];
+        for (int j = 0; j < NS; ++j) f[j * W + (first + w) % W] += v[j];
       }
     } else {
       A l[NS][W];  // local, so the lanes live in registers across the loop
@@ -453,8 +456,8 @@ inline double lane_sum(const A* f) {
 // problems' rows instead ran 3K+ streams and was latency bound.
 //
 // Reduction pass: fn(seg, k, Acc) adds NS sums of problem k over a run; results land in
-// out[(k * NS + j) * C + c] (double). Float partials go to double at least every RUN
-// (NCHW) or RB rows (channels-last) elements per slot.
+// out[(k * NS + j) * C + c] (double). Float partials go to double before a channel's
+// lanes take more than RUN elements (NCHW) or a slot more than RB rows (channels-last).
 template <class A, bool CL, int NS, class F>
 void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
   using Ac = Acc<A, CL, NS>;
@@ -467,9 +470,10 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
   std::vector<double> part(CL ? size_t(T) * KS * C : size_t(nt) * KS * G.cb, 0.0);
   parallel_run(T, [&](int t) {
     std::vector<A> facc(fsize, A(0));
+    std::vector<int64_t> pending(CL ? 0 : G.cb);  // NCHW: elements in each channel's lanes
     for (int64_t task = nt * t / T; task < nt * (t + 1) / T; ++task)
       for (int64_t k = 0; k < K; ++k) {
-        int64_t pending = 0, c0 = -1, c1 = 0;
+        int64_t c0 = -1, c1 = 0;
         // Float partials of problem k to double, and reset.
         auto flush = [&] {
           for (int j = 0; j < NS; ++j) {
@@ -486,17 +490,18 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
             }
           }
           std::fill(facc.begin(), facc.end(), A(0));
+          std::fill(pending.begin(), pending.end(), 0);
         };
         task_runs<CL>(g, task, [&](const Seg& s) {
           if (c0 < 0) c0 = s.c;
           c1 = std::max(c1, CL ? s.c + s.n : s.c + 1);
-          if constexpr (!CL) {  // every channel of the unit sees the same runs
-            if (s.c == c0) {
-              if (pending + s.n > RUN) flush(), pending = 0;
-              pending += s.n;
-            }
+          int64_t first = 0;
+          if constexpr (!CL) {
+            if (pending[s.c - c0] + s.n > RUN) flush();
+            first = pending[s.c - c0] % Ac::W;
+            pending[s.c - c0] += s.n;
           }
-          fn(s, k, Ac{facc.data() + (CL ? 0 : (s.c - c0) * NS * Ac::W)});
+          fn(s, k, Ac{facc.data() + (CL ? 0 : (s.c - c0) * NS * Ac::W), first});
         });
         flush();
       }

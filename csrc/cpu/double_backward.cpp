@@ -40,8 +40,9 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
         });
       }
       // g_grad_y = mask * (ya * a + yx * xhat + y0);  g_x = xa * a + xg * g + xx * xhat + x0
-      // Terms of an absent input are left out, not multiplied by 0: a non-finite grad_y
-      // would make them NaN where the reference has nothing.
+      // Terms of an absent input are left out, not multiplied by 0: a non-finite x or
+      // grad_y would make them NaN where the reference has nothing. g and xhat enter only
+      // through gg_x and gg_weight (`uses_g`).
       const bool uses_g = HA || ggw;
       for (int64_t k = 0; k < K; ++k)
         for (int64_t c = 0; c < C; ++c) {
@@ -57,13 +58,13 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
           const double by_w = ggw ? -r * al * gxm : 0.0;
           const int64_t i = k * C + c;
           ya[i] = A(HA ? wr : 0.0);
-          yx[i] = A(al - wr * axm);
-          y0[i] = A(be - wr * am);
+          yx[i] = A((ggw ? al : 0.0) - (HA ? wr * axm : 0.0));
+          y0[i] = A((ggb ? be : 0.0) - (HA ? wr * am : 0.0));
           xa[i] = A(HA ? -wr2 * gxm : 0.0);
-          xg[i] = A(-wr2 * axm + r * al);
+          xg[i] = A((HA ? -wr2 * axm : 0.0) + (ggw ? r * al : 0.0));
           xx[i] = A(by_a + by_w);
           x0[i] = A((HA ? wr2 * (gxm * am + axm * gm) : 0.0) - (ggw ? r * al * gm : 0.0));
-          out_gw[i] = A(r * adc);
+          out_gw[i] = A(HA ? r * adc : 0.0);
         }
       map_pass<CL>(g, nth, K, [&](const Seg& s, int64_t k) {
         const P pr(x, s, mean, invstd, w, b);
@@ -77,9 +78,9 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
             cxx(xx.data() + o, s.c), cx0(x0.data() + o, s.c);
         each(s.n, [&](int64_t i) {
           const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
-          const A av = HA ? a.template at<A>(i) : A(0);
-          o1.put(i, pr.keep(i, xh, cya[i] * av + cyx[i] * xh + cy0[i]));
-          o2.put(i, cxa[i] * av + cxg[i] * and_mask(uses_g, gv) + cxx[i] * xh + cx0[i]);
+          const A av = HA ? a.template at<A>(i) : A(0), xu = and_mask(uses_g, xh);
+          o1.put(i, pr.keep(i, xh, cya[i] * av + cyx[i] * xu + cy0[i]));
+          o2.put(i, cxa[i] * av + cxg[i] * and_mask(uses_g, gv) + cxx[i] * xu + cx0[i]);
         });
       });
     });
@@ -133,8 +134,9 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
             const double* sk = sums.data() + k * NS * C + c;
             const double g0 = sk[0], g1 = sk[C], mu = sk[4 * C] / M, pu = sk[5 * C] / M;
             const double r = invstd[c], wr = double(w[c]) * r, h = r * g1 / M;
-            const double gb_t = sk[2 * C];
-            const double gw_t = sk[3 * C] + (HX ? r * (sk[6 * C] - mu * g0 - pu * g1) : 0.0);
+            const double gb_t = HG ? sk[2 * C] : 0.0;
+            const double gw_t = (HG ? sk[3 * C] : 0.0) +
+                                (HX ? r * (sk[6 * C] - mu * g0 - pu * g1) : 0.0);
             const double scale_t = (HX ? -wr * r * pu : 0.0) +
                                    (wt ? double(wt[k * C + c]) * r : 0.0);
             const int64_t i = k * C + c;

@@ -48,13 +48,15 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
   const int64_t C = g.C;
   // Sums of (x - pivot) and its square, in one pass. The pivot, the mean of the first
   // few elements of the channel's first row, keeps E[d^2] - E[d]^2 from cancelling when
-  // |mean| >> std: float lanes lose about ((pivot - mean) / std)^2 ulps of the variance
-  // (a single element as the pivot lost 1e-4 where it was an outlier). A non-finite
-  // sample falls back to 0, so an inf in x gives torch's inf mean, not inf - inf.
+  // |mean| >> std: float lanes lose about ((pivot - mean) / std)^2 ulps of the variance.
+  // A pivot that lands far from the mean (an outlier among the first elements) is
+  // replaced by the mean found and the pass repeated, once. A non-finite sample falls
+  // back to 0, so an inf in x gives torch's inf mean, not inf - inf.
   // The sample is at most 1/16 of a channel, so it stays a small share of the pass
   // (a (64, 1024) batch's first row is all of it), and channels are innermost: C
   // independent sums, not one chain of dependent additions per channel.
   constexpr int64_t PIVOT_SAMPLE = 64;
+  constexpr double MAX_PIVOT_OFFSET = 4;  // in standard deviations: loses 16 ulps at most
   const int64_t np = std::max<int64_t>(1, std::min({g.L, PIVOT_SAMPLE, g.M() / 16}));
   const T* x0 = reinterpret_cast<const T*>(x.ptr);
   std::vector<double> sample(C, 0.0);
@@ -63,26 +65,39 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
   std::vector<A> pivot(C);
   for (int64_t c = 0; c < C; ++c)
     pivot[c] = std::isfinite(sample[c]) ? A(sample[c] / double(np)) : A(0);
-  std::vector<double> sums(2 * C);
-  when(unit_runs<CL>({x}), [&](auto unit) {
-    constexpr bool U = decltype(unit)::value;
-    reduce_pass<A, CL, 2>(g, nth, 1, sums.data(), [&](const Seg& s, int64_t,
-                                                      const Acc<A, CL, 2>& acc) {
-      const auto in = src<T, CL, U>(x, s, 0);
-      const Chan<CL, A> p(pivot.data(), s.c);
-      acc.add(s.n, [&](int64_t i, A(&v)[2]) {
-        const A d = in.template at<A>(i) - p[i];
-        v[0] = d;
-        v[1] = d * d;
+  std::vector<double> sums(2 * C), m1(C), biased(C);
+  const double M = double(g.M());
+  // Returns whether it moved a pivot (only where `repivot`).
+  auto moments = [&](bool repivot) {
+    when(unit_runs<CL>({x}), [&](auto unit) {
+      constexpr bool U = decltype(unit)::value;
+      reduce_pass<A, CL, 2>(g, nth, 1, sums.data(), [&](const Seg& s, int64_t,
+                                                        const Acc<A, CL, 2>& acc) {
+        const auto in = src<T, CL, U>(x, s, 0);
+        const Chan<CL, A> p(pivot.data(), s.c);
+        acc.add(s.n, [&](int64_t i, A(&v)[2]) {
+          const A d = in.template at<A>(i) - p[i];
+          v[0] = d;
+          v[1] = d * d;
+        });
       });
     });
-  });
+    bool any_far = false;
+    for (int64_t c = 0; c < C; ++c) {
+      m1[c] = sums[c] / M;
+      biased[c] = std::max(sums[C + c] / M - m1[c] * m1[c], 0.0);
+      const bool far = m1[c] * m1[c] > MAX_PIVOT_OFFSET * MAX_PIVOT_OFFSET * biased[c] &&
+                       std::isfinite(m1[c]);
+      if (far && repivot) pivot[c] = A(double(pivot[c]) + m1[c]);
+      any_far |= far;
+    }
+    return any_far && repivot;
+  };
+  if (moments(true)) moments(false);
   std::vector<A> scale(C), shift(C);
-  const double M = double(g.M());
   for (int64_t c = 0; c < C; ++c) {
-    const double m1 = sums[c] / M;
-    const double v = std::max(sums[C + c] / M - m1 * m1, 0.0);
-    mean[c] = A(double(pivot[c]) + m1);
+    const double v = biased[c];
+    mean[c] = A(double(pivot[c]) + m1[c]);
     if (var) var[c] = A(v);
     invstd[c] = A(1.0 / std::sqrt(v + eps));
     running.update(c, double(mean[c]), v, M);

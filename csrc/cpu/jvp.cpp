@@ -31,7 +31,10 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
           });
         });
       }
-      // y_t = mask * (alpha * x_t + beta * xhat + gamma)
+      // y_t = mask * (alpha * x_t + beta * xhat + gamma). xhat enters only through x_t
+      // and w_t: not multiplied by 0 for a bias tangent alone, where a non-finite x would
+      // make NaN of a term the reference does not have.
+      const bool uses_xhat = HX || wt;
       for (int64_t c = 0; c < C; ++c) alpha[c] = HX ? A(double(w[c]) * invstd[c]) : A(0);
       for (int64_t k = 0; k < K; ++k)
         for (int64_t c = 0; c < C; ++c) {
@@ -47,7 +50,7 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
             ga(gamma.data() + k * C, s.c);
         each(s.n, [&](int64_t i) {
           const A xh = pr.xhat(i);
-          A v = be[i] * xh + ga[i];
+          A v = be[i] * and_mask(uses_xhat, xh) + ga[i];
           if constexpr (HX) v = al[i] * t.template at<A>(i) + v;
           o.put(i, pr.keep(i, xh, v));
         });

@@ -40,7 +40,9 @@ int64_t default_min_bytes() {
     const long long bytes = std::strtoll(env, &end, 10);
     if (end != env && *end == '\0' && bytes >= 0) return bytes;
   }
-  const int64_t llc = last_level_cache_bytes();
+  // A VM's sysfs can report the host's whole L3 as shared by its few CPUs (480 MiB on a
+  // 2-CPU guest): no core group caches more than tens of MiB, so 32 MiB at most counts.
+  const int64_t llc = std::min(last_level_cache_bytes(), int64_t(32) << 20);
   return llc > 0 ? llc / 2 : int64_t(16) << 20;  // unknown: 16 MiB
 }
 

@@ -141,17 +141,24 @@ def test_absent_tangents(native, op, layout, k):
 
 @pytest.mark.parametrize("layout", ("nchw", "channels_last", "2d"))
 @pytest.mark.parametrize("k", (None, 3))
-@pytest.mark.parametrize("op", ("backward_backward", "backward_jvp"))
-def test_absent_tangents_with_an_inf_in_grad_y(native, op, layout, k):
-    """An absent tangent contributes nothing, not 0 * inf = NaN: wherever the reference
-    is finite the kernel agrees with it, and it is non-finite where the reference is."""
-    names = {"backward_backward": ("gg_x", "weight_t", "bias_t"),
+@pytest.mark.parametrize("op", ("forward_jvp", "backward_backward", "backward_jvp"))
+@pytest.mark.parametrize("where", ("grad_y", "x"))
+def test_absent_tangents_with_a_non_finite_input(native, op, layout, k, where):
+    """An absent tangent contributes nothing, not 0 * inf = NaN (an inf in grad_y, or a NaN
+    in x that makes its channel's statistics NaN): wherever the reference is finite the
+    kernel agrees with it, and it is non-finite where the reference is."""
+    names = {"forward_jvp": ("x_t", "weight_t", "bias_t"),
+             "backward_backward": ("gg_x", "weight_t", "bias_t"),
              "backward_jvp": ("grad_y_t", "x_t", "weight_t")}[op]
+    if op == "forward_jvp" and where == "grad_y":
+        pytest.skip("forward_jvp takes no grad_y")
     base = _problem(layout, torch.float64, k)
-    grad_y = base["grad_y"].clone()
-    grad_y[(1, 1) + (0,) * (grad_y.dim() - 2)] = float("inf")
-    base["grad_y"] = grad_y
-    for mask in range(2 ** len(names)):
+    bad = base[where].clone()
+    bad[(1, 1) + (0,) * (base["x"].dim() - 2)] = float("inf" if where == "grad_y" else "nan")
+    base[where] = bad
+    if where == "x":
+        base["mean"], _, base["invstd"] = reference.statistics(bad, 1e-5)
+    for mask in range(2 ** len(names) - (op == "forward_jvp")):   # not all None: zeros_like
         p = dict(base)
         for i, key in enumerate(names):
             if mask >> i & 1:
@@ -195,16 +202,17 @@ def test_large_offset_statistics(native, layout, dtype):
     torch.testing.assert_close(y.double(), y64, rtol=0, atol=1e-9 if tol < 1e-9 else 2e-3)
 
 
-@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+@pytest.mark.parametrize("layout", ("nchw", "channels_last", "short_rows"))
 @pytest.mark.parametrize("data", ("outlier", "padded"))
 def test_statistics_when_the_channel_starts_far_from_its_mean(native, layout, data):
     """The one-pass statistics shift x by a pivot taken from the channel's start; an
     outlier there (or a zero-padded corner of otherwise narrow data) must not cost the
-    variance its float32 precision."""
+    variance its float32 precision. Short rows: the pivot sample is two values."""
     gen = torch.Generator().manual_seed(12)
-    x64 = torch.randn(16, 5, 9, 13, generator=gen, dtype=torch.float64)
+    shape = (50000, 5, 2, 1) if layout == "short_rows" else (16, 5, 9, 13)
+    x64 = torch.randn(shape, generator=gen, dtype=torch.float64)
     if data == "outlier":
-        x64[0, :, 0, 0] = 100.0
+        x64[0, :, 0, 0] = 300.0 if layout == "short_rows" else 100.0
     else:
         x64 = 0.5 + 0.005 * x64
         x64[0, :, :2, :2] = 0.0
