@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch.utils._pytree import tree_map
 
 from fastbn.curvature._functional import (FunctionalModel, is_single_batch, split_batch,
                                           to_device)
@@ -45,8 +46,13 @@ class ActivationHessian:
         return torch.func.grad(lambda z: (gradient(z) * v).sum())(self.activation)
 
     def quadratic_form(self):
+        """gᵀHg/‖g‖²; NaN where the gradient is zero (the direction is undefined)."""
         g = self.grad
         return float((g * self.hvp(g)).sum() / (g * g).sum())
+
+
+def _clone(t):
+    return t.clone() if isinstance(t, torch.Tensor) else t
 
 
 @contextlib.contextmanager
@@ -63,7 +69,8 @@ def activation_hessian(model, criterion, data, layer, *, bn_mode="train"):
 
     data: one (inputs, targets) batch (or an iterable holding exactly one). The layer
     must be called once per forward and return a tensor. The model is only read: the
-    computation runs on a private fastbn copy fed the model's current tensors. With
+    computation runs on a private fastbn copy fed copies of the model's current tensors
+    and of the batch, so the result describes that moment even after they change. With
     bn_mode="train" every batch norm uses batch statistics (running statistics untouched),
     so a batch norm downstream of the layer couples the samples of the batch.
     Dropout layers run in eval mode (a randomly masked loss has no Hessian).
@@ -99,8 +106,12 @@ def activation_hessian(model, criterion, data, layer, *, bn_mode="train"):
         raise ValueError(f"layer {layer!r} returns {type(outputs[0]).__name__}, not a tensor")
     activation = outputs[0].detach()
     # Fresh buffer clones: the recording forward ran outside a transform, where a
-    # train-mode batch norm updates (its clones of) the running statistics.
+    # train-mode batch norm updates (its clones of) the running statistics. Parameters and
+    # the batch are cloned too: hvp must use the state that activation and grad came
+    # from, whatever happens to the model (an optimizer step) or the batch afterwards.
     params, buffers = functional.state()
+    params = {name: p.clone() for name, p in params.items()}
+    inputs, targets = tree_map(_clone, (inputs, targets))
 
     def loss_of_activation(z):
         # The layer returns a clone of z: an in-place op downstream must not write to z,

@@ -5,7 +5,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from fastbn.curvature.lanczos import (BREAKDOWN_ULPS, bar_disabled, check_finite_product,
+from fastbn.curvature.lanczos import (bar_disabled, breakdown_threshold, check_finite_product,
                                       progress_for_all_bars, random_vectors)
 
 # Node spans below this fraction of max|θ| count as zero in the default sigma.
@@ -54,7 +54,7 @@ def stochastic_lanczos_quadrature(op, *, num_runs=8, num_steps=64, seed=0, progr
             break
         scale = torch.maximum(alphas[:, :j + 1].abs().amax(1), betas[:, :j].abs().amax(1)
                               if j else torch.zeros(num_runs))
-        finished = active & (beta <= scale * torch.finfo(op.dtype).eps * BREAKDOWN_ULPS)
+        finished = active & (beta <= breakdown_threshold(scale, j + 1, op.dtype))
         lengths[finished] = j + 1
         active &= ~finished
         if not active.any():

@@ -10,11 +10,17 @@ from tqdm.auto import tqdm
 EIGEN_METHODS = ("lanczos", "power")
 
 
+def as_generator(seed):
+    """A CPU torch.Generator: `seed` itself where it is one (to continue drawing from),
+    else a new one seeded with it."""
+    return seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+
+
 def random_vectors(op, count, seed, kind="gaussian"):
     """(P, count) random vectors, drawn on the CPU in float64 from `seed` (an int, or a
     CPU torch.Generator to continue drawing from; the same numbers on every device), then
     moved to the operator's device and dtype."""
-    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+    generator = as_generator(seed)
     shape = (op.shape[0], count)
     if kind == "rademacher":
         v = torch.randint(0, 2, shape, generator=generator).to(torch.float64) * 2 - 1
@@ -60,13 +66,30 @@ def _orthogonalise(w, basis):
     return w
 
 
-# A β below this many ulps of ‖T‖ is rounding noise: the Krylov space is invariant.
-BREAKDOWN_ULPS = 1000
+# A β below this many ulps of ‖T‖ (times √steps) is rounding noise: the Krylov space is
+# invariant. Taking noise for a β costs nothing (with full reorthogonalisation the next
+# vector is then a random one orthogonal to the basis, as after a restart); taking a real
+# β for noise cuts the process short, so the bound stays near the noise.
+BREAKDOWN_ULPS = 10
+
+
+def breakdown_threshold(scale, steps, dtype):
+    """The β below which step `steps` of a Lanczos process on a matrix of norm `scale`
+    counts as a breakdown."""
+    return scale * torch.finfo(dtype).eps * BREAKDOWN_ULPS * math.sqrt(steps)
 
 
 def _breakdown_threshold(alphas, betas, dtype):
     scale = max([abs(a) for a in alphas] + betas + [1e-300])
-    return scale * torch.finfo(dtype).eps * BREAKDOWN_ULPS
+    return breakdown_threshold(scale, len(alphas), dtype)
+
+
+def tolerance(theta, tol, norm):
+    """The residual ‖H x − θ x‖ that counts as converged for a Ritz value θ: tol relative
+    to θ, as ARPACK, with tol² ‖H‖ as the floor for θ near 0. (tol · ‖H‖ alone let a
+    value among the bulk pass for the k-th largest where one eigenvalue dominates ‖H‖.)"""
+    return tol * torch.clamp(torch.as_tensor(theta, dtype=torch.float64).abs(),
+                             min=tol * norm)
 
 
 def _tridiagonal(alphas, betas):
@@ -82,11 +105,11 @@ def _lanczos_run(op, want, *, locked, threshold, norm_estimate, generator, tol, 
 
     After a breakdown (an invariant Krylov space) it continues from a fresh random vector
     orthogonal to everything so far. It stops when the top Ritz pairs it looks for have
-    residual ‖H x − θ x‖ = β_j |s_j| ≤ tol · ‖H‖ (‖H‖ estimated by max(norm_estimate,
-    max|θ|)): the top `want`, or fewer where the others lie at or below `threshold`
-    (the top ones above it, and the next one); or when the complement is exhausted, or
-    after max_iter steps. Returns (values descending, vectors (P, m), converged) of the
-    top m pairs it looked for.
+    residual ‖H x − θ x‖ = β_j |s_j| within `tolerance` (‖H‖ estimated by
+    max(norm_estimate, max|θ|)): the top `want`, or fewer where the others lie at or
+    below `threshold` (the top ones above it, and the next one); or when the complement
+    is exhausted, or after max_iter steps. Returns (values descending, vectors (P, m),
+    converged) of the top m pairs it looked for.
     """
     size = op.shape[0]
     steps = min(max_iter, size - len(locked))
@@ -112,11 +135,13 @@ def _lanczos_run(op, want, *, locked, threshold, norm_estimate, generator, tol, 
         beta = float(w.norm())
         theta, s = torch.linalg.eigh(_tridiagonal(alphas, betas))
         scale = max(norm_estimate, float(theta.abs().max()))
-        above = int((theta > threshold + tol * scale).sum())
+        bound = threshold + (0.0 if threshold == -math.inf
+                             else float(tolerance(threshold, tol, scale)))
+        above = int((theta > bound).sum())
         looked_for = min(want, above + 1)
         if j + 1 >= looked_for:
             residual = beta * s[-1, -looked_for:].abs()
-            converged = bool((residual <= tol * scale).all())
+            converged = bool((residual <= tolerance(theta[-looked_for:], tol, scale)).all())
             bar.set_postfix(top=float(theta[-1]), residual=float(residual.max()))
         if converged or j + 1 == steps:
             break
@@ -139,7 +164,7 @@ def lanczos_eigenvalues(op, k, *, tol, max_iter, seed, progress):
     repeated eigenvalue shows once. For k > 1, once the top k Ritz pairs converge they
     are locked, and Lanczos runs again from a random vector in the orthogonal complement
     of every locked vector; pairs it finds above the current k-th value by more than
-    tol · ‖H‖ are locked too, until a run finds none (or does not converge). The top
+    its `tolerance` are locked too, until a run finds none (or does not converge). The top
     value needs no locking: k = 1 is one run. Returns (eigenvalues (k,), eigenvectors
     (P, k), converged).
     """
@@ -153,7 +178,8 @@ def lanczos_eigenvalues(op, k, *, tol, max_iter, seed, progress):
         norm_estimate = float(values.abs().max())
         found, found_vectors, converged = _lanczos_run(
             op, k, locked=vectors.t(), threshold=kth, norm_estimate=norm_estimate, **run)
-        new = found > kth + tol * max(norm_estimate, float(found.abs().max()))
+        norm = max(norm_estimate, float(found.abs().max()))
+        new = found > kth + float(tolerance(kth, tol, norm))
         if not new.any():
             break
         values = torch.cat([values, found[new]])
@@ -168,8 +194,8 @@ def _power_run(op, start, shift, found, *, tol, max_iter, progress, desc):
     vector, converged). Every iterate is projected off the found vectors, so a direction
     found before cannot come back (deflating their eigenvalues alone leaves them, and
     any eigenvector of H at -shift, as a zero eigenvalue that a start vector near them
-    "converges" to at once). Stops when the residual ‖H v − θ v‖ ≤ tol · ‖H‖ (‖H‖
-    estimated by max(shift, |θ|)), as Lanczos does, or after max_iter products. (A small
+    "converges" to at once). Stops when the residual ‖H v − θ v‖ is within `tolerance`
+    (‖H‖ estimated by max(shift, |θ|)), as Lanczos does, or after max_iter products. (A small
     change of θ between steps is no test: on a shifted operator the ratio of
     eigenvalues, and so the change per step, is close to 1 long before θ is accurate.)"""
     basis = torch.stack([u for _, u in found]) if found else None
@@ -182,7 +208,7 @@ def _power_run(op, start, shift, found, *, tol, max_iter, progress, desc):
         check_finite_product(theta)
         residual = float((w - theta * v).norm())
         bar.set_postfix(theta=theta - shift, residual=residual)
-        if residual <= tol * max(shift, abs(theta - shift)):
+        if residual <= tolerance(theta - shift, tol, max(shift, abs(theta - shift))):
             return theta - shift, v, True
         if basis is not None:
             w = _orthogonalise(w, basis)
@@ -230,11 +256,12 @@ def eigenvalues(op, k=1, *, method="lanczos", tol=1e-3, max_iter=100, seed=0, pr
     op: a HessianOperator (anything with shape, dtype, device and matvec).
     method: "lanczos" (full reorthogonalisation, on the operator's device and dtype; at
         most max_iter Krylov steps per run, stopping when the k Ritz residuals are
-        ≤ tol·‖H‖; for k > 1, further runs in the complement of the eigenvectors found
-        so far bring out repeated eigenvalues, see `lanczos_eigenvalues`) or "power"
-        (power iteration with deflation, max_iter products per eigenvalue, on H shifted
-        by its largest-magnitude eigenvalue where needed, see `power_eigenvalues`;
-        each eigenvalue stops when its residual is ≤ tol·‖H‖).
+        ≤ tol·|λ| (tol²·‖H‖ at the least, for λ near 0); for k > 1, further runs in the
+        complement of the eigenvectors found so far bring out repeated eigenvalues, see
+        `lanczos_eigenvalues`) or "power" (power iteration with deflation, max_iter
+        products per eigenvalue, on H shifted by its largest-magnitude eigenvalue where
+        needed, see `power_eigenvalues`; each eigenvalue stops when its residual is
+        within the same bound).
     Lanczos keeps its basis and the eigenvectors it has found, twice while it runs again:
     (max_iter + 2m) · P values on the operator's device, m the eigenvectors found (k, or
     more where repeated eigenvalues bring out more).
@@ -254,5 +281,5 @@ def eigenvalues(op, k=1, *, method="lanczos", tol=1e-3, max_iter=100, seed=0, pr
                                         progress=progress)
     if not converged:
         warnings.warn(f"{method} did not reach tol={tol} within max_iter={max_iter}",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)   # the caller, past the decorator
     return values, vectors

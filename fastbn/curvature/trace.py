@@ -5,7 +5,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from fastbn.curvature.lanczos import (bar_disabled, check_finite_product,
+from fastbn.curvature.lanczos import (as_generator, bar_disabled, check_finite_product,
                                       progress_for_all_bars, random_vectors)
 
 TRACE_METHODS = ("hutch++", "hutchinson")
@@ -22,8 +22,9 @@ def _mean_and_error(samples):
 
 def _probe_quadratic_forms(op, count, seed, bar, basis=None):
     """gᵀHg for `count` Rademacher probes g, in blocks of BLOCK columns; with `basis`
-    (orthonormal columns Q), for the projected probes (I − QQᵀ)g instead."""
-    generator = torch.Generator().manual_seed(seed)
+    (orthonormal columns Q), for the projected probes (I − QQᵀ)g instead. `seed`: an int
+    or a generator to continue drawing from."""
+    generator = as_generator(seed)
     forms = []
     for start in range(0, count, BLOCK):
         probes = random_vectors(op, min(BLOCK, count - start), generator, kind="rademacher")
@@ -61,11 +62,13 @@ def _hutch_plus_plus(op, num_samples, seed, bar):
     sketch_size = num_samples // 3
     exact_part = 0.0
     basis = None
+    generator = as_generator(seed)   # one stream: the probes follow the sketch's draws
     if sketch_size > 0:
-        sketch = _products(op, random_vectors(op, sketch_size, seed, kind="rademacher"), bar)
+        sketch = _products(op, random_vectors(op, sketch_size, generator, kind="rademacher"),
+                           bar)
         basis = torch.linalg.qr(sketch).Q
         exact_part = float((basis * _products(op, basis, bar)).sum())
-    residual = _probe_quadratic_forms(op, num_samples - 2 * sketch_size, seed + 1, bar,
+    residual = _probe_quadratic_forms(op, num_samples - 2 * sketch_size, generator, bar,
                                       basis)
     mean, error = _mean_and_error(residual)
     return exact_part + mean, error

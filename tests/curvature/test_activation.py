@@ -155,3 +155,16 @@ def test_an_in_place_op_downstream_of_the_layer(follower):
     v = torch.randn(activation.shape, dtype=DTYPE)
     expected = (hessian @ v.reshape(-1)).reshape(v.shape)
     assert (result.hvp(v) - expected).abs().max() <= 1e-8 * expected.abs().max()
+
+
+def test_the_result_describes_the_moment_it_was_made():
+    # An optimizer step or an in-place change of the batch afterwards leaves hvp on the
+    # state that activation and grad came from.
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).to(DTYPE)
+    x, y = torch.randn(8, 3, dtype=DTYPE), torch.randint(0, 3, (8,))
+    result = activation_hessian(model, nn.CrossEntropyLoss(), (x, y), "0")
+    before = result.hvp(result.grad)
+    with torch.no_grad():
+        model[3].weight.mul_(3.0)
+        x.mul_(2.0)
+    assert torch.equal(result.hvp(result.grad), before)
