@@ -1,7 +1,9 @@
 """Backend selection."""
 
+import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 import torch
@@ -30,6 +32,16 @@ def test_unavailable_backend_is_a_clear_error(monkeypatch):
 def test_auto_prefers_compiled_kernels_on_cpu():
     expected = "cpu" if backends.availability("cpu")[0] else "reference"
     assert backends.select(torch.zeros(1)).name == expected
+
+
+def test_compiled_kernels_are_built_where_a_compiler_is():
+    # An install never fails on a compiler error (the reference serves instead), so a
+    # broken build would leave every cpu test uncollected and the suite green.
+    compiler = shutil.which((sysconfig.get_config_var("CXX") or "c++").split()[0])
+    if compiler is None:
+        pytest.skip("no C++ compiler: the reference backend serves CPU tensors")
+    ok, why = backends.availability("cpu")
+    assert ok, f"fastbn._C is not built though {compiler} is here: {why}"
 
 
 def test_environment_variable():

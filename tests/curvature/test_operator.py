@@ -651,3 +651,45 @@ def test_attribute_changes_after_construction_are_seen(method, change):
     expected = exact_hessian(model, CRITERION, [batch])[1] @ v
     close(op.matvec(v), expected)
     close(op.matmat(v[:, None])[:, 0], expected)
+
+
+def test_peak_bytes_measures_what_a_call_holds_at_once():
+    from fastbn.curvature._memory import peak_bytes
+    mib = 2 ** 20
+
+    def in_turn():
+        a = torch.ones(mib)   # 4 MiB, freed before the next
+        del a
+        torch.ones(mib)
+
+    def at_once():
+        a = torch.ones(mib)
+        b = torch.ones(mib)
+        return a, b
+
+    assert 4 * mib <= peak_bytes(in_turn, "cpu") < 5 * mib
+    assert 8 * mib <= peak_bytes(at_once, "cpu") < 9 * mib
+
+
+def test_matmat_stays_within_its_budget():
+    # The chunk is sized from probes of narrow passes; the whole call, measured on its
+    # own, holds no more than the budget beyond its result.
+    from fastbn.curvature._memory import peak_bytes
+    model = cnn()
+    batch = batch_for(model, 6, seed=0)
+    V = torch.randn(89, 16, dtype=DTYPE)
+    roomy = HessianOperator(model, CRITERION, batch, method="forward-over-reverse")
+    roomy.matmat(V)
+    per_tangent = roomy.probe_peaks[1] - roomy.probe_peaks[0]
+    budget = max(roomy.probe_peaks[0] - per_tangent, 0) + 4.5 * per_tangent
+    sized = HessianOperator(model, CRITERION, batch, method="forward-over-reverse",
+                            max_memory=budget)
+    sized.matmat(V)    # probes and the cached gradient graph: not part of later calls
+    assert sized.chunk_size == 4
+    result_bytes = V.numel() * V.element_size()
+    peak = peak_bytes(lambda: sized.matmat(V), "cpu")
+    assert peak <= budget + result_bytes, (peak, budget, result_bytes)
+    unchunked = HessianOperator(model, CRITERION, batch, method="forward-over-reverse",
+                                chunk_size=16)
+    unchunked.matmat(V)
+    assert peak_bytes(lambda: unchunked.matmat(V), "cpu") > budget + result_bytes
