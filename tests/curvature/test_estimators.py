@@ -207,6 +207,26 @@ def test_density_on_the_hessian(cnn_problem):
     assert torch.equal(grid, custom_grid.to(DTYPE))
 
 
+def test_density_moments_on_the_hessian(cnn_problem):
+    """Each run's quadrature has the moments of its start vector's Rayleigh quotients
+    (Gauss quadrature with 8 nodes is exact to degree 15), whose mean estimates trace/P;
+    the smoothed density keeps the quadrature's mean."""
+    model, batch, hessian = cnn_problem
+    op = HessianOperator(model, CRITERION, batch, method="forward-over-reverse")
+    runs, size = 48, hessian.shape[0]
+    nodes, weights = stochastic_lanczos_quadrature(op, num_runs=runs, num_steps=8, seed=3)
+    assert torch.allclose(weights.sum(1), torch.ones(runs, dtype=DTYPE))
+    first, second = (weights * nodes).sum(1), (weights * nodes ** 2).sum(1)
+    scale = float(torch.linalg.eigvalsh(hessian).abs().max())
+    for moment, exact in ((first, hessian.trace() / size),
+                          (second, (hessian @ hessian).trace() / size)):
+        error = float(moment.std()) / math.sqrt(runs)
+        assert abs(float(moment.mean() - exact)) <= 4 * error + 1e-10 * scale
+    grid, density = spectral_density(op, num_runs=runs, num_steps=8, seed=3)
+    mean = float(torch.trapezoid(grid * density, grid))
+    assert math.isclose(mean, float(first.mean()), rel_tol=1e-3, abs_tol=1e-6 * scale)
+
+
 def test_default_sigma_when_every_eigenvalue_is_equal():
     # Rotated, (2/3)·I is not exactly scalar: its Ritz values differ by rounding.
     spectrum = torch.full((6,), 2 / 3, dtype=DTYPE)
