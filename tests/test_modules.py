@@ -194,17 +194,25 @@ def test_jit_trace_records_the_batch_norm(backend, training, grad):
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_fx_symbolic_trace_keeps_layers_as_leaves(training):
+def test_fx_symbolic_trace_records_each_layer_once(training):
+    # Hooks run once, as in eager mode; the graph runs each batch norm's own forward.
     torch.manual_seed(0)
     model = fastbn.convert(_cnn(), fuse_relu=True).train(training)
+    model[1].register_forward_pre_hook(lambda _m, args: (args[0] + 1,))
+    model[1].register_forward_hook(lambda _m, _args, out: out * 2)
     graph_module = torch.fx.symbolic_trace(model)
-    assert [n.target for n in graph_module.graph.nodes if n.op == "call_module"] == \
-        [name for name, _ in model.named_children()]
+    layers = [n.args[0].target for n in graph_module.graph.nodes if n.op == "call_function"
+              and n.target.__name__ == "_layer_forward"]
+    assert layers == [name for name, m in model.named_children()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     eager = copy.deepcopy(model)
     x = torch.randn(4, 1, 8, 8)
     torch.testing.assert_close(graph_module(x), eager(x))
     for got, want in zip(model.buffers(), eager.buffers()):
         torch.testing.assert_close(got, want)
+    graph_module.train(not training)   # the graph follows the layers' flags as they are
+    eager.train(not training)
+    torch.testing.assert_close(graph_module(x), eager(x))
 
 
 def test_sync_batch_norm_without_channels_is_torchs_error():
@@ -297,3 +305,26 @@ def test_convert_makes_an_unrun_lazy_layer_fastbn_and_keeps_its_hooks():
     assert len(seen) == 1
     with pytest.raises(ValueError, match="run one forward first"):
         fastbn.convert(nn.Sequential(nn.LazyBatchNorm1d()), sync=True)
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_convert_refuses_parametrized_batch_norms_before_changing_anything(sync):
+    class Positive(nn.Module):
+        def forward(self, w):
+            return w.abs() + 0.5
+
+    for layer in (nn.BatchNorm2d(3), fastbn.BatchNorm2d(3)):
+        model = nn.Sequential(nn.BatchNorm2d(3), layer)
+        torch.nn.utils.parametrize.register_parametrization(model[1], "weight", Positive())
+        before = [type(m) for m in model]
+        if isinstance(layer, fastbn.BatchNorm2d) and not sync:
+            fastbn.convert(model)   # nothing to replace in a fastbn layer
+            continue
+        with pytest.raises(ValueError, match="parametrizations"):
+            fastbn.convert(model, sync=sync)
+        assert [type(m) for m in model] == before
+
+
+def test_torchscript_is_refused_in_words():
+    with pytest.raises(RuntimeError, match="no TorchScript form"):
+        torch.jit.script(nn.Sequential(nn.Conv2d(1, 2, 3), fastbn.BatchNorm2d(2)))

@@ -13,6 +13,7 @@ import collections
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.overrides import has_torch_function_variadic
 
 from fastbn import functional
@@ -23,6 +24,11 @@ def _torch_bias_kwargs(bias):
     """torch's keyword for `bias`, passed only when False: older torch releases have no
     such argument."""
     return {} if bias else {"bias": False}
+
+
+def _layer_forward(layer, input):
+    """A batch-norm layer's forward without its hooks (the call an fx graph records)."""
+    return layer.forward(input)
 
 
 class _FastBatchNorm:
@@ -45,9 +51,13 @@ class _FastBatchNorm:
 
     def forward(self, input):
         if isinstance(input, torch.fx.Proxy):
-            # torch.fx symbolic tracing: a leaf module, as torch's own batch norms are.
+            # torch.fx symbolic tracing. fx takes only torch.nn's own modules for leaves, so
+            # it has run this layer's hooks on proxies already (they are in the graph): the
+            # graph calls the forward alone, on the layer itself (its training flag and
+            # statistics as they are when the graph runs), not the layer with its hooks.
             tracer = input.tracer
-            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
+            layer = tracer.create_proxy("get_attr", tracer.path_of_module(self), (), {})
+            return tracer.create_proxy("call_function", _layer_forward, (layer, input), {})
         self._check_input(input)
         # Each parameter and buffer read once: nn.Module's attribute fallback costs
         # a fraction of a microsecond a read, a visible share of a small layer's call.
@@ -75,6 +85,13 @@ class _FastBatchNorm:
         if counts:   # after the call: one that raises (say, in a collective) counts nothing
             tracked.add_(1)
         return out
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script's hook, called before it compiles: its compiler cannot read
+        # this forward, and would fail deep inside torch with an unrelated message.
+        raise RuntimeError(f"fastbn.{type(self).__name__} has no TorchScript form; use "
+                           "torch.compile, torch.export or torch.jit.trace (torch.jit.script "
+                           "is deprecated)")
 
     def extra_repr(self):
         text = super().extra_repr()
@@ -255,12 +272,32 @@ def convert(module, *, fuse_relu=False, sync=False, process_group=None):
     reached at several places becomes one converted layer. Returns the converted module
     (a new object only when `module` itself is a batch norm).
     """
+    for child in module.modules():
+        _check_convertible(child, sync)
     new = _convert(module, sync, process_group, {})
     if fuse_relu:
         shared = _shared(new)
         for seq in list(new.modules()):
             _fuse_relu(seq, shared)
     return new
+
+
+def _check_convertible(module, sync):
+    """Refuse, before anything changes, a batch norm that convert cannot replace: one
+    with parametrizations (torch.nn.utils.parametrize makes a class for it, which another
+    class cannot take: it was skipped, or left broken), or, for SyncBatchNorm, a lazy one
+    that has no channel count yet."""
+    if parametrize.is_parametrized(module):
+        cls = parametrize.type_before_parametrizations(module)
+        if cls in _REPLACEMENTS or cls in _LAZY_REPLACEMENTS or (sync and issubclass(
+                cls, (nn.modules.batchnorm._BatchNorm, _FastBatchNorm))):
+            raise ValueError(f"convert: a {cls.__name__} with parametrizations (on "
+                             f"{', '.join(module.parametrizations)}) cannot be converted; "
+                             "convert before registering them, or remove them first "
+                             "(torch.nn.utils.parametrize.remove_parametrizations)")
+    if sync and (type(module) in _LAZY_REPLACEMENTS or isinstance(module, _LazyFastBatchNorm)):
+        raise ValueError(f"convert(sync=True): a {type(module).__name__} that has not "
+                         "seen an input yet has no channel count; run one forward first")
 
 
 def _convert(module, sync, process_group, done):
@@ -270,10 +307,7 @@ def _convert(module, sync, process_group, done):
     if sync and isinstance(module, SyncBatchNorm):
         module.process_group = process_group
         new = module
-    elif type(module) in _LAZY_REPLACEMENTS or (sync and isinstance(module, _LazyFastBatchNorm)):
-        if sync:
-            raise ValueError(f"convert(sync=True): a {type(module).__name__} that has not "
-                             "seen an input yet has no channel count; run one forward first")
+    elif type(module) in _LAZY_REPLACEMENTS:
         new = _shallow_copy(module, _LAZY_REPLACEMENTS[type(module)], take_over=True)
         new.activation = None
     elif type(module) in _REPLACEMENTS or (sync and isinstance(module, _FastBatchNorm)):
