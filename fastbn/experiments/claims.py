@@ -4,14 +4,17 @@ Verdict rules (stated in the report): a ratio claim is "reproduced" when the mea
 ratio passes the paper's order of magnitude (threshold below), "partly" when it only
 points the same way (ratio > 1, or a majority of steps), "not reproduced" otherwise;
 "no data" when every value is missing; "inconclusive" when the comparison has no
-baseline (the plain net trains at no swept learning rate).
+baseline (the learning-rate sweep does not bracket the plain net's limit). The accuracy
+claim is "reproduced" beyond twice the standard error of the difference, "partly"
+within it.
 """
 
 import math
 
 import numpy as np
 
-EARLY_FRACTION = 0.1  # "early in training" = the first 10% of the steps
+EARLY_FRACTION = 0.1  # "early in training" = the first 10% of the steps ...
+MIN_EARLY_PROBES = 5  # ... and at least this many probe steps
 
 
 def _float(v):
@@ -53,9 +56,11 @@ def _paired(plain, bn, field, window_end=None):
 
 
 def _early_end(run, steps):
-    """End of the first 10% of training, but late enough to hold two probe steps."""
+    """End of the first 10% of training, but late enough to hold MIN_EARLY_PROBES probe
+    steps (a median of two or three early points turned on the plain net's first plateau)."""
     probe_steps = run["probes"].get("step", [])
-    return max(EARLY_FRACTION * steps, probe_steps[1] + 1 if len(probe_steps) > 1 else 1)
+    enough = probe_steps[min(MIN_EARLY_PROBES, len(probe_steps)) - 1] + 1 if probe_steps else 1
+    return max(EARLY_FRACTION * steps, enough)
 
 
 def _verdict(value, strong, weak=1.0):
@@ -95,16 +100,18 @@ def landscape_claims(runs, steps, network, paper_setting):
         {"id": f"{network}_loss_range",
          "claim": f"{paper_setting}: without BN the loss varies over a much wider range along "
                   "the gradient, especially early in training (Figure 4a).",
-         "measure": "median over probe steps in the first 10% of training of "
-                    "(loss_max − loss_min) without BN / with BN",
+         "measure": f"median over probe steps in the first 10% of training (at least "
+                    f"{MIN_EARLY_PROBES} probe steps) of (loss_max − loss_min) without BN / "
+                    "with BN (reproduced at ≥ 2)",
          "value": loss_early, "also": {"median_ratio_whole_run": loss_all},
          "verdict": _verdict(loss_early, strong=2.0)},
         {"id": f"{network}_gradient_predictiveness",
          "claim": f"{paper_setting}: gradient predictiveness — the change of the gradient along "
                   "the gradient step — differs by close to two orders of magnitude early in "
                   "training, larger without BN (Figure 4b).",
-         "measure": "median over the first 10% of training of max_η‖∇L(w−ηg)−g‖ without BN / "
-                    "with BN (reproduced at ≥ 10, i.e. at least one order of magnitude)",
+         "measure": f"median over the first 10% of training (at least {MIN_EARLY_PROBES} probe "
+                    "steps) of max_η‖∇L(w−ηg)−g‖ without BN / with BN (reproduced at ≥ 10, "
+                    "one of the paper's two orders of magnitude)",
          "value": grad_early, "also": {"median_ratio_whole_run": grad_all},
          "verdict": _verdict(grad_early, strong=10.0)},
         {"id": f"{network}_effective_beta",
@@ -125,8 +132,10 @@ def learning_rate_claim(sweep):
     plain, bn = largest_trained(sweep["plain"]), largest_trained(sweep["bn"])
     only_bn = [r_bn["lr"] for r_p, r_bn in zip(sweep["plain"], sweep["bn"])
                if r_bn["trains"] and not r_p["trains"]]
-    if math.isnan(plain):
-        verdict = "inconclusive"  # the plain net trains at no swept lr: nothing to compare
+    if math.isnan(plain) or plain == max(r["lr"] for r in sweep["plain"]):
+        # The sweep does not bracket the plain net's limit (it trains at no swept lr, or
+        # at the largest): nothing to compare.
+        verdict = "inconclusive"
     elif math.isnan(bn):
         verdict = "not reproduced"
     else:
@@ -134,8 +143,10 @@ def learning_rate_claim(sweep):
     return {"id": "lr_range",
             "claim": "BN lets the network train at larger learning rates, where the plain "
                      "network fails (Figure 1/11).",
-            "measure": "largest swept lr at which each variant trains (no divergence and the "
-                       "training loss at least halved); value = that lr with BN / without",
+            "measure": "largest swept lr at which each variant trains (no divergence and a "
+                       "final training loss below half of ln(classes), a uniform guess's); "
+                       "value = that lr with BN / without (inconclusive when the plain net "
+                       "trains at no swept lr or at the largest)",
             "value": _ratio(bn, plain),
             "also": {"largest_lr_plain": plain, "largest_lr_bn": bn,
                      "lrs_only_bn_trains": only_bn,
@@ -147,16 +158,25 @@ def learning_rate_claim(sweep):
 
 
 def accuracy_claim(runs):
-    plain = _float(runs["plain"]["evaluations"][-1]["test_accuracy"])
-    bn = _float(runs["bn"]["evaluations"][-1]["test_accuracy"])
+    plain_eval, bn_eval = runs["plain"]["evaluations"][-1], runs["bn"]["evaluations"][-1]
+    plain, bn = _float(plain_eval["test_accuracy"]), _float(bn_eval["test_accuracy"])
     difference = bn - plain
+    # The two accuracies' sampling noise on a test set of n samples.
+    n = bn_eval.get("test_samples", math.nan)
+    error = math.sqrt((plain * (1 - plain) + bn * (1 - bn)) / n)
+    if math.isnan(difference):
+        verdict = "no data"
+    elif difference > 2 * error:
+        verdict = "reproduced"
+    else:
+        verdict = "partly" if difference > 0 else "not reproduced"
     return {"id": "vgg_test_accuracy",
             "claim": "With BN the VGG network reaches a higher test accuracy (83% vs 80% on "
                      "CIFAR-10).",
-            "measure": "final test accuracy with BN minus without BN",
-            "value": difference, "also": {"plain": plain, "bn": bn},
-            "verdict": ("no data" if math.isnan(difference)
-                        else "reproduced" if difference > 0 else "not reproduced")}
+            "measure": "final test accuracy with BN minus without BN (reproduced beyond twice "
+                       "its standard error from the test set's size, partly above 0)",
+            "value": difference, "also": {"plain": plain, "bn": bn, "standard_error": error},
+            "verdict": verdict}
 
 
 def theory_claims(theory):

@@ -139,6 +139,7 @@ def _reproduce(parser, args, device, process_group):
     progress = not args.no_progress and lead
     if lead:
         os.makedirs(args.out, exist_ok=True)
+        report.remove_outputs(args.out)   # an earlier run's: none is left beside this one's
     store = runner.PartStore(args.out, resume=args.resume, process_group=process_group)
     torch.manual_seed(config.seed)
     start = time.perf_counter()

