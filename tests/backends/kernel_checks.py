@@ -109,3 +109,35 @@ def check(out, ref, ref64, dtype, half_atol):
             err = (o.double() - r64).abs().max().item()
             stock = (r.double() - r64).abs().max().item()
             assert err <= 2 * stock + half_atol[dtype] * scale, (err, stock, scale)
+
+
+# The tangent-like arguments of each second-order op that may be absent (None).
+ABSENT = {"forward_jvp": ("x_t", "weight_t", "bias_t"),
+          "backward_backward": ("gg_x", "weight_t", "bias_t"),
+          "backward_jvp": ("grad_y_t", "x_t", "weight_t")}
+
+
+def check_absent_with_non_finite(backend, op, base, where):
+    """An absent tangent contributes nothing, not 0 * inf = NaN, next to an inf in grad_y
+    or a NaN in x (its channel's statistics NaN): for every pattern of None arguments and
+    both activations, wherever the reference is finite the backend agrees with it, and it
+    is non-finite where the reference is. `base`: a float64 problem dict."""
+    base = dict(base)
+    bad = base[where].clone()
+    bad[(1, 1) + (0,) * (base["x"].dim() - 2)] = float("inf" if where == "grad_y" else "nan")
+    base[where] = bad
+    if where == "x":
+        base["mean"], _, base["invstd"] = reference.statistics(bad, 1e-5)
+    names = ABSENT[op]
+    for mask in range(2 ** len(names) - (op == "forward_jvp")):   # not all None: zeros_like
+        p = dict(base)
+        for i, key in enumerate(names):
+            if mask >> i & 1:
+                p[key] = None
+        for act in (None, "relu"):
+            for got, want in zip(as_tuple(call(backend, op, p, act)),
+                                 as_tuple(call(reference, op, p, act))):
+                got, want = got.cpu(), want.cpu()
+                finite = torch.isfinite(want)
+                torch.testing.assert_close(got[finite], want[finite], rtol=1e-9, atol=1e-9)
+                assert not torch.isfinite(got[~finite]).any()

@@ -11,8 +11,9 @@ import torch
 pytest.importorskip("fastbn._C")
 
 from fastbn.backends import cpu, reference  # noqa: E402
-from tests.backends.kernel_checks import (HALF, K_OPS, OPS, NoFallback,  # noqa: E402
+from tests.backends.kernel_checks import (ABSENT, HALF, K_OPS, OPS, NoFallback,  # noqa: E402
                                           as_tuple as _tuple, call as _call, check,
+                                          check_absent_with_non_finite,
                                           layout_x, upcast as _upcast)
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -141,34 +142,12 @@ def test_absent_tangents(native, op, layout, k):
 
 @pytest.mark.parametrize("layout", ("nchw", "channels_last", "2d"))
 @pytest.mark.parametrize("k", (None, 3))
-@pytest.mark.parametrize("op", ("forward_jvp", "backward_backward", "backward_jvp"))
+@pytest.mark.parametrize("op", list(ABSENT))
 @pytest.mark.parametrize("where", ("grad_y", "x"))
 def test_absent_tangents_with_a_non_finite_input(native, op, layout, k, where):
-    """An absent tangent contributes nothing, not 0 * inf = NaN (an inf in grad_y, or a NaN
-    in x that makes its channel's statistics NaN): wherever the reference is finite the
-    kernel agrees with it, and it is non-finite where the reference is."""
-    names = {"forward_jvp": ("x_t", "weight_t", "bias_t"),
-             "backward_backward": ("gg_x", "weight_t", "bias_t"),
-             "backward_jvp": ("grad_y_t", "x_t", "weight_t")}[op]
     if op == "forward_jvp" and where == "grad_y":
         pytest.skip("forward_jvp takes no grad_y")
-    base = _problem(layout, torch.float64, k)
-    bad = base[where].clone()
-    bad[(1, 1) + (0,) * (base["x"].dim() - 2)] = float("inf" if where == "grad_y" else "nan")
-    base[where] = bad
-    if where == "x":
-        base["mean"], _, base["invstd"] = reference.statistics(bad, 1e-5)
-    for mask in range(2 ** len(names) - (op == "forward_jvp")):   # not all None: zeros_like
-        p = dict(base)
-        for i, key in enumerate(names):
-            if mask >> i & 1:
-                p[key] = None
-        for act in (None, "relu"):
-            for got, want in zip(_tuple(_call(cpu, op, p, act)),
-                                 _tuple(_call(reference, op, p, act))):
-                finite = torch.isfinite(want)
-                torch.testing.assert_close(got[finite], want[finite], rtol=1e-9, atol=1e-9)
-                assert not torch.isfinite(got[~finite]).any()
+    check_absent_with_non_finite(cpu, op, _problem(layout, torch.float64, k), where)
 
 
 @pytest.mark.parametrize("op", K_OPS)

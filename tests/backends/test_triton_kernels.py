@@ -33,8 +33,9 @@ import torch
 pytest.importorskip("triton")
 
 from fastbn.backends import reference  # noqa: E402
-from tests.backends.kernel_checks import (HALF, K_OPS, OPS, NoFallback,  # noqa: E402
+from tests.backends.kernel_checks import (ABSENT, HALF, K_OPS, OPS, NoFallback,  # noqa: E402
                                           as_tuple as _tuple, call as _call, check,
+                                          check_absent_with_non_finite,
                                           layout_x, upcast as _upcast)
 
 T = pytest.importorskip("fastbn.backends.triton")
@@ -168,6 +169,25 @@ def test_absent_tangents(native, path, op):
         if op == "forward_jvp" and all(p[key] is None for key in names):
             continue   # all-zero tangents: zeros_like, from the reference
         _run(op, p, "relu" if mask % 2 else None, torch.float64)
+
+
+@pytest.mark.parametrize("k", (None, 3))
+@pytest.mark.parametrize("op", list(ABSENT))
+@pytest.mark.parametrize("where", ("grad_y", "x"))
+def test_absent_tangents_with_a_non_finite_input(native, path, op, k, where):
+    if op == "forward_jvp" and where == "grad_y":
+        pytest.skip("forward_jvp takes no grad_y")
+    layout = "channels_last" if path == "split" else "nchw"
+    check_absent_with_non_finite(T, op, _problem(layout, torch.float64, k), where)
+
+
+def test_a_per_channel_tangent_that_is_x_itself(native):
+    # A (K, C) x passed as its own weight tangent: present, though chan() hands x back.
+    x = torch.randn(3, 2, dtype=torch.float64, device=DEVICE)
+    w, b = torch.randn(2, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    mean, _, invstd = reference.statistics(x, 1e-5)
+    args = (None, x, None, x, mean, invstd, w.to(DEVICE), b.to(DEVICE))
+    torch.testing.assert_close(T.forward_jvp(*args), reference.forward_jvp(*args))
 
 
 @pytest.mark.parametrize("op", K_OPS)

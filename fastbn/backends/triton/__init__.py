@@ -23,6 +23,7 @@ Under torch.compile the kernels run inside fastbn's custom ops (fastbn/ops/libra
 which are opaque to Dynamo; the launchers only read shapes and strides.
 """
 
+import math
 import os
 import struct
 from dataclasses import dataclass, fields
@@ -305,6 +306,7 @@ class _Call:
         e = list(elems) + [None] * (3 - len(elems))
         outs = list(outs) + [None] * (2 - len(outs))
         ov = [(0, 0, 0, 0) if o is None else _view(o, o.dim() == x.dim() + 1) for o in outs]
+        has_p1, has_p2 = p1 is not None, p2 is not None   # chan() may hand back x itself
         p1, sp1 = self.chan(p1)
         p2, sp2 = self.chan(p2)
         qs = list(qs) + [None] * (3 - len(qs))
@@ -320,13 +322,16 @@ class _Call:
         part = dummy
         if kind == "split" and ns:
             part = torch.empty((self.K, nchunks, ns, self.C), dtype=self.acc, device=x.device)
-        eps_hi = struct.unpack("f", struct.pack("f", eps))[0]   # the kernel adds the halves
-        tail = [self.M, self.C, self.L, chunk, nchunks, eps_hi, float(eps) - eps_hi,
+        # The kernel adds two float32 halves (a float argument is float32 in compiled
+        # code); an eps beyond float32's range is inf, not inf + -inf.
+        eps_hi = struct.unpack("f", struct.pack("f", eps))[0]
+        eps_lo = float(eps) - eps_hi if math.isfinite(eps_hi) else 0.0
+        tail = [self.M, self.C, self.L, chunk, nchunks, eps_hi, eps_lo,
                 self.sN, self.sC, self.sL, *views[0], *views[1], *views[2], *ov[0], *ov[1],
                 sp1, sp2, sq]
         meta = dict(OP=op, ACT=act == "relu", HAS_E1=e[0] is not None,
                     HAS_E2=e[1] is not None, HAS_E3=e[2] is not None,
-                    HAS_P1=p1 is not x, HAS_P2=p2 is not x, NS=ns, ACC=self.tl_acc,
+                    HAS_P1=has_p1, HAS_P2=has_p2, NS=ns, ACC=self.tl_acc,
                     IDX64=self.idx64, BLOCK_M=bm, BLOCK_C=bc)
         kernel = _kernel()
         if kind == "fused":

@@ -146,8 +146,11 @@ def _rsqrt(v):
 
 @triton.jit
 def _coeffs(OP: tl.constexpr, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b, p1, p2,
-            eps):
-    """Per-channel coefficients of the elementwise pass and the per-channel outputs."""
+            eps, HAS_E1: tl.constexpr, HAS_E2: tl.constexpr, HAS_E3: tl.constexpr,
+            HAS_P1: tl.constexpr, HAS_P2: tl.constexpr):
+    """Per-channel coefficients of the elementwise pass and the per-channel outputs.
+    Terms of an absent input are left out, not multiplied by its zeros: a non-finite x
+    or grad_y would make them NaN where the reference has nothing."""
     z = tl.zeros_like(w)
     c0 = z
     c1 = z
@@ -180,37 +183,63 @@ def _coeffs(OP: tl.constexpr, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b
         c2 = -(s0 / Mf) * wr
         q1 = s1
         q2 = s0
-    if OP == FJVP:
-        c0 = wr
-        c1 = -(s1 / Mf) * wr + p1
-        c2 = -(s0 / Mf) * wr + p2
-    if OP == BB:
+    if OP == FJVP:   # y_t = x_t c0 + xhat c1 + c2
+        if HAS_E1:
+            c0 = wr
+            c1 = -(s1 / Mf) * wr
+            c2 = -(s0 / Mf) * wr
+        if HAS_P1:
+            c1 += p1
+        if HAS_P2:
+            c2 += p2
+    if OP == BB:   # g_grad_y = mask * (a c0 + xhat c1 + c2); g_x = a c3 + g c4 + xhat c5 + c6
         g_mean = s0 / Mf
         gx_mean = s1 / Mf
-        a_mean = s2 / Mf
-        ax_mean = s3 / Mf
-        adc = s4 - g_mean * s2 - gx_mean * s3     # sum a * (g - mean g - xhat mean(g xhat))
-        c0 = wr                                   # g_grad_y = mask * (a c0 + xhat c1 + c2)
-        c1 = p1 - wr * ax_mean
-        c2 = p2 - wr * a_mean
-        c3 = -wr2 * gx_mean                       # g_x = a c3 + g c4 + xhat c5 + c6
-        c4 = r * p1 - wr2 * ax_mean
-        c5 = 2.0 * wr2 * gx_mean * ax_mean - (r * r / Mf) * w * adc - r * p1 * gx_mean
-        c6 = wr2 * (gx_mean * a_mean + ax_mean * g_mean) - r * p1 * g_mean
-        q1 = r * adc
-    if OP == BJVP:
+        if HAS_E2:
+            a_mean = s2 / Mf
+            ax_mean = s3 / Mf
+            adc = s4 - g_mean * s2 - gx_mean * s3     # sum a (g - mean g - xhat mean(g xhat))
+            c0 = wr
+            c1 = -wr * ax_mean
+            c2 = -wr * a_mean
+            c3 = -wr2 * gx_mean
+            c4 = -wr2 * ax_mean
+            c5 = 2.0 * wr2 * gx_mean * ax_mean - (r * r / Mf) * w * adc
+            c6 = wr2 * (gx_mean * a_mean + ax_mean * g_mean)
+            q1 = r * adc
+        if HAS_P1:
+            c1 += p1
+            c4 += r * p1
+            c5 -= r * p1 * gx_mean
+            c6 -= r * p1 * g_mean
+        if HAS_P2:
+            c2 += p2
+    if OP == BJVP:   # grad_x_t = g_t c0 + x_t c1 + xhat c2 + g c3 + c4
         gb_m = s0 / Mf
         gw_m = s1 / Mf
-        mxt = s4 / Mf
-        proj = s5 / Mf
-        gb_t = s2
-        gw_t = s3 + r * (s6 - mxt * s0 - proj * s1)
-        scale_t = p1 * r - wr2 * proj
-        c0 = wr                                   # grad_x_t = gt c0 + xt c1 + xhat c2
-        c1 = -wr2 * gw_m                          #            + g c3 + c4
-        c2 = wr2 * proj * gw_m - wr * (gw_t / Mf) - scale_t * gw_m
-        c3 = scale_t
-        c4 = wr2 * mxt * gw_m - wr * (gb_t / Mf) - scale_t * gb_m
+        gb_t = z
+        gw_t = z
+        scale_t = z
+        if HAS_E2:
+            gb_t = s2
+            gw_t = s3
+            c0 = wr
+        if HAS_E3:
+            mxt = s4 / Mf
+            proj = s5 / Mf
+            gw_t += r * (s6 - mxt * s0 - proj * s1)
+            scale_t -= wr2 * proj
+            c1 = -wr2 * gw_m
+            c2 = wr2 * proj * gw_m
+            c4 = wr2 * mxt * gw_m
+        if HAS_P1:
+            scale_t += p1 * r
+        c2 -= wr * (gw_t / Mf)
+        c4 -= wr * (gb_t / Mf)
+        if HAS_E3 or HAS_P1:
+            c2 -= scale_t * gw_m
+            c3 = scale_t
+            c4 -= scale_t * gb_m
         q1 = gw_t
         q2 = gb_t
     return c0, c1, c2, c3, c4, c5, c6, q1, q2, q3
@@ -218,7 +247,9 @@ def _coeffs(OP: tl.constexpr, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b
 
 @triton.jit
 def _tile_out(OP: tl.constexpr, ACT: tl.constexpr, x, xhat, e1, e2, e3, relu,
-              c0, c1, c2, c3, c4, c5, c6):
+              c0, c1, c2, c3, c4, c5, c6, HAS_E1: tl.constexpr, HAS_E2: tl.constexpr,
+              HAS_E3: tl.constexpr, HAS_P1: tl.constexpr):
+    """The elementwise outputs; as in _coeffs, terms of absent inputs are left out."""
     o2 = xhat
     if OP == FWD:
         o1 = xhat * c0[None, :] + c1[None, :]
@@ -231,17 +262,32 @@ def _tile_out(OP: tl.constexpr, ACT: tl.constexpr, x, xhat, e1, e2, e3, relu,
     if OP == BWD:
         o1 = e1 * c0[None, :] + xhat * c1[None, :] + c2[None, :]
     if OP == FJVP:
-        o1 = e1 * c0[None, :] + xhat * c1[None, :] + c2[None, :]
+        o1 = tl.zeros_like(xhat) + c2[None, :]
+        if HAS_E1:
+            o1 += e1 * c0[None, :]
+        if HAS_E1 or HAS_P1:
+            o1 += xhat * c1[None, :]
         if ACT:
             o1 = tl.where(relu, o1, 0.0)
     if OP == BB:
-        o1 = e2 * c0[None, :] + xhat * c1[None, :] + c2[None, :]
+        o1 = tl.zeros_like(xhat) + c2[None, :]
+        o2 = tl.zeros_like(xhat) + c6[None, :]
+        if HAS_E2:
+            o1 += e2 * c0[None, :]
+            o2 += e2 * c3[None, :]
+        if HAS_E2 or HAS_P1:
+            o1 += xhat * c1[None, :]
+            o2 += e1 * c4[None, :] + xhat * c5[None, :]
         if ACT:
             o1 = tl.where(relu, o1, 0.0)
-        o2 = e2 * c3[None, :] + e1 * c4[None, :] + xhat * c5[None, :] + c6[None, :]
     if OP == BJVP:
-        o1 = e2 * c0[None, :] + e3 * c1[None, :] + xhat * c2[None, :] + e1 * c3[None, :] \
-            + c4[None, :]
+        o1 = xhat * c2[None, :] + c4[None, :]
+        if HAS_E2:
+            o1 += e2 * c0[None, :]
+        if HAS_E3:
+            o1 += e3 * c1[None, :]
+        if HAS_E3 or HAS_P1:
+            o1 += e1 * c3[None, :]
     return o1, o2
 
 
@@ -379,7 +425,8 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
                                                         cnt, t0, t1, t2, t3, t4, t5, t6)
                     n += cnt
         c0, c1, cc2, c3, c4, c5, c6, q1, q2, q3 = _coeffs(
-            OP, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b, p1, p2, eps)
+            OP, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b, p1, p2, eps,
+            HAS_E1, HAS_E2, HAS_E3, HAS_P1, HAS_P2)
         if ch == 0:
             if OP == FWD:
                 tl.store(Q1 + cs, q1, mask=cmask)
@@ -391,7 +438,8 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
             if OP == BB:
                 tl.store(Q1 + k * sqK + cs, q1, mask=cmask)
         if MODE == FUSED:
-            o1, o2 = _tile_out(OP, ACT, x, xhat, e1, e2, e3, relu, c0, c1, cc2, c3, c4, c5, c6)
+            o1, o2 = _tile_out(OP, ACT, x, xhat, e1, e2, e3, relu, c0, c1, cc2, c3, c4, c5, c6,
+                               HAS_E1, HAS_E2, HAS_E3, HAS_P1)
             _store_tile(O1, o1, k, m, c2, valid, L, so1K, so1N, so1C, so1L)
             if OP == BB:
                 _store_tile(O2, o2, k, m, c2, valid, L, so2K, so2N, so2C, so2L)
@@ -404,7 +452,7 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
                                             s3K, s3N, s3C, s3L, HAS_E1, HAS_E2, HAS_E3, ACC)
                 xhat, e1, e2, relu = _prep(OP, ACT, x, e1, e2, valid, mean, invstd, w, b)
                 o1, o2 = _tile_out(OP, ACT, x, xhat, e1, e2, e3, relu,
-                                   c0, c1, cc2, c3, c4, c5, c6)
+                                   c0, c1, cc2, c3, c4, c5, c6, HAS_E1, HAS_E2, HAS_E3, HAS_P1)
                 _store_tile(O1, o1, k, m, c2, valid, L, so1K, so1N, so1C, so1L)
                 if OP == BB:
                     _store_tile(O2, o2, k, m, c2, valid, L, so2K, so2N, so2C, so2L)
