@@ -332,7 +332,8 @@ class _Call:
         meta = dict(OP=op, ACT=act == "relu", HAS_E1=e[0] is not None,
                     HAS_E2=e[1] is not None, HAS_E3=e[2] is not None,
                     HAS_P1=has_p1, HAS_P2=has_p2, NS=ns, ACC=self.tl_acc,
-                    IDX64=self.idx64, BLOCK_M=bm, BLOCK_C=bc)
+                    IDX64=self.idx64 or part.numel() >= 2 ** 31,   # tiny chunks: many partials
+                    BLOCK_M=bm, BLOCK_C=bc)
         kernel = _kernel()
         if kind == "fused":
             kernel[grid](*args, part, *tail, MODE=_k.MODE_FUSED, **meta)
