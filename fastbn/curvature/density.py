@@ -108,6 +108,8 @@ def spectral_density(op, *, num_runs=8, num_steps=64, grid=None, sigma=None, see
     grid = torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
     if grid.numel() < 2:
         raise ValueError("grid needs at least two points")
+    if not bool((grid[1:] > grid[:-1]).all()):
+        raise ValueError("grid must be strictly increasing")
     gaussians = torch.exp(-0.5 * ((grid[:, None] - nodes.reshape(1, -1)) / sigma) ** 2)
     density = gaussians @ weights.reshape(-1) / (num_runs * sigma * math.sqrt(2 * math.pi))
     mass = torch.trapezoid(density, grid)

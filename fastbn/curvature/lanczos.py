@@ -2,6 +2,7 @@
 
 import functools
 import math
+import numbers
 import warnings
 
 import torch
@@ -272,8 +273,8 @@ def eigenvalues(op, k=1, *, method="lanczos", tol=1e-3, max_iter=100, seed=0, pr
     """
     if method not in EIGEN_METHODS:
         raise ValueError(f"unknown method {method!r}; expected 'lanczos' or 'power'")
-    if not 1 <= k <= op.shape[0]:
-        raise ValueError(f"k must be between 1 and P={op.shape[0]}, got {k}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= op.shape[0]:
+        raise ValueError(f"k must be an int between 1 and P={op.shape[0]}, got {k!r}")
     if max_iter < k:
         raise ValueError(f"max_iter must be at least k={k}, got {max_iter}")
     solver = lanczos_eigenvalues if method == "lanczos" else power_eigenvalues

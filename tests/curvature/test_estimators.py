@@ -266,6 +266,10 @@ def test_estimator_errors(matrix):
         trace(op, num_samples=0)
     with pytest.raises(ValueError, match="sigma"):
         spectral_density(op, num_steps=4, sigma=0.0)
+    with pytest.raises(ValueError, match="increasing"):
+        spectral_density(op, num_steps=4, grid=torch.linspace(1.0, -1.0, 11))
+    with pytest.raises(ValueError, match="an int"):
+        eigenvalues(op, k=2.0)
 
 
 def test_slq_stops_runs_whose_krylov_space_is_invariant():
