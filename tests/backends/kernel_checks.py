@@ -115,6 +115,9 @@ def check(out, ref, ref64, dtype, half_atol):
 ABSENT = {"forward_jvp": ("x_t", "weight_t", "bias_t"),
           "backward_backward": ("gg_x", "weight_t", "bias_t"),
           "backward_jvp": ("grad_y_t", "x_t", "weight_t")}
+# (op, where the non-finite value goes) for check_absent_with_non_finite.
+NON_FINITE_CASES = [(op, where) for op in ABSENT for where in ("grad_y", "x")
+                    if not (op == "forward_jvp" and where == "grad_y")]   # it has no grad_y
 
 
 def check_absent_with_non_finite(backend, op, base, where):

@@ -33,10 +33,10 @@ import torch
 pytest.importorskip("triton")
 
 from fastbn.backends import reference  # noqa: E402
-from tests.backends.kernel_checks import (ABSENT, HALF, K_OPS, OPS, NoFallback,  # noqa: E402
-                                          as_tuple as _tuple, call as _call, check,
-                                          check_absent_with_non_finite,
-                                          layout_x, upcast as _upcast)
+from tests.backends.kernel_checks import (HALF, K_OPS, NON_FINITE_CASES, OPS,  # noqa: E402
+                                          NoFallback, as_tuple as _tuple, call as _call,
+                                          check, check_absent_with_non_finite, layout_x,
+                                          upcast as _upcast)
 
 T = pytest.importorskip("fastbn.backends.triton")
 
@@ -172,11 +172,8 @@ def test_absent_tangents(native, path, op):
 
 
 @pytest.mark.parametrize("k", (None, 3))
-@pytest.mark.parametrize("op", list(ABSENT))
-@pytest.mark.parametrize("where", ("grad_y", "x"))
-def test_absent_tangents_with_a_non_finite_input(native, path, op, k, where):
-    if op == "forward_jvp" and where == "grad_y":
-        pytest.skip("forward_jvp takes no grad_y")
+@pytest.mark.parametrize("op,where", NON_FINITE_CASES)
+def test_absent_tangents_with_a_non_finite_input(native, path, op, where, k):
     layout = "channels_last" if path == "split" else "nchw"
     check_absent_with_non_finite(T, op, _problem(layout, torch.float64, k), where)
 
