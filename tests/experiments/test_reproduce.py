@@ -2,6 +2,7 @@ import csv
 import json
 import math
 import os
+import shutil
 
 import pytest
 
@@ -99,9 +100,22 @@ def test_csv_and_report_agree_with_results(tiny_run):
     # The stated choices are this configuration's (the tiny preset's 5-layer DLN).
     assert "‖W1…W5 x − A x‖²" in report and "(4 BN layers)" in report
     assert "VGG 8 η in [0.5, 4] × lr" in report
+    # The configuration that ran, with the values the command line changed marked.
+    assert "quick configuration with changes" in report
+    assert "| vgg_steps | 6 (changed) |" in report and "| seed | 3 (changed) |" in report
+    assert "| dln_depth | 5 |" in report   # the (tiny) quick preset's own value
     results = json.loads((tiny_run / "results.json").read_text())
     for claim in results["claims"]:
         assert claim["verdict"] in report
+
+
+def test_a_new_run_removes_an_earlier_runs_outputs(tiny_run, tmp_path):
+    shutil.copytree(tiny_run, tmp_path / "out", ignore=shutil.ignore_patterns("checkpoints"))
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert reproduce_main(TINY + ["--out", str(tmp_path / "out"), "--experiment", "dln"]) == 0
+    left = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "figure4_vgg.png" not in left and "vgg_probes.csv" not in left
+    assert {"figure4_dln.png", "report.md", "results.json", "notes.txt"} <= left
 
 
 def test_resume_reuses_completed_parts_and_is_deterministic(tiny_run, tmp_path):
