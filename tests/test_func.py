@@ -187,8 +187,11 @@ def test_vmap_over_data_around_transforms_of_tangents(backend):
     w, b, c = torch.randn(3, dtype=DT), torch.randn(3, dtype=DT), torch.randn(4, 3, dtype=DT)
 
     def per_batch(bn):
-        loss = lambda x, w: (bn(x, w, b) ** 2 * c).sum()   # noqa: E731
-        hvp = lambda x: jvp(lambda w_: grad(loss, 1)(x, w_), (w,), (torch.ones_like(w),))[1]  # noqa: E731,E501
+        def loss(x, w):
+            return (bn(x, w, b) ** 2 * c).sum()
+
+        def hvp(x):
+            return jvp(lambda w_: grad(loss, 1)(x, w_), (w,), (torch.ones_like(w),))[1]
         return (vmap(lambda x: hessian(loss, 1)(x, w))(xs),
                 vmap(lambda x: jacrev(jacrev(loss, 1), 1)(x, w))(xs), vmap(hvp)(xs))
 

@@ -143,4 +143,3 @@ forward_train.register_autograd(_backward_forward_train, setup_context=_setup_fo
 backward.register_autograd(_backward_backward, setup_context=_setup_backward)
 backward_backward.register_autograd(_third_order, setup_context=_setup_backward_backward)
 forward_eval.register_autograd(_backward_forward_eval, setup_context=_setup_forward_eval)
-
