@@ -130,8 +130,6 @@ class HessianOperator:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-        if max_memory is not None and not max_memory > 0:
-            raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
         self._group = process_group
         self._model = FunctionalModel(model, bn_mode, process_group, fuse_relu=True)
         self.criterion = criterion
@@ -139,8 +137,9 @@ class HessianOperator:
         self.method = method
         self.method_used = None if method == "auto" else method
         self.timings = {}
-        self.max_memory = max_memory
         self.chunk_size = chunk_size
+        self._derived_chunk = None   # the chunk_size matmat derived from max_memory
+        self.max_memory = max_memory
         self.progress = progress
         self.param_names = self._select_params(model, params)
         selected = dict(model.named_parameters())
@@ -511,6 +510,20 @@ class HessianOperator:
             self.method_used = min(usable, key=self.timings.get)
         return self.method_used
 
+    @property
+    def max_memory(self):
+        """The byte budget of a matmat pass (see the class docstring). Setting it makes
+        the next matmat size its chunks again, where they came from the old budget."""
+        return self._max_memory
+
+    @max_memory.setter
+    def max_memory(self, value):
+        if value is not None and not value > 0:
+            raise ValueError(f"max_memory must be a positive number of bytes, got {value!r}")
+        self._max_memory = value
+        if self.chunk_size is not None and self.chunk_size == self._derived_chunk:
+            self.chunk_size = self._derived_chunk = None
+
     def _chunk_size(self, k):
         if self.chunk_size is not None:
             return self.chunk_size
@@ -523,7 +536,7 @@ class HessianOperator:
                 "pass; pass chunk_size to HessianOperator (or set op.chunk_size) to choose "
                 "the chunking.", RuntimeWarning, stacklevel=3)
             return 1
-        self.chunk_size = self._chunk_from_budget()
+        self.chunk_size = self._derived_chunk = self._chunk_from_budget()
         return self.chunk_size
 
     def _can_measure_memory(self):

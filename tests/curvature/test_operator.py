@@ -689,6 +689,12 @@ def test_matmat_stays_within_its_budget():
     result_bytes = V.numel() * V.element_size()
     peak = peak_bytes(lambda: sized.matmat(V), "cpu")
     assert peak <= budget + result_bytes, (peak, budget, result_bytes)
+    sized.max_memory = budget + 4 * per_tangent   # a new budget: the chunks follow it
+    sized.matmat(V)
+    assert sized.chunk_size == 8
+    sized.chunk_size = 2                           # an explicit chunk stays
+    sized.max_memory = budget
+    assert sized.chunk_size == 2
     unchunked = HessianOperator(model, CRITERION, batch, method="forward-over-reverse",
                                 chunk_size=16)
     unchunked.matmat(V)
