@@ -373,9 +373,9 @@ CHOICES = [
     "Theorem 4.1 is checked as printed (with 1/√m); with ∇_z L̂ and 1/m both sides are "
     "equal up to O(eps/σ²), reported as `identity_rel_error`. Theorem 4.2 is also checked "
     "with L taken as the paper's proof does, as a function of the BN output z at the BN "
-    "network's z (`held_fraction_same_point`, channels with ⟨∇_z L̂, ŷ⟩ > 0). H_jj PSD is "
-    "tested with a few Lanczos steps (PSD unless a Ritz value is below −1e-4 × the "
-    "largest).",
+    "network's z (the claim `theorem_4_2_proof_setting`, channels with ⟨∇_z L̂, ŷ⟩ > 0). "
+    "H_jj PSD is tested with a few Lanczos steps (PSD unless a Ritz value is below −1e-4 × "
+    "the largest).",
     "Several processes (torchrun, `world_size` > 1): each VGG training batch (also in the "
     "learning-rate sweep) is split into equal contiguous shards, BN statistics are "
     "synchronised, gradients averaged before each step and the probes measure the whole "

@@ -83,7 +83,8 @@ def test_results_follow_the_schema(tiny_run):
     assert first["theorem_4_1"]["identity_rel_error"] < 1e-3
     ids = {claim["id"] for claim in results["claims"]}
     assert {"vgg_loss_range", "vgg_gradient_predictiveness", "vgg_effective_beta",
-            "dln_loss_range", "lr_range", "theorem_4_1", "theorem_4_2"} <= ids
+            "dln_loss_range", "lr_range", "theorem_4_1", "theorem_4_2",
+            "theorem_4_2_proof_setting"} <= ids
     verdicts = {"reproduced", "partly", "not reproduced", "no data", "inconclusive",
                 "held everywhere", "violated in places"}
     assert all(claim["verdict"] in verdicts for claim in results["claims"])
