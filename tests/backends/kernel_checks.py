@@ -144,3 +144,26 @@ def check_absent_with_non_finite(backend, op, base, where):
                 finite = torch.isfinite(want)
                 torch.testing.assert_close(got[finite], want[finite], rtol=1e-9, atol=1e-9)
                 assert not torch.isfinite(got[~finite]).any()
+
+
+def check_non_finite_forward(backend, x):
+    """NaN survives the fused ReLU (torch's relu keeps it); an inf makes its channel's
+    mean inf, wherever in the channel it sits (first, so the pivot, or last)."""
+    c = x.shape[1]
+    w, b = torch.rand(c, dtype=x.dtype) + 0.5, torch.randn(c, dtype=x.dtype)
+    rm, rv = torch.zeros(c, dtype=x.dtype), torch.ones(c, dtype=x.dtype)
+    w, b, rm, rv = (t.to(x.device) for t in (w, b, rm, rv))
+    first = (0,) * x.dim()
+    last = tuple(s - 1 for s in x.shape)
+    for value, where in ((float("nan"), first), (float("nan"), last),
+                         (float("inf"), first), (float("-inf"), last)):
+        bad = x.clone()
+        bad[where] = value
+        for act in (None, "relu"):
+            got = backend.forward_train(bad, w, b, 1e-5, act)
+            want = reference.forward_train(bad, w, b, 1e-5, act)
+            for g, v in zip(got, want):
+                torch.testing.assert_close(g, v, equal_nan=True, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(backend.forward_eval(bad, rm, rv, w, b, 1e-5, act),
+                                       reference.forward_eval(bad, rm, rv, w, b, 1e-5, act),
+                                       equal_nan=True)

@@ -13,7 +13,8 @@ pytest.importorskip("fastbn._C")
 from fastbn.backends import cpu, reference  # noqa: E402
 from tests.backends.kernel_checks import (HALF, K_OPS, NON_FINITE_CASES, OPS,  # noqa: E402
                                           NoFallback, as_tuple as _tuple, call as _call,
-                                          check, check_absent_with_non_finite, layout_x,
+                                          check, check_absent_with_non_finite,
+                                          check_non_finite_forward, layout_x,
                                           upcast as _upcast)
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -204,27 +205,8 @@ def test_statistics_when_the_channel_starts_far_from_its_mean(native, layout, da
 
 @pytest.mark.parametrize("layout", ("nchw", "channels_last", "2d"))
 def test_non_finite_values_propagate_as_in_torch(native, layout):
-    """NaN survives the fused ReLU (torch's relu keeps it); an inf makes the mean inf,
-    wherever in the channel it sits."""
-    gen = torch.Generator().manual_seed(13)
-    x = layout_x(layout, gen, torch.float32)
-    c = x.shape[1]
-    w, b = torch.rand(c) + 0.5, torch.randn(c)
-    rm, rv = torch.zeros(c), torch.ones(c)
-    first = (0,) * x.dim()
-    last = tuple(s - 1 for s in x.shape)
-    for value, where in ((float("nan"), first), (float("nan"), last),
-                         (float("inf"), first), (float("-inf"), last)):
-        bad = x.clone()
-        bad[where] = value
-        for act in (None, "relu"):
-            got = cpu.forward_train(bad, w, b, 1e-5, act)
-            want = reference.forward_train(bad, w, b, 1e-5, act)
-            for g, v in zip(got, want):
-                torch.testing.assert_close(g, v, equal_nan=True, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(cpu.forward_eval(bad, rm, rv, w, b, 1e-5, act),
-                                       reference.forward_eval(bad, rm, rv, w, b, 1e-5, act),
-                                       equal_nan=True)
+    check_non_finite_forward(cpu, layout_x(layout, torch.Generator().manual_seed(13),
+                                           torch.float32))
 
 
 def test_zero_tensors_and_batched_statistics_fall_back():

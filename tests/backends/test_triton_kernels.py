@@ -35,7 +35,8 @@ pytest.importorskip("triton")
 from fastbn.backends import reference  # noqa: E402
 from tests.backends.kernel_checks import (HALF, K_OPS, NON_FINITE_CASES, OPS,  # noqa: E402
                                           NoFallback, as_tuple as _tuple, call as _call,
-                                          check, check_absent_with_non_finite, layout_x,
+                                          check, check_absent_with_non_finite,
+                                          check_non_finite_forward, layout_x,
                                           upcast as _upcast)
 
 T = pytest.importorskip("fastbn.backends.triton")
@@ -176,6 +177,11 @@ def test_absent_tangents(native, path, op):
 def test_absent_tangents_with_a_non_finite_input(native, path, op, where, k):
     layout = "channels_last" if path == "split" else "nchw"
     check_absent_with_non_finite(T, op, _problem(layout, torch.float64, k), where)
+
+
+@pytest.mark.parametrize("layout", ("nchw", "channels_last", "2d"))
+def test_non_finite_values_propagate_as_in_torch(native, path, layout):
+    check_non_finite_forward(T, _x(layout, torch.Generator().manual_seed(13), torch.float32))
 
 
 def test_a_per_channel_tangent_that_is_x_itself(native):

@@ -102,7 +102,9 @@ def _tile_sums(OP: tl.constexpr, xhat, e1, e2, e3, valid, cnt):
     if OP == FWD:
         s0 = tl.sum(xhat, axis=0) / cnt
         # one correction step: the mean of the residuals recovers the rounding of the sum
-        s0 += tl.sum(tl.where(valid, xhat - s0[None, :], 0.0), axis=0) / cnt
+        # (skipped for an infinite mean, where it would be inf - inf)
+        fix = tl.sum(tl.where(valid, xhat - s0[None, :], 0.0), axis=0) / cnt
+        s0 = tl.where(_finite(s0), s0 + fix, s0)
         d = tl.where(valid, xhat - s0[None, :], 0.0)
         s1 = tl.sum(d * d, axis=0)
     if OP == BWD or OP == FJVP or OP == BB or OP == BJVP:
@@ -127,12 +129,18 @@ def _merge(OP: tl.constexpr, na, a0, a1, a2, a3, a4, a5, a6, nb, b0, b1, b2, b3,
     if OP == FWD:
         n = na + nb
         delta = b0 - a0
-        r0 = a0 + delta * (nb / n)
+        # an infinite mean stays infinite (a0 + delta * w would be inf - inf)
+        r0 = tl.where(_finite(delta), a0 + delta * (nb / n), a0 * (na / n) + b0 * (nb / n))
         r1 = a1 + b1 + delta * delta * (na * nb / n)
     else:
         r0 = a0 + b0
         r1 = a1 + b1
     return r0, r1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6
+
+
+@triton.jit
+def _finite(v):
+    return v - v == 0   # inf - inf and NaN - NaN are NaN
 
 
 @triton.jit
@@ -357,8 +365,9 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
     # eps in two float32 halves: a Python float argument is float32 in compiled code.
     eps = tl.full([], eps_hi, ACC) + tl.full([], eps_lo, ACC)
 
-    if OP == FWD:   # pivot: the channel's first element
+    if OP == FWD:   # pivot: the channel's first element, 0 if that is not finite
         mean = tl.load(X + cs * sxC, mask=cmask, other=0.0).to(ACC)
+        mean = tl.where(_finite(mean), mean, 0.0)
         invstd = mean
     else:
         mean = tl.load(MEAN + cs, mask=cmask, other=0.0).to(ACC)
