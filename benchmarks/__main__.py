@@ -2,4 +2,4 @@
 
 from fastbn.bench import main
 
-main()
+main(prog="python -m benchmarks")

@@ -205,7 +205,7 @@ def run(quick: bool) -> list[dict]:
         f"λ={value:.5g}, {products} HVPs, relative change < {TOL}")
     steps, matched_time = lanczos_to_match(reverse, value, MAX_ITER)
     if steps is None:
-        row("top eigenvalue, Lanczos to the power loop's λ", float("nan"), "s",
+        row("top eigenvalue, Lanczos to the power loop's λ", None, "s",
             f"not reached in {MAX_ITER} steps")
     else:
         row("top eigenvalue, Lanczos to the power loop's λ", matched_time, "s",
@@ -235,7 +235,8 @@ def run(quick: bool) -> list[dict]:
 def print_table(rows):
     print(f"{'measure':42} {'value':>12} {'unit':>6}  note")
     for r in rows:
-        value = f"{r['value']:.4g}" if isinstance(r["value"], float) else str(r["value"])
+        value = f"{r['value']:.4g}" if isinstance(r["value"], float) else \
+            "n/a" if r["value"] is None else str(r["value"])
         print(f"{r['measure']:42} {value:>12} {r['unit']:>6}  {r['note']}")
 
 

@@ -133,11 +133,8 @@ def _bench_fn(torch, op, bn, x):
 
     if op == "jvp":
         return lambda: torch.func.jvp(f, (x,), (xt,))
-    xts = torch.randn((K_VMAP, *x.shape), device=dev, dtype=x.dtype)
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-            and not x.is_contiguous():
-        xts = xts.view(K_VMAP * x.shape[0], *x.shape[1:]).contiguous(
-            memory_format=torch.channels_last).view(K_VMAP, *x.shape)
+    # Each of the K tangents in x's memory format, as the vmap'd kernels receive them.
+    xts = torch.stack([torch.randn_like(x) for _ in range(K_VMAP)])
     return lambda: torch.func.vmap(lambda t: torch.func.jvp(f, (x,), (t,))[1])(xts)
 
 

@@ -83,6 +83,8 @@ def parse_shape(text):
         shape = tuple(int(d) for d in dims.split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad shape {text!r}; expected e.g. 32x64x56x56")
+    if min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: every size must be at least 1")
     if not 2 <= len(shape) <= 5 or (layout and len(shape) != 4):
         raise argparse.ArgumentTypeError(f"shape {text!r}: 2 to 5 dims, ':cl' only with 4")
     return shape, layout == "cl"
@@ -257,11 +259,26 @@ def prepare(cand, op, inputs):
 
 
 def _max_rel_error(outputs, reference):
+    """Largest |out - ref| over max |ref| across the outputs; inf where they differ in
+    number or shape, or where one is NaN or infinite and the other is not."""
+    if len(outputs) != len(reference):
+        return math.inf
     worst = 0.0
     for out, ref in zip(outputs, reference):
+        if out.shape != ref.shape:
+            return math.inf
+        if out.numel() == 0:
+            continue
         out, ref = out.detach().double(), ref.detach().double()
-        worst = max(worst, ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item())
+        agree = (out == ref) | (out.isnan() & ref.isnan())   # inf == inf counts
+        diff = torch.where(agree, 0.0, (out - ref).abs()).nan_to_num(nan=math.inf)
+        scale = torch.where(ref.isfinite(), ref.abs(), 0.0).max().clamp_min(1e-30)
+        worst = max(worst, (diff.max() / scale).item())
     return worst
+
+
+def _error_text(err):
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
 
 
 # Wall clock by default. "cpu" reads this thread's CPU time, which does not count time
@@ -270,8 +287,11 @@ def _max_rel_error(outputs, reference):
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
-def time_interleaved(calls, timing, clock=time.perf_counter):
-    """{name: sorted per-call seconds}: round-robin, one call each per round."""
+def time_interleaved(calls, timing, clock=time.perf_counter, errors=None):
+    """{name: sorted per-call seconds}: round-robin, one call each per round. A call that
+    raises drops its candidate from the rounds: its error goes to `errors`, its times
+    from the result."""
+    calls = dict(calls)
     times = {name: [] for name in calls}
     gc_was_enabled = gc.isenabled()
     gc.disable()   # a collection inside one candidate's call would bias it
@@ -280,9 +300,16 @@ def time_interleaved(calls, timing, clock=time.perf_counter):
         rounds = 0
         while rounds < timing.min_runs or (rounds < timing.max_runs
                                            and time.perf_counter() - start < timing.budget_s):
-            for name, call in calls.items():
+            for name, call in list(calls.items()):
                 t0 = clock()
-                call()
+                try:
+                    call()
+                except Exception as err:
+                    if errors is None:
+                        raise
+                    errors[name] = _error_text(err)
+                    del calls[name], times[name]
+                    continue
                 times[name].append(clock() - t0)
             rounds += 1
     finally:
@@ -302,8 +329,8 @@ def measure(op_name, shape, channels_last, dtype, backend_names, timing,
         try:
             calls[cand.name], outputs[cand.name] = prepare(cand, op, inputs)
         except Exception as err:   # recorded as n/a: one failing candidate must not end the run
-            errors[cand.name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-    times = time_interleaved(calls, timing, clock)
+            errors[cand.name] = _error_text(err)
+    times = time_interleaved(calls, timing, clock, errors)
     copy_s = statistics.median(times["copy"])
     x_bytes = inputs.x.numel() * inputs.x.element_size()
     traffic = (op.reads + op.writes) * x_bytes
@@ -340,16 +367,25 @@ def geomean(values):
 
 
 def summarize(rows, backend_names):
-    """{op: {"stock_x_copy": g, backend: {"speedup": g, "x_copy": g, "shapes": n}}}."""
+    """{op: {"stock_x_copy": g, "shapes": n, "rows": m, backend: {"speedup": g,
+    "x_copy": g, "shapes": n}}}: geometric means over the n of the op's m rows where every
+    candidate ran, so that the columns compare like with like; a candidate that failed on every row
+    is left out of that condition (its entries are None, its shapes 0)."""
     summary = {}
     for op_name in dict.fromkeys(r["op"] for r in rows):
         op_rows = [r for r in rows if r["op"] == op_name]
-        s = {"stock_x_copy": geomean([r["stock"].get("x_copy") for r in op_rows])}
+
+        def entries(r):
+            return {"stock": r["stock"], **r["fastbn"]}
+        ran = [n for n in ["stock", *backend_names]
+               if any(entries(r)[n]["ms"] is not None for r in op_rows)]
+        common = [r for r in op_rows if all(entries(r)[n]["ms"] is not None for n in ran)]
+        s = {"stock_x_copy": geomean([r["stock"].get("x_copy") for r in common]),
+             "shapes": len(common), "rows": len(op_rows)}
         for name in backend_names:
-            both = [r for r in op_rows if "speedup" in r["fastbn"][name]]
-            s[name] = {"speedup": geomean([r["fastbn"][name]["speedup"] for r in both]),
-                       "x_copy": geomean([r["fastbn"][name]["x_copy"] for r in both]),
-                       "shapes": len(both)}
+            s[name] = {"speedup": geomean([r["fastbn"][name].get("speedup") for r in common]),
+                       "x_copy": geomean([r["fastbn"][name].get("x_copy") for r in common]),
+                       "shapes": len(common) if name in ran else 0}
         summary[op_name] = s
     return summary
 
@@ -411,7 +447,11 @@ def format_summary(summary, backend_names):
         for name in backend_names:
             cells += [_fmt(s[name]["x_copy"], ".2f"), _fmt(s[name]["speedup"], ".2f")]
         table.append(cells)
-    return "### geometric means over shapes\n\n" + markdown_table(header, table)
+    partial = [f"{op_name} over {s['shapes']} of {s['rows']}" for op_name, s in summary.items()
+               if s["shapes"] < s["rows"]]
+    note = f"\n- only the shapes where every candidate ran: {', '.join(partial)}" if partial \
+        else ""
+    return "### geometric means over shapes\n\n" + markdown_table(header, table) + note
 
 
 def _cpu_model():
@@ -458,14 +498,21 @@ def format_rows(rows):
     keys = list(dict.fromkeys(k for r in rows for k in r))
 
     def cell(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+        return f"{v:.4g}" if isinstance(v, float) else "n/a" if v is None else str(v)
     return markdown_table(keys, [[cell(r.get(k, "")) for k in keys] for r in rows])
 
 
 # --- command line -----------------------------------------------------------------------
 
-def build_parser():
-    p = argparse.ArgumentParser(prog="fastbn bench", description=__doc__.split("\n\n")[0])
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser(prog="fastbn bench"):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", nargs="+", default=["auto"],
                    help="fastbn backends to time against stock torch (names or a "
                         "comma-separated list; default auto)")
@@ -480,24 +527,36 @@ def build_parser():
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of round-robin timing per (op, shape) (default 1.5, "
                         "--quick 0.05); at least 3 rounds either way")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch.set_num_threads (default: torch's choice); use 1 on a "
                         "machine shared with other jobs")
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall time, or this thread's CPU time (requires --threads 1)")
     p.add_argument("--suite", nargs="+", choices=["batchnorm", "curvature"],
-                   default=["batchnorm"])
+                   default=["batchnorm"],
+                   help="curvature: benchmarks/bench_curvature.py (float32, wall clock, "
+                        "the auto backend; --quick gives it batch 16)")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="fastbn.memory.keep_freed_memory() for the whole run (stock and "
                         "fastbn alike): freed outputs are reused instead of faulted in anew")
     p.add_argument("--json", metavar="PATH", help="write every number and the machine info")
-    p.add_argument("--quiet", action="store_true", help="print only the tables")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
 
-def main(argv=None):
-    parser = build_parser()
+def main(argv=None, prog="fastbn bench"):
+    """Run the benchmarks; returns the report (the JSON's content). torch's thread count
+    is restored on return."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        return _run(parser, args, prog, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(parser, args, prog, argv):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu" and torch.get_num_threads() != 1:
@@ -510,6 +569,9 @@ def main(argv=None):
             raise SystemExit(f"unknown backend {name!r}; expected one of {backends.NAMES}")
     infos = [backend_info(n) for n in names]
     runnable = [i["requested"] for i in infos if i["available"]]
+    if "batchnorm" in args.suite and not runnable:
+        parser.error("no requested backend is available here: " +
+                     "; ".join(f"{i['requested']}: {i['reason']}" for i in infos))
     dtype = DTYPES[args.dtype]
     shapes = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     timing = QUICK_TIMING if args.quick else FULL_TIMING
@@ -526,7 +588,7 @@ def main(argv=None):
         state = f"selected {i['selected']}" if i["available"] else f"unavailable ({i['reason']})"
         print(f"backend {i['requested']}: {state}")
 
-    command = " ".join(["fastbn bench", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
     report = {"machine": machine, "command": command,
               "dtype": args.dtype, "quick": args.quick, "backends": infos,
               "timing": vars(timing), "clock": args.clock,

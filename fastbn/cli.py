@@ -15,11 +15,7 @@ def info(_args=None):
     print(f"fastbn {fastbn.__version__}")
     print(f"torch {torch.__version__} (threads: {torch.get_num_threads()})")
     print(f"python {platform.python_version()} on {platform.machine()}")
-    try:
-        selected = backends.get_backend()
-    except ValueError as error:     # a bad FASTBN_BACKEND: say so, list the rest anyway
-        selected = f"none ({error})"
-    print(f"selected backend: {selected}")
+    print(f"selected backend: {_selected_backend()}")
     for name in ("reference", "cpu", "triton"):
         ok, why = backends.availability(name)
         print(f"  {name:<10} {'available' if ok else 'unavailable'}: {why}")
@@ -28,6 +24,21 @@ def info(_args=None):
         print(f"cpu build: {cpu.build_info()}")
     print(f"cuda: {torch.cuda.is_available()}")
     return 0
+
+
+def _selected_backend():
+    """What runs a batch norm here: "auto -> cpu" for CPU tensors (and CUDA ones where
+    there is CUDA), or the set backend and whether it is available."""
+    try:
+        name = backends.get_backend()
+    except ValueError as error:     # a bad FASTBN_BACKEND: say so, list the rest anyway
+        return f"none ({error})"
+    if name != "auto":
+        ok, why = backends.availability(name)
+        return name if ok else f"{name}, unavailable ({why}): every batch norm will raise"
+    devices = ["cpu"] + (["cuda"] * torch.cuda.is_available())
+    return "auto -> " + ", ".join(
+        f"{backends.select(torch.empty(0, device=d)).name} on {d}" for d in devices)
 
 
 def demo(args):

@@ -64,6 +64,72 @@ def test_failing_candidate_is_recorded_not_raised(tmp_path, monkeypatch):
     assert report["summary"]["jvp"]["reference"]["speedup"] is None
 
 
+def test_candidate_failing_after_its_warm_up_is_recorded_not_raised(tmp_path, monkeypatch):
+    real = bench.stock_bn
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("out of memory\nmore detail")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(bench, "stock_bn", flaky)
+    report = _run(tmp_path, "--ops", "forward_eval")
+    (row,) = report["results"]
+    assert row["stock"] == {"ms": None, "error": "RuntimeError: out of memory"}
+    assert row["fastbn"]["reference"]["runs"] >= bench.QUICK_TIMING.min_runs
+
+
+def test_summary_compares_the_same_shapes(tmp_path, monkeypatch):
+    """A backend that fails on one of two shapes: every geometric mean of the op is over
+    the other shape alone, and the summary table says so."""
+    real = bench.fastbn_bn
+
+    def no_2d(x, *args, **kwargs):
+        if x.dim() == 2:
+            raise RuntimeError("no 2-D kernel")
+        return real(x, *args, **kwargs)
+    monkeypatch.setattr(bench, "fastbn_bn", no_2d)
+    report = _run(tmp_path, "--ops", "forward_eval", "--shapes", "4x8x3x3", "16x8")
+    s = report["summary"]["forward_eval"]
+    assert (s["shapes"], s["rows"], s["reference"]["shapes"]) == (1, 2, 1)
+    nchw = report["results"][0]
+    assert s["stock_x_copy"] == pytest.approx(nchw["stock"]["x_copy"])
+    assert s["reference"]["x_copy"] == pytest.approx(nchw["fastbn"]["reference"]["x_copy"])
+    assert "forward_eval over 1 of 2" in bench.format_summary(report["summary"], ["reference"])
+
+
+def test_thread_count_is_restored(tmp_path):
+    import torch
+    before = torch.get_num_threads()
+    _run(tmp_path, "--ops", "forward_eval", "--threads", str(before + 1))
+    assert torch.get_num_threads() == before
+    with pytest.raises(SystemExit):   # an error after the change restores it too
+        bench.main([*TINY, "--threads", str(before + 1), "--clock", "cpu"])
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("argv", (["--threads", "0"], ["--backend", "cpu"]))
+def test_bad_arguments_are_usage_errors(argv, capsys, monkeypatch):
+    monkeypatch.setattr(bench.backends, "availability", lambda name: (False, "not built"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*TINY, *argv])
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_error_against_stock_counts_every_disagreement():
+    import torch
+    ref = (torch.tensor([1.0, 2.0, float("inf")]), torch.tensor([float("nan"), 1.0]))
+    assert bench._max_rel_error(ref, ref) == 0.0   # NaN where stock has NaN, inf with inf
+    close = (torch.tensor([1.0, 2.5, float("inf")]), ref[1])
+    assert bench._max_rel_error(close, ref) == pytest.approx(0.25)
+    for bad in ((torch.full((3,), float("nan")), ref[1]),
+                (ref[0], torch.tensor([1.0, 1.0])),
+                (ref[0][None], ref[1]),
+                ref[:1]):
+        assert bench._max_rel_error(bad, ref) == float("inf")
+
+
 @pytest.mark.parametrize("text, expected", [("32x64x56x56", ((32, 64, 56, 56), False)),
                                             ("32x64x56x56:cl", ((32, 64, 56, 56), True)),
                                             ("1024x512", ((1024, 512), False))])
@@ -71,7 +137,8 @@ def test_parse_shape(text, expected):
     assert bench.parse_shape(text) == expected
 
 
-@pytest.mark.parametrize("text", ["1024", "1024x512:cl", "4x8xa", "4x8x3x3:nhwc"])
+@pytest.mark.parametrize("text", ["1024", "1024x512:cl", "4x8xa", "4x8x3x3:nhwc", "0x8",
+                                  "-2x8"])
 def test_parse_shape_rejects(text):
     with pytest.raises(argparse.ArgumentTypeError):
         bench.parse_shape(text)

@@ -19,6 +19,20 @@ def test_info_names_every_backend_and_the_cpu_build():
     cpu = backends.load("cpu")
     if cpu is not None:
         assert f"cpu build: {cpu.build_info()}" in lines
+    auto = "cpu" if backends.availability("cpu")[0] else "reference"
+    assert lines[3].startswith(f"selected backend: auto -> {auto} on cpu"), lines
+
+
+def test_info_says_when_the_selected_backend_is_unavailable():
+    import pytest
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("Triton can run here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "fastbn", "info"], capture_output=True,
+                          text=True, timeout=120, env={**env, "FASTBN_BACKEND": "triton"})
+    assert done.returncode == 0, done.stderr
+    assert "selected backend: triton, unavailable (" in done.stdout
 
 
 def test_unknown_command_fails():
