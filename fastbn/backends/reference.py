@@ -284,7 +284,15 @@ def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight,
     w = per_channel(weight.to(xhat.dtype), d)
     r = per_channel(invstd, d)
     a = None if gg_x is None else gg_x.to(xhat.dtype)
-    totals = reduction.total(*sums(d, g, g * xhat, *(() if a is None else (a, a * xhat))))
+    alpha = None if gg_weight is None else gg_weight.to(xhat.dtype)
+    local = sums(d, g, g * xhat, *(() if a is None else (a, a * xhat)))
+    # Each process's gg_weight weighs its own share of grad_weight: the sums that centre g
+    # in its derivative are weighted by the gg_weight of the process they come from.
+    weighted = () if alpha is None else (alpha * local[0], alpha * local[1])
+    totals = reduction.total(*local, *weighted)
+    if weighted:
+        alpha_g_mean, alpha_gx_mean = (per_channel(t / m, d) for t in totals[-2:])
+        totals = totals[:-2]
     g_mean, gx_mean = (per_channel(t / m, d) for t in totals[:2])
     centered_g = g - g_mean - xhat * gx_mean   # grad_x = weight * invstd * centered_g
 
@@ -302,10 +310,10 @@ def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight,
         d_invstd = weight.to(xhat.dtype) * a_dot_centered
         g_x = r * (big_g - big_g_mean - xhat * big_gx_mean) \
             - (r * r / m) * xhat * per_channel(d_invstd, d)
-    if gg_weight is not None:
-        alpha = per_channel(gg_weight.to(xhat.dtype), d)
+    if alpha is not None:
+        alpha = per_channel(alpha, d)
         g_g = _plus(g_g, alpha * xhat)
-        g_x = _plus(g_x, r * alpha * centered_g)
+        g_x = _plus(g_x, r * (alpha * g - alpha_g_mean - xhat * alpha_gx_mean))
     if gg_bias is not None:
         g_g = _plus(g_g, per_channel(gg_bias.to(xhat.dtype), d))
 

@@ -21,7 +21,7 @@ def _problem(sizes, seed=0):
 
     return {"x": randn(n, 3, 4, 5) * 2 + 1, "cot": randn(n, 3, 4, 5), "v": randn(n, 3, 4, 5),
             "x_t": randn(2, n, 3, 4, 5), "weight": randn(3), "bias": randn(3),
-            "weight_t": randn(3)}
+            "weight_t": randn(3), "gg_weight": randn(len(sizes), 3)}
 
 
 def _shard(data, sizes, rank):
@@ -30,6 +30,7 @@ def _shard(data, sizes, rank):
     for key in ("x", "cot", "v"):
         out[key] = data[key][start:start + sizes[rank]]
     out["x_t"] = data["x_t"][:, start:start + sizes[rank]]
+    out["gg_weight"] = data["gg_weight"][rank:rank + 1]
     return out
 
 
@@ -42,17 +43,23 @@ def _layer(data, process_group=None):
     return layer
 
 
-def _all_orders(layer, data, reduce):
+def _all_orders(layer, data, reduce, shards=None):
     """Forward, first and second derivatives, jvp and vmap'd jvp; parameter gradients are
-    passed through `reduce` (a sum over processes when the batch is sharded)."""
+    passed through `reduce` (a sum over processes when the batch is sharded). `shards`:
+    the sizes of the processes' batches within x (default: x is one process's)."""
     x = data["x"].clone().requires_grad_()
     y = layer(x)
-    grad_x, grad_w, grad_b = torch.autograd.grad((y * data["cot"]).sum(),
-                                                 (x, layer.weight, layer.bias),
+    loss = y * data["cot"]
+    grad_x, grad_w, grad_b = torch.autograd.grad(loss.sum(), (x, layer.weight, layer.bias),
                                                  create_graph=True)
     # Summed over processes this is the full second-order objective: each process's
-    # backward yields the derivative of the sum w.r.t. its own inputs.
-    second = (grad_x * data["v"]).sum() + (grad_w * data["weight_t"]).sum()
+    # backward yields the derivative of the sum w.r.t. its own inputs. Each process
+    # weighs its own share of grad_weight with its own vector (a per-process penalty).
+    shares = [grad_w] if shards is None else [
+        torch.autograd.grad(part.sum(), layer.weight, create_graph=True)[0]
+        for part in loss.split(shards)]
+    second = (grad_x * data["v"]).sum() + sum(
+        (share * gg).sum() for share, gg in zip(shares, data["gg_weight"]))
     hess_x, hess_w = torch.autograd.grad(second, (x, layer.weight))
 
     def f(inp, w):
@@ -88,7 +95,7 @@ def _worker(rank, world, sizes, group_ranks):
 
 def _single_process(sizes):
     data = _problem(sizes)
-    return _all_orders(_layer(data), data, lambda t: t)
+    return _all_orders(_layer(data), data, lambda t: t, sizes)
 
 
 def _check(results, sizes, members):
