@@ -152,7 +152,9 @@ class FunctionalModel:
             for attribute, value in vars(source).items():
                 if isinstance(value, torch.Tensor):
                     module.__dict__[attribute] = value.detach().clone()
-            module.__dict__.update(plain_attributes(source))
+            attributes = plain_attributes(source)
+            attributes.pop("process_group", None)   # the copy's group is the operator's
+            module.__dict__.update(attributes)
             if name in self._fused:
                 module.activation = "relu"
             if isinstance(module, _BatchNorm):

@@ -1,5 +1,6 @@
 """Data-parallel curvature: every process gets the operator of the whole data."""
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -57,20 +58,24 @@ def test_data_parallel_operator_equals_single_process():
                                torch.as_tensor(results[1]["value"][key])), key
 
 
-def _local_worker(rank, world):
-    """Without a process group the operator is local, even for a model whose batch
-    norms are SyncBatchNorms in an initialised group (they would synchronise over it)."""
+def _local_worker(rank, world, own_group):
+    """Without a process group, or with a group of this process alone, the operator is
+    local, even for a model whose batch norms are SyncBatchNorms of the whole world
+    (they would synchronise over it)."""
+    groups = [dist.new_group([r]) for r in range(world)]   # every process makes each
     model, inputs, targets = _setup()
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     start = sum(SIZES[:rank])
     shard = (inputs[start:start + SIZES[rank]], targets[start:start + SIZES[rank]])
     op = curvature.HessianOperator(model, nn.functional.cross_entropy, shard,
-                                   method="forward-over-reverse")
+                                   method="forward-over-reverse",
+                                   process_group=groups[rank] if own_group else None)
     return op.matvec(torch.linspace(-1, 1, op.shape[0], dtype=DT))
 
 
-def test_operator_without_a_process_group_is_local():
-    results = run_processes(_local_worker, 2)
+@pytest.mark.parametrize("own_group", (False, True), ids=("no group", "own group"))
+def test_operator_of_one_process_is_local(own_group):
+    results = run_processes(_local_worker, 2, own_group)
     model, inputs, targets = _setup()
     for rank, result in enumerate(results):
         assert "value" in result, result
