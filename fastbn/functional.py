@@ -168,9 +168,11 @@ def checked_batch_norm(input, running_mean, running_var, weight, bias, training,
     running_mean = _vector(running_mean, channels)
     running_var = _vector(running_var, channels)
 
-    if synchronized and (torch.compiler.is_compiling() or transforms.nested_forward_mode()):
-        raise NotImplementedError("fastbn: a synchronised batch norm runs eagerly, with at "
-                                  "most one level of forward-mode AD")
+    if synchronized and (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                         or transforms.nested_forward_mode()):
+        raise NotImplementedError("fastbn: a synchronised batch norm runs eagerly (no "
+                                  "torch.compile or torch.jit.trace), with at most one level "
+                                  "of forward-mode AD")
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         # Graph capture sees only registered ops: the custom ops, not the raw kernels.
         from fastbn.ops import library

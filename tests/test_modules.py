@@ -138,6 +138,21 @@ def test_convert_does_not_fuse_a_hooked_pair(hooked, kind):
     assert model[1].activation is None and type(model[2]) is nn.ReLU
 
 
+def test_hook_handles_of_a_fused_batch_norm_still_remove_its_hooks():
+    bn = nn.BatchNorm2d(3)
+    calls = []
+    handles = [bn.register_state_dict_post_hook(lambda *args: calls.append("state_dict")),
+               bn.register_load_state_dict_post_hook(lambda *args: calls.append("load"))]
+    model = fastbn.convert(nn.Sequential(bn, nn.ReLU()), fuse_relu=True)
+    assert model[0].activation == "relu"
+    model.load_state_dict(model.state_dict())
+    assert calls == ["state_dict", "load"]
+    for handle in handles:
+        handle.remove()
+    model.load_state_dict(model.state_dict())
+    assert calls == ["state_dict", "load"]
+
+
 def test_convert_does_not_fuse_a_shared_batch_norm():
     """A batch norm held at two places stays one layer (a fused copy would part from it
     under .to() or .eval()); one inside a Sequential held at two places is fused, as

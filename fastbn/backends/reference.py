@@ -112,11 +112,18 @@ def statistics(x, eps, reduction=LOCAL):
 def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     """running = (1 - momentum) * running + momentum * batch, with the unbiased variance
     of `count` values from their biased `var`."""
-    if isinstance(count, torch.Tensor):   # SyncBatchNorm's global count: stay on device
-        correction = count / (count - 1).clamp(min=1)
-    else:
+    if not isinstance(count, torch.Tensor):
         correction = count / (count - 1) if count > 1 else 1.0
-    blend_running_stats(running_mean, running_var, mean, var * correction, momentum)
+        blend_running_stats(running_mean, running_var, mean, var * correction, momentum)
+        return
+    # SyncBatchNorm's global count: stay on device. No value on any process leaves the
+    # running statistics as they were (torch's, for an empty batch), not NaN.
+    before = running_mean.clone(), running_var.clone()
+    blend_running_stats(running_mean, running_var, mean,
+                        var * (count / (count - 1).clamp(min=1)), momentum)
+    with torch.no_grad():
+        for running, old in zip((running_mean, running_var), before):
+            running.copy_(torch.where(count > 0, running, old))
 
 
 def blend_running_stats(running_mean, running_var, mean, unbiased_var, momentum):

@@ -235,7 +235,7 @@ def _fuse_relu(seq, shared):
         if (isinstance(bn, _FastBatchNorm) and type(bn).forward is _FastBatchNorm.forward
                 and bn.activation is None and type(relu) is nn.ReLU
                 and id(bn) not in shared and not (_hooked(bn) or _hooked(relu))):
-            fused = _shallow_copy(bn, type(bn))
+            fused = _shallow_copy(bn, type(bn), take_over=True)
             fused.activation = "relu"
             seq._modules[first] = fused
             seq._modules[second] = nn.Identity().train(relu.training)
@@ -267,7 +267,8 @@ def convert(module, *, fuse_relu=False, sync=False, process_group=None):
     becomes nn.Identity), except where either module has hooks, the Sequential or the
     batch norm overrides forward, or the batch norm is held at another place too; fusion
     assumes no custom forward calls the batch norm of a pair on its own. With
-    `sync=True` every batch norm, fastbn's local layers included, becomes a
+    `sync=True` every batch norm, fastbn's local layers and subclasses of torch's
+    included (as torch's `convert_sync_batchnorm` does), becomes a
     fastbn.SyncBatchNorm over `process_group` (default: the whole world). A layer
     reached at several places becomes one converted layer. Returns the converted module
     (a new object only when `module` itself is a batch norm).
@@ -310,7 +311,8 @@ def _convert(module, sync, process_group, done):
     elif type(module) in _LAZY_REPLACEMENTS:
         new = _shallow_copy(module, _LAZY_REPLACEMENTS[type(module)], take_over=True)
         new.activation = None
-    elif type(module) in _REPLACEMENTS or (sync and isinstance(module, _FastBatchNorm)):
+    elif type(module) in _REPLACEMENTS or (sync and isinstance(
+            module, (nn.modules.batchnorm._BatchNorm, _FastBatchNorm))):
         new = _converted(module, sync, process_group)
     else:
         # Every name, not named_children(): that lists a child held twice only once.

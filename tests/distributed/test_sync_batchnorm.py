@@ -162,6 +162,17 @@ def test_convert_sync():
     assert isinstance(model[1], nn.SyncBatchNorm)
 
 
+def test_convert_sync_takes_subclasses_as_torch_does():
+    """torch's convert_sync_batchnorm turns every batch norm into a SyncBatchNorm, a
+    subclass's too (a batch norm left local would silently keep local statistics)."""
+    class Custom(nn.BatchNorm2d):
+        pass
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), Custom(3))
+    reference = nn.SyncBatchNorm.convert_sync_batchnorm(Custom(3))
+    fastbn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(reference) is nn.SyncBatchNorm and type(model[1]) is fastbn.SyncBatchNorm
+
+
 def test_convert_sync_turns_fastbn_layers_into_sync_layers():
     model = fastbn.convert(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.ReLU()),
                            fuse_relu=True)
@@ -197,8 +208,11 @@ def _unsupported_worker(rank, world):
         y = layer(x)
         torch.autograd.grad(y, x, torch.randn(2, *y.shape, dtype=DT), is_grads_batched=True)
 
+    def traced():   # a trace would record the local op: torch.ops has no collectives
+        torch.jit.trace(layer, x.detach())
+
     for name, call in (("third order", third_order), ("hessian", hessian_wrt_input),
-                       ("is_grads_batched", grads_batched)):
+                       ("is_grads_batched", grads_batched), ("jit.trace", traced)):
         try:
             call()
             errors[name] = None
@@ -232,6 +246,23 @@ def test_processes_that_disagree_on_the_channel_count_all_get_an_error():
         assert "disagree on its channel count or dtype" in message
         assert "2 channels in torch.float32, 3 channels in torch.float32" in message
         assert unchanged    # running statistics and num_batches_tracked
+
+
+def _empty_worker(rank, world):
+    layer = fastbn.SyncBatchNorm(3, momentum=0.5)
+    x = torch.empty(0, 3, 2, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    return y.shape, layer.running_mean, layer.running_var, int(layer.num_batches_tracked)
+
+
+def test_no_values_on_any_process_leave_the_running_statistics():
+    """As torch's batch norm on an empty batch (the statistics would be 0 / 0)."""
+    for result in run_processes(_empty_worker, 2):
+        assert "value" in result, result
+        shape, mean, var, tracked = result["value"]
+        assert shape == (0, 3, 2) and tracked == 1
+        assert torch.equal(mean, torch.zeros(3)) and torch.equal(var, torch.ones(3))
 
 
 def _unequal_jacobian_worker(rank, world):
