@@ -5,8 +5,8 @@ ratio passes the paper's order of magnitude (threshold below), "partly" when it 
 points the same way (ratio > 1, or a majority of steps), "not reproduced" otherwise;
 "no data" when every value is missing; "inconclusive" when the comparison has no
 baseline (the learning-rate sweep does not bracket the plain net's limit). The accuracy
-claim is "reproduced" beyond twice the standard error of the difference, "partly"
-within it.
+claim is "reproduced" beyond twice the standard error of the difference, "partly" above 0
+but within it, "not reproduced" at 0 or below.
 """
 
 import math
@@ -161,7 +161,8 @@ def accuracy_claim(runs):
     plain_eval, bn_eval = runs["plain"]["evaluations"][-1], runs["bn"]["evaluations"][-1]
     plain, bn = _float(plain_eval["test_accuracy"]), _float(bn_eval["test_accuracy"])
     difference = bn - plain
-    # The two accuracies' sampling noise on a test set of n samples.
+    # The two accuracies' sampling noise on a test set of n samples, as if independent: both
+    # nets see the same test set, so the paired error is smaller and this test conservative.
     n = bn_eval.get("test_samples", math.nan)
     error = math.sqrt((plain * (1 - plain) + bn * (1 - bn)) / n)
     if math.isnan(difference):

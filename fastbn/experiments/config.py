@@ -23,7 +23,7 @@ class Config:
     batch_size: int = 128
     vgg_lr: float = 0.1
     vgg_steps: int = 2000
-    vgg_probes: int = 100            # probed steps per run, evenly spaced
+    vgg_probes: int = 100            # probed steps per run (at most), evenly spaced
     vgg_multipliers: tuple = log_grid(0.5, 4.0, 8)
     eval_every: int = 100
     sharpness: bool = False          # also probe the top Hessian eigenvalue (VGG and DLN)

@@ -12,6 +12,8 @@ import pickle
 import numpy as np
 import torch
 
+from fastbn.experiments import seeding
+
 DATASETS = ("mnist", "digits", "cifar10")
 
 
@@ -127,12 +129,13 @@ def default_dataset():
     return "mnist"
 
 
-def batch_order(num_examples, batch_size, steps, seed):
+def batch_order(num_examples, batch_size, steps, seed, stream="batch order"):
     """Index tensors for `steps` mini-batches: seeded reshuffle each epoch, last partial dropped.
 
-    Both networks of an experiment get the same order from the same seed.
+    Both networks of an experiment get the same order from the same seed; `stream`
+    names the use (see `seeding`).
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeding.generator(seed, stream)
     per_epoch = num_examples // batch_size
     if per_epoch == 0:
         raise ValueError(f"batch size {batch_size} exceeds the {num_examples} training examples")
@@ -145,7 +148,7 @@ def batch_order(num_examples, batch_size, steps, seed):
 
 def deep_linear_problem(*, dim, samples, seed):
     """The DLN task: Gaussian inputs x (samples × dim), targets A x with A a Gaussian dim×dim."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeding.generator(seed, "dln task")
     a = torch.randn(dim, dim, generator=generator)
     x = torch.randn(samples, dim, generator=generator)
     return x, x @ a.T

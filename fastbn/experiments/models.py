@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import fastbn
+from fastbn.experiments import seeding
 
 # VGG-A (Simonyan & Zisserman 2015): conv widths per stage, each stage ends in a 2×2 max-pool.
 VGG_A_STAGES = ((64,), (128,), (256, 256), (512, 512), (512, 512))
@@ -18,7 +19,7 @@ VGG_A_STAGES = ((64,), (128,), (256, 256), (512, 512), (512, 512))
 
 def glorot_init_(model, seed):
     """Xavier-uniform weights and zero biases for every conv/linear layer, in order."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeding.generator(seed, "initial weights")
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             weight = torch.empty(module.weight.shape)

@@ -5,8 +5,10 @@ import math
 import os
 
 import numpy as np
+import torch
 
 from fastbn.experiments import claims as claim_rules
+from fastbn.experiments import data as datasets
 from fastbn.experiments.config import make_config
 
 COLORS = {"plain": "tab:blue", "bn": "tab:red"}
@@ -68,8 +70,9 @@ def write_tables(results, out_dir):
         written += [f"{name}_probes.csv", f"{name}_curves.csv"]
         if runs["plain"]["evaluations"]:
             _write_csv(os.path.join(out_dir, f"{name}_eval.csv"),
-                       ("model", "step", "test_loss", "test_accuracy"),
-                       [(model, e["step"], e["test_loss"], e["test_accuracy"])
+                       ("model", "step", "test_loss", "test_accuracy", "test_samples"),
+                       [(model, e["step"], e["test_loss"], e["test_accuracy"],
+                         e.get("test_samples"))
                         for model, run in runs.items() for e in run["evaluations"]])
             written.append(f"{name}_eval.csv")
     if "lr" in experiments:
@@ -346,7 +349,7 @@ CHOICES = [
     "The probe uses the training batch of that step, before the update.",
     "During a probe BN layers use batch statistics (train mode); running statistics and "
     "every other buffer are left bit-for-bit as they were.",
-    "Probes run every k = steps / probes steps (config `vgg_probes`, `dln_probes`).",
+    "Probes run every k = ⌈steps / probes⌉ steps (config `vgg_probes`, `dln_probes`).",
     "Data: {data}, standardised with the training set's mean and std, no augmentation.",
     "VGG: VGG-A's stages kept while the feature map can still be pooled (all 5 for 32×32, 4 "
     "for 28×28, 3 for 8×8), conv widths scaled by `vgg_width`, one hidden FC layer of "
@@ -414,8 +417,11 @@ def choices(config):
 
 def configuration_table(config):
     """The configuration that ran, as table rows; values that differ from the default
-    configuration (or the quick one, for a quick run) are marked."""
+    configuration (or the quick one, for a quick run) are marked, the dataset and device
+    against the defaults `fastbn reproduce` picks on this machine."""
     base = make_config(quick=config["quick"]).as_dict()
+    base["dataset"] = datasets.default_dataset()
+    base["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     rows = ["| setting | value |", "|---|---|"]
     for name, value in config.items():
         changed = name in base and base[name] != (tuple(value) if isinstance(value, list)

