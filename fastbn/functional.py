@@ -40,6 +40,28 @@ def _allowed_param_dtypes(dtype):
     return (dtype,)
 
 
+def check_scalars(momentum, eps):
+    """torch's TypeError for a momentum or eps that is not a number."""
+    for position, name, value in ((7, "momentum", momentum), (8, "eps", eps)):
+        if not (isinstance(value, numbers.Real)
+                or isinstance(value, torch.Tensor) and value.numel() == 1):
+            raise TypeError(f"batch_norm(): argument '{name}' (position {position}) must be "
+                            f"float, not {type(value).__name__}")
+
+
+def check_updatable(buffer):
+    """torch's error for an in-place update of a tensor made in inference mode (a layer's
+    num_batches_tracked), raised before anything is updated. (Running statistics are
+    written by kernels, which torch lets through, and so does fastbn.)"""
+    if torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+        return   # allowed there; dynamo cannot trace is_inference()
+    if buffer.is_inference():
+        raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not "
+                           "allowed.You can make a clone to get a normal tensor before doing "
+                           "inplace update.See https://github.com/pytorch/rfcs/pull/17 for "
+                           "more details.")
+
+
 def check_args(input, running_mean, running_var, weight, bias, training, activation, eps,
                synchronized=False):
     """Raise, with torch's wording where torch has one, if the call is invalid.
@@ -78,9 +100,9 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
             allowed, set_by = (t.dtype,), name
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and t.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(f"The function 'batch_norm' is not differentiable with respect "
-                               f"to argument '{name}'. This input cannot have requires_grad "
-                               "True.")
+            raise RuntimeError(f"The function 'native_batch_norm' is not differentiable with "
+                               f"respect to argument '{name}'. This input cannot have "
+                               "requires_grad True.")
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         # Not under graph capture: dynamo cannot trace is_inference(). The running
         # statistics are saved for backward too (and would be updated before failing).
@@ -139,10 +161,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             batch_norm, (input, running_mean, running_var, weight, bias), input,
             running_mean, running_var, weight, bias, training, momentum, eps, activation,
             process_group=process_group)
-    for position, name, value in ((7, "momentum", momentum), (8, "eps", eps)):
-        if not isinstance(value, (numbers.Real, torch.Tensor)):
-            raise TypeError(f"batch_norm(): argument '{name}' (position {position}) must be "
-                            f"float, not {type(value).__name__}")
+    check_scalars(momentum, eps)
     check_args(input, running_mean, running_var, weight, bias, training, activation, eps,
                training and process_group is not None)
     return checked_batch_norm(input, running_mean, running_var, weight, bias, training,

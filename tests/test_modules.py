@@ -98,6 +98,35 @@ def test_invalid_input_leaves_state_unchanged(backend):
         fastbn.BatchNorm1d(3, activation="tanh")
 
 
+@pytest.mark.parametrize("momentum", ("0.1", [0.1], torch.tensor([0.1, 0.2, 0.3])), ids=str)
+@pytest.mark.parametrize("training", (True, False))
+def test_a_momentum_that_is_not_a_number_is_torchs_type_error(momentum, training):
+    def raised(cls):
+        layer = cls(3, momentum=0.1).train(training)
+        layer.momentum = momentum
+        with pytest.raises(TypeError) as info:
+            layer(torch.randn(4, 3) + 5)
+        unchanged = (int(layer.num_batches_tracked) == 0
+                     and torch.equal(layer.running_mean, torch.zeros(3)))
+        return str(info.value), unchanged
+    message, unchanged = raised(fastbn.BatchNorm1d)
+    assert message == raised(nn.BatchNorm1d)[0] and unchanged   # torch counts the batch
+
+
+def test_an_inference_mode_layer_trained_outside_it_fails_before_any_update():
+    def raised(cls):
+        with torch.inference_mode():
+            layer = cls(3)
+        layer.requires_grad_(False)
+        with pytest.raises(RuntimeError) as info:
+            layer(torch.randn(4, 3) + 5)
+        unchanged = (int(layer.num_batches_tracked) == 0
+                     and torch.equal(layer.running_mean, torch.zeros(3)))
+        return str(info.value), unchanged
+    message, unchanged = raised(fastbn.BatchNorm1d)
+    assert message == raised(nn.BatchNorm1d)[0] and unchanged   # torch's count moves
+
+
 def _cnn():
     return nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),

@@ -69,13 +69,16 @@ class _FastBatchNorm:
         if training and not self.track_running_stats:
             running_mean = running_var = None
         group = self._sync_group(batch_stats)
-        # Check everything before num_batches_tracked moves: errors change no state.
-        functional.check_args(input, running_mean, running_var, weight, bias, batch_stats,
-                              self.activation, self.eps, group is not None)
         factor = 0.0 if self.momentum is None else self.momentum
         tracked = self.num_batches_tracked if training else None
+        # Check everything before num_batches_tracked moves: errors change no state.
+        functional.check_scalars(factor, self.eps)
+        functional.check_args(input, running_mean, running_var, weight, bias, batch_stats,
+                              self.activation, self.eps, group is not None)
         counts = (tracked is not None and self.track_running_stats
                   and not transforms.under_transform())
+        if counts:
+            functional.check_updatable(tracked)
         if counts and self.momentum is None:
             factor = 1.0 / (float(tracked) + 1.0)   # the cumulative average, this batch in
         call = (functional.batch_norm if has_torch_function_variadic(
