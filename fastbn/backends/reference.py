@@ -191,7 +191,8 @@ def _native_backward(grad_y, x, mean, invstd, weight, bias, activation):
     if activation == "relu":
         grad_y = masked(grad_y, relu_mask(xhat_of(x, mean, invstd), weight, bias))
     grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-        grad_y, x, weight.to(acc), None, None, mean, invstd, True, 0.0, [True, True, True])
+        grad_y, x, weight.to(acc).contiguous(), None, None, mean, invstd, True, 0.0,
+        [True, True, True])
     return grad_x, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
 
 

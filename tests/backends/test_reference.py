@@ -128,3 +128,20 @@ def test_mixed_layouts_backward_matches_definition(definition, grad_layout):
     want = definition(reference.backward, grad_y, x, mean, invstd, w, b)
     for g, v in zip(got, want):
         torch.testing.assert_close(g, v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ("2d", "channels_last", "channels_last_3d", "nchw"))
+def test_strided_weight_backward_matches_definition(definition, layout):
+    """torch 2.13's native backward reads a strided weight (a view like w[::2]) wrongly
+    for (N, C) and channels-last x: grad_x came out wrong by O(1)."""
+    gen = torch.Generator().manual_seed(4)
+    x = layout_x(layout, gen, torch.float64)
+    c = x.shape[1]
+    w = (torch.rand(2 * c, generator=gen, dtype=torch.float64) + 0.5)[::2]
+    b = torch.randn(c, generator=gen, dtype=torch.float64)
+    grad_y = torch.empty_like(x).copy_(torch.randn(x.shape, generator=gen))
+    mean, _, invstd = reference.statistics(x, 1e-5)
+    got = reference.backward(grad_y, x, mean, invstd, w, b)
+    want = definition(reference.backward, grad_y, x, mean, invstd, w, b)
+    for g, v in zip(got, want):
+        torch.testing.assert_close(g, v, rtol=1e-10, atol=1e-10)
