@@ -121,7 +121,8 @@ class HessianOperator:
         their statistics over the group (batch b of every process forms one global
         batch), and gradients and HVPs are summed over the group, so every process gets
         the operator of the whole data, bit for bit the same on each. Call every method
-        on every process in the same order.
+        on every process in the same order. Data refused on one process (an empty batch,
+        say) or unequal numbers of batches raise on every process, at construction.
     """
 
     def __init__(self, model, criterion, data, *, params=None, bn_mode="train", method="auto",
@@ -152,7 +153,14 @@ class HessianOperator:
         self.device = tensors[0].device
         size = sum(self._numels)
         self.shape = (size, size)
-        self._data = self._store_data(data)
+        try:
+            self._data, refusal = self._store_data(data), None
+        except ValueError as error:
+            refusal = error
+        if process_group is not None:
+            self._agree_on_data(refusal)
+        elif refusal is not None:
+            raise refusal
         self._single_batch = isinstance(self._data, list) and len(self._data) == 1
         self._graph = None
 
@@ -205,6 +213,24 @@ class HessianOperator:
         except StopIteration:
             raise ValueError("data yields no batches") from None
         return data
+
+    def _agree_on_data(self, refusal):
+        """Raise on every process if one refused its data (the others would wait in the
+        first collective forever) or if their numbers of batches differ."""
+        known = refusal is None and hasattr(self._data, "__len__")
+        mine = torch.tensor([-1 if refusal is not None else len(self._data) if known else -2],
+                            device=self.device)
+        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(self._group))]
+        dist.all_gather(everyone, mine, group=self._group)
+        counts = [int(c) for c in everyone]
+        if refusal is not None:
+            raise refusal
+        if -1 in counts:
+            raise ValueError(f"HessianOperator: process {counts.index(-1)} of the group "
+                             "refused its data (its error says why)")
+        if len({c for c in counts if c >= 0}) > 1:
+            raise ValueError("HessianOperator: the processes hold different numbers of "
+                             f"batches ({counts}); each needs its shard of every batch")
 
     # ---- flat vectors <-> parameter dicts --------------------------------------------
 

@@ -86,3 +86,29 @@ def test_operator_of_one_process_is_local(own_group):
         want = op.matvec(torch.linspace(-1, 1, op.shape[0], dtype=DT))
         torch.testing.assert_close(torch.as_tensor(result["value"]), want, rtol=1e-8,
                                    atol=1e-10, msg=f"rank {rank}")
+
+
+def _bad_shard_worker(rank, world, kind):
+    model, inputs, targets = _setup()
+    shard = (inputs[:SIZES[rank]], targets[:SIZES[rank]])
+    if kind == "empty" and rank == 1:
+        shard = (inputs[:0], targets[:0])
+    data = [shard] * (1 + rank) if kind == "batch counts" else shard
+    try:
+        curvature.HessianOperator(model, nn.functional.cross_entropy, data,
+                                  process_group=dist.group.WORLD)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+@pytest.mark.parametrize("kind", ("empty", "batch counts"))
+def test_data_one_process_refuses_is_an_error_on_every_process(kind):
+    """Not a wait in the first collective on the processes whose data passed."""
+    results = run_processes(_bad_shard_worker, 2, kind, collective_timeout=30)
+    messages = [result.get("value") for result in results]
+    assert all(messages), results
+    if kind == "empty":
+        assert "empty batch" in messages[1] and "process 1 of the group" in messages[0]
+    else:
+        assert all("different numbers of batches ([1, 2])" in m for m in messages)
