@@ -9,7 +9,7 @@ from torch.utils._pytree import tree_map
 
 from fastbn.curvature._functional import (FunctionalModel, is_single_batch, split_batch,
                                           to_device)
-from fastbn.curvature.operator import check_finite_loss
+from fastbn.curvature.operator import check_finite_loss, scalar_loss
 
 
 @dataclass
@@ -118,7 +118,7 @@ def activation_hessian(model, criterion, data, layer, *, bn_mode="train"):
         # the variable being differentiated.
         with _forward_hook(module, lambda _m, _a, _o: z.clone()):
             value = criterion(functional(params, buffers, inputs), targets)
-        return value.reshape(())
+        return scalar_loss(value)
 
     gradient, loss = torch.func.grad_and_value(loss_of_activation)(activation)
     check_finite_loss(loss, f"layer {layer!r}")

@@ -14,7 +14,11 @@ EIGEN_METHODS = ("lanczos", "power")
 def as_generator(seed):
     """A CPU torch.Generator: `seed` itself where it is one (to continue drawing from),
     else a new one seeded with it."""
-    return seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+    if isinstance(seed, torch.Generator):
+        return seed
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int or a torch.Generator, got {type(seed).__name__}")
+    return torch.Generator().manual_seed(seed)
 
 
 def random_vectors(op, count, seed, kind="gaussian"):
@@ -169,7 +173,7 @@ def lanczos_eigenvalues(op, k, *, tol, max_iter, seed, progress):
     value needs no locking: k = 1 is one run. Returns (eigenvalues (k,), eigenvectors
     (P, k), converged).
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = as_generator(seed)
     run = dict(generator=generator, tol=tol, max_iter=max_iter, progress=progress)
     empty = torch.empty(0, op.shape[0], device=op.device, dtype=op.dtype)
     values, vectors, converged = _lanczos_run(op, k, locked=empty, threshold=-math.inf,

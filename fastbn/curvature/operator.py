@@ -24,6 +24,15 @@ METHODS = ("auto", "forward-over-reverse", "reverse-over-reverse")
 TORCH_ZERO_TENSOR_ERROR = "ZeroTensors are immutable"
 
 
+def scalar_loss(value):
+    """The criterion's value as a 0-dim tensor, or a clear error."""
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise ValueError("criterion must return a scalar tensor, got "
+                         + (f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                            else type(value).__name__))
+    return value.reshape(())
+
+
 def check_finite_loss(loss, where):
     if not bool(torch.isfinite(loss).all()):
         raise RuntimeError(f"non-finite loss ({float(loss)}) on {where}; refusing to "
@@ -129,7 +138,8 @@ class HessianOperator:
                  max_memory=None, chunk_size=None, progress=None, process_group=None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (not isinstance(chunk_size, int)
+                                       or isinstance(chunk_size, bool) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         self._group = process_group
         self._model = FunctionalModel(model, bn_mode, process_group, fuse_relu=True)
@@ -173,7 +183,9 @@ class HessianOperator:
             names = [name for name, p in named if p.requires_grad]
         else:
             by_id = {id(p): name for name, p in named}
-            known = {name for name, _ in named}
+            # A parameter held at several places goes by its first name; any name finds it.
+            known = {name: by_id[id(p)]
+                     for name, p in model.named_parameters(remove_duplicate=False)}
             wanted = set()
             if isinstance(params, (str, torch.Tensor)):
                 params = [params]
@@ -183,7 +195,7 @@ class HessianOperator:
                 if isinstance(p, str):
                     if p not in known:
                         raise ValueError(f"model has no parameter named {p!r}")
-                    wanted.add(p)
+                    wanted.add(known[p])
                 elif id(p) in by_id:
                     wanted.add(by_id[id(p)])
                 else:
@@ -264,10 +276,8 @@ class HessianOperator:
         """theta -> (weight * loss, loss): the batch's term of the summed objective, so
         that synchronised batch norms couple every process's terms consistently."""
         def loss(theta):
-            value = self.criterion(self._model({**fixed, **theta}, buffers, inputs), targets)
-            if not isinstance(value, torch.Tensor) or value.numel() != 1:
-                raise ValueError("criterion must return a scalar tensor")
-            value = value.reshape(())
+            value = scalar_loss(
+                self.criterion(self._model({**fixed, **theta}, buffers, inputs), targets))
             return value * weight, value.detach()
         return loss
 
@@ -488,8 +498,11 @@ class HessianOperator:
         with torch.enable_grad():
             loss = self._loss_fn(fixed, buffers, inputs, targets)(leaves)[0]
             check_finite_loss(loss.detach(), "batch 0")
-            grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
-                                        allow_unused=True, materialize_grads=True)
+            if loss.requires_grad:
+                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
+                                            allow_unused=True, materialize_grads=True)
+            else:   # no selected parameter reaches the loss: the Hessian is zero
+                grads = [torch.zeros_like(t) for t in leaves.values()]
         return _KeptGraph(leaves, grads, snapshot, settings)
 
     def _kept_graph_product(self, v):

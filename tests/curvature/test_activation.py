@@ -69,6 +69,8 @@ def test_errors_leave_the_model_alone():
         activation_hessian(model, CRITERION, batch, "0", bn_mode="running")
     with pytest.raises(RuntimeError, match="non-finite"):
         activation_hessian(model, lambda out, y: CRITERION(out, y) / 0.0, batch, "0")
+    with pytest.raises(ValueError, match="criterion must return a scalar tensor"):
+        activation_hessian(model, nn.CrossEntropyLoss(reduction="none"), batch, "0")
     result = activation_hessian(model, CRITERION, [batch], "1")
     with pytest.raises(ValueError, match="activation's shape"):
         result.hvp(torch.ones(3))

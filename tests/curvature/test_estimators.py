@@ -245,6 +245,10 @@ def test_seeds_reproduce(matrix):
     first = eigenvalues(op, k=2, seed=5)
     second = eigenvalues(op, k=2, seed=5)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    for method in ("lanczos", "power"):   # a generator continues its stream, as an int's
+        from_generator = eigenvalues(op, k=2, method=method,
+                                     seed=torch.Generator().manual_seed(5))
+        assert torch.equal(from_generator[0], eigenvalues(op, k=2, method=method, seed=5)[0])
     nodes, weights = stochastic_lanczos_quadrature(op, num_runs=3, num_steps=10, seed=5)
     other_nodes, _ = stochastic_lanczos_quadrature(op, num_runs=3, num_steps=10, seed=6)
     assert torch.equal(nodes, stochastic_lanczos_quadrature(op, num_runs=3, num_steps=10,
@@ -270,6 +274,8 @@ def test_estimator_errors(matrix):
         spectral_density(op, num_steps=4, grid=torch.linspace(1.0, -1.0, 11))
     with pytest.raises(ValueError, match="an int"):
         eigenvalues(op, k=2.0)
+    with pytest.raises(TypeError, match="seed must be an int or a torch.Generator"):
+        eigenvalues(op, seed=None)
 
 
 def test_slq_stops_runs_whose_krylov_space_is_invariant():

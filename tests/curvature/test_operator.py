@@ -143,6 +143,36 @@ def test_params_subset_is_the_matching_block():
         [n for n, _ in model.named_parameters()]
 
 
+class _WithUnusedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = mlp()
+        self.aux = nn.Linear(3, 3).to(DTYPE)   # a second head the loss does not use
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_parameters_the_loss_never_reaches_have_a_zero_hessian(method):
+    model = _WithUnusedHead()
+    batch = batch_for(model.body, 6, seed=0)
+    op = HessianOperator(model, CRITERION, batch, params=["aux.weight"], method=method)
+    assert torch.equal(op.matvec(torch.ones(9, dtype=DTYPE)), torch.zeros(9, dtype=DTYPE))
+    assert torch.equal(op.matmat(torch.ones(9, 2, dtype=DTYPE)),
+                       torch.zeros(9, 2, dtype=DTYPE))
+
+
+def test_a_tied_parameter_is_found_by_each_of_its_names():
+    model = mlp()
+    model.append(nn.Linear(3, 3).to(DTYPE))
+    model[4].bias = model[3].bias   # held as 3.bias and 4.bias
+    batch = batch_for(model, 6, seed=0)
+    first = HessianOperator(model, CRITERION, batch, params=["3.bias"])
+    second = HessianOperator(model, CRITERION, batch, params=["4.bias"])
+    assert first.param_names == second.param_names == ["3.bias"]
+
+
 def test_chunked_matmat_equals_unchunked():
     model = cnn()
     batch = batch_for(model, 6, seed=0)
@@ -280,6 +310,11 @@ def test_errors():
         HessianOperator(model, CRITERION, batch, bn_mode="frozen")
     with pytest.raises(ValueError, match="method"):
         HessianOperator(model, CRITERION, batch, method="finite-differences")
+    for chunk_size in (0, True, 1.5):
+        with pytest.raises(ValueError, match="chunk_size"):
+            HessianOperator(model, CRITERION, batch, chunk_size=chunk_size)
+    with pytest.raises(ValueError, match=r"scalar tensor, got shape \(6,\)"):
+        HessianOperator(model, nn.CrossEntropyLoss(reduction="none"), batch).grad()
     op = HessianOperator(model, CRITERION, batch)
     with pytest.raises(ValueError, match="P=39"):
         op.matvec(torch.ones(38, dtype=DTYPE))
