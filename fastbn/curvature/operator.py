@@ -107,7 +107,9 @@ class HessianOperator:
         grad·v; for matvec on a single batch it keeps the gradient graph between calls,
         see `matvec`), or "auto": the first HVP times one product of each (functional,
         on the first batch, after a warm-up) and keeps the faster (`method_used`,
-        `timings`); a method that raises a RuntimeError there is skipped.
+        `timings`); a method that raises a RuntimeError there is skipped. The two
+        methods agree to rounding, not bitwise, and a timed choice can differ between
+        runs: name a method for the same bits from the same seed.
     max_memory: byte budget for the working memory of each matmat pass (beyond the
         (P, K) result): the chunk size (tangents per vmapped pass) comes from the peak
         memory of 1- and 2-tangent probe passes on the first batch (`probe_peaks`),
