@@ -53,8 +53,8 @@ def check_updatable(buffer):
     """torch's error for an in-place update of a tensor made in inference mode (a layer's
     num_batches_tracked), raised before anything is updated. (Running statistics are
     written by kernels, which torch lets through, and so does fastbn.)"""
-    if torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
-        return   # allowed there; dynamo cannot trace is_inference()
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return   # allowed in inference mode; dynamo cannot trace either check
     if buffer.is_inference():
         raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not "
                            "allowed.You can make a clone to get a normal tensor before doing "
