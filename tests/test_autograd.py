@@ -115,6 +115,24 @@ def test_is_grads_batched_first_and_second_order(backend, training):
                     torch.testing.assert_close(a[i], b_, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_is_grads_batched_with_create_graph_stays_differentiable(backend, training):
+    """The batched gradients of create_graph=True carry batch norm's part of the next
+    derivative (under the legacy vmap, autograd gives a Function's outputs no graph)."""
+    x, (w, b), running = _inputs((5, 3, 4), True)
+    y = _op(training, "relu", running, True)(x, w, b)
+    cotangents = torch.randn(2, *y.shape, dtype=DT)
+    batched = torch.autograd.grad(y, (x, w), cotangents, is_grads_batched=True,
+                                  create_graph=True)
+    unused = dict(allow_unused=True, materialize_grads=True)   # b: only the ReLU mask's
+    got = torch.autograd.grad(sum((g ** 2).sum() for g in batched), (x, w, b), **unused)
+    single = [torch.autograd.grad(y, (x, w), c, create_graph=True) for c in cotangents]
+    want = torch.autograd.grad(sum((g ** 2).sum() for pair in single for g in pair),
+                               (x, w, b), **unused)
+    for a, b_ in zip(got, want):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12)
+
+
 def test_third_order_plain_autograd(backend):
     x, (w, _), _ = _inputs((5, 3, 4), True)
 

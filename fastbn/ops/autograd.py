@@ -61,11 +61,16 @@ def _sum_k(t, like):
     return t.sum(0) if t.dim() > like.dim() else t
 
 
+def _legacy_batched(tensors):
+    """Whether the legacy vmap behind `autograd.grad(..., is_grads_batched=True)` batches
+    any of these: its tensors have no storage."""
+    return any(t is not None and is_legacy_batchedtensor(t) for t in tensors)
+
+
 def _runnable(backend, tensors):
-    """The backend, or the reference where it cannot run: the legacy vmap behind
-    `autograd.grad(..., is_grads_batched=True)` hands Functions batched tensors without
-    storage, which only PyTorch ops accept."""
-    if not any(t is not None and is_legacy_batchedtensor(t) for t in tensors):
+    """The backend, or the reference where it cannot run: legacy batched tensors, which
+    only PyTorch ops accept."""
+    if not _legacy_batched(tensors):
         return backend
     if _reduction(backend) is not reference.LOCAL:
         raise NotImplementedError(
@@ -183,6 +188,18 @@ class _KernelFunction(_Function):
     @classmethod
     def n_tangent(cls):
         return len(cls.per_channel)
+
+    @classmethod
+    def apply(cls, *args):
+        *tensors, eps, activation, backend = args
+        if torch.is_grad_enabled() and _legacy_batched(tensors):
+            # is_grads_batched=True with create_graph=True: under the legacy vmap autograd
+            # gives a Function's outputs no graph, and higher derivatives would silently
+            # lose batch norm's part. The composite's PyTorch ops keep it.
+            _runnable(backend, tensors)   # refuses a synchronised batch norm in words
+            return _composite(cls.kernel, cls.n_tangent(), backend)(
+                *tensors, eps=eps, activation=activation)
+        return super().apply(*args)
 
     # The autograd.Function protocol, shared: classmethods, so each subclass's kernel and
     # argument kinds are found through cls.
