@@ -287,10 +287,10 @@ def _error_text(err):
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
-def time_interleaved(calls, timing, clock=time.perf_counter, errors=None):
+def time_interleaved(calls, timing, clock, errors):
     """{name: sorted per-call seconds}: round-robin, one call each per round. A call that
-    raises drops its candidate from the rounds: its error goes to `errors`, its times
-    from the result."""
+    raises drops its candidate from the rounds: its error goes to the dict `errors`, its
+    times from the result."""
     calls = dict(calls)
     times = {name: [] for name in calls}
     gc_was_enabled = gc.isenabled()
@@ -305,8 +305,6 @@ def time_interleaved(calls, timing, clock=time.perf_counter, errors=None):
                 try:
                     call()
                 except Exception as err:
-                    if errors is None:
-                        raise
                     errors[name] = _error_text(err)
                     del calls[name], times[name]
                     continue
@@ -371,12 +369,12 @@ def summarize(rows, backend_names):
     "x_copy": g, "shapes": n}}}: geometric means over the n of the op's m rows where every
     candidate ran, so that the columns compare like with like; a candidate that failed on every row
     is left out of that condition (its entries are None, its shapes 0)."""
+    def entries(r):
+        return {"stock": r["stock"], **r["fastbn"]}
+
     summary = {}
     for op_name in dict.fromkeys(r["op"] for r in rows):
         op_rows = [r for r in rows if r["op"] == op_name]
-
-        def entries(r):
-            return {"stock": r["stock"], **r["fastbn"]}
         ran = [n for n in ["stock", *backend_names]
                if any(entries(r)[n]["ms"] is not None for r in op_rows)]
         common = [r for r in op_rows if all(entries(r)[n]["ms"] is not None for n in ran)]

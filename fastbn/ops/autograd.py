@@ -191,11 +191,11 @@ class _KernelFunction(_Function):
 
     @classmethod
     def apply(cls, *args):
-        *tensors, eps, activation, backend = args
-        if torch.is_grad_enabled() and _legacy_batched(tensors):
+        if torch.is_grad_enabled() and _legacy_batched(args[:-3]):
             # is_grads_batched=True with create_graph=True: under the legacy vmap autograd
             # gives a Function's outputs no graph, and higher derivatives would silently
             # lose batch norm's part. The composite's PyTorch ops keep it.
+            *tensors, eps, activation, backend = args
             _runnable(backend, tensors)   # refuses a synchronised batch norm in words
             return _composite(cls.kernel, cls.n_tangent(), backend)(
                 *tensors, eps=eps, activation=activation)
