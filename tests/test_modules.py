@@ -120,6 +120,52 @@ def test_a_momentum_that_is_not_a_number_is_torchs_type_error(momentum, training
     assert message == torch_message and unchanged   # torch counts the batch
 
 
+@pytest.mark.parametrize("momentum", (0.1, None))
+@pytest.mark.parametrize("fuse_relu", (False, True))
+def test_non_reentrant_checkpoint_counts_batches_as_torch(backend, momentum, fuse_relu):
+    """The checkpoint's recomputation stops inside the last layer of a segment, once the
+    running statistics moved: the batch must count there, or momentum=None's cumulative
+    average weighs the batches wrongly."""
+    from torch.utils.checkpoint import checkpoint_sequential
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, momentum=momentum), nn.ReLU(),
+                        nn.Linear(3, 3), nn.BatchNorm1d(3, momentum=momentum), nn.ReLU())
+    fast = fastbn.convert(copy.deepcopy(ref), fuse_relu=fuse_relu)
+    x = torch.randn(8, 4, requires_grad=True)
+    for model in (ref, fast):
+        for _ in range(2):
+            checkpoint_sequential(model, 2, x, use_reentrant=False).sum().backward()
+    for (name, b), (_, c) in zip(ref.named_buffers(), fast.named_buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_call_that_raises_after_the_statistics_moved_counts_the_batch(backend):
+    """A saved-tensor hook that raises once the kernel ran: the running statistics moved,
+    so the batch counts; an error before they move counts nothing (see above)."""
+    def fails(_):
+        raise KeyError("pack")
+
+    layer = fastbn.BatchNorm1d(3)
+    with torch.autograd.graph.saved_tensors_hooks(fails, lambda t: t):
+        with pytest.raises(KeyError, match="pack"):
+            layer(torch.randn(4, 3, requires_grad=True) + 5)
+    assert not torch.equal(layer.running_mean, torch.zeros(3))
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_an_eval_output_whose_statistics_moved_since_refuses_its_backward(backend):
+    """The eval backward reads the running statistics: a training call in between updates
+    them in place, and autograd must say so (torch's native op does not mark them
+    written and returns the gradient of the new statistics)."""
+    layer = fastbn.BatchNorm1d(3).eval()
+    x = torch.randn(4, 3, requires_grad=True)
+    y = layer(x)
+    layer.train()(torch.randn(4, 3) + 5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def test_an_inference_mode_layer_trained_outside_it_fails_before_any_update():
     def layer(cls):
         with torch.inference_mode():

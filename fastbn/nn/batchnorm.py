@@ -83,11 +83,20 @@ class _FastBatchNorm:
             factor = 1.0 / (float(tracked) + 1.0)   # the cumulative average, this batch in
         call = (functional.batch_norm if has_torch_function_variadic(
             input, running_mean, running_var, weight, bias) else functional.checked_batch_norm)
-        out = call(input, running_mean, running_var, weight, bias, batch_stats, factor,
-                   self.eps, self.activation, process_group=group)
-        if counts:   # after the call: one that raises (say, in a collective) counts nothing
+        if counts:
+            # Counted before the call, as torch does: a non-reentrant checkpoint's
+            # recomputation stops inside it (once its last tensor is saved), after the
+            # running statistics moved. A call that raises before they moved (say, in a
+            # collective) counts nothing.
+            stats_version = None if running_mean is None else running_mean._version
             tracked.add_(1)
-        return out
+        try:
+            return call(input, running_mean, running_var, weight, bias, batch_stats, factor,
+                        self.eps, self.activation, process_group=group)
+        except BaseException:
+            if counts and (stats_version is None or running_mean._version == stats_version):
+                tracked.sub_(1)
+            raise
 
     def __prepare_scriptable__(self):
         # torch.jit.script's hook, called before it compiles: its compiler cannot read
