@@ -40,13 +40,24 @@ def _allowed_param_dtypes(dtype):
     return (dtype,)
 
 
+def _type_name(value):
+    """A type's C-level name, as torch's argument parser prints it: a class defined in
+    Python (Tensor) or a builtin (int) bare, an extension's type qualified
+    (numpy.bool, not bool)."""
+    kind = type(value)
+    heap_type = kind.__flags__ & (1 << 9)   # Py_TPFLAGS_HEAPTYPE
+    if heap_type or kind.__module__ == "builtins":
+        return kind.__name__
+    return f"{kind.__module__}.{kind.__name__}"
+
+
 def check_scalars(momentum, eps):
     """torch's TypeError for a momentum or eps that is not a number."""
     for position, name, value in ((7, "momentum", momentum), (8, "eps", eps)):
         if not (isinstance(value, numbers.Real)
                 or isinstance(value, torch.Tensor) and value.numel() == 1):
             raise TypeError(f"batch_norm(): argument '{name}' (position {position}) must be "
-                            f"float, not {type(value).__name__}")
+                            f"float, not {_type_name(value)}")
 
 
 def check_updatable(buffer):
@@ -76,7 +87,7 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
         raise NotImplementedError(f'"batch_norm" not implemented for \'{name}\'')
     if not isinstance(training, bool):
         raise TypeError("batch_norm(): argument 'training' (position 6) must be bool, not "
-                        f"{type(training).__name__}")
+                        f"{_type_name(training)}")
     if input.dim() < 2:
         raise ValueError(f"expected 2D or higher input (got {input.dim()}D input)")
     channels = input.shape[1]

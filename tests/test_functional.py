@@ -1,6 +1,7 @@
 """fastbn.batch_norm against stock torch and a float64 reference: values, dtypes,
 layouts, numerics and bad input."""
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -211,6 +212,15 @@ def test_bad_input_raises_and_changes_nothing(call, error, message):
     with pytest.raises(error, match=message):
         call(rm, rv)
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+def test_a_training_flag_of_an_extension_type_is_named_as_torch_names_it():
+    messages = []
+    for call in (F.batch_norm, fastbn.batch_norm):
+        with pytest.raises(TypeError) as info:
+            call(torch.randn(2, 3), None, None, training=numpy.bool_(True))
+        messages.append(str(info.value))
+    assert messages[0] == messages[1] and messages[0].endswith("not numpy.bool")
 
 
 def test_running_statistics_update(backend):
