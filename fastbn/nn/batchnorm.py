@@ -278,7 +278,9 @@ def convert(module, *, fuse_relu=False, sync=False, process_group=None):
     inside an nn.Sequential becomes one fused layer, a copy sharing its tensors (the ReLU
     becomes nn.Identity), except where either module has hooks, the Sequential or the
     batch norm overrides forward, or the batch norm is held at another place too; fusion
-    assumes no custom forward calls the batch norm of a pair on its own. With
+    assumes no custom forward calls the batch norm of a pair on its own (a slice of the
+    Sequential that ends at it, or a hook added to it afterwards, sees the ReLU's
+    output). With
     `sync=True` every batch norm, fastbn's local layers and subclasses of torch's
     included (as torch's `convert_sync_batchnorm` does), becomes a
     fastbn.SyncBatchNorm over `process_group` (default: the whole world). A layer
