@@ -22,25 +22,62 @@ SOURCES = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
 HEADERS = sorted(glob.glob("csrc/**/*.h", recursive=True))  # a change rebuilds the extension
 
 
+# Beside the extension when compiling it failed: `fastbn info` reads why.
+BUILD_ERROR_NOTE = "_C.build-error.txt"
+
+
 class OptionalBuildExt(build_ext):
-    """Never fail the install because the extension did not compile."""
+    """Never fail the install because the extension did not compile, and rebuild when the
+    compiler flags change (setuptools compares timestamps only: a FASTBN_PORTABLE build
+    would otherwise ship an earlier -march=native one)."""
 
     def run(self):
+        stamp = os.path.join(self.build_temp, "fastbn-compile-flags")
+        flags = repr([ext.extra_compile_args for ext in self.extensions])
+        if _read(stamp) != flags:
+            self.force = True
+        self._failure = None
         try:
             super().run()
         except Exception as err:  # noqa: BLE001 - any compiler failure
-            self._warn(err)
+            if self._failure is None:   # else a consequence (no extension to copy)
+                self._failed(err)
+        # The note goes where the extension would: the wheel's tree, and the sources for
+        # an in-place (editable) build.
+        package_dirs = {os.path.join(self.build_lib, "fastbn")}
+        if self.inplace:
+            package_dirs.add(self.get_finalized_command("build_py").get_package_dir("fastbn"))
+        for directory in package_dirs:
+            note = os.path.join(directory, BUILD_ERROR_NOTE)
+            if self._failure is not None:
+                os.makedirs(directory, exist_ok=True)
+                with open(note, "w") as file:
+                    file.write(f"{self._failure}\n")
+            elif os.path.exists(note):
+                os.remove(note)
+        if self._failure is None:
+            os.makedirs(self.build_temp, exist_ok=True)
+            with open(stamp, "w") as file:
+                file.write(flags)
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
         except Exception as err:  # noqa: BLE001
-            self._warn(err)
+            self._failed(err)
 
-    @staticmethod
-    def _warn(err):
+    def _failed(self, err):
+        self._failure = err
         sys.stderr.write(f"WARNING: fastbn._C was not built ({err}); "
                          "the reference backend will be used on CPU.\n")
+
+
+def _read(path):
+    try:
+        with open(path) as file:
+            return file.read()
+    except OSError:
+        return None
 
 
 def extensions():

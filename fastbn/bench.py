@@ -485,10 +485,10 @@ def backend_info(requested):
             "selected": selected}
 
 
-def run_curvature(quick):
-    """Rows of the optional curvature suite (benchmarks/bench_curvature.py, importable
-    from the repository root); raises ImportError when it is not there."""
-    return importlib.import_module("benchmarks.bench_curvature").run(quick=quick)
+def curvature_suite():
+    """The optional curvature suite, benchmarks/bench_curvature.py (it ships with the
+    source tree, importable from its root); raises ImportError when it is not there."""
+    return importlib.import_module("benchmarks.bench_curvature")
 
 
 def format_rows(rows):
@@ -570,6 +570,12 @@ def _run(parser, args, prog, argv):
     if "batchnorm" in args.suite and not runnable:
         parser.error("no requested backend is available here: " +
                      "; ".join(f"{i['requested']}: {i['reason']}" for i in infos))
+    if "curvature" in args.suite:
+        try:
+            curvature = curvature_suite()
+        except ImportError as err:
+            parser.error(f"the curvature suite cannot run ({type(err).__name__}: {err}); it "
+                         "ships with fastbn's source tree: run from the tree's root")
     dtype = DTYPES[args.dtype]
     shapes = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     timing = QUICK_TIMING if args.quick else FULL_TIMING
@@ -606,12 +612,8 @@ def _run(parser, args, prog, argv):
         print(format_summary(report["summary"], runnable))
         log(f"batchnorm suite: {time.perf_counter() - started:.0f} s")
     if "curvature" in args.suite:
-        try:
-            report["curvature"] = run_curvature(args.quick)
-            print("\n### curvature\n\n" + format_rows(report["curvature"]))
-        except ImportError as err:
-            report["curvature"] = {"error": f"{type(err).__name__}: {err}"}
-            print(f"\ncurvature suite not run: {report['curvature']['error']}")
+        report["curvature"] = curvature.run(quick=args.quick)
+        print("\n### curvature\n\n" + format_rows(report["curvature"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

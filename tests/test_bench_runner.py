@@ -117,6 +117,20 @@ def test_bad_arguments_are_usage_errors(argv, capsys, monkeypatch):
     assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
 
 
+def test_a_curvature_suite_that_cannot_run_is_a_usage_error(capsys, monkeypatch):
+    """Outside the source tree (an installed package) the suite is not there: say so
+    before measuring anything, and exit non-zero."""
+    def missing():
+        raise ModuleNotFoundError("No module named 'benchmarks'")
+
+    monkeypatch.setattr(bench, "curvature_suite", missing)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*TINY, "--suite", "batchnorm", "curvature"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and "the curvature suite cannot run" in captured.err
+    assert "forward_train" not in captured.out
+
+
 def test_error_against_stock_counts_every_disagreement():
     import torch
     ref = (torch.tensor([1.0, 2.0, float("inf")]), torch.tensor([float("nan"), 1.0]))

@@ -11,18 +11,30 @@ dispatch mode) goes to `reference`.
 
 import functools
 import math
+from pathlib import Path
 
 import torch
 
 from fastbn.backends import reference
 from fastbn.backends.layout import empty_output
 
+def _why_missing(err):
+    """Why fastbn._C cannot be imported: the compiler's failure where the install
+    recorded one (setup.py), else the import error."""
+    try:
+        note = (Path(__file__).parents[1] / "_C.build-error.txt").read_text().strip()
+    except OSError:
+        return f"{type(err).__name__}: {err}"
+    return (f"compiling it failed when fastbn was installed: {note}; reinstall with "
+            "`pip install -v` to see the compiler's output")
+
+
 try:
     from fastbn import _C
     _IMPORT_ERROR = None
 except ImportError as err:  # extension not built: the registry reports why
     _C = None
-    _IMPORT_ERROR = f"{type(err).__name__}: {err}"
+    _IMPORT_ERROR = _why_missing(err)
 
 name = "cpu"
 

