@@ -1,5 +1,6 @@
-"""pytest-benchmark suite: every op of fastbn.bench.OPS, stock torch and each available
-fastbn backend, on two shapes.
+"""pytest-benchmark suite: every op of fastbn.bench.OPS, stock torch and fastbn's CPU
+backends (reference, and cpu where built), on two CPU shapes (the runner, `python -m
+benchmarks --backend triton`, measures CUDA).
 
     pytest benchmarks/ --benchmark-only                 # timings (pytest-benchmark stats)
     pytest benchmarks/ -q --benchmark-disable           # smoke: each case runs once

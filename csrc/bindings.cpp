@@ -58,7 +58,8 @@ PYBIND11_MODULE(_C, m) {
         "The output size (bytes) from which the kernels use non-temporal stores.");
   m.def("set_stream_min_bytes", &fastbn::set_stream_min_bytes, py::arg("bytes"),
         "Outputs from this many bytes are written with non-temporal stores (-1: the "
-        "default, FASTBN_STREAM_MIN_BYTES or half the last-level cache). Returns the "
+        "default, FASTBN_STREAM_MIN_BYTES or half the last-level cache, counted as 32 MiB "
+        "at most). Returns the "
         "previous setting.");
 
   m.def("forward_train",

@@ -62,8 +62,8 @@ def check_scalars(momentum, eps):
 
 def check_updatable(buffer):
     """torch's error for an in-place update of a tensor made in inference mode (a layer's
-    num_batches_tracked), raised before anything is updated. (Running statistics are
-    written by kernels, which torch lets through, and so does fastbn.)"""
+    num_batches_tracked), raised before anything is updated. (torch's kernels write
+    running statistics made there from anywhere, and so does fastbn.)"""
     if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
         return   # allowed in inference mode; dynamo cannot trace either check
     if buffer.is_inference():

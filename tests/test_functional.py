@@ -223,6 +223,21 @@ def test_a_training_flag_of_an_extension_type_is_named_as_torch_names_it():
     assert messages[0] == messages[1] and messages[0].endswith("not numpy.bool")
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_running_statistics_made_in_inference_mode_update_outside_it(backend, dtype):
+    """torch's kernels write them from anywhere; bfloat16 statistics are not the kernels'
+    accumulation dtype, so fastbn updates them with torch ops."""
+    x = torch.randn(10, 3, 6, dtype=dtype)
+    results = []
+    for call in (F.batch_norm, fastbn.batch_norm):
+        with torch.inference_mode():
+            rm, rv = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+        call(x, rm, rv, training=True, momentum=0.5)
+        results.append((rm, rv))
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected)
+
+
 def test_running_statistics_update(backend):
     x = torch.randn(10, 3, 6)
     rm, rv = _state()

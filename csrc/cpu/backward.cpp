@@ -1,5 +1,5 @@
 // backward: one pass for sum(g) and sum(g * xhat) per (problem, channel), one pass for
-// grad_x; x is read from memory once per run for all K cotangents.
+// grad_x; a task's x stays in L2 while its K cotangents pass (common.h).
 #include "cpu/ops.h"
 
 namespace fastbn {

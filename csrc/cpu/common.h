@@ -571,7 +571,8 @@ void map_pass(const Geom& g, int nth, int64_t K, F&& fn) {
 enum DType : int { kFloat64 = 0, kFloat32 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
 // Outputs from this many bytes are written with non-temporal stores; -1 (the default)
-// means FASTBN_STREAM_MIN_BYTES, or half the last-level cache where it is unset.
+// means FASTBN_STREAM_MIN_BYTES, or half the last-level cache (counted as 32 MiB at most)
+// where it is unset.
 // Process-wide; set_ returns the old setting.
 int64_t stream_min_bytes();
 int64_t set_stream_min_bytes(int64_t bytes);

@@ -1,7 +1,8 @@
 // Second-order kernels: backward_backward (VJP of backward) and backward_jvp (JVP of
 // backward). Each is one reduction pass for the per-(problem, channel) sums and one
 // elementwise pass that is a per-channel linear combination of the element inputs and
-// xhat; x is read from memory once per run for all K problems. Formulas: reference.py, expanded.
+// xhat; a task's x stays in L2 while its K problems pass (common.h). Formulas:
+// reference.py, expanded.
 #include "cpu/ops.h"
 
 namespace fastbn {

@@ -1,6 +1,6 @@
 // forward_jvp: y_t = mask * (w * xhat_t + w_t * xhat + b_t), with
 // xhat_t = invstd * (x_t - mean(x_t) - xhat * mean(x_t * xhat)). The reduction pass runs
-// only when x_t is present; x is read from memory once per run for all K tangents.
+// only when x_t is present; a task's x stays in L2 while its K tangents pass (common.h).
 #include "cpu/ops.h"
 
 namespace fastbn {

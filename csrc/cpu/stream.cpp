@@ -13,8 +13,8 @@ namespace {
 
 std::atomic<int64_t> min_bytes{-1};
 
-// Linux's sysfs gives the cache one core shares (glibc's sysconf can report the whole
-// package's, 10x that, inside a VM).
+// The largest cache of cpu0 in Linux's sysfs, else glibc's sysconf. Inside a VM either
+// can report the host's whole L3 (see default_min_bytes).
 int64_t last_level_cache_bytes() {
   int64_t best_level = 0, bytes = -1;
   for (int i = 0; i < 8; ++i) {
@@ -33,7 +33,8 @@ int64_t last_level_cache_bytes() {
   return bytes;
 }
 
-// FASTBN_STREAM_MIN_BYTES where set, else half the last-level cache.
+// FASTBN_STREAM_MIN_BYTES where set, else half the last-level cache, counted as 32 MiB
+// at most.
 int64_t default_min_bytes() {
   if (const char* env = std::getenv("FASTBN_STREAM_MIN_BYTES")) {
     char* end = nullptr;

@@ -38,7 +38,9 @@ except ImportError as err:  # extension not built: the registry reports why
 
 name = "cpu"
 
-_CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+# The kernels' element types, by the extension's own codes.
+_CODES = {} if _C is None else {torch.float64: _C.FLOAT64, torch.float32: _C.FLOAT32,
+                                torch.bfloat16: _C.BFLOAT16, torch.float16: _C.FLOAT16}
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _has_storage = torch._C._has_storage   # False for functorch wrappers and sparse tensors
 

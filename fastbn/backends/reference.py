@@ -29,6 +29,8 @@ Conventions:
   `backward` only through the ReLU mask, whose derivative is zero almost everywhere.
 """
 
+import contextlib
+
 import torch
 from torch._prims_common import (make_channels_last_strides_for,
                                  make_contiguous_strides_for)
@@ -121,14 +123,23 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     before = running_mean.clone(), running_var.clone()
     blend_running_stats(running_mean, running_var, mean,
                         var * (count / (count - 1).clamp(min=1)), momentum)
-    with torch.no_grad():
+    with _writable(running_mean):
         for running, old in zip((running_mean, running_var), before):
             running.copy_(torch.where(count > 0, running, old))
 
 
+@contextlib.contextmanager
+def _writable(running_mean):
+    """Where in-place updates of running statistics may run: outside autograd, and inside
+    inference mode for statistics made there (torch's kernels write those from anywhere,
+    and so do fastbn's)."""
+    with torch.no_grad(), torch.inference_mode(running_mean.is_inference()):
+        yield
+
+
 def blend_running_stats(running_mean, running_var, mean, unbiased_var, momentum):
     """running = (1 - momentum) * running + momentum * batch."""
-    with torch.no_grad():
+    with _writable(running_mean):
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
         running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype),
                                             alpha=momentum)

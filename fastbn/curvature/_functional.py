@@ -29,12 +29,13 @@ def check_bn_mode(bn_mode):
         raise ValueError(f"unknown bn_mode {bn_mode!r}; expected 'train' or 'eval'")
 
 
-def _retype_batch_norm_subclasses(copy_of_model, bn_mode):
+def _retype_batch_norm_subclasses(copy_of_model, bn_mode, *, eval_allowed=True):
     """In the private copy, make each subclass of a torch batch norm that keeps torch's
     forward an instance of that torch class, so that fastbn.convert replaces it too
     (torch's forward updates running statistics in place, which torch.func refuses).
     Any other subclass (its own forward) runs as it is where it cannot update them
-    (bn_mode "eval", or no running statistics) and is refused where it would."""
+    (bn_mode "eval", or no running statistics) and is refused where it would; the error
+    offers bn_mode="eval" where the caller takes it (`eval_allowed`)."""
     for name, module in copy_of_model.named_modules():
         if (not isinstance(module, _BatchNorm) or isinstance(module, _FastBatchNorm)
                 or type(module) in TORCH_BATCH_NORMS):
@@ -52,8 +53,8 @@ def _retype_batch_norm_subclasses(copy_of_model, bn_mode):
                 f"torch's batch norm but cannot run as a fastbn layer ({reason}), and in "
                 "training mode it would update its running statistics in place, which "
                 f"fails inside torch.func transforms. Derive it from {fastbn_class} "
-                "instead, or use bn_mode=\"eval\", or construct it with "
-                "track_running_stats=False.")
+                "instead, " + ("or use bn_mode=\"eval\", " if eval_allowed else "")
+                + "or construct it with track_running_stats=False.")
 
 
 def plain_attributes(obj):

@@ -39,9 +39,8 @@ from fastbn.experiments import data as datasets
 from fastbn.experiments import report, runner
 from fastbn.experiments.config import make_config
 from fastbn.probes.callback import json_safe
-from fastbn.probes.theory import curvature_available
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def build_parser():
@@ -78,7 +77,7 @@ def _environment(config, world_size):
             "fastbn": fastbn.__version__, "numpy": np.__version__,
             "platform": platform.platform(), "device": config.device,
             "threads": torch.get_num_threads(), "fastbn_backend": str(fastbn.get_backend()),
-            "curvature_available": curvature_available(), "world_size": world_size}
+            "world_size": world_size}
 
 
 def _launched_by_torchrun():

@@ -191,20 +191,18 @@ _LAZY_REPLACEMENTS = {nn.LazyBatchNorm1d: LazyBatchNorm1d, nn.LazyBatchNorm2d: L
                       nn.LazyBatchNorm3d: LazyBatchNorm3d}
 
 
-def _shallow_copy(layer, cls, take_over=False):
-    """A `cls` layer that shares `layer`'s parameters, buffers, flags and hooks: in
-    copies of its dicts, or with `take_over` in the dicts themselves (the handles of
-    hooks registered on `layer` then still remove them)."""
+def _take_over(layer, cls):
+    """A `cls` layer that shares `layer`'s parameters, buffers, flags and hooks in the
+    dicts themselves (the handles of hooks registered on `layer` still remove them)."""
     new = cls.__new__(cls)
-    new.__dict__.update({k: (v.copy() if isinstance(v, dict) and not take_over else v)
-                         for k, v in layer.__dict__.items()})
+    new.__dict__.update(layer.__dict__)
     return new
 
 
 def _converted(layer, sync, process_group):
     """The fastbn layer that takes over `layer`'s parameters, buffers, flags and hooks."""
     cls = SyncBatchNorm if sync else _REPLACEMENTS[type(layer)]
-    new = _shallow_copy(layer, cls, take_over=True)
+    new = _take_over(layer, cls)
     new.activation = getattr(layer, "activation", None)   # a fastbn layer keeps its fusion
     if cls is SyncBatchNorm:
         new.process_group = process_group if sync else layer.process_group
@@ -247,7 +245,7 @@ def _fuse_relu(seq, shared):
         if (isinstance(bn, _FastBatchNorm) and type(bn).forward is _FastBatchNorm.forward
                 and bn.activation is None and type(relu) is nn.ReLU
                 and id(bn) not in shared and not (_hooked(bn) or _hooked(relu))):
-            fused = _shallow_copy(bn, type(bn), take_over=True)
+            fused = _take_over(bn, type(bn))
             fused.activation = "relu"
             seq._modules[first] = fused
             seq._modules[second] = nn.Identity().train(relu.training)
@@ -323,7 +321,7 @@ def _convert(module, sync, process_group, done):
         module.process_group = process_group
         new = module
     elif type(module) in _LAZY_REPLACEMENTS:
-        new = _shallow_copy(module, _LAZY_REPLACEMENTS[type(module)], take_over=True)
+        new = _take_over(module, _LAZY_REPLACEMENTS[type(module)])
         new.activation = None
     elif type(module) in _REPLACEMENTS or (sync and isinstance(
             module, (nn.modules.batchnorm._BatchNorm, _FastBatchNorm))):

@@ -42,7 +42,7 @@ def transformable(model, process_group=None):
         return model
     private = private_copy(model)
     # fastbn.convert replaces only torch's own classes.
-    _retype_batch_norm_subclasses(private, "train")
+    _retype_batch_norm_subclasses(private, "train", eval_allowed=False)
     return fastbn.convert(private, sync=process_group is not None,
                           process_group=process_group)
 

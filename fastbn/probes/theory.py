@@ -16,8 +16,7 @@ batch statistics, so both networks see the same y.
   − (γ/(mσ_j²))⟨ĝ_j, ŷ_j⟩‖∇_{y_j}L̂‖², where Ĥ and H are the Hessians of L̂ and L with
   respect to y; the proof needs H_jj PSD and ⟨ĝ_j, ŷ_j⟩ > 0. Also checked with L taken
   at the BN output z as in the paper's proof (`*_same_point`). Second-order quantities come
-  from `fastbn.curvature.activation_hessian`; without that module these checks are
-  reported as skipped.
+  from `fastbn.curvature.activation_hessian`.
 """
 
 import copy
@@ -27,25 +26,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from fastbn import curvature
 from fastbn.probes import _functional
 
 # Relative slack for "inequality held" (float32 round-off in sums over m values).
 RELATIVE_TOLERANCE = 1e-4
-CURVATURE_MISSING = ("fastbn.curvature is not available; Theorem 4.2 needs "
-                     "fastbn.curvature.activation_hessian")
-
-
-def _curvature():
-    try:
-        from fastbn import curvature
-    except ImportError:
-        return None
-    return curvature if hasattr(curvature, "activation_hessian") else None
-
-
-def curvature_available():
-    """Whether the second-order checks (Theorem 4.2) can run."""
-    return _curvature() is not None
 
 
 def _holds(lhs, rhs):
@@ -277,7 +262,6 @@ def theory_checks(model, criterion, batch, *, channels=4, layers=None, lanczos_i
     """
     work = _functional.transformable(model)
     producers = pre_batch_norm_layers(work, batch)
-    curvature = _curvature()
     second_order = set(_evenly_spaced(list(producers), layers))
     modules = dict(work.named_modules())
     results = {}
@@ -291,9 +275,7 @@ def theory_checks(model, criterion, batch, *, channels=4, layers=None, lanczos_i
         _, grad_plain = _gradients(plain, criterion, batch, [pre_name])[pre_name]
         result = {"input_layer": pre_name,
                   "theorem_4_1": theorem_4_1(bn, y, grad_bn, grad_plain, grad_z)}
-        if curvature is None:
-            result["theorem_4_2"] = {"skipped": CURVATURE_MISSING}
-        elif channels < 1:
+        if channels < 1:
             result["theorem_4_2"] = {"skipped": "channels=0: second-order checks off"}
         elif bn_name not in second_order:
             result["theorem_4_2"] = {"skipped": f"only {layers} evenly spaced BN layers get "

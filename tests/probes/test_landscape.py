@@ -169,6 +169,20 @@ def test_a_torch_batch_norm_subclass_that_keeps_torch_forward():
     assert type(model[1]) is _SubclassedBatchNorm1d
 
 
+class _OwnForwardBatchNorm1d(nn.BatchNorm1d):
+    def forward(self, input):
+        return super().forward(input)
+
+
+def test_a_batch_norm_subclass_with_its_own_forward_is_refused_in_words():
+    """The probes measure training mode only: the error offers no bn_mode."""
+    model = tiny_model()
+    model[1].__class__ = _OwnForwardBatchNorm1d
+    with pytest.raises(TypeError, match="overrides forward") as info:
+        gradient_step_probe(model, nn.CrossEntropyLoss(), batch(), 0.3)
+    assert "bn_mode" not in str(info.value) and "track_running_stats=False" in str(info.value)
+
+
 class _DictInputs(nn.Module):
     def __init__(self):
         super().__init__()

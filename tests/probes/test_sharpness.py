@@ -2,10 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastbn.probes import theory, top_hessian_eigenvalue
+from fastbn.probes import top_hessian_eigenvalue
 
-pytestmark = pytest.mark.skipif(not theory.curvature_available(),
-                                reason="fastbn.curvature is not available")
 
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_top_eigenvalue_matches_the_dense_hessian(batch_norm):

@@ -9,8 +9,6 @@ import fastbn
 from fastbn.probes import theory
 from fastbn.probes.theory import pre_batch_norm_layers, theory_checks, without_layer
 
-needs_curvature = pytest.mark.skipif(not theory.curvature_available(),
-                                     reason="fastbn.curvature is not available")
 
 
 def network(inplace=False):
@@ -73,7 +71,6 @@ def test_theorem_4_1_against_direct_autograd():
     assert checks["identity_rel_error"] < 1e-4
 
 
-@needs_curvature
 def test_an_in_place_relu_after_a_batch_norm_changes_nothing():
     criterion, batch = nn.CrossEntropyLoss(), data()
     results = theory_checks(network(inplace=True), criterion, batch, channels=2,
@@ -105,13 +102,6 @@ def test_without_layer_replaces_only_that_layer():
     assert isinstance(plain[4], nn.Identity) and isinstance(model[4], nn.BatchNorm1d)
 
 
-def test_second_order_checks_skip_cleanly_without_curvature(monkeypatch):
-    monkeypatch.setattr(theory, "_curvature", lambda: None)
-    results = theory_checks(network(), nn.CrossEntropyLoss(), data())
-    assert all("fastbn.curvature" in r["theorem_4_2"]["skipped"] for r in results.values())
-
-
-@needs_curvature
 def test_theorem_4_2_against_direct_double_backward():
     model, criterion = network(), nn.CrossEntropyLoss()
     inputs, targets = data()
@@ -154,7 +144,6 @@ def test_theorem_4_2_against_direct_double_backward():
     assert math.isfinite(summary["quadratic_form_bn"])
 
 
-@needs_curvature
 def test_lanczos_extremes_of_a_known_matrix():
     matrix = torch.diag(torch.tensor([-2.0, 0.5, 1.0, 3.0], dtype=torch.float64))
     low, high = theory._extreme_eigenvalues(lambda v: matrix @ v,

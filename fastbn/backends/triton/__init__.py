@@ -266,7 +266,8 @@ class _Call:
         return t, (self.C if t.dim() == 2 else 0)
 
     def plan(self, split_only=False):
-        """(mode list, BLOCK_M, BLOCK_C, CHUNK, NCHUNKS) from the shape alone."""
+        """(mode, BLOCK_M, BLOCK_C, CHUNK, NCHUNKS) from the shape alone; mode is "fused"
+        (one program per channel block holds all of M) or "split" (M in chunks)."""
         interpret = _interpreting()
         C, M = self.C, self.M
         chan_contig = self.sC == 1 and C > 1
@@ -299,8 +300,7 @@ class _Call:
             chunk = triton.cdiv(triton.cdiv(M, chunks), bm) * bm
         return "split", bm, bc, chunk, triton.cdiv(M, chunk)
 
-    def launch(self, op, act, elems, outs, mean, invstd, weight, bias, p1, p2, qs, eps=0.0,
-               mode=None):
+    def launch(self, op, act, elems, outs, mean, invstd, weight, bias, p1, p2, qs, eps=0.0):
         x = self.x
         views = self.views + [(0, 0, 0, 0)] * (3 - len(self.views))
         e = list(elems) + [None] * (3 - len(elems))
