@@ -98,6 +98,10 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
             continue
         if t.numel() != channels:
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+        if name.startswith("running") and t.dim() != 1:
+            # Updated in place: a reshaped copy would take the update and drop it.
+            raise RuntimeError(f"TensorAccessor expected 1 dims but tensor has {t.dim()}: "
+                               f"{name} must be a vector of {channels} elements")
         if t.device != input.device:
             raise RuntimeError("Expected all tensors to be on the same device, but found "
                                f"{name} on {t.device} and input on {input.device}")
@@ -144,14 +148,11 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
                              f"got input size {input.size()}")
 
 
-def _vector(t, channels):
-    return t if t is None or t.dim() == 1 else t.reshape(channels)
-
-
 def _param(t, channels, like, fill):
+    """weight or bias as a vector (torch takes any shape of C elements), or `fill`."""
     if t is None:
         return torch.full((channels,), fill, dtype=like.dtype, device=like.device)
-    return _vector(t, channels)
+    return t if t.dim() == 1 else t.reshape(channels)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -195,8 +196,6 @@ def checked_batch_norm(input, running_mean, running_var, weight, bias, training,
     channels = input.shape[1]
     weight = _param(weight, channels, input, 1.0)
     bias = _param(bias, channels, input, 0.0)
-    running_mean = _vector(running_mean, channels)
-    running_var = _vector(running_var, channels)
 
     if synchronized and (torch.compiler.is_compiling() or torch.jit.is_tracing()
                          or transforms.nested_forward_mode()):

@@ -170,17 +170,27 @@ def test_fused_relu_keeps_bias_in_the_second_order_graph(backend, training):
     assert torch.equal(g_bias, torch.zeros_like(bias))
 
 
+# grad_y's layouts: the other memory format, and ones whose spatial dims do not flatten
+# (which the kernels hand to PyTorch ops, whose results take their operands' layout).
+GRAD_LAYOUTS = {
+    "other format": lambda g, x_layout: g.contiguous(memory_format=(
+        torch.contiguous_format if x_layout == torch.channels_last else torch.channels_last)),
+    "expanded": lambda g, x_layout: g[:1, :1, :1, :1].expand(g.shape),
+    "sliced": lambda g, x_layout: torch.cat([g, g], 1)[:, ::2],
+    "spatial dims swapped": lambda g, x_layout: g.transpose(2, 3).contiguous().transpose(2, 3),
+}
+
+
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("x_layout, grad_layout", [
-    (torch.channels_last, torch.contiguous_format),
-    (torch.contiguous_format, torch.channels_last)])
+@pytest.mark.parametrize("x_layout", [torch.channels_last, torch.contiguous_format], ids=str)
+@pytest.mark.parametrize("grad_layout", GRAD_LAYOUTS)
 def test_input_gradient_takes_the_inputs_layout(backend, training, x_layout, grad_layout):
     """As torch's: the input gradient is laid out like the input, whatever grad_y's."""
     x = torch.randn(3, 4, 5, 2, dtype=DT).contiguous(memory_format=x_layout).requires_grad_()
     weight = torch.rand(4, dtype=DT, requires_grad=True)
     running = (torch.zeros(4, dtype=DT), torch.ones(4, dtype=DT))
     y = _op(training, None, running, True)(x, weight, torch.zeros(4, dtype=DT))
-    grad_y = torch.randn(y.shape, dtype=DT).contiguous(memory_format=grad_layout)
+    grad_y = GRAD_LAYOUTS[grad_layout](torch.randn(y.shape, dtype=DT), x_layout)
     (g_x,) = torch.autograd.grad(y, x, grad_y)
     assert g_x.is_contiguous(memory_format=x_layout)
 

@@ -184,6 +184,11 @@ def _inference_tensor():
      RuntimeError, "running_var must be defined in evaluation mode"),
     (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, None, training=True),
      ValueError, "running_mean and running_var must either both be None or neither be None"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm.view(1, 3), rv, training=True),
+     RuntimeError, "TensorAccessor expected 1 dims but tensor has 2: running_mean must be a "
+                   "vector of 3 elements"),
+    (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, rv.view(3, 1), training=False),
+     RuntimeError, "running_var must be a vector"),
     (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, rv, training=True, eps=0.0),
      ValueError, "batch_norm eps must be positive during training, but got 0.0"),
     (lambda rm, rv: fastbn.batch_norm(torch.randn(2, 3), rm, rv, training=False, eps=-1.0),

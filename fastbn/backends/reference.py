@@ -35,6 +35,8 @@ import torch
 from torch._prims_common import (make_channels_last_strides_for,
                                  make_contiguous_strides_for)
 
+from fastbn.backends.layout import as_output
+
 name = "reference"
 runs_pytorch_ops = True   # so it also runs on the batched wrappers of transforms
 
@@ -260,7 +262,8 @@ def backward(grad_y, x, mean, invstd, weight, bias, activation=None, *, reductio
     w = weight.to(xhat.dtype)
     grad_x = (g - per_channel(total_bias / m, d) - xhat * per_channel(total_weight / m, d)) \
         * per_channel(w * invstd, d)
-    return grad_x.to(grad_y.dtype), grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
+    return (as_output(grad_x.to(grad_y.dtype), x), grad_weight.to(weight.dtype),
+            grad_bias.to(bias.dtype))
 
 
 def _xhat_tangent(x_t, xhat, invstd, d, reduction, m):
