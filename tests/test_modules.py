@@ -154,6 +154,17 @@ def test_a_call_that_raises_after_the_statistics_moved_counts_the_batch(backend)
     assert int(layer.num_batches_tracked) == 1
 
 
+def test_a_layer_made_and_trained_in_inference_mode(backend):
+    """Its buffers are inference tensors, which keep no version counter."""
+    x = torch.randn(4, 3)
+    with torch.inference_mode():
+        fast, ref = fastbn.BatchNorm1d(3), nn.BatchNorm1d(3)
+        y, y_ref = fast(x), ref(x)
+    torch.testing.assert_close(y, y_ref)
+    for (name, b), (_, c) in zip(ref.named_buffers(), fast.named_buffers()):
+        torch.testing.assert_close(c, b, msg=name)
+
+
 def test_an_eval_output_whose_statistics_moved_since_refuses_its_backward(backend):
     """The eval backward reads the running statistics: a training call in between updates
     them in place, and autograd must say so (torch's native op does not mark them

@@ -262,8 +262,10 @@ def backward(grad_y, x, mean, invstd, weight, bias, activation=None, *, reductio
     w = weight.to(xhat.dtype)
     grad_x = (g - per_channel(total_bias / m, d) - xhat * per_channel(total_weight / m, d)) \
         * per_channel(w * invstd, d)
-    return (as_output(grad_x.to(grad_y.dtype), x), grad_weight.to(weight.dtype),
-            grad_bias.to(bias.dtype))
+    grad_x = grad_x.to(grad_y.dtype)
+    if grad_x.dim() == x.dim():   # not K-batched: laid out like x, as torch's
+        grad_x = as_output(grad_x, x)
+    return grad_x, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
 
 
 def _xhat_tangent(x_t, xhat, invstd, d, reduction, m):

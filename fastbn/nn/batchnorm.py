@@ -26,6 +26,14 @@ def _torch_bias_kwargs(bias):
     return {} if bias else {"bias": False}
 
 
+def _version_of(t):
+    """t's version counter, or None where it has none (absent, or an inference tensor;
+    dynamo cannot trace is_inference(), and compiled code makes none)."""
+    if t is None or (not torch.compiler.is_compiling() and t.is_inference()):
+        return None
+    return t._version
+
+
 def _layer_forward(layer, input):
     """A batch-norm layer's forward without its hooks (the call an fx graph records)."""
     return layer.forward(input)
@@ -88,7 +96,7 @@ class _FastBatchNorm:
             # recomputation stops inside it (once its last tensor is saved), after the
             # running statistics moved. A call that raises before they moved (say, in a
             # collective) counts nothing.
-            stats_version = None if running_mean is None else running_mean._version
+            stats_version = _version_of(running_mean)
             tracked.add_(1)
         try:
             return call(input, running_mean, running_var, weight, bias, batch_stats, factor,
