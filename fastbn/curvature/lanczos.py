@@ -16,9 +16,9 @@ def as_generator(seed):
     else a new one seeded with it."""
     if isinstance(seed, torch.Generator):
         return seed
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int or a torch.Generator, got {type(seed).__name__}")
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(int(seed))
 
 
 def random_vectors(op, count, seed, kind="gaussian"):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 from tqdm.auto import tqdm
 
 from fastbn.curvature import _memory
@@ -45,6 +45,10 @@ def _dot(a, b):
 
 def _same_values(a, b):
     return a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+
+
+def _savable(t):
+    return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
 
 
 def _outside_inference_mode(method):
@@ -259,6 +263,9 @@ class HessianOperator:
     def _as_operand(self, v, ndim, what):
         if not isinstance(v, torch.Tensor):
             v = torch.as_tensor(v)
+        if v.is_complex():
+            raise TypeError(f"{what} takes a real tensor (H is real: apply it to the real "
+                            "and imaginary parts)")
         if v.dim() != ndim or v.shape[0] != self.shape[0]:
             expected = "(P,)" if ndim == 1 else "(P, K)"
             raise ValueError(f"{what} expects a tensor of shape {expected} with "
@@ -286,6 +293,12 @@ class HessianOperator:
     def _split_state(self):
         params, buffers = self._model.state()
         theta = {name: params.pop(name) for name in self.param_names}
+        for name, t in theta.items():
+            if t.dtype != self.dtype or t.device != self.device:
+                raise RuntimeError(
+                    f"parameter {name!r} is now {t.dtype} on {t.device}, and this operator "
+                    f"was made for {self.dtype} on {self.device} (its vectors' dtype and "
+                    "device): make a new HessianOperator for the converted model")
         return theta, params, buffers
 
     def _hvp_fn(self, method, loss):
@@ -327,9 +340,10 @@ class HessianOperator:
         of the model's modules and the criterion's with the current ones (O(P + batch)
         work) and rebuilds the graph on any change, also one made through `.data`.
         Other tensors (say, one a criterion function closes over) are not compared: the
-        graph is rebuilt when autograd finds one changed in place, but a change through
-        `.data` goes unseen; so are other settings (the keywords of a functools.partial
-        criterion, say); call `clear_cache()` after such a change.
+        graph is rebuilt where autograd finds one it saved changed in place, but values
+        computed from them sit in the graph, and a change to them goes unseen; so do other
+        settings (the keywords of a functools.partial criterion, say); call
+        `clear_cache()` after such a change.
         Memory: the graph plus those copies, until `clear_cache()` frees them.
         """
         v = self._as_operand(v, 1, "matvec")
@@ -495,7 +509,8 @@ class HessianOperator:
         updates only the clones."""
         snapshot = [t.clone() for t in others]
         _, fixed, buffers = self._split_state()
-        inputs, targets, _, _ = next(self._batches())
+        # A batch made under inference mode cannot be saved for backward: a copy can.
+        inputs, targets = tree_map(_savable, next(self._batches())[:2])
         leaves = {name: t.clone().requires_grad_() for name, t in theta.items()}
         with torch.enable_grad():
             loss = self._loss_fn(fixed, buffers, inputs, targets)(leaves)[0]

@@ -3,6 +3,7 @@ import math
 import sys
 import warnings
 
+import numpy
 import pytest
 import torch
 from torch import nn
@@ -276,6 +277,8 @@ def test_estimator_errors(matrix):
         eigenvalues(op, k=2.0)
     with pytest.raises(TypeError, match="seed must be an int or a torch.Generator"):
         eigenvalues(op, seed=None)
+    # Any integer type seeds, numpy's too.
+    assert torch.equal(eigenvalues(op, seed=numpy.int64(3))[0], eigenvalues(op, seed=3)[0])
 
 
 def test_slq_stops_runs_whose_krylov_space_is_invariant():

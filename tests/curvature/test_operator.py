@@ -322,6 +322,22 @@ def test_errors():
         op.matmat(torch.ones(39, dtype=DTYPE))
     with pytest.raises(ValueError, match="P=39"):
         op.matmat(torch.ones(40, 2, dtype=DTYPE))
+    with pytest.raises(TypeError, match="real tensor"):
+        op.matvec(torch.ones(39, dtype=torch.complex128))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_model_converted_after_the_operator_was_made_is_refused(method):
+    """The operator's dtype is its vectors': after model.float() its products would be
+    rounded, or fail in a kernel."""
+    model = mlp()
+    op = HessianOperator(model, CRITERION, batch_for(model, 6, seed=0), method=method)
+    v = torch.randn(op.shape[0], dtype=DTYPE)
+    op.matvec(v)
+    model.float()
+    for call in (op.grad, lambda: op.matvec(v), lambda: op.matmat(v[:, None])):
+        with pytest.raises(RuntimeError, match="now torch.float32.*make a new HessianOperator"):
+            call()
 
 
 def test_non_finite_loss_raises():
@@ -575,6 +591,20 @@ def test_a_criterion_assigned_later_rebuilds_the_kept_graph():
     before = op.matvec(v)
     op.criterion = lambda out, target: 3 * nn.functional.cross_entropy(out, target)
     close(op.matvec(v), 3 * before)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_batch_made_under_inference_mode(method):
+    """The kept graph of reverse-over-reverse saves the batch, which autograd refuses for
+    an inference tensor: a copy goes in."""
+    model = mlp()
+    with torch.inference_mode():
+        batch = batch_for(model, 6, seed=0)
+    gradient, hessian = exact_hessian(model, CRITERION, [tuple(t.clone() for t in batch)])
+    op = HessianOperator(model, CRITERION, batch, method=method)
+    v = torch.randn(op.shape[0], dtype=DTYPE)
+    close(op.grad(), gradient)
+    close(op.matvec(v), hessian @ v)
 
 
 @pytest.mark.parametrize("method", METHODS)
