@@ -29,8 +29,6 @@ Conventions:
   `backward` only through the ReLU mask, whose derivative is zero almost everywhere.
 """
 
-import contextlib
-
 import torch
 from torch._prims_common import (make_channels_last_strides_for,
                                  make_contiguous_strides_for)
@@ -125,26 +123,32 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     before = running_mean.clone(), running_var.clone()
     blend_running_stats(running_mean, running_var, mean,
                         var * (count / (count - 1).clamp(min=1)), momentum)
-    with _writable(running_mean):
+
+    def keep_where_empty():
         for running, old in zip((running_mean, running_var), before):
             running.copy_(torch.where(count > 0, running, old))
+    _update_in_place(running_mean, keep_where_empty)
 
 
-@contextlib.contextmanager
-def _writable(running_mean):
-    """Where in-place updates of running statistics may run: outside autograd, and inside
+def _update_in_place(running_mean, update):
+    """Run `update`, which writes running statistics in place, outside autograd; inside
     inference mode for statistics made there (torch's kernels write those from anywhere,
-    and so do fastbn's)."""
-    with torch.no_grad(), torch.inference_mode(running_mean.is_inference()):
-        yield
+    and so do fastbn's). Dynamo cannot trace is_inference(): compiled code asks nothing."""
+    if not torch.compiler.is_compiling() and running_mean.is_inference():
+        with torch.inference_mode():
+            update()
+    else:
+        with torch.no_grad():
+            update()
 
 
 def blend_running_stats(running_mean, running_var, mean, unbiased_var, momentum):
     """running = (1 - momentum) * running + momentum * batch."""
-    with _writable(running_mean):
+    def blend():
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
         running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype),
                                             alpha=momentum)
+    _update_in_place(running_mean, blend)
 
 
 def _affine(x, scale, shift, activation):
