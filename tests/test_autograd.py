@@ -170,6 +170,28 @@ def test_fused_relu_keeps_bias_in_the_second_order_graph(backend, training):
     assert torch.equal(g_bias, torch.zeros_like(bias))
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_bias_changed_in_place_before_the_backward(backend, training, activation):
+    """As torch's: without the ReLU no derivative reads the bias, so a change to it in
+    place (an optimiser step, say) before the backward is fine; with it the mask does,
+    and autograd says so."""
+    x = torch.randn(6, 3, 4, dtype=DT, requires_grad=True)
+    weight, bias = (torch.rand(3, dtype=DT, requires_grad=True) for _ in range(2))
+    running = (torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT))
+    grad_y = torch.randn(6, 3, 4, dtype=DT)
+    y = _op(training, activation, running, True)(x, weight, bias)
+    expected = torch.autograd.grad(y, (x, weight, bias), grad_y, retain_graph=True)
+    with torch.no_grad():
+        bias.add_(1.0)
+    if activation == "relu":
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(y, (x, weight, bias), grad_y)
+        return
+    for got, want in zip(torch.autograd.grad(y, (x, weight, bias), grad_y), expected):
+        torch.testing.assert_close(got, want)
+
+
 # grad_y's layouts: the other memory format, and ones whose spatial dims do not flatten
 # (which the kernels hand to PyTorch ops, whose results take their operands' layout).
 GRAD_LAYOUTS = {

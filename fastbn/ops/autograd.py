@@ -354,6 +354,17 @@ class BackwardJvp(_KernelFunction):
     out_per_channel = (False, True, True)
 
 
+def _for_the_mask(bias, activation):
+    """bias, where the derivatives read it (the ReLU mask), else None: as in torch, whose
+    derivative does not read it, a change to it in place before the backward is fine."""
+    return bias if activation == "relu" else None
+
+
+def _unread_bias(bias, weight):
+    """The saved bias, or zeros standing in where the derivatives do not read it."""
+    return torch.zeros_like(weight) if bias is None else bias
+
+
 class TrainForward(_Function):
     """(x, weight, bias, running_mean, running_var) -> (y, mean, invstd), batch statistics.
 
@@ -371,7 +382,7 @@ class TrainForward(_Function):
         x, weight, bias, _, _, _, eps, activation, backend = inputs
         _, mean, invstd = output
         ctx.mark_non_differentiable(mean, invstd)
-        ctx.save_for_backward(x, mean, invstd, weight, bias)
+        ctx.save_for_backward(x, mean, invstd, weight, _for_the_mask(bias, activation))
         ctx.save_for_forward(x, mean, invstd, weight, bias)
         ctx.options = (eps, activation, backend)
 
@@ -379,7 +390,7 @@ class TrainForward(_Function):
     def backward(ctx, grad_y, _grad_mean, _grad_invstd):
         x, mean, invstd, weight, bias = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = TrainBackward.apply(
-            grad_y, x, mean, invstd, weight, bias, *ctx.options)
+            grad_y, x, mean, invstd, weight, _unread_bias(bias, weight), *ctx.options)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
     @staticmethod
@@ -444,13 +455,17 @@ class EvalForward(_Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, running_mean, running_var, weight, bias, eps, activation, _ = inputs
-        ctx.save_for_backward(x, running_mean, running_var, weight, bias)
+        ctx.save_for_backward(x, running_mean, running_var, weight,
+                              _for_the_mask(bias, activation))
         ctx.save_for_forward(x, running_mean, running_var, weight, bias)
         ctx.options = (eps, activation)
 
     @staticmethod
     def backward(ctx, grad_y):
-        grad_x, grad_weight, grad_bias = eval_backward(grad_y, *ctx.saved_tensors, *ctx.options)
+        x, running_mean, running_var, weight, bias = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = eval_backward(
+            grad_y, x, running_mean, running_var, weight, _unread_bias(bias, weight),
+            *ctx.options)
         return grad_x, None, None, grad_weight, grad_bias, None, None, None
 
     @staticmethod
