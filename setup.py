@@ -26,14 +26,19 @@ HEADERS = sorted(glob.glob("csrc/**/*.h", recursive=True))  # a change rebuilds 
 BUILD_ERROR_NOTE = "_C.build-error.txt"
 
 
+# The environment that chooses the compiler and its flags (besides each extension's own).
+COMPILER_ENVIRONMENT = ("CC", "CXX", "CFLAGS", "CPPFLAGS", "CXXFLAGS", "LDFLAGS", "LDSHARED")
+
+
 class OptionalBuildExt(build_ext):
     """Never fail the install because the extension did not compile, and rebuild when the
-    compiler flags change (setuptools compares timestamps only: a FASTBN_PORTABLE build
-    would otherwise ship an earlier -march=native one)."""
+    compiler or its flags change (setuptools compares timestamps only: a FASTBN_PORTABLE
+    build would otherwise ship an earlier -march=native one)."""
 
     def run(self):
         stamp = os.path.join(self.build_temp, "fastbn-compile-flags")
-        flags = repr([ext.extra_compile_args for ext in self.extensions])
+        flags = repr(([ext.extra_compile_args for ext in self.extensions],
+                      [os.environ.get(name) for name in COMPILER_ENVIRONMENT]))
         if _read(stamp) != flags:
             self.force = True
         self._failure = None

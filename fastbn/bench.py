@@ -487,7 +487,7 @@ def backend_info(requested):
 
 def curvature_suite():
     """The optional curvature suite, benchmarks/bench_curvature.py (it ships with the
-    source tree, importable from its root); raises ImportError when it is not there."""
+    source tree, importable from its root)."""
     return importlib.import_module("benchmarks.bench_curvature")
 
 
@@ -573,9 +573,12 @@ def _run(parser, args, prog, argv):
     if "curvature" in args.suite:
         try:
             curvature = curvature_suite()
-        except ImportError as err:
-            parser.error(f"the curvature suite cannot run ({type(err).__name__}: {err}); it "
-                         "ships with fastbn's source tree: run from the tree's root")
+        except ModuleNotFoundError as err:
+            if err.name not in ("benchmarks", "benchmarks.bench_curvature"):
+                raise   # the suite's own import failed
+            parser.error(f"the curvature suite cannot run ({err}): it ships with fastbn's "
+                         "source tree; run `python -m benchmarks --suite curvature` from "
+                         "the tree's root")
     dtype = DTYPES[args.dtype]
     shapes = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     timing = QUICK_TIMING if args.quick else FULL_TIMING

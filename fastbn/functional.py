@@ -41,9 +41,10 @@ def _allowed_param_dtypes(dtype):
 
 
 def _type_name(value):
-    """A type's C-level name, as torch's argument parser prints it: a class defined in
-    Python (Tensor) or a builtin (int) bare, an extension's type qualified
-    (numpy.bool, not bool)."""
+    """A type's name as torch's argument parser prints it for the values batch_norm
+    meets: a class defined in Python (Tensor) or a builtin (int) bare, an extension's
+    static type qualified (numpy.bool, not bool). (Extension types made from a spec,
+    such as re.Pattern, come out bare where torch qualifies them.)"""
     kind = type(value)
     heap_type = kind.__flags__ & (1 << 9)   # Py_TPFLAGS_HEAPTYPE
     if heap_type or kind.__module__ == "builtins":

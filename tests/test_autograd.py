@@ -192,6 +192,20 @@ def test_bias_changed_in_place_before_the_backward(backend, training, activation
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_a_float32_bias_beside_a_bfloat16_weight_keeps_its_gradients_dtype(backend, training):
+    """weight=None is filled in x's dtype; the bias stays float32, and so must its
+    gradient (sum of grad_y per channel, exact in float32, not in bfloat16)."""
+    x = torch.randn(8, 3, 5).bfloat16()
+    bias = torch.randn(3, requires_grad=True)
+    y = fastbn.batch_norm(x, torch.zeros(3), torch.ones(3), None, bias, training=training)
+    grad_y = torch.randn(8, 3, 5).bfloat16()
+    (grad_bias,) = torch.autograd.grad(y, bias, grad_y)
+    assert grad_bias.dtype == torch.float32
+    torch.testing.assert_close(grad_bias.double(), grad_y.double().sum((0, 2)),
+                               rtol=1e-6, atol=1e-6)
+
+
 # grad_y's layouts: the other memory format, and ones whose spatial dims do not flatten
 # (which the kernels hand to PyTorch ops, whose results take their operands' layout).
 GRAD_LAYOUTS = {

@@ -121,7 +121,7 @@ def test_a_curvature_suite_that_cannot_run_is_a_usage_error(capsys, monkeypatch)
     """Outside the source tree (an installed package) the suite is not there: say so
     before measuring anything, and exit non-zero."""
     def missing():
-        raise ModuleNotFoundError("No module named 'benchmarks'")
+        raise ModuleNotFoundError("No module named 'benchmarks'", name="benchmarks")
 
     monkeypatch.setattr(bench, "curvature_suite", missing)
     with pytest.raises(SystemExit) as exit_info:

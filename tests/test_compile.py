@@ -30,6 +30,30 @@ def test_compiled_training_step_matches_eager():
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_compiled_bias_changed_in_place_before_the_backward(training, activation):
+    """As eager (tests/test_autograd.py): fine without the ReLU, refused with it.
+    aot_eager runs the custom ops' registered derivatives (inductor's partitioner picks
+    what to save itself)."""
+    x = torch.randn(6, 3, 4, requires_grad=True)
+    weight, bias = torch.rand(3, requires_grad=True), torch.rand(3, requires_grad=True)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    f = torch.compile(lambda x, w, b: fastbn.batch_norm(x, rm, rv, w, b, training=training,
+                                                        activation=activation),
+                      backend="aot_eager", fullgraph=True)
+    y = f(x, weight, bias)
+    expected = torch.autograd.grad(y.sum(), (x, weight), retain_graph=True)
+    with torch.no_grad():
+        bias.add_(1.0)
+    if activation == "relu":
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(y.sum(), (x, weight))
+        return
+    for got, want in zip(torch.autograd.grad(y.sum(), (x, weight)), expected):
+        torch.testing.assert_close(got, want)
+
+
 _LAYOUTS = {"contiguous": lambda x: x.contiguous(),
             "channels_last": lambda x: x.contiguous(memory_format=torch.channels_last),
             "permuted": lambda x: x.permute(0, 1, 3, 2)}   # spatial dims that do not flatten

@@ -125,7 +125,8 @@ def test_a_momentum_that_is_not_a_number_is_torchs_type_error(momentum, training
 def test_non_reentrant_checkpoint_counts_batches_as_torch(backend, momentum, fuse_relu):
     """The checkpoint's recomputation stops inside the last layer of a segment, once the
     running statistics moved: the batch must count there, or momentum=None's cumulative
-    average weighs the batches wrongly."""
+    average weighs the batches wrongly. Three segments: the first ends at the batch norm,
+    fused or not."""
     from torch.utils.checkpoint import checkpoint_sequential
 
     torch.manual_seed(0)
@@ -135,7 +136,7 @@ def test_non_reentrant_checkpoint_counts_batches_as_torch(backend, momentum, fus
     x = torch.randn(8, 4, requires_grad=True)
     for model in (ref, fast):
         for _ in range(2):
-            checkpoint_sequential(model, 2, x, use_reentrant=False).sum().backward()
+            checkpoint_sequential(model, 3, x, use_reentrant=False).sum().backward()
     for (name, b), (_, c) in zip(ref.named_buffers(), fast.named_buffers()):
         torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)
 

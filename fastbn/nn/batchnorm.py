@@ -27,8 +27,8 @@ def _torch_bias_kwargs(bias):
 
 
 def _version_of(t):
-    """t's version counter, or None where it has none (absent, or an inference tensor;
-    dynamo cannot trace is_inference(), and compiled code makes none)."""
+    """t's version counter, or None where it has none (absent, or an inference tensor).
+    Dynamo cannot trace is_inference(): compiled code reads the counter."""
     if t is None or (not torch.compiler.is_compiling() and t.is_inference()):
         return None
     return t._version

@@ -354,15 +354,20 @@ class BackwardJvp(_KernelFunction):
     out_per_channel = (False, True, True)
 
 
-def _for_the_mask(bias, activation):
+def bias_to_save(ctx, bias, activation):
     """bias, where the derivatives read it (the ReLU mask), else None: as in torch, whose
-    derivative does not read it, a change to it in place before the backward is fine."""
+    derivative does not read it, a change to it in place before the backward is fine.
+    Its dtype is kept for the stand-in (`saved_bias`)."""
+    ctx.bias_dtype = bias.dtype
     return bias if activation == "relu" else None
 
 
-def _unread_bias(bias, weight):
-    """The saved bias, or zeros standing in where the derivatives do not read it."""
-    return torch.zeros_like(weight) if bias is None else bias
+def saved_bias(ctx, bias, weight):
+    """The saved bias, or zeros of its dtype standing in where no derivative reads it
+    (grad_bias takes that dtype: a float32 bias beside a bfloat16 weight stays float32)."""
+    if bias is not None:
+        return bias
+    return torch.zeros(weight.shape, dtype=ctx.bias_dtype, device=weight.device)
 
 
 class TrainForward(_Function):
@@ -382,7 +387,7 @@ class TrainForward(_Function):
         x, weight, bias, _, _, _, eps, activation, backend = inputs
         _, mean, invstd = output
         ctx.mark_non_differentiable(mean, invstd)
-        ctx.save_for_backward(x, mean, invstd, weight, _for_the_mask(bias, activation))
+        ctx.save_for_backward(x, mean, invstd, weight, bias_to_save(ctx, bias, activation))
         ctx.save_for_forward(x, mean, invstd, weight, bias)
         ctx.options = (eps, activation, backend)
 
@@ -390,7 +395,7 @@ class TrainForward(_Function):
     def backward(ctx, grad_y, _grad_mean, _grad_invstd):
         x, mean, invstd, weight, bias = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = TrainBackward.apply(
-            grad_y, x, mean, invstd, weight, _unread_bias(bias, weight), *ctx.options)
+            grad_y, x, mean, invstd, weight, saved_bias(ctx, bias, weight), *ctx.options)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
     @staticmethod
@@ -456,7 +461,7 @@ class EvalForward(_Function):
     def setup_context(ctx, inputs, output):
         x, running_mean, running_var, weight, bias, eps, activation, _ = inputs
         ctx.save_for_backward(x, running_mean, running_var, weight,
-                              _for_the_mask(bias, activation))
+                              bias_to_save(ctx, bias, activation))
         ctx.save_for_forward(x, running_mean, running_var, weight, bias)
         ctx.options = (eps, activation)
 
@@ -464,7 +469,7 @@ class EvalForward(_Function):
     def backward(ctx, grad_y):
         x, running_mean, running_var, weight, bias = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = eval_backward(
-            grad_y, x, running_mean, running_var, weight, _unread_bias(bias, weight),
+            grad_y, x, running_mean, running_var, weight, saved_bias(ctx, bias, weight),
             *ctx.options)
         return grad_x, None, None, grad_weight, grad_bias, None, None, None
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from fastbn import backends
 from fastbn.backends import reference
 from fastbn.backends.layout import empty_output
-from fastbn.ops.autograd import eval_backward
+from fastbn.ops.autograd import bias_to_save, eval_backward, saved_bias
 
 
 def _activation(name):
@@ -98,12 +98,14 @@ def _(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight, bias, activatio
 def _setup_forward_train(ctx, inputs, output):
     x, weight, bias, _, activation = inputs
     _, mean, invstd, _ = output
-    ctx.save_for_backward(x, mean, invstd, weight, bias)
+    ctx.save_for_backward(x, mean, invstd, weight, bias_to_save(ctx, bias, activation))
     ctx.activation = activation
 
 
 def _backward_forward_train(ctx, grad_y, _grad_mean, _grad_invstd, _grad_var):
-    grad_x, grad_weight, grad_bias = backward(grad_y, *ctx.saved_tensors, ctx.activation)
+    x, mean, invstd, weight, bias = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = backward(grad_y, x, mean, invstd, weight,
+                                              saved_bias(ctx, bias, weight), ctx.activation)
     return grad_x, grad_weight, grad_bias, None, None
 
 
@@ -129,13 +131,17 @@ def _third_order(ctx, *grads):
 
 
 def _setup_forward_eval(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5])
+    x, running_mean, running_var, weight, bias, _, activation = inputs
+    ctx.save_for_backward(x, running_mean, running_var, weight,
+                          bias_to_save(ctx, bias, activation))
     ctx.options = inputs[5:]
 
 
 def _backward_forward_eval(ctx, grad_y):
-    grad_x, grad_weight, grad_bias = eval_backward(grad_y, *ctx.saved_tensors, *(
-        ctx.options[0], _activation(ctx.options[1])))
+    x, running_mean, running_var, weight, bias = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = eval_backward(
+        grad_y, x, running_mean, running_var, weight, saved_bias(ctx, bias, weight),
+        ctx.options[0], _activation(ctx.options[1]))
     return grad_x, None, None, grad_weight, grad_bias, None, None
 
 

@@ -61,10 +61,6 @@ def test_kernels_built_for_isa(isa, tmp_path):
         pytest.skip("no C++ compiler")
     pytest.importorskip("pybind11", reason="building needs pybind11 (the dev extra has it)")
     _copy_sources(tmp_path)
-    # An extension built with other flags, newer than its sources, as an earlier local
-    # build leaves it: setuptools' timestamps alone would keep it.
-    for built in (ROOT / "fastbn").glob("_C*.so"):
-        shutil.copy(built, tmp_path / "fastbn")
     env = {**os.environ, "FASTBN_PORTABLE": "1", "CXXFLAGS": flags,
            "PYTHONPATH": str(tmp_path)}
     build = _run([sys.executable, "setup.py", "build_ext", "--inplace"], tmp_path, env)
@@ -93,3 +89,41 @@ def test_a_failed_compile_is_reported_by_fastbn_info(tmp_path):
                  "import fastbn.cli; fastbn.cli.main(['info'])"], tmp_path, env)
     assert "compiling it failed when fastbn was installed" in info, info
     assert "pip install -v" in info and "reference" in info
+
+
+FAKE_COMPILER = """#!/bin/sh
+# Logs its call and writes the output file it is asked for (an object or the library).
+echo "$@" >> "$FAKE_COMPILER_LOG"
+while [ $# -gt 0 ]; do
+    if [ "$1" = "-o" ]; then : > "$2"; fi
+    shift
+done
+"""
+
+
+def test_a_change_of_compiler_flags_rebuilds(tmp_path):
+    """setuptools rebuilds on timestamps alone: a build with other flags (FASTBN_PORTABLE,
+    CXXFLAGS) over an earlier one would otherwise keep the earlier objects and library.
+    A fake compiler records what compiles, in seconds."""
+    pytest.importorskip("pybind11", reason="building needs pybind11 (the dev extra has it)")
+    _copy_sources(tmp_path)
+    compiler, log = tmp_path / "fake-cc", tmp_path / "compiles.log"
+    compiler.write_text(FAKE_COMPILER)
+    compiler.chmod(0o755)
+    base = {**os.environ, "CC": str(compiler), "CXX": str(compiler),
+            "LDSHARED": f"{compiler} -shared", "FAKE_COMPILER_LOG": str(log)}
+    for name in ("FASTBN_PORTABLE", "CXXFLAGS", "CFLAGS"):
+        base.pop(name, None)
+
+    def compiles(**changes):
+        log.write_text("")
+        _run([sys.executable, "setup.py", "build_ext", "--inplace"], tmp_path,
+             {**base, **changes})
+        return sum(" -c " in f" {line} " for line in log.read_text().splitlines())
+
+    sources = len(list((ROOT / "csrc").rglob("*.cpp")))
+    assert compiles() == sources
+    assert compiles() == 0                                   # up to date
+    assert compiles(FASTBN_PORTABLE="1") == sources          # other extension flags
+    assert compiles(FASTBN_PORTABLE="1", CXXFLAGS="-mavx2") == sources   # other CXXFLAGS
+    assert compiles(FASTBN_PORTABLE="1", CXXFLAGS="-mavx2") == 0
