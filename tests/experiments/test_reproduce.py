@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from fastbn.experiments import cli, config
+from fastbn.experiments import cli, config, runner
 from fastbn.experiments.cli import reproduce_main
 
 pytest.importorskip("sklearn")  # the tiny run uses scikit-learn's 8×8 digits
@@ -145,6 +145,10 @@ def test_resume_reuses_completed_parts_and_is_deterministic(tiny_run, tmp_path):
     (["--steps", "0"], "steps must be positive"),
     (["--width", "0"], "vgg_width must be positive"),
     (["--threads", "0"], "--threads must be at least 1"),
+    (["--seed", "-1"], "must be in [0, 2**32)"),
+    (["--dataset", "digits", "--batch-size", "100000"], "exceeds the 1438 training examples"),
+    (["--dataset", "cifar10"], "needs --data-dir"),
+    (["--device", "nowhere"], "--device nowhere"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys, arguments, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -170,6 +174,37 @@ def test_missing_packages_are_refused_before_any_work(tmp_path, capsys, monkeypa
     assert 'pip install "fastbn[experiments]"' in err
     assert cli.DATASET_PACKAGES.get(dataset, {}).get(absent, absent) in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_refused_run_leaves_the_earlier_runs_outputs(tiny_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run, out)
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce_main(TINY + ["--out", str(out), "--dataset", "cifar10",
+                               "--data-dir", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2 and "not found" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tiny_run))
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "out").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce_main(TINY + ["--out", str(tmp_path / "out"), "--experiment", "dln"])
+    assert exit_info.value.code == 2 and "File exists" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli.runner, "run_dln", interrupted)
+    assert reproduce_main(TINY + ["--out", str(tmp_path), "--experiment", "dln"]) == 130
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resumed_parts_are_keyed_by_the_data_folder():
+    keys = {runner._key(config.make_config(quick=True, dataset="cifar10", data_dir=d))
+            for d in ("c1", "c2")}
+    assert len(keys) == 2
 
 
 def test_figure_draws_finite_values_between_blown_up_ones(tmp_path, monkeypatch):
