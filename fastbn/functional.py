@@ -11,6 +11,7 @@ import math
 import numbers
 
 import torch
+import torch.distributed as dist
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from fastbn import backends
@@ -177,6 +178,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     check_scalars(momentum, eps)
     check_args(input, running_mean, running_var, weight, bias, training, activation, eps,
                training and process_group is not None)
+    if training and process_group is not None and dist.get_rank(process_group) < 0:
+        raise ValueError("batch_norm: this process is not a member of process_group")
     return checked_batch_norm(input, running_mean, running_var, weight, bias, training,
                               momentum, eps, activation, process_group)
 

@@ -126,6 +126,22 @@ def test_subgroup():
     _check(results, [sizes[0], sizes[2]], [0, 2])
 
 
+def _non_member_worker(rank, world):
+    group = dist.new_group([0, 1])
+    x = torch.randn(3, 2, 4, dtype=DT)
+    if rank == 2:   # the functional form refuses; the layer is local there, as torch's
+        layer = fastbn.SyncBatchNorm(2, process_group=group).to(DT)
+        torch.testing.assert_close(layer(x), torch.nn.functional.batch_norm(
+            x, None, None, training=True))
+    return fastbn.batch_norm(x, None, None, training=True, process_group=group).shape
+
+
+def test_the_functional_form_refuses_a_process_outside_its_group():
+    results = run_processes(_non_member_worker, 3)
+    assert results[0] == results[1] == {"value": torch.Size([3, 2, 4])}
+    assert "not a member of process_group" in results[2]["error"]
+
+
 def _failing_worker(rank, world):
     if rank == 1:
         raise ValueError("rank 1 failed on purpose")
