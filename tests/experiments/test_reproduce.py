@@ -176,6 +176,12 @@ def test_missing_packages_are_refused_before_any_work(tmp_path, capsys, monkeypa
     assert not (tmp_path / "out").exists()
 
 
+def test_the_report_names_what_it_does_not_measure(tiny_run):
+    text = (tiny_run / "report.md").read_text()
+    section = text.split("## Not measured", 1)[1].split("\n## ", 1)[0]
+    assert "Theorem 4.4" in section and "Lemma 4.5" in section and "covariate" in section
+
+
 def test_a_refused_run_leaves_the_earlier_runs_outputs(tiny_run, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(tiny_run, out)
