@@ -4,7 +4,9 @@ Verdict rules (stated in the report): a ratio claim is "reproduced" when the mea
 ratio passes the paper's order of magnitude (threshold below), "partly" when it only
 points the same way (ratio > 1, or a majority of steps), "not reproduced" otherwise;
 "no data" when every value is missing; "inconclusive" when the comparison has no
-baseline (the learning-rate sweep does not bracket the plain net's limit). The accuracy
+baseline (the learning-rate sweep does not bracket the plain net's limit) or too little
+of it (an early-window claim from a run with fewer than MIN_EARLY_PROBES probe steps in
+all). The accuracy
 claim is "reproduced" beyond twice the standard error of the difference, "partly" above 0
 but within it, "not reproduced" at 0 or below.
 """
@@ -77,6 +79,12 @@ def landscape_claims(runs, steps, network, paper_setting):
     """Claims 1–3 of Figure 4 (loss range, gradient predictiveness, effective β) for one net."""
     plain, bn = runs["plain"], runs["bn"]
     end = _early_end(bn, steps)
+    # A run probed fewer times than the early window needs cannot judge "early" at all
+    # (one probe at step 0, say); the plain net's probes may stop early (it diverged).
+    too_few = len(bn["probes"].get("step", [])) < MIN_EARLY_PROBES
+
+    def early_verdict(value, strong):
+        return "inconclusive" if too_few else _verdict(value, strong=strong)
 
     def ranges(run_fields, window):
         lo_p, lo_b = _paired(plain, bn, run_fields[0], window)
@@ -104,7 +112,7 @@ def landscape_claims(runs, steps, network, paper_setting):
                     f"{MIN_EARLY_PROBES} probe steps) of (loss_max − loss_min) without BN / "
                     "with BN (reproduced at ≥ 2)",
          "value": loss_early, "also": {"median_ratio_whole_run": loss_all},
-         "verdict": _verdict(loss_early, strong=2.0)},
+         "verdict": early_verdict(loss_early, 2.0)},
         {"id": f"{network}_gradient_predictiveness",
          "claim": f"{paper_setting}: gradient predictiveness — the change of the gradient along "
                   "the gradient step — differs by close to two orders of magnitude early in "
@@ -113,7 +121,7 @@ def landscape_claims(runs, steps, network, paper_setting):
                     "steps) of max_η‖∇L(w−ηg)−g‖ without BN / with BN (reproduced at ≥ 10, "
                     "one of the paper's two orders of magnitude)",
          "value": grad_early, "also": {"median_ratio_whole_run": grad_all},
-         "verdict": _verdict(grad_early, strong=10.0)},
+         "verdict": early_verdict(grad_early, 10.0)},
         {"id": f"{network}_effective_beta",
          "claim": f"{paper_setting}: the effective β-smoothness is consistently lower with BN "
                   "(Figure 4c).",

@@ -400,7 +400,8 @@ CHOICES = [
     "steps), \"partly\" when it only points the same way, \"not reproduced\" otherwise; the "
     "accuracy claim is \"reproduced\" beyond twice the standard error of the difference; "
     "the learning-rate claim is \"inconclusive\" when the sweep does not bracket the plain "
-    "network's limit (it trains at no swept learning rate, or at the largest).",
+    "network's limit (it trains at no swept learning rate, or at the largest), and an "
+    "early-window claim when its run has fewer than {early_probes} probe steps in all.",
 ]
 
 _DATA = {

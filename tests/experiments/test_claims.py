@@ -27,6 +27,15 @@ def test_verdicts_follow_the_measured_ratios():
     assert mild["x_gradient_predictiveness"]["verdict"] == "partly"  # 3× < one order
 
 
+def test_early_window_claims_need_enough_probe_steps():
+    few = by_id(claims.landscape_claims({"plain": run(100.0, steps=claims.MIN_EARLY_PROBES - 1),
+                                         "bn": run(1.0, steps=claims.MIN_EARLY_PROBES - 1)},
+                                        100, "x", "X"))
+    assert few["x_loss_range"]["verdict"] == few["x_gradient_predictiveness"]["verdict"] \
+        == "inconclusive"
+    assert few["x_loss_range"]["value"] == 100.0   # the number is still reported
+
+
 def test_blown_up_plain_probes_count_as_wider_and_missing_ones_as_no_data():
     plain = run(1.0)
     plain["probes"]["loss_max"] = [math.inf] * 10  # a step length inside the grid blew up
