@@ -94,6 +94,19 @@ class _LocalSyncBatchNorm(fastbn.SyncBatchNorm):
         return None
 
 
+def converted(private, process_group):
+    """`private` (a copy of a model) with fastbn batch norms that synchronise over
+    `process_group`, or, without one, each over its own process's batch only (the model's
+    SyncBatchNorms would synchronise over the whole world)."""
+    model = fastbn.convert(private, sync=process_group is not None,
+                           process_group=process_group)
+    if process_group is None:
+        for module in model.modules():
+            if type(module) is fastbn.SyncBatchNorm:
+                module.__class__ = _LocalSyncBatchNorm
+    return model
+
+
 def _placeholder(tensor):
     meta = torch.empty_like(tensor, device="meta")
     if isinstance(tensor, nn.Parameter):
@@ -128,13 +141,7 @@ class FunctionalModel:
                 for t in itertools.chain(model.parameters(), model.buffers())}
         private = private_copy(model, memo)
         _retype_batch_norm_subclasses(private, bn_mode)
-        self.copy = fastbn.convert(private, sync=process_group is not None,
-                                   process_group=process_group)
-        if process_group is None:
-            # The model's SyncBatchNorms would synchronise over the whole world.
-            for module in self.copy.modules():
-                if type(module) is fastbn.SyncBatchNorm:
-                    module.__class__ = _LocalSyncBatchNorm
+        self.copy = converted(private, process_group)
         if fuse_relu:
             fuse_relu_along_sequentials(self.copy)
         # The batch norms the copy runs with a ReLU that the model's do not have.
@@ -215,6 +222,14 @@ def is_single_batch(data):
     tuple is ambiguous: pass it as [batch].)"""
     return (isinstance(data, (tuple, list)) and len(data) == 2
             and isinstance(data[0], (torch.Tensor, Mapping)))
+
+
+def savable(tree):
+    """`tree` with its inference tensors cloned to normal ones: autograd cannot save one
+    for backward (a batch made under torch.inference_mode())."""
+    with torch.inference_mode(False):
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor)
+                        and t.is_inference() else t, tree)
 
 
 def to_device(tree, device):

@@ -10,12 +10,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
 from fastbn.curvature import _memory
 from fastbn.curvature._functional import (FunctionalModel, is_single_batch, plain_attributes,
-                                          split_batch, tensor_attributes, to_device)
+                                          savable, split_batch, tensor_attributes,
+                                          to_device)
 from fastbn.curvature.lanczos import bar_disabled
 
 METHODS = ("auto", "forward-over-reverse", "reverse-over-reverse")
@@ -45,10 +46,6 @@ def _dot(a, b):
 
 def _same_values(a, b):
     return a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-
-
-def _savable(t):
-    return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
 
 
 def _outside_inference_mode(method):
@@ -510,7 +507,7 @@ class HessianOperator:
         snapshot = [t.clone() for t in others]
         _, fixed, buffers = self._split_state()
         # A batch made under inference mode cannot be saved for backward: a copy can.
-        inputs, targets = tree_map(_savable, next(self._batches())[:2])
+        inputs, targets = savable(next(self._batches())[:2])
         leaves = {name: t.clone().requires_grad_() for name, t in theta.items()}
         with torch.enable_grad():
             loss = self._loss_fn(fixed, buffers, inputs, targets)(leaves)[0]

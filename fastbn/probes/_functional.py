@@ -14,11 +14,12 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.func import functional_call, grad_and_value
 from torch.nn.modules.dropout import _DropoutNd
 
-from fastbn.curvature._functional import (_retype_batch_norm_subclasses, private_copy,
-                                          split_batch)
+from fastbn.curvature._functional import (_retype_batch_norm_subclasses, converted,
+                                          private_copy, split_batch)
 from fastbn.nn.batchnorm import TORCH_BATCH_NORMS, _FastBatchNorm
 
 
@@ -28,40 +29,48 @@ def batch_norm_layers(model):
 
 
 def transformable(model, process_group=None):
-    """`model` itself if all its BN layers are fastbn's, else a converted deep copy; with
-    `process_group`, always a deep copy whose BN layers are fastbn.SyncBatchNorm over it.
+    """`model` itself if all its BN layers are fastbn's local ones, else a converted deep
+    copy: with `process_group`, its BN layers are fastbn.SyncBatchNorm over it; without,
+    each normalises its own process's batch (a SyncBatchNorm of the model would
+    synchronise the statistics over the whole world while the loss stays local).
 
     torch's own BN layers mutate running statistics in training mode, which torch.func
     transforms refuse; fastbn's layers leave them alone under a transform. Subclasses of
     torch's BN layers that keep torch's forward are converted too; one with its own
     forward is refused (see `_retype_batch_norm_subclasses`).
     """
-    import fastbn
     if process_group is None and all(isinstance(m, _FastBatchNorm)
+                                     and not isinstance(m, nn.SyncBatchNorm)
                                      for _, m in batch_norm_layers(model)):
         return model
     private = private_copy(model)
     # fastbn.convert replaces only torch's own classes.
     _retype_batch_norm_subclasses(private, "train", eval_allowed=False)
-    return fastbn.convert(private, sync=process_group is not None,
-                          process_group=process_group)
+    return converted(private, process_group)
 
 
 @contextlib.contextmanager
 def probe_modes(model):
     """Inside the block BN layers normalise with batch statistics and dropout layers are
     off (a randomly masked loss changes from one evaluation to the next, so differences
-    along a path would measure the masks); flags restored after."""
+    along a path would measure the masks); flags restored after. Autograd records, also
+    under torch.no_grad() or torch.inference_mode() around the probe. The random number
+    generators are forked: another random layer (nn.RReLU in training mode) stays random,
+    but draws without moving the sequence of the training run around the probe."""
     layers = [(m, True) for _, m in batch_norm_layers(model)]
     layers += [(m, False) for m in model.modules() if isinstance(m, _DropoutNd)]
     flags = [m.training for m, _ in layers]
-    try:
-        for m, training in layers:
-            m.train(training)
-        yield model
-    finally:
-        for (m, _), flag in zip(layers, flags):
-            m.training = flag
+    cuda_devices = sorted({t.device.index for t in (*model.parameters(), *model.buffers())
+                           if t.is_cuda})
+    with (torch.random.fork_rng(devices=cuda_devices), torch.inference_mode(False),
+          torch.enable_grad()):
+        try:
+            for m, training in layers:
+                m.train(training)
+            yield model
+        finally:
+            for (m, _), flag in zip(layers, flags):
+                m.training = flag
 
 
 def split_state(model):
@@ -73,6 +82,9 @@ def split_state(model):
     params, constants = {}, {}
     for name, p in model.named_parameters():
         (params if p.requires_grad else constants)[name] = p.detach().clone()
+    if not params:
+        raise ValueError("no parameters to differentiate: the model has none with "
+                         "requires_grad")
     for name, b in model.named_buffers():
         constants[name] = b.clone()
     return params, constants

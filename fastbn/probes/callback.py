@@ -2,17 +2,22 @@
 
 import json
 import math
+import numbers
 import time
 
 import torch.distributed as dist
 
-from fastbn.probes.landscape import gradient_step_probe
+from fastbn.probes.landscape import check_lr, gradient_step_probe
 from fastbn.probes.sharpness import top_hessian_eigenvalue
 
 
 def json_safe(value):
-    """`value` with every non-finite float replaced by None (strict JSON has no NaN/inf)."""
-    if isinstance(value, float):
+    """`value` with numpy scalars as Python numbers and every non-finite float replaced by
+    None (strict JSON has no NaN/inf)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = float(value)
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
@@ -29,7 +34,8 @@ class SmoothnessProbe:
     batch, keeps the record in `records` and, with
     `log_path`, appends it as one JSON line (non-finite values written as null). The
     model is left exactly as it was. `seconds` is the wall time spent probing, to keep
-    apart from training time.
+    apart from training time. The probed step lengths are multiples of `lr`; under a
+    learning-rate schedule, set `probe.lr` as it changes.
 
     With `process_group` (data-parallel training), every process calls it with its shard
     of the batch and gets the records of the concatenated batch (see
@@ -38,9 +44,10 @@ class SmoothnessProbe:
 
     def __init__(self, model, criterion, lr, *, every=10, log_path=None, multipliers=None,
                  sharpness=False, sharpness_max_iter=30, seed=0, process_group=None):
-        if every < 1:
-            raise ValueError(f"every must be a positive number of steps, got {every}")
-        self.model, self.criterion, self.lr = model, criterion, lr
+        if not (isinstance(every, numbers.Integral) and not isinstance(every, bool)
+                and every >= 1):
+            raise ValueError(f"every must be a positive int (steps), got {every!r}")
+        self.model, self.criterion, self.lr = model, criterion, check_lr(lr)
         self.every = every
         writes_log = process_group is None or dist.get_rank(process_group) == 0
         self.log_path = log_path if writes_log else None
@@ -63,8 +70,9 @@ class SmoothnessProbe:
                 self.model, self.criterion, batch, seed=self.seed + step, tol=1e-2,
                 max_iter=self.sharpness_max_iter, process_group=self.process_group)
         self.seconds += time.perf_counter() - start
+        line = json.dumps(json_safe(record))
         self.records.append(record)
         if self.log_path is not None:
             with open(self.log_path, "a") as log:
-                log.write(json.dumps(json_safe(record)) + "\n")
+                log.write(line + "\n")
         return record

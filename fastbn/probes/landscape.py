@@ -11,6 +11,7 @@ import numbers
 
 import numpy as np
 
+from fastbn.curvature._functional import savable, split_batch
 from fastbn.probes import _functional
 
 DEFAULT_MULTIPLIERS = tuple(np.geomspace(0.5, 4.0, 8).tolist())
@@ -25,6 +26,18 @@ def _min(values):
     """Minimum over the finite values; NaN when none is finite."""
     finite = [v for v in values if math.isfinite(v)]
     return min(finite) if finite else math.nan
+
+
+def _positive_number(value):
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+def check_lr(lr):
+    """`lr` as a float; ValueError unless it is a positive finite number."""
+    if not _positive_number(lr):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    return float(lr)
 
 
 def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mode="train",
@@ -51,16 +64,16 @@ def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mod
     """
     if bn_mode != "train":
         raise ValueError(f"bn_mode must be 'train' (batch statistics), got {bn_mode!r}")
-    if not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    lr = check_lr(lr)
     multipliers = DEFAULT_MULTIPLIERS if multipliers is None else tuple(multipliers)
-    if not multipliers or not all(math.isfinite(m) and m > 0 for m in multipliers):
+    if not multipliers or not all(_positive_number(m) for m in multipliers):
         raise ValueError("multipliers must be a non-empty sequence of positive finite "
                          "numbers")
-    inputs, targets = batch
+    multipliers = [float(m) for m in multipliers]
+    inputs, targets, _ = split_batch(savable(batch))
     work = _functional.transformable(model, process_group)
-    params, constants = _functional.split_state(work)
     with _functional.probe_modes(work):
+        params, constants = _functional.split_state(work)
         grad_and_loss = _functional.grad_and_loss_function(work, criterion, constants, inputs,
                                                            targets, process_group)
         grad, loss = grad_and_loss(params)

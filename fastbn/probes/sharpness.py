@@ -14,7 +14,9 @@ def top_hessian_eigenvalue(model, criterion, batch, *, seed=0, tol=1e-3, max_ite
     """
     # Reverse-over-reverse: on torch 2.13 jvp(grad(f)) fails for plain nn.Linear + MSE
     # ("ZeroTensors are immutable"); "auto" would first time both.
-    operator = curvature.HessianOperator(model, criterion, batch, bn_mode="train",
+    # [batch]: one batch, whatever its inputs are (a pair whose inputs are a tuple reads
+    # as a list of batches).
+    operator = curvature.HessianOperator(model, criterion, [batch], bn_mode="train",
                                          method="reverse-over-reverse", progress=False,
                                          process_group=process_group)
     values, _ = curvature.eigenvalues(operator, k=1, method="lanczos", tol=tol,

@@ -19,6 +19,7 @@ batch statistics, so both networks see the same y.
   from `fastbn.curvature.activation_hessian`.
 """
 
+import collections
 import copy
 import math
 
@@ -27,6 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fastbn import curvature
+from fastbn.curvature._functional import savable, split_batch
 from fastbn.probes import _functional
 
 # Relative slack for "inequality held" (float32 round-off in sums over m values).
@@ -45,8 +47,6 @@ def _per_channel(t):
 def _run_capturing(model, criterion, batch, names):
     """Loss and the outputs of the named submodules (in the autograd graph), BN on batch stats."""
     inputs, targets = batch
-    params, constants = _functional.split_state(model)
-    params = {k: p.requires_grad_() for k, p in params.items()}
     modules = dict(model.named_modules())
     captured = {}
 
@@ -60,6 +60,8 @@ def _run_capturing(model, criterion, batch, names):
         lambda module, args, out, name=name: capture(name, out)) for name in names]
     try:
         with _functional.probe_modes(model):
+            params, constants = _functional.split_state(model)
+            params = {k: p.requires_grad_() for k, p in params.items()}
             loss = criterion(functional_call(model, {**constants, **params}, (inputs,)), targets)
     finally:
         for h in handles:
@@ -74,19 +76,44 @@ def _gradients(model, criterion, batch, names):
     return {n: (captured[n].detach(), g.detach()) for n, g in zip(names, grads)}
 
 
+def _one_layer(module):
+    """Whether `module` computes one layer: no submodules but its parametrizations
+    (torch.nn.utils.parametrize: weight_norm, spectral_norm)."""
+    return all(name == "parametrizations" for name, _ in module.named_children())
+
+
 def pre_batch_norm_layers(model, batch):
-    """{BN layer name: name of the submodule whose output is that BN layer's input}."""
-    outputs = {}  # id(output) -> (name, output); holding the tensor keeps the id unique
-    producers = {}
-    leaves = [(n, m) for n, m in model.named_modules()
-              if n and not list(m.children()) and not isinstance(m, _functional.TORCH_BATCH_NORMS)]
-    handles = [m.register_forward_hook(
-        lambda module, args, out, name=n: outputs.__setitem__(id(out), (name, out)))
-        for n, m in leaves]
-    handles += [m.register_forward_pre_hook(
-        lambda module, args, name=n: producers.__setitem__(
-            name, outputs.get(id(args[0]), (None,))[0]))
-        for n, m in _functional.batch_norm_layers(model)]
+    """{BN layer name: name of the submodule whose output is that BN layer's input}.
+
+    Refused (ValueError) where the probes would read another tensor than the BN's input:
+    an input that no submodule returns, or that was changed in place after it was
+    returned (`out += shortcut`), and a producing layer or BN layer that runs more than
+    once a forward.
+    """
+    outputs = {}  # id(output) -> (name, output, version); holding it keeps the id unique
+    producers, calls = {}, collections.Counter()
+
+    def produced(name, out):
+        calls[name] += 1
+        if isinstance(out, torch.Tensor):
+            outputs[id(out)] = (name, out, out._version)
+
+    def consumed(name, x):
+        calls[name] += 1
+        producer, _, version = outputs.get(id(x), (None, None, None))
+        if producer is not None and version != x._version:
+            raise ValueError(f"the input of BN layer {name!r} is the output of {producer!r} "
+                             "changed in place after that layer returned it (an in-place "
+                             "add of a shortcut?): the probes need a BN input that a "
+                             "submodule returns as it is")
+        producers[name] = producer
+
+    layers = [(n, m) for n, m in model.named_modules()
+              if n and _one_layer(m) and not isinstance(m, _functional.TORCH_BATCH_NORMS)]
+    handles = [m.register_forward_hook(lambda module, args, out, name=n: produced(name, out))
+               for n, m in layers]
+    handles += [m.register_forward_pre_hook(lambda module, args, name=n: consumed(name, args[0]))
+                for n, m in _functional.batch_norm_layers(model)]
     try:
         _run_capturing(model, lambda out, targets: out.sum(), batch, [])
     finally:
@@ -96,6 +123,12 @@ def pre_batch_norm_layers(model, batch):
     if missing:
         raise ValueError(f"cannot find the layer feeding BN layer(s) {missing}: the BN input "
                          "must be the output of a submodule")
+    for bn, pre in producers.items():
+        for name in (bn, pre):
+            if calls[name] > 1:
+                raise ValueError(f"layer {name!r} runs {calls[name]} times a forward, and "
+                                 f"the probes of BN layer {bn!r} need the one tensor it "
+                                 "outputs or takes: give each use a module of its own")
     return producers
 
 
@@ -260,7 +293,18 @@ def theory_checks(model, criterion, batch, *, channels=4, layers=None, lanczos_i
     layers (None: all) and their first `channels` channels; `lanczos_iterations` sets the
     PSD test of H_jj; `channels=0` turns the second-order checks off.
     """
-    work = _functional.transformable(model)
+    if not (isinstance(channels, int) and channels >= 0):
+        raise ValueError(f"channels must be a non-negative int, got {channels!r}")
+    if not (isinstance(lanczos_iterations, int) and lanczos_iterations >= 1):
+        raise ValueError(f"lanczos_iterations must be a positive int, got "
+                         f"{lanczos_iterations!r}")
+    inputs, targets, _ = split_batch(savable(batch))
+    with torch.inference_mode(False), torch.enable_grad():
+        return _theory_checks(_functional.transformable(model), criterion, (inputs, targets),
+                              channels, layers, lanczos_iterations, seed)
+
+
+def _theory_checks(work, criterion, batch, channels, layers, lanczos_iterations, seed):
     producers = pre_batch_norm_layers(work, batch)
     second_order = set(_evenly_spaced(list(producers), layers))
     modules = dict(work.named_modules())

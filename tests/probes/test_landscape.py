@@ -2,13 +2,15 @@ import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
 import fastbn
-from fastbn.probes import DEFAULT_MULTIPLIERS, SmoothnessProbe, gradient_step_probe
+from fastbn.probes import (DEFAULT_MULTIPLIERS, SmoothnessProbe, gradient_step_probe,
+                           top_hessian_eigenvalue)
 from fastbn.testing import run_processes
 
 
@@ -212,3 +214,87 @@ def test_data_parallel_probe_weighs_dict_shards_by_their_samples():
         assert "value" in result, result.get("trace", result)
         for key in ("loss", "grad_norm", "losses", "grad_changes"):
             assert result["value"][key] == pytest.approx(expected[key], rel=1e-10), key
+
+
+def _local_probes_of_a_synchronised_model(rank, world):
+    inputs, targets = batch()
+    shard = (inputs[rank::world], targets[rank::world])
+    model = fastbn.convert(tiny_model(), sync=True)
+    local = fastbn.convert(tiny_model())
+    return [(probe(model, nn.CrossEntropyLoss(), shard), probe(local, nn.CrossEntropyLoss(),
+                                                               shard))
+            for probe in (lambda *args: gradient_step_probe(*args, 0.1, multipliers=(1.0,)),
+                          lambda *args: {"sharpness": top_hessian_eigenvalue(*args)})]
+
+
+def test_without_a_process_group_a_synchronised_model_is_probed_on_the_local_batch():
+    """Its statistics synchronised over the world while the loss stayed local: neither
+    the local nor the global answer (and top_hessian_eigenvalue gave the local one)."""
+    for result in run_processes(_local_probes_of_a_synchronised_model, 2):
+        assert "value" in result, result.get("trace", result)
+        for synchronised, local in result["value"]:
+            for key in local:
+                assert synchronised[key] == pytest.approx(local[key], rel=1e-10), key
+
+
+class _TupleInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_model()
+
+    def forward(self, inputs):
+        first, second = inputs
+        return self.net(first + second)
+
+
+def test_a_batch_whose_inputs_are_a_tuple():
+    inputs, targets = batch()
+    model, criterion = _TupleInputs(), nn.CrossEntropyLoss()
+    split = ((inputs / 2, inputs / 2), targets)
+    assert (gradient_step_probe(model, criterion, split, 0.1)["loss"]
+            == pytest.approx(gradient_step_probe(model.net, criterion, batch(), 0.1)["loss"]))
+    assert (top_hessian_eigenvalue(model, criterion, split)
+            == pytest.approx(top_hessian_eigenvalue(model.net, criterion, batch()), rel=1e-6))
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_runs_under_no_grad_and_inference_mode(context):
+    model, criterion = tiny_model(), nn.CrossEntropyLoss()
+    expected = gradient_step_probe(model, criterion, batch(), 0.1)
+    with context():
+        assert gradient_step_probe(model, criterion, batch(), 0.1) == expected
+
+
+def test_a_random_layer_does_not_move_the_training_runs_random_numbers():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.RReLU(), nn.Linear(6, 3))
+    torch.manual_seed(5)
+    gradient_step_probe(model.double(), nn.CrossEntropyLoss(), batch(), 0.1)
+    after_probe = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(3), after_probe)
+
+
+def test_bad_arguments_are_refused_in_words():
+    model, criterion = tiny_model(), nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match="lr must be a positive finite number"):
+        gradient_step_probe(model, criterion, batch(), True)
+    with pytest.raises(ValueError, match=r"\(inputs, targets\) pair"):
+        gradient_step_probe(model, criterion, (*batch(), None), 0.1)
+    for frozen in model.parameters():
+        frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameters to differentiate"):
+        gradient_step_probe(model, criterion, batch(), 0.1)
+    for every in (0, 1.5):
+        with pytest.raises(ValueError, match="every must be a positive int"):
+            SmoothnessProbe(model, criterion, 0.1, every=every)
+    with pytest.raises(ValueError, match="lr must be a positive finite number"):
+        SmoothnessProbe(model, criterion, -0.1)
+
+
+def test_callback_logs_numpy_numbers(tmp_path):
+    log = tmp_path / "probe.jsonl"
+    probe = SmoothnessProbe(tiny_model(), nn.CrossEntropyLoss(), np.float32(0.1),
+                            log_path=log, multipliers=np.array([0.5, 1.0], dtype=np.float32))
+    record = probe(0, batch())
+    (line,) = [json.loads(text) for text in log.read_text().splitlines()]
+    assert line["etas"] == pytest.approx(record["etas"]) and line["step"] == 0

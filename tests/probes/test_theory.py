@@ -149,3 +149,63 @@ def test_lanczos_extremes_of_a_known_matrix():
     low, high = theory._extreme_eigenvalues(lambda v: matrix @ v,
                                             torch.ones(4, dtype=torch.float64), 4)
     assert (low, high) == pytest.approx((-2.0, 3.0))
+
+
+class _ShortcutIntoBatchNorm(nn.Module):
+    """`out = linear(x); out += shortcut; bn(out)`: the BN input is the linear layer's
+    output changed in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.bn, self.head = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        out = self.linear(x)
+        out += x
+        return self.head(self.bn(out))
+
+
+class _SharedActivation(nn.Module):
+    """One Tanh module feeds two BN layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(4, 5), nn.Linear(5, 5)
+        self.act = nn.Tanh()
+        self.bn1, self.bn2, self.head = nn.BatchNorm1d(5), nn.BatchNorm1d(5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.bn2(self.act(self.lin2(self.bn1(self.act(self.lin1(x)))))))
+
+
+@pytest.mark.parametrize("model, message", [
+    (_ShortcutIntoBatchNorm, "changed in place after that layer returned it"),
+    (_SharedActivation, "'act' runs 2 times a forward"),
+])
+def test_a_batch_norm_input_the_probes_cannot_read_is_refused(model, message):
+    """Reading the producing layer's output would check the theorems on another tensor."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=message):
+        theory_checks(fastbn.convert(model().double()), nn.CrossEntropyLoss(), data(),
+                      channels=0)
+
+
+def test_a_parametrized_input_layer_is_found():
+    model = network()
+    nn.utils.parametrizations.weight_norm(model[0])
+    assert pre_batch_norm_layers(model, data()) == {"1": "0", "4": "3"}
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_runs_under_no_grad_and_inference_mode(context):
+    model, criterion = network(), nn.CrossEntropyLoss()
+    expected = theory_checks(model, criterion, data(), channels=1, lanczos_iterations=3)
+    with context():
+        result = theory_checks(model, criterion, data(), channels=1, lanczos_iterations=3)
+    assert result == expected
+
+
+def test_rejects_bad_counts():
+    for kwargs in ({"channels": -1}, {"channels": 1.5}, {"lanczos_iterations": 0}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            theory_checks(network(), nn.CrossEntropyLoss(), data(), **kwargs)
