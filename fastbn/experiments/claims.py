@@ -7,8 +7,8 @@ points the same way (ratio > 1, or a majority of steps), "not reproduced" otherw
 baseline (the learning-rate sweep does not bracket the plain net's limit) or too little
 of it (an early-window claim from a run with fewer than MIN_EARLY_PROBES probe steps in
 all). The accuracy
-claim is "reproduced" beyond twice the standard error of the difference, "partly" above 0
-but within it, "not reproduced" at 0 or below.
+claim is "reproduced" beyond twice the standard error of the difference, "not reproduced"
+below minus twice, "inconclusive" between.
 """
 
 import math
@@ -17,6 +17,7 @@ import numpy as np
 
 EARLY_FRACTION = 0.1  # "early in training" = the first 10% of the steps ...
 MIN_EARLY_PROBES = 5  # ... and at least this many probe steps
+BETA_TIE = 0.05       # β_eff ratios within 5% of 1, reported as near ties
 
 
 def _float(v):
@@ -44,9 +45,30 @@ def _range(low, high):
     return math.inf if math.isinf(high) else high - low
 
 
+def _log_range(low, high):
+    """log(loss_max / loss_min) of a probe: the width of its band on the paper's log axis
+    (a loss level 10× lower shrinks the absolute range 10×, not this); inf where it blew
+    up or the minimum is 0 below a positive maximum."""
+    low, high = _float(low), _float(high)
+    if math.isinf(high):
+        return math.inf
+    if math.isnan(low) or math.isnan(high) or low < 0:
+        return math.nan
+    if low == high:
+        return 0.0
+    return math.inf if low == 0 else math.log(high / low)
+
+
 def _median(values):
     values = [v for v in values if not math.isnan(v)]
     return float(np.median(values)) if values else math.nan
+
+
+def _quartiles(values):
+    """[lower, upper] quartile: how far a median of few probe steps is from turning."""
+    values = [v for v in values if not math.isnan(v)]
+    return ([float(q) for q in np.percentile(values, [25, 75], method="lower")] if values
+            else [math.nan, math.nan])
 
 
 def _paired(plain, bn, field, window_end=None):
@@ -86,22 +108,26 @@ def landscape_claims(runs, steps, network, paper_setting):
     def early_verdict(value, strong):
         return "inconclusive" if too_few else _verdict(value, strong=strong)
 
-    def ranges(run_fields, window):
-        lo_p, lo_b = _paired(plain, bn, run_fields[0], window)
-        hi_p, hi_b = _paired(plain, bn, run_fields[1], window)
-        return [_ratio(_range(lp, hp), _range(lb, hb))
+    def ranges(width, window):
+        lo_p, lo_b = _paired(plain, bn, "loss_min", window)
+        hi_p, hi_b = _paired(plain, bn, "loss_max", window)
+        return [_ratio(width(lp, hp), width(lb, hb))
                 for lp, lb, hp, hb in zip(lo_p, lo_b, hi_p, hi_b)]
 
-    loss_early = _median(ranges(("loss_min", "loss_max"), end))
-    loss_all = _median(ranges(("loss_min", "loss_max"), None))
+    loss_ratios = ranges(_log_range, end)
+    loss_early = _median(loss_ratios)
     grad_p, grad_b = _paired(plain, bn, "grad_change_max", end)
-    grad_early = _median([_ratio(p, b) for p, b in zip(grad_p, grad_b)])
+    grad_ratios = [_ratio(p, b) for p, b in zip(grad_p, grad_b)]
+    grad_early = _median(grad_ratios)
     grad_p, grad_b = _paired(plain, bn, "grad_change_max")
     grad_all = _median([_ratio(p, b) for p, b in zip(grad_p, grad_b)])
     beta_p, beta_b = _paired(plain, bn, "beta_eff")
-    beta_ratios = [_ratio(p, b) for p, b in zip(beta_p, beta_b)]
-    lower = [r > 1 for r in beta_ratios if not math.isnan(r)]
-    lower_fraction = sum(lower) / len(lower) if lower else math.nan
+    beta_ratios = [r for r in (_ratio(p, b) for p, b in zip(beta_p, beta_b))
+                   if not math.isnan(r)]
+    lower_fraction = (sum(r > 1 for r in beta_ratios) / len(beta_ratios) if beta_ratios
+                      else math.nan)
+    ties = (sum(abs(r - 1) <= BETA_TIE for r in beta_ratios) / len(beta_ratios)
+            if beta_ratios else math.nan)
     beta_early_p, beta_early_b = _paired(plain, bn, "beta_eff", end)
     beta_early = _median([_ratio(p, b) for p, b in zip(beta_early_p, beta_early_b)])
     return [
@@ -109,9 +135,15 @@ def landscape_claims(runs, steps, network, paper_setting):
          "claim": f"{paper_setting}: without BN the loss varies over a much wider range along "
                   "the gradient, especially early in training (Figure 4a).",
          "measure": f"median over probe steps in the first 10% of training (at least "
-                    f"{MIN_EARLY_PROBES} probe steps) of (loss_max − loss_min) without BN / "
-                    "with BN (reproduced at ≥ 2)",
-         "value": loss_early, "also": {"median_ratio_whole_run": loss_all},
+                    f"{MIN_EARLY_PROBES} probe steps) of the band's width on the paper's log "
+                    "axis, log(loss_max / loss_min), without BN / with BN (reproduced at "
+                    "≥ 2); `also`: the same over the whole run, and on absolute ranges "
+                    "(loss_max − loss_min), which a lower loss level shrinks",
+         "value": loss_early,
+         "also": {"early_quartiles": _quartiles(loss_ratios),
+                  "median_ratio_whole_run": _median(ranges(_log_range, None)),
+                  "absolute_median_ratio_early": _median(ranges(_range, end)),
+                  "absolute_median_ratio_whole_run": _median(ranges(_range, None))},
          "verdict": early_verdict(loss_early, 2.0)},
         {"id": f"{network}_gradient_predictiveness",
          "claim": f"{paper_setting}: gradient predictiveness — the change of the gradient along "
@@ -120,14 +152,17 @@ def landscape_claims(runs, steps, network, paper_setting):
          "measure": f"median over the first 10% of training (at least {MIN_EARLY_PROBES} probe "
                     "steps) of max_η‖∇L(w−ηg)−g‖ without BN / with BN (reproduced at ≥ 10, "
                     "one of the paper's two orders of magnitude)",
-         "value": grad_early, "also": {"median_ratio_whole_run": grad_all},
+         "value": grad_early, "also": {"early_quartiles": _quartiles(grad_ratios),
+                                       "median_ratio_whole_run": grad_all},
          "verdict": early_verdict(grad_early, 10.0)},
         {"id": f"{network}_effective_beta",
          "claim": f"{paper_setting}: the effective β-smoothness is consistently lower with BN "
                   "(Figure 4c).",
          "measure": "fraction of probe steps with β_eff(BN) < β_eff(no BN) (reproduced at ≥ 0.8, "
-                    "partly above 0.5); median ratio no-BN/BN over the first 10% in `also`",
-         "value": lower_fraction, "also": {"median_ratio_early": beta_early},
+                    "partly above 0.5); `also`: the median ratio no-BN/BN over the first 10%, "
+                    f"and the fraction of steps within {BETA_TIE:.0%} of a tie",
+         "value": lower_fraction,
+         "also": {"median_ratio_early": beta_early, "near_ties": ties},
          "verdict": _verdict(lower_fraction, strong=0.8, weak=0.5)},
     ]
 
@@ -175,25 +210,27 @@ def accuracy_claim(runs):
     error = math.sqrt((plain * (1 - plain) + bn * (1 - bn)) / n)
     if math.isnan(difference):
         verdict = "no data"
-    elif difference > 2 * error:
-        verdict = "reproduced"
+    elif abs(difference) <= 2 * error:
+        verdict = "inconclusive"   # within the test set's noise either way
     else:
-        verdict = "partly" if difference > 0 else "not reproduced"
+        verdict = "reproduced" if difference > 0 else "not reproduced"
     return {"id": "vgg_test_accuracy",
             "claim": "With BN the VGG network reaches a higher test accuracy (83% vs 80% on "
                      "CIFAR-10).",
             "measure": "final test accuracy with BN minus without BN (reproduced beyond twice "
-                       "its standard error from the test set's size, partly above 0)",
+                       "its standard error from the test set's size, not reproduced below "
+                       "minus twice, inconclusive between)",
             "value": difference, "also": {"plain": plain, "bn": bn, "standard_error": error},
             "verdict": verdict}
 
 
 def theory_claims(theory):
-    rows_41, rows_42, checked_42, identity_errors = [], [], [], []
+    rows_41, rows_42, checked_42, identity_errors, rhs_41 = [], [], [], [], []
     for moments in theory.values():
         for layers in moments.values():
             for layer in layers.values():
                 rows_41 += layer["theorem_4_1"]["per_channel"]["held"]
+                rhs_41 += layer["theorem_4_1"]["per_channel"]["rhs"]
                 identity_errors.append(layer["theorem_4_1"]["identity_rel_error"])
                 if "channels" in layer["theorem_4_2"]:
                     checked_42 += layer["theorem_4_2"]["channels"]
@@ -203,13 +240,24 @@ def theory_claims(theory):
     same_point = [c for c in checked_42 if c.get("inner_gz_yhat", 0) > 0]
     held_same_point = (sum(c["held_same_point"] for c in same_point) / len(same_point)
                        if same_point else math.nan)
+    # In the proof's setting the two sides are equal (the direction ∇_y L̂ is orthogonal
+    # to 1 and ŷ): how far apart they came out, relative.
+    residual = max((abs(c["lhs"] - c["rhs_same_point"])
+                    / max(abs(c["lhs"]), abs(c["rhs_same_point"]), 1e-300)
+                    for c in checked_42), default=None)
     return [
         {"id": "theorem_4_1",
          "claim": "Theorem 4.1: BN's gradient w.r.t. the pre-BN activations is bounded by "
                   "(γ²/σ²) times the plain gradient's norm² minus two projections.",
          "measure": "fraction of (network, moment, layer, channel) where the printed "
-                    "inequality held, with L = the network with that BN removed",
-         "value": held_41, "also": {"max_identity_rel_error": max(identity_errors, default=None)},
+                    "inequality held, with L = the network with that BN removed; `also`: "
+                    "the fraction of channels whose printed right side is negative (no "
+                    "squared norm is below it: the 1/√m term), and the relative error of "
+                    "the identity the bound comes from (1/m, ∇_z L̂ in place of ∇_y L)",
+         "value": held_41,
+         "also": {"negative_rhs_fraction": (sum(r < 0 for r in rhs_41) / len(rhs_41)
+                                            if rhs_41 else None),
+                  "max_identity_rel_error": max(identity_errors, default=None)},
          "verdict": _theorem_verdict(held_41)},
         {"id": "theorem_4_2",
          "claim": "Theorem 4.2: the Hessian quadratic form along the gradient is rescaled by "
@@ -223,8 +271,11 @@ def theory_claims(theory):
                   "BN output z, at the BN network's z.",
          "measure": "fraction of checked channels with ⟨∇_z L̂, ŷ⟩ > 0 where the inequality "
                     "held (the Hessian's PSD precondition is tested on the BN-removed "
-                    "network only)",
-         "value": held_same_point, "also": {"channels": len(same_point)},
+                    "network only); here the two sides are equal in exact arithmetic, so "
+                    "this checks the second-order autodiff, not a smoothing; `also`: their "
+                    "largest relative difference over all checked channels",
+         "value": held_same_point,
+         "also": {"channels": len(same_point), "max_relative_difference": residual},
          "verdict": _theorem_verdict(held_same_point)},
     ]
 

@@ -90,13 +90,16 @@ def write_tables(results, out_dir):
                     t41, t42 = checks["theorem_4_1"], checks["theorem_4_2"]
                     rows.append((network, moment, layer, "4.1", t41["lhs"], t41["rhs"],
                                  t41["ratio"], t41["held_fraction"], t41["grad_norm_sq_ratio"]))
+                    rows[-1] += ("", "", "")
                     for c in t42.get("channels", []):
                         rows.append((network, moment, layer, f"4.2 channel {c['channel']}",
                                      c["lhs"], c["rhs"], c["lhs"] / c["rhs"] if c["rhs"] else "",
-                                     float(c["held"]), ""))
+                                     float(c["held"]), "", float(c["preconditions"]),
+                                     c["rhs_same_point"], float(c["held_same_point"])))
         _write_csv(os.path.join(out_dir, "theory.csv"),
                    ("network", "moment", "bn_layer", "check", "lhs", "rhs", "lhs_over_rhs",
-                    "held_fraction", "grad_norm_sq_ratio_bn_over_plain"), rows)
+                    "held_fraction", "grad_norm_sq_ratio_bn_over_plain", "preconditions",
+                    "rhs_same_point", "held_same_point"), rows)
         written.append("theory.csv")
     return written
 
@@ -387,9 +390,13 @@ CHOICES = [
     "Theorem 4.1 is checked as printed (with 1/√m); with ∇_z L̂ and 1/m both sides are "
     "equal up to O(eps/σ²), reported as `identity_rel_error`. Theorem 4.2 is also checked "
     "with L taken as the paper's proof does, as a function of the BN output z at the BN "
-    "network's z (the claim `theorem_4_2_proof_setting`, channels with ⟨∇_z L̂, ŷ⟩ > 0). "
-    "H_jj PSD is tested with a few Lanczos steps (PSD unless a Ritz value is below −1e-4 × "
-    "the largest).",
+    "network's z (the claim `theorem_4_2_proof_setting`, channels with ⟨∇_z L̂, ŷ⟩ > 0); "
+    "there, along the gradient (orthogonal to 1 and ŷ), its two sides are equal in exact "
+    "arithmetic, so it checks the autodiff rather than a smoothing. The printed 1/√m can "
+    "make Theorem 4.1's right side negative, which no squared norm satisfies (counted in "
+    "`negative_rhs_fraction`). H_jj PSD is tested with a few Lanczos steps (PSD unless a "
+    "Ritz value is below −1e-4 × the largest): they can show it indefinite, not prove it "
+    "PSD.",
     "Several processes (torchrun, `world_size` > 1): each VGG training batch (also in the "
     "learning-rate sweep) is split into equal contiguous shards, BN statistics are "
     "synchronised, gradients averaged before each step and the probes measure the whole "
@@ -398,7 +405,10 @@ CHOICES = [
     "Verdicts: \"reproduced\" when the measured ratio reaches the threshold in its measure "
     "(the early window: the first {early_percent}% of training, at least {early_probes} probe "
     "steps), \"partly\" when it only points the same way, \"not reproduced\" otherwise; the "
-    "accuracy claim is \"reproduced\" beyond twice the standard error of the difference; "
+    "loss range is judged by the band's width on the paper's log axis, log(loss_max / "
+    "loss_min), as the absolute range shrinks with the loss level (reported beside it); the "
+    "accuracy claim is \"reproduced\" beyond twice the standard error of the difference, "
+    "\"not reproduced\" below minus twice and \"inconclusive\" between; "
     "the learning-rate claim is \"inconclusive\" when the sweep does not bracket the plain "
     "network's limit (it trains at no swept learning rate, or at the largest), and an "
     "early-window claim when its run has fewer than {early_probes} probe steps in all.",
