@@ -12,6 +12,7 @@ import numbers
 
 import torch
 import torch.distributed as dist
+from torch.autograd import forward_ad
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from fastbn import backends
@@ -184,6 +185,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                               momentum, eps, activation, process_group)
 
 
+def _in_pytorch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                    activation):
+    if training:
+        return reference.forward_train(input, weight, bias, eps, activation, running_mean,
+                                       running_var, momentum)[0]
+    return reference.forward_eval(input, running_mean, running_var, weight, bias, eps,
+                                  activation)
+
+
 def checked_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                        eps, activation, process_group):
     """`batch_norm` once `check_args` has passed (the modules check before they touch
@@ -201,30 +211,37 @@ def checked_batch_norm(input, running_mean, running_var, weight, bias, training,
     weight = _param(weight, channels, input, 1.0)
     bias = _param(bias, channels, input, 0.0)
 
-    if synchronized and (torch.compiler.is_compiling() or torch.jit.is_tracing()
-                         or transforms.nested_forward_mode()):
+    capturing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    if synchronized and (capturing or transforms.nested_forward_mode()):
         raise NotImplementedError("fastbn: a synchronised batch norm runs eagerly (no "
                                   "torch.compile or torch.jit.trace), with at most one level "
                                   "of forward-mode AD")
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if capturing and forward_ad._current_level >= 0:
+        # The custom ops that graph capture sees have no forward-mode rule (torch drops
+        # the tangent of a dual input): PyTorch ops.
+        return _in_pytorch_ops(input, running_mean, running_var, weight, bias, training,
+                               momentum, eps, activation)
+    if capturing:
         # Graph capture sees only registered ops: the custom ops, not the raw kernels.
         from fastbn.ops import library
         if training:
             y, mean, _, unbiased_var = library.forward_train(input, weight, bias, float(eps),
                                                              activation or "")
             if running_mean is not None:
-                reference.blend_running_stats(running_mean, running_var, mean,
-                                              unbiased_var, momentum)
+                # Detached: torch.export and jit.trace drop the no_grad inside.
+                reference.blend_running_stats(running_mean, running_var, mean.detach(),
+                                              unbiased_var.detach(), momentum)
             return y
         return library.forward_eval(input, running_mean, running_var, weight, bias,
                                     float(eps), activation or "")
 
     if transforms.nested_forward_mode():
-        # Custom jvp rules are wrong under nested forward mode: use PyTorch ops.
+        # Custom jvp rules are wrong under nested forward mode: PyTorch ops (under a
+        # transform, training leaves the running statistics as they are).
         if training:
-            return reference.forward_train(input, weight, bias, eps, activation)[0]
-        return reference.forward_eval(input, running_mean, running_var, weight, bias, eps,
-                                      activation)
+            running_mean = running_var = None
+        return _in_pytorch_ops(input, running_mean, running_var, weight, bias, training,
+                               momentum, eps, activation)
 
     backend = SyncKernels(process_group) if synchronized else backends.select(input)
     if training and transforms.under_transform():

@@ -91,3 +91,52 @@ def test_compiled_running_variance_is_exact_below_eps():
     torch.testing.assert_close(compiled_model.running_var, stock.running_var, rtol=1e-6, atol=0)
     torch.testing.assert_close(compiled_model.running_var, eager.running_var, rtol=0, atol=0)
     torch.testing.assert_close(compiled_model.running_mean, eager.running_mean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("capture", ["export", "jit.trace"])
+def test_captured_training_graphs_keep_the_running_statistics_out_of_autograd(capture):
+    """torch.export and jit.trace drop the no_grad around the running-statistics update:
+    the statistics took a grad_fn, held every past input alive, and the next eager call
+    of the layer refused them."""
+    torch.manual_seed(0)
+    layer = fastbn.BatchNorm2d(3).train()
+    x = torch.randn(4, 3, 2, 2)
+    captured = (torch.export.export(layer, (x,)).module() if capture == "export"
+                else torch.jit.trace(layer, x, check_trace=False))
+    stock = nn.BatchNorm2d(3).train()
+    if capture == "jit.trace":
+        stock(x)   # tracing runs the layer
+    for _ in range(3):
+        x = torch.randn(4, 3, 2, 2, requires_grad=True)
+        captured(x).sum().backward()
+        stock(x)
+    for buffer in ("running_mean", "running_var"):
+        got = getattr(layer, buffer)
+        assert not got.requires_grad and got.grad_fn is None
+        torch.testing.assert_close(got, getattr(stock, buffer))
+    layer(torch.randn(4, 3, 2, 2, requires_grad=True))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_compiled_forward_mode_ad_keeps_the_tangent(training):
+    """The custom ops that graph capture records have no forward-mode rule: torch
+    dropped the tangent of a dual input silently."""
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(0)
+    layer = fastbn.BatchNorm2d(3, activation="relu").double().train(training)
+    layer.running_var.fill_(2.0)
+    eager_layer = copy.deepcopy(layer)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    x, tangent = torch.randn(4, 3, 2, 2, dtype=torch.float64), torch.randn(4, 3, 2, 2,
+                                                                         dtype=torch.float64)
+    results = []
+    for model in (compiled, eager_layer):
+        with fwAD.dual_level():
+            out = fwAD.unpack_dual(model(fwAD.make_dual(x, tangent)))
+            results.append((out.primal, out.tangent))
+    (primal, tangent_out), (expected_primal, expected_tangent) = results
+    assert tangent_out is not None
+    torch.testing.assert_close(tangent_out, expected_tangent)
+    torch.testing.assert_close(primal, expected_primal)
+    for got, want in zip(layer.buffers(), eager_layer.buffers()):
+        torch.testing.assert_close(got, want)

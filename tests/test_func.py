@@ -246,3 +246,21 @@ def test_tracers_see_the_op(backend, training):
     torch.testing.assert_close(graph(x2), f(x2), rtol=1e-12, atol=1e-12)
     _, linear = torch.func.linearize(f, x)
     torch.testing.assert_close(linear(t), jvp(f, (x,), (t,))[1], rtol=1e-10, atol=1e-12)
+
+
+def test_hessian_runs_the_second_order_kernels(monkeypatch, backend, problem):
+    """hessian = jacfwd(jacrev(f)): the inner jacrev of a scalar vmaps over one cotangent,
+    which made the outer level see a K dimension and run the composite in PyTorch ops."""
+    from fastbn.ops import autograd
+    model, x, params, loss = problem
+    composites = []
+    original = autograd._composite
+    monkeypatch.setattr(autograd, "_composite",
+                        lambda *args: composites.append(args) or original(*args))
+    name = "1.weight"
+    h = hessian(lambda w: loss({**params, name: w}))(params[name])
+    assert not composites
+    copies = {k: v.clone() for k, v in model.named_buffers()}   # eager calls update them
+    expected = torch.autograd.functional.hessian(
+        lambda w: loss({**params, name: w}, buffers=copies), params[name])
+    torch.testing.assert_close(h, expected, rtol=1e-9, atol=1e-11)

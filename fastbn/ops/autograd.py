@@ -134,9 +134,9 @@ def _composite(kernel_name, n_tangent, backend):
         # through: silently wrong third derivatives, batching errors.
         raise NotImplementedError(
             "fastbn: third-order derivatives and nested vmap over tangents (e.g. "
-            "torch.func.hessian with respect to the input) are not supported through a "
-            "synchronised batch norm; first and second order, jvp and one vmap over "
-            "tangents are")
+            "torch.func.jacfwd(torch.func.jacrev(f)) of a vector-valued f) are not "
+            "supported through a synchronised batch norm; first and second order (hessian "
+            "included), jvp and one vmap over tangents are")
 
     def run(*args, eps, activation):
         tangents, (x, _mean, _invstd, weight, bias) = args[:n_tangent], args[n_tangent:]
@@ -229,6 +229,12 @@ class _KernelFunction(_Function):
         primal_batched = any(d is not None for d in in_dims[n:n + _PRIMAL])
         nested = any(_has_k(t, x_dim, pc, d is not None)
                      for t, pc, d in zip(tangents, cls.per_channel, in_dims))
+        if not primal_batched and not nested and info.batch_size == 1:
+            # One tangent (jacrev of a scalar: hessian's inner level): an unbatched call,
+            # so that an outer transform sees no K dimension (it would count as nested).
+            out = cls.apply(*(t if d is None else t.select(d, 0)
+                              for t, d in zip(tangents, in_dims)), *primal, *options)
+            return out, (None if isinstance(out, torch.Tensor) else (None,) * len(out))
         if not primal_batched and not nested:
             moved = [t if d is None else t.movedim(d, 0) for t, d in zip(tangents, in_dims)]
             return _k_batched(cls.apply(*moved, *primal, *options), x_dim,

@@ -217,8 +217,8 @@ def _unsupported_worker(rank, world):
         (g2,) = torch.autograd.grad((g1 ** 2).sum(), x, create_graph=True)
         torch.autograd.grad(g2.sum(), x)
 
-    def hessian_wrt_input():
-        torch.func.hessian(lambda t: (layer(t) ** 3).sum())(x.detach())
+    def nested_tangents():   # K cotangents inside K tangents
+        torch.func.jacfwd(torch.func.jacrev(lambda t: layer(t) ** 3))(x.detach())
 
     def grads_batched():
         y = layer(x)
@@ -227,7 +227,7 @@ def _unsupported_worker(rank, world):
     def traced():   # a trace would record the local op: torch.ops has no collectives
         torch.jit.trace(layer, x.detach())
 
-    for name, call in (("third order", third_order), ("hessian", hessian_wrt_input),
+    for name, call in (("third order", third_order), ("nested vmap", nested_tangents),
                        ("is_grads_batched", grads_batched), ("jit.trace", traced)):
         try:
             call()
@@ -242,6 +242,27 @@ def test_derivatives_through_collectives_are_refused_clearly():
         assert "value" in result, result
         for name, message in result["value"].items():
             assert message is not None and "synchronised batch norm" in message, (rank, name)
+
+
+def _hessian_worker(rank, world):
+    """torch.func.hessian is jacfwd(jacrev(f)): the inner jacrev of a scalar vmaps over
+    one cotangent, which must not read as nested batching."""
+    torch.manual_seed(rank)
+    x, weight = torch.randn(4, 3, dtype=DT), torch.randn(3, dtype=DT)
+    layer = fastbn.SyncBatchNorm(3).to(DT)
+
+    def loss(x, weight):
+        return (functional_call(layer, {"weight": weight}, (x,)) ** 3).sum()
+
+    routes = [torch.func.hessian(loss, argnums=i)(x, weight) for i in (0, 1)]
+    expected = [torch.func.jacfwd(torch.func.grad(loss, argnums=i), argnums=i)(x, weight)
+                for i in (0, 1)]
+    return [torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(routes, expected)]
+
+
+def test_hessian_through_a_synchronised_layer():
+    for result in run_processes(_hessian_worker, 2):
+        assert result.get("value") == [True, True], result
 
 
 def _mismatched_worker(rank, world):
