@@ -36,7 +36,7 @@ def load(name):
     if name not in _loaded:
         try:
             _loaded[name] = importlib.import_module(_MODULES[name])
-        except ImportError as err:
+        except (ImportError, ValueError) as err:   # ValueError: a bad setting
             _loaded[name] = None
             _import_errors[name] = f"{type(err).__name__}: {err}"
     return _loaded[name]

@@ -237,6 +237,70 @@ def test_large_offset_statistics(native, monkeypatch, dtype, split):
     torch.testing.assert_close(invstd.double().cpu(), invstd64.cpu(), rtol=100 * tol, atol=0)
 
 
+@pytest.mark.parametrize("split", (False, True))
+def test_large_offset_eval(native, monkeypatch, split):
+    """Eval output as (x - running mean) * scale + bias: x * scale + shift cancelled two
+    terms of 1e4 (an error of 7e-4 against float32 rounding's 1e-6)."""
+    if split:
+        monkeypatch.setattr(T.config, "persist_max", 0)
+        monkeypatch.setattr(T.config, "block_m", 64)
+    gen = torch.Generator().manual_seed(3)
+    x = (1e4 + torch.randn(8, 3, 50, generator=gen)).to(DEVICE)
+    running_mean = x.double().mean((0, 2)).float()
+    running_var = x.double().var((0, 2)).float()
+    w, b = torch.ones(3, device=DEVICE), torch.zeros(3, device=DEVICE)
+    y = T.forward_eval(x, running_mean, running_var, w, b, 1e-5)
+    y64 = ((x.double() - running_mean.double()[:, None])
+           / torch.sqrt(running_var.double()[:, None] + 1e-5))
+    assert (y.double() - y64).abs().max() < 2e-6
+
+
+def test_k_batched_outputs_of_an_x_with_n_between_spatial_dims(native):
+    """The K outputs took x's dims order, (C, H, N, W) here, which does not flatten."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(40, generator=gen, dtype=torch.float64).to(DEVICE)
+    x = torch.as_strided(base, (2, 3, 2, 2), (3, 10, 4, 2))
+    assert T._view(x, False) is not None
+    mean, _, invstd = reference.statistics(x, 1e-5)
+    w, b = torch.randn(3, generator=gen, dtype=torch.float64).to(DEVICE), torch.zeros(
+        3, dtype=torch.float64, device=DEVICE)
+    grad_y = torch.randn(4, *x.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    for got, want in zip(T.backward(grad_y, x, mean, invstd, w, b),
+                         reference.backward(grad_y, x, mean, invstd, w, b)):
+        torch.testing.assert_close(got, want)
+
+
+def test_split_path_with_64_bit_offsets(native, monkeypatch):
+    monkeypatch.setattr(T.config, "persist_max", 0)
+    monkeypatch.setattr(T.config, "chunk", 11)
+    monkeypatch.setattr(T.config, "block_m", 4)
+    monkeypatch.setattr(T._Call, "__init__", _with_64_bit_offsets(T._Call.__init__))
+    p = _problem("nchw", torch.float64, None)
+    _run("forward_train", p, None, torch.float64)
+
+
+def _with_64_bit_offsets(init):
+    def forced(self, *args):
+        init(self, *args)
+        self.idx64 = True
+    return forced
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("CHUNK", "64k", "FASTBN_TRITON_CHUNK must be an integer, got '64k'"),
+    ("BLOCK_M", "48", "block_m must be a power of two"),
+    ("MAX_CHUNKS", "0", "max_chunks must be an int of at least 1"),
+])
+def test_bad_settings_are_refused_in_words(monkeypatch, setting, value, message):
+    monkeypatch.setenv(f"FASTBN_TRITON_{setting}", value)
+    with pytest.raises(ValueError, match=message):
+        T.Config.from_env()
+    monkeypatch.setattr(T.config, "block_c", 3)   # set in code: refused at the launch
+    x = torch.randn(4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="block_c must be a power of two"):
+        T.forward_train(x, torch.ones(3, device=DEVICE), torch.zeros(3, device=DEVICE), 1e-5)
+
+
 def test_million_elements_per_channel(native, monkeypatch):
     """Split path over 2**20 elements per channel (large tiles keep the interpreter fast)."""
     monkeypatch.setattr(T.config, "persist_max", 0)
@@ -291,7 +355,11 @@ def test_availability(monkeypatch):
     ok, why = T.available()
     assert ok, why
     assert T.runs_on_cpu() == INTERPRET
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # The kernels were defined interpreted or compiled at import: the variable set now
+    # changes nothing (it claimed CPU support, then failed with "0 active drivers").
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if INTERPRET else "1")
+    assert T.runs_on_cpu() == INTERPRET and T.available() == (ok, why)
+    monkeypatch.setattr(T._k, "INTERPRETED", False)
     assert not T.runs_on_cpu()
     if not torch.cuda.is_available():
         ok, why = T.available()

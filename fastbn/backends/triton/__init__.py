@@ -7,7 +7,8 @@ x's memory format, and launches the generic kernel of `kernels.py` on either
 - the split path: partial statistics per (channel block, chunk) in one launch, then a
   launch that combines them and runs the elementwise pass (small C with large N*H*W gets
   many chunks, so it never runs one program per channel).
-The choice depends on shapes only; launchers never synchronise with the device.
+The choice depends on shapes only; launchers never synchronise with the device (the
+autotuner does, timing the first call of each shape on a GPU).
 
 Native: float64, float32, bfloat16 and float16 element tensors (statistics in float32,
 float64 for float64), any mix of K-batched and shared arguments (a shared argument gets K
@@ -23,6 +24,8 @@ Under torch.compile the kernels run inside fastbn's custom ops (fastbn/ops/libra
 which are opaque to Dynamo; the launchers only read shapes and strides.
 """
 
+import contextlib
+import functools
 import math
 import os
 import struct
@@ -50,7 +53,9 @@ _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether the kernels run in Triton's interpreter: TRITON_INTERPRET as it was when
+    they were defined (at import), whatever it says now."""
+    return _k is not None and _k.INTERPRETED
 
 
 def runs_on_cpu():
@@ -65,7 +70,8 @@ def available():
         return True, f"Triton {triton.__version__} kernels on CUDA"
     if _interpreting():
         return True, f"Triton {triton.__version__} interpreter on CPU (TRITON_INTERPRET=1)"
-    return False, "no CUDA device; set TRITON_INTERPRET=1 to run on CPU"
+    return False, ("no CUDA device; set TRITON_INTERPRET=1 before fastbn's Triton backend "
+                   "is imported to run on CPU")
 
 
 @dataclass
@@ -83,10 +89,30 @@ class Config:
     def from_env(cls):
         cfg = cls()
         for f in fields(cls):
-            raw = os.environ.get(f"FASTBN_TRITON_{f.name.upper()}")
+            variable = f"FASTBN_TRITON_{f.name.upper()}"
+            raw = os.environ.get(variable)
             if raw:
-                setattr(cfg, f.name, int(raw))
+                try:
+                    setattr(cfg, f.name, int(raw))
+                except ValueError:
+                    raise ValueError(f"{variable} must be an integer, got {raw!r}") from None
+        cfg.check()
         return cfg
+
+    def check(self):
+        """ValueError unless every set field is in range (checked at each launch too:
+        fields may be set in code)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            least = 0 if f.name == "persist_max" else 1
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"fastbn Triton config: {f.name} must be an int of at "
+                                 f"least {least}, got {value!r}")
+            if f.name in ("block_m", "block_c") and value & (value - 1):
+                raise ValueError(f"fastbn Triton config: {f.name} must be a power of two "
+                                 f"(a Triton block), got {value}")
 
 
 config = Config.from_env()
@@ -120,14 +146,9 @@ def _extent(t):
     return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
 
 
-_KERNEL = {}
-
-
+@functools.cache
 def _kernel():
-    interpret = _interpreting()
-    if interpret not in _KERNEL:
-        _KERNEL[interpret] = _autotuned(interpret)
-    return _KERNEL[interpret]
+    return _autotuned(_interpreting())
 
 
 _SMS = {}
@@ -185,10 +206,12 @@ def _empty_like(x, k, dtype):
     for i in reversed(order):
         strides[i] = step
         step *= x.shape[i]
-    shape, strides = list(x.shape), strides
-    if k is not None:
-        shape, strides = [k] + shape, [step] + strides
-    return torch.empty_strided(shape, strides, dtype=dtype, device=x.device)
+    out = torch.empty_strided([k, *x.shape], [step, *strides], dtype=dtype, device=x.device)
+    if _view(out, True) is None:
+        # x's strides put N between spatial dims (a permuted or overlapping x): the
+        # kernels need spatial dims that flatten, as they do in the contiguous order.
+        out = torch.empty((k, *x.shape), dtype=dtype, device=x.device)
+    return out
 
 
 class _Call:
@@ -262,12 +285,13 @@ class _Call:
         """A per-channel tensor in the accumulation dtype, contiguous; and its K stride."""
         if t is None:
             return self.x, 0
-        t = t.to(self.acc).contiguous()
+        t = _prim(t, self.acc)
         return t, (self.C if t.dim() == 2 else 0)
 
     def plan(self, split_only=False):
         """(mode, BLOCK_M, BLOCK_C, CHUNK, NCHUNKS) from the shape alone; mode is "fused"
         (one program per channel block holds all of M) or "split" (M in chunks)."""
+        config.check()
         interpret = _interpreting()
         C, M = self.C, self.M
         chan_contig = self.sC == 1 and C > 1
@@ -335,12 +359,12 @@ class _Call:
                     IDX64=self.idx64 or part.numel() >= 2 ** 31,   # tiny chunks: many partials
                     BLOCK_M=bm, BLOCK_C=bc)
         kernel = _kernel()
-        if kind == "fused":
-            kernel[grid](*args, part, *tail, MODE=_k.MODE_FUSED, **meta)
-        else:
-            if ns:
-                kernel[grid](*args, part, *tail, MODE=_k.MODE_REDUCE, **meta)
-            kernel[grid](*args, part, *tail, MODE=_k.MODE_APPLY, **meta)
+        modes = ([_k.MODE_FUSED] if kind == "fused"
+                 else [_k.MODE_REDUCE, _k.MODE_APPLY] if ns else [_k.MODE_APPLY])
+        # Triton launches on the current device, not on the tensors'.
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            for mode in modes:
+                kernel[grid](*args, part, *tail, MODE=mode, **meta)
 
 
 def _k_out(call, like_dtype):
@@ -353,7 +377,7 @@ def _chan_out(call, batched):
 
 
 def _prim(t, acc):
-    """A (C,) tensor of the shared primal in the accumulation dtype, contiguous."""
+    """A per-channel tensor in the accumulation dtype, contiguous."""
     return t.to(acc).contiguous()
 
 

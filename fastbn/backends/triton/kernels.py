@@ -19,7 +19,7 @@ MODE selects the reduction strategy:
 - EVAL has no reduction and always runs as APPLY.
 
 OP selects the math (see `reference.py` for the spec and the launchers for the slots):
-    FWD   E: -                  sums: Welford (mean, M2)                 out: y
+    FWD   E: -                  sums: per-tile mean and M2, Chan-merged  out: y
     EVAL  E: -                  no sums                                   out: y
     BWD   E1 = grad_y           sums: g, g*xhat                           out: grad_x
     FJVP  E1 = x_t              sums: xt, xt*xhat                         out: y_t
@@ -31,8 +31,9 @@ g and gt are masked by the recomputed ReLU mask when ACT.
 Numerics: accumulation in ACC (float32, float64 for float64 input). The forward statistics
 are taken of x - pivot (the channel's first element, read by every program), each tile's
 mean gets one residual-correction step and its M2 is two-pass in registers, and tiles and
-chunks merge with Chan's formula; the output is (x - pivot) * scale + shift, so a large
-common offset (x = 1e4 + N(0, 1)) loses nothing beyond the float32 rounding of the inputs.
+chunks merge with Chan's formula; the output is (x - pivot) * scale + shift (in eval: (x - running mean) * scale + bias), so
+a large common offset (x = 1e4 + N(0, 1)) loses nothing beyond the float32 rounding of the
+inputs.
 """
 
 import triton
@@ -72,8 +73,10 @@ def _load_chan(ptr, k, sK, cs, cmask, HAS: tl.constexpr, ACC: tl.constexpr):
 def _prep(OP: tl.constexpr, ACT: tl.constexpr, x, e1, e2, valid, mean, invstd, w, b):
     """xhat (zero outside the tile), the ReLU mask, and the masked cotangents. For FWD the
     `mean` slot holds the channel's pivot and "xhat" is x - pivot: statistics and output
-    are computed on values shifted next to zero, so a large common offset costs nothing."""
-    if OP == FWD:
+    are computed on values shifted next to zero, so a large common offset costs nothing.
+    For EVAL it holds the running mean and "xhat" is x - running mean, for the same
+    reason (x * scale + shift would cancel two large terms)."""
+    if OP == FWD or OP == EVAL:
         xhat = tl.where(valid, x - mean[None, :], 0.0)
     else:
         xhat = tl.where(valid, (x - mean[None, :]) * invstd[None, :], 0.0)
@@ -182,9 +185,8 @@ def _coeffs(OP: tl.constexpr, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b
         q2 = r
         q3 = var
     if OP == EVAL:   # mean / invstd slots carry running_mean / running_var
-        r = _rsqrt(invstd + eps)
-        c0 = w * r
-        c1 = b - mean * c0
+        c0 = w * _rsqrt(invstd + eps)
+        c1 = b
     if OP == BWD:
         c0 = wr
         c1 = -(s1 / Mf) * wr
@@ -264,7 +266,7 @@ def _tile_out(OP: tl.constexpr, ACT: tl.constexpr, x, xhat, e1, e2, e3, relu,
         if ACT:
             o1 = tl.where(o1 < 0, 0.0, o1)   # torch's relu: NaN stays NaN
     if OP == EVAL:
-        o1 = x * c0[None, :] + c1[None, :]
+        o1 = xhat * c0[None, :] + c1[None, :]
         if ACT:
             o1 = tl.where(o1 < 0, 0.0, o1)
     if OP == BWD:
@@ -420,7 +422,7 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
                 for j32 in range(0, NCHUNKS):
                     j = j32
                     if IDX64:
-                        j = j32.to(tl.int64)
+                        j = tl.cast(j32, tl.int64)   # the interpreter's range yields ints
                     base = (k * NCHUNKS + j) * NS * C
                     t0 = _load_partial(PART, base, C, cs, cmask, 0, NS, zc)
                     t1 = _load_partial(PART, base, C, cs, cmask, 1, NS, zc)
@@ -478,5 +480,7 @@ def _inline_helpers_for_interpreter():
             module[key] = value.rewrite()
 
 
-if isinstance(bn_kernel, type(_load_tile)) and type(bn_kernel).__name__ == "InterpretedFunction":
+# TRITON_INTERPRET when this module was imported decides, for the life of the process.
+INTERPRETED = type(bn_kernel).__name__ == "InterpretedFunction"
+if INTERPRETED:
     _inline_helpers_for_interpreter()
