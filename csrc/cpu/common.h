@@ -438,11 +438,18 @@ inline int threads_for(const Geom& g, int64_t K, int nth, int64_t tasks) {
   return int(std::max<int64_t>(1, std::min<int64_t>({int64_t(nth), by_work, tasks})));
 }
 
-// The W float lanes of one sum, added in double: eight independent partials (one vector
-// register), not a W-long chain of dependent additions; a fixed order, so fixed bits.
+// The first `used` of the W float lanes of one sum, added in double: eight independent
+// partials (one vector register), not a W-long chain of dependent additions; a fixed
+// order, so fixed bits. Short runs fill lanes from 0 on, so fewer than W elements leave
+// the rest zero and unread.
 template <int64_t W, class A>
-inline double lane_sum(const A* f) {
+inline double lane_sum(const A* f, int64_t used) {
   static_assert(W % 8 == 0, "lanes come in vectors of 8 doubles");
+  if (used < W) {
+    double s = 0;
+    for (int64_t w = 0; w < used; ++w) s += double(f[w]);
+    return s;
+  }
   double q[8] = {};
   for (int64_t w = 0; w < W; w += 8)
 #pragma omp simd
@@ -484,12 +491,14 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
               for (int64_t c = c0; c < c1; ++c) o[c] += double(f[c - c0]);
             } else {
               for (int64_t c = c0; c < c1; ++c) {
-                const A* f = facc.data() + ((c - c0) * NS + j) * Ac::W;
-                part[(size_t(task) * KS + kj) * G.cb + (c - c0)] += lane_sum<Ac::W>(f);
+                A* f = facc.data() + ((c - c0) * NS + j) * Ac::W;
+                const int64_t used = std::min(pending[c - c0], Ac::W);
+                part[(size_t(task) * KS + kj) * G.cb + (c - c0)] += lane_sum<Ac::W>(f, used);
+                std::fill(f, f + used, A(0));   // a unit of few elements: clear only those
               }
             }
           }
-          std::fill(facc.begin(), facc.end(), A(0));
+          if constexpr (CL) std::fill(facc.begin(), facc.end(), A(0));
           std::fill(pending.begin(), pending.end(), 0);
         };
         task_runs<CL>(g, task, [&](const Seg& s) {

@@ -57,9 +57,12 @@ def build_info():
 
 
 def _plain(t):
-    # A ZeroTensor (autograd's stand-in for a zero gradient) has no memory behind it.
+    # A ZeroTensor (autograd's stand-in for a zero gradient) has no memory behind it; the
+    # kernels read through typed pointers, which must be aligned to their element (a
+    # torch.frombuffer view at an odd offset is not).
     return (type(t) in _PLAIN_TYPES and t.is_cpu and t.layout == torch.strided
-            and _has_storage(t) and not t.is_neg() and not t._is_zerotensor())
+            and _has_storage(t) and not t.is_neg() and not t._is_zerotensor()
+            and t.data_ptr() % t.element_size() == 0)
 
 
 def _kernel_writable(t, acc, channels):
