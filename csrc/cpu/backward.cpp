@@ -10,16 +10,17 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
          const acc_t<T>* mean, const acc_t<T>* invstd, const acc_t<T>* w, const acc_t<T>* b,
          acc_t<T>* gw, acc_t<T>* gb) {
   using A = acc_t<T>;
-  const int64_t C = g.C;
-  const double M = double(g.M());
+  const int64_t C = g.channels();
+  const double M = g.count();
   std::vector<double> sums(K * 2 * C);
   std::vector<A> cg(C), cx(K * C), c0(K * C);
+  const Stats<A> st(g, mean, invstd, w, b);
   when(unit_runs<CL>({x, dy, dx}), [&](auto unit) {
     constexpr bool U = decltype(unit)::value;
     using P = Prim<T, A, CL, RELU, U>;
     reduce_pass<A, CL, 2>(g, nth, K, sums.data(), [&](const Seg& s, int64_t k,
                                                       const Acc<A, CL, 2>& acc) {
-      const P pr(x, s, mean, invstd, w, b);
+      const P pr(x, s, st);
       const auto d = src<T, CL, U>(dy, s, k);
       acc.add(s.n, [&](int64_t i, A(&v)[2]) {
         const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
@@ -37,12 +38,13 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
         cx[k * C + c] = A(-double(cg[c]) * sgx / M);
         c0[k * C + c] = A(-double(cg[c]) * sg / M);
       }
+    const PassArray<A> pcg(g, cg.data()), pcx(g, cx.data(), K), pc0(g, c0.data(), K);
     map_pass<CL>(g, nth, K, [&](const Seg& s, int64_t k) {
-      const P pr(x, s, mean, invstd, w, b);
+      const P pr(x, s, st);
       const auto d = src<T, CL, U>(dy, s, k);
       const auto o = dst<T, CL, U>(dx, s, k);
-      const Chan<CL, A> a(cg.data(), s.c), bx(cx.data() + k * C, s.c),
-          b0(c0.data() + k * C, s.c);
+      const Chan<CL, A> a(pcg.get(), s.c), bx(pcx.get() + k * g.C, s.c),
+          b0(pc0.get() + k * g.C, s.c);
       each(s.n, [&](int64_t i) {
         const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
         o.put(i, a[i] * gv + bx[i] * xh + b0[i]);

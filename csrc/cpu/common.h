@@ -9,6 +9,7 @@
 #include <initializer_list>
 #include <stdexcept>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu/parallel.h"
@@ -125,7 +126,13 @@ struct TD {
 struct Geom {
   int64_t N, C, L;
   bool cl;  // channels are the fast dimension: iterate rows of channels
-  int64_t M() const { return N * L; }
+  // > 1: an NCHW tensor with few values per (n, c) run as channels-last rows of C "pass
+  // channels", `fold` consecutive ones per channel (L is 1): the NCHW passes would pay
+  // their per-run cost every few values.
+  int64_t fold = 1;
+  int64_t M() const { return N * L; }           // rows of the passes (channels-last)
+  int64_t channels() const { return C / fold; }  // the tensor's channels
+  double count() const { return double(M() * fold); }  // values per channel
 };
 
 constexpr int64_t SEG = 512;   // channels per channels-last run: slot sums stay in L1
@@ -148,6 +155,28 @@ template <class A>
 constexpr int64_t lanes() {
   return 64 / sizeof(A);
 }
+
+// A per-channel array, (rows, channels), as the passes index it, (rows, g.C): each
+// channel's values repeated for its g.fold pass channels (a copy); the array itself when
+// g.fold is 1.
+template <class A>
+class PassArray {
+ public:
+  PassArray(const Geom& g, const A* values, int64_t rows = 1) : p_(values) {
+    if (g.fold == 1 || values == nullptr) return;
+    const int64_t C = g.channels();
+    copy_.resize(size_t(rows * g.C));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < C; ++c)
+        std::fill_n(copy_.data() + r * g.C + c * g.fold, g.fold, values[r * C + c]);
+    p_ = copy_.data();
+  }
+  const A* get() const { return p_; }
+
+ private:
+  std::vector<A> copy_;
+  const A* p_;
+};
 
 inline int64_t offset(const TD& t, const Seg& s, int64_t k) {
   return k * t.sK + s.nn * t.sN + s.c * t.sC + s.l * t.sL;
@@ -293,14 +322,24 @@ inline A and_mask(bool on, A v) {
   return v;
 }
 
+// The per-channel arrays of the primal (mean, invstd, weight, bias) as the passes index
+// them.
+template <class A>
+struct Stats {
+  PassArray<A> mean, invstd, w, b;
+  Stats(const Geom& g, const A* m, const A* r, const A* wt, const A* bt)
+      : mean(g, m), invstd(g, r), w(g, wt), b(g, bt) {}
+};
+
 // x's run with the statistics: xhat and the ReLU mask (xhat * weight + bias > 0), both
 // as the reference computes them.
 template <class T, class A, bool CL, bool RELU, bool UNIT>
 struct Prim {
   Src<T, UNIT> x;
   Chan<CL, A> m, r, w, b;
-  Prim(const TD& xt, const Seg& s, const A* mean, const A* invstd, const A* wt, const A* bt)
-      : x(src<T, CL, UNIT>(xt, s, 0)), m(mean, s.c), r(invstd, s.c), w(wt, s.c), b(bt, s.c) {}
+  Prim(const TD& xt, const Seg& s, const Stats<A>& st)
+      : x(src<T, CL, UNIT>(xt, s, 0)), m(st.mean.get(), s.c), r(st.invstd.get(), s.c),
+        w(st.w.get(), s.c), b(st.b.get(), s.c) {}
   A xhat(int64_t i) const { return (x.template at<A>(i) - m[i]) * r[i]; }
   // v where the mask is set, else 0; the identity without ReLU.
   A keep(int64_t i, A xh, A v) const {
@@ -457,27 +496,46 @@ inline double lane_sum(const A* f, int64_t used) {
   return ((q[0] + q[4]) + (q[1] + q[5])) + ((q[2] + q[6]) + (q[3] + q[7]));
 }
 
+// The tensor's channels [lo, hi) that channels-last tasks [t0, t1) reach: a range of
+// channel blocks within one block of rows, else all of them.
+inline std::pair<int64_t, int64_t> channel_span(const Geom& g, int64_t t0, int64_t t1) {
+  const int64_t ncb = (g.C + SEG - 1) / SEG;
+  if (t1 <= t0) return {0, 0};
+  if (t0 / ncb != (t1 - 1) / ncb) return {0, g.channels()};
+  const int64_t lo = t0 % ncb * SEG, hi = std::min(g.C, ((t1 - 1) % ncb + 1) * SEG);
+  return {lo / g.fold, (hi - 1) / g.fold + 1};
+}
+
 // Both passes do a task one problem k at a time: x and the inputs shared by the K
 // problems (64 KiB a task) come back from L2 for each k, and only the few streams of one
 // problem are live at once, which the hardware prefetchers follow; interleaving the K
 // problems' rows instead ran 3K+ streams and was latency bound.
 //
 // Reduction pass: fn(seg, k, Acc) adds NS sums of problem k over a run; results land in
-// out[(k * NS + j) * C + c] (double). Float partials go to double before a channel's
-// lanes take more than RUN elements (NCHW) or a slot more than RB rows (channels-last).
+// out[(k * NS + j) * channels + c] (double; pass channels folded to the tensor's). Float
+// partials go to double before a channel's lanes take more than RUN elements (NCHW) or a
+// slot more than RB rows (channels-last).
 template <class A, bool CL, int NS, class F>
 void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
   using Ac = Acc<A, CL, NS>;
-  const int64_t C = g.C, nt = num_tasks(g), KS = K * NS;
+  const int64_t C = g.channels(), nt = num_tasks(g), KS = K * NS;
   const int T = threads_for(g, K, nth, nt);
   const Grid G = CL ? Grid{} : nchw_grid(g);
   // Float partials: channels-last [NS][SEG] channel slots, NCHW [CB][NS][W] lanes.
-  // Double partials: channels-last per thread (KS, C), NCHW per unit (KS, CB).
+  // Double partials: channels-last per thread, (KS, its channel span), NCHW per unit
+  // (KS, CB). (A span, not all C: with few rows and many channels each thread's tasks
+  // reach a share of them, and zeroing T * KS * C doubles outweighed the pass.)
   const int64_t fsize = CL ? NS * SEG : G.cb * NS * Ac::W;
-  std::vector<double> part(CL ? size_t(T) * KS * C : size_t(nt) * KS * G.cb, 0.0);
+  std::vector<double> part(CL ? 0 : size_t(nt) * KS * G.cb, 0.0);
+  std::vector<std::vector<double>> thread_part(CL ? T : 0);
+  std::vector<std::pair<int64_t, int64_t>> span(CL ? T : 0);
   parallel_run(T, [&](int t) {
     std::vector<A> facc(fsize, A(0));
     std::vector<int64_t> pending(CL ? 0 : G.cb);  // NCHW: elements in each channel's lanes
+    if constexpr (CL) {
+      span[t] = channel_span(g, nt * t / T, nt * (t + 1) / T);
+      thread_part[t].assign(size_t(KS) * (span[t].second - span[t].first), 0.0);
+    }
     for (int64_t task = nt * t / T; task < nt * (t + 1) / T; ++task)
       for (int64_t k = 0; k < K; ++k) {
         int64_t c0 = -1, c1 = 0;
@@ -487,8 +545,16 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
             const int64_t kj = k * NS + j;
             if constexpr (CL) {
               const A* f = facc.data() + j * SEG;
-              double* o = part.data() + (size_t(t) * KS + kj) * C;
-              for (int64_t c = c0; c < c1; ++c) o[c] += double(f[c - c0]);
+              const auto [lo, hi] = span[t];
+              double* o = thread_part[t].data() + kj * (hi - lo);
+              if (g.fold == 1) {
+                for (int64_t c = c0; c < c1; ++c) o[c - lo] += double(f[c - c0]);
+              } else {  // pass channel c belongs to channel c / fold: no division per c
+                for (int64_t c = c0, ch = c0 / g.fold, l = c0 % g.fold; c < c1; ++c) {
+                  o[ch - lo] += double(f[c - c0]);
+                  if (++l == g.fold) l = 0, ++ch;
+                }
+              }
             } else {
               for (int64_t c = c0; c < c1; ++c) {
                 A* f = facc.data() + ((c - c0) * NS + j) * Ac::W;
@@ -516,9 +582,13 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
       }
   });
   std::fill(out, out + KS * C, 0.0);
-  if constexpr (CL) {
-    for (int t = 0; t < T; ++t)
-      for (int64_t i = 0; i < KS * C; ++i) out[i] += part[size_t(t) * KS * C + i];
+  if constexpr (CL) {  // threads in order
+    for (int t = 0; t < T; ++t) {
+      const auto [lo, hi] = span[t];
+      for (int64_t kj = 0; kj < KS; ++kj)
+        for (int64_t c = lo; c < hi; ++c)
+          out[kj * C + c] += thread_part[t][kj * (hi - lo) + (c - lo)];
+    }
   } else {  // a channel block's units in row order
     for (int64_t u = 0; u < nt; ++u) {
       const int64_t c0 = G.c0(u), c1 = std::min(C, c0 + G.cb);

@@ -14,11 +14,12 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
         const acc_t<T>* invstd, const acc_t<T>* w, const acc_t<T>* b, const TD& out_gdy,
         const TD& out_gx, acc_t<T>* out_gw) {
   using A = acc_t<T>;
-  const int64_t C = g.C;
-  const double M = double(g.M());
+  const int64_t C = g.channels();
+  const double M = g.count();
   constexpr int NS = 5;  // sum g, g xhat, a, a xhat, a g  (g = masked grad_y, a = gg_x)
   std::vector<double> sums(K * NS * C, 0.0);
   std::vector<A> ya(K * C), yx(K * C), y0(K * C), xa(K * C), xg(K * C), xx(K * C), x0(K * C);
+  const Stats<A> st(g, mean, invstd, w, b);
   when(unit_runs<CL>({x, dy, ggx, out_gdy, out_gx}), [&](auto unit) {
     when(ggx.ptr != 0, [&](auto has_a) {
       constexpr bool U = decltype(unit)::value, HA = decltype(has_a)::value;
@@ -26,7 +27,7 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
       if (HA || ggw) {
         reduce_pass<A, CL, NS>(g, nth, K, sums.data(), [&](const Seg& s, int64_t k,
                                                            const Acc<A, CL, NS>& acc) {
-          const P pr(x, s, mean, invstd, w, b);
+          const P pr(x, s, st);
           const auto d = src<T, CL, U>(dy, s, k);
           const auto a = src<T, CL, U>(ggx, s, k);
           acc.add(s.n, [&](int64_t i, A(&v)[NS]) {
@@ -67,16 +68,19 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
           x0[i] = A((HA ? wr2 * (gxm * am + axm * gm) : 0.0) - (ggw ? r * al * gm : 0.0));
           out_gw[i] = A(HA ? r * adc : 0.0);
         }
+      const PassArray<A> pya(g, ya.data(), K), pyx(g, yx.data(), K), py0(g, y0.data(), K),
+          pxa(g, xa.data(), K), pxg(g, xg.data(), K), pxx(g, xx.data(), K),
+          px0(g, x0.data(), K);
       map_pass<CL>(g, nth, K, [&](const Seg& s, int64_t k) {
-        const P pr(x, s, mean, invstd, w, b);
+        const P pr(x, s, st);
         const auto d = src<T, CL, U>(dy, s, k);
         const auto a = src<T, CL, U>(ggx, s, k);
         const auto o1 = dst<T, CL, U>(out_gdy, s, k);
         const auto o2 = dst<T, CL, U>(out_gx, s, k);
-        const int64_t o = k * C;
-        const Chan<CL, A> cya(ya.data() + o, s.c), cyx(yx.data() + o, s.c),
-            cy0(y0.data() + o, s.c), cxa(xa.data() + o, s.c), cxg(xg.data() + o, s.c),
-            cxx(xx.data() + o, s.c), cx0(x0.data() + o, s.c);
+        const int64_t o = k * g.C;
+        const Chan<CL, A> cya(pya.get() + o, s.c), cyx(pyx.get() + o, s.c),
+            cy0(py0.get() + o, s.c), cxa(pxa.get() + o, s.c), cxg(pxg.get() + o, s.c),
+            cxx(pxx.get() + o, s.c), cx0(px0.get() + o, s.c);
         each(s.n, [&](int64_t i) {
           const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
           const A av = HA ? a.template at<A>(i) : A(0), xu = and_mask(uses_g, xh);
@@ -94,12 +98,13 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
           const acc_t<T>* w, const acc_t<T>* b, const TD& out_gx, acc_t<T>* out_gw,
           acc_t<T>* out_gb) {
   using A = acc_t<T>;
-  const int64_t C = g.C;
-  const double M = double(g.M());
+  const int64_t C = g.channels();
+  const double M = g.count();
   // sum g, g xhat, g_t, g_t xhat, x_t, x_t xhat, g x_t  (g, g_t: masked grad_y and tangent)
   constexpr int NS = 7;
   std::vector<double> sums(K * NS * C, 0.0);
   std::vector<A> et(C), eu(K * C), eg(K * C), ex(K * C), e0(K * C);
+  const Stats<A> st(g, mean, invstd, w, b);
   when(unit_runs<CL>({x, dy, dyt, xt, out_gx}), [&](auto unit) {
     when(dyt.ptr != 0, [&](auto has_gt) {
       when(xt.ptr != 0, [&](auto has_xt) {
@@ -108,7 +113,7 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
         using P = Prim<T, A, CL, RELU, U>;
         reduce_pass<A, CL, NS>(g, nth, K, sums.data(), [&](const Seg& s, int64_t k,
                                                            const Acc<A, CL, NS>& acc) {
-          const P pr(x, s, mean, invstd, w, b);
+          const P pr(x, s, st);
           const auto d = src<T, CL, U>(dy, s, k);
           const auto dt = src<T, CL, U>(dyt, s, k);
           const auto u = src<T, CL, U>(xt, s, k);
@@ -148,15 +153,17 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
             out_gw[i] = A(gw_t);
             out_gb[i] = A(gb_t);
           }
+        const PassArray<A> pet(g, et.data()), peu(g, eu.data(), K), peg(g, eg.data(), K),
+            pex(g, ex.data(), K), pe0(g, e0.data(), K);
         map_pass<CL>(g, nth, K, [&](const Seg& s, int64_t k) {
-          const P pr(x, s, mean, invstd, w, b);
+          const P pr(x, s, st);
           const auto d = src<T, CL, U>(dy, s, k);
           const auto dt = src<T, CL, U>(dyt, s, k);
           const auto u = src<T, CL, U>(xt, s, k);
           const auto out = dst<T, CL, U>(out_gx, s, k);
-          const int64_t o = k * C;
-          const Chan<CL, A> ct(et.data(), s.c), cu(eu.data() + o, s.c), cg(eg.data() + o, s.c),
-              cx(ex.data() + o, s.c), c0(e0.data() + o, s.c);
+          const int64_t o = k * g.C;
+          const Chan<CL, A> ct(pet.get(), s.c), cu(peu.get() + o, s.c), cg(peg.get() + o, s.c),
+              cx(pex.get() + o, s.c), c0(pe0.get() + o, s.c);
           each(s.n, [&](int64_t i) {
             const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
             const A tv = HG ? pr.keep(i, xh, dt.template at<A>(i)) : A(0);

@@ -26,12 +26,13 @@ template <class T, bool CL, bool RELU>
 void affine_pass(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* scale,
                  const acc_t<T>* shift) {
   using A = acc_t<T>;
+  const PassArray<A> sc(g, scale), sh(g, shift);
   when(unit_runs<CL>({x, y}), [&](auto unit) {
     constexpr bool U = decltype(unit)::value;
     map_pass<CL>(g, nth, 1, [&](const Seg& s, int64_t) {
       const auto in = src<T, CL, U>(x, s, 0);
       const auto out = dst<T, CL, U>(y, s, 0);
-      const Chan<CL, A> a(scale, s.c), b(shift, s.c);
+      const Chan<CL, A> a(sc.get(), s.c), b(sh.get(), s.c);
       each(s.n, [&](int64_t i) {
         const A v = b[i] + in.template at<A>(i) * a[i];
         out.put(i, RELU ? (v < A(0) ? A(0) : v) : v);  // torch's relu: NaN and -0 stay
@@ -45,7 +46,7 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
            const acc_t<T>* b, double eps, acc_t<T>* mean, acc_t<T>* invstd, acc_t<T>* var,
            const Running<acc_t<T>>& running) {
   using A = acc_t<T>;
-  const int64_t C = g.C;
+  const int64_t C = g.channels();
   // Sums of (x - pivot) and its square, in one pass. The pivot, the mean of the first
   // few elements of the channel's first row, keeps E[d^2] - E[d]^2 from cancelling when
   // |mean| >> std: float lanes lose about ((pivot - mean) / std)^2 ulps of the variance.
@@ -57,24 +58,29 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
   // independent sums, not one chain of dependent additions per channel.
   constexpr int64_t PIVOT_SAMPLE = 64;
   constexpr double MAX_PIVOT_OFFSET = 4;  // in standard deviations: loses 16 ulps at most
+  // (Folded: the first row's g.fold values of each channel.)
   const int64_t np = std::max<int64_t>(1, std::min({g.L, PIVOT_SAMPLE, g.M() / 16}));
   const T* x0 = reinterpret_cast<const T*>(x.ptr);
   std::vector<double> sample(C, 0.0);
   for (int64_t l = 0; l < np; ++l)
-    for (int64_t c = 0; c < C; ++c) sample[c] += double(to_acc<A>(x0[c * x.sC + l * x.sL]));
+    for (int64_t pc = 0, c = 0, f = 0; pc < g.C; ++pc) {  // pass channel pc of channel c
+      sample[c] += double(to_acc<A>(x0[pc * x.sC + l * x.sL]));
+      if (++f == g.fold) f = 0, ++c;
+    }
   std::vector<A> pivot(C);
   for (int64_t c = 0; c < C; ++c)
-    pivot[c] = std::isfinite(sample[c]) ? A(sample[c] / double(np)) : A(0);
+    pivot[c] = std::isfinite(sample[c]) ? A(sample[c] / double(np * g.fold)) : A(0);
   std::vector<double> sums(2 * C), m1(C), biased(C);
-  const double M = double(g.M());
+  const double M = g.count();
   // Returns whether it moved a pivot (only where `repivot`).
   auto moments = [&](bool repivot) {
+    const PassArray<A> pp(g, pivot.data());
     when(unit_runs<CL>({x}), [&](auto unit) {
       constexpr bool U = decltype(unit)::value;
       reduce_pass<A, CL, 2>(g, nth, 1, sums.data(), [&](const Seg& s, int64_t,
                                                         const Acc<A, CL, 2>& acc) {
         const auto in = src<T, CL, U>(x, s, 0);
-        const Chan<CL, A> p(pivot.data(), s.c);
+        const Chan<CL, A> p(pp.get(), s.c);
         acc.add(s.n, [&](int64_t i, A(&v)[2]) {
           const A d = in.template at<A>(i) - p[i];
           v[0] = d;
@@ -135,8 +141,8 @@ void forward_eval(int dtype, const Geom& g, int nth, const TD& x, const TD& y,
     const A* rv = reinterpret_cast<const A*>(running_var);
     const A* wt = reinterpret_cast<const A*>(w);
     const A* bt = reinterpret_cast<const A*>(b);
-    std::vector<A> scale(g.C), shift(g.C);
-    for (int64_t c = 0; c < g.C; ++c) {
+    std::vector<A> scale(g.channels()), shift(g.channels());
+    for (int64_t c = 0; c < g.channels(); ++c) {
       scale[c] = wt[c] * A(1.0 / std::sqrt(double(rv[c]) + eps));
       shift[c] = bt[c] - rm[c] * scale[c];
     }

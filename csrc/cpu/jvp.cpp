@@ -11,10 +11,11 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
          const acc_t<T>* mean, const acc_t<T>* invstd, const acc_t<T>* w, const acc_t<T>* b,
          const acc_t<T>* wt, const acc_t<T>* bt) {
   using A = acc_t<T>;
-  const int64_t C = g.C;
-  const double M = double(g.M());
+  const int64_t C = g.channels();
+  const double M = g.count();
   std::vector<double> sums(K * 2 * C, 0.0);
   std::vector<A> alpha(C), beta(K * C), gamma(K * C);
+  const Stats<A> st(g, mean, invstd, w, b);
   when(unit_runs<CL>({x, xt, yt}), [&](auto unit) {
     when(xt.ptr != 0, [&](auto has_xt) {
       constexpr bool U = decltype(unit)::value, HX = decltype(has_xt)::value;
@@ -22,7 +23,7 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
       if constexpr (HX) {
         reduce_pass<A, CL, 2>(g, nth, K, sums.data(), [&](const Seg& s, int64_t k,
                                                           const Acc<A, CL, 2>& acc) {
-          const P pr(x, s, mean, invstd, w, b);
+          const P pr(x, s, st);
           const auto t = src<T, CL, U>(xt, s, k);
           acc.add(s.n, [&](int64_t i, A(&v)[2]) {
             const A tv = t.template at<A>(i);
@@ -42,12 +43,14 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
           beta[k * C + c] = A(-double(alpha[c]) * proj + (wt ? double(wt[k * C + c]) : 0.0));
           gamma[k * C + c] = A(-double(alpha[c]) * mu + (bt ? double(bt[k * C + c]) : 0.0));
         }
+      const PassArray<A> pal(g, alpha.data()), pbe(g, beta.data(), K),
+          pga(g, gamma.data(), K);
       map_pass<CL>(g, nth, K, [&](const Seg& s, int64_t k) {
-        const P pr(x, s, mean, invstd, w, b);
+        const P pr(x, s, st);
         const auto t = src<T, CL, U>(xt, s, k);
         const auto o = dst<T, CL, U>(yt, s, k);
-        const Chan<CL, A> al(alpha.data(), s.c), be(beta.data() + k * C, s.c),
-            ga(gamma.data() + k * C, s.c);
+        const Chan<CL, A> al(pal.get(), s.c), be(pbe.get() + k * g.C, s.c),
+            ga(pga.get() + k * g.C, s.c);
         each(s.n, [&](int64_t i) {
           const A xh = pr.xhat(i);
           A v = be[i] * and_mask(uses_xhat, xh) + ga[i];

@@ -94,6 +94,14 @@ def _strides(shape, stride, batched, swap):
     return (stride[0] if batched else 0, s_n, stride[lead + 1], s_l)
 
 
+# Largest L folded into channels-last pass channels: to 32 values per (n, c) the NCHW
+# passes paid their per-run cost every few values (benchmarks/RESULTS.md).
+FOLD_MAX_L = 32
+# Folding copies each per-channel array out to C * L values: with fewer than 8 rows,
+# beyond this many the copies outweighed the pass ((2, 200000, 3): 2.4x slower).
+FOLD_MAX_COPY = 65536
+
+
 class _Plan:
     """Geometry shared by one call: x's (N, C, L) view and the K of batched arguments.
     `elems`: element tensors (x's shape, or K-batched); `chans`: per-channel tangents,
@@ -143,16 +151,31 @@ class _Plan:
         # Without spatial dims, run along N as the "L" axis (one channel's values).
         self.swap = length == 1
         self.N, self.C, self.L = (1, c, n) if self.swap else (n, c, length)
+        self.fold = 1
         self.inputs = self.tds(x, *elems)
         if self.inputs is None:
             return
         _, _, _, s_c, s_l = self.inputs[0]
         self.cl = c > 1 and (self.L == 1 or abs(s_c) < abs(s_l))
+        if (not self.cl and not self.swap and 1 < self.L <= FOLD_MAX_L
+                and (self.N >= 8 or c * self.L <= FOLD_MAX_COPY)
+                and all(t[0] == 0 or t[3] == self.L * t[4] for t in self.inputs)):
+            # Few values per (n, c) run, each (c, l) block dense: channels-last rows of
+            # C * L pass channels (see Geom in csrc/cpu/common.h). The outputs fold too:
+            # contiguous (torch's layout where x is not channels-last), or in x's order.
+            self.fold, self.cl = self.L, True
+            self.inputs = [self._folded(t) for t in self.inputs]
         self.ok = True
 
     @property
     def geom(self):
-        return (self.N, self.C, self.L, self.cl)
+        if self.fold > 1:
+            return (self.N, self.C * self.fold, 1, True, self.fold)
+        return (self.N, self.C, self.L, self.cl, 1)
+
+    def _folded(self, td):
+        ptr, s_k, s_n, s_c, s_l = td
+        return (ptr, s_k, s_n, s_l, 0)
 
     def td(self, t):
         """(ptr, sK, sN, sC, sL) for an element tensor, (0, ...) for None, None if it
@@ -160,7 +183,13 @@ class _Plan:
         if t is None:
             return (0, 0, 0, 0, 0)
         st = _strides(t.shape, t.stride(), t.dim() == self.ndim_batched, self.swap)
-        return None if st is None else (t.data_ptr(), *st)
+        if st is None:
+            return None
+        out = (t.data_ptr(), *st)
+        if self.fold == 1:
+            return out
+        assert st[2] == self.fold * st[3], "an output laid out unlike x"
+        return self._folded(out)
 
     def tds(self, *ts):
         out = [self.td(t) for t in ts]

@@ -43,6 +43,10 @@ SIZES = {
     "offset": (16, 5, 9, 13),      # x = 1e4 + N(0, 1): statistics without cancellation
     "long_rows": (2, 3, 4096 + 17),  # rows past one 4096-element run, ending in a short tail
     "big_cl": (4, 600, 5, 3),      # channels-last: two channel blocks, several row blocks
+    # NCHW with few values per (n, c), run as channels-last rows (Geom.fold in csrc):
+    "strided_fold": (2, 3, 5, 6),  # every other element: pass channels of stride 2
+    "big_fold": (64, 300, 4, 5),   # several channel blocks and row blocks
+    "few_rows_fold": (2, 700, 3),  # one row block: each thread's share of the channels
 }
 _CHANNELS_LAST = {"channels_last": torch.channels_last, "big_cl": torch.channels_last,
                   "channels_last_3d": torch.channels_last_3d}
@@ -56,7 +60,7 @@ def layout_x(name, gen, dtype, sizes=SIZES):
     x = torch.randn(*sizes[name], generator=gen, dtype=torch.float64)
     if name == "slice":
         x = x[:, 2:5]
-    elif name == "strided_l":
+    elif name in ("strided_l", "strided_fold"):
         x = x[..., ::2]
     elif name == "offset":
         x = 1e4 + x

@@ -31,8 +31,10 @@ def native(monkeypatch):
 
 
 LAYOUTS = ("nchw", "channels_last", "channels_last_3d", "2d", "3d", "slice", "strided_l", "c1",
-           "c1_2d")
-BIG = ("big_nchw", "many_rows", "wide_c", "long_rows", "big_cl")
+           "c1_2d", "strided_fold")
+BIG = ("big_nchw", "many_rows", "wide_c", "long_rows", "big_cl", "big_fold", "few_rows_fold")
+# Layouts the kernels run folded (few values per (n, c): csrc's Geom.fold).
+FOLDED = ("3d", "slice", "c1", "strided_fold", "big_fold", "few_rows_fold")
 # Small layouts at every dtype; the larger ones (multi-segment, multi-thread) at two.
 CASES = [(layout, dtype) for layout in LAYOUTS for dtype in DTYPES] + \
         [(layout, dtype) for layout in BIG for dtype in (torch.float32, torch.float16)]
@@ -78,6 +80,20 @@ def test_matches_reference(native, op, layout, dtype, act):
         ref = _call(reference, op, p, act)
         ref64 = _call(reference, op, _upcast(p), act) if dtype in HALF else ref
         _check(out, ref, ref64, dtype)
+
+
+@pytest.mark.parametrize("layout", FOLDED)
+def test_folding_is_taken_and_unfolded_runs_agree(native, monkeypatch, layout):
+    """Folded layouts run as channels-last pass channels; with folding off the NCHW
+    passes give the same values (up to summation order)."""
+    p = _problem(layout, torch.float64, None)
+    assert cpu._plan(p["x"]).fold == p["x"].shape[2:].numel()
+    folded = {op: _call(cpu, op, p, "relu") for op in OPS}
+    monkeypatch.setattr(cpu, "FOLD_MAX_L", 0)
+    assert cpu._plan(p["x"]).fold == 1
+    for op in OPS:
+        for a, b in zip(_tuple(folded[op]), _tuple(_call(cpu, op, p, "relu"))):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.fixture
