@@ -206,12 +206,12 @@ def accuracy_claim(runs):
     difference = bn - plain
     # The two accuracies' sampling noise on a test set of n samples, as if independent: both
     # nets see the same test set, so the paired error is smaller and this test conservative.
-    n = bn_eval.get("test_samples", math.nan)
+    n = bn_eval.get("test_samples") or math.nan
     error = math.sqrt((plain * (1 - plain) + bn * (1 - bn)) / n)
     if math.isnan(difference):
         verdict = "no data"
-    elif abs(difference) <= 2 * error:
-        verdict = "inconclusive"   # within the test set's noise either way
+    elif not abs(difference) > 2 * error:
+        verdict = "inconclusive"   # within the test set's noise, or no test set size
     else:
         verdict = "reproduced" if difference > 0 else "not reproduced"
     return {"id": "vgg_test_accuracy",

@@ -22,6 +22,7 @@ batch statistics, so both networks see the same y.
 import collections
 import copy
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -223,10 +224,13 @@ def theorem_4_2(curvature, model, plain_model, criterion, batch, bn, bn_name, pr
     fields take L as the paper's proof does: the loss as a function of the BN output z,
     at the z the BN network produces (gradient and Hessian w.r.t. z).
     """
-    bn_hessian = curvature.activation_hessian(model, criterion, batch, pre_name, bn_mode="train")
-    plain_hessian = curvature.activation_hessian(plain_model, criterion, batch, pre_name,
+    # [batch]: one batch, whatever its inputs are (a pair whose inputs are a tuple reads
+    # as a list of batches).
+    bn_hessian = curvature.activation_hessian(model, criterion, [batch], pre_name,
+                                              bn_mode="train")
+    plain_hessian = curvature.activation_hessian(plain_model, criterion, [batch], pre_name,
                                                  bn_mode="train")
-    output_hessian = curvature.activation_hessian(model, criterion, batch, bn_name,
+    output_hessian = curvature.activation_hessian(model, criterion, [batch], bn_name,
                                                   bn_mode="train")
     y = bn_hessian.activation.detach()
     g_bn, g_plain = bn_hessian.grad.detach(), plain_hessian.grad.detach()
@@ -293,9 +297,9 @@ def theory_checks(model, criterion, batch, *, channels=4, layers=None, lanczos_i
     layers (None: all) and their first `channels` channels; `lanczos_iterations` sets the
     PSD test of H_jj; `channels=0` turns the second-order checks off.
     """
-    if not (isinstance(channels, int) and channels >= 0):
+    if not (isinstance(channels, numbers.Integral) and channels >= 0):
         raise ValueError(f"channels must be a non-negative int, got {channels!r}")
-    if not (isinstance(lanczos_iterations, int) and lanczos_iterations >= 1):
+    if not (isinstance(lanczos_iterations, numbers.Integral) and lanczos_iterations >= 1):
         raise ValueError(f"lanczos_iterations must be a positive int, got "
                          f"{lanczos_iterations!r}")
     inputs, targets, _ = split_batch(savable(batch))

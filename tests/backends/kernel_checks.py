@@ -46,7 +46,7 @@ SIZES = {
     # NCHW with few values per (n, c), run as channels-last rows (Geom.fold in csrc):
     "strided_fold": (2, 3, 5, 6),  # every other element: pass channels of stride 2
     "big_fold": (64, 300, 4, 5),   # several channel blocks and row blocks
-    "few_rows_fold": (2, 700, 3),  # one row block: each thread's share of the channels
+    "few_rows_fold": (2, 700, 3),  # one row block (one thread: little work)
 }
 _CHANNELS_LAST = {"channels_last": torch.channels_last, "big_cl": torch.channels_last,
                   "channels_last_3d": torch.channels_last_3d}

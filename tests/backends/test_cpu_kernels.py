@@ -96,6 +96,30 @@ def test_folding_is_taken_and_unfolded_runs_agree(native, monkeypatch, layout):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(4, 20000, 3), (64, 300, 4, 5)], ids=str)
+def test_channels_last_threads_sum_their_channel_spans(native, shape):
+    """With few rows a thread's channels-last tasks reach a span of the channels, one
+    channel possibly split between two threads' spans (4 threads here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        gen = torch.Generator().manual_seed(11)
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        c = shape[1]
+        w, b = torch.randn(c, generator=gen, dtype=x.dtype), torch.randn(c, generator=gen,
+                                                                         dtype=x.dtype)
+        for got, want in zip(cpu.forward_train(x, w, b, 1e-5),
+                             reference.forward_train(x, w, b, 1e-5)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        mean, _, invstd = reference.statistics(x, 1e-5)
+        grad_y = torch.randn((3, *shape), generator=gen, dtype=x.dtype)
+        for got, want in zip(cpu.backward(grad_y, x, mean, invstd, w, b),
+                             reference.backward(grad_y, x, mean, invstd, w, b)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def stream_min_bytes():
     """Sets the output size from which the kernels stream (non-temporal stores)."""

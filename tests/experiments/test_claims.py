@@ -115,6 +115,9 @@ def test_accuracy_claim_needs_more_than_the_test_sets_noise():
     assert claims.accuracy_claim(runs(0.970, 0.974))["verdict"] == "inconclusive"
     assert claims.accuracy_claim(runs(0.974, 0.970))["verdict"] == "inconclusive"
     assert claims.accuracy_claim(runs(0.83, 0.80, n=10000))["verdict"] == "not reproduced"
+    # No test set size: no standard error, so no verdict beyond "inconclusive".
+    for n in (math.nan, 0):
+        assert claims.accuracy_claim(runs(0.80, 0.83, n=n))["verdict"] == "inconclusive"
 
 
 def test_the_loss_range_is_judged_on_the_papers_log_axis():

@@ -209,3 +209,27 @@ def test_rejects_bad_counts():
     for kwargs in ({"channels": -1}, {"channels": 1.5}, {"lanczos_iterations": 0}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             theory_checks(network(), nn.CrossEntropyLoss(), data(), **kwargs)
+
+
+class _TupleInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = network()
+
+    def forward(self, inputs):
+        first, second = inputs
+        return self.net(first + second)
+
+
+def test_a_batch_whose_inputs_are_a_tuple():
+    """The second-order checks read such a pair as a list of two batches."""
+    inputs, targets = data()
+    model, criterion = _TupleInputs(), nn.CrossEntropyLoss()
+    split = theory_checks(model, criterion, ((inputs / 2, inputs / 2), targets), channels=1,
+                          lanczos_iterations=3)
+    whole = theory_checks(model.net, criterion, (inputs, targets), channels=1,
+                          lanczos_iterations=3)
+    for name, checks in whole.items():
+        got = split["net." + name]["theorem_4_2"]["channels"][0]
+        for key, value in checks["theorem_4_2"]["channels"][0].items():
+            assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key

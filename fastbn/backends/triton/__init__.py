@@ -101,15 +101,15 @@ class Config:
 
     def check(self):
         """ValueError unless every set field is in range (checked at each launch too:
-        fields may be set in code)."""
+        fields may be set in code). 0, like None, leaves chunk, block_m, block_c and programs
+        to be derived; persist_max 0 forces the split path, max_chunks 0 one chunk."""
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None:
                 continue
-            least = 0 if f.name == "persist_max" else 1
-            if not isinstance(value, int) or value < least:
-                raise ValueError(f"fastbn Triton config: {f.name} must be an int of at "
-                                 f"least {least}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"fastbn Triton config: {f.name} must be a non-negative "
+                                 f"int, got {value!r}")
             if f.name in ("block_m", "block_c") and value & (value - 1):
                 raise ValueError(f"fastbn Triton config: {f.name} must be a power of two "
                                  f"(a Triton block), got {value}")
