@@ -12,6 +12,7 @@ import fastbn
 from fastbn.probes import (DEFAULT_MULTIPLIERS, SmoothnessProbe, gradient_step_probe,
                            top_hessian_eigenvalue)
 from fastbn.testing import run_processes
+from tests.probes.helpers import TupleInputs
 
 
 def tiny_model(torch_bn=True):
@@ -237,19 +238,9 @@ def test_without_a_process_group_a_synchronised_model_is_probed_on_the_local_bat
                 assert synchronised[key] == pytest.approx(local[key], rel=1e-10), key
 
 
-class _TupleInputs(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = tiny_model()
-
-    def forward(self, inputs):
-        first, second = inputs
-        return self.net(first + second)
-
-
 def test_a_batch_whose_inputs_are_a_tuple():
     inputs, targets = batch()
-    model, criterion = _TupleInputs(), nn.CrossEntropyLoss()
+    model, criterion = TupleInputs(tiny_model()), nn.CrossEntropyLoss()
     split = ((inputs / 2, inputs / 2), targets)
     assert (gradient_step_probe(model, criterion, split, 0.1)["loss"]
             == pytest.approx(gradient_step_probe(model.net, criterion, batch(), 0.1)["loss"]))

@@ -8,6 +8,7 @@ from torch import nn
 import fastbn
 from fastbn.probes import theory
 from fastbn.probes.theory import pre_batch_norm_layers, theory_checks, without_layer
+from tests.probes.helpers import TupleInputs
 
 
 
@@ -211,20 +212,10 @@ def test_rejects_bad_counts():
             theory_checks(network(), nn.CrossEntropyLoss(), data(), **kwargs)
 
 
-class _TupleInputs(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = network()
-
-    def forward(self, inputs):
-        first, second = inputs
-        return self.net(first + second)
-
-
 def test_a_batch_whose_inputs_are_a_tuple():
     """The second-order checks read such a pair as a list of two batches."""
     inputs, targets = data()
-    model, criterion = _TupleInputs(), nn.CrossEntropyLoss()
+    model, criterion = TupleInputs(network()), nn.CrossEntropyLoss()
     split = theory_checks(model, criterion, ((inputs / 2, inputs / 2), targets), channels=1,
                           lanczos_iterations=3)
     whole = theory_checks(model.net, criterion, (inputs, targets), channels=1,
