@@ -547,13 +547,10 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
               const A* f = facc.data() + j * SEG;
               const auto [lo, hi] = span[t];
               double* o = thread_part[t].data() + kj * (hi - lo);
-              if (g.fold == 1) {
-                for (int64_t c = c0; c < c1; ++c) o[c - lo] += double(f[c - c0]);
-              } else {  // pass channel c belongs to channel c / fold: no division per c
-                for (int64_t c = c0, ch = c0 / g.fold, l = c0 % g.fold; c < c1; ++c) {
-                  o[ch - lo] += double(f[c - c0]);
-                  if (++l == g.fold) l = 0, ++ch;
-                }
+              // Pass channel c belongs to channel c / fold: counted, not divided per c.
+              for (int64_t c = c0, ch = c0 / g.fold, l = c0 % g.fold; c < c1; ++c) {
+                o[ch - lo] += double(f[c - c0]);
+                if (++l == g.fold) l = 0, ++ch;
               }
             } else {
               for (int64_t c = c0; c < c1; ++c) {
