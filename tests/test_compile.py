@@ -30,6 +30,24 @@ def test_compiled_training_step_matches_eager():
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_cumulative_average_with_a_backward_each_step():
+    # momentum=None blends with 1/n, a float that changes every step: inductor once kept
+    # a stale value of it from the third step on (torch's layer was right).
+    torch.manual_seed(0)
+    layers = [fastbn.BatchNorm2d(2, momentum=None).double(),
+              nn.BatchNorm2d(2, momentum=None).double()]
+    compiled = [torch.compile(layer) for layer in layers]
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    for _ in range(4):
+        for model in compiled:
+            model(x.clone().requires_grad_()).sum().backward()
+    ours, stock = layers
+    torch.testing.assert_close(ours.running_mean, x.mean((0, 2, 3)))
+    torch.testing.assert_close(ours.running_mean, stock.running_mean)
+    torch.testing.assert_close(ours.running_var, stock.running_var)
+    assert ours.num_batches_tracked == stock.num_batches_tracked == 4
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_compiled_bias_changed_in_place_before_the_backward(training, activation):

@@ -144,10 +144,12 @@ def _update_in_place(running_mean, update):
 
 def blend_running_stats(running_mean, running_var, mean, unbiased_var, momentum):
     """running = (1 - momentum) * running + momentum * batch."""
+    # The product is taken before add_, not as its alpha: inductor bakes a traced float
+    # alpha in at the first recompile (a momentum that changes between steps, as with
+    # momentum=None, then blended with a stale value from the third step on).
     def blend():
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype),
-                                            alpha=momentum)
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype) * momentum)
+        running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype) * momentum)
     _update_in_place(running_mean, blend)
 
 
