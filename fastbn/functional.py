@@ -85,14 +85,24 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
     check_activation(activation)
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
-    if not input.is_floating_point():
-        name = _SCALAR_TYPE_NAMES.get(input.dtype, str(input.dtype).removeprefix("torch."))
-        raise NotImplementedError(f'"batch_norm" not implemented for \'{name}\'')
     if not isinstance(training, bool):
         raise TypeError("batch_norm(): argument 'training' (position 6) must be bool, not "
                         f"{_type_name(training)}")
     if input.dim() < 2:
         raise ValueError(f"expected 2D or higher input (got {input.dim()}D input)")
+    # torch checks the batch size and eps in Python, before its kernel's checks.
+    if training and not synchronized:
+        values = input.shape[0] * math.prod(input.shape[2:])
+        if values == 1:
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {input.size()}")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if not input.is_floating_point():
+        name = _SCALAR_TYPE_NAMES.get(input.dtype, str(input.dtype).removeprefix("torch."))
+        raise NotImplementedError(f'"batch_norm" not implemented for \'{name}\'')
     channels = input.shape[1]
     allowed, set_by = _allowed_param_dtypes(input.dtype), None
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
@@ -140,15 +150,6 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
             if t is None:
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    if training and not synchronized:
-        values = input.shape[0] * math.prod(input.shape[2:])
-        if values == 1:
-            raise ValueError("Expected more than 1 value per channel when training, "
-                             f"got input size {input.size()}")
 
 
 def _param(t, channels, like, fill):

@@ -309,6 +309,11 @@ def test_autograd_function_only_where_something_differentiates(monkeypatch, trai
     (torch.randn(2, 3), False, False, 1e-5),
     (torch.randn(2, 3), True, True, 0.0),
     (torch.randn(2, 3), True, False, -1.0),
+    # Two faults: torch's batch-size and eps checks come before its kernel's.
+    (torch.randn(1, 5), True, True, 1e-5),
+    (torch.ones(1, 3, dtype=torch.int64), True, True, 1e-5),
+    (torch.randn(3, 5), True, True, 0.0),
+    (torch.randn(3, 5, dtype=torch.float64), True, False, -1.0),
 ], ids=str)
 def test_errors_in_torchs_words(x, with_var, training, eps):
     def raised(batch_norm):

@@ -298,6 +298,12 @@ def test_jit_trace_records_the_batch_norm(backend, training, grad):
         torch.testing.assert_close(got, want)
 
 
+def test_fx_symbolic_trace_of_a_layer_alone_is_torchs_trace_error():
+    for layer in (nn.BatchNorm2d(3), fastbn.BatchNorm2d(3)):
+        with pytest.raises(torch.fx.proxy.TraceError):
+            torch.fx.symbolic_trace(layer)
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_fx_symbolic_trace_records_each_layer_once(training):
     # Hooks run once, as in eager mode; the graph runs each batch norm's own forward.

@@ -64,7 +64,14 @@ class _FastBatchNorm:
             # graph calls the forward alone, on the layer itself (its training flag and
             # statistics as they are when the graph runs), not the layer with its hooks.
             tracer = input.tracer
-            layer = tracer.create_proxy("get_attr", tracer.path_of_module(self), (), {})
+            path = tracer.path_of_module(self)
+            if not path:
+                # The layer is the traced root: a graph cannot hold its own root (torch's
+                # layer fails here too, on its control flow).
+                raise torch.fx.proxy.TraceError(
+                    f"fastbn.{type(self).__name__} cannot be the root of torch.fx."
+                    "symbolic_trace; trace a module that contains it")
+            layer = tracer.create_proxy("get_attr", path, (), {})
             return tracer.create_proxy("call_function", _layer_forward, (layer, input), {})
         self._check_input(input)
         # Each parameter and buffer read once: nn.Module's attribute fallback costs
