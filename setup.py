@@ -95,7 +95,9 @@ def extensions():
         include_dirs=["csrc"],
         libraries=["dl"] if sys.platform.startswith("linux") else [],  # dlsym, glibc < 2.34
         cxx_std=17,
-        extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math",
+        # -ffp-contract=off: each product rounds as written, wherever the compiler inlines
+        # an element loop, so the two schedules of a kernel's passes give the same bits.
+        extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
                             "-fopenmp-simd"]  # honours `omp simd` loops, no OpenMP runtime
         # Tune for the building CPU only on a local source build with gcc/clang on Linux;
         # FASTBN_PORTABLE=1 (wheels, clusters with mixed CPUs) keeps the baseline ISA.

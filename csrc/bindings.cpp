@@ -53,7 +53,8 @@ PYBIND11_MODULE(_C, m) {
                   std::to_string(fastbn::stream_min_bytes()) + " bytes"
             : "plain stores (no non-temporal stores on this ISA)";
     return std::string("compiler ") + __VERSION__ + ", " + isa + ", threads: " +
-           fastbn::threading() + ", " + stores;
+           fastbn::threading() + ", " + stores + ", NCHW passes back to back for blocks of " +
+           "up to " + std::to_string(fastbn::fuse_max_bytes()) + " input bytes";
   });
   m.def("stream_min_bytes", &fastbn::stream_min_bytes,
         "The output size (bytes) from which the kernels use non-temporal stores.");
@@ -62,6 +63,23 @@ PYBIND11_MODULE(_C, m) {
         "default, FASTBN_STREAM_MIN_BYTES or half the last-level cache, counted as 32 MiB "
         "at most). Returns the "
         "previous setting.");
+
+  m.def("fuse_max_bytes", &fastbn::fuse_max_bytes,
+        "The input bytes an NCHW channel block may hold for its two passes to run back "
+        "to back (its second pass reading them from L2); 0: never.");
+  m.def("set_fuse_max_bytes", &fastbn::set_fuse_max_bytes, py::arg("bytes"),
+        "Sets fuse_max_bytes (-1: the default, FASTBN_FUSE_MAX_BYTES or half the L2 "
+        "cache). Returns the previous setting.");
+  m.attr("FUSE_MIN_RUN") = fastbn::FUSE_MIN_RUN;
+  m.def("fused_block",
+        [](const GeomArg& g, int nth, int64_t K, int64_t bytes_per_value) {
+          const fastbn::Geom gm = geom(g);
+          const int T = fastbn::threads_for(gm, K, nth, gm.channels());
+          return fastbn::fused_block(gm, T, K, bytes_per_value);
+        },
+        py::arg("geom"), py::arg("nth"), py::arg("K"), py::arg("bytes_per_value"),
+        "Channels per block where a kernel's two passes run back to back on this geometry "
+        "(inputs of bytes_per_value bytes per value, all problems), 0 where they run whole.");
 
   m.def("forward_train",
         [](int dtype, const GeomArg& g, int nth, const TDArg& x, const TDArg& y, uintptr_t w,

@@ -1,5 +1,5 @@
 // backward: one pass for sum(g) and sum(g * xhat) per (problem, channel), one pass for
-// grad_x; a task's x stays in L2 while its K cotangents pass (common.h).
+// grad_x (reduce_map in common.h).
 #include "cpu/ops.h"
 
 namespace fastbn {
@@ -18,38 +18,44 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
   when(unit_runs<CL>({x, dy, dx}), [&](auto unit) {
     constexpr bool U = decltype(unit)::value;
     using P = Prim<T, A, CL, RELU, U>;
-    reduce_pass<A, CL, 2>(g, nth, K, sums.data(), [&](const Seg& s, int64_t k,
-                                                      const Acc<A, CL, 2>& acc) {
-      const P pr(x, s, st);
-      const auto d = src<T, CL, U>(dy, s, k);
-      acc.add(s.n, [&](int64_t i, A(&v)[2]) {
-        const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
-        v[0] = gv;
-        v[1] = gv * xh;
-      });
-    });
-    // grad_x = w * invstd * (g - sum(g) / M - xhat * sum(g xhat) / M)
-    for (int64_t c = 0; c < C; ++c) cg[c] = A(double(w[c]) * invstd[c]);
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t c = 0; c < C; ++c) {
-        const double sg = sums[(2 * k) * C + c], sgx = sums[(2 * k + 1) * C + c];
-        gb[k * C + c] = A(sg);
-        gw[k * C + c] = A(sgx);
-        cx[k * C + c] = A(-double(cg[c]) * sgx / M);
-        c0[k * C + c] = A(-double(cg[c]) * sg / M);
-      }
-    const PassArray<A> pcg(g, cg.data()), pcx(g, cx.data(), K), pc0(g, c0.data(), K);
-    map_pass<CL>(g, nth, K, [&](const Seg& s, int64_t k) {
-      const P pr(x, s, st);
-      const auto d = src<T, CL, U>(dy, s, k);
-      const auto o = dst<T, CL, U>(dx, s, k);
-      const Chan<CL, A> a(pcg.get(), s.c), bx(pcx.get() + k * g.C, s.c),
-          b0(pc0.get() + k * g.C, s.c);
-      each(s.n, [&](int64_t i) {
-        const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
-        o.put(i, a[i] * gv + bx[i] * xh + b0[i]);
-      });
-    });
+    reduce_map<A, CL, 2>(
+        g, nth, K, input_bytes<T>(K, {x, dy}), true, sums.data(),
+        [&](const Seg& s, int64_t k, const Acc<A, CL, 2>& acc) {
+          const P pr(x, s, st);
+          const auto d = src<T, CL, U>(dy, s, k);
+          acc.add(s.n, [&](int64_t i, A(&v)[2]) {
+            const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
+            v[0] = gv;
+            v[1] = gv * xh;
+          });
+        },
+        // grad_x = w * invstd * (g - sum(g) / M - xhat * sum(g xhat) / M)
+        [&](int64_t lo, int64_t hi, int) {
+          for (int64_t c = lo; c < hi; ++c) cg[c] = A(double(w[c]) * invstd[c]);
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t c = lo; c < hi; ++c) {
+              const double sg = sums[(2 * k) * C + c], sgx = sums[(2 * k + 1) * C + c];
+              gb[k * C + c] = A(sg);
+              gw[k * C + c] = A(sgx);
+              cx[k * C + c] = A(-double(cg[c]) * sgx / M);
+              c0[k * C + c] = A(-double(cg[c]) * sg / M);
+            }
+          return false;
+        },
+        [&] {
+          return [&, pcg = PassArray<A>(g, cg.data()), pcx = PassArray<A>(g, cx.data(), K),
+                  pc0 = PassArray<A>(g, c0.data(), K)](const Seg& s, int64_t k) {
+            const P pr(x, s, st);
+            const auto d = src<T, CL, U>(dy, s, k);
+            const auto o = dst<T, CL, U>(dx, s, k);
+            const Chan<CL, A> a(pcg.get(), s.c), bx(pcx.get() + k * g.C, s.c),
+                b0(pc0.get() + k * g.C, s.c);
+            each(s.n, [&](int64_t i) {
+              const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
+              o.put(i, a[i] * gv + bx[i] * xh + b0[i]);
+            });
+          };
+        });
   });
 }
 

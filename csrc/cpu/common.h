@@ -171,6 +171,11 @@ class PassArray {
         std::fill_n(copy_.data() + r * g.C + c * g.fold, g.fold, values[r * C + c]);
     p_ = copy_.data();
   }
+  // Moves keep the buffer p_ points into; a copy would point into the original's.
+  PassArray(PassArray&&) = default;
+  PassArray& operator=(PassArray&&) = default;
+  PassArray(const PassArray&) = delete;
+  PassArray& operator=(const PassArray&) = delete;
   const A* get() const { return p_; }
 
  private:
@@ -506,6 +511,39 @@ inline std::pair<int64_t, int64_t> channel_span(const Geom& g, int64_t t0, int64
   return {lo / g.fold, (hi - 1) / g.fold + 1};
 }
 
+// NCHW: adds the NS sums of problem k over rows [n0, n1) of channels [c0, c1) to
+// part[(k * NS + j) * stride + (c - c0)], through float lanes ([c][NS][W]) that go to
+// double before a channel's lanes take more than RUN elements. A channel's sums do not
+// depend on the other channels of the call (its own lanes; every channel takes the same
+// runs, so each flushes where it alone would), so any split of a unit's channels gives
+// the same bits.
+template <class A, int NS, class F>
+void nchw_sums(const Geom& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1, int64_t k,
+               A* lanes, int64_t* pending, double* part, int64_t stride, F& fn) {
+  using Ac = Acc<A, false, NS>;
+  auto flush = [&] {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t used = std::min(pending[c - c0], Ac::W);
+      for (int j = 0; j < NS; ++j) {
+        A* f = lanes + ((c - c0) * NS + j) * Ac::W;
+        part[(k * NS + j) * stride + (c - c0)] += lane_sum<Ac::W>(f, used);
+        std::fill(f, f + used, A(0));  // a unit of few elements: clear only those
+      }
+      pending[c - c0] = 0;
+    }
+  };
+  for (int64_t nn = n0; nn < n1; ++nn)
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t l = 0; l < g.L; l += RUN) {
+        const Seg s{nn, c, l, std::min(RUN, g.L - l)};
+        if (pending[c - c0] + s.n > RUN) flush();
+        const int64_t first = pending[c - c0] % Ac::W;
+        pending[c - c0] += s.n;
+        fn(s, k, Ac{lanes + (c - c0) * NS * Ac::W, first});
+      }
+  flush();
+}
+
 // Both passes do a task one problem k at a time: x and the inputs shared by the K
 // problems (64 KiB a task) come back from L2 for each k, and only the few streams of one
 // problem are live at once, which the hardware prefetchers follow; interleaving the K
@@ -531,49 +569,41 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
   std::vector<std::pair<int64_t, int64_t>> span(CL ? T : 0);
   parallel_run(T, [&](int t) {
     std::vector<A> facc(fsize, A(0));
-    std::vector<int64_t> pending(CL ? 0 : G.cb);  // NCHW: elements in each channel's lanes
     if constexpr (CL) {
       span[t] = channel_span(g, nt * t / T, nt * (t + 1) / T);
       thread_part[t].assign(size_t(KS) * (span[t].second - span[t].first), 0.0);
+    } else {
+      std::vector<int64_t> pending(G.cb, 0);  // elements in each channel's lanes
+      for (int64_t task = nt * t / T; task < nt * (t + 1) / T; ++task) {
+        const int64_t c0 = G.c0(task), n0 = G.n0(task);
+        for (int64_t k = 0; k < K; ++k)
+          nchw_sums<A, NS>(g, c0, std::min(C, c0 + G.cb), n0, std::min(g.N, n0 + G.R), k,
+                           facc.data(), pending.data(),
+                           part.data() + size_t(task) * KS * G.cb, G.cb, fn);
+      }
+      return;
     }
     for (int64_t task = nt * t / T; task < nt * (t + 1) / T; ++task)
       for (int64_t k = 0; k < K; ++k) {
         int64_t c0 = -1, c1 = 0;
         // Float partials of problem k to double, and reset.
         auto flush = [&] {
+          const auto [lo, hi] = span[t];
           for (int j = 0; j < NS; ++j) {
-            const int64_t kj = k * NS + j;
-            if constexpr (CL) {
-              const A* f = facc.data() + j * SEG;
-              const auto [lo, hi] = span[t];
-              double* o = thread_part[t].data() + kj * (hi - lo);
-              // Pass channel c belongs to channel c / fold: counted, not divided per c.
-              for (int64_t c = c0, ch = c0 / g.fold, l = c0 % g.fold; c < c1; ++c) {
-                o[ch - lo] += double(f[c - c0]);
-                if (++l == g.fold) l = 0, ++ch;
-              }
-            } else {
-              for (int64_t c = c0; c < c1; ++c) {
-                A* f = facc.data() + ((c - c0) * NS + j) * Ac::W;
-                const int64_t used = std::min(pending[c - c0], Ac::W);
-                part[(size_t(task) * KS + kj) * G.cb + (c - c0)] += lane_sum<Ac::W>(f, used);
-                std::fill(f, f + used, A(0));   // a unit of few elements: clear only those
-              }
+            const A* f = facc.data() + j * SEG;
+            double* o = thread_part[t].data() + (k * NS + j) * (hi - lo);
+            // Pass channel c belongs to channel c / fold: counted, not divided per c.
+            for (int64_t c = c0, ch = c0 / g.fold, l = c0 % g.fold; c < c1; ++c) {
+              o[ch - lo] += double(f[c - c0]);
+              if (++l == g.fold) l = 0, ++ch;
             }
           }
-          if constexpr (CL) std::fill(facc.begin(), facc.end(), A(0));
-          std::fill(pending.begin(), pending.end(), 0);
+          std::fill(facc.begin(), facc.end(), A(0));
         };
         task_runs<CL>(g, task, [&](const Seg& s) {
           if (c0 < 0) c0 = s.c;
-          c1 = std::max(c1, CL ? s.c + s.n : s.c + 1);
-          int64_t first = 0;
-          if constexpr (!CL) {
-            if (pending[s.c - c0] + s.n > RUN) flush();
-            first = pending[s.c - c0] % Ac::W;
-            pending[s.c - c0] += s.n;
-          }
-          fn(s, k, Ac{facc.data() + (CL ? 0 : (s.c - c0) * NS * Ac::W), first});
+          c1 = std::max(c1, s.c + s.n);
+          fn(s, k, Ac{facc.data(), 0});
         });
         flush();
       }
@@ -596,6 +626,14 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
   }
 }
 
+// Runs of equal length (a multiple of 16) up to MAP_RUN over n elements of an NCHW row,
+// for the elementwise pass: a short last run would be written in place between streamed
+// ones (see Dst), which cost a 3136-element row 10-20% more than streaming it all.
+inline int64_t map_run_length(int64_t n) {
+  const int64_t parts = (n + MAP_RUN - 1) / MAP_RUN;
+  return ((n + parts - 1) / parts + 15) / 16 * 16;
+}
+
 // Elementwise pass: fn(seg, k) for every run and problem. Any split of the runs gives the
 // same bits, so NCHW tasks are stretches of whole rows of about UNIT_ELEMS elements in
 // (n, c) order, or UNIT_ELEMS-long pieces of longer rows: one forward sweep of memory.
@@ -610,14 +648,7 @@ void map_pass(const Geom& g, int nth, int64_t K, F&& fn) {
   const int64_t pieces = (L + UNIT_ELEMS - 1) / UNIT_ELEMS;   // tasks per row
   const int64_t nt = CL ? num_tasks(g) : pieces > 1 ? runs * pieces : (runs + per - 1) / per;
   const int T = threads_for(g, K, nth, nt);
-  // Runs of equal length (a multiple of 16) up to MAP_RUN over n elements: a short last
-  // run would be written in place between streamed ones (see Dst), which cost a
-  // 3136-element row 10-20% more than streaming it all.
-  auto run_length = [](int64_t n) {
-    const int64_t parts = (n + MAP_RUN - 1) / MAP_RUN;
-    return ((n + parts - 1) / parts + 15) / 16 * 16;
-  };
-  const int64_t row_run = run_length(L);  // whole rows: once, not per row
+  const int64_t row_run = map_run_length(L);  // whole rows: once, not per row
   auto row = [&](int64_t nn, int64_t c, int64_t l0, int64_t l1, int64_t len, int64_t k) {
     for (int64_t l = l0; l < l1; l += len) fn(Seg{nn, c, l, std::min(len, l1 - l)}, k);
   };
@@ -629,7 +660,7 @@ void map_pass(const Geom& g, int nth, int64_t K, F&& fn) {
         } else if (pieces > 1) {
           const int64_t r = task / pieces, l0 = task % pieces * UNIT_ELEMS;
           const int64_t l1 = std::min(g.L, l0 + UNIT_ELEMS);
-          row(r / g.C, r % g.C, l0, l1, run_length(l1 - l0), k);
+          row(r / g.C, r % g.C, l0, l1, map_run_length(l1 - l0), k);
         } else {
           const int64_t r0 = task * per, r1 = std::min(runs, r0 + per);
           for (int64_t r = r0, nn = r0 / g.C, c = r0 % g.C; r < r1; ++r) {
@@ -640,6 +671,106 @@ void map_pass(const Geom& g, int nth, int64_t K, F&& fn) {
       }
     store_fence();
   });
+}
+
+// ---- reduction, per-channel coefficients, elementwise pass -----------------------------
+
+// The bytes of element inputs an NCHW channel block may hold for its elementwise pass to
+// read them back from L2 (reduce_map); 0: never. Process-wide (caches.cpp); set_ returns
+// the old setting.
+int64_t fuse_max_bytes();
+int64_t set_fuse_max_bytes(int64_t bytes);
+
+// Bytes per (n, c, l) value of element inputs that both passes read: x and the others,
+// K-batched ones K times.
+template <class T>
+inline int64_t input_bytes(int64_t K, std::initializer_list<TD> inputs) {
+  int64_t bytes = 0;
+  for (const TD& t : inputs)
+    if (t.ptr) bytes += int64_t(sizeof(T)) * (t.sK ? K : 1);
+  return bytes;
+}
+
+// Min contiguous elements a fused block reads per row (a 4 KiB page of floats): shorter
+// stretches between jumps of C * L elements left the prefetchers behind (7x7 planes in
+// blocks of 13-20 channels: up to 12% slower than the whole passes).
+constexpr int64_t FUSE_MIN_RUN = 1024;
+
+// Channels per fused NCHW block, or 0 where the passes run whole: channels-last rows, K
+// problems (the whole passes keep a unit's x in L2 across them; fused blocks of a K = 8
+// jvp ran up to 17% slower), a channel's inputs beyond fuse_max_bytes(), fewer channels
+// than threads, blocks too narrow for the prefetchers.
+inline int64_t fused_block(const Geom& g, int T, int64_t K, int64_t bytes_per_value) {
+  const int64_t budget = fuse_max_bytes();
+  const int64_t per_channel = g.N * g.L * bytes_per_value;
+  if (g.cl || g.fold != 1 || K != 1 || budget <= 0 || per_channel > budget || g.C < T)
+    return 0;
+  const int64_t cs = std::max<int64_t>(1, std::min(budget / per_channel, (g.C + T - 1) / T));
+  return cs * g.L >= FUSE_MIN_RUN || cs == g.C ? cs : 0;
+}
+
+// A kernel's two passes with the per-channel step between them: reduce(seg, k, Acc) adds
+// the sums (reduce_pass) into out; finish(c0, c1, attempt) turns those of channels [c0, c1)
+// into the elementwise pass's coefficients, returning true to have that reduction run
+// once more (attempt 0 only); make_map() gives the elementwise fn(seg, k) (map_pass).
+//
+// NCHW blocks (K = 1) whose inputs fit in L2 run both passes back to back on one thread, the
+// second reading its inputs from L2 instead of memory (a separate second pass re-read
+// 32x64x56x56 from memory: backward 2.6x a copy, 2.1x fused). A block's sums are those
+// of reduce_pass bit for bit: the grid's rows per unit, the units added in row order
+// (nchw_sums). Without `reduce_needed` (no sums) the coefficients come from zero sums.
+template <class A, bool CL, int NS, class R, class Fin, class MakeMap>
+void reduce_map(const Geom& g, int nth, int64_t K, int64_t bytes_per_value, bool reduce_needed,
+                double* out, R&& reduce, Fin&& finish, MakeMap&& make_map) {
+  const int64_t C = g.channels(), KS = K * NS;
+  const int T = threads_for(g, K, nth, C);
+  const int64_t cs = reduce_needed ? fused_block(g, T, K, bytes_per_value) : 0;
+  if constexpr (!CL) {
+    if (cs > 0) {
+      using Ac = Acc<A, false, NS>;
+      const Grid G = nchw_grid(g);
+      const int64_t blocks = (C + cs - 1) / cs, live = std::min(cs, G.cb);
+      const int64_t row_run = map_run_length(g.L);
+      auto map = make_map();
+      parallel_run(T, [&](int t) {
+        std::vector<A> lanes(live * NS * Ac::W, A(0));
+        std::vector<int64_t> pending(live, 0);
+        std::vector<double> unit(KS * live);
+        for (int64_t blk = blocks * t / T; blk < blocks * (t + 1) / T; ++blk) {
+          const int64_t b0 = blk * cs, b1 = std::min(C, b0 + cs);
+          for (int attempt = 0;; ++attempt) {
+            for (int64_t kj = 0; kj < KS; ++kj)
+              std::fill(out + kj * C + b0, out + kj * C + b1, 0.0);
+            for (int64_t c0 = b0; c0 < b1; c0 += live) {
+              const int64_t c1 = std::min(b1, c0 + live);
+              for (int64_t n0 = 0; n0 < g.N; n0 += G.R) {
+                std::fill(unit.begin(), unit.end(), 0.0);
+                for (int64_t k = 0; k < K; ++k)
+                  nchw_sums<A, NS>(g, c0, c1, n0, std::min(g.N, n0 + G.R), k, lanes.data(),
+                                   pending.data(), unit.data(), live, reduce);
+                for (int64_t kj = 0; kj < KS; ++kj)
+                  for (int64_t c = c0; c < c1; ++c) out[kj * C + c] += unit[kj * live + (c - c0)];
+              }
+            }
+            if (!finish(b0, b1, attempt) || attempt > 0) break;
+          }
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t nn = 0; nn < g.N; ++nn)
+              for (int64_t c = b0; c < b1; ++c)
+                for (int64_t l = 0; l < g.L; l += row_run)
+                  map(Seg{nn, c, l, std::min(row_run, g.L - l)}, k);
+        }
+        store_fence();
+      });
+      return;
+    }
+  }
+  if (reduce_needed) reduce_pass<A, CL, NS>(g, nth, K, out, reduce);
+  if (finish(int64_t(0), C, 0) && reduce_needed) {
+    reduce_pass<A, CL, NS>(g, nth, K, out, reduce);
+    finish(int64_t(0), C, 1);
+  }
+  map_pass<CL>(g, nth, K, make_map());
 }
 
 // ---- dispatch --------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 // Second-order kernels: backward_backward (VJP of backward) and backward_jvp (JVP of
 // backward). Each is one reduction pass for the per-(problem, channel) sums and one
 // elementwise pass that is a per-channel linear combination of the element inputs and
-// xhat; a task's x stays in L2 while its K problems pass (common.h). Formulas:
+// xhat (reduce_map in common.h). Formulas:
 // reference.py, expanded.
 #include "cpu/ops.h"
 
@@ -24,70 +24,74 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
     when(ggx.ptr != 0, [&](auto has_a) {
       constexpr bool U = decltype(unit)::value, HA = decltype(has_a)::value;
       using P = Prim<T, A, CL, RELU, U>;
-      if (HA || ggw) {
-        reduce_pass<A, CL, NS>(g, nth, K, sums.data(), [&](const Seg& s, int64_t k,
-                                                           const Acc<A, CL, NS>& acc) {
-          const P pr(x, s, st);
-          const auto d = src<T, CL, U>(dy, s, k);
-          const auto a = src<T, CL, U>(ggx, s, k);
-          acc.add(s.n, [&](int64_t i, A(&v)[NS]) {
-            const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
-            const A av = HA ? a.template at<A>(i) : A(0);
-            v[0] = gv;
-            v[1] = gv * xh;
-            v[2] = av;
-            v[3] = av * xh;
-            v[4] = HA ? av * gv : A(0);
-          });
-        });
-      }
       // g_grad_y = mask * (ya * a + yx * xhat + y0);  g_x = xa * a + xg * g + xx * xhat + x0
       // Terms of an absent input are left out, not multiplied by 0: a non-finite x or
       // grad_y would make them NaN where the reference has nothing. g and xhat enter only
       // through gg_x and gg_weight (`uses_g`).
       const bool uses_g = HA || ggw;
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t c = 0; c < C; ++c) {
-          const double* sk = sums.data() + k * NS * C + c;
-          const double gm = sk[0] / M, gxm = sk[C] / M, am = sk[2 * C] / M,
-                       axm = sk[3 * C] / M;
-          // sum a (g - ...)
-          const double adc = HA ? sk[4 * C] - gm * sk[2 * C] - gxm * sk[3 * C] : 0.0;
-          const double r = invstd[c], wc = w[c], wr = wc * r, wr2 = wr * r;
-          const double al = ggw ? double(ggw[k * C + c]) : 0.0;
-          const double be = ggb ? double(ggb[k * C + c]) : 0.0;
-          const double by_a = HA ? 2 * wr2 * gxm * axm - r * r / M * wc * adc : 0.0;
-          const double by_w = ggw ? -r * al * gxm : 0.0;
-          const int64_t i = k * C + c;
-          ya[i] = A(HA ? wr : 0.0);
-          yx[i] = A((ggw ? al : 0.0) - (HA ? wr * axm : 0.0));
-          y0[i] = A((ggb ? be : 0.0) - (HA ? wr * am : 0.0));
-          xa[i] = A(HA ? -wr2 * gxm : 0.0);
-          xg[i] = A((HA ? -wr2 * axm : 0.0) + (ggw ? r * al : 0.0));
-          xx[i] = A(by_a + by_w);
-          x0[i] = A((HA ? wr2 * (gxm * am + axm * gm) : 0.0) - (ggw ? r * al * gm : 0.0));
-          out_gw[i] = A(HA ? r * adc : 0.0);
-        }
-      const PassArray<A> pya(g, ya.data(), K), pyx(g, yx.data(), K), py0(g, y0.data(), K),
-          pxa(g, xa.data(), K), pxg(g, xg.data(), K), pxx(g, xx.data(), K),
-          px0(g, x0.data(), K);
-      map_pass<CL>(g, nth, K, [&](const Seg& s, int64_t k) {
-        const P pr(x, s, st);
-        const auto d = src<T, CL, U>(dy, s, k);
-        const auto a = src<T, CL, U>(ggx, s, k);
-        const auto o1 = dst<T, CL, U>(out_gdy, s, k);
-        const auto o2 = dst<T, CL, U>(out_gx, s, k);
-        const int64_t o = k * g.C;
-        const Chan<CL, A> cya(pya.get() + o, s.c), cyx(pyx.get() + o, s.c),
-            cy0(py0.get() + o, s.c), cxa(pxa.get() + o, s.c), cxg(pxg.get() + o, s.c),
-            cxx(pxx.get() + o, s.c), cx0(px0.get() + o, s.c);
-        each(s.n, [&](int64_t i) {
-          const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
-          const A av = HA ? a.template at<A>(i) : A(0), xu = and_mask(uses_g, xh);
-          o1.put(i, pr.keep(i, xh, cya[i] * av + cyx[i] * xu + cy0[i]));
-          o2.put(i, cxa[i] * av + cxg[i] * and_mask(uses_g, gv) + cxx[i] * xu + cx0[i]);
-        });
-      });
+      reduce_map<A, CL, NS>(
+          g, nth, K, input_bytes<T>(K, {x, dy, ggx}), uses_g, sums.data(),
+          [&](const Seg& s, int64_t k, const Acc<A, CL, NS>& acc) {
+            const P pr(x, s, st);
+            const auto d = src<T, CL, U>(dy, s, k);
+            const auto a = src<T, CL, U>(ggx, s, k);
+            acc.add(s.n, [&](int64_t i, A(&v)[NS]) {
+              const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
+              const A av = HA ? a.template at<A>(i) : A(0);
+              v[0] = gv;
+              v[1] = gv * xh;
+              v[2] = av;
+              v[3] = av * xh;
+              v[4] = HA ? av * gv : A(0);
+            });
+          },
+          [&](int64_t lo, int64_t hi, int) {
+            for (int64_t k = 0; k < K; ++k)
+              for (int64_t c = lo; c < hi; ++c) {
+                const double* sk = sums.data() + k * NS * C + c;
+                const double gm = sk[0] / M, gxm = sk[C] / M, am = sk[2 * C] / M,
+                             axm = sk[3 * C] / M;
+                // sum a (g - ...)
+                const double adc = HA ? sk[4 * C] - gm * sk[2 * C] - gxm * sk[3 * C] : 0.0;
+                const double r = invstd[c], wc = w[c], wr = wc * r, wr2 = wr * r;
+                const double al = ggw ? double(ggw[k * C + c]) : 0.0;
+                const double be = ggb ? double(ggb[k * C + c]) : 0.0;
+                const double by_a = HA ? 2 * wr2 * gxm * axm - r * r / M * wc * adc : 0.0;
+                const double by_w = ggw ? -r * al * gxm : 0.0;
+                const int64_t i = k * C + c;
+                ya[i] = A(HA ? wr : 0.0);
+                yx[i] = A((ggw ? al : 0.0) - (HA ? wr * axm : 0.0));
+                y0[i] = A((ggb ? be : 0.0) - (HA ? wr * am : 0.0));
+                xa[i] = A(HA ? -wr2 * gxm : 0.0);
+                xg[i] = A((HA ? -wr2 * axm : 0.0) + (ggw ? r * al : 0.0));
+                xx[i] = A(by_a + by_w);
+                x0[i] = A((HA ? wr2 * (gxm * am + axm * gm) : 0.0) - (ggw ? r * al * gm : 0.0));
+                out_gw[i] = A(HA ? r * adc : 0.0);
+              }
+            return false;
+          },
+          [&] {
+            return [&, pya = PassArray<A>(g, ya.data(), K), pyx = PassArray<A>(g, yx.data(), K),
+                    py0 = PassArray<A>(g, y0.data(), K), pxa = PassArray<A>(g, xa.data(), K),
+                    pxg = PassArray<A>(g, xg.data(), K), pxx = PassArray<A>(g, xx.data(), K),
+                    px0 = PassArray<A>(g, x0.data(), K)](const Seg& s, int64_t k) {
+              const P pr(x, s, st);
+              const auto d = src<T, CL, U>(dy, s, k);
+              const auto a = src<T, CL, U>(ggx, s, k);
+              const auto o1 = dst<T, CL, U>(out_gdy, s, k);
+              const auto o2 = dst<T, CL, U>(out_gx, s, k);
+              const int64_t o = k * g.C;
+              const Chan<CL, A> cya(pya.get() + o, s.c), cyx(pyx.get() + o, s.c),
+                  cy0(py0.get() + o, s.c), cxa(pxa.get() + o, s.c), cxg(pxg.get() + o, s.c),
+                  cxx(pxx.get() + o, s.c), cx0(px0.get() + o, s.c);
+              each(s.n, [&](int64_t i) {
+                const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
+                const A av = HA ? a.template at<A>(i) : A(0), xu = and_mask(uses_g, xh);
+                o1.put(i, pr.keep(i, xh, cya[i] * av + cyx[i] * xu + cy0[i]));
+                o2.put(i, cxa[i] * av + cxg[i] * and_mask(uses_g, gv) + cxx[i] * xu + cx0[i]);
+              });
+            };
+          });
     });
   });
 }
@@ -111,67 +115,75 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
         constexpr bool U = decltype(unit)::value, HG = decltype(has_gt)::value,
                        HX = decltype(has_xt)::value;
         using P = Prim<T, A, CL, RELU, U>;
-        reduce_pass<A, CL, NS>(g, nth, K, sums.data(), [&](const Seg& s, int64_t k,
-                                                           const Acc<A, CL, NS>& acc) {
-          const P pr(x, s, st);
-          const auto d = src<T, CL, U>(dy, s, k);
-          const auto dt = src<T, CL, U>(dyt, s, k);
-          const auto u = src<T, CL, U>(xt, s, k);
-          acc.add(s.n, [&](int64_t i, A(&v)[NS]) {
-            const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
-            const A tv = HG ? pr.keep(i, xh, dt.template at<A>(i)) : A(0);
-            const A uv = HX ? u.template at<A>(i) : A(0);
-            v[0] = gv;
-            v[1] = gv * xh;
-            v[2] = tv;
-            v[3] = tv * xh;
-            v[4] = uv;
-            v[5] = uv * xh;
-            v[6] = HX ? uv * gv : A(0);
-          });
-        });
         // grad_x_t = et * g_t + eu * x_t + eg * g + ex * xhat + e0
         // Terms of an absent tangent are left out, not multiplied by 0: a non-finite
         // grad_y would make them NaN where the reference has nothing.
         const bool uses_g = HX || wt;
-        for (int64_t c = 0; c < C; ++c) et[c] = HG ? A(double(w[c]) * invstd[c]) : A(0);
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t c = 0; c < C; ++c) {
-            const double* sk = sums.data() + k * NS * C + c;
-            const double g0 = sk[0], g1 = sk[C], mu = sk[4 * C] / M, pu = sk[5 * C] / M;
-            const double r = invstd[c], wr = double(w[c]) * r, h = r * g1 / M;
-            const double gb_t = HG ? sk[2 * C] : 0.0;
-            const double gw_t = (HG ? sk[3 * C] : 0.0) +
-                                (HX ? r * (sk[6 * C] - mu * g0 - pu * g1) : 0.0);
-            const double scale_t = (HX ? -wr * r * pu : 0.0) +
-                                   (wt ? double(wt[k * C + c]) * r : 0.0);
-            const int64_t i = k * C + c;
-            eu[i] = A(HX ? -wr * h : 0.0);
-            eg[i] = A(scale_t);
-            ex[i] = A(wr * ((HX ? h * pu : 0.0) - gw_t / M) - (uses_g ? scale_t * g1 / M : 0.0));
-            e0[i] = A(wr * ((HX ? h * mu : 0.0) - gb_t / M) - (uses_g ? scale_t * g0 / M : 0.0));
-            out_gw[i] = A(gw_t);
-            out_gb[i] = A(gb_t);
-          }
-        const PassArray<A> pet(g, et.data()), peu(g, eu.data(), K), peg(g, eg.data(), K),
-            pex(g, ex.data(), K), pe0(g, e0.data(), K);
-        map_pass<CL>(g, nth, K, [&](const Seg& s, int64_t k) {
-          const P pr(x, s, st);
-          const auto d = src<T, CL, U>(dy, s, k);
-          const auto dt = src<T, CL, U>(dyt, s, k);
-          const auto u = src<T, CL, U>(xt, s, k);
-          const auto out = dst<T, CL, U>(out_gx, s, k);
-          const int64_t o = k * g.C;
-          const Chan<CL, A> ct(pet.get(), s.c), cu(peu.get() + o, s.c), cg(peg.get() + o, s.c),
-              cx(pex.get() + o, s.c), c0(pe0.get() + o, s.c);
-          each(s.n, [&](int64_t i) {
-            const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
-            const A tv = HG ? pr.keep(i, xh, dt.template at<A>(i)) : A(0);
-            const A uv = HX ? u.template at<A>(i) : A(0);
-            out.put(i, ct[i] * tv + cu[i] * uv + cg[i] * and_mask(uses_g, gv) + cx[i] * xh +
-                           c0[i]);
-          });
-        });
+        reduce_map<A, CL, NS>(
+            g, nth, K, input_bytes<T>(K, {x, dy, dyt, xt}), true, sums.data(),
+            [&](const Seg& s, int64_t k, const Acc<A, CL, NS>& acc) {
+              const P pr(x, s, st);
+              const auto d = src<T, CL, U>(dy, s, k);
+              const auto dt = src<T, CL, U>(dyt, s, k);
+              const auto u = src<T, CL, U>(xt, s, k);
+              acc.add(s.n, [&](int64_t i, A(&v)[NS]) {
+                const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
+                const A tv = HG ? pr.keep(i, xh, dt.template at<A>(i)) : A(0);
+                const A uv = HX ? u.template at<A>(i) : A(0);
+                v[0] = gv;
+                v[1] = gv * xh;
+                v[2] = tv;
+                v[3] = tv * xh;
+                v[4] = uv;
+                v[5] = uv * xh;
+                v[6] = HX ? uv * gv : A(0);
+              });
+            },
+            [&](int64_t lo, int64_t hi, int) {
+              for (int64_t c = lo; c < hi; ++c) et[c] = HG ? A(double(w[c]) * invstd[c]) : A(0);
+              for (int64_t k = 0; k < K; ++k)
+                for (int64_t c = lo; c < hi; ++c) {
+                  const double* sk = sums.data() + k * NS * C + c;
+                  const double g0 = sk[0], g1 = sk[C], mu = sk[4 * C] / M, pu = sk[5 * C] / M;
+                  const double r = invstd[c], wr = double(w[c]) * r, h = r * g1 / M;
+                  const double gb_t = HG ? sk[2 * C] : 0.0;
+                  const double gw_t = (HG ? sk[3 * C] : 0.0) +
+                                      (HX ? r * (sk[6 * C] - mu * g0 - pu * g1) : 0.0);
+                  const double scale_t = (HX ? -wr * r * pu : 0.0) +
+                                         (wt ? double(wt[k * C + c]) * r : 0.0);
+                  const int64_t i = k * C + c;
+                  eu[i] = A(HX ? -wr * h : 0.0);
+                  eg[i] = A(scale_t);
+                  ex[i] = A(wr * ((HX ? h * pu : 0.0) - gw_t / M) -
+                            (uses_g ? scale_t * g1 / M : 0.0));
+                  e0[i] = A(wr * ((HX ? h * mu : 0.0) - gb_t / M) -
+                            (uses_g ? scale_t * g0 / M : 0.0));
+                  out_gw[i] = A(gw_t);
+                  out_gb[i] = A(gb_t);
+                }
+              return false;
+            },
+            [&] {
+              return [&, pet = PassArray<A>(g, et.data()), peu = PassArray<A>(g, eu.data(), K),
+                      peg = PassArray<A>(g, eg.data(), K), pex = PassArray<A>(g, ex.data(), K),
+                      pe0 = PassArray<A>(g, e0.data(), K)](const Seg& s, int64_t k) {
+                const P pr(x, s, st);
+                const auto d = src<T, CL, U>(dy, s, k);
+                const auto dt = src<T, CL, U>(dyt, s, k);
+                const auto u = src<T, CL, U>(xt, s, k);
+                const auto out = dst<T, CL, U>(out_gx, s, k);
+                const int64_t o = k * g.C;
+                const Chan<CL, A> ct(pet.get(), s.c), cu(peu.get() + o, s.c),
+                    cg(peg.get() + o, s.c), cx(pex.get() + o, s.c), c0(pe0.get() + o, s.c);
+                each(s.n, [&](int64_t i) {
+                  const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
+                  const A tv = HG ? pr.keep(i, xh, dt.template at<A>(i)) : A(0);
+                  const A uv = HX ? u.template at<A>(i) : A(0);
+                  out.put(i, ct[i] * tv + cu[i] * uv + cg[i] * and_mask(uses_g, gv) +
+                                 cx[i] * xh + c0[i]);
+                });
+              };
+            });
       });
     });
   });

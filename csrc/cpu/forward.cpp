@@ -22,23 +22,23 @@ struct Running {
   }
 };
 
-template <class T, bool CL, bool RELU>
-void affine_pass(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* scale,
-                 const acc_t<T>* shift) {
+// The elementwise fn of y = (x - center) * scale + bias (+ ReLU) (map_pass). x - center
+// first: for x far from 0 (1e4 + N(0, 1)) x * scale would round to x's ulp before the
+// shift cancels it.
+template <class T, bool CL, bool RELU, bool U>
+auto affine_map(const Geom& g, const TD& x, const TD& y, const acc_t<T>* center,
+                const acc_t<T>* scale, const acc_t<T>* bias) {
   using A = acc_t<T>;
-  const PassArray<A> sc(g, scale), sh(g, shift);
-  when(unit_runs<CL>({x, y}), [&](auto unit) {
-    constexpr bool U = decltype(unit)::value;
-    map_pass<CL>(g, nth, 1, [&](const Seg& s, int64_t) {
-      const auto in = src<T, CL, U>(x, s, 0);
-      const auto out = dst<T, CL, U>(y, s, 0);
-      const Chan<CL, A> a(sc.get(), s.c), b(sh.get(), s.c);
-      each(s.n, [&](int64_t i) {
-        const A v = b[i] + in.template at<A>(i) * a[i];
-        out.put(i, RELU ? (v < A(0) ? A(0) : v) : v);  // torch's relu: NaN and -0 stay
-      });
+  return [&x, &y, ce = PassArray<A>(g, center), sc = PassArray<A>(g, scale),
+          bi = PassArray<A>(g, bias)](const Seg& s, int64_t) {
+    const auto in = src<T, CL, U>(x, s, 0);
+    const auto out = dst<T, CL, U>(y, s, 0);
+    const Chan<CL, A> m(ce.get(), s.c), a(sc.get(), s.c), b(bi.get(), s.c);
+    each(s.n, [&](int64_t i) {
+      const A v = (in.template at<A>(i) - m[i]) * a[i] + b[i];
+      out.put(i, RELU ? (v < A(0) ? A(0) : v) : v);  // torch's relu: NaN and -0 stay
     });
-  });
+  };
 }
 
 template <class T, bool CL, bool RELU>
@@ -71,46 +71,49 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
   for (int64_t c = 0; c < C; ++c)
     pivot[c] = std::isfinite(sample[c]) ? A(sample[c] / double(np * g.fold)) : A(0);
   std::vector<double> sums(2 * C), m1(C), biased(C);
+  std::vector<A> scale(C);
   const double M = g.count();
-  // Returns whether it moved a pivot (only where `repivot`).
-  auto moments = [&](bool repivot) {
-    const PassArray<A> pp(g, pivot.data());
-    when(unit_runs<CL>({x}), [&](auto unit) {
-      constexpr bool U = decltype(unit)::value;
-      reduce_pass<A, CL, 2>(g, nth, 1, sums.data(), [&](const Seg& s, int64_t,
-                                                        const Acc<A, CL, 2>& acc) {
-        const auto in = src<T, CL, U>(x, s, 0);
-        const Chan<CL, A> p(pp.get(), s.c);
-        acc.add(s.n, [&](int64_t i, A(&v)[2]) {
-          const A d = in.template at<A>(i) - p[i];
-          v[0] = d;
-          v[1] = d * d;
-        });
-      });
-    });
-    bool any_far = false;
-    for (int64_t c = 0; c < C; ++c) {
-      m1[c] = sums[c] / M;
-      biased[c] = std::max(sums[C + c] / M - m1[c] * m1[c], 0.0);
-      const bool far = m1[c] * m1[c] > MAX_PIVOT_OFFSET * MAX_PIVOT_OFFSET * biased[c] &&
-                       std::isfinite(m1[c]);
-      if (far && repivot) pivot[c] = A(double(pivot[c]) + m1[c]);
-      any_far |= far;
-    }
-    return any_far && repivot;
-  };
-  if (moments(true)) moments(false);
-  std::vector<A> scale(C), shift(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const double v = biased[c];
-    mean[c] = A(double(pivot[c]) + m1[c]);
-    if (var) var[c] = A(v);
-    invstd[c] = A(1.0 / std::sqrt(v + eps));
-    running.update(c, double(mean[c]), v, M);
-    scale[c] = w[c] * invstd[c];
-    shift[c] = b[c] - mean[c] * scale[c];
-  }
-  affine_pass<T, CL, RELU>(g, nth, x, y, scale.data(), shift.data());
+  // Folded, a copy that a moved pivot rebuilds (folded runs are never fused, so finish
+  // then runs once, on this thread).
+  PassArray<A> pp(g, pivot.data());
+  when(unit_runs<CL>({x, y}), [&](auto unit) {
+    constexpr bool U = decltype(unit)::value;
+    reduce_map<A, CL, 2>(
+        g, nth, 1, input_bytes<T>(1, {x}), true, sums.data(),
+        [&](const Seg& s, int64_t, const Acc<A, CL, 2>& acc) {
+          const auto in = src<T, CL, U>(x, s, 0);
+          const Chan<CL, A> p(pp.get(), s.c);
+          acc.add(s.n, [&](int64_t i, A(&v)[2]) {
+            const A d = in.template at<A>(i) - p[i];
+            v[0] = d;
+            v[1] = d * d;
+          });
+        },
+        [&](int64_t lo, int64_t hi, int attempt) {
+          bool moved = false;
+          for (int64_t c = lo; c < hi; ++c) {
+            m1[c] = sums[c] / M;
+            biased[c] = std::max(sums[C + c] / M - m1[c] * m1[c], 0.0);
+            const bool far = m1[c] * m1[c] > MAX_PIVOT_OFFSET * MAX_PIVOT_OFFSET * biased[c] &&
+                             std::isfinite(m1[c]);
+            if (far && attempt == 0) pivot[c] = A(double(pivot[c]) + m1[c]), moved = true;
+          }
+          if (moved) {
+            if (g.fold > 1) pp = PassArray<A>(g, pivot.data());
+            return true;
+          }
+          for (int64_t c = lo; c < hi; ++c) {
+            const double v = biased[c];
+            mean[c] = A(double(pivot[c]) + m1[c]);
+            if (var) var[c] = A(v);
+            invstd[c] = A(1.0 / std::sqrt(v + eps));
+            running.update(c, double(mean[c]), v, M);
+            scale[c] = w[c] * invstd[c];
+          }
+          return false;
+        },
+        [&] { return affine_map<T, CL, RELU, U>(g, x, y, mean, scale.data(), b); });
+  });
 }
 
 }  // namespace
@@ -141,13 +144,16 @@ void forward_eval(int dtype, const Geom& g, int nth, const TD& x, const TD& y,
     const A* rv = reinterpret_cast<const A*>(running_var);
     const A* wt = reinterpret_cast<const A*>(w);
     const A* bt = reinterpret_cast<const A*>(b);
-    std::vector<A> scale(g.channels()), shift(g.channels());
-    for (int64_t c = 0; c < g.channels(); ++c) {
+    std::vector<A> scale(g.channels());
+    for (int64_t c = 0; c < g.channels(); ++c)
       scale[c] = wt[c] * A(1.0 / std::sqrt(double(rv[c]) + eps));
-      shift[c] = bt[c] - rm[c] * scale[c];
-    }
-    affine_pass<T, decltype(cl)::value, decltype(act)::value>(
-        g, nth, x, output(dtype, g, 1, y), scale.data(), shift.data());
+    constexpr bool CL = decltype(cl)::value;
+    const TD out = output(dtype, g, 1, y);
+    when(unit_runs<CL>({x, out}), [&](auto unit) {
+      map_pass<CL>(g, nth, 1,
+                   affine_map<T, CL, decltype(act)::value, decltype(unit)::value>(
+                       g, x, out, rm, scale.data(), bt));
+    });
   });
 }
 

@@ -1,6 +1,6 @@
 // forward_jvp: y_t = mask * (w * xhat_t + w_t * xhat + b_t), with
 // xhat_t = invstd * (x_t - mean(x_t) - xhat * mean(x_t * xhat)). The reduction pass runs
-// only when x_t is present; a task's x stays in L2 while its K tangents pass (common.h).
+// only when x_t is present (reduce_map in common.h).
 #include "cpu/ops.h"
 
 namespace fastbn {
@@ -20,44 +20,48 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
     when(xt.ptr != 0, [&](auto has_xt) {
       constexpr bool U = decltype(unit)::value, HX = decltype(has_xt)::value;
       using P = Prim<T, A, CL, RELU, U>;
-      if constexpr (HX) {
-        reduce_pass<A, CL, 2>(g, nth, K, sums.data(), [&](const Seg& s, int64_t k,
-                                                          const Acc<A, CL, 2>& acc) {
-          const P pr(x, s, st);
-          const auto t = src<T, CL, U>(xt, s, k);
-          acc.add(s.n, [&](int64_t i, A(&v)[2]) {
-            const A tv = t.template at<A>(i);
-            v[0] = tv;
-            v[1] = tv * pr.xhat(i);
-          });
-        });
-      }
       // y_t = mask * (alpha * x_t + beta * xhat + gamma). xhat enters only through x_t
       // and w_t: not multiplied by 0 for a bias tangent alone, where a non-finite x would
       // make NaN of a term the reference does not have.
       const bool uses_xhat = HX || wt;
-      for (int64_t c = 0; c < C; ++c) alpha[c] = HX ? A(double(w[c]) * invstd[c]) : A(0);
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t c = 0; c < C; ++c) {
-          const double mu = sums[(2 * k) * C + c] / M, proj = sums[(2 * k + 1) * C + c] / M;
-          beta[k * C + c] = A(-double(alpha[c]) * proj + (wt ? double(wt[k * C + c]) : 0.0));
-          gamma[k * C + c] = A(-double(alpha[c]) * mu + (bt ? double(bt[k * C + c]) : 0.0));
-        }
-      const PassArray<A> pal(g, alpha.data()), pbe(g, beta.data(), K),
-          pga(g, gamma.data(), K);
-      map_pass<CL>(g, nth, K, [&](const Seg& s, int64_t k) {
-        const P pr(x, s, st);
-        const auto t = src<T, CL, U>(xt, s, k);
-        const auto o = dst<T, CL, U>(yt, s, k);
-        const Chan<CL, A> al(pal.get(), s.c), be(pbe.get() + k * g.C, s.c),
-            ga(pga.get() + k * g.C, s.c);
-        each(s.n, [&](int64_t i) {
-          const A xh = pr.xhat(i);
-          A v = be[i] * and_mask(uses_xhat, xh) + ga[i];
-          if constexpr (HX) v = al[i] * t.template at<A>(i) + v;
-          o.put(i, pr.keep(i, xh, v));
-        });
-      });
+      reduce_map<A, CL, 2>(
+          g, nth, K, input_bytes<T>(K, {x, xt}), HX, sums.data(),
+          [&](const Seg& s, int64_t k, const Acc<A, CL, 2>& acc) {
+            const P pr(x, s, st);
+            const auto t = src<T, CL, U>(xt, s, k);
+            acc.add(s.n, [&](int64_t i, A(&v)[2]) {
+              const A tv = t.template at<A>(i);
+              v[0] = tv;
+              v[1] = tv * pr.xhat(i);
+            });
+          },
+          [&](int64_t lo, int64_t hi, int) {
+            for (int64_t c = lo; c < hi; ++c) alpha[c] = HX ? A(double(w[c]) * invstd[c]) : A(0);
+            for (int64_t k = 0; k < K; ++k)
+              for (int64_t c = lo; c < hi; ++c) {
+                const double mu = sums[(2 * k) * C + c] / M, proj = sums[(2 * k + 1) * C + c] / M;
+                beta[k * C + c] =
+                    A(-double(alpha[c]) * proj + (wt ? double(wt[k * C + c]) : 0.0));
+                gamma[k * C + c] = A(-double(alpha[c]) * mu + (bt ? double(bt[k * C + c]) : 0.0));
+              }
+            return false;
+          },
+          [&] {
+            return [&, pal = PassArray<A>(g, alpha.data()), pbe = PassArray<A>(g, beta.data(), K),
+                    pga = PassArray<A>(g, gamma.data(), K)](const Seg& s, int64_t k) {
+              const P pr(x, s, st);
+              const auto t = src<T, CL, U>(xt, s, k);
+              const auto o = dst<T, CL, U>(yt, s, k);
+              const Chan<CL, A> al(pal.get(), s.c), be(pbe.get() + k * g.C, s.c),
+                  ga(pga.get() + k * g.C, s.c);
+              each(s.n, [&](int64_t i) {
+                const A xh = pr.xhat(i);
+                A v = be[i] * and_mask(uses_xhat, xh) + ga[i];
+                if constexpr (HX) v = al[i] * t.template at<A>(i) + v;
+                o.put(i, pr.keep(i, xh, v));
+              });
+            };
+          });
     });
   });
 }

@@ -144,6 +144,64 @@ def test_streamed_outputs_same_bits(native, stream_min_bytes, op, layout, dtype)
             assert (a is None and b is None) or torch.equal(a, b)
 
 
+@pytest.fixture
+def fuse_max_bytes():
+    """Sets the input bytes an NCHW block may hold for its two passes to run back to back."""
+    previous = cpu._C.set_fuse_max_bytes(-1)
+    yield cpu._C.set_fuse_max_bytes
+    cpu._C.set_fuse_max_bytes(previous)
+
+
+FUSED = ("nchw", "strided_l", "big_nchw", "many_rows", "wide_c", "long_rows", "threaded")
+WIDE = ("big_nchw", "long_rows", "threaded")   # rows long enough for blocks per thread
+
+
+@pytest.mark.parametrize("layout", FUSED)
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_fused_passes_same_bits(native, fuse_max_bytes, op, layout, dtype):
+    """NCHW channel blocks whose two passes run back to back give the bits of the whole
+    passes: one block (one thread), one per thread, and blocks of a few channels. K forms
+    run whole."""
+    threads = torch.get_num_threads()
+    try:
+        for k in (None, 3) if op in K_OPS else (None,):
+            p = _problem(layout, dtype, k, seed=6)
+            plan = cpu._plan(p["x"])
+            per_value = 8 * p["x"].element_size() * (k or 1)   # more than any kernel reads
+            few = -(-cpu._C.FUSE_MIN_RUN // plan.L)               # channels per narrowest block
+            fuse_max_bytes(0)
+            whole = _tuple(_call(cpu, op, p, "relu"))
+            narrow = plan.N * plan.L * per_value * few
+            for nth, budget in ((1, 1 << 40), (2, 1 << 40), (2, narrow)):
+                torch.set_num_threads(nth)
+                fuse_max_bytes(budget)
+                blocks = cpu._C.fused_block(plan.geom, nth, k or 1, per_value)
+                assert blocks == 0 if k else blocks >= 1 or (nth > 1 and layout not in WIDE)
+                for a, b in zip(whole, _tuple(_call(cpu, op, p, "relu"))):
+                    assert (a is None and b is None) or torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fused_statistics_move_a_far_pivot_per_block(native, fuse_max_bytes):
+    """A channel whose first values are outliers repeats its block's statistics pass; the
+    other blocks do not, and all match the whole passes bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(128, 4, 32, 32, generator=gen)
+    # Channel 1's pivot, the mean of its first 64 values, lands 1e5 / 64 from 0, beyond
+    # 4 standard deviations (1e5 / sqrt(131072) each) of its mean.
+    x[0, 1, 0, 0] = 1e5
+    w, b = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
+    fuse_max_bytes(0)
+    whole = cpu.forward_train(x, w, b, 1e-5)
+    fuse_max_bytes(128 * 32 * 32 * 4)        # one channel per block
+    assert cpu._C.fused_block(cpu._plan(x).geom, torch.get_num_threads(), 1, 4) == 1
+    for a, b in zip(whole, cpu.forward_train(x, w, b, 1e-5)):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(whole[1], x.double().mean((0, 2, 3)).float())
+
+
 def test_stream_size_from_the_environment():
     import os
     import subprocess
