@@ -202,6 +202,22 @@ def test_fused_statistics_move_a_far_pivot_per_block(native, fuse_max_bytes):
     torch.testing.assert_close(whole[1], x.double().mean((0, 2, 3)).float())
 
 
+def test_fuse_size_from_the_environment():
+    import os
+    import subprocess
+    import sys
+    code = "from fastbn import _C; print(_C.fuse_max_bytes(), _C.build_info())"
+    env = {**os.environ, "FASTBN_FUSE_MAX_BYTES": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.startswith("0 ") and "blocks of up to 0 input bytes" in out.stdout
+    previous = cpu._C.set_fuse_max_bytes(4096)
+    try:
+        assert cpu._C.fuse_max_bytes() == 4096
+    finally:
+        cpu._C.set_fuse_max_bytes(previous)
+
+
 def test_stream_size_from_the_environment():
     import os
     import subprocess
