@@ -56,6 +56,8 @@ def _type_name(value):
 
 def check_scalars(momentum, eps):
     """torch's TypeError for a momentum or eps that is not a number."""
+    if type(momentum) is float and type(eps) is float:
+        return   # the usual call, without the ABC checks (microseconds on a cold cache)
     for position, name, value in ((7, "momentum", momentum), (8, "eps", eps)):
         if not (isinstance(value, numbers.Real)
                 or isinstance(value, torch.Tensor) and value.numel() == 1):
@@ -103,7 +105,7 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
     if not input.is_floating_point():
         name = _SCALAR_TYPE_NAMES.get(input.dtype, str(input.dtype).removeprefix("torch."))
         raise NotImplementedError(f'"batch_norm" not implemented for \'{name}\'')
-    channels = input.shape[1]
+    channels, device = input.shape[1], input.device
     allowed, set_by = _allowed_param_dtypes(input.dtype), None
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
@@ -111,33 +113,33 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
             continue
         if t.numel() != channels:
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
-        if name.startswith("running") and t.dim() != 1:
+        if name[0] == "r" and t.dim() != 1:
             # Updated in place: a reshaped copy would take the update and drop it.
             raise RuntimeError(f"TensorAccessor expected 1 dims but tensor has {t.dim()}: "
                                f"{name} must be a vector of {channels} elements")
-        if t.device != input.device:
+        if t.device != device:
             raise RuntimeError("Expected all tensors to be on the same device, but found "
-                               f"{name} on {t.device} and input on {input.device}")
+                               f"{name} on {t.device} and input on {device}")
         if t.dtype not in allowed:
             why = "" if set_by is None else f" as {set_by} has"
             raise RuntimeError(f"mixed dtype: expected {name} to have dtype "
                                f"{' or '.join(str(d) for d in allowed)}{why}, got {t.dtype}")
-        if len(allowed) > 1:
+        if set_by is None and len(allowed) > 1:
             # A reduced-precision input takes its own dtype or float32 for the
             # per-channel tensors, the same for all of them (as torch's CPU kernels).
             allowed, set_by = (t.dtype,), name
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and t.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(f"The function 'native_batch_norm' is not differentiable with "
-                               f"respect to argument '{name}'. This input cannot have "
-                               "requires_grad True.")
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if torch.is_grad_enabled():
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(f"The function 'native_batch_norm' is not differentiable "
+                                   f"with respect to argument '{name}'. This input cannot "
+                                   "have requires_grad True.")
         # Not under graph capture: dynamo cannot trace is_inference(). The running
         # statistics are saved for backward too (and would be updated before failing).
-        inputs = [t for t in (input, weight, bias) if t is not None]
-        if (any(t.requires_grad for t in inputs)
-                and any(t.is_inference() for t in (*inputs, running_mean, running_var)
-                        if t is not None)):
+        if ((input.requires_grad or weight is not None and weight.requires_grad
+             or bias is not None and bias.requires_grad) and not torch.compiler.is_compiling()
+                and any(t is not None and t.is_inference()
+                        for t in (input, weight, bias, running_mean, running_var))):
             raise RuntimeError(
                 "Inference tensors cannot be saved for backward. Please do not use Tensors "
                 "created in inference mode in computation tracked by autograd. To work "
@@ -212,7 +214,8 @@ def checked_batch_norm(input, running_mean, running_var, weight, bias, training,
     weight = _param(weight, channels, input, 1.0)
     bias = _param(bias, channels, input, 0.0)
 
-    capturing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    # torch.jit.is_tracing() without its is_scripting() call (fastbn is never scripted).
+    capturing = torch.compiler.is_compiling() or torch._C._is_tracing()
     if synchronized and (capturing or transforms.nested_forward_mode()):
         raise NotImplementedError("fastbn: a synchronised batch norm runs eagerly (no "
                                   "torch.compile or torch.jit.trace), with at most one level "

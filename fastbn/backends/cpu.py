@@ -57,12 +57,12 @@ def build_info():
 
 
 def _plain(t):
-    # A ZeroTensor (autograd's stand-in for a zero gradient) has no memory behind it; the
-    # kernels read through typed pointers, which must be aligned to their element (a
-    # torch.frombuffer view at an odd offset is not).
-    return (type(t) in _PLAIN_TYPES and t.is_cpu and t.layout == torch.strided
-            and _has_storage(t) and not t.is_neg() and not t._is_zerotensor()
-            and t.data_ptr() % t.element_size() == 0)
+    # Sparse and mkldnn tensors have no storage; a ZeroTensor (autograd's stand-in for a
+    # zero gradient) has no memory behind it; the kernels read through typed pointers,
+    # which must be aligned to their element (a torch.frombuffer view at an odd offset
+    # is not).
+    return (type(t) in _PLAIN_TYPES and t.is_cpu and _has_storage(t) and not t.is_neg()
+            and not t._is_zerotensor() and t.data_ptr() % t.element_size() == 0)
 
 
 def _kernel_writable(t, acc, channels):
@@ -102,6 +102,30 @@ FOLD_MAX_L = 32
 FOLD_MAX_COPY = 65536
 
 
+@functools.lru_cache(maxsize=4096)
+def _view(shape, stride, fold_max_l):
+    """x's view for the kernels, from its shape and strides alone (cached: it is the bulk
+    of a small call's planning): (N, C, L, swap, strides, channels_last, fold), or None
+    if its spatial dims do not flatten. `fold`: L, where the elements may run as
+    channels-last rows of C * L pass channels (see Geom in csrc/cpu/common.h), for L up
+    to `fold_max_l`; else 1."""
+    strides = _strides(shape, stride, False, False)
+    if strides is None:
+        return None
+    n, c, length = shape[0], shape[1], math.prod(shape[2:])
+    # Without spatial dims, run along N as the "L" axis (one channel's values).
+    swap = length == 1
+    if swap:
+        n, length, strides = 1, n, _strides(shape, stride, False, True)
+    s_c, s_l = strides[2], strides[3]
+    channels_last = c > 1 and (length == 1 or abs(s_c) < abs(s_l))
+    # Few values per (n, c) run, each (c, l) block dense: folded (the outputs fold too:
+    # contiguous, torch's layout where x is not channels-last, or in x's order).
+    fold = (length if not channels_last and not swap and 1 < length <= fold_max_l
+            and (n >= 8 or c * length <= FOLD_MAX_COPY) and s_c == length * s_l else 1)
+    return n, c, length, swap, strides, channels_last, fold
+
+
 class _Plan:
     """Geometry shared by one call: x's (N, C, L) view and the K of batched arguments.
     `elems`: element tensors (x's shape, or K-batched); `chans`: per-channel tangents,
@@ -112,59 +136,62 @@ class _Plan:
     def __init__(self, x, elems, chans, stats):
         self.ok = False
         shape = x.shape
-        self.ndim_batched = len(shape) + 1
         # Under a dispatch mode (make_fx, linearize, a flop counter) the mode must see
         # every op: kernels writing through raw addresses would record only `empty`.
-        if (_C is None or x.dtype not in _CODES or len(shape) < 2 or x.numel() == 0
-                or not _plain(x) or torch._C._len_torch_dispatch_stack()):
+        if (_C is None or x.dtype not in _CODES or len(shape) < 2 or not _plain(x)
+                or torch._C._len_torch_dispatch_stack() or x.numel() == 0):
             return
-        n, c = shape[0], shape[1]
-        ks = set()
-        for t in elems:
-            if t is None:
-                continue
-            if t.dtype != x.dtype or not _plain(t):
-                return
-            t_shape = t.shape
-            if t_shape == shape:
-                continue
-            if len(t_shape) != len(shape) + 1 or t_shape[1:] != shape:
-                return
-            ks.add(t_shape[0])
-        for t in chans:
-            if t is None:
-                continue
-            t_shape = t.shape
-            if not _plain(t):
-                return
-            if len(t_shape) == 2 and t_shape[1] == c:
-                ks.add(t_shape[0])
-            elif t_shape != (c,):
-                return
+        c = shape[1]
         for t in stats:
             if t is not None and (t.shape != (c,) or not _plain(t)):
                 return
-        if len(ks) > 1 or 0 in ks:
+        self.K = None
+        if elems or chans:
+            ks = set()
+            for t in elems:
+                if t is None:
+                    continue
+                if t.dtype != x.dtype or not _plain(t):
+                    return
+                t_shape = t.shape
+                if t_shape == shape:
+                    continue
+                if len(t_shape) != len(shape) + 1 or t_shape[1:] != shape:
+                    return
+                ks.add(t_shape[0])
+            for t in chans:
+                if t is None:
+                    continue
+                t_shape = t.shape
+                if not _plain(t):
+                    return
+                if len(t_shape) == 2 and t_shape[1] == c:
+                    ks.add(t_shape[0])
+                elif t_shape != (c,):
+                    return
+            if len(ks) > 1 or 0 in ks:
+                return
+            self.K = ks.pop() if ks else None
+        view = _view(shape, x.stride(), FOLD_MAX_L)
+        if view is None:
             return
-        self.K = ks.pop() if ks else None
-        length = math.prod(shape[2:])
-        # Without spatial dims, run along N as the "L" axis (one channel's values).
-        self.swap = length == 1
-        self.N, self.C, self.L = (1, c, n) if self.swap else (n, c, length)
-        self.fold = 1
-        self.inputs = self.tds(x, *elems)
-        if self.inputs is None:
-            return
-        _, _, _, s_c, s_l = self.inputs[0]
-        self.cl = c > 1 and (self.L == 1 or abs(s_c) < abs(s_l))
-        if (not self.cl and not self.swap and 1 < self.L <= FOLD_MAX_L
-                and (self.N >= 8 or c * self.L <= FOLD_MAX_COPY)
-                and all(t[0] == 0 or t[3] == self.L * t[4] for t in self.inputs)):
-            # Few values per (n, c) run, each (c, l) block dense: channels-last rows of
-            # C * L pass channels (see Geom in csrc/cpu/common.h). The outputs fold too:
-            # contiguous (torch's layout where x is not channels-last), or in x's order.
-            self.fold, self.cl = self.L, True
-            self.inputs = [self._folded(t) for t in self.inputs]
+        self.N, self.C, self.L, self.swap, strides, self.cl, self.fold = view
+        self.ndim_batched = len(shape) + 1
+        if self.fold > 1:
+            self.cl = True
+        inputs = [(x.data_ptr(), *strides)]
+        for t in elems:
+            td = self.td(t, fold=False)
+            if td is None:
+                return
+            inputs.append(td)
+        if self.fold > 1:
+            if not all(t[0] == 0 or t[3] == self.L * t[4] for t in inputs[1:]):
+                # An element input whose (c, l) blocks are not dense: no folding.
+                self.fold, self.cl = 1, view[5]
+            else:
+                inputs = [self._folded(t) for t in inputs]
+        self.inputs = inputs
         self.ok = True
 
     @property
@@ -177,16 +204,16 @@ class _Plan:
         ptr, s_k, s_n, s_c, s_l = td
         return (ptr, s_k, s_n, s_l, 0)
 
-    def td(self, t):
+    def td(self, t, fold=True):
         """(ptr, sK, sN, sC, sL) for an element tensor, (0, ...) for None, None if it
-        does not flatten."""
+        does not flatten; `fold`: in the folded view where the plan folds."""
         if t is None:
             return (0, 0, 0, 0, 0)
         st = _strides(t.shape, t.stride(), t.dim() == self.ndim_batched, self.swap)
         if st is None:
             return None
         out = (t.data_ptr(), *st)
-        if self.fold == 1:
+        if self.fold == 1 or not fold:
             return out
         assert st[2] == self.fold * st[3], "an output laid out unlike x"
         return self._folded(out)

@@ -74,12 +74,17 @@ class _FastBatchNorm:
             layer = tracer.create_proxy("get_attr", path, (), {})
             return tracer.create_proxy("call_function", _layer_forward, (layer, input), {})
         self._check_input(input)
-        # Each parameter and buffer read once: nn.Module's attribute fallback costs
-        # a fraction of a microsecond a read, a visible share of a small layer's call.
-        # (Attributes, not the dicts: parametrizations and functional_call act on them.)
+        # Each parameter and buffer read once, from nn.Module's dicts where they are there:
+        # its attribute fallback (__getattr__, in Python) costs several microseconds for
+        # the four on a cold cache. functional_call swaps tensors in the dicts; a
+        # parametrization takes the name out of them (a property serves it).
         training = self.training
-        running_mean, running_var = self.running_mean, self.running_var
-        weight, bias = self.weight, self.bias
+        params, buffers = self._parameters, self._buffers
+        running_mean = (buffers["running_mean"] if "running_mean" in buffers
+                        else self.running_mean)
+        running_var = buffers["running_var"] if "running_var" in buffers else self.running_var
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
         batch_stats = training or (running_mean is None and running_var is None)
         if training and not self.track_running_stats:
             running_mean = running_var = None
