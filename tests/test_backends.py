@@ -22,6 +22,24 @@ def test_selection_api():
         fastbn.set_backend("fast")
 
 
+def test_use_backend_restores_when_entered_again_or_used_as_a_decorator():
+    selection = fastbn.use_backend("reference")
+    with selection:
+        with selection:
+            assert fastbn.get_backend() == "reference"
+        assert fastbn.get_backend() == "reference"
+    assert fastbn.get_backend() == "auto"
+
+    @fastbn.use_backend("reference")
+    def selected():
+        return fastbn.get_backend()
+    assert selected() == "reference" and fastbn.get_backend() == "auto"
+    with pytest.raises(ValueError, match="unknown fastbn backend"):
+        with fastbn.use_backend("fast"):
+            pass
+    assert fastbn.get_backend() == "auto"
+
+
 def test_unavailable_backend_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(backends._loaded, "triton", None)
     monkeypatch.setitem(backends._import_errors, "triton", "ImportError: no triton")
