@@ -303,7 +303,8 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
         return reference.forward_eval(x, running_mean, running_var, weight, bias, eps,
                                       activation)
     acc = reference.acc_dtype(x.dtype)
-    m, v, w, b = (_acc(t, acc) for t in (running_mean, running_var, weight, bias))
+    m, v = _acc(running_mean, acc), _acc(running_var, acc)
+    w, b = _acc(weight, acc), _acc(bias, acc)
     y = empty_output(x)
     tx, ty = plan.inputs[0], plan.td(y)
     _C.forward_eval(_CODES[x.dtype], plan.geom, _threads(), tx, ty, m.data_ptr(),
