@@ -12,14 +12,14 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
   using A = acc_t<T>;
   const int64_t C = g.channels();
   const double M = g.count();
-  std::vector<double> sums(K * 2 * C);
-  std::vector<A> cg(C), cx(K * C), c0(K * C);
+  auto sums = scratch<double>(K * 2 * C);
+  auto cg = scratch<A>(C), cx = scratch<A>(K * C), c0 = scratch<A>(K * C);
   const Stats<A> st(g, mean, invstd, w, b);
   when(unit_runs<CL>({x, dy, dx}), [&](auto unit) {
     constexpr bool U = decltype(unit)::value;
     using P = Prim<T, A, CL, RELU, U>;
     reduce_map<A, CL, 2>(
-        g, nth, K, input_bytes<T>(K, {x, dy}), true, sums.data(),
+        g, nth, K, input_bytes<T>(K, {x, dy}), true, sums.get(),
         [&](const Seg& s, int64_t k, const Acc<A, CL, 2>& acc) {
           const P pr(x, s, st);
           const auto d = src<T, CL, U>(dy, s, k);
@@ -31,8 +31,10 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
         },
         // grad_x = w * invstd * (g - sum(g) / M - xhat * sum(g xhat) / M)
         [&](int64_t lo, int64_t hi, int) {
+#pragma omp simd
           for (int64_t c = lo; c < hi; ++c) cg[c] = A(double(w[c]) * invstd[c]);
           for (int64_t k = 0; k < K; ++k)
+#pragma omp simd
             for (int64_t c = lo; c < hi; ++c) {
               const double sg = sums[(2 * k) * C + c], sgx = sums[(2 * k + 1) * C + c];
               gb[k * C + c] = A(sg);
@@ -43,8 +45,8 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
           return false;
         },
         [&] {
-          return [&, pcg = PassArray<A>(g, cg.data()), pcx = PassArray<A>(g, cx.data(), K),
-                  pc0 = PassArray<A>(g, c0.data(), K)](const Seg& s, int64_t k) {
+          return [&, pcg = PassArray<A>(g, cg.get()), pcx = PassArray<A>(g, cx.get(), K),
+                  pc0 = PassArray<A>(g, c0.get(), K)](const Seg& s, int64_t k) {
             const P pr(x, s, st);
             const auto d = src<T, CL, U>(dy, s, k);
             const auto o = dst<T, CL, U>(dx, s, k);

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <memory>
 #include <stdexcept>
 #include <type_traits>
 #include <utility>
@@ -144,6 +145,9 @@ constexpr int64_t MAP_RUN = 1024;  // max NCHW run of the elementwise pass: a st
 constexpr int64_t UNIT_ELEMS = 16384;  // elements per NCHW work unit: its x fits in L2
 constexpr int64_t CHUNK = 8192;        // min contiguous elements per step of an NCHW unit
 constexpr int64_t CB_MAX = 64;         // max channels per NCHW unit: bounds its float lanes
+// From this many channels the per-channel steps between the passes (adding the threads'
+// sums, finishing the statistics) are split over the threads.
+constexpr int64_t FINISH_SPLIT_MIN = 4096;
 
 // A run is n elements along L at one (n, c) (NCHW) or along C at one (n, l)
 // (channels-last); c is the channel of its first element.
@@ -156,20 +160,32 @@ constexpr int64_t lanes() {
   return 64 / sizeof(A);
 }
 
+// Per-channel scratch that every use writes before it reads: uninitialised (zeroing a
+// few arrays of C values cost as much as the pass for few rows of many channels).
+template <class V>
+std::unique_ptr<V[]> scratch(int64_t n) {
+  return std::unique_ptr<V[]>(new V[size_t(n)]);
+}
+
 // A per-channel array, (rows, channels), as the passes index it, (rows, g.C): each
 // channel's values repeated for its g.fold pass channels (a copy); the array itself when
 // g.fold is 1.
 template <class A>
 class PassArray {
  public:
-  PassArray(const Geom& g, const A* values, int64_t rows = 1) : p_(values) {
+  PassArray(const Geom& g, const A* values, int64_t rows = 1) : values_(values), p_(values) {
     if (g.fold == 1 || values == nullptr) return;
-    const int64_t C = g.channels();
     copy_.resize(size_t(rows * g.C));
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < C; ++c)
-        std::fill_n(copy_.data() + r * g.C + c * g.fold, g.fold, values[r * C + c]);
     p_ = copy_.data();
+    for (int64_t r = 0; r < rows; ++r) refresh(g, 0, g.channels(), r);
+  }
+  // After values of channels [lo, hi) of row r changed: the copy takes them (only these
+  // entries are written, so threads may refresh disjoint ranges at once).
+  void refresh(const Geom& g, int64_t lo, int64_t hi, int64_t r = 0) {
+    if (copy_.empty()) return;
+    const int64_t C = g.channels();
+    for (int64_t c = lo; c < hi; ++c)
+      std::fill_n(copy_.data() + r * g.C + c * g.fold, g.fold, values_[r * C + c]);
   }
   // Moves keep the buffer p_ points into; a copy would point into the original's.
   PassArray(PassArray&&) = default;
@@ -180,6 +196,7 @@ class PassArray {
 
  private:
   std::vector<A> copy_;
+  const A* values_;
   const A* p_;
 };
 
@@ -592,6 +609,12 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
           for (int j = 0; j < NS; ++j) {
             const A* f = facc.data() + j * SEG;
             double* o = thread_part[t].data() + (k * NS + j) * (hi - lo);
+            if (g.fold == 1) {
+              double* oc = o + (c0 - lo);
+#pragma omp simd
+              for (int64_t c = 0; c < c1 - c0; ++c) oc[c] += double(f[c]);
+              continue;
+            }
             // Pass channel c belongs to channel c / fold: counted, not divided per c.
             for (int64_t c = c0, ch = c0 / g.fold, l = c0 % g.fold; c < c1; ++c) {
               o[ch - lo] += double(f[c - c0]);
@@ -608,15 +631,27 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
         flush();
       }
   });
-  std::fill(out, out + KS * C, 0.0);
-  if constexpr (CL) {  // threads in order
-    for (int t = 0; t < T; ++t) {
-      const auto [lo, hi] = span[t];
-      for (int64_t kj = 0; kj < KS; ++kj)
-        for (int64_t c = lo; c < hi; ++c)
-          out[kj * C + c] += thread_part[t][kj * (hi - lo) + (c - lo)];
-    }
-  } else {  // a channel block's units in row order
+  if constexpr (CL) {
+    // Each channel adds the threads' sums in thread order, so the channels may be split
+    // over the threads (where there are many) with the same bits.
+    const int FT = C >= FINISH_SPLIT_MIN ? T : 1;
+    parallel_run(FT, [&](int ft) {
+      const int64_t c_lo = C * ft / FT, c_hi = C * (ft + 1) / FT;
+      for (int64_t kj = 0; kj < KS; ++kj) std::fill(out + kj * C + c_lo, out + kj * C + c_hi, 0.0);
+      for (int t = 0; t < T; ++t) {
+        const int64_t lo = std::max(span[t].first, c_lo), hi = std::min(span[t].second, c_hi);
+        const int64_t width = span[t].second - span[t].first;
+        for (int64_t kj = 0; kj < KS; ++kj) {
+          double* o = out + kj * C;
+          const double* p = thread_part[t].data() + kj * width;
+          const int64_t first = span[t].first;
+#pragma omp simd
+          for (int64_t c = lo; c < hi; ++c) o[c] += p[c - first];
+        }
+      }
+    });
+  } else {
+    std::fill(out, out + KS * C, 0.0);  // a channel block's units in row order
     for (int64_t u = 0; u < nt; ++u) {
       const int64_t c0 = G.c0(u), c1 = std::min(C, c0 + G.cb);
       for (int64_t kj = 0; kj < KS; ++kj)
@@ -766,9 +801,20 @@ void reduce_map(const Geom& g, int nth, int64_t K, int64_t bytes_per_value, bool
     }
   }
   if (reduce_needed) reduce_pass<A, CL, NS>(g, nth, K, out, reduce);
-  if (finish(int64_t(0), C, 0) && reduce_needed) {
+  // Per-channel work (a square root, divisions, the running statistics) in ranges, on the
+  // threads where there are many channels: with few rows it outweighed the passes. A
+  // range asking for another attempt is finished again after a second reduction.
+  const int FT = C >= FINISH_SPLIT_MIN ? T : 1;
+  std::vector<char> again(FT, 0);
+  auto finish_ranges = [&](int attempt) {
+    parallel_run(FT, [&](int t) {
+      if (attempt == 0 || again[t]) again[t] = finish(C * t / FT, C * (t + 1) / FT, attempt);
+    });
+  };
+  finish_ranges(0);
+  if (reduce_needed && std::find(again.begin(), again.end(), 1) != again.end()) {
     reduce_pass<A, CL, NS>(g, nth, K, out, reduce);
-    finish(int64_t(0), C, 1);
+    finish_ranges(1);
   }
   map_pass<CL>(g, nth, K, make_map());
 }

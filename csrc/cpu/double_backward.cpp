@@ -17,8 +17,10 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
   const int64_t C = g.channels();
   const double M = g.count();
   constexpr int NS = 5;  // sum g, g xhat, a, a xhat, a g  (g = masked grad_y, a = gg_x)
-  std::vector<double> sums(K * NS * C, 0.0);
-  std::vector<A> ya(K * C), yx(K * C), y0(K * C), xa(K * C), xg(K * C), xx(K * C), x0(K * C);
+  auto sums = scratch<double>(K * NS * C);
+  auto ya = scratch<A>(K * C), yx = scratch<A>(K * C), y0 = scratch<A>(K * C),
+       xa = scratch<A>(K * C), xg = scratch<A>(K * C), xx = scratch<A>(K * C),
+       x0 = scratch<A>(K * C);
   const Stats<A> st(g, mean, invstd, w, b);
   when(unit_runs<CL>({x, dy, ggx, out_gdy, out_gx}), [&](auto unit) {
     when(ggx.ptr != 0, [&](auto has_a) {
@@ -29,8 +31,9 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
       // grad_y would make them NaN where the reference has nothing. g and xhat enter only
       // through gg_x and gg_weight (`uses_g`).
       const bool uses_g = HA || ggw;
+      if (!uses_g) std::fill(sums.get(), sums.get() + K * NS * C, 0.0);  // no reduction pass
       reduce_map<A, CL, NS>(
-          g, nth, K, input_bytes<T>(K, {x, dy, ggx}), uses_g, sums.data(),
+          g, nth, K, input_bytes<T>(K, {x, dy, ggx}), uses_g, sums.get(),
           [&](const Seg& s, int64_t k, const Acc<A, CL, NS>& acc) {
             const P pr(x, s, st);
             const auto d = src<T, CL, U>(dy, s, k);
@@ -47,8 +50,9 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
           },
           [&](int64_t lo, int64_t hi, int) {
             for (int64_t k = 0; k < K; ++k)
+#pragma omp simd
               for (int64_t c = lo; c < hi; ++c) {
-                const double* sk = sums.data() + k * NS * C + c;
+                const double* sk = sums.get() + k * NS * C + c;
                 const double gm = sk[0] / M, gxm = sk[C] / M, am = sk[2 * C] / M,
                              axm = sk[3 * C] / M;
                 // sum a (g - ...)
@@ -71,10 +75,10 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
             return false;
           },
           [&] {
-            return [&, pya = PassArray<A>(g, ya.data(), K), pyx = PassArray<A>(g, yx.data(), K),
-                    py0 = PassArray<A>(g, y0.data(), K), pxa = PassArray<A>(g, xa.data(), K),
-                    pxg = PassArray<A>(g, xg.data(), K), pxx = PassArray<A>(g, xx.data(), K),
-                    px0 = PassArray<A>(g, x0.data(), K)](const Seg& s, int64_t k) {
+            return [&, pya = PassArray<A>(g, ya.get(), K), pyx = PassArray<A>(g, yx.get(), K),
+                    py0 = PassArray<A>(g, y0.get(), K), pxa = PassArray<A>(g, xa.get(), K),
+                    pxg = PassArray<A>(g, xg.get(), K), pxx = PassArray<A>(g, xx.get(), K),
+                    px0 = PassArray<A>(g, x0.get(), K)](const Seg& s, int64_t k) {
               const P pr(x, s, st);
               const auto d = src<T, CL, U>(dy, s, k);
               const auto a = src<T, CL, U>(ggx, s, k);
@@ -106,8 +110,9 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
   const double M = g.count();
   // sum g, g xhat, g_t, g_t xhat, x_t, x_t xhat, g x_t  (g, g_t: masked grad_y and tangent)
   constexpr int NS = 7;
-  std::vector<double> sums(K * NS * C, 0.0);
-  std::vector<A> et(C), eu(K * C), eg(K * C), ex(K * C), e0(K * C);
+  auto sums = scratch<double>(K * NS * C);
+  auto et = scratch<A>(C), eu = scratch<A>(K * C), eg = scratch<A>(K * C),
+       ex = scratch<A>(K * C), e0 = scratch<A>(K * C);
   const Stats<A> st(g, mean, invstd, w, b);
   when(unit_runs<CL>({x, dy, dyt, xt, out_gx}), [&](auto unit) {
     when(dyt.ptr != 0, [&](auto has_gt) {
@@ -120,7 +125,7 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
         // grad_y would make them NaN where the reference has nothing.
         const bool uses_g = HX || wt;
         reduce_map<A, CL, NS>(
-            g, nth, K, input_bytes<T>(K, {x, dy, dyt, xt}), true, sums.data(),
+            g, nth, K, input_bytes<T>(K, {x, dy, dyt, xt}), true, sums.get(),
             [&](const Seg& s, int64_t k, const Acc<A, CL, NS>& acc) {
               const P pr(x, s, st);
               const auto d = src<T, CL, U>(dy, s, k);
@@ -140,10 +145,12 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
               });
             },
             [&](int64_t lo, int64_t hi, int) {
+#pragma omp simd
               for (int64_t c = lo; c < hi; ++c) et[c] = HG ? A(double(w[c]) * invstd[c]) : A(0);
               for (int64_t k = 0; k < K; ++k)
+#pragma omp simd
                 for (int64_t c = lo; c < hi; ++c) {
-                  const double* sk = sums.data() + k * NS * C + c;
+                  const double* sk = sums.get() + k * NS * C + c;
                   const double g0 = sk[0], g1 = sk[C], mu = sk[4 * C] / M, pu = sk[5 * C] / M;
                   const double r = invstd[c], wr = double(w[c]) * r, h = r * g1 / M;
                   const double gb_t = HG ? sk[2 * C] : 0.0;
@@ -164,9 +171,9 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
               return false;
             },
             [&] {
-              return [&, pet = PassArray<A>(g, et.data()), peu = PassArray<A>(g, eu.data(), K),
-                      peg = PassArray<A>(g, eg.data(), K), pex = PassArray<A>(g, ex.data(), K),
-                      pe0 = PassArray<A>(g, e0.data(), K)](const Seg& s, int64_t k) {
+              return [&, pet = PassArray<A>(g, et.get()), peu = PassArray<A>(g, eu.get(), K),
+                      peg = PassArray<A>(g, eg.get(), K), pex = PassArray<A>(g, ex.get(), K),
+                      pe0 = PassArray<A>(g, e0.get(), K)](const Seg& s, int64_t k) {
                 const P pr(x, s, st);
                 const auto d = src<T, CL, U>(dy, s, k);
                 const auto dt = src<T, CL, U>(dyt, s, k);

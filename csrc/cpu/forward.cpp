@@ -14,11 +14,17 @@ template <class A>
 struct Running {
   A *mean, *var;  // null: not tracked
   double momentum;
-  void update(int64_t c, double batch_mean, double biased_var, double count) const {
+  // Channels [lo, hi) from the batch mean (as stored) and biased variance.
+  void update(int64_t lo, int64_t hi, const A* batch_mean, const double* biased_var,
+              double count) const {
     if (!mean) return;
-    const double unbiased = count > 1 ? biased_var * count / (count - 1) : biased_var;
-    mean[c] = A((1 - momentum) * double(mean[c]) + momentum * batch_mean);
-    var[c] = A((1 - momentum) * double(var[c]) + momentum * unbiased);
+    const double unbias = count > 1 ? count / (count - 1) : 1.0;
+#pragma omp simd
+    for (int64_t c = lo; c < hi; ++c) {
+      const double unbiased = biased_var[c] * unbias;
+      mean[c] = A((1 - momentum) * double(mean[c]) + momentum * double(batch_mean[c]));
+      var[c] = A((1 - momentum) * double(var[c]) + momentum * unbiased);
+    }
   }
 };
 
@@ -62,24 +68,31 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
   const int64_t np = std::max<int64_t>(1, std::min({g.L, PIVOT_SAMPLE, g.M() / 16}));
   const T* x0 = reinterpret_cast<const T*>(x.ptr);
   std::vector<double> sample(C, 0.0);
-  for (int64_t l = 0; l < np; ++l)
+  for (int64_t l = 0; l < np; ++l) {
+    if (g.fold == 1) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) sample[c] += double(to_acc<A>(x0[c * x.sC + l * x.sL]));
+      continue;
+    }
     for (int64_t pc = 0, c = 0, f = 0; pc < g.C; ++pc) {  // pass channel pc of channel c
       sample[c] += double(to_acc<A>(x0[pc * x.sC + l * x.sL]));
       if (++f == g.fold) f = 0, ++c;
     }
-  std::vector<A> pivot(C);
+  }
+  auto pivot = scratch<A>(C);
+  const double taken = double(np * g.fold);
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c)
-    pivot[c] = std::isfinite(sample[c]) ? A(sample[c] / double(np * g.fold)) : A(0);
-  std::vector<double> sums(2 * C), m1(C), biased(C);
-  std::vector<A> scale(C);
+    pivot[c] = std::isfinite(sample[c]) ? A(sample[c] / taken) : A(0);
+  auto sums = scratch<double>(2 * C), m1 = scratch<double>(C), biased = scratch<double>(C);
+  auto scale = scratch<A>(C);
   const double M = g.count();
-  // Folded, a copy that a moved pivot rebuilds (folded runs are never fused, so finish
-  // then runs once, on this thread).
-  PassArray<A> pp(g, pivot.data());
+  // Folded, a copy that a moved pivot refreshes, range by range.
+  PassArray<A> pp(g, pivot.get());
   when(unit_runs<CL>({x, y}), [&](auto unit) {
     constexpr bool U = decltype(unit)::value;
     reduce_map<A, CL, 2>(
-        g, nth, 1, input_bytes<T>(1, {x}), true, sums.data(),
+        g, nth, 1, input_bytes<T>(1, {x}), true, sums.get(),
         [&](const Seg& s, int64_t, const Acc<A, CL, 2>& acc) {
           const auto in = src<T, CL, U>(x, s, 0);
           const Chan<CL, A> p(pp.get(), s.c);
@@ -90,29 +103,42 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
           });
         },
         [&](int64_t lo, int64_t hi, int attempt) {
-          bool moved = false;
+          // Loops without branches, which the compiler vectorises, and one division a
+          // channel (with few rows of many channels this step outweighed the passes).
+          const double inv_m = 1.0 / M;
+#pragma omp simd
           for (int64_t c = lo; c < hi; ++c) {
-            m1[c] = sums[c] / M;
-            biased[c] = std::max(sums[C + c] / M - m1[c] * m1[c], 0.0);
-            const bool far = m1[c] * m1[c] > MAX_PIVOT_OFFSET * MAX_PIVOT_OFFSET * biased[c] &&
-                             std::isfinite(m1[c]);
-            if (far && attempt == 0) pivot[c] = A(double(pivot[c]) + m1[c]), moved = true;
+            m1[c] = sums[c] * inv_m;
+            biased[c] = std::max(sums[C + c] * inv_m - m1[c] * m1[c], 0.0);
           }
-          if (moved) {
-            if (g.fold > 1) pp = PassArray<A>(g, pivot.data());
-            return true;
+          if (attempt == 0) {
+            auto far = [&](int64_t c) {
+              return m1[c] * m1[c] > MAX_PIVOT_OFFSET * MAX_PIVOT_OFFSET * biased[c] &&
+                     std::isfinite(m1[c]);
+            };
+            int any = 0;
+#pragma omp simd reduction(| : any)
+            for (int64_t c = lo; c < hi; ++c) any |= int(far(c));
+            if (any) {
+              for (int64_t c = lo; c < hi; ++c)
+                if (far(c)) pivot[c] = A(double(pivot[c]) + m1[c]);
+              pp.refresh(g, lo, hi);
+              return true;
+            }
           }
+          // 1 / sqrt in the accumulation type: float's square root and division take a
+          // fraction of double's time, and the result is stored as A anyway.
+#pragma omp simd
           for (int64_t c = lo; c < hi; ++c) {
-            const double v = biased[c];
             mean[c] = A(double(pivot[c]) + m1[c]);
-            if (var) var[c] = A(v);
-            invstd[c] = A(1.0 / std::sqrt(v + eps));
-            running.update(c, double(mean[c]), v, M);
+            invstd[c] = A(1) / std::sqrt(A(biased[c] + eps));
             scale[c] = w[c] * invstd[c];
           }
+          if (var) std::copy(biased.get() + lo, biased.get() + hi, var + lo);
+          running.update(lo, hi, mean, biased.get(), M);
           return false;
         },
-        [&] { return affine_map<T, CL, RELU, U>(g, x, y, mean, scale.data(), b); });
+        [&] { return affine_map<T, CL, RELU, U>(g, x, y, mean, scale.get(), b); });
   });
 }
 
@@ -144,7 +170,7 @@ void forward_eval(int dtype, const Geom& g, int nth, const TD& x, const TD& y,
     const A* rv = reinterpret_cast<const A*>(running_var);
     const A* wt = reinterpret_cast<const A*>(w);
     const A* bt = reinterpret_cast<const A*>(b);
-    std::vector<A> scale(g.channels());
+    auto scale = scratch<A>(g.channels());
     for (int64_t c = 0; c < g.channels(); ++c)
       scale[c] = wt[c] * A(1.0 / std::sqrt(double(rv[c]) + eps));
     constexpr bool CL = decltype(cl)::value;
@@ -152,7 +178,7 @@ void forward_eval(int dtype, const Geom& g, int nth, const TD& x, const TD& y,
     when(unit_runs<CL>({x, out}), [&](auto unit) {
       map_pass<CL>(g, nth, 1,
                    affine_map<T, CL, decltype(act)::value, decltype(unit)::value>(
-                       g, x, out, rm, scale.data(), bt));
+                       g, x, out, rm, scale.get(), bt));
     });
   });
 }

@@ -13,8 +13,8 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
   using A = acc_t<T>;
   const int64_t C = g.channels();
   const double M = g.count();
-  std::vector<double> sums(K * 2 * C, 0.0);
-  std::vector<A> alpha(C), beta(K * C), gamma(K * C);
+  auto sums = scratch<double>(K * 2 * C);
+  auto alpha = scratch<A>(C), beta = scratch<A>(K * C), gamma = scratch<A>(K * C);
   const Stats<A> st(g, mean, invstd, w, b);
   when(unit_runs<CL>({x, xt, yt}), [&](auto unit) {
     when(xt.ptr != 0, [&](auto has_xt) {
@@ -24,8 +24,9 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
       // and w_t: not multiplied by 0 for a bias tangent alone, where a non-finite x would
       // make NaN of a term the reference does not have.
       const bool uses_xhat = HX || wt;
+      if (!HX) std::fill(sums.get(), sums.get() + K * 2 * C, 0.0);  // no reduction pass
       reduce_map<A, CL, 2>(
-          g, nth, K, input_bytes<T>(K, {x, xt}), HX, sums.data(),
+          g, nth, K, input_bytes<T>(K, {x, xt}), HX, sums.get(),
           [&](const Seg& s, int64_t k, const Acc<A, CL, 2>& acc) {
             const P pr(x, s, st);
             const auto t = src<T, CL, U>(xt, s, k);
@@ -36,8 +37,10 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
             });
           },
           [&](int64_t lo, int64_t hi, int) {
+#pragma omp simd
             for (int64_t c = lo; c < hi; ++c) alpha[c] = HX ? A(double(w[c]) * invstd[c]) : A(0);
             for (int64_t k = 0; k < K; ++k)
+#pragma omp simd
               for (int64_t c = lo; c < hi; ++c) {
                 const double mu = sums[(2 * k) * C + c] / M, proj = sums[(2 * k + 1) * C + c] / M;
                 beta[k * C + c] =
@@ -47,8 +50,8 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
             return false;
           },
           [&] {
-            return [&, pal = PassArray<A>(g, alpha.data()), pbe = PassArray<A>(g, beta.data(), K),
-                    pga = PassArray<A>(g, gamma.data(), K)](const Seg& s, int64_t k) {
+            return [&, pal = PassArray<A>(g, alpha.get()), pbe = PassArray<A>(g, beta.get(), K),
+                    pga = PassArray<A>(g, gamma.get(), K)](const Seg& s, int64_t k) {
               const P pr(x, s, st);
               const auto t = src<T, CL, U>(xt, s, k);
               const auto o = dst<T, CL, U>(yt, s, k);

@@ -202,6 +202,40 @@ def test_fused_statistics_move_a_far_pivot_per_block(native, fuse_max_bytes):
     torch.testing.assert_close(whole[1], x.double().mean((0, 2, 3)).float())
 
 
+@pytest.mark.parametrize("shape", [(24, 8192), (24, 4096, 2, 2)], ids=("rows", "folded"))
+def test_many_channels_finish_their_statistics_in_ranges(native, shape):
+    """From 4096 channels the per-channel step runs in one range per thread: a range
+    whose pivots land far (its channels' first values are outliers: 4.8 standard
+    deviations) repeats the statistics pass and finishes again, the others finish once;
+    each running statistic moves once. (2-D rows: the pivot is row 0; folded: row 0's
+    four values.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(14)
+        x64 = torch.randn(shape, generator=gen, dtype=torch.float64)
+        c = shape[1]
+        x64[0, c // 2:] = 1e4
+        x = x64.float()
+        assert cpu._plan(x).geom[4] == (1 if len(shape) == 2 else 4)
+        w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+        running_mean, running_var = torch.zeros(c), torch.ones(c)
+        y, mean, invstd = cpu.forward_train(x, w, b, 1e-5, None, running_mean, running_var,
+                                            0.1)
+        y64, mean64, invstd64 = reference.forward_train(x64, w.double(), b.double(), 1e-5)
+        dims = [0, *range(2, x.dim())]
+        unbiased64 = x64.var(dims, unbiased=True)
+        torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
+        # (float32 lanes: the statistics of a few dozen values lose a few ulps)
+        torch.testing.assert_close(invstd.double(), invstd64, rtol=4e-6, atol=0)
+        torch.testing.assert_close(y.double(), y64, rtol=0, atol=1e-4)
+        torch.testing.assert_close(running_mean.double(), 0.1 * mean64, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(running_var.double(), 0.9 + 0.1 * unbiased64, rtol=1e-6,
+                                   atol=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fuse_size_from_the_environment():
     import os
     import subprocess
