@@ -171,6 +171,7 @@ void forward_eval(int dtype, const Geom& g, int nth, const TD& x, const TD& y,
     const A* wt = reinterpret_cast<const A*>(w);
     const A* bt = reinterpret_cast<const A*>(b);
     auto scale = scratch<A>(g.channels());
+#pragma omp simd
     for (int64_t c = 0; c < g.channels(); ++c)
       scale[c] = wt[c] * A(1.0 / std::sqrt(double(rv[c]) + eps));
     constexpr bool CL = decltype(cl)::value;
