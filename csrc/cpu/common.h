@@ -615,10 +615,13 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
               for (int64_t c = 0; c < c1 - c0; ++c) oc[c] += double(f[c]);
               continue;
             }
-            // Pass channel c belongs to channel c / fold: counted, not divided per c.
-            for (int64_t c = c0, ch = c0 / g.fold, l = c0 % g.fold; c < c1; ++c) {
-              o[ch - lo] += double(f[c - c0]);
-              if (++l == g.fold) l = 0, ++ch;
+            // Pass channels [ch * fold, (ch + 1) * fold) belong to channel ch, added in
+            // order in a register (through memory, each addition waited on the last).
+            for (int64_t c = c0; c < c1;) {
+              const int64_t ch = c / g.fold, end = std::min(c1, (ch + 1) * g.fold);
+              double sum = o[ch - lo];
+              for (; c < end; ++c) sum += double(f[c - c0]);
+              o[ch - lo] = sum;
             }
           }
           std::fill(facc.begin(), facc.end(), A(0));

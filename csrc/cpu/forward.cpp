@@ -74,9 +74,11 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
       for (int64_t c = 0; c < C; ++c) sample[c] += double(to_acc<A>(x0[c * x.sC + l * x.sL]));
       continue;
     }
-    for (int64_t pc = 0, c = 0, f = 0; pc < g.C; ++pc) {  // pass channel pc of channel c
-      sample[c] += double(to_acc<A>(x0[pc * x.sC + l * x.sL]));
-      if (++f == g.fold) f = 0, ++c;
+    for (int64_t c = 0; c < C; ++c) {  // pass channels [c * fold, (c + 1) * fold)
+      double sum = sample[c];
+      for (int64_t pc = c * g.fold; pc < (c + 1) * g.fold; ++pc)
+        sum += double(to_acc<A>(x0[pc * x.sC + l * x.sL]));
+      sample[c] = sum;
     }
   }
   auto pivot = scratch<A>(C);
