@@ -30,6 +30,14 @@ def native(monkeypatch):
     monkeypatch.setattr(cpu, "reference", NoFallback("cpu"))
 
 
+@pytest.fixture
+def num_threads():
+    """torch.set_num_threads for one test; the count before it is restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 LAYOUTS = ("nchw", "channels_last", "channels_last_3d", "2d", "3d", "slice", "strided_l", "c1",
            "c1_2d", "strided_fold")
 BIG = ("big_nchw", "many_rows", "wide_c", "long_rows", "big_cl", "big_fold", "few_rows_fold")
@@ -97,27 +105,23 @@ def test_folding_is_taken_and_unfolded_runs_agree(native, monkeypatch, layout):
 
 
 @pytest.mark.parametrize("shape", [(4, 20000, 3), (64, 300, 4, 5)], ids=str)
-def test_channels_last_threads_sum_their_channel_spans(native, shape):
+def test_channels_last_threads_sum_their_channel_spans(native, num_threads, shape):
     """With few rows a thread's channels-last tasks reach a span of the channels, one
     channel possibly split between two threads' spans (4 threads here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(4)
-    try:
-        gen = torch.Generator().manual_seed(11)
-        x = torch.randn(shape, generator=gen, dtype=torch.float64)
-        c = shape[1]
-        w, b = torch.randn(c, generator=gen, dtype=x.dtype), torch.randn(c, generator=gen,
-                                                                         dtype=x.dtype)
-        for got, want in zip(cpu.forward_train(x, w, b, 1e-5),
-                             reference.forward_train(x, w, b, 1e-5)):
-            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-        mean, _, invstd = reference.statistics(x, 1e-5)
-        grad_y = torch.randn((3, *shape), generator=gen, dtype=x.dtype)
-        for got, want in zip(cpu.backward(grad_y, x, mean, invstd, w, b),
-                             reference.backward(grad_y, x, mean, invstd, w, b)):
-            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    finally:
-        torch.set_num_threads(threads)
+    num_threads(4)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    c = shape[1]
+    w, b = torch.randn(c, generator=gen, dtype=x.dtype), torch.randn(c, generator=gen,
+                                                                     dtype=x.dtype)
+    for got, want in zip(cpu.forward_train(x, w, b, 1e-5),
+                         reference.forward_train(x, w, b, 1e-5)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    mean, _, invstd = reference.statistics(x, 1e-5)
+    grad_y = torch.randn((3, *shape), generator=gen, dtype=x.dtype)
+    for got, want in zip(cpu.backward(grad_y, x, mean, invstd, w, b),
+                         reference.backward(grad_y, x, mean, invstd, w, b)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.fixture
@@ -159,29 +163,25 @@ WIDE = ("big_nchw", "long_rows", "threaded")   # rows long enough for blocks per
 @pytest.mark.parametrize("layout", FUSED)
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("op", OPS)
-def test_fused_passes_same_bits(native, fuse_max_bytes, op, layout, dtype):
+def test_fused_passes_same_bits(native, num_threads, fuse_max_bytes, op, layout, dtype):
     """NCHW channel blocks whose two passes run back to back give the bits of the whole
     passes: one block (one thread), one per thread, and blocks of a few channels. K forms
     run whole."""
-    threads = torch.get_num_threads()
-    try:
-        for k in (None, 3) if op in K_OPS else (None,):
-            p = _problem(layout, dtype, k, seed=6)
-            plan = cpu._plan(p["x"])
-            per_value = 8 * p["x"].element_size() * (k or 1)   # more than any kernel reads
-            few = -(-cpu._C.FUSE_MIN_RUN // plan.L)               # channels per narrowest block
-            fuse_max_bytes(0)
-            whole = _tuple(_call(cpu, op, p, "relu"))
-            narrow = plan.N * plan.L * per_value * few
-            for nth, budget in ((1, 1 << 40), (2, 1 << 40), (2, narrow)):
-                torch.set_num_threads(nth)
-                fuse_max_bytes(budget)
-                blocks = cpu._C.fused_block(plan.geom, nth, k or 1, per_value)
-                assert blocks == 0 if k else blocks >= 1 or (nth > 1 and layout not in WIDE)
-                for a, b in zip(whole, _tuple(_call(cpu, op, p, "relu"))):
-                    assert (a is None and b is None) or torch.equal(a, b)
-    finally:
-        torch.set_num_threads(threads)
+    for k in (None, 3) if op in K_OPS else (None,):
+        p = _problem(layout, dtype, k, seed=6)
+        plan = cpu._plan(p["x"])
+        per_value = 8 * p["x"].element_size() * (k or 1)   # more than any kernel reads
+        few = -(-cpu._C.FUSE_MIN_RUN // plan.L)               # channels per narrowest block
+        fuse_max_bytes(0)
+        whole = _tuple(_call(cpu, op, p, "relu"))
+        narrow = plan.N * plan.L * per_value * few
+        for nth, budget in ((1, 1 << 40), (2, 1 << 40), (2, narrow)):
+            num_threads(nth)
+            fuse_max_bytes(budget)
+            blocks = cpu._C.fused_block(plan.geom, nth, k or 1, per_value)
+            assert blocks == 0 if k else blocks >= 1 or (nth > 1 and layout not in WIDE)
+            for a, b in zip(whole, _tuple(_call(cpu, op, p, "relu"))):
+                assert (a is None and b is None) or torch.equal(a, b)
 
 
 def test_fused_statistics_move_a_far_pivot_per_block(native, fuse_max_bytes):
@@ -203,37 +203,33 @@ def test_fused_statistics_move_a_far_pivot_per_block(native, fuse_max_bytes):
 
 
 @pytest.mark.parametrize("shape", [(24, 8192), (24, 4096, 2, 2)], ids=("rows", "folded"))
-def test_many_channels_finish_their_statistics_in_ranges(native, shape):
+def test_many_channels_finish_their_statistics_in_ranges(native, num_threads, shape):
     """From 4096 channels the per-channel step runs in one range per thread: a range
     whose pivots land far (its channels' first values are outliers: 4.8 standard
     deviations) repeats the statistics pass and finishes again, the others finish once;
     each running statistic moves once. (2-D rows: the pivot is row 0; folded: row 0's
     four values.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        gen = torch.Generator().manual_seed(14)
-        x64 = torch.randn(shape, generator=gen, dtype=torch.float64)
-        c = shape[1]
-        x64[0, c // 2:] = 1e4
-        x = x64.float()
-        assert cpu._plan(x).geom[4] == (1 if len(shape) == 2 else 4)
-        w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
-        running_mean, running_var = torch.zeros(c), torch.ones(c)
-        y, mean, invstd = cpu.forward_train(x, w, b, 1e-5, None, running_mean, running_var,
-                                            0.1)
-        y64, mean64, invstd64 = reference.forward_train(x64, w.double(), b.double(), 1e-5)
-        dims = [0, *range(2, x.dim())]
-        unbiased64 = x64.var(dims, unbiased=True)
-        torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
-        # (float32 lanes: the statistics of a few dozen values lose a few ulps)
-        torch.testing.assert_close(invstd.double(), invstd64, rtol=4e-6, atol=0)
-        torch.testing.assert_close(y.double(), y64, rtol=0, atol=1e-4)
-        torch.testing.assert_close(running_mean.double(), 0.1 * mean64, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(running_var.double(), 0.9 + 0.1 * unbiased64, rtol=1e-6,
-                                   atol=0)
-    finally:
-        torch.set_num_threads(threads)
+    num_threads(2)
+    gen = torch.Generator().manual_seed(14)
+    x64 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    c = shape[1]
+    x64[0, c // 2:] = 1e4
+    x = x64.float()
+    assert cpu._plan(x).geom[4] == (1 if len(shape) == 2 else 4)
+    w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+    running_mean, running_var = torch.zeros(c), torch.ones(c)
+    y, mean, invstd = cpu.forward_train(x, w, b, 1e-5, None, running_mean, running_var,
+                                        0.1)
+    y64, mean64, invstd64 = reference.forward_train(x64, w.double(), b.double(), 1e-5)
+    dims = [0, *range(2, x.dim())]
+    unbiased64 = x64.var(dims, unbiased=True)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
+    # (float32 lanes: the statistics of a few dozen values lose a few ulps)
+    torch.testing.assert_close(invstd.double(), invstd64, rtol=4e-6, atol=0)
+    torch.testing.assert_close(y.double(), y64, rtol=0, atol=1e-4)
+    torch.testing.assert_close(running_mean.double(), 0.1 * mean64, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(running_var.double(), 0.9 + 0.1 * unbiased64, rtol=1e-6,
+                               atol=0)
 
 
 def test_fuse_size_from_the_environment():
@@ -438,36 +434,28 @@ def test_running_stats(native, x_dtype, running_dtype, strided):
 
 
 @pytest.mark.parametrize("layout", BIG)
-def test_bitwise_deterministic(native, layout):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for op in OPS:
-            for k in (3,) if op in K_OPS else (None,):
-                p = _problem(layout, torch.float32, k, seed=5)
-                first, second = _call(cpu, op, p, "relu"), _call(cpu, op, p, "relu")
-                for a, b in zip(_tuple(first), _tuple(second)):
-                    assert torch.equal(a, b), op
-    finally:
-        torch.set_num_threads(threads)
+def test_bitwise_deterministic(native, num_threads, layout):
+    num_threads(2)
+    for op in OPS:
+        for k in (3,) if op in K_OPS else (None,):
+            p = _problem(layout, torch.float32, k, seed=5)
+            first, second = _call(cpu, op, p, "relu"), _call(cpu, op, p, "relu")
+            for a, b in zip(_tuple(first), _tuple(second)):
+                assert torch.equal(a, b), op
 
 
 @pytest.mark.parametrize("layout", ("big_nchw", "many_rows", "wide_c"))
-def test_nchw_thread_count_invariant(native, layout):
+def test_nchw_thread_count_invariant(native, num_threads, layout):
     """NCHW sums are combined per fixed work unit, so the bits do not depend on threads."""
-    threads = torch.get_num_threads()
-    try:
-        for op in OPS:
-            for k in (3,) if op in K_OPS else (None,):
-                p = _problem(layout, torch.float32, k, seed=7)
-                torch.set_num_threads(1)
-                one = _call(cpu, op, p, "relu")
-                torch.set_num_threads(2)
-                two = _call(cpu, op, p, "relu")
-                for a, b in zip(_tuple(one), _tuple(two)):
-                    assert torch.equal(a, b), op
-    finally:
-        torch.set_num_threads(threads)
+    for op in OPS:
+        for k in (3,) if op in K_OPS else (None,):
+            p = _problem(layout, torch.float32, k, seed=7)
+            num_threads(1)
+            one = _call(cpu, op, p, "relu")
+            num_threads(2)
+            two = _call(cpu, op, p, "relu")
+            for a, b in zip(_tuple(one), _tuple(two)):
+                assert torch.equal(a, b), op
 
 
 def test_output_memory_format(native):
