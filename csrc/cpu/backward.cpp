@@ -14,7 +14,7 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
   const double M = g.count();
   auto sums = scratch<double>(K * 2 * C);
   auto cg = scratch<A>(C), cx = scratch<A>(K * C), c0 = scratch<A>(K * C);
-  const Stats<A> st(g, mean, invstd, w, b);
+  const Stats<A> st(g, RELU, mean, invstd, w, b);
   when(unit_runs<CL>({x, dy, dx}), [&](auto unit) {
     constexpr bool U = decltype(unit)::value;
     using P = Prim<T, A, CL, RELU, U>;

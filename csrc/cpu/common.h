@@ -168,24 +168,24 @@ std::unique_ptr<V[]> scratch(int64_t n) {
 }
 
 // A per-channel array, (rows, channels), as the passes index it, (rows, g.C): each
-// channel's values repeated for its g.fold pass channels (a copy); the array itself when
-// g.fold is 1.
+// channel's values repeated for its g.fold pass channels (a copy, written before it is
+// read: not zeroed); the array itself when g.fold is 1.
 template <class A>
 class PassArray {
  public:
   PassArray(const Geom& g, const A* values, int64_t rows = 1) : values_(values), p_(values) {
     if (g.fold == 1 || values == nullptr) return;
-    copy_.resize(size_t(rows * g.C));
-    p_ = copy_.data();
+    copy_ = scratch<A>(rows * g.C);
+    p_ = copy_.get();
     for (int64_t r = 0; r < rows; ++r) refresh(g, 0, g.channels(), r);
   }
   // After values of channels [lo, hi) of row r changed: the copy takes them (only these
   // entries are written, so threads may refresh disjoint ranges at once).
   void refresh(const Geom& g, int64_t lo, int64_t hi, int64_t r = 0) {
-    if (copy_.empty()) return;
+    if (!copy_) return;
     const int64_t C = g.channels();
     for (int64_t c = lo; c < hi; ++c)
-      std::fill_n(copy_.data() + r * g.C + c * g.fold, g.fold, values_[r * C + c]);
+      std::fill_n(copy_.get() + r * g.C + c * g.fold, g.fold, values_[r * C + c]);
   }
   // Moves keep the buffer p_ points into; a copy would point into the original's.
   PassArray(PassArray&&) = default;
@@ -195,10 +195,31 @@ class PassArray {
   const A* get() const { return p_; }
 
  private:
-  std::vector<A> copy_;
+  std::unique_ptr<A[]> copy_;
   const A* values_;
   const A* p_;
 };
+
+// o[c / fold - lo] += v(c) for the pass channels c in [c0, c1), each channel's terms in
+// pass-channel order (the same bits as one chain per channel). The channels whole in
+// the range add position by position across channels: independent additions, where a
+// chain of fold dependent ones per channel made a folded reduction with few rows
+// latency bound (fold is 1 without folding: one term per channel).
+template <class F>
+inline void fold_add(int64_t fold, int64_t c0, int64_t c1, double* o, int64_t lo, F&& v) {
+  auto chain = [&](int64_t a, int64_t b) {  // part of one channel's pass channels
+    double sum = o[a / fold - lo];
+    for (int64_t c = a; c < b; ++c) sum += v(c);
+    o[a / fold - lo] = sum;
+  };
+  const int64_t first = (c0 + fold - 1) / fold, last = c1 / fold;  // whole: [first, last)
+  if (first > last) return chain(c0, c1);
+  if (c0 < first * fold) chain(c0, first * fold);
+  for (int64_t l = 0; l < fold; ++l)
+#pragma omp simd
+    for (int64_t ch = first; ch < last; ++ch) o[ch - lo] += v(ch * fold + l);
+  if (last * fold < c1) chain(last * fold, c1);
+}
 
 inline int64_t offset(const TD& t, const Seg& s, int64_t k) {
   return k * t.sK + s.nn * t.sN + s.c * t.sC + s.l * t.sL;
@@ -319,12 +340,14 @@ inline bool unit_runs(std::initializer_list<TD> ts) {
 }
 
 // Per-channel value at element i of a run: a register copy for NCHW (one channel per
-// run, and no aliasing with the outputs), consecutive channels for channels-last.
+// run, and no aliasing with the outputs), consecutive channels for channels-last. A
+// null base (an array the pass does not read) gives a Chan that must not be read.
 template <bool CL, class A>
 struct Chan {
   const A* p;
   A v;
-  Chan(const A* base, int64_t c) : p(base + c), v(CL ? A(0) : base[c]) {}
+  Chan(const A* base, int64_t c)
+      : p(base ? base + c : nullptr), v(CL || !base ? A(0) : base[c]) {}
   A operator[](int64_t i) const {
     if constexpr (CL) return p[i];
     else return v;
@@ -345,12 +368,13 @@ inline A and_mask(bool on, A v) {
 }
 
 // The per-channel arrays of the primal (mean, invstd, weight, bias) as the passes index
-// them.
+// them. Weight and bias enter only through the ReLU mask: without it they are neither
+// copied out for folding nor read (null).
 template <class A>
 struct Stats {
   PassArray<A> mean, invstd, w, b;
-  Stats(const Geom& g, const A* m, const A* r, const A* wt, const A* bt)
-      : mean(g, m), invstd(g, r), w(g, wt), b(g, bt) {}
+  Stats(const Geom& g, bool relu, const A* m, const A* r, const A* wt, const A* bt)
+      : mean(g, m), invstd(g, r), w(g, relu ? wt : nullptr), b(g, relu ? bt : nullptr) {}
 };
 
 // x's run with the statistics: xhat and the ReLU mask (xhat * weight + bias > 0), both
@@ -609,20 +633,7 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
           for (int j = 0; j < NS; ++j) {
             const A* f = facc.data() + j * SEG;
             double* o = thread_part[t].data() + (k * NS + j) * (hi - lo);
-            if (g.fold == 1) {
-              double* oc = o + (c0 - lo);
-#pragma omp simd
-              for (int64_t c = 0; c < c1 - c0; ++c) oc[c] += double(f[c]);
-              continue;
-            }
-            // Pass channels [ch * fold, (ch + 1) * fold) belong to channel ch, added in
-            // order in a register (through memory, each addition waited on the last).
-            for (int64_t c = c0; c < c1;) {
-              const int64_t ch = c / g.fold, end = std::min(c1, (ch + 1) * g.fold);
-              double sum = o[ch - lo];
-              for (; c < end; ++c) sum += double(f[c - c0]);
-              o[ch - lo] = sum;
-            }
+            fold_add(g.fold, c0, c1, o, lo, [&](int64_t c) { return double(f[c - c0]); });
           }
           std::fill(facc.begin(), facc.end(), A(0));
         };

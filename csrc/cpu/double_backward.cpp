@@ -21,7 +21,7 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
   auto ya = scratch<A>(K * C), yx = scratch<A>(K * C), y0 = scratch<A>(K * C),
        xa = scratch<A>(K * C), xg = scratch<A>(K * C), xx = scratch<A>(K * C),
        x0 = scratch<A>(K * C);
-  const Stats<A> st(g, mean, invstd, w, b);
+  const Stats<A> st(g, RELU, mean, invstd, w, b);
   when(unit_runs<CL>({x, dy, ggx, out_gdy, out_gx}), [&](auto unit) {
     when(ggx.ptr != 0, [&](auto has_a) {
       constexpr bool U = decltype(unit)::value, HA = decltype(has_a)::value;
@@ -113,7 +113,7 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
   auto sums = scratch<double>(K * NS * C);
   auto et = scratch<A>(C), eu = scratch<A>(K * C), eg = scratch<A>(K * C),
        ex = scratch<A>(K * C), e0 = scratch<A>(K * C);
-  const Stats<A> st(g, mean, invstd, w, b);
+  const Stats<A> st(g, RELU, mean, invstd, w, b);
   when(unit_runs<CL>({x, dy, dyt, xt, out_gx}), [&](auto unit) {
     when(dyt.ptr != 0, [&](auto has_gt) {
       when(xt.ptr != 0, [&](auto has_xt) {

@@ -68,19 +68,9 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
   const int64_t np = std::max<int64_t>(1, std::min({g.L, PIVOT_SAMPLE, g.M() / 16}));
   const T* x0 = reinterpret_cast<const T*>(x.ptr);
   std::vector<double> sample(C, 0.0);
-  for (int64_t l = 0; l < np; ++l) {
-    if (g.fold == 1) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) sample[c] += double(to_acc<A>(x0[c * x.sC + l * x.sL]));
-      continue;
-    }
-    for (int64_t c = 0; c < C; ++c) {  // pass channels [c * fold, (c + 1) * fold)
-      double sum = sample[c];
-      for (int64_t pc = c * g.fold; pc < (c + 1) * g.fold; ++pc)
-        sum += double(to_acc<A>(x0[pc * x.sC + l * x.sL]));
-      sample[c] = sum;
-    }
-  }
+  for (int64_t l = 0; l < np; ++l)
+    fold_add(g.fold, 0, g.C, sample.data(), 0,
+             [&](int64_t c) { return double(to_acc<A>(x0[c * x.sC + l * x.sL])); });
   auto pivot = scratch<A>(C);
   const double taken = double(np * g.fold);
 #pragma omp simd

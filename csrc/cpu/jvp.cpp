@@ -15,7 +15,7 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
   const double M = g.count();
   auto sums = scratch<double>(K * 2 * C);
   auto alpha = scratch<A>(C), beta = scratch<A>(K * C), gamma = scratch<A>(K * C);
-  const Stats<A> st(g, mean, invstd, w, b);
+  const Stats<A> st(g, RELU, mean, invstd, w, b);
   when(unit_runs<CL>({x, xt, yt}), [&](auto unit) {
     when(xt.ptr != 0, [&](auto has_xt) {
       constexpr bool U = decltype(unit)::value, HX = decltype(has_xt)::value;
