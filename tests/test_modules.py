@@ -166,16 +166,25 @@ def test_a_layer_made_and_trained_in_inference_mode(backend):
         torch.testing.assert_close(c, b, msg=name)
 
 
-def test_an_eval_output_whose_statistics_moved_since_refuses_its_backward(backend):
-    """The eval backward reads the running statistics: a training call in between updates
-    them in place, and autograd must say so (torch's native op does not mark them
-    written and returns the gradient of the new statistics)."""
-    layer = fastbn.BatchNorm1d(3).eval()
-    x = torch.randn(4, 3, requires_grad=True)
+def test_an_eval_output_keeps_the_gradient_of_the_statistics_it_used(backend):
+    """A training call between an eval call and its backward updates the running
+    statistics in place: the eval output's gradient is still that of the statistics it
+    was computed with (torch's native op returns the gradient of the new ones)."""
+    layer = fastbn.BatchNorm1d(3).double().eval()
+    with torch.no_grad():
+        layer.running_var.uniform_(0.5, 2.0)
+        layer.weight.uniform_(0.5, 2.0)
+    used = layer.running_mean.clone(), layer.running_var.clone()
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(4, 3, dtype=torch.float64)
     y = layer(x)
-    layer.train()(torch.randn(4, 3) + 5)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        y.sum().backward()
+    layer.train()(torch.randn(4, 3, dtype=torch.float64) + 5)
+    assert not torch.equal(layer.running_var, used[1])
+    y.backward(gy)
+    expected = gy * layer.weight.detach() / torch.sqrt(used[1] + layer.eps)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-12, atol=0)
+    xhat = (x.detach() - used[0]) / torch.sqrt(used[1] + layer.eps)
+    torch.testing.assert_close(layer.weight.grad, (gy * xhat).sum(0), rtol=1e-12, atol=0)
 
 
 def test_an_inference_mode_layer_trained_outside_it_fails_before_any_update():
@@ -434,6 +443,24 @@ def test_convert_refuses_parametrized_batch_norms_before_changing_anything(sync)
         with pytest.raises(ValueError, match="parametrizations"):
             fastbn.convert(model, sync=sync)
         assert [type(m) for m in model] == before
+
+
+def test_convert_refuses_a_compiled_batch_norm_and_does_not_fuse_one():
+    """Module.compile() makes a layer run a compiled call bound to that object: a
+    converted layer taking over its dicts would go on running torch's forward, and a
+    fused copy would run unfused with its ReLU gone."""
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU())
+    model[1].compile(backend="eager")
+    before = [type(m) for m in model]
+    with pytest.raises(ValueError, match="Module.compile"):
+        fastbn.convert(model)
+    assert [type(m) for m in model] == before
+
+    model = fastbn.convert(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU()))
+    model[1].compile(backend="eager")
+    fastbn.convert(model, fuse_relu=True)
+    assert model[1].activation is None and type(model[2]) is nn.ReLU
+    assert (model.eval()(torch.randn(2, 3, 4, 4)) >= 0).all()
 
 
 def test_torchscript_is_refused_in_words():

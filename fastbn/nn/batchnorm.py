@@ -254,7 +254,8 @@ def _fuse_relu(seq, shared):
     """In a plain nn.Sequential, a fastbn layer that an nn.ReLU directly follows becomes a
     fused copy of itself (its parameters and buffers), and the ReLU nn.Identity. Not
     where either has a hook (it would see the other's output), nor for subclasses with
-    their own forward, nor for a layer held at another place too (`shared`): that one
+    their own forward, nor for a layer compiled with Module.compile() (its compiled call
+    runs it unfused), nor for a layer held at another place too (`shared`): that one
     stays one layer, where a fused copy would part from it under .to(), .eval() or a
     changed momentum."""
     if not _plain_sequential(seq):
@@ -264,7 +265,8 @@ def _fuse_relu(seq, shared):
         bn, relu = seq._modules[first], seq._modules[second]
         if (isinstance(bn, _FastBatchNorm) and type(bn).forward is _FastBatchNorm.forward
                 and bn.activation is None and type(relu) is nn.ReLU
-                and id(bn) not in shared and not (_hooked(bn) or _hooked(relu))):
+                and id(bn) not in shared and not (_hooked(bn) or _hooked(relu))
+                and not _compiled(bn)):
             fused = _take_over(bn, type(bn))
             fused.activation = "relu"
             seq._modules[first] = fused
@@ -302,8 +304,10 @@ def convert(module, *, fuse_relu=False, sync=False, process_group=None):
     `sync=True` every batch norm, fastbn's local layers and subclasses of torch's
     included (as torch's `convert_sync_batchnorm` does), becomes a
     fastbn.SyncBatchNorm over `process_group` (default: the whole world). A layer
-    reached at several places becomes one converted layer. Returns the converted module
-    (a new object only when `module` itself is a batch norm).
+    reached at several places becomes one converted layer. A batch norm with
+    parametrizations or compiled with Module.compile() is refused (ValueError, before
+    anything changes). Returns the converted module (a new object only when `module`
+    itself is a batch norm).
     """
     for child in module.modules():
         _check_convertible(child, sync)
@@ -315,19 +319,37 @@ def convert(module, *, fuse_relu=False, sync=False, process_group=None):
     return new
 
 
+def _replaced(cls, sync):
+    """Whether convert puts another object in the place of a module of class `cls`."""
+    if sync and issubclass(cls, SyncBatchNorm):
+        return False   # kept, with the process group set
+    return cls in _REPLACEMENTS or cls in _LAZY_REPLACEMENTS or (sync and issubclass(
+        cls, (nn.modules.batchnorm._BatchNorm, _FastBatchNorm)))
+
+
+def _compiled(module):
+    """Whether Module.compile() made `module` run a compiled call of itself: a bound
+    method of that object, which another object taking over its dicts would still run."""
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
 def _check_convertible(module, sync):
     """Refuse, before anything changes, a batch norm that convert cannot replace: one
     with parametrizations (torch.nn.utils.parametrize makes a class for it, which another
-    class cannot take: it was skipped, or left broken), or, for SyncBatchNorm, a lazy one
-    that has no channel count yet."""
+    class cannot take: it was skipped, or left broken), one compiled with
+    Module.compile() (it would go on running torch's layer), or, for SyncBatchNorm, a
+    lazy one that has no channel count yet."""
     if parametrize.is_parametrized(module):
         cls = parametrize.type_before_parametrizations(module)
-        if cls in _REPLACEMENTS or cls in _LAZY_REPLACEMENTS or (sync and issubclass(
-                cls, (nn.modules.batchnorm._BatchNorm, _FastBatchNorm))):
+        if _replaced(cls, sync):
             raise ValueError(f"convert: a {cls.__name__} with parametrizations (on "
                              f"{', '.join(module.parametrizations)}) cannot be converted; "
                              "convert before registering them, or remove them first "
                              "(torch.nn.utils.parametrize.remove_parametrizations)")
+    if _compiled(module) and _replaced(type(module), sync):
+        raise ValueError(f"convert: a {type(module).__name__} compiled with "
+                         "Module.compile() cannot be converted (its compiled call runs "
+                         "this layer's forward); convert before compiling it")
     if sync and (type(module) in _LAZY_REPLACEMENTS or isinstance(module, _LazyFastBatchNorm)):
         raise ValueError(f"convert(sync=True): a {type(module).__name__} that has not "
                          "seen an input yet has no channel count; run one forward first")

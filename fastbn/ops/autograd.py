@@ -466,6 +466,9 @@ class EvalForward(_Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, running_mean, running_var, weight, bias, eps, activation, _ = inputs
+        # Copies, not the buffers: a training call before the backward updates those in
+        # place, and the derivatives are of the statistics this call used.
+        running_mean, running_var = running_mean.clone(), running_var.clone()
         ctx.save_for_backward(x, running_mean, running_var, weight,
                               bias_to_save(ctx, bias, activation))
         ctx.save_for_forward(x, running_mean, running_var, weight, bias)
