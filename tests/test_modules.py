@@ -187,6 +187,27 @@ def test_an_eval_output_keeps_the_gradient_of_the_statistics_it_used(backend):
     torch.testing.assert_close(layer.weight.grad, (gy * xhat).sum(0), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_running_statistics_are_rounded_once_a_step(backend, dtype):
+    """running = 0.9 * running + 0.1 * batch, in float32 and rounded once to the buffers'
+    dtype, as torch does (rounded at each of three operations they drifted). Integer
+    values make the batch means exact in float32."""
+    if backend == "reference" and dtype == torch.bfloat16:
+        pytest.skip("the reference backend's plain calls run torch's native kernel, "
+                    "whose bfloat16 blend differs")
+    layer = fastbn.BatchNorm1d(256).to(dtype)
+    reference_layer = nn.BatchNorm1d(256).to(dtype)
+    for _ in range(5):
+        before = layer.running_mean.clone()
+        x = torch.randint(-8, 9, (8, 256)).to(dtype)
+        layer(x)
+        reference_layer(x)
+        expected = (before.float() * 0.9 + x.float().mean(0) * 0.1).to(dtype)
+        assert torch.equal(layer.running_mean, expected)
+        if dtype == torch.float16:
+            assert torch.equal(layer.running_mean, reference_layer.running_mean)
+
+
 def test_an_inference_mode_layer_trained_outside_it_fails_before_any_update():
     def layer(cls):
         with torch.inference_mode():

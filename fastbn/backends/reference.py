@@ -148,8 +148,14 @@ def blend_running_stats(running_mean, running_var, mean, unbiased_var, momentum)
     # alpha in at the first recompile (a momentum that changes between steps, as with
     # momentum=None, then blended with a stale value from the third step on).
     def blend():
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype) * momentum)
-        running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype) * momentum)
+        for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
+            if running.dtype == batch.dtype:
+                running.mul_(1 - momentum).add_(batch * momentum)
+            else:
+                # A lower-precision buffer (float16, bfloat16): blended in the statistics'
+                # dtype and rounded once, as torch does; in its own dtype it was rounded
+                # three times a step, and drifted.
+                running.copy_(running.to(batch.dtype) * (1 - momentum) + batch * momentum)
     _update_in_place(running_mean, blend)
 
 
