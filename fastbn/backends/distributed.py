@@ -31,9 +31,12 @@ def _check_agreement(group, values, device, what, describe):
     """Raise on every process if the group's processes describe a collective's message
     differently (`values`: ints, as many on every process): their messages would differ
     in size, which gloo answers by aborting a process and NCCL by hanging, while the
-    others read garbage. One small collective the first time each (group, values) is
-    seen: programs whose collectives match across processes see them in the same order.
-    The error names `what` they disagree on and `describe(values)` for each rank."""
+    others read garbage. One small collective the first time this process meets each
+    (group, values): programs whose collectives match across processes meet them in the
+    same order. Where processes disagree and one has met its values before, it skips
+    the check that the others enter: that disagreement is not caught (checking every
+    call would double the layer's collectives). The error names `what` they disagree on
+    and `describe(values)` for each rank."""
     key = (group, values)
     if key in _AGREED:
         return
