@@ -204,9 +204,14 @@ class PassArray {
 // pass-channel order (the same bits as one chain per channel). The channels whole in
 // the range add position by position across channels: independent additions, where a
 // chain of fold dependent ones per channel made a folded reduction with few rows
-// latency bound (fold is 1 without folding: one term per channel).
+// latency bound.
 template <class F>
 inline void fold_add(int64_t fold, int64_t c0, int64_t c1, double* o, int64_t lo, F&& v) {
+  if (fold == 1) {  // unit stride, which the general loop does not show the compiler
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) o[c - lo] += v(c);
+    return;
+  }
   auto chain = [&](int64_t a, int64_t b) {  // part of one channel's pass channels
     double sum = o[a / fold - lo];
     for (int64_t c = a; c < b; ++c) sum += v(c);
@@ -631,11 +636,11 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
         auto flush = [&] {
           const auto [lo, hi] = span[t];
           for (int j = 0; j < NS; ++j) {
-            const A* f = facc.data() + j * SEG;
+            A* f = facc.data() + j * SEG;
             double* o = thread_part[t].data() + (k * NS + j) * (hi - lo);
             fold_add(g.fold, c0, c1, o, lo, [&](int64_t c) { return double(f[c - c0]); });
+            std::fill(f, f + (c1 - c0), A(0));  // the slots this task used only
           }
-          std::fill(facc.begin(), facc.end(), A(0));
         };
         task_runs<CL>(g, task, [&](const Seg& s) {
           if (c0 < 0) c0 = s.c;
