@@ -27,6 +27,15 @@ _AGREED = set()
 _ACC_DTYPES = (torch.float32, torch.float64)
 
 
+def gather_ints(values, group, device):
+    """Every process's `values` (ints, as many on every process), by rank: one small
+    all_gather (on `device`: NCCL gathers CUDA tensors only)."""
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    return [theirs.tolist() for theirs in everyone]
+
+
 def _check_agreement(group, values, device, what, describe):
     """Raise on every process if the group's processes describe a collective's message
     differently (`values`: ints, as many on every process): their messages would differ
@@ -40,11 +49,9 @@ def _check_agreement(group, values, device, what, describe):
     key = (group, values)
     if key in _AGREED:
         return
-    mine = torch.tensor(values, dtype=torch.int64, device=device)
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, mine, group=group)
-    if any(not torch.equal(theirs, mine) for theirs in everyone):
-        described = ", ".join(describe(*theirs.tolist()) for theirs in everyone)
+    everyone = gather_ints(values, group, device)
+    if any(theirs != list(values) for theirs in everyone):
+        described = ", ".join(describe(*theirs) for theirs in everyone)
         raise RuntimeError("fastbn: the processes of a synchronised batch norm disagree on "
                            f"{what} (by rank: {described})")
     _AGREED.add(key)

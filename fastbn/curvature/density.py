@@ -5,11 +5,18 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from fastbn._checks import check_count, check_positive_number, check_seed
 from fastbn.curvature.lanczos import (bar_disabled, breakdown_threshold, check_finite_product,
                                       progress_for_all_bars, random_vectors)
 
 # Node spans below this fraction of max|θ| count as zero in the default sigma.
 SPAN_RESOLUTION = 1e-6
+
+
+def _check_quadrature_arguments(num_runs, num_steps, seed, where):
+    check_count(num_runs, "num_runs", where)
+    check_count(num_steps, "num_steps", where)
+    check_seed(seed, where)
 
 
 @progress_for_all_bars
@@ -24,12 +31,12 @@ def stochastic_lanczos_quadrature(op, *, num_runs=8, num_steps=64, seed=0, progr
     m = min(num_steps, P) on the CPU in float64; each row of weights sums to 1, and a run
     whose Krylov space became invariant early is padded with zero weights.
     Memory: the bases take num_runs · m · P values.
+    num_runs, num_steps: positive ints. seed: an int, or a CPU torch.Generator to
+        continue drawing from (None is refused: the start vectors always come from a seed).
     progress: a tqdm bar over the steps (and the operator's own bars); None follows the
         operator's `progress`.
     """
-    if num_runs < 1 or num_steps < 1:
-        raise ValueError(f"num_runs and num_steps must be positive, got {num_runs}, "
-                         f"{num_steps}")
+    _check_quadrature_arguments(num_runs, num_steps, seed, "stochastic_lanczos_quadrature")
     size = op.shape[0]
     steps = min(num_steps, size)
     start = random_vectors(op, num_runs, seed)
@@ -82,13 +89,17 @@ def spectral_density(op, *, num_runs=8, num_steps=64, grid=None, sigma=None, see
     trapezoid integral over the grid is 1; its first moment estimates trace(H)/P.
     grid: points to evaluate at (default: 1001 points over the node range ± 8σ, which
     loses no visible mass at the ends).
-    sigma: smoothing width (default: 1% of the node range; where the range is below 1e-6
-    of max|θ|, as when every eigenvalue is equal up to rounding, 1% of max|θ|, or 1.0
-    when every node is 0). The raw quadrature is `stochastic_lanczos_quadrature`. CPU
-    float64 tensors.
+    sigma: smoothing width, a positive number (default: 1% of the node range; where the
+    range is below 1e-6 of max|θ|, as when every eigenvalue is equal up to rounding, 1%
+    of max|θ|, or 1.0 when every node is 0). The raw quadrature is
+    `stochastic_lanczos_quadrature`. CPU float64 tensors. num_runs, num_steps, seed: as
+    in `stochastic_lanczos_quadrature`.
     progress: a tqdm bar over the Lanczos steps (and the operator's own bars); None
         follows the operator's `progress`.
     """
+    _check_quadrature_arguments(num_runs, num_steps, seed, "spectral_density")
+    if sigma is not None:
+        check_positive_number(sigma, "sigma", "spectral_density")
     nodes, weights = stochastic_lanczos_quadrature(op, num_runs=num_runs,
                                                    num_steps=num_steps, seed=seed,
                                                    progress=progress)
@@ -101,8 +112,6 @@ def spectral_density(op, *, num_runs=8, num_steps=64, grid=None, sigma=None, see
             sigma = 0.01 * span
         else:   # one eigenvalue: the span is rounding noise
             sigma = 0.01 * largest if largest > 0 else 1.0
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
     if grid is None:
         grid = torch.linspace(low - 8 * sigma, high + 8 * sigma, 1001, dtype=torch.float64)
     grid = torch.as_tensor(grid, dtype=torch.float64).reshape(-1)

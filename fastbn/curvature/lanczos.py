@@ -8,16 +8,17 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
+from fastbn._checks import check_count, check_positive_number, check_seed
+
 EIGEN_METHODS = ("lanczos", "power")
 
 
 def as_generator(seed):
     """A CPU torch.Generator: `seed` itself where it is one (to continue drawing from),
     else a new one seeded with it."""
+    check_seed(seed)
     if isinstance(seed, torch.Generator):
         return seed
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int or a torch.Generator, got {type(seed).__name__}")
     return torch.Generator().manual_seed(int(seed))
 
 
@@ -270,17 +271,25 @@ def eigenvalues(op, k=1, *, method="lanczos", tol=1e-3, max_iter=100, seed=0, pr
     Lanczos keeps its basis and the eigenvectors it has found, twice while it runs again:
     (max_iter + 2m) · P values on the operator's device, m the eigenvectors found (k, or
     more where repeated eigenvalues bring out more).
+    tol: a positive number; max_iter: a positive int, at least k.
+    seed: an int, or a CPU torch.Generator to continue drawing from (None is refused:
+        the start vectors always come from a seed).
     progress: a tqdm bar per run (and the operator's own bars); None follows the
         operator's `progress`.
     Returns (eigenvalues (k,), eigenvectors (P, k)); a run that stops at max_iter before
     reaching tol returns its best estimates with a RuntimeWarning.
     """
     if method not in EIGEN_METHODS:
-        raise ValueError(f"unknown method {method!r}; expected 'lanczos' or 'power'")
+        raise ValueError(f"eigenvalues: unknown method {method!r}; expected 'lanczos' or "
+                         "'power'")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= op.shape[0]:
-        raise ValueError(f"k must be an int between 1 and P={op.shape[0]}, got {k!r}")
+        raise ValueError(f"eigenvalues: k must be an int between 1 and P={op.shape[0]}, "
+                         f"got {k!r}")
+    check_positive_number(tol, "tol", "eigenvalues")
+    check_count(max_iter, "max_iter", "eigenvalues")
     if max_iter < k:
-        raise ValueError(f"max_iter must be at least k={k}, got {max_iter}")
+        raise ValueError(f"eigenvalues: max_iter must be at least k={k}, got {max_iter}")
+    check_seed(seed, "eigenvalues")
     solver = lanczos_eigenvalues if method == "lanczos" else power_eigenvalues
     values, vectors, converged = solver(op, k, tol=tol, max_iter=max_iter, seed=seed,
                                         progress=progress)

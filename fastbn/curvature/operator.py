@@ -1,6 +1,8 @@
 """The Hessian of a model's loss as a linear operator on flat parameter vectors."""
 
+import contextlib
 import functools
+import itertools
 import math
 import time
 import warnings
@@ -13,6 +15,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
+from fastbn.backends.distributed import gather_ints
 from fastbn.curvature import _memory
 from fastbn.curvature._functional import (FunctionalModel, is_single_batch, plain_attributes,
                                           savable, split_batch, tensor_attributes,
@@ -20,9 +23,15 @@ from fastbn.curvature._functional import (FunctionalModel, is_single_batch, plai
 from fastbn.curvature.lanczos import bar_disabled
 
 METHODS = ("auto", "forward-over-reverse", "reverse-over-reverse")
+# The products "auto" chooses a method for, each on its own: a single-batch matvec by
+# reverse-over-reverse reuses a kept graph, so it can be the faster there and not in matmat.
+PATHS = ("matvec", "matmat")
 # What torch 2.13 raises for jvp of grad through mse_loss (its forward-mode rule of
 # mse_loss's backward writes to a ZeroTensor).
 TORCH_ZERO_TENSOR_ERROR = "ZeroTensors are immutable"
+# How torch.func.vmap refuses an op with no batching rule (aten::rrelu_with_noise, nn.RReLU's
+# random op in training mode, say).
+TORCH_NO_BATCHING_RULE_ERROR = "vmap: we do not yet support"
 
 
 def scalar_loss(value):
@@ -59,6 +68,17 @@ def _outside_inference_mode(method):
     return run
 
 
+def _fixed_at_construction(name, doc=None, view=lambda value: value):
+    """A read-only HessianOperator attribute, kept as `_name` and read as view(_name)."""
+    def get(self):
+        return view(getattr(self, "_" + name))
+
+    def refuse(self, value):
+        raise AttributeError(f"HessianOperator.{name} is fixed at construction and cannot "
+                             "be set; make a new HessianOperator instead")
+    return property(get, refuse, doc=doc or f"The {name} the operator was made with.")
+
+
 @dataclass
 class _KeptGraph:
     """The single batch's first-order graph and what it was built from: `leaves`, the
@@ -88,6 +108,14 @@ class HessianOperator:
         same after every call, also when a call raises. Dropout layers (nn.Dropout,
         Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout) run in eval mode in the copy
         whatever the model's flag: the loss of a randomly masked model has no Hessian.
+        Other random operations (F.dropout with training=True, nn.RReLU in training mode,
+        torch.rand* in a forward) draw from torch's global generator (and the operator's
+        CUDA device's), which every evaluation of the loss resets to the state it had
+        when the operator was made and gives back as it was: H is the Hessian of that one
+        draw, the same at every call (so symmetric, and fit for Lanczos), and the
+        caller's generators are left untouched. matmat's vmapped passes share the draw
+        among their tangents (vmap's randomness="same"); an operation vmap cannot batch
+        (nn.RReLU's, in torch 2.13) makes matmat raise: use matvec there.
     criterion: (outputs, targets) -> scalar mean loss over the batch.
     data: one `(inputs, targets)` batch (inputs a tensor or a dict of tensors; wrap a
         batch with tuple inputs as [batch]) or an iterable of batches (re-iterated on every
@@ -106,24 +134,31 @@ class HessianOperator:
         (running statistics). Every other module follows the model's own training flag.
     method: "forward-over-reverse" (jvp of grad), "reverse-over-reverse" (grad of
         grad·v; for matvec on a single batch it keeps the gradient graph between calls,
-        see `matvec`), or "auto": the first HVP times one product of each (functional,
-        on the first batch, after a warm-up) and keeps the faster (`method_used`,
-        `timings`); a method that raises a RuntimeError there is skipped. The two
-        methods agree to rounding, not bitwise, and a timed choice can differ between
-        runs: name a method for the same bits from the same seed.
+        see `matvec`), or "auto": matvec and matmat each choose for themselves at their
+        first product, timing one run of what they would run with each method after a
+        warm-up run of each, on the first batch: matvec one product (on a single batch
+        without a process group, reverse-over-reverse's through the kept graph), matmat
+        one vmapped pass (warmed up on one tangent; a one-tangent pass on the largest
+        batch where max_memory sizes the chunks). `methods_used` maps "matvec" and
+        "matmat" to the method each runs (a path is absent until its first product
+        under "auto") and `timings` holds each path's times in seconds; a method that
+        raises a RuntimeError there is skipped. The two methods agree to rounding, not
+        bitwise, and a timed choice can differ between runs: name a method for the same
+        bits from the same seed.
     max_memory: byte budget for the working memory of each matmat pass (beyond the
         (P, K) result): the chunk size (tangents per vmapped pass) comes from the peak
-        memory of 1- and 2-tangent probe passes on the first batch (`probe_peaks`),
-        measured with the CUDA allocator's counters or the CPU profiler, rounded down
-        to a power of two. At least one tangent per pass, even if that exceeds the
-        budget. Passes of different widths agree to rounding, not bitwise: for the same
-        bits from the same seed on any machine, set chunk_size. None: a quarter of the
-        memory available when the first matmat of more than two tangents runs (CUDA: the
-        device's free memory; CPU: the system's available memory), so a large K (say
-        Hutch++'s) is chunked rather than run out of memory. On CPU the measurement
-        needs the torch profiler, which runs one session at a time: inside a user's
-        profiler session nothing is measured and matmat warns and runs one tangent per
-        pass (the least memory), until a matmat outside the session sizes the chunks.
+        memory of 1- and 2-tangent probe passes on the batch with the most samples
+        (`probe_peaks`), measured with the CUDA allocator's counters or the CPU
+        profiler, rounded down to a power of two. At least one tangent per pass, even
+        if that exceeds the budget. Passes of different widths agree to rounding, not
+        bitwise: for the same bits from the same seed on any machine, set chunk_size.
+        None: a quarter of the memory available when the first matmat of more than two
+        tangents runs (CUDA: the device's free memory; CPU: the system's available
+        memory), so a large K (say Hutch++'s) is chunked rather than run out of memory.
+        On CPU the measurement needs the torch profiler, which runs one session at a
+        time: inside a user's profiler session nothing is measured and matmat warns and
+        runs one tangent per pass (the least memory), until a matmat outside the session
+        sizes the chunks.
     chunk_size: explicit tangents per pass (overrides max_memory).
     progress: tqdm bars over batches and chunks: True shows them, False hides them,
         None (the default) shows them where stderr is a terminal; also the default of
@@ -147,25 +182,28 @@ class HessianOperator:
         self._group = process_group
         self._model = FunctionalModel(model, bn_mode, process_group, fuse_relu=True)
         self.criterion = criterion
-        self.bn_mode = bn_mode
-        self.method = method
-        self.method_used = None if method == "auto" else method
+        self._bn_mode = bn_mode
+        self._method = method
+        self.methods_used = {} if method == "auto" else dict.fromkeys(PATHS, method)
         self.timings = {}
         self.chunk_size = chunk_size
         self._derived_chunk = None   # the chunk_size matmat derived from max_memory
         self.max_memory = max_memory
         self.progress = progress
-        self.param_names = self._select_params(model, params)
+        self._param_names = self._select_params(model, params)
         selected = dict(model.named_parameters())
-        tensors = [selected[name] for name in self.param_names]
+        tensors = [selected[name] for name in self._param_names]
         self._shapes = [t.shape for t in tensors]
         self._numels = [t.numel() for t in tensors]
         if len({t.dtype for t in tensors}) > 1 or len({t.device for t in tensors}) > 1:
             raise ValueError("all selected parameters must share one dtype and device")
-        self.dtype = tensors[0].dtype
-        self.device = tensors[0].device
+        self._dtype = tensors[0].dtype
+        self._device = tensors[0].device
         size = sum(self._numels)
-        self.shape = (size, size)
+        self._shape = (size, size)
+        self._rng_state = torch.get_rng_state()
+        self._cuda_rng_state = (torch.cuda.get_rng_state(self.device)
+                                if self.device.type == "cuda" else None)
         try:
             self._data, refusal = self._store_data(data), None
         except ValueError as error:
@@ -176,6 +214,16 @@ class HessianOperator:
             raise refusal
         self._single_batch = isinstance(self._data, list) and len(self._data) == 1
         self._graph = None
+
+    # Read at construction only: reassigning one would be silently ignored, so it raises.
+    bn_mode = _fixed_at_construction("bn_mode")
+    method = _fixed_at_construction("method", "the method asked for; see `methods_used`")
+    shape = _fixed_at_construction("shape", "(P, P), P the selected parameters' total size")
+    dtype = _fixed_at_construction("dtype", "the dtype of the operator's vectors")
+    device = _fixed_at_construction("device", "the device of the operator's vectors")
+    param_names = _fixed_at_construction(
+        "param_names", "the selected parameters' names, in the order flat vectors "
+        "concatenate them (a new list at each read)", view=list)
 
     # ---- construction helpers ------------------------------------------------------
 
@@ -233,11 +281,8 @@ class HessianOperator:
         """Raise on every process if one refused its data (the others would wait in the
         first collective forever) or if their numbers of batches differ."""
         known = refusal is None and hasattr(self._data, "__len__")
-        mine = torch.tensor([-1 if refusal is not None else len(self._data) if known else -2],
-                            device=self.device)
-        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(self._group))]
-        dist.all_gather(everyone, mine, group=self._group)
-        counts = [int(c) for c in everyone]
+        mine = -1 if refusal is not None else len(self._data) if known else -2
+        counts = [count for (count,) in gather_ints([mine], self._group, self.device)]
         if refusal is not None:
             raise refusal
         if -1 in counts:
@@ -252,10 +297,10 @@ class HessianOperator:
     def _unflatten(self, flat):
         pieces = flat.split(self._numels)
         return {name: piece.reshape(shape)
-                for name, piece, shape in zip(self.param_names, pieces, self._shapes)}
+                for name, piece, shape in zip(self._param_names, pieces, self._shapes)}
 
     def _flatten(self, tensors):
-        return torch.cat([tensors[name].reshape(-1) for name in self.param_names])
+        return torch.cat([tensors[name].reshape(-1) for name in self._param_names])
 
     def _as_operand(self, v, ndim, what):
         if not isinstance(v, torch.Tensor):
@@ -267,7 +312,8 @@ class HessianOperator:
             expected = "(P,)" if ndim == 1 else "(P, K)"
             raise ValueError(f"{what} expects a tensor of shape {expected} with "
                              f"P={self.shape[0]}, got shape {tuple(v.shape)}")
-        return v.to(device=self.device, dtype=self.dtype)
+        # H v is not differentiated with respect to v: the products are plain tensors.
+        return v.detach().to(device=self.device, dtype=self.dtype)
 
     # ---- per-batch functions ---------------------------------------------------------
 
@@ -282,14 +328,27 @@ class HessianOperator:
         """theta -> (weight * loss, loss): the batch's term of the summed objective, so
         that synchronised batch norms couple every process's terms consistently."""
         def loss(theta):
-            value = scalar_loss(
-                self.criterion(self._model({**fixed, **theta}, buffers, inputs), targets))
+            with self._fixed_random_state():
+                value = scalar_loss(
+                    self.criterion(self._model({**fixed, **theta}, buffers, inputs), targets))
             return value * weight, value.detach()
         return loss
 
+    @contextlib.contextmanager
+    def _fixed_random_state(self):
+        """torch's global generator (and the operator's CUDA device's) at the state it had
+        when the operator was made, and as it was before on leaving: every evaluation of
+        a loss draws the same random numbers, so H is one fixed draw's Hessian."""
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+            torch.set_rng_state(self._rng_state)
+            if cuda:
+                torch.cuda.set_rng_state(self._cuda_rng_state, self.device)
+            yield
+
     def _split_state(self):
         params, buffers = self._model.state()
-        theta = {name: params.pop(name) for name in self.param_names}
+        theta = {name: params.pop(name) for name in self._param_names}
         for name, t in theta.items():
             if t.dtype != self.dtype or t.device != self.device:
                 raise RuntimeError(
@@ -325,7 +384,9 @@ class HessianOperator:
 
     @_outside_inference_mode
     def matvec(self, v):
-        """H v for a flat vector v of size P.
+        """H v for a flat vector v of size P: a real tensor (or array) of any dtype, cast
+        to the operator's dtype and device (as matmat casts V; a float64 v on a float32
+        operator is rounded to float32), and not differentiated through.
 
         With reverse-over-reverse on a single batch the first-order graph (create_graph
         backward) is kept between calls and each product is one more backward through it.
@@ -344,9 +405,11 @@ class HessianOperator:
         Memory: the graph plus those copies, until `clear_cache()` frees them.
         """
         v = self._as_operand(v, 1, "matvec")
-        if (self._group is None and self._single_batch
-                and self._pick_method_once(v) == "reverse-over-reverse"):
-            return self._retained_graph_hvp(v)
+        if self._group is None and self._single_batch:
+            if "matvec" not in self.methods_used:
+                self._choose_single_batch_matvec_method(v)
+            if self.methods_used["matvec"] == "reverse-over-reverse":
+                return self._retained_graph_hvp(v)
         return self._flatten(self._accumulate(v))
 
     def clear_cache(self):
@@ -356,7 +419,8 @@ class HessianOperator:
     @_outside_inference_mode
     def matmat(self, V):
         """H V for V of shape (P, K): K HVPs per vmapped pass (fastbn's K-batched kernels),
-        in chunks of `chunk_size` tangents (set from `max_memory` on first use)."""
+        in chunks of `chunk_size` tangents (set from `max_memory` on first use). V is
+        cast to the operator's dtype and device, as in `matvec`."""
         V = self._as_operand(V, 2, "matmat")
         k = V.shape[1]
         result = torch.empty_like(V)
@@ -398,7 +462,7 @@ class HessianOperator:
 
     def _flatten_batched(self, tensors):
         return torch.cat([tensors[name].reshape(tensors[name].shape[0], -1)
-                          for name in self.param_names], dim=1)
+                          for name in self._param_names], dim=1)
 
     def _apply(self, method, loss, theta, tangent, batched):
         """(H_b v, loss) for a flat v (batched=False) or (H_b Vᵀ rows, loss) for the
@@ -407,9 +471,17 @@ class HessianOperator:
         try:
             if not batched:
                 return hvp(theta, self._unflatten(tangent))
+            # "same": the tangents share the one draw every loss evaluation makes.
             return torch.func.vmap(lambda v: hvp(theta, self._unflatten(v)),
-                                   out_dims=(0, None))(tangent)
+                                   out_dims=(0, None), randomness="same")(tangent)
         except RuntimeError as error:
+            if batched and TORCH_NO_BATCHING_RULE_ERROR in str(error):
+                raise RuntimeError(
+                    "matmat runs its tangents through torch.func.vmap, and vmap has no "
+                    f"batching rule for an operation of this model or criterion ({error}). "
+                    "Use matvec, one product at a time, or replace the operation "
+                    "(nn.RReLU in training mode: nn.LeakyReLU, say)."
+                ) from error
             if method == "forward-over-reverse" and TORCH_ZERO_TENSOR_ERROR in str(error):
                 raise RuntimeError(
                     'method="forward-over-reverse" hit a limitation of torch: the '
@@ -429,8 +501,16 @@ class HessianOperator:
             if tangent is None:
                 value, loss_value = torch.func.grad(loss, has_aux=True)(theta)
             else:
-                method = self._pick_method(loss, theta, tangent[0] if batched else tangent)
-                value, loss_value = self._apply(method, loss, theta, tangent, batched)
+                path = "matmat" if batched else "matvec"
+                if path in self.methods_used:
+                    value, loss_value = self._apply(self.methods_used[path], loss, theta,
+                                                    tangent, batched)
+                else:
+                    run = {method: functools.partial(self._apply, method, loss, theta,
+                                                     batched=batched)
+                           for method in METHODS if method != "auto"}
+                    value, loss_value = self._choose_method(
+                        path, run, tangent, tangent[:1] if batched else tangent)
             check_finite_loss(loss_value, f"batch {index}")
             total = value if total is None else {k: total[k] + value[k] for k in total}
             count += n
@@ -449,12 +529,19 @@ class HessianOperator:
         return ({name: c.view(total[name].shape) for name, c in zip(total, chunks)},
                 chunks[-1])
 
-    def _pick_method_once(self, v):
-        if self.method_used is None:
-            theta, fixed, buffers = self._split_state()
-            inputs, targets, _, _ = next(self._batches())
-            self._pick_method(self._loss_fn(fixed, buffers, inputs, targets), theta, v)
-        return self.method_used
+    def _choose_single_batch_matvec_method(self, v):
+        """methods_used["matvec"] for a single batch: forward-over-reverse's product
+        against one backward through the kept graph (built in the warm-up run); the graph
+        is freed where it is not the faster."""
+        theta, fixed, buffers = self._split_state()
+        inputs, targets, _, _ = next(self._batches())
+        loss = self._loss_fn(fixed, buffers, inputs, targets)
+        run = {"forward-over-reverse": lambda v: self._apply("forward-over-reverse", loss,
+                                                             theta, v, batched=False),
+               "reverse-over-reverse": self._retained_graph_hvp}
+        self._choose_method("matvec", run, v, v)
+        if self.methods_used["matvec"] != "reverse-over-reverse":
+            self.clear_cache()
 
     def _graph_inputs(self):
         """(θ, every other tensor, settings) that the single batch's loss reads, as they
@@ -465,7 +552,7 @@ class HessianOperator:
         modules and of the criterion and its submodules."""
         model = self._model.model
         params = {name: p.detach() for name, p in model.named_parameters()}
-        theta = {name: params.pop(name) for name in self.param_names}
+        theta = {name: params.pop(name) for name in self._param_names}
         others = [*params.values(), *model.buffers(), *tensor_attributes(model),
                   *(t for t in tree_flatten(self._data[0])[0] if isinstance(t, torch.Tensor))]
         criteria = [self.criterion]
@@ -532,36 +619,36 @@ class HessianOperator:
                                            materialize_grads=True)
         return self._flatten(dict(zip(leaves, products)))
 
-    def _pick_method(self, loss, theta, vector):
-        """The configured method; for "auto", time one HVP of each on this batch (after
-        a warm-up run of each) the first time, and keep the faster. A method that raises
-        a RuntimeError is skipped (timing inf): torch 2.13's forward-mode rule of
-        mse_loss's backward fails ("ZeroTensors are immutable"), so jvp(grad) of an MSE
-        loss does."""
-        if self.method_used is None:
-            usable, failure = [], None
-            for method in ("forward-over-reverse", "reverse-over-reverse"):
-                try:
-                    self._apply(method, loss, theta, vector, batched=False)
-                except RuntimeError as error:
-                    failure = error
-                    self.timings[method] = math.inf
-                else:
-                    usable.append(method)
-            if not usable:
-                raise failure
-            for method in usable:
-                start = time.perf_counter()
-                self._apply(method, loss, theta, vector, batched=False)
-                self.timings[method] = time.perf_counter() - start
-            if self._group is not None:   # every process must pick the same method
-                slowest = torch.tensor([self.timings[m] for m in self.timings],
-                                       dtype=torch.float64, device=self.device)
-                dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=self._group)
-                self.timings = dict(zip(self.timings, slowest.tolist()))
-                usable = [m for m in usable if math.isfinite(self.timings[m])]
-            self.method_used = min(usable, key=self.timings.get)
-        return self.method_used
+    def _choose_method(self, path, run, operand, warm_up_operand):
+        """Set methods_used[path] to the faster of `run`'s methods (method -> function of
+        an operand) and return its result on `operand`: each runs once on
+        `warm_up_operand`, then is timed once on `operand` (timings[path]). A method
+        that raises a RuntimeError is skipped (timing inf): torch 2.13's forward-mode
+        rule of mse_loss's backward fails ("ZeroTensors are immutable"), so jvp(grad) of
+        an MSE loss does."""
+        timings, results, failure = {}, {}, None
+        for method, product in run.items():
+            try:
+                product(warm_up_operand)
+            except RuntimeError as error:
+                failure = error
+                timings[method] = math.inf
+        usable = [method for method in run if method not in timings]
+        if not usable:
+            raise failure
+        for method in usable:
+            start = time.perf_counter()
+            results[method] = run[method](operand)
+            timings[method] = time.perf_counter() - start
+        if self._group is not None:   # every process must pick the same method
+            slowest = torch.tensor([timings[m] for m in run], dtype=torch.float64,
+                                   device=self.device)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=self._group)
+            timings = dict(zip(run, slowest.tolist()))
+            usable = [m for m in usable if math.isfinite(timings[m])]
+        self.timings[path] = timings
+        self.methods_used[path] = min(usable, key=timings.get)
+        return results[self.methods_used[path]]
 
     @property
     def max_memory(self):
@@ -602,16 +689,30 @@ class HessianOperator:
             able = bool(agreed)
         return able
 
+    def _largest_batch(self):
+        """(inputs, targets, n, index) of the batch with the most samples, whose passes
+        take the most memory; with a process group, the same index on every process (the
+        one where some process holds the most)."""
+        sizes = [split_batch(batch)[2] for batch in self._data]
+        if self._group is not None:
+            agreed = torch.tensor(sizes, device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self._group)
+            sizes = agreed.tolist()
+        index = max(range(len(sizes)), key=sizes.__getitem__)
+        inputs, targets, n = split_batch(next(itertools.islice(self._data, index, None)))
+        return to_device(inputs, self.device), to_device(targets, self.device), n, index
+
     def _chunk_from_budget(self):
         """Tangents per pass that fit `max_memory`, from the peak memory of 1- and
-        2-tangent passes on the first batch (peak ≈ base + K · per_tangent)."""
+        2-tangent passes on the largest batch (peak ≈ base + K · per_tangent)."""
         generator = torch.Generator().manual_seed(0)
         probe = torch.randn(self.shape[0], 2, generator=generator, dtype=torch.float64)
         probe = probe.to(device=self.device, dtype=self.dtype)
-        first = [next(self._batches())]
-        self._matmat_pass(probe[:, :1], first)      # picks the method; warms up
+        largest = [self._largest_batch()]
+        self._matmat_pass(probe[:, :1], largest)      # picks the method; warms up
         self.probe_peaks = [
-            _memory.peak_bytes(lambda k=k: self._matmat_pass(probe[:, :k], first), self.device)
+            _memory.peak_bytes(lambda k=k: self._matmat_pass(probe[:, :k], largest),
+                               self.device)
             for k in (1, 2)]
         per_tangent = max(self.probe_peaks[1] - self.probe_peaks[0], 1)
         base = max(self.probe_peaks[0] - per_tangent, 0)

@@ -5,6 +5,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from fastbn._checks import check_count, check_seed
 from fastbn.curvature.lanczos import (as_generator, bar_disabled, check_finite_product,
                                       progress_for_all_bars, random_vectors)
 
@@ -84,13 +85,16 @@ def trace(op, *, num_samples=100, method="hutch++", seed=0, progress=None):
     a few eigenvalues dominate); when num_samples ≥ P it returns the exact trace from P
     unit vectors instead (standard error 0). The standard error covers the stochastic
     part only and is nan when that part has fewer than two samples.
+    num_samples: a positive int. seed: an int, or a CPU torch.Generator to continue
+        drawing from (None is refused: the probes always come from a seed).
     progress: a tqdm bar over the products (and the operator's own bars); None follows
         the operator's `progress`.
     """
     if method not in TRACE_METHODS:
-        raise ValueError(f"unknown method {method!r}; expected 'hutch++' or 'hutchinson'")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be positive, got {num_samples}")
+        raise ValueError(f"trace: unknown method {method!r}; expected 'hutch++' or "
+                         "'hutchinson'")
+    check_count(num_samples, "num_samples", "trace")
+    check_seed(seed, "trace")
     exact = method == "hutch++" and num_samples >= op.shape[0]
     with tqdm(total=op.shape[0] if exact else num_samples, desc="trace", unit="HVP",
               disable=bar_disabled(progress), leave=False) as bar:

@@ -1,5 +1,6 @@
 import io
 import math
+import re
 import sys
 import warnings
 
@@ -416,3 +417,36 @@ def test_progress_bars_by_default_on_a_terminal_only(matrix, monkeypatch, estima
         monkeypatch.setattr(sys, "stderr", stderr)
         _ESTIMATES[estimate](op, None)
         assert bool(stderr.getvalue()) == shown
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda op: trace(op, num_samples=2.5), "trace: num_samples must be a positive int, got 2.5"),
+    (lambda op: trace(op, num_samples="10"), "trace: num_samples must be a positive int"),
+    (lambda op: trace(op, num_samples=-3), "trace: num_samples must be a positive int"),
+    (lambda op: trace(op, num_samples=True), "trace: num_samples must be a positive int"),
+    (lambda op: eigenvalues(op, max_iter=0), "eigenvalues: max_iter must be a positive int"),
+    (lambda op: eigenvalues(op, max_iter=50.0), "eigenvalues: max_iter must be a positive int"),
+    (lambda op: eigenvalues(op, k="2"), "eigenvalues: k must be an int"),
+    (lambda op: eigenvalues(op, tol=0), "eigenvalues: tol must be a positive finite number"),
+    (lambda op: eigenvalues(op, tol="1e-3"), "eigenvalues: tol must be a positive"),
+    (lambda op: eigenvalues(op, tol=math.nan), "eigenvalues: tol must be a positive"),
+    (lambda op: spectral_density(op, num_runs=0), "spectral_density: num_runs must be"),
+    (lambda op: spectral_density(op, num_steps=4.0), "spectral_density: num_steps must be"),
+    (lambda op: spectral_density(op, num_steps=4, sigma="1"), "spectral_density: sigma must"),
+    (lambda op: stochastic_lanczos_quadrature(op, num_runs=None),
+     "stochastic_lanczos_quadrature: num_runs must be a positive int"),
+])
+def test_bad_estimator_arguments_are_named(matrix, call, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call(MatrixOperator(matrix))
+
+
+@pytest.mark.parametrize("call", [
+    lambda op: eigenvalues(op, seed=None), lambda op: eigenvalues(op, seed=1.5),
+    lambda op: trace(op, seed=None), lambda op: trace(op, seed="0"),
+    lambda op: spectral_density(op, num_steps=4, seed=None),
+    lambda op: stochastic_lanczos_quadrature(op, num_steps=4, seed=True),
+])
+def test_a_seed_that_is_not_an_int_or_a_generator_is_refused(matrix, call):
+    with pytest.raises(TypeError, match=r"^\w+: seed must be an int or a torch.Generator"):
+        call(MatrixOperator(matrix))

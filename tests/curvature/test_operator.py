@@ -97,8 +97,8 @@ def test_auto_times_both_and_keeps_the_faster():
     op = HessianOperator(model, CRITERION, batch)
     v = torch.randn(op.shape[0], dtype=DTYPE)
     close(op.matvec(v), hessian @ v)
-    assert set(op.timings) == set(METHODS)
-    assert op.method_used == min(METHODS, key=op.timings.get)
+    assert set(op.timings["matvec"]) == set(METHODS)
+    assert op.methods_used == {"matvec": min(METHODS, key=op.timings["matvec"].get)}
 
 
 def test_multiple_batches_weight_by_sample_count():
@@ -435,8 +435,9 @@ def test_auto_skips_a_method_that_fails():
     op = HessianOperator(model, criterion, batch)
     close(op.matvec(v), hessian @ v)
     close(op.matmat(v[:, None])[:, 0], hessian @ v)
-    if op.timings["forward-over-reverse"] == float("inf"):
-        assert op.method_used == "reverse-over-reverse"
+    for path in ("matvec", "matmat"):
+        if op.timings[path]["forward-over-reverse"] == float("inf"):
+            assert op.methods_used[path] == "reverse-over-reverse"
 
 
 def test_forward_over_reverse_names_the_torch_limitation_it_hits():
@@ -764,3 +765,151 @@ def test_matmat_stays_within_its_budget():
                                 chunk_size=16)
     unchunked.matmat(V)
     assert peak_bytes(lambda: unchunked.matmat(V), "cpu") > budget + result_bytes
+
+
+def test_matmat_stays_within_its_budget_when_a_small_batch_comes_first():
+    # The chunk is sized on the batch with the most samples, wherever it sits in data.
+    from fastbn.curvature._memory import peak_bytes
+    model = cnn()
+    small, large = batch_for(model, 2, seed=1), batch_for(model, 300, seed=2)
+    V = torch.randn(89, 16, dtype=DTYPE)
+    roomy = HessianOperator(model, CRITERION, large, method="forward-over-reverse")
+    roomy.matmat(V)
+    per_tangent = roomy.probe_peaks[1] - roomy.probe_peaks[0]
+    budget = max(roomy.probe_peaks[0] - per_tangent, 0) + 4.5 * per_tangent
+    sized = HessianOperator(model, CRITERION, [small, large], method="forward-over-reverse",
+                            max_memory=budget)
+    sized.matmat(V)
+    assert sized.chunk_size == 4
+    result_bytes = V.numel() * V.element_size()
+    peak = peak_bytes(lambda: sized.matmat(V), "cpu")
+    assert peak <= budget + result_bytes, (peak, budget, result_bytes)
+
+
+def test_options_fixed_at_construction_are_read_only():
+    model = mlp()
+    op = HessianOperator(model, CRITERION, batch_for(model, 6, seed=0), params=["3.bias"],
+                         bn_mode="eval", method="reverse-over-reverse")
+    for name, value in [("bn_mode", "train"), ("method", "forward-over-reverse"),
+                        ("param_names", ["3.weight"]), ("shape", (39, 39)),
+                        ("dtype", torch.float32), ("device", torch.device("meta"))]:
+        before = getattr(op, name)
+        with pytest.raises(AttributeError, match=f"{name} is fixed at construction"):
+            setattr(op, name, value)
+        assert getattr(op, name) == before
+    op.param_names.append("3.weight")       # a copy: the operator's own list stays
+    assert op.param_names == ["3.bias"]
+    op.chunk_size, op.progress = 2, False    # settings read at each call stay settable
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_products_of_an_operand_that_requires_grad_are_plain_tensors(method):
+    model = mlp()
+    op = HessianOperator(model, CRITERION, batch_for(model, 6, seed=0), method=method)
+    V = torch.randn(39, 3, dtype=DTYPE, requires_grad=True)
+    for product in (op.matvec(V[:, 0]), op.matmat(V), op @ V):
+        assert not product.requires_grad and product.grad_fn is None
+
+
+def test_vectors_of_another_dtype_are_cast_to_the_operators():
+    model = mlp()
+    op = HessianOperator(model, CRITERION, batch_for(model, 6, seed=0))
+    v = torch.randn(39, dtype=torch.float32)
+    for product, expected in [(op.matvec(v), op.matvec(v.to(DTYPE))),
+                              (op.matmat(v[:, None])[:, 0], op.matmat(v[:, None].to(DTYPE))[:, 0])]:
+        assert product.dtype == DTYPE
+        assert torch.equal(product, expected)
+    assert "cast to the operator's dtype" in " ".join(HessianOperator.matvec.__doc__.split())
+
+
+@pytest.mark.parametrize("data", ["one batch", "two batches"])
+def test_auto_chooses_for_matvec_and_matmat_apart_and_gives_their_results(data):
+    model = cnn()
+    batches = [batch_for(model, 6, seed=0), batch_for(model, 4, seed=1)]
+    batches = batches[0] if data == "one batch" else batches
+    V = torch.randn(89, 3, dtype=DTYPE)
+    op = HessianOperator(model, CRITERION, batches, chunk_size=3)
+    kept_graph_products = []
+    retained_graph_hvp = op._retained_graph_hvp
+    op._retained_graph_hvp = lambda v: kept_graph_products.append(v) or retained_graph_hvp(v)
+    by_auto = op.matvec(V[:, 0])
+    assert list(op.methods_used) == ["matvec"] and set(op.timings["matvec"]) == set(METHODS)
+    # On one batch, matvec's reverse-over-reverse is timed as it runs: through the kept
+    # graph (a warm-up product, which builds it, and a timed one).
+    assert len(kept_graph_products) >= (2 if data == "one batch" else 0)
+    assert op.methods_used["matvec"] == min(METHODS, key=op.timings["matvec"].get)
+    named = HessianOperator(model, CRITERION, batches, method=op.methods_used["matvec"])
+    assert torch.equal(by_auto, named.matvec(V[:, 0]))
+    by_auto = op.matmat(V)
+    assert set(op.methods_used) == {"matvec", "matmat"}
+    assert op.methods_used["matmat"] == min(METHODS, key=op.timings["matmat"].get)
+    named = HessianOperator(model, CRITERION, batches, method=op.methods_used["matmat"],
+                            chunk_size=3)
+    assert named.methods_used == {"matvec": named.method, "matmat": named.method}
+    assert torch.equal(by_auto, named.matmat(V))
+
+
+class _RandomInForward(nn.Module):
+    """Linear → batch norm → F.dropout in training mode, plus uniform noise → Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.bn, self.head = nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = nn.functional.dropout(torch.tanh(self.bn(self.linear(x))), 0.5, self.training)
+        return self.head(h + 0.1 * torch.rand_like(h))
+
+
+def _random_models():
+    torch.manual_seed(6)
+    return {"F.dropout and torch.rand": _RandomInForward().to(DTYPE),
+            "nn.RReLU": nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.RReLU(),
+                                      nn.Linear(5, 3)).to(DTYPE)}
+
+
+def _hessian_of_one_draw(model, batch, rng_state):
+    """The Hessian by torch.autograd.functional, its one evaluation of the loss drawing
+    from the global generator at `rng_state`."""
+    reference = copy.deepcopy(model)
+    names = [name for name, _ in reference.named_parameters()]
+    shapes = [p.shape for p in reference.parameters()]
+    buffers = {name: b.clone() for name, b in reference.named_buffers()}
+
+    def loss(theta):
+        pieces = dict(zip(names, (piece.reshape(shape) for piece, shape in
+                                  zip(theta.split([s.numel() for s in shapes]), shapes))))
+        return CRITERION(torch.func.functional_call(reference, (pieces, buffers),
+                                                    (batch[0],)), batch[1])
+
+    torch.set_rng_state(rng_state)
+    return torch.autograd.functional.hessian(
+        loss, torch.cat([p.detach().reshape(-1) for p in reference.parameters()]))
+
+
+@pytest.mark.parametrize("name", ["F.dropout and torch.rand", "nn.RReLU"])
+@pytest.mark.parametrize("method", METHODS)
+def test_random_operations_in_the_forward_give_one_fixed_draws_hessian(name, method):
+    model = _random_models()[name]
+    generator = torch.Generator().manual_seed(0)
+    batch = (torch.randn(6, 3, generator=generator, dtype=DTYPE),
+             torch.randint(0, 3, (6,), generator=generator))
+    at_construction = torch.get_rng_state()
+    op = HessianOperator(model, CRITERION, batch, method=method)
+    hessian = _hessian_of_one_draw(model, batch, at_construction)
+    torch.manual_seed(11)
+    callers_state = torch.get_rng_state()
+    u, v = torch.randn(2, op.shape[0], dtype=DTYPE)
+    torch.set_rng_state(callers_state)
+    hv = op.matvec(v)
+    assert torch.equal(torch.get_rng_state(), callers_state)
+    assert torch.equal(op.matvec(v), hv)
+    close(hv, hessian @ v)
+    assert float(u @ hv) == pytest.approx(float(v @ op.matvec(u)), rel=1e-10)
+    if name == "nn.RReLU":    # vmap has no batching rule for its random op
+        with pytest.raises(RuntimeError, match="no batching rule.*Use matvec"):
+            op.matmat(torch.stack([u, v], 1))
+    else:
+        close(op.matmat(torch.stack([u, v], 1)), torch.stack([op.matvec(u), hv], 1),
+              rtol=1e-12)
+    assert torch.equal(torch.get_rng_state(), callers_state)
