@@ -18,8 +18,10 @@ from torch import nn
 from torch.func import functional_call, grad_and_value
 from torch.nn.modules.dropout import _DropoutNd
 
+from fastbn._checks import check_seed
+from fastbn.backends.distributed import gather_ints
 from fastbn.curvature._functional import (_retype_batch_norm_subclasses, converted,
-                                          private_copy, split_batch)
+                                          private_copy, savable, split_batch)
 from fastbn.nn.batchnorm import TORCH_BATCH_NORMS, _FastBatchNorm
 
 
@@ -49,21 +51,69 @@ def transformable(model, process_group=None):
     return converted(private, process_group)
 
 
+def check_membership(process_group, caller):
+    """ValueError where this process is outside `process_group`: a collective skips a
+    process outside its group, so the probe would silently be the local one."""
+    if process_group is not None and dist.get_rank(process_group) < 0:
+        raise ValueError(f"{caller}: this process is not a member of process_group")
+
+
+def agreed_batch(batch, model, process_group, caller):
+    """(inputs, targets) of `batch`. With `process_group`, every process raises if one
+    refuses its batch (an empty shard): the others would wait in their first collective
+    until the group timed out."""
+    try:
+        inputs, targets, _ = split_batch(savable(batch))
+        refusal = None
+    except ValueError as error:
+        refusal = error
+    if process_group is not None:
+        # The model's device: NCCL gathers only CUDA tensors.
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+        refused = [flag for (flag,) in gather_ints([int(refusal is not None)],
+                                                   process_group, device)]
+        if refusal is None and any(refused):
+            raise ValueError(f"{caller}: process {refused.index(1)} of the group refused "
+                             "its batch (its error says why)")
+    if refusal is not None:
+        raise refusal
+    return inputs, targets
+
+
+@contextlib.contextmanager
+def forked_rng(model, seed=None):
+    """The random number generators of the CPU and the model's GPUs, forked for the block:
+    a random layer (nn.RReLU in training mode) draws without moving the caller's
+    sequence (the training run around the probe). With `seed` (an int, or a CPU
+    torch.Generator to draw one from), the draws start from it, so a seeded probe gives
+    the same result on every call."""
+    cuda_devices = sorted({t.device.index for t in (*model.parameters(), *model.buffers())
+                           if t.is_cuda})
+    if seed is not None:
+        check_seed(seed)
+        seed = (int(torch.randint(2 ** 62, (), generator=seed))
+                if isinstance(seed, torch.Generator) else int(seed))
+    with torch.random.fork_rng(devices=cuda_devices):
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+            for index in cuda_devices:
+                torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
 @contextlib.contextmanager
 def probe_modes(model):
     """Inside the block BN layers normalise with batch statistics and dropout layers are
     off (a randomly masked loss changes from one evaluation to the next, so differences
     along a path would measure the masks); flags restored after. Autograd records, also
     under torch.no_grad() or torch.inference_mode() around the probe. The random number
-    generators are forked: another random layer (nn.RReLU in training mode) stays random,
-    but draws without moving the sequence of the training run around the probe."""
+    generators are forked (`forked_rng`): another random layer stays random, but leaves
+    the caller's sequence alone."""
     layers = [(m, True) for _, m in batch_norm_layers(model)]
     layers += [(m, False) for m in model.modules() if isinstance(m, _DropoutNd)]
     flags = [m.training for m, _ in layers]
-    cuda_devices = sorted({t.device.index for t in (*model.parameters(), *model.buffers())
-                           if t.is_cuda})
-    with (torch.random.fork_rng(devices=cuda_devices), torch.inference_mode(False),
-          torch.enable_grad()):
+    with forked_rng(model), torch.inference_mode(False), torch.enable_grad():
         try:
             for m, training in layers:
                 m.train(training)

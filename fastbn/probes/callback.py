@@ -7,6 +7,8 @@ import time
 
 import torch.distributed as dist
 
+from fastbn import _checks
+from fastbn.probes import _functional
 from fastbn.probes.landscape import check_lr, gradient_step_probe
 from fastbn.probes.sharpness import top_hessian_eigenvalue
 
@@ -44,16 +46,17 @@ class SmoothnessProbe:
 
     def __init__(self, model, criterion, lr, *, every=10, log_path=None, multipliers=None,
                  sharpness=False, sharpness_max_iter=30, seed=0, process_group=None):
-        if not (isinstance(every, numbers.Integral) and not isinstance(every, bool)
-                and every >= 1):
-            raise ValueError(f"every must be a positive int (steps), got {every!r}")
         self.model, self.criterion, self.lr = model, criterion, check_lr(lr)
-        self.every = every
+        self.every = _checks.check_count(every, "every")
+        # Refused here rather than at the first probed step, after its gradient probe.
+        self.sharpness_max_iter = _checks.check_count(sharpness_max_iter,
+                                                          "sharpness_max_iter")
+        _functional.check_membership(process_group, "SmoothnessProbe")
         writes_log = process_group is None or dist.get_rank(process_group) == 0
         self.log_path = log_path if writes_log else None
         self.process_group = process_group
         self.multipliers, self.seed = multipliers, seed
-        self.sharpness, self.sharpness_max_iter = sharpness, sharpness_max_iter
+        self.sharpness = sharpness
         self.records = []
         self.seconds = 0.0
 

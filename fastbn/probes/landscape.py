@@ -7,11 +7,10 @@ With a process group, B is the concatenation of every process's shard.
 """
 
 import math
-import numbers
 
 import numpy as np
 
-from fastbn.curvature._functional import savable, split_batch
+from fastbn import _checks
 from fastbn.probes import _functional
 
 DEFAULT_MULTIPLIERS = tuple(np.geomspace(0.5, 4.0, 8).tolist())
@@ -28,16 +27,9 @@ def _min(values):
     return min(finite) if finite else math.nan
 
 
-def _positive_number(value):
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value) and value > 0)
-
-
 def check_lr(lr):
     """`lr` as a float; ValueError unless it is a positive finite number."""
-    if not _positive_number(lr):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    return float(lr)
+    return _checks.check_positive_number(lr, "lr")
 
 
 def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mode="train",
@@ -60,17 +52,20 @@ def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mod
     process_group: data-parallel probe. Each process passes its shard of the batch (the
     criterion must be a mean over the batch); BN statistics, losses and gradients are
     those of the concatenated batch (one all_reduce per evaluated point), and every
-    process returns the same numbers. Call it on every process of the group.
+    process returns the same numbers. Call it on every process of the group; where one
+    process's shard is refused (an empty one), every process raises.
     """
     if bn_mode != "train":
         raise ValueError(f"bn_mode must be 'train' (batch statistics), got {bn_mode!r}")
     lr = check_lr(lr)
     multipliers = DEFAULT_MULTIPLIERS if multipliers is None else tuple(multipliers)
-    if not multipliers or not all(_positive_number(m) for m in multipliers):
+    if not multipliers or not all(_checks.is_positive_number(m) for m in multipliers):
         raise ValueError("multipliers must be a non-empty sequence of positive finite "
                          "numbers")
     multipliers = [float(m) for m in multipliers]
-    inputs, targets, _ = split_batch(savable(batch))
+    _functional.check_membership(process_group, "gradient_step_probe")
+    inputs, targets = _functional.agreed_batch(batch, model, process_group,
+                                               "gradient_step_probe")
     work = _functional.transformable(model, process_group)
     with _functional.probe_modes(work):
         params, constants = _functional.split_state(work)

@@ -22,13 +22,12 @@ batch statistics, so both networks see the same y.
 import collections
 import copy
 import math
-import numbers
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from fastbn import curvature
+from fastbn import _checks, curvature
 from fastbn.curvature._functional import savable, split_batch
 from fastbn.probes import _functional
 
@@ -295,17 +294,21 @@ def theory_checks(model, criterion, batch, *, channels=4, layers=None, lanczos_i
     left untouched. Theorem 4.1 (first order) is checked on every BN layer and channel.
     The costlier second-order checks of Theorem 4.2 run on `layers` evenly spaced BN
     layers (None: all) and their first `channels` channels; `lanczos_iterations` sets the
-    PSD test of H_jj; `channels=0` turns the second-order checks off.
+    PSD test of H_jj; `channels=0` turns the second-order checks off. `seed` sets the
+    Lanczos start vectors and the draws of a random layer (nn.RReLU in training mode): the
+    same seed gives the same results, and the caller's random number generators are left
+    as they were.
     """
-    if not (isinstance(channels, numbers.Integral) and channels >= 0):
-        raise ValueError(f"channels must be a non-negative int, got {channels!r}")
-    if not (isinstance(lanczos_iterations, numbers.Integral) and lanczos_iterations >= 1):
-        raise ValueError(f"lanczos_iterations must be a positive int, got "
-                         f"{lanczos_iterations!r}")
+    _checks.check_count(channels, "channels", allow_zero=True)
+    if not (layers is None or _checks.is_count(layers)):
+        raise ValueError(f"layers must be None (all BN layers) or a positive int, got "
+                         f"{layers!r}")
+    _checks.check_count(lanczos_iterations, "lanczos_iterations")
     inputs, targets, _ = split_batch(savable(batch))
-    with torch.inference_mode(False), torch.enable_grad():
-        return _theory_checks(_functional.transformable(model), criterion, (inputs, targets),
-                              channels, layers, lanczos_iterations, seed)
+    work = _functional.transformable(model)
+    with torch.inference_mode(False), torch.enable_grad(), _functional.forked_rng(work, seed):
+        return _theory_checks(work, criterion, (inputs, targets), channels, layers,
+                              lanczos_iterations, seed)
 
 
 def _theory_checks(work, criterion, batch, channels, layers, lanczos_iterations, seed):

@@ -280,6 +280,9 @@ def test_bad_arguments_are_refused_in_words():
             SmoothnessProbe(model, criterion, 0.1, every=every)
     with pytest.raises(ValueError, match="lr must be a positive finite number"):
         SmoothnessProbe(model, criterion, -0.1)
+    for max_iter in (0, 2.5, True):   # when made, not at the first probed step
+        with pytest.raises(ValueError, match="sharpness_max_iter must be a positive int"):
+            SmoothnessProbe(model, criterion, 0.1, sharpness=True, sharpness_max_iter=max_iter)
 
 
 def test_callback_logs_numpy_numbers(tmp_path):

@@ -207,9 +207,24 @@ def test_runs_under_no_grad_and_inference_mode(context):
 
 
 def test_rejects_bad_counts():
-    for kwargs in ({"channels": -1}, {"channels": 1.5}, {"lanczos_iterations": 0}):
-        with pytest.raises(ValueError, match=next(iter(kwargs))):
+    for kwargs in ({"channels": -1}, {"channels": 1.5}, {"channels": True},
+                   {"lanczos_iterations": 0}, {"lanczos_iterations": True},
+                   {"layers": -1}, {"layers": 0}, {"layers": 1.5}, {"layers": "2"}):
+        with pytest.raises(ValueError, match=f"^{next(iter(kwargs))} must be"):
             theory_checks(network(), nn.CrossEntropyLoss(), data(), **kwargs)
+
+
+def test_a_random_layer_repeats_with_the_seed_and_leaves_the_callers_random_numbers():
+    model = network()
+    model[5] = nn.RReLU()   # random in training mode
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    first = theory_checks(model, nn.CrossEntropyLoss(), data(), channels=1,
+                          lanczos_iterations=3, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)   # another sequence around the checks: the seed alone decides
+    assert theory_checks(model, nn.CrossEntropyLoss(), data(), channels=1,
+                         lanczos_iterations=3, seed=0) == first
 
 
 def test_a_batch_whose_inputs_are_a_tuple():
