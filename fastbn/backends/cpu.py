@@ -97,18 +97,20 @@ def _strides(shape, stride, batched, swap):
 # Largest L folded into channels-last pass channels: to 32 values per (n, c) the NCHW
 # passes paid their per-run cost every few values (benchmarks/RESULTS.md).
 FOLD_MAX_L = 32
-# Folding copies each per-channel array out to C * L values: with fewer than 8 rows,
-# beyond this many the copies outweighed the pass ((2, 200000, 3): 2.4x slower).
-FOLD_MAX_COPY = 65536
+# Folding copies each per-channel array out to C * L values, which with fewer than 8
+# rows weigh as much as the rows: there only to 16 values per (n, c) (at 25, 5x5, the
+# NCHW passes won), and never for eval, whose copies doubled its traffic ((2, 8192, 5, 5)
+# 2.8x slower folded, (2, 65536, 2, 2) 1.2x).
+FEW_ROWS_FOLD_MAX_L = 16
 
 
 @functools.lru_cache(maxsize=4096)
-def _view(shape, stride, fold_max_l):
+def _view(shape, stride, fold_max_l, few_rows_fold_max_l):
     """x's view for the kernels, from its shape and strides alone (cached: it is the bulk
     of a small call's planning): (N, C, L, swap, strides, channels_last, fold), or None
     if its spatial dims do not flatten. `fold`: L, where the elements may run as
     channels-last rows of C * L pass channels (see Geom in csrc/cpu/common.h), for L up
-    to `fold_max_l`; else 1."""
+    to `fold_max_l` (`few_rows_fold_max_l` with fewer than 8 rows); else 1."""
     strides = _strides(shape, stride, False, False)
     if strides is None:
         return None
@@ -121,8 +123,9 @@ def _view(shape, stride, fold_max_l):
     channels_last = c > 1 and (length == 1 or abs(s_c) < abs(s_l))
     # Few values per (n, c) run, each (c, l) block dense: folded (the outputs fold too:
     # contiguous, torch's layout where x is not channels-last, or in x's order).
-    fold = (length if not channels_last and not swap and 1 < length <= fold_max_l
-            and (n >= 8 or c * length <= FOLD_MAX_COPY) and s_c == length * s_l else 1)
+    max_l = fold_max_l if n >= 8 else min(fold_max_l, few_rows_fold_max_l)
+    fold = (length if not channels_last and not swap and 1 < length <= max_l
+            and s_c == length * s_l else 1)
     return n, c, length, swap, strides, channels_last, fold
 
 
@@ -131,9 +134,9 @@ class _Plan:
     `elems`: element tensors (x's shape, or K-batched); `chans`: per-channel tangents,
     (C,) or (K, C); `stats`: the primal per-channel tensors, (C,) only (the kernels read
     one value per channel for all K problems). `inputs`: the descriptors (`td`) of x and
-    then of each of `elems`, in order."""
+    then of each of `elems`, in order. `few_rows_fold_max_l`: see FEW_ROWS_FOLD_MAX_L."""
 
-    def __init__(self, x, elems, chans, stats):
+    def __init__(self, x, elems, chans, stats, few_rows_fold_max_l):
         self.ok = False
         shape = x.shape
         # Under a dispatch mode (make_fx, linearize, a flop counter) the mode must see
@@ -172,7 +175,7 @@ class _Plan:
             if len(ks) > 1 or 0 in ks:
                 return
             self.K = ks.pop() if ks else None
-        view = _view(shape, x.stride(), FOLD_MAX_L)
+        view = _view(shape, x.stride(), FOLD_MAX_L, few_rows_fold_max_l)
         if view is None:
             return
         self.N, self.C, self.L, self.swap, strides, self.cl, self.fold = view
@@ -231,8 +234,8 @@ class _Plan:
         return _acc(t, acc)
 
 
-def _plan(x, elems=(), chans=(), stats=()):
-    return _Plan(x, elems, chans, stats)
+def _plan(x, elems=(), chans=(), stats=(), few_rows_fold_max_l=FEW_ROWS_FOLD_MAX_L):
+    return _Plan(x, elems, chans, stats, few_rows_fold_max_l)
 
 
 def _as(t, like):
@@ -298,7 +301,7 @@ def forward_train(x, weight, bias, eps, activation=None, running_mean=None, runn
 
 
 def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=None):
-    plan = _plan(x, stats=(running_mean, running_var, weight, bias))
+    plan = _plan(x, stats=(running_mean, running_var, weight, bias), few_rows_fold_max_l=1)
     if not plan.ok:
         return reference.forward_eval(x, running_mean, running_var, weight, bias, eps,
                                       activation)

@@ -31,10 +31,10 @@ SIZES = {
     "channels_last": (3, 5, 7, 11),
     "channels_last_3d": (2, 3, 3, 5, 7),
     "2d": (13, 7),
-    "3d": (2, 5, 17),
-    "slice": (3, 7, 5, 6),         # channels 2:5 of it: not contiguous
+    "3d": (2, 5, 13),
+    "slice": (3, 7, 3, 5),         # channels 2:5 of it: not contiguous
     "strided_l": (2, 3, 5, 14),    # every other element of a row: the non-unit-stride loops
-    "c1": (5, 1, 7, 3),
+    "c1": (5, 1, 5, 3),
     "c1_2d": (9, 1),
     "big_nchw": (4, 6, 23, 41),    # several work units, two threads with K=3
     "many_rows": (400, 3, 7, 7),   # several NCHW work units (row blocks) per channel

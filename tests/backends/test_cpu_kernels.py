@@ -104,6 +104,17 @@ def test_folding_is_taken_and_unfolded_runs_agree(native, monkeypatch, layout):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape, reductions, evaluation", [
+    ((8, 64, 5, 5), 25, 25), ((2, 64, 4, 4), 16, 1), ((2, 64, 5, 5), 1, 1),
+    ((2, 64, 7, 7), 1, 1)], ids=str)
+def test_fewer_than_8_rows_fold_only_short_runs_and_never_for_eval(shape, reductions,
+                                                                   evaluation):
+    """With few rows the copies that folding makes weigh as much as the rows."""
+    x = torch.randn(shape)
+    assert cpu._plan(x).fold == reductions
+    assert cpu._plan(x, few_rows_fold_max_l=1).fold == evaluation
+
+
 @pytest.mark.parametrize("shape", [(4, 20000, 3), (64, 300, 4, 5)], ids=str)
 def test_channels_last_threads_sum_their_channel_spans(native, num_threads, shape):
     """With few rows a thread's channels-last tasks reach a span of the channels, one
