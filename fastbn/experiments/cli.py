@@ -75,7 +75,8 @@ def build_parser():
                         help="also probe the top Hessian eigenvalue (slow)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--resume", action="store_true",
-                        help="reuse parts already completed in --out with the same settings")
+                        help="reuse parts already completed in --out with the same "
+                             "settings and code")
     return parser
 
 

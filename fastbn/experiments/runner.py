@@ -1,8 +1,9 @@
 """The four experiments. Each model run is one resumable part, checkpointed to the out dir.
 
 A part's checkpoint (`checkpoints/<part>.pt`) holds its JSON-ready result, the model's
-initial and final state dicts and the configuration fields it depends on; `--resume`
-reuses a checkpoint only when those fields match.
+initial and final state dicts, the configuration fields it depends on and the code that
+computed it (`code_version`); `--resume` reuses a checkpoint only when all of those
+match.
 
 With a process group (data-parallel, e.g. under torchrun) the VGG runs and the
 learning-rate sweep train with the batch split across the processes (`train` with
@@ -12,10 +13,13 @@ with `--resume` rank 0 reads them and broadcasts each part, so that every proces
 (or trains) the same parts.
 """
 
+import functools
+import hashlib
 import itertools
 import json
 import math
 import os
+import pathlib
 
 import torch
 import torch.distributed as dist
@@ -76,10 +80,22 @@ class PartStore:
         return saved
 
 
+@functools.cache
+def code_version():
+    """fastbn's version and a digest of its installed Python sources and compiled
+    kernels: a part that other code computed is not reused."""
+    root = pathlib.Path(fastbn.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.suffix in (".py", ".so", ".pyd") and path.is_file():
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return f"{fastbn.__version__}+{digest.hexdigest()[:16]}"
+
+
 def _key(config, *fields):
-    return json.dumps({f: getattr(config, f)
-                       for f in ("seed", "dataset", "data_dir", "device") + fields},
-                      sort_keys=True, default=str)
+    settings = {f: getattr(config, f) for f in ("seed", "dataset", "data_dir", "device") + fields}
+    return json.dumps({**settings, "code": code_version()}, sort_keys=True, default=str)
 
 
 def _state(model):

@@ -207,6 +207,14 @@ def test_an_interrupted_run_says_how_to_resume(tmp_path, monkeypatch, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+def test_resumed_parts_are_keyed_by_the_code(monkeypatch):
+    settings = config.make_config(quick=True)
+    assert runner.code_version.__wrapped__() == runner.code_version()   # a fixed digest
+    before = runner._key(settings)
+    monkeypatch.setattr(runner, "code_version", lambda: "0.1.0+another")
+    assert runner._key(settings) != before
+
+
 def test_resumed_parts_are_keyed_by_the_data_folder():
     keys = {runner._key(config.make_config(quick=True, dataset="cifar10", data_dir=d))
             for d in ("c1", "c2")}
