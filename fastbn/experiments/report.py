@@ -1,6 +1,8 @@
 """Figures (PNG), CSV tables and report.md from the results of `fastbn reproduce`."""
 
+import collections
 import csv
+import json
 import math
 import os
 
@@ -10,6 +12,7 @@ import torch
 from fastbn.experiments import claims as claim_rules
 from fastbn.experiments import data as datasets
 from fastbn.experiments.config import make_config
+from fastbn.probes.callback import json_safe
 
 COLORS = {"plain": "tab:blue", "bn": "tab:red"}
 LABELS = {"plain": "Standard", "bn": "Standard + BatchNorm"}
@@ -291,7 +294,8 @@ def theory_figure(theory, path):
 # is left beside results it does not belong to.
 OUTPUTS = ("results.json", "report.md", "vgg_probes.csv", "vgg_curves.csv", "vgg_eval.csv",
            "dln_probes.csv", "dln_curves.csv", "dln_eval.csv", "lr_sweep.csv", "theory.csv",
-           "figure4_vgg.png", "figure4_dln.png", "training.png", "lr_sweep.png", "theory.png")
+           "figure4_vgg.png", "figure4_dln.png", "training.png", "lr_sweep.png", "theory.png",
+           "seeds.json", "seeds.md")
 
 
 def remove_outputs(out_dir):
@@ -513,3 +517,38 @@ def write_report(results, figures, tables, out_dir):
               + ", ".join(f"`{t}`" for t in tables), ""]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines))
+
+
+# ---------------------------------------------------------------- across seeds
+
+def write_seed_summary(runs, out_dir):
+    """seeds.json and seeds.md in `out_dir`: every claim's value and verdict under each
+    seed of `runs` (the results of one run per seed, each in its own seed-<seed>
+    folder) and how many seeds gave each verdict. Returns the summary."""
+    remove_outputs(out_dir)   # an earlier run's, single-seed or not
+    seeds = [run["config"]["seed"] for run in runs]
+    by_seed = [{claim["id"]: claim for claim in run["claims"]} for run in runs]
+    claims = []
+    for first in runs[0]["claims"]:
+        per_seed = [claims_of[first["id"]] for claims_of in by_seed]
+        verdicts = [claim["verdict"] for claim in per_seed]
+        counts = collections.Counter(verdicts).most_common()
+        claims.append({"id": first["id"], "claim": first["claim"], "measure": first["measure"],
+                       "values": [claim["value"] for claim in per_seed], "verdicts": verdicts,
+                       "summary": ", ".join(f"{verdict} in {count} of {len(runs)}"
+                                            for verdict, count in counts)})
+    summary = {"seeds": seeds, "claims": claims}
+    with open(os.path.join(out_dir, "seeds.json"), "w") as f:
+        json.dump(json_safe(summary), f, indent=1, allow_nan=False)
+    lines = ["# Reproduction across seeds", "",
+             f"Seeds {', '.join(map(str, seeds))}: each seed's run (its own initialisation, "
+             "data split and batch order) is in `seed-<seed>/`, with its report.md. A verdict "
+             "that differs between seeds is one the measurement cannot settle at this size.",
+             "", "| claim | measure | value by seed | verdict by seed | across seeds |",
+             "|---|---|---|---|---|"]
+    for claim in claims:
+        lines.append(f"| {claim['claim']} | {claim['measure']} | {_fmt(claim['values'])} | "
+                     f"{', '.join(claim['verdicts'])} | **{claim['summary']}** |")
+    with open(os.path.join(out_dir, "seeds.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return summary

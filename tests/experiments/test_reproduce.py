@@ -207,6 +207,33 @@ def test_an_interrupted_run_says_how_to_resume(tmp_path, monkeypatch, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+def test_seeds_run_each_seed_and_summarise_every_claims_verdicts(tmp_path, capsys):
+    (tmp_path / "results.json").write_text("{}")   # a single-seed run's, left before
+    assert reproduce_main(TINY + ["--out", str(tmp_path), "--experiment", "dln",
+                                  "--seeds", "2"]) == 0
+    runs = [json.loads((tmp_path / f"seed-{seed}" / "results.json").read_text())
+            for seed in (3, 4)]
+    assert [run["config"]["seed"] for run in runs] == [3, 4]
+    assert runs[0]["experiments"]["dln"] != runs[1]["experiments"]["dln"]
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "seeds.json").read_text())
+    assert summary["seeds"] == [3, 4]
+    assert [c["id"] for c in summary["claims"]] == [c["id"] for c in runs[0]["claims"]]
+    for claim in summary["claims"]:
+        per_seed = [next(c for c in run["claims"] if c["id"] == claim["id"]) for run in runs]
+        assert claim["values"] == [c["value"] for c in per_seed]
+        assert claim["verdicts"] == [c["verdict"] for c in per_seed]
+        counts = {v: claim["verdicts"].count(v) for v in claim["verdicts"]}
+        assert claim["summary"] == ", ".join(
+            f"{v} in {n} of 2" for v, n in sorted(counts.items(), key=lambda vn: -vn[1]))
+        assert f"{claim['id']:32s} {claim['summary']}" in printed
+    table = (tmp_path / "seeds.md").read_text()
+    assert all(claim["summary"] in table for claim in summary["claims"])
+    assert not (tmp_path / "results.json").exists()
+    with pytest.raises(SystemExit):
+        reproduce_main(TINY + ["--out", str(tmp_path), "--seeds", "0"])
+
+
 def test_resumed_parts_are_keyed_by_the_code(monkeypatch):
     settings = config.make_config(quick=True)
     assert runner.code_version.__wrapped__() == runner.code_version()   # a fixed digest
