@@ -234,7 +234,9 @@ class _Plan:
         return _acc(t, acc)
 
 
-def _plan(x, elems=(), chans=(), stats=(), few_rows_fold_max_l=FEW_ROWS_FOLD_MAX_L):
+def _plan(x, elems=(), chans=(), stats=(), few_rows_fold_max_l=None):
+    if few_rows_fold_max_l is None:
+        few_rows_fold_max_l = FEW_ROWS_FOLD_MAX_L
     return _Plan(x, elems, chans, stats, few_rows_fold_max_l)
 
 

@@ -44,7 +44,7 @@ SIZES = {
     "long_rows": (2, 3, 4096 + 17),  # rows past one 4096-element run, ending in a short tail
     "big_cl": (4, 600, 5, 3),      # channels-last: two channel blocks, several row blocks
     # NCHW with few values per (n, c), run as channels-last rows (Geom.fold in csrc):
-    "strided_fold": (2, 3, 5, 6),  # every other element: pass channels of stride 2
+    "strided_fold": (8, 3, 5, 6),  # every other element: pass channels of stride 2
     "big_fold": (64, 300, 4, 5),   # several channel blocks and row blocks
     "few_rows_fold": (2, 700, 3),  # one row block (one thread: little work)
 }

@@ -107,12 +107,19 @@ def test_folding_is_taken_and_unfolded_runs_agree(native, monkeypatch, layout):
 @pytest.mark.parametrize("shape, reductions, evaluation", [
     ((8, 64, 5, 5), 25, 25), ((2, 64, 4, 4), 16, 1), ((2, 64, 5, 5), 1, 1),
     ((2, 64, 7, 7), 1, 1)], ids=str)
-def test_fewer_than_8_rows_fold_only_short_runs_and_never_for_eval(shape, reductions,
-                                                                   evaluation):
+def test_fewer_than_8_rows_fold_only_short_runs_and_never_for_eval(native, monkeypatch, shape,
+                                                                   reductions, evaluation):
     """With few rows the copies that folding makes weigh as much as the rows."""
-    x = torch.randn(shape)
-    assert cpu._plan(x).fold == reductions
-    assert cpu._plan(x, few_rows_fold_max_l=1).fold == evaluation
+    x, c = torch.randn(shape), shape[1]
+    folds = []
+    plan = cpu._plan
+    monkeypatch.setattr(cpu, "_plan", lambda *args, **kw: folds.append(plan(*args, **kw).fold)
+                        or plan(*args, **kw))
+    ones, zeros = torch.ones(c), torch.zeros(c)
+    _, mean, invstd = cpu.forward_train(x, ones, zeros, 1e-5)
+    cpu.backward(x, x, mean, invstd, ones, zeros)
+    cpu.forward_eval(x, zeros, ones, ones, zeros, 1e-5)
+    assert folds == [reductions, reductions, evaluation]
 
 
 @pytest.mark.parametrize("shape", [(4, 20000, 3), (64, 300, 4, 5)], ids=str)
