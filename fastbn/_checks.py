@@ -41,11 +41,13 @@ def check_positive_number(value, name, where=None):
     return float(value)
 
 
-def check_seed(seed, where=None):
-    """TypeError unless `seed` is an int (numpy's too, not a bool) or a torch.Generator;
-    None too: every estimate is reproducible from its seed."""
-    if isinstance(seed, torch.Generator):
+def check_seed(seed, where=None, *, generator=True):
+    """TypeError unless `seed` is an int (numpy's too, not a bool) or, with `generator`,
+    a torch.Generator; None is refused as well: every estimate is reproducible from its
+    seed."""
+    if generator and isinstance(seed, torch.Generator):
         return
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise TypeError(f"{_prefix(where)}seed must be an int or a torch.Generator, got "
-                        f"{seed!r} ({type(seed).__name__})")
+        kind = "an int or a torch.Generator" if generator else "an int"
+        raise TypeError(f"{_prefix(where)}seed must be {kind}, got {seed!r} "
+                        f"({type(seed).__name__})")

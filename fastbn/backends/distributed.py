@@ -36,6 +36,21 @@ def gather_ints(values, group, device):
     return [theirs.tolist() for theirs in everyone]
 
 
+def refuse_on_every_process(refusal, group, device, caller, what, value=0):
+    """Every process's `value` (an int), by rank, from one all_gather that also tells each
+    process whether another refused its `what`: this process's `refusal` (an exception,
+    or None) is raised here, another's as a ValueError that names its rank, so that no
+    process is left waiting in a collective the refusing one never enters."""
+    gathered = gather_ints([int(refusal is not None), value], group, device)
+    if refusal is not None:
+        raise refusal
+    refused = [rank for rank, (flag, _) in enumerate(gathered) if flag]
+    if refused:
+        raise ValueError(f"{caller}: process {refused[0]} of the group refused its {what} "
+                         "(its error says why)")
+    return [theirs for _, theirs in gathered]
+
+
 def _check_agreement(group, values, device, what, describe):
     """Raise on every process if the group's processes describe a collective's message
     differently (`values`: ints, as many on every process): their messages would differ

@@ -7,6 +7,7 @@ buffers through `torch.func.functional_call`, so the user's model (tensors, buff
 training flags, hooks) is only ever read, whatever happens inside the call.
 """
 
+import contextlib
 import copy
 import itertools
 from collections.abc import Mapping
@@ -234,3 +235,17 @@ def savable(tree):
 
 def to_device(tree, device):
     return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)
+
+
+@contextlib.contextmanager
+def forked_random_state(cuda_devices=(), seed=None):
+    """torch's CPU generator and those of `cuda_devices`, forked for the block (the
+    caller's sequence is as it was after it) and, with `seed` (an int), seeded with it:
+    draws inside repeat with the seed."""
+    cuda_devices = list(cuda_devices)
+    with torch.random.fork_rng(devices=cuda_devices):
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+            for index in cuda_devices:
+                torch.cuda.default_generators[index].manual_seed(seed)
+        yield

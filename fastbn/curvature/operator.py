@@ -1,6 +1,5 @@
 """The Hessian of a model's loss as a linear operator on flat parameter vectors."""
 
-import contextlib
 import functools
 import itertools
 import math
@@ -15,11 +14,12 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
-from fastbn.backends.distributed import gather_ints
+from fastbn._checks import check_count
+from fastbn.backends.distributed import refuse_on_every_process
 from fastbn.curvature import _memory
-from fastbn.curvature._functional import (FunctionalModel, is_single_batch, plain_attributes,
-                                          savable, split_batch, tensor_attributes,
-                                          to_device)
+from fastbn.curvature._functional import (FunctionalModel, forked_random_state,
+                                          is_single_batch, plain_attributes, savable,
+                                          split_batch, tensor_attributes, to_device)
 from fastbn.curvature.lanczos import bar_disabled
 
 METHODS = ("auto", "forward-over-reverse", "reverse-over-reverse")
@@ -29,8 +29,8 @@ PATHS = ("matvec", "matmat")
 # What torch 2.13 raises for jvp of grad through mse_loss (its forward-mode rule of
 # mse_loss's backward writes to a ZeroTensor).
 TORCH_ZERO_TENSOR_ERROR = "ZeroTensors are immutable"
-# How torch.func.vmap refuses an op with no batching rule (aten::rrelu_with_noise, nn.RReLU's
-# random op in training mode, say).
+# How torch.func.vmap refuses an op with no batching rule ("vmap: we do not yet support
+# aten::rrelu", nn.RReLU's random op in training mode, say).
 TORCH_NO_BATCHING_RULE_ERROR = "vmap: we do not yet support"
 
 
@@ -110,12 +110,15 @@ class HessianOperator:
         whatever the model's flag: the loss of a randomly masked model has no Hessian.
         Other random operations (F.dropout with training=True, nn.RReLU in training mode,
         torch.rand* in a forward) draw from torch's global generator (and the operator's
-        CUDA device's), which every evaluation of the loss resets to the state it had
-        when the operator was made and gives back as it was: H is the Hessian of that one
-        draw, the same at every call (so symmetric, and fit for Lanczos), and the
-        caller's generators are left untouched. matmat's vmapped passes share the draw
-        among their tangents (vmap's randomness="same"); an operation vmap cannot batch
-        (nn.RReLU's, in torch 2.13) makes matmat raise: use matvec there.
+        CUDA device's), which every evaluation of batch b's loss seeds with
+        `random_seed + b` and gives back as it was: H is the Hessian of that one draw
+        per batch, the same at every call (so symmetric, and fit for Lanczos), and the
+        caller's generators are left untouched. `random_seed` comes from the caller's
+        generator when the operator is made, without moving it (the same state makes
+        the same operator). The global generators are process-wide: operators used from
+        several threads at once draw from each other's seeds. matmat's vmapped passes
+        share the draw among their tangents (vmap's randomness="same"); an operation vmap
+        cannot batch (nn.RReLU's, in torch 2.13) makes matmat raise: use matvec there.
     criterion: (outputs, targets) -> scalar mean loss over the batch.
     data: one `(inputs, targets)` batch (inputs a tensor or a dict of tensors; wrap a
         batch with tuple inputs as [batch]) or an iterable of batches (re-iterated on every
@@ -176,9 +179,8 @@ class HessianOperator:
                  max_memory=None, chunk_size=None, progress=None, process_group=None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-        if chunk_size is not None and (not isinstance(chunk_size, int)
-                                       or isinstance(chunk_size, bool) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if chunk_size is not None:
+            chunk_size = check_count(chunk_size, "chunk_size")
         self._group = process_group
         self._model = FunctionalModel(model, bn_mode, process_group, fuse_relu=True)
         self.criterion = criterion
@@ -201,9 +203,9 @@ class HessianOperator:
         self._device = tensors[0].device
         size = sum(self._numels)
         self._shape = (size, size)
-        self._rng_state = torch.get_rng_state()
-        self._cuda_rng_state = (torch.cuda.get_rng_state(self.device)
-                                if self.device.type == "cuda" else None)
+        # Drawn from a copy of the caller's generator: it does not move their sequence.
+        generator = torch.Generator().set_state(torch.get_rng_state())
+        self.random_seed = int(torch.randint(2 ** 62, (), generator=generator))
         try:
             self._data, refusal = self._store_data(data), None
         except ValueError as error:
@@ -281,13 +283,8 @@ class HessianOperator:
         """Raise on every process if one refused its data (the others would wait in the
         first collective forever) or if their numbers of batches differ."""
         known = refusal is None and hasattr(self._data, "__len__")
-        mine = -1 if refusal is not None else len(self._data) if known else -2
-        counts = [count for (count,) in gather_ints([mine], self._group, self.device)]
-        if refusal is not None:
-            raise refusal
-        if -1 in counts:
-            raise ValueError(f"HessianOperator: process {counts.index(-1)} of the group "
-                             "refused its data (its error says why)")
+        counts = refuse_on_every_process(refusal, self._group, self.device, "HessianOperator",
+                                         "data", len(self._data) if known else -1)
         if len({c for c in counts if c >= 0}) > 1:
             raise ValueError("HessianOperator: the processes hold different numbers of "
                              f"batches ({counts}); each needs its shard of every batch")
@@ -324,27 +321,18 @@ class HessianOperator:
             inputs, targets, n = split_batch(batch)
             yield to_device(inputs, self.device), to_device(targets, self.device), n, index
 
-    def _loss_fn(self, fixed, buffers, inputs, targets, weight=1):
-        """theta -> (weight * loss, loss): the batch's term of the summed objective, so
-        that synchronised batch norms couple every process's terms consistently."""
+    def _loss_fn(self, fixed, buffers, inputs, targets, index, weight=1):
+        """theta -> (weight * loss, loss): batch `index`'s term of the summed objective, so
+        that synchronised batch norms couple every process's terms consistently. Its
+        random draws (see `random_seed`) are the same at every evaluation."""
+        cuda = [self.device.index] if self.device.type == "cuda" else []
+
         def loss(theta):
-            with self._fixed_random_state():
+            with forked_random_state(cuda, self.random_seed + index):
                 value = scalar_loss(
                     self.criterion(self._model({**fixed, **theta}, buffers, inputs), targets))
             return value * weight, value.detach()
         return loss
-
-    @contextlib.contextmanager
-    def _fixed_random_state(self):
-        """torch's global generator (and the operator's CUDA device's) at the state it had
-        when the operator was made, and as it was before on leaving: every evaluation of
-        a loss draws the same random numbers, so H is one fixed draw's Hessian."""
-        cuda = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
-            torch.set_rng_state(self._rng_state)
-            if cuda:
-                torch.cuda.set_rng_state(self._cuda_rng_state, self.device)
-            yield
 
     def _split_state(self):
         params, buffers = self._model.state()
@@ -407,7 +395,7 @@ class HessianOperator:
         v = self._as_operand(v, 1, "matvec")
         if self._group is None and self._single_batch:
             if "matvec" not in self.methods_used:
-                self._choose_single_batch_matvec_method(v)
+                return self._choose_single_batch_matvec_method(v)
             if self.methods_used["matvec"] == "reverse-over-reverse":
                 return self._retained_graph_hvp(v)
         return self._flatten(self._accumulate(v))
@@ -497,7 +485,7 @@ class HessianOperator:
         theta, fixed, buffers = self._split_state()
         total, count = None, 0
         for inputs, targets, n, index in batches or self._batches():
-            loss = self._loss_fn(fixed, buffers, inputs, targets, weight=n)
+            loss = self._loss_fn(fixed, buffers, inputs, targets, index, weight=n)
             if tangent is None:
                 value, loss_value = torch.func.grad(loss, has_aux=True)(theta)
             else:
@@ -532,16 +520,19 @@ class HessianOperator:
     def _choose_single_batch_matvec_method(self, v):
         """methods_used["matvec"] for a single batch: forward-over-reverse's product
         against one backward through the kept graph (built in the warm-up run); the graph
-        is freed where it is not the faster."""
+        is freed where it is not the faster. Returns H v (through the kept graph, the
+        timed product, or as a named forward-over-reverse would compute it)."""
         theta, fixed, buffers = self._split_state()
-        inputs, targets, _, _ = next(self._batches())
-        loss = self._loss_fn(fixed, buffers, inputs, targets)
+        inputs, targets, _, index = next(self._batches())
+        loss = self._loss_fn(fixed, buffers, inputs, targets, index)
         run = {"forward-over-reverse": lambda v: self._apply("forward-over-reverse", loss,
                                                              theta, v, batched=False),
                "reverse-over-reverse": self._retained_graph_hvp}
-        self._choose_method("matvec", run, v, v)
-        if self.methods_used["matvec"] != "reverse-over-reverse":
-            self.clear_cache()
+        product = self._choose_method("matvec", run, v, v)
+        if self.methods_used["matvec"] == "reverse-over-reverse":
+            return product
+        self.clear_cache()
+        return self._flatten(self._accumulate(v))
 
     def _graph_inputs(self):
         """(θ, every other tensor, settings) that the single batch's loss reads, as they
@@ -597,7 +588,7 @@ class HessianOperator:
         inputs, targets = savable(next(self._batches())[:2])
         leaves = {name: t.clone().requires_grad_() for name, t in theta.items()}
         with torch.enable_grad():
-            loss = self._loss_fn(fixed, buffers, inputs, targets)(leaves)[0]
+            loss = self._loss_fn(fixed, buffers, inputs, targets, 0)(leaves)[0]
             check_finite_loss(loss.detach(), "batch 0")
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
@@ -693,13 +684,20 @@ class HessianOperator:
         """(inputs, targets, n, index) of the batch with the most samples, whose passes
         take the most memory; with a process group, the same index on every process (the
         one where some process holds the most)."""
-        sizes = [split_batch(batch)[2] for batch in self._data]
+        sizes, largest, index = [], None, 0
+        for batch in self._data:   # one pass over data, keeping the first largest batch
+            n = split_batch(batch)[2]
+            if largest is None or n > sizes[index]:
+                largest, index = batch, len(sizes)
+            sizes.append(n)
         if self._group is not None:
             agreed = torch.tensor(sizes, device=self.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self._group)
-            sizes = agreed.tolist()
-        index = max(range(len(sizes)), key=sizes.__getitem__)
-        inputs, targets, n = split_batch(next(itertools.islice(self._data, index, None)))
+            agreed = agreed.tolist()
+            if agreed.index(max(agreed)) != index:   # another process's largest: a second pass
+                index = agreed.index(max(agreed))
+                largest = next(itertools.islice(self._data, index, None))
+        inputs, targets, n = split_batch(largest)
         return to_device(inputs, self.device), to_device(targets, self.device), n, index
 
     def _chunk_from_budget(self):
