@@ -18,10 +18,10 @@ from torch import nn
 from torch.func import functional_call, grad_and_value
 from torch.nn.modules.dropout import _DropoutNd
 
-from fastbn._checks import check_seed
-from fastbn.backends.distributed import gather_ints
+from fastbn.backends.distributed import refuse_on_every_process
 from fastbn.curvature._functional import (_retype_batch_norm_subclasses, converted,
-                                          private_copy, savable, split_batch)
+                                          forked_random_state, private_copy, savable,
+                                          split_batch)
 from fastbn.nn.batchnorm import TORCH_BATCH_NORMS, _FastBatchNorm
 
 
@@ -71,35 +71,20 @@ def agreed_batch(batch, model, process_group, caller):
         # The model's device: NCCL gathers only CUDA tensors.
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
-        refused = [flag for (flag,) in gather_ints([int(refusal is not None)],
-                                                   process_group, device)]
-        if refusal is None and any(refused):
-            raise ValueError(f"{caller}: process {refused.index(1)} of the group refused "
-                             "its batch (its error says why)")
+        refuse_on_every_process(refusal, process_group, device, caller, "batch")
     if refusal is not None:
         raise refusal
     return inputs, targets
 
 
-@contextlib.contextmanager
 def forked_rng(model, seed=None):
-    """The random number generators of the CPU and the model's GPUs, forked for the block:
+    """The random number generators of the CPU and the model's GPUs, forked for a block:
     a random layer (nn.RReLU in training mode) draws without moving the caller's
-    sequence (the training run around the probe). With `seed` (an int, or a CPU
-    torch.Generator to draw one from), the draws start from it, so a seeded probe gives
-    the same result on every call."""
-    cuda_devices = sorted({t.device.index for t in (*model.parameters(), *model.buffers())
-                           if t.is_cuda})
-    if seed is not None:
-        check_seed(seed)
-        seed = (int(torch.randint(2 ** 62, (), generator=seed))
-                if isinstance(seed, torch.Generator) else int(seed))
-    with torch.random.fork_rng(devices=cuda_devices):
-        if seed is not None:
-            torch.default_generator.manual_seed(seed)
-            for index in cuda_devices:
-                torch.cuda.default_generators[index].manual_seed(seed)
-        yield
+    sequence (the training run around the probe). With `seed` (an int), the draws start
+    from it, so a seeded probe gives the same result on every call."""
+    return forked_random_state(sorted({t.device.index for t in (*model.parameters(),
+                                                                 *model.buffers())
+                                       if t.is_cuda}), seed)
 
 
 @contextlib.contextmanager

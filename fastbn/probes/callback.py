@@ -55,6 +55,7 @@ class SmoothnessProbe:
         writes_log = process_group is None or dist.get_rank(process_group) == 0
         self.log_path = log_path if writes_log else None
         self.process_group = process_group
+        _checks.check_seed(seed, "SmoothnessProbe", generator=False)   # seed + step per probe
         self.multipliers, self.seed = multipliers, seed
         self.sharpness = sharpness
         self.records = []

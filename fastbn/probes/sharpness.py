@@ -9,7 +9,7 @@ def top_hessian_eigenvalue(model, criterion, batch, *, seed=0, tol=1e-3, max_ite
                            process_group=None):
     """Largest Hessian eigenvalue of `criterion(model(x), y)` on `batch`, BN on batch stats.
 
-    `seed` sets Lanczos's start vector and the draws of a random layer (nn.RReLU in
+    `seed` (an int) sets Lanczos's start vector and the draws of a random layer (nn.RReLU in
     training mode): the same seed gives the same value, and the caller's random number
     generators are left as they were. `tol` (a positive number) is Lanczos's relative
     residual at convergence, `max_iter` its most steps.
@@ -21,6 +21,7 @@ def top_hessian_eigenvalue(model, criterion, batch, *, seed=0, tol=1e-3, max_ite
     """
     _checks.check_positive_number(tol, "tol")
     _checks.check_count(max_iter, "max_iter")
+    _checks.check_seed(seed, generator=False)
     _functional.check_membership(process_group, "top_hessian_eigenvalue")
     with _functional.forked_rng(model, seed):
         # Reverse-over-reverse: on torch 2.13 jvp(grad(f)) fails for plain nn.Linear + MSE

@@ -294,7 +294,7 @@ def theory_checks(model, criterion, batch, *, channels=4, layers=None, lanczos_i
     left untouched. Theorem 4.1 (first order) is checked on every BN layer and channel.
     The costlier second-order checks of Theorem 4.2 run on `layers` evenly spaced BN
     layers (None: all) and their first `channels` channels; `lanczos_iterations` sets the
-    PSD test of H_jj; `channels=0` turns the second-order checks off. `seed` sets the
+    PSD test of H_jj; `channels=0` turns the second-order checks off. `seed` (an int) sets the
     Lanczos start vectors and the draws of a random layer (nn.RReLU in training mode): the
     same seed gives the same results, and the caller's random number generators are left
     as they were.
@@ -304,6 +304,7 @@ def theory_checks(model, criterion, batch, *, channels=4, layers=None, lanczos_i
         raise ValueError(f"layers must be None (all BN layers) or a positive int, got "
                          f"{layers!r}")
     _checks.check_count(lanczos_iterations, "lanczos_iterations")
+    _checks.check_seed(seed, generator=False)
     inputs, targets, _ = split_batch(savable(batch))
     work = _functional.transformable(model)
     with torch.inference_mode(False), torch.enable_grad(), _functional.forked_rng(work, seed):

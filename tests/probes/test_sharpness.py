@@ -56,12 +56,15 @@ def test_a_random_layer_repeats_with_the_seed_and_leaves_the_callers_random_numb
                                   max_iter=10) == first
 
 
-def test_a_generator_seed_repeats_with_its_state():
-    model, criterion = _random_layer_model(), nn.MSELoss()
-    first, second = (top_hessian_eigenvalue(model, criterion, _regression_batch(),
-                                            seed=torch.Generator().manual_seed(3), max_iter=10)
-                     for _ in range(2))
-    assert first == second
+@pytest.mark.parametrize("seed", [torch.Generator().manual_seed(3), None, 1.5, True])
+def test_a_seed_that_is_not_an_int_is_refused(seed):
+    """A probe's seed also seeds the random layers' generators (and SmoothnessProbe adds
+    the step to it): an int only, checked before any work."""
+    with pytest.raises(TypeError, match="seed must be an int"):
+        top_hessian_eigenvalue(_random_layer_model(), nn.MSELoss(), _regression_batch(),
+                               seed=seed)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        SmoothnessProbe(_random_layer_model(), nn.MSELoss(), 0.1, seed=seed)
 
 
 def test_the_sharpness_callback_leaves_the_training_runs_random_numbers():

@@ -212,6 +212,9 @@ def test_rejects_bad_counts():
                    {"layers": -1}, {"layers": 0}, {"layers": 1.5}, {"layers": "2"}):
         with pytest.raises(ValueError, match=f"^{next(iter(kwargs))} must be"):
             theory_checks(network(), nn.CrossEntropyLoss(), data(), **kwargs)
+    for seed in (torch.Generator().manual_seed(0), None, 0.5):
+        with pytest.raises(TypeError, match="seed must be an int"):
+            theory_checks(network(), nn.CrossEntropyLoss(), data(), seed=seed)
 
 
 def test_a_random_layer_repeats_with_the_seed_and_leaves_the_callers_random_numbers():
