@@ -473,6 +473,9 @@ def write_report(results, figures, tables, out_dir):
             value += f" ({_fmt(claim['also'])})"
         lines.append(f"| {claim['claim']} | {claim['measure']} | {value} | "
                      f"**{claim['verdict']}** |")
+    lines += ["", "Verdicts of one seed: a value near its threshold can cross it with another "
+              "initialisation, data split or batch order; `fastbn reproduce --seeds N` runs N "
+              "seeds and counts each verdict across them (seeds.md)."]
     experiments = results["experiments"]
     captions = {
         "figure4_vgg": "Figure 4 on the VGG network: shaded bands span min–max over the step "

@@ -104,6 +104,7 @@ def test_csv_and_report_agree_with_results(tiny_run):
     report = (tiny_run / "report.md").read_text()
     assert "![figure4_vgg](figure4_vgg.png)" in report
     assert "Choices the paper does not state" in report
+    assert "Verdicts of one seed" in report and "--seeds N" in report
     # The stated choices are this configuration's (the tiny preset's 5-layer DLN).
     assert "‖W1…W5 x − A x‖²" in report and "(4 BN layers)" in report
     assert "VGG 8 η in [0.5, 4] × lr" in report
