@@ -237,6 +237,13 @@ def to_device(tree, device):
     return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)
 
 
+def seed_from_callers_generator():
+    """An int drawn from a copy of torch's global generator: the caller's state decides
+    it, and does not move."""
+    generator = torch.Generator().set_state(torch.get_rng_state())
+    return int(torch.randint(2 ** 62, (), generator=generator))
+
+
 @contextlib.contextmanager
 def forked_random_state(cuda_devices=(), seed=None):
     """torch's CPU generator and those of `cuda_devices`, forked for the block (the

@@ -7,8 +7,9 @@ from typing import Callable
 import torch
 from torch.utils._pytree import tree_map
 
-from fastbn.curvature._functional import (FunctionalModel, is_single_batch, split_batch,
-                                          to_device)
+from fastbn.curvature._functional import (FunctionalModel, forked_random_state,
+                                          is_single_batch, seed_from_callers_generator,
+                                          split_batch, to_device)
 from fastbn.curvature.operator import check_finite_loss, scalar_loss
 
 
@@ -73,7 +74,10 @@ def activation_hessian(model, criterion, data, layer, *, bn_mode="train"):
     and of the batch, so the result describes that moment even after they change. With
     bn_mode="train" every batch norm uses batch statistics (running statistics untouched),
     so a batch norm downstream of the layer couples the samples of the batch.
-    Dropout layers run in eval mode (a randomly masked loss has no Hessian).
+    Dropout layers run in eval mode (a randomly masked loss has no Hessian); other random
+    operations (F.dropout with training=True, nn.RReLU, torch.rand*) draw the same
+    numbers in the recording forward and in every evaluation of the loss (a seed drawn
+    from the caller's generator without moving it, as HessianOperator's `random_seed`).
     Returns an ActivationHessian.
     """
     functional = FunctionalModel(model, bn_mode)
@@ -89,6 +93,8 @@ def activation_hessian(model, criterion, data, layer, *, bn_mode="train"):
     device = next(iter(params.values())).device if params else None
     if device is not None:
         inputs, targets = to_device(inputs, device), to_device(targets, device)
+    cuda = [device.index] if device is not None and device.type == "cuda" else []
+    seed = seed_from_callers_generator()
 
     outputs = []
 
@@ -97,7 +103,7 @@ def activation_hessian(model, criterion, data, layer, *, bn_mode="train"):
         # would overwrite the output itself.
         outputs.append(output.clone() if isinstance(output, torch.Tensor) else output)
 
-    with torch.no_grad(), _forward_hook(module, record):
+    with torch.no_grad(), _forward_hook(module, record), forked_random_state(cuda, seed):
         functional(params, buffers, inputs)
     if len(outputs) != 1:
         raise ValueError(f"layer {layer!r} ran {len(outputs)} times in one forward; it must "
@@ -116,7 +122,8 @@ def activation_hessian(model, criterion, data, layer, *, bn_mode="train"):
     def loss_of_activation(z):
         # The layer returns a clone of z: an in-place op downstream must not write to z,
         # the variable being differentiated.
-        with _forward_hook(module, lambda _m, _a, _o: z.clone()):
+        with (_forward_hook(module, lambda _m, _a, _o: z.clone()),
+              forked_random_state(cuda, seed)):
             value = criterion(functional(params, buffers, inputs), targets)
         return scalar_loss(value)
 

@@ -19,7 +19,8 @@ from fastbn.backends.distributed import refuse_on_every_process
 from fastbn.curvature import _memory
 from fastbn.curvature._functional import (FunctionalModel, forked_random_state,
                                           is_single_batch, plain_attributes, savable,
-                                          split_batch, tensor_attributes, to_device)
+                                          seed_from_callers_generator, split_batch,
+                                          tensor_attributes, to_device)
 from fastbn.curvature.lanczos import bar_disabled
 
 METHODS = ("auto", "forward-over-reverse", "reverse-over-reverse")
@@ -203,9 +204,7 @@ class HessianOperator:
         self._device = tensors[0].device
         size = sum(self._numels)
         self._shape = (size, size)
-        # Drawn from a copy of the caller's generator: it does not move their sequence.
-        generator = torch.Generator().set_state(torch.get_rng_state())
-        self.random_seed = int(torch.randint(2 ** 62, (), generator=generator))
+        self.random_seed = seed_from_callers_generator()
         try:
             self._data, refusal = self._store_data(data), None
         except ValueError as error:

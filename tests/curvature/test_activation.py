@@ -118,6 +118,39 @@ def test_dropout_downstream_runs_in_eval_mode():
     assert_unchanged(model, before)
 
 
+class _NoisyDownstream(nn.Module):
+    """Linear → tanh → uniform noise and F.dropout in training mode → BN → Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.bn, self.head = nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.first(x))
+        h = nn.functional.dropout(h + 0.1 * torch.rand_like(h), 0.5, self.training)
+        return self.head(self.bn(h))
+
+
+def test_random_operations_draw_the_same_numbers_in_every_evaluation():
+    torch.manual_seed(4)
+    model = _NoisyDownstream().to(DTYPE)
+    generator = torch.Generator().manual_seed(0)
+    batch = (torch.randn(6, 3, generator=generator, dtype=DTYPE),
+             torch.randint(0, 3, (6,), generator=generator))
+    state = torch.get_rng_state()
+    result = activation_hessian(model, CRITERION, batch, "first")
+    assert torch.equal(torch.get_rng_state(), state)
+    v = torch.randn(result.activation.shape, dtype=DTYPE)
+    u = torch.randn(result.activation.shape, dtype=DTYPE)
+    hv = result.hvp(v)
+    assert torch.equal(result.hvp(v), hv)
+    assert float((u * hv).sum()) == pytest.approx(float((v * result.hvp(u)).sum()), rel=1e-10)
+    # The caller's generator state decides the draws.
+    torch.set_rng_state(state)
+    again = activation_hessian(model, CRITERION, batch, "first")
+    assert torch.equal(again.grad, result.grad) and torch.equal(again.loss, result.loss)
+
+
 def test_a_torch_batch_norm_subclass_downstream():
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(3, 4), SubclassedBatchNorm1d(4), nn.Tanh(),
