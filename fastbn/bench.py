@@ -204,7 +204,7 @@ OPS = {
     "double_backward": Op(_double_backward, 3, 2,
                           "forward + grad(create_graph) + grad wrt (x, w, dy); "
                           "traffic counts the second-order kernel only"),
-    "jvp": Op(_jvp, 2, 1, "torch.func.jvp, tangents on (x, w, b)"),
+    "jvp": Op(_jvp, 2, 2, "torch.func.jvp, tangents on (x, w, b): y and its tangent"),
     "hvp_step": Op(_hvp_step, 4, 1, "torch.func.jvp of the vjp wrt (x, w, b, dy) "
                    "(forward-over-reverse); traffic counts the jvp-of-backward kernel only"),
     "vmap_jvp": Op(_vmap_jvp, 1 + VMAP_K, VMAP_K,
@@ -486,8 +486,13 @@ def backend_info(requested):
 
 
 def curvature_suite():
-    """The optional curvature suite, benchmarks/bench_curvature.py (it ships with the
-    source tree, importable from its root)."""
+    """The optional curvature suite, benchmarks/bench_curvature.py: it ships with the
+    source tree, importable from its root (the working directory of `python -m
+    benchmarks`; for `fastbn bench`, the tree an editable install runs from)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastbn.__file__)))
+    if (os.path.isfile(os.path.join(root, "benchmarks", "bench_curvature.py"))
+            and root not in sys.path):
+        sys.path.append(root)
     return importlib.import_module("benchmarks.bench_curvature")
 
 
@@ -524,7 +529,7 @@ def build_parser(prog="fastbn bench"):
                    help="small shapes, short budget: a smoke run for CI")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of round-robin timing per (op, shape) (default 1.5, "
-                        "--quick 0.05); at least 3 rounds either way")
+                        "--quick 0.05), in 3 to 200 rounds (20 with --quick)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch.set_num_threads (default: torch's choice); use 1 on a "
                         "machine shared with other jobs")
@@ -540,6 +545,13 @@ def build_parser(prog="fastbn bench"):
     p.add_argument("--json", metavar="PATH", help="write every number and the machine info")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
+
+
+def _writable(path):
+    """Whether `path` can be written as a file: not a folder, in a writable folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return (not os.path.isdir(path) and os.path.isdir(folder)
+            and os.access(path if os.path.exists(path) else folder, os.W_OK))
 
 
 def main(argv=None, prog="fastbn bench"):
@@ -559,6 +571,9 @@ def _run(parser, args, prog, argv):
         torch.set_num_threads(args.threads)
     if args.clock == "cpu" and torch.get_num_threads() != 1:
         parser.error("--clock cpu only sees the calling thread: add --threads 1")
+    if args.json and not _writable(args.json):
+        parser.error(f"--json {args.json}: not a file this process can write (checked "
+                     "before any timing)")
     if args.keep_freed_memory and not memory.keep_freed_memory():
         parser.error("--keep-freed-memory needs glibc's malloc")
     names = list(dict.fromkeys(n for arg in args.backend for n in arg.split(",") if n))

@@ -4,6 +4,8 @@ sane numbers. No timing assertions: this machine's timings mean nothing here."""
 import argparse
 import json
 import math
+import os
+import sys
 
 import pytest
 
@@ -115,6 +117,26 @@ def test_bad_arguments_are_usage_errors(argv, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         bench.main([*TINY, *argv])
     assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["missing/out.json", "."])
+def test_a_json_path_that_cannot_be_written_is_refused_before_timing(where, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*TINY, "--json", str(tmp_path / where)])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and "--json" in captured.err
+    assert "forward_train" not in captured.out
+
+
+def test_the_curvature_suite_is_found_from_outside_the_tree(monkeypatch, tmp_path):
+    """`fastbn bench` from any folder (its console script has no tree root on sys.path)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(bench.fastbn.__file__)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path
+                                      if p not in ("", ".") and os.path.abspath(p) != root])
+    for name in [n for n in sys.modules if n == "benchmarks" or n.startswith("benchmarks.")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert bench.curvature_suite().__name__ == "benchmarks.bench_curvature"
 
 
 def test_a_curvature_suite_that_cannot_run_is_a_usage_error(capsys, monkeypatch):
