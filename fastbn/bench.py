@@ -606,6 +606,12 @@ def _run(parser, args, prog, argv):
           f"{machine['torch_threads']} torch threads, torch {machine['torch_version']}, "
           f"{machine['date']}; {args.clock} clock, load average {machine['load_average']}"
           + ("; freed memory kept" if args.keep_freed_memory else ""))
+    if args.clock == "wall" and machine["load_average"][0] >= (machine["cores"] or 1):
+        # Threads of a multi-threaded call wait for cores other jobs hold: a call can stall
+        # for whole scheduler slices, stock's and fastbn's alike.
+        print(f"warning: load average {machine['load_average'][0]} on {machine['cores']} "
+              "cores before the run: wall-clock times of multi-threaded calls can stall; "
+              "compare on a quiet machine, or use --threads 1 --clock cpu", file=sys.stderr)
     for i in infos:
         state = f"selected {i['selected']}" if i["available"] else f"unavailable ({i['reason']})"
         print(f"backend {i['requested']}: {state}")

@@ -139,6 +139,14 @@ def test_the_curvature_suite_is_found_from_outside_the_tree(monkeypatch, tmp_pat
     assert bench.curvature_suite().__name__ == "benchmarks.bench_curvature"
 
 
+@pytest.mark.parametrize("load, warned", [(0.1, False), (64.0, True)])
+def test_a_busy_machine_is_said_before_wall_clock_timing(load, warned, tmp_path, capsys,
+                                                         monkeypatch):
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (load, load, load))
+    _run(tmp_path, "--ops", "forward_eval")
+    assert ("warning: load average" in capsys.readouterr().err) == warned
+
+
 def test_a_curvature_suite_that_cannot_run_is_a_usage_error(capsys, monkeypatch):
     """Outside the source tree (an installed package) the suite is not there: say so
     before measuring anything, and exit non-zero."""
