@@ -27,7 +27,7 @@ _AGREED = set()
 _ACC_DTYPES = (torch.float32, torch.float64)
 
 
-def gather_ints(values, group, device):
+def _gather_ints(values, group, device):
     """Every process's `values` (ints, as many on every process), by rank: one small
     all_gather (on `device`: NCCL gathers CUDA tensors only)."""
     mine = torch.tensor(values, dtype=torch.int64, device=device)
@@ -41,7 +41,7 @@ def refuse_on_every_process(refusal, group, device, caller, what, value=0):
     process whether another refused its `what`: this process's `refusal` (an exception,
     or None) is raised here, another's as a ValueError that names its rank, so that no
     process is left waiting in a collective the refusing one never enters."""
-    gathered = gather_ints([int(refusal is not None), value], group, device)
+    gathered = _gather_ints([int(refusal is not None), value], group, device)
     if refusal is not None:
         raise refusal
     refused = [rank for rank, (flag, _) in enumerate(gathered) if flag]
@@ -64,7 +64,7 @@ def _check_agreement(group, values, device, what, describe):
     key = (group, values)
     if key in _AGREED:
         return
-    everyone = gather_ints(values, group, device)
+    everyone = _gather_ints(values, group, device)
     if any(theirs != list(values) for theirs in everyone):
         described = ", ".join(describe(*theirs) for theirs in everyone)
         raise RuntimeError("fastbn: the processes of a synchronised batch norm disagree on "

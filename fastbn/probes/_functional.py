@@ -72,7 +72,7 @@ def agreed_batch(batch, model, process_group, caller):
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
         refuse_on_every_process(refusal, process_group, device, caller, "batch")
-    if refusal is not None:
+    elif refusal is not None:
         raise refusal
     return inputs, targets
 

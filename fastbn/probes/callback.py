@@ -50,7 +50,7 @@ class SmoothnessProbe:
         self.every = _checks.check_count(every, "every")
         # Refused here rather than at the first probed step, after its gradient probe.
         self.sharpness_max_iter = _checks.check_count(sharpness_max_iter,
-                                                          "sharpness_max_iter")
+                                                      "sharpness_max_iter")
         _functional.check_membership(process_group, "SmoothnessProbe")
         writes_log = process_group is None or dist.get_rank(process_group) == 0
         self.log_path = log_path if writes_log else None

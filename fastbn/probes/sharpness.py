@@ -1,7 +1,6 @@
 """Sharpness: the top eigenvalue of the loss Hessian in weight space (via fastbn.curvature)."""
 
-from fastbn import curvature
-from fastbn import _checks
+from fastbn import _checks, curvature
 from fastbn.probes import _functional
 
 
@@ -9,8 +8,8 @@ def top_hessian_eigenvalue(model, criterion, batch, *, seed=0, tol=1e-3, max_ite
                            process_group=None):
     """Largest Hessian eigenvalue of `criterion(model(x), y)` on `batch`, BN on batch stats.
 
-    `seed` (an int) sets Lanczos's start vector and the draws of a random layer (nn.RReLU in
-    training mode): the same seed gives the same value, and the caller's random number
+    `seed` (an int) sets Lanczos's start vector and the draws of a random layer (nn.RReLU
+    in training mode): the same seed gives the same value, and the caller's random number
     generators are left as they were. `tol` (a positive number) is Lanczos's relative
     residual at convergence, `max_iter` its most steps.
 

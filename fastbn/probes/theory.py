@@ -294,10 +294,10 @@ def theory_checks(model, criterion, batch, *, channels=4, layers=None, lanczos_i
     left untouched. Theorem 4.1 (first order) is checked on every BN layer and channel.
     The costlier second-order checks of Theorem 4.2 run on `layers` evenly spaced BN
     layers (None: all) and their first `channels` channels; `lanczos_iterations` sets the
-    PSD test of H_jj; `channels=0` turns the second-order checks off. `seed` (an int) sets the
-    Lanczos start vectors and the draws of a random layer (nn.RReLU in training mode): the
-    same seed gives the same results, and the caller's random number generators are left
-    as they were.
+    PSD test of H_jj; `channels=0` turns the second-order checks off. `seed` (an int)
+    sets the Lanczos start vectors and the draws of a random layer (nn.RReLU in training
+    mode): the same seed gives the same results, and the caller's random number
+    generators are left as they were.
     """
     _checks.check_count(channels, "channels", allow_zero=True)
     if not (layers is None or _checks.is_count(layers)):
