@@ -154,6 +154,43 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def direct_eval(input, running_mean, running_var, weight, bias, momentum, eps, activation):
+    """The output of an eval call made by the backend's kernel alone, or None where the
+    call is not of the common kind, which the general path checks and runs.
+
+    The common kind: valid arguments (float momentum and eps, per-channel tensors all of
+    shape (C,) on input's device, of input's dtype or all float32 for a half input) that
+    nothing records (no autograd, forward AD, torch.func transform, graph capture or
+    function mode: tensors of torch's own types). A convolution between two batch norms
+    evicts the interpreter's working set, where each layer and check of the general path
+    costs a microsecond or more: a small layer's call took twice stock's (RESULTS.md)."""
+    if (torch.compiler.is_compiling() or torch._C._is_tracing()
+            or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+            or has_torch_function_variadic(input, running_mean, running_var, weight, bias)
+            or type(input) is not torch.Tensor or type(eps) is not float or eps < 0.0
+            or type(momentum) is not float or activation not in ACTIVATIONS):
+        return None
+    shape = input.shape
+    if len(shape) < 2 or not input.is_floating_point() or input.numel() == 0:
+        return None
+    channels, device, grad = (shape[1],), input.device, torch.is_grad_enabled()
+    if grad and input.requires_grad:
+        return None
+    for t in (running_mean, running_var, weight, bias):
+        if (type(t) not in _PLAIN_TYPES or t.shape != channels or t.device != device
+                or grad and t.requires_grad):
+            return None
+    dtype = running_mean.dtype
+    if (running_var.dtype is not dtype or weight.dtype is not dtype or bias.dtype is not dtype
+            or dtype not in _allowed_param_dtypes(input.dtype)):
+        return None
+    return backends.select(input).forward_eval(input, running_mean, running_var, weight,
+                                               bias, eps, activation)
+
+
 def _param(t, channels, like, fill):
     """weight or bias as a vector (torch takes any shape of C elements), or `fill`."""
     if t is None:
@@ -179,6 +216,11 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             batch_norm, (input, running_mean, running_var, weight, bias), input,
             running_mean, running_var, weight, bias, training, momentum, eps, activation,
             process_group=process_group)
+    if training is False:
+        out = direct_eval(input, running_mean, running_var, weight, bias, momentum, eps,
+                          activation)
+        if out is not None:
+            return out
     check_scalars(momentum, eps)
     check_args(input, running_mean, running_var, weight, bias, training, activation, eps,
                training and process_group is not None)

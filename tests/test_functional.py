@@ -372,3 +372,129 @@ def test_half_input_takes_float32_per_channel_tensors(dtype):
     got = fastbn.batch_norm(x, rm, rv, weight, bias, training=True)
     want = F.batch_norm(x, torch.zeros(3), torch.ones(3), weight, bias, training=True)
     torch.testing.assert_close(got, want)
+
+
+def _eval_args(dtype=torch.float32, stats_dtype=None, channels=3, requires_grad=False):
+    gen = torch.Generator().manual_seed(0)
+    stats_dtype = stats_dtype or dtype
+    x = torch.randn(4, 3, 5, 2, generator=gen).to(dtype)
+    rm, w, b = (torch.randn(channels, generator=gen).to(stats_dtype) for _ in range(3))
+    rv = (torch.rand(channels, generator=gen) + 0.5).to(stats_dtype)
+    return x, rm, rv, w.requires_grad_(requires_grad), b
+
+
+def _through_general_path(monkeypatch, call):
+    """(whether `call` ran the general path's checks, its result or the error raised)."""
+    from fastbn import functional
+    checked = []
+    original = functional.check_args
+    monkeypatch.setattr(functional, "check_args",
+                        lambda *a, **k: checked.append(1) or original(*a, **k))
+    try:
+        out = call()
+    except Exception as err:  # noqa: BLE001 - the general path's errors are tested elsewhere
+        out = err
+    return bool(checked), out
+
+
+_DIRECT_CALLS = {
+    "float32": lambda: fastbn.batch_norm(*_eval_args(), eps=1e-3),
+    "relu": lambda: fastbn.batch_norm(*_eval_args(), activation="relu"),
+    "channels_last": lambda: fastbn.batch_norm(
+        *((t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+          for t in _eval_args())),
+    "strided": lambda: fastbn.batch_norm(_eval_args()[0][:, :, ::2], *_eval_args()[1:]),
+    "float64": lambda: fastbn.batch_norm(*_eval_args(torch.float64)),
+    "bfloat16, float32 statistics": lambda: fastbn.batch_norm(
+        *_eval_args(torch.bfloat16, torch.float32)),
+    "float16": lambda: fastbn.batch_norm(*_eval_args(torch.float16)),
+    "parameters requiring grad under no_grad": lambda: _no_grad(
+        lambda: fastbn.batch_norm(*_eval_args(requires_grad=True))),
+    "layer": lambda: _no_grad(lambda: fastbn.BatchNorm2d(3).eval()(_eval_args()[0])),
+    "layer with cumulative momentum": lambda: _no_grad(
+        lambda: fastbn.BatchNorm2d(3, momentum=None).eval()(_eval_args()[0])),
+}
+
+
+def _no_grad(call):
+    with torch.no_grad():
+        return call()
+
+
+@pytest.mark.parametrize("name", _DIRECT_CALLS)
+def test_common_eval_calls_skip_the_general_path_with_the_same_result(monkeypatch, name):
+    """An eval call of the common kind goes straight to the backend's kernel (the
+    general path's checks and Function cost a small layer's call more than the kernel
+    on a cold cache), and gives the bits the general path gives."""
+    from fastbn import functional
+    checked, direct = _through_general_path(monkeypatch, _DIRECT_CALLS[name])
+    assert not checked and isinstance(direct, torch.Tensor)
+    monkeypatch.setattr(functional, "direct_eval", lambda *args: None)
+    checked, general = _through_general_path(monkeypatch, _DIRECT_CALLS[name])
+    assert checked
+    assert direct.dtype == general.dtype and direct.stride() == general.stride()
+    torch.testing.assert_close(direct, general, rtol=0, atol=0)
+
+
+def _dual_call():
+    with torch.autograd.forward_ad.dual_level():
+        return fastbn.batch_norm(*_eval_args())
+
+
+def _vmapped():
+    x, *stats = _eval_args()
+    return torch.func.vmap(lambda x: fastbn.batch_norm(x, *stats))(x[None])
+
+
+_GENERAL_CALLS = {
+    "weight requiring grad": lambda: fastbn.batch_norm(*_eval_args(requires_grad=True)),
+    "input requiring grad": lambda: fastbn.batch_norm(
+        _eval_args()[0].requires_grad_(), *_eval_args()[1:]),
+    "no weight": lambda: fastbn.batch_norm(*_eval_args()[:3], None, _eval_args()[4]),
+    "forward AD level": _dual_call,
+    "torch.func transform": _vmapped,
+    "tensor subclass": lambda: fastbn.batch_norm(_eval_args()[0].as_subclass(_Tagged),
+                                                 *_eval_args()[1:]),
+    "mixed statistics dtypes": lambda: fastbn.batch_norm(
+        *_eval_args()[:3], *(t.double() for t in _eval_args()[3:])),
+    "float16 with float16 and float32 statistics": lambda: fastbn.batch_norm(
+        *_eval_args(torch.float16)[:3], *(t.float() for t in _eval_args(torch.float16)[3:])),
+    "float32 input, float64 statistics": lambda: fastbn.batch_norm(
+        _eval_args()[0], *_eval_args(torch.float64)[1:]),
+    "wrong channel count": lambda: fastbn.batch_norm(_eval_args()[0],
+                                                     *_eval_args(channels=4)[1:]),
+    "weight of shape (1, C)": lambda: fastbn.batch_norm(
+        *_eval_args()[:3], _eval_args()[3][None], _eval_args()[4]),
+    "integer eps": lambda: fastbn.batch_norm(*_eval_args(), eps=1),
+    "negative eps": lambda: fastbn.batch_norm(*_eval_args(), eps=-1.0),
+    "integer momentum": lambda: fastbn.batch_norm(*_eval_args(), momentum=0),
+    "unknown activation": lambda: fastbn.batch_norm(*_eval_args(), activation="gelu"),
+    "empty input": lambda: fastbn.batch_norm(_eval_args()[0][:0], *_eval_args()[1:]),
+    "integer input": lambda: fastbn.batch_norm(_eval_args()[0].int(), *_eval_args()[1:]),
+    "training": lambda: fastbn.batch_norm(*_eval_args(), training=True),
+    "layer without affine parameters": lambda: _no_grad(
+        lambda: fastbn.BatchNorm2d(3, affine=False).eval()(_eval_args()[0])),
+}
+
+
+@pytest.mark.parametrize("name", _GENERAL_CALLS)
+def test_other_eval_calls_take_the_general_path(monkeypatch, name):
+    """Anything recording the call, and any argument off the common kind (whose errors
+    and conversions the general path owns), is checked and run by the general path."""
+    checked, _ = _through_general_path(monkeypatch, _GENERAL_CALLS[name])
+    assert checked
+
+
+def test_torch_function_modes_see_eval_calls():
+    class Recording(torch.overrides.TorchFunctionMode):
+        seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    args = _eval_args()
+    with Recording():
+        y = fastbn.batch_norm(*args)
+    assert Recording.seen[0] is fastbn.batch_norm
+    torch.testing.assert_close(y, F.batch_norm(*args))

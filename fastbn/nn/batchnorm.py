@@ -86,10 +86,15 @@ class _FastBatchNorm:
         weight = params["weight"] if "weight" in params else self.weight
         bias = params["bias"] if "bias" in params else self.bias
         batch_stats = training or (running_mean is None and running_var is None)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if not batch_stats:
+            out = functional.direct_eval(input, running_mean, running_var, weight, bias,
+                                         factor, self.eps, self.activation)
+            if out is not None:
+                return out
         if training and not self.track_running_stats:
             running_mean = running_var = None
         group = self._sync_group(batch_stats)
-        factor = 0.0 if self.momentum is None else self.momentum
         tracked = self.num_batches_tracked if training else None
         # Check everything before num_batches_tracked moves: errors change no state.
         functional.check_scalars(factor, self.eps)
