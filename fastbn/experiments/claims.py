@@ -5,8 +5,8 @@ ratio passes the paper's order of magnitude (threshold below), "partly" when it 
 points the same way (ratio > 1, or a majority of steps), "not reproduced" otherwise;
 "no data" when every value is missing; "inconclusive" when the comparison has no
 baseline (the learning-rate sweep does not bracket the plain net's limit) or too little
-of it (an early-window claim from a run with fewer than MIN_EARLY_PROBES probe steps in
-all). The accuracy
+of it (a landscape claim judged on fewer than MIN_EARLY_PROBES steps at which both runs
+were probed: in the early window, or over the whole run for β). The accuracy
 claim is "reproduced" beyond twice the standard error of the difference, "not reproduced"
 below minus twice, "inconclusive" between.
 """
@@ -101,12 +101,13 @@ def landscape_claims(runs, steps, network, paper_setting):
     """Claims 1–3 of Figure 4 (loss range, gradient predictiveness, effective β) for one net."""
     plain, bn = runs["plain"], runs["bn"]
     end = _early_end(bn, steps)
-    # A run probed fewer times than the early window needs cannot judge "early" at all
-    # (one probe at step 0, say); the plain net's probes may stop early (it diverged).
-    too_few = len(bn["probes"].get("step", [])) < MIN_EARLY_PROBES
+    # Every ratio compares the steps both runs were probed at; fewer than MIN_EARLY_PROBES
+    # of them judge nothing (a run probed once, at step 0, or one that diverged early and
+    # stopped, leaving a median of one or two steps).
+    paired_early = len(_paired(plain, bn, "step", end)[0])
 
-    def early_verdict(value, strong):
-        return "inconclusive" if too_few else _verdict(value, strong=strong)
+    def judged(value, enough, **thresholds):
+        return _verdict(value, **thresholds) if enough >= MIN_EARLY_PROBES else "inconclusive"
 
     def ranges(width, window):
         lo_p, lo_b = _paired(plain, bn, "loss_min", window)
@@ -134,36 +135,41 @@ def landscape_claims(runs, steps, network, paper_setting):
         {"id": f"{network}_loss_range",
          "claim": f"{paper_setting}: without BN the loss varies over a much wider range along "
                   "the gradient, especially early in training (Figure 4a).",
-         "measure": f"median over probe steps in the first 10% of training (at least "
-                    f"{MIN_EARLY_PROBES} probe steps) of the band's width on the paper's log "
-                    "axis, log(loss_max / loss_min), without BN / with BN (reproduced at "
-                    "≥ 2); `also`: the same over the whole run, and on absolute ranges "
-                    "(loss_max − loss_min), which a lower loss level shrinks",
+         "measure": f"median over the probe steps both runs reached in the first 10% of "
+                    f"training (at least {MIN_EARLY_PROBES}) of the band's width on the "
+                    "paper's log axis, log(loss_max / loss_min), without BN / with BN "
+                    "(reproduced at ≥ 2); `also`: the same over the whole run, and on absolute "
+                    "ranges (loss_max − loss_min), which a lower loss level shrinks",
          "value": loss_early,
          "also": {"early_quartiles": _quartiles(loss_ratios),
                   "median_ratio_whole_run": _median(ranges(_log_range, None)),
                   "absolute_median_ratio_early": _median(ranges(_range, end)),
-                  "absolute_median_ratio_whole_run": _median(ranges(_range, None))},
-         "verdict": early_verdict(loss_early, 2.0)},
+                  "absolute_median_ratio_whole_run": _median(ranges(_range, None)),
+                  "paired_probe_steps_early": paired_early},
+         "verdict": judged(loss_early, paired_early, strong=2.0)},
         {"id": f"{network}_gradient_predictiveness",
          "claim": f"{paper_setting}: gradient predictiveness — the change of the gradient along "
                   "the gradient step — differs by close to two orders of magnitude early in "
                   "training, larger without BN (Figure 4b).",
-         "measure": f"median over the first 10% of training (at least {MIN_EARLY_PROBES} probe "
-                    "steps) of max_η‖∇L(w−ηg)−g‖ without BN / with BN (reproduced at ≥ 10, "
+         "measure": f"median over the probe steps both runs reached in the first 10% of "
+                    f"training (at least {MIN_EARLY_PROBES}) of max_η‖∇L(w−ηg)−g‖ without BN "
+                    "/ with BN (reproduced at ≥ 10, "
                     "one of the paper's two orders of magnitude)",
          "value": grad_early, "also": {"early_quartiles": _quartiles(grad_ratios),
-                                       "median_ratio_whole_run": grad_all},
-         "verdict": early_verdict(grad_early, 10.0)},
+                                       "median_ratio_whole_run": grad_all,
+                                       "paired_probe_steps_early": paired_early},
+         "verdict": judged(grad_early, paired_early, strong=10.0)},
         {"id": f"{network}_effective_beta",
          "claim": f"{paper_setting}: the effective β-smoothness is consistently lower with BN "
                   "(Figure 4c).",
-         "measure": "fraction of probe steps with β_eff(BN) < β_eff(no BN) (reproduced at ≥ 0.8, "
+         "measure": f"fraction of the probe steps both runs reached (at least "
+                    f"{MIN_EARLY_PROBES}) with β_eff(BN) < β_eff(no BN) (reproduced at ≥ 0.8, "
                     "partly above 0.5); `also`: the median ratio no-BN/BN over the first 10%, "
                     f"and the fraction of steps within {BETA_TIE:.0%} of a tie",
          "value": lower_fraction,
-         "also": {"median_ratio_early": beta_early, "near_ties": ties},
-         "verdict": _verdict(lower_fraction, strong=0.8, weak=0.5)},
+         "also": {"median_ratio_early": beta_early, "near_ties": ties,
+                  "paired_probe_steps": len(beta_ratios)},
+         "verdict": judged(lower_fraction, len(beta_ratios), strong=0.8, weak=0.5)},
     ]
 
 

@@ -414,8 +414,10 @@ CHOICES = [
     "accuracy claim is \"reproduced\" beyond twice the standard error of the difference, "
     "\"not reproduced\" below minus twice and \"inconclusive\" between; "
     "the learning-rate claim is \"inconclusive\" when the sweep does not bracket the plain "
-    "network's limit (it trains at no swept learning rate, or at the largest), and an "
-    "early-window claim when its run has fewer than {early_probes} probe steps in all.",
+    "network's limit (it trains at no swept learning rate, or at the largest), and a "
+    "landscape claim when fewer than {early_probes} steps at which both runs were probed "
+    "judge it (in the early window; over the whole run for β): a run probed once, or one "
+    "that diverged early and stopped.",
 ]
 
 _DATA = {

@@ -35,8 +35,18 @@ def test_early_window_claims_need_enough_probe_steps():
                                          "bn": run(1.0, steps=claims.MIN_EARLY_PROBES - 1)},
                                         100, "x", "X"))
     assert few["x_loss_range"]["verdict"] == few["x_gradient_predictiveness"]["verdict"] \
-        == "inconclusive"
+        == few["x_effective_beta"]["verdict"] == "inconclusive"
     assert few["x_gradient_predictiveness"]["value"] == 100.0   # the number is still reported
+
+
+def test_claims_count_only_the_steps_both_runs_reached():
+    """A plain run probed once before it diverged and stopped judges nothing, however far
+    its one step lies from the BN run's thirty."""
+    found = by_id(claims.landscape_claims({"plain": run(100.0, steps=1),
+                                           "bn": run(1.0, steps=30)}, 100, "x", "X"))
+    assert all(c["verdict"] == "inconclusive" for c in found.values())
+    assert found["x_loss_range"]["also"]["paired_probe_steps_early"] == 1
+    assert found["x_effective_beta"]["also"]["paired_probe_steps"] == 1
 
 
 def test_blown_up_plain_probes_count_as_wider_and_missing_ones_as_no_data():
