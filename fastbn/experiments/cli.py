@@ -9,9 +9,10 @@
     torchrun --nproc_per_node 2 -m fastbn.cli reproduce --quick   # batch split over 2 processes
 
 `--experiment theory` trains the BN networks it needs (or reuses them from the same run
-or, with --resume, from the out dir). Results are deterministic for a given seed and
-thread count (`--threads`, 1 by default on CPU: on shared cores a second thread made the
-tiny kernels here up to 30× slower).
+or, with --resume, from the out dir). On CPU, results are deterministic for a given seed
+and thread count (`--threads`, 1 by default on CPU: on shared cores a second thread made
+the tiny kernels here up to 30× slower); on CUDA, torch's convolution backward may pick
+non-deterministic algorithms, so bits can differ between runs.
 
 Data-parallel: launched by torchrun (WORLD_SIZE > 1), or called with a `process_group`,
 every process takes an equal contiguous shard of each VGG training batch (the batch size
@@ -157,7 +158,7 @@ def reproduce_main(argv=None, *, process_group=None):
 def _reproduce(parser, args, device, process_group):
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
-    threads = args.threads or (1 if device == "cpu" else None)
+    threads = args.threads or (1 if torch.device(device).type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
     steps = args.steps

@@ -45,6 +45,10 @@ class Config:
     theory_lanczos: int = 10         # Lanczos steps of the PSD test of H_jj
 
     def __post_init__(self):
+        if self.data_dir is not None and self.dataset != "cifar10":
+            # Recorded and in every part's resume key, it would read as a setting that acted.
+            raise ValueError(f"--data-dir is read only for --dataset cifar10, not "
+                             f"{self.dataset}")
         # Every other number, and every entry of a grid, is a positive size, count or rate.
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)

@@ -547,7 +547,8 @@ def write_seed_summary(runs, out_dir):
         json.dump(json_safe(summary), f, indent=1, allow_nan=False)
     lines = ["# Reproduction across seeds", "",
              f"Seeds {', '.join(map(str, seeds))}: each seed's run (its own initialisation, "
-             "data split and batch order) is in `seed-<seed>/`, with its report.md. A verdict "
+             "batch order, the DLN's task, and the data split where the dataset ships "
+             "unsplit) is in `seed-<seed>/`, with its report.md. A verdict "
              "that differs between seeds is one the measurement cannot settle at this size.",
              "", "| claim | measure | value by seed | verdict by seed | across seeds |",
              "|---|---|---|---|---|"]

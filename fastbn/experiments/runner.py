@@ -94,8 +94,13 @@ def code_version():
 
 
 def _key(config, *fields):
+    """A part's identity for --resume: its settings, the code, and what else changes its
+    bits (torch's version, the thread count, the backend, the number of processes)."""
     settings = {f: getattr(config, f) for f in ("seed", "dataset", "data_dir", "device") + fields}
-    return json.dumps({**settings, "code": code_version()}, sort_keys=True, default=str)
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return json.dumps({**settings, "code": code_version(), "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "backend": fastbn.get_backend(),
+                       "world_size": world_size}, sort_keys=True, default=str)
 
 
 def _state(model):
@@ -128,8 +133,9 @@ def _vgg_run(config, dataset, batch_norm, *, lr, steps, probes, part, store, pro
              process_group=None):
     """Train one VGG variant (cached by `part`), data-parallel over `process_group` if
     given; returns the stored part."""
-    key = _key(config, *VGG_FIELDS, "eval_every", "vgg_multipliers",
-               "sharpness") + json.dumps([lr, steps, probes])
+    # The probes' settings only where it probes (the learning-rate sweep does not).
+    probe_fields = ("vgg_multipliers", "sharpness") if probes else ()
+    key = _key(config, *VGG_FIELDS, "eval_every", *probe_fields) + json.dumps([lr, steps, probes])
     saved = store.get(part, key)
     if saved is not None:
         return saved

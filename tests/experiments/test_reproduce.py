@@ -5,7 +5,9 @@ import os
 import shutil
 
 import pytest
+import torch
 
+import fastbn
 from fastbn.experiments import cli, config, runner
 from fastbn.experiments.cli import reproduce_main
 
@@ -149,6 +151,7 @@ def test_resume_reuses_completed_parts_and_is_deterministic(tiny_run, tmp_path):
     (["--seed", "-1"], "must be in [0, 2**32)"),
     (["--dataset", "digits", "--batch-size", "100000"], "exceeds the 1438 training examples"),
     (["--dataset", "cifar10"], "needs --data-dir"),
+    (["--dataset", "digits", "--data-dir", "somewhere"], "read only for --dataset cifar10"),
     (["--device", "nowhere"], "--device nowhere"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys, arguments, message):
@@ -243,6 +246,35 @@ def test_resumed_parts_are_keyed_by_the_code(monkeypatch):
     assert runner._key(settings) != before
 
 
+def test_resumed_parts_are_keyed_by_what_changes_their_bits(monkeypatch):
+    settings = config.make_config(quick=True)
+    plain = runner._key(settings)
+    with fastbn.use_backend("reference"):
+        other_backend = runner._key(settings)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    other_threads = runner._key(settings)
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    other_torch = runner._key(settings)
+    assert len({plain, other_backend, other_threads, other_torch}) == 4
+
+
+def test_the_learning_rate_sweep_is_not_keyed_by_probe_settings():
+    keys = []
+
+    class Store:
+        def get(self, part, key):
+            keys.append(key)
+            return {"result": None}
+
+    for sharpness in (False, True):
+        settings = config.make_config(quick=True, sharpness=sharpness)
+        for probes in (0, 5):
+            runner._vgg_run(settings, None, True, lr=0.1, steps=10, probes=probes, part="p",
+                            store=Store(), progress=False)
+    unprobed, probed = keys[0::2], keys[1::2]
+    assert unprobed[0] == unprobed[1] and probed[0] != probed[1]
+
+
 def test_resumed_parts_are_keyed_by_the_data_folder():
     keys = {runner._key(config.make_config(quick=True, dataset="cifar10", data_dir=d))
             for d in ("c1", "c2")}
@@ -286,3 +318,14 @@ def test_settings_the_machine_picks_are_not_marked_changed(monkeypatch):
     assert not any("(changed)" in row for row in report.configuration_table(settings))
     settings["device"] = "cpu"
     assert "| device | cpu (changed) |" in report.configuration_table(settings)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0"])
+def test_cpu_runs_default_to_one_thread_whatever_the_device_string(tmp_path, monkeypatch,
+                                                                   capsys, device):
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    with pytest.raises(SystemExit):   # refused after the threads are set: no work runs
+        reproduce_main(["--quick", "--out", str(tmp_path / "out"), "--device", device,
+                        "--seeds", "0"])
+    assert set_to == [1]
