@@ -209,7 +209,8 @@ class _Plan:
 
     def td(self, t, fold=True):
         """(ptr, sK, sN, sC, sL) for an element tensor, (0, ...) for None, None if it
-        does not flatten; `fold`: in the folded view where the plan folds."""
+        does not flatten; `fold`: in the folded view where the plan folds (None if its
+        (c, l) blocks are not dense)."""
         if t is None:
             return (0, 0, 0, 0, 0)
         st = _strides(t.shape, t.stride(), t.dim() == self.ndim_batched, self.swap)
@@ -218,8 +219,7 @@ class _Plan:
         out = (t.data_ptr(), *st)
         if self.fold == 1 or not fold:
             return out
-        assert st[2] == self.fold * st[3], "an output laid out unlike x"
-        return self._folded(out)
+        return self._folded(out) if st[2] == self.fold * st[3] else None
 
     def tds(self, *ts):
         out = [self.td(t) for t in ts]
@@ -256,8 +256,13 @@ def _empty(x, plan, dtype=None):
     if plan.K is None:
         return empty_output(x, dtype)
     order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
-    return torch.empty_permuted((plan.K, *x.shape), (0, *(d + 1 for d in order)),
-                                dtype=dtype, device=x.device)
+    out = torch.empty_permuted((plan.K, *x.shape), (0, *(d + 1 for d in order)),
+                               dtype=dtype, device=x.device)
+    if plan.td(out) is None:
+        # x overlaps itself (as_strided, expand): its order can put N between the spatial
+        # dims, or C inside a folded run. A contiguous output always flattens and folds.
+        out = torch.empty((plan.K, *x.shape), dtype=dtype, device=x.device)
+    return out
 
 
 def _per_channel_output(plan, acc):

@@ -565,3 +565,28 @@ def test_kernels_run_in_a_forked_child():
     run = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], cwd=root, timeout=120,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("op", K_OPS)
+@pytest.mark.parametrize("size, shape, stride", [
+    (200, (3, 2, 2, 5), (2, 0, 5, 1)),   # N's stride between the spatial dims' strides
+    (64, (8, 3, 4), (1, 4, 1)),          # folded runs, x's order puts C outside N
+])
+def test_k_batched_outputs_of_an_x_that_overlaps_itself(native, op, size, shape, stride):
+    """An as_strided or expanded x: K-batched outputs in x's order would not flatten (or
+    fold); they are laid out contiguously instead."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(size, generator=gen, dtype=torch.float64).as_strided(shape, stride)
+    c, k = shape[1], 3
+
+    def rand(*dims):
+        return torch.randn(dims, generator=gen, dtype=torch.float64)
+
+    mean, var, invstd = reference.statistics(x, 1e-5)
+    p = dict(x=x, weight=rand(c), bias=rand(c), mean=mean, invstd=invstd,
+             running_var=var + 0.25, grad_y=rand(k, *shape), x_t=rand(k, *shape),
+             grad_y_t=rand(k, *shape), gg_x=rand(k, *shape), weight_t=rand(k, c),
+             bias_t=rand(k, c))
+    for act in (None, "relu"):
+        ref = _call(reference, op, p, act)
+        _check(_call(cpu, op, p, act), ref, ref, torch.float64)
