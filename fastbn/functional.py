@@ -167,21 +167,26 @@ def direct_eval(input, running_mean, running_var, weight, bias, momentum, eps, a
     function mode: tensors of torch's own types). A convolution between two batch norms
     evicts the interpreter's working set, where each layer and check of the general path
     costs a microsecond or more: a small layer's call took twice stock's (RESULTS.md)."""
+    stats = (running_mean, running_var, weight, bias)
+    # First what declines the usual other eval call (parameters requiring grad) soonest.
+    grad = torch.is_grad_enabled()
+    if type(input) is not torch.Tensor or grad and input.requires_grad:
+        return None
+    for t in stats:
+        if type(t) not in _PLAIN_TYPES or grad and t.requires_grad:
+            return None
     if (torch.compiler.is_compiling() or torch._C._is_tracing()
             or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
-            or has_torch_function_variadic(input, running_mean, running_var, weight, bias)
-            or type(input) is not torch.Tensor or type(eps) is not float or eps < 0.0
-            or type(momentum) is not float or activation not in ACTIVATIONS):
+            or has_torch_function_variadic(input, *stats)
+            or type(eps) is not float or eps < 0.0 or type(momentum) is not float
+            or activation not in ACTIVATIONS):
         return None
     shape = input.shape
     if len(shape) < 2 or not input.is_floating_point() or input.numel() == 0:
         return None
-    channels, device, grad = (shape[1],), input.device, torch.is_grad_enabled()
-    if grad and input.requires_grad:
-        return None
-    for t in (running_mean, running_var, weight, bias):
-        if (type(t) not in _PLAIN_TYPES or t.shape != channels or t.device != device
-                or grad and t.requires_grad):
+    channels, device = (shape[1],), input.device
+    for t in stats:
+        if t.shape != channels or t.device != device:
             return None
     dtype = running_mean.dtype
     if (running_var.dtype is not dtype or weight.dtype is not dtype or bias.dtype is not dtype
