@@ -158,24 +158,19 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def direct_eval(input, running_mean, running_var, weight, bias, momentum, eps, activation):
-    """The output of an eval call made by the backend's kernel alone, or None where the
-    call is not of the common kind, which the general path checks and runs.
+    """An eval call of the common kind made straight to its kernel (or, where autograd
+    records it, to the Function around the kernel), or None for any other call, which
+    the general path checks and runs.
 
     The common kind: valid arguments (float momentum and eps, per-channel tensors all of
     shape (C,) on input's device, of input's dtype or all float32 for a half input) that
-    nothing records (no autograd, forward AD, torch.func transform, graph capture or
-    function mode: tensors of torch's own types). A convolution between two batch norms
-    evicts the interpreter's working set, where each layer and check of the general path
-    costs a microsecond or more: a small layer's call took twice stock's (RESULTS.md)."""
+    nothing but autograd records (no forward AD, torch.func transform, graph capture,
+    tensor subclass or function mode). A convolution between two batch norms evicts the
+    interpreter's working set, where each layer and check of the general path costs a
+    microsecond or more: a small layer's call took twice stock's (RESULTS.md)."""
     stats = (running_mean, running_var, weight, bias)
-    # First what declines the usual other eval call (parameters requiring grad) soonest.
-    grad = torch.is_grad_enabled()
-    if type(input) is not torch.Tensor or grad and input.requires_grad:
-        return None
-    for t in stats:
-        if type(t) not in _PLAIN_TYPES or grad and t.requires_grad:
-            return None
-    if (torch.compiler.is_compiling() or torch._C._is_tracing()
+    if (type(input) is not torch.Tensor or any(type(t) not in _PLAIN_TYPES for t in stats)
+            or torch.compiler.is_compiling() or torch._C._is_tracing()
             or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
             or has_torch_function_variadic(input, *stats)
             or type(eps) is not float or eps < 0.0 or type(momentum) is not float
@@ -192,8 +187,17 @@ def direct_eval(input, running_mean, running_var, weight, bias, momentum, eps, a
     if (running_var.dtype is not dtype or weight.dtype is not dtype or bias.dtype is not dtype
             or dtype not in _allowed_param_dtypes(input.dtype)):
         return None
-    return backends.select(input).forward_eval(input, running_mean, running_var, weight,
-                                               bias, eps, activation)
+    backend = backends.select(input)
+    if torch.is_grad_enabled():
+        if running_mean.requires_grad or running_var.requires_grad:
+            return None   # refused in torch's words by the general path
+        if input.requires_grad or weight.requires_grad or bias.requires_grad:
+            if any(t.is_inference() for t in (input, *stats)):
+                return None   # likewise: an inference tensor cannot be saved for backward
+            return EvalForward.apply(input, running_mean, running_var, weight, bias, eps,
+                                     activation, backend)
+    return backend.forward_eval(input, running_mean, running_var, weight, bias, eps,
+                                activation)
 
 
 def _param(t, channels, like, fill):

@@ -410,6 +410,8 @@ _DIRECT_CALLS = {
     "float16": lambda: fastbn.batch_norm(*_eval_args(torch.float16)),
     "parameters requiring grad under no_grad": lambda: _no_grad(
         lambda: fastbn.batch_norm(*_eval_args(requires_grad=True))),
+    "weight requiring grad": lambda: fastbn.batch_norm(*_eval_args(requires_grad=True)),
+    "output and gradients": lambda: _with_gradients(),
     "layer": lambda: _no_grad(lambda: fastbn.BatchNorm2d(3).eval()(_eval_args()[0])),
     "layer with cumulative momentum": lambda: _no_grad(
         lambda: fastbn.BatchNorm2d(3, momentum=None).eval()(_eval_args()[0])),
@@ -421,11 +423,21 @@ def _no_grad(call):
         return call()
 
 
+def _with_gradients():
+    """An eval call autograd records: its output and its gradients, end to end."""
+    x, rm, rv, w, b = _eval_args()
+    leaves = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
+    y = fastbn.batch_norm(x, rm, rv, w, b, activation="relu")
+    grads = torch.autograd.grad(y.square().sum(), leaves)
+    return torch.cat([y.detach().flatten(), *(g.flatten() for g in grads)])
+
+
 @pytest.mark.parametrize("name", _DIRECT_CALLS)
 def test_common_eval_calls_skip_the_general_path_with_the_same_result(monkeypatch, name):
-    """An eval call of the common kind goes straight to the backend's kernel (the
-    general path's checks and Function cost a small layer's call more than the kernel
-    on a cold cache), and gives the bits the general path gives."""
+    """An eval call of the common kind goes straight to the backend's kernel, or to the
+    Function around it where autograd records it (the general path's checks and layers
+    cost a small layer's call more than the kernel on a cold cache), and gives the bits
+    the general path gives."""
     from fastbn import functional
     checked, direct = _through_general_path(monkeypatch, _DIRECT_CALLS[name])
     assert not checked and isinstance(direct, torch.Tensor)
@@ -433,6 +445,7 @@ def test_common_eval_calls_skip_the_general_path_with_the_same_result(monkeypatc
     checked, general = _through_general_path(monkeypatch, _DIRECT_CALLS[name])
     assert checked
     assert direct.dtype == general.dtype and direct.stride() == general.stride()
+    assert (direct.grad_fn is None) == (general.grad_fn is None)
     torch.testing.assert_close(direct, general, rtol=0, atol=0)
 
 
@@ -441,15 +454,22 @@ def _dual_call():
         return fastbn.batch_norm(*_eval_args())
 
 
+def _inference_statistics():
+    with torch.inference_mode():
+        rm, rv = _eval_args()[1:3]
+    x, _, _, w, b = _eval_args(requires_grad=True)
+    return fastbn.batch_norm(x, rm, rv, w, b)
+
+
 def _vmapped():
     x, *stats = _eval_args()
     return torch.func.vmap(lambda x: fastbn.batch_norm(x, *stats))(x[None])
 
 
 _GENERAL_CALLS = {
-    "weight requiring grad": lambda: fastbn.batch_norm(*_eval_args(requires_grad=True)),
-    "input requiring grad": lambda: fastbn.batch_norm(
-        _eval_args()[0].requires_grad_(), *_eval_args()[1:]),
+    "running mean requiring grad": lambda: fastbn.batch_norm(
+        _eval_args()[0], _eval_args()[1].requires_grad_(), *_eval_args()[2:]),
+    "inference statistics saved for backward": lambda: _inference_statistics(),
     "no weight": lambda: fastbn.batch_norm(*_eval_args()[:3], None, _eval_args()[4]),
     "forward AD level": _dual_call,
     "torch.func transform": _vmapped,
@@ -479,8 +499,9 @@ _GENERAL_CALLS = {
 
 @pytest.mark.parametrize("name", _GENERAL_CALLS)
 def test_other_eval_calls_take_the_general_path(monkeypatch, name):
-    """Anything recording the call, and any argument off the common kind (whose errors
-    and conversions the general path owns), is checked and run by the general path."""
+    """Anything but autograd recording the call, and any argument off the common kind
+    (whose errors and conversions the general path owns), is checked and run by the
+    general path."""
     checked, _ = _through_general_path(monkeypatch, _GENERAL_CALLS[name])
     assert checked
 
