@@ -34,6 +34,7 @@ SIZES = {
     "3d": (2, 5, 13),
     "slice": (3, 7, 3, 5),         # channels 2:5 of it: not contiguous
     "strided_l": (2, 3, 5, 14),    # every other element of a row: the non-unit-stride loops
+    "strided_short": (2, 3, 4, 10),  # the same with short runs (20), few rows: not folded
     "c1": (5, 1, 5, 3),
     "c1_2d": (9, 1),
     "big_nchw": (4, 6, 23, 41),    # several work units, two threads with K=3
@@ -60,7 +61,7 @@ def layout_x(name, gen, dtype, sizes=SIZES):
     x = torch.randn(*sizes[name], generator=gen, dtype=torch.float64)
     if name == "slice":
         x = x[:, 2:5]
-    elif name in ("strided_l", "strided_fold"):
+    elif name in ("strided_l", "strided_short", "strided_fold"):
         x = x[..., ::2]
     elif name == "offset":
         x = 1e4 + x

@@ -38,8 +38,8 @@ def num_threads():
     torch.set_num_threads(before)
 
 
-LAYOUTS = ("nchw", "channels_last", "channels_last_3d", "2d", "3d", "slice", "strided_l", "c1",
-           "c1_2d", "strided_fold")
+LAYOUTS = ("nchw", "channels_last", "channels_last_3d", "2d", "3d", "slice", "strided_l",
+           "strided_short", "c1", "c1_2d", "strided_fold")
 BIG = ("big_nchw", "many_rows", "wide_c", "long_rows", "big_cl", "big_fold", "few_rows_fold")
 # Layouts the kernels run folded (few values per (n, c): csrc's Geom.fold).
 FOLDED = ("3d", "slice", "c1", "strided_fold", "big_fold", "few_rows_fold")
