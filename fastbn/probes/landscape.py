@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from fastbn import _checks
+from fastbn.curvature._functional import seed_from_callers_generator
 from fastbn.probes import _functional
 
 DEFAULT_MULTIPLIERS = tuple(np.geomspace(0.5, 4.0, 8).tolist())
@@ -39,7 +40,10 @@ def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mod
     `batch` is (inputs, targets); `criterion(outputs, targets)` gives the scalar loss.
     BN layers use batch statistics (`bn_mode="train"`, the only mode: the paper's probe
     measures the training objective); dropout layers are off, as in the curvature
-    operator (each evaluation would otherwise draw new masks). The model, its
+    operator (each evaluation would otherwise draw new masks). Other random operations
+    (nn.RReLU in training mode, F.dropout(training=True), torch.rand*) draw the same
+    numbers at every evaluated point, from a seed the caller's generator decides without
+    moving: the probe measures the landscape of that one draw. The model, its
     parameters, buffers (running stats, num_batches_tracked) and training flags are left
     exactly as they were.
 
@@ -67,10 +71,16 @@ def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mod
     inputs, targets = _functional.agreed_batch(batch, model, process_group,
                                                "gradient_step_probe")
     work = _functional.transformable(model, process_group)
+    seed = seed_from_callers_generator()
     with _functional.probe_modes(work):
         params, constants = _functional.split_state(work)
-        grad_and_loss = _functional.grad_and_loss_function(work, criterion, constants, inputs,
+        loss_function = _functional.grad_and_loss_function(work, criterion, constants, inputs,
                                                            targets, process_group)
+
+        def grad_and_loss(point):
+            with _functional.forked_rng(work, seed):
+                return loss_function(point)
+
         grad, loss = grad_and_loss(params)
         grad_norm = _functional.flat_norm(grad)
         etas = [m * lr for m in multipliers]

@@ -265,6 +265,21 @@ def test_a_random_layer_does_not_move_the_training_runs_random_numbers():
     assert torch.equal(torch.rand(3), after_probe)
 
 
+def test_a_random_layer_draws_the_same_numbers_at_every_point():
+    """nn.RReLU's slopes are one draw for the whole probe: a vanishing step moves neither
+    the loss nor the gradient (new slopes at each point would measure their noise)."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.RReLU(), nn.Linear(6, 3))
+    torch.manual_seed(5)
+    found = gradient_step_probe(model.double(), nn.CrossEntropyLoss(), batch(), 1e-12,
+                                multipliers=[1.0])
+    assert found["losses"][0] == pytest.approx(found["loss"], rel=1e-9, abs=0)
+    assert found["grad_changes"][0] < 1e-9 * found["grad_norm"]
+    torch.manual_seed(5)
+    again = gradient_step_probe(model, nn.CrossEntropyLoss(), batch(), 1e-12,
+                                multipliers=[1.0])
+    assert again == found   # the caller's generator decides the draw
+
+
 def test_bad_arguments_are_refused_in_words():
     model, criterion = tiny_model(), nn.CrossEntropyLoss()
     with pytest.raises(ValueError, match="lr must be a positive finite number"):
