@@ -196,8 +196,10 @@ def direct_eval(input, running_mean, running_var, weight, bias, momentum, eps, a
                 return None   # likewise: an inference tensor cannot be saved for backward
             return EvalForward.apply(input, running_mean, running_var, weight, bias, eps,
                                      activation, backend)
-    return backend.forward_eval(input, running_mean, running_var, weight, bias, eps,
-                                activation)
+    # The Function's forward: it hands legacy batched tensors (is_grads_batched) to the
+    # reference math, whatever the backend.
+    return EvalForward.forward(input, running_mean, running_var, weight, bias, eps,
+                               activation, backend)
 
 
 def _param(t, channels, like, fill):

@@ -519,3 +519,13 @@ def test_torch_function_modes_see_eval_calls():
         y = fastbn.batch_norm(*args)
     assert Recording.seen[0] is fastbn.batch_norm
     torch.testing.assert_close(y, F.batch_norm(*args))
+
+
+def test_eval_under_legacy_batching_runs_the_reference_math(backend):
+    """torch's older vmap (behind autograd.grad(..., is_grads_batched=True)) hands over
+    tensors without storage: an eval call there runs PyTorch ops whatever the backend."""
+    x, rm, rv, w, b = _eval_args()
+    xs = torch.stack([x, 2 * x])
+    batched = torch._vmap_internals._vmap(lambda t: fastbn.batch_norm(t, rm, rv, w, b))(xs)
+    torch.testing.assert_close(batched, torch.stack([F.batch_norm(t, rm, rv, w, b)
+                                                     for t in xs]))

@@ -189,11 +189,12 @@ void forward_eval(int dtype, const Geom& g, int nth, const TD& x, const TD& y,
     const A* wt = reinterpret_cast<const A*>(w);
     const A* bt = reinterpret_cast<const A*>(b);
     auto scale = scratch<A>(g.channels());
-    // 1 / sqrt in the accumulation type, as the training forward and torch's eval: a
-    // double square root and division per channel took a fifth of a 1x3 plane's pass.
+    // var + eps, its square root and 1 / it in the accumulation type, as torch's eval (same
+    // bits for float): a double square root and division per channel took a fifth of a 1x3
+    // plane's pass.
 #pragma omp simd
     for (int64_t c = 0; c < g.channels(); ++c)
-      scale[c] = wt[c] * (A(1) / std::sqrt(A(rv[c] + eps)));
+      scale[c] = wt[c] * (A(1) / std::sqrt(rv[c] + A(eps)));
     constexpr bool CL = decltype(cl)::value;
     const TD out = output(dtype, g, 1, y);
     when(unit_runs<CL>({x, out}), [&](auto unit) {
