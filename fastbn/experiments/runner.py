@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 import fastbn
+from fastbn import backends
 from fastbn.experiments import data as datasets
 from fastbn.experiments import models
 from fastbn.experiments.training import evaluate_classifier, train
@@ -98,8 +99,9 @@ def _key(config, *fields):
     bits (torch's version, the thread count, the backend, the number of processes)."""
     settings = {f: getattr(config, f) for f in ("seed", "dataset", "data_dir", "device") + fields}
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    backend = backends.select(torch.empty(0, device=config.device)).name   # "auto" resolved
     return json.dumps({**settings, "code": code_version(), "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "backend": fastbn.get_backend(),
+                       "threads": torch.get_num_threads(), "backend": backend,
                        "world_size": world_size}, sort_keys=True, default=str)
 
 
