@@ -590,3 +590,23 @@ def test_k_batched_outputs_of_an_x_that_overlaps_itself(native, op, size, shape,
     for act in (None, "relu"):
         ref = _call(reference, op, p, act)
         _check(_call(cpu, op, p, act), ref, ref, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_every_half_value_converts_exactly(native, dtype):
+    """Each 16-bit pattern through y = (x - 0) * 1 + 0 comes back as it went in (bar -0,
+    which + 0 makes +0, and NaN payloads); through y = x * w + 0 (w not a power of two)
+    it rounds as torch's conversion of the same float, to nearest, ties to even.
+    A variance of 0 and eps = 1 keep the scale exactly w."""
+    bits = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype).reshape(1, 1, -1)
+    zero = torch.zeros(1)
+    nan = torch.isnan(x)
+    y = cpu.forward_eval(x, zero, zero, torch.ones(1), zero, 1.0)
+    kept = ~nan & (bits.reshape(x.shape) != -2 ** 15)
+    assert torch.equal(y[kept].view(torch.int16), x[kept].view(torch.int16))
+    assert torch.isnan(y[nan]).all()
+    w = torch.tensor([1.2345678])
+    y = cpu.forward_eval(x, zero, zero, w, zero, 1.0)
+    expected = (x.float() * w + 0.0).to(dtype)
+    assert torch.equal(y[~nan].view(torch.int16), expected[~nan].view(torch.int16))
