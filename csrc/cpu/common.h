@@ -31,6 +31,17 @@ struct bf16 {
   uint16_t v;
 };
 
+inline float float_from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
 #if defined(__aarch64__)
 // ACLE's binary16 storage type (fcvt conversions): g++ before 13 takes _Float16 on
 // AArch64 in C only.
@@ -47,16 +58,6 @@ inline half float_to_half(float f) { return half(f); }
 struct half {
   uint16_t v;
 };
-inline float float_from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
 inline float half_to_float(half h) {
   const uint32_t w = uint32_t(h.v) << 16, sign = w & 0x80000000u, two_w = w + w;
   // Normal (and inf/NaN): the exponent rebased by 224, then scaled by 2^-112.
@@ -84,10 +85,7 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 template <class A, class T>
 inline A to_acc(T v) {
   if constexpr (std::is_same_v<T, bf16>) {
-    uint32_t u = uint32_t(v.v) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
+    return float_from_bits(uint32_t(v.v) << 16);
   } else if constexpr (std::is_same_v<T, half>) {
     return half_to_float(v);
   } else {
@@ -98,8 +96,7 @@ inline A to_acc(T v) {
 template <class T, class A>
 inline T from_acc(A v) {
   if constexpr (std::is_same_v<T, bf16>) {
-    uint32_t u;
-    std::memcpy(&u, &v, 4);
+    const uint32_t u = bits_of(v);
     uint32_t rounded = (u + 0x7fff + ((u >> 16) & 1)) >> 16;  // round to nearest even
     bool nan = (u & 0x7fffffff) > 0x7f800000;
     return bf16{uint16_t(nan ? ((u >> 16) | 0x40) : rounded)};
