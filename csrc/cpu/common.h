@@ -230,6 +230,7 @@ template <class T, bool UNIT>
 struct Src {
   const T* p;
   int64_t st;
+  Src(const T* run, int64_t stride, int64_t /*len*/) : p(run), st(stride) {}
   template <class A>
   A at(int64_t i) const {
     return to_acc<A>(p[UNIT ? i : i * st]);
@@ -314,6 +315,95 @@ struct Dst {
   }
 };
 
+#if defined(__F16C__)
+// Unit-stride float16 runs go through float buffers on the stack (in L1), converted
+// whole by F16C's vector instructions: converted element by element in the loops (the
+// branch-free method above, a dozen vector operations per 16 values each way), the
+// first-order kernels were compute-bound at 1.5-2x float32's time. Runs are at most
+// RUN long (the reduction's NCHW runs; the elementwise pass's are MAP_RUN or SEG).
+static_assert(MAP_RUN <= RUN && SEG <= RUN && RUN % 16 == 0, "a staged run fits its buffer");
+
+// n float16 values to float, and back (rounded to nearest, ties to even): 16 at a time
+// with AVX-512 (a masked vector for the tail), else 8 at a time and the tail one by one.
+// With AVX-512 the floats are written in whole vectors, up to n rounded up to 16 (zeros
+// past n): the loops' scalar tails then read what one store wrote, where a masked store
+// cost each run of a 10x10 plane a failed store-to-load forwarding per tail element.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define FASTBN_WIDE_HALF 1
+#else
+#define FASTBN_WIDE_HALF 0
+#endif
+inline void halves_to_floats(const half* h, int64_t n, float* f) {
+  int64_t i = 0;
+#if FASTBN_WIDE_HALF
+  for (; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    _mm512_storeu_ps(f + i, _mm512_maskz_cvtph_ps(m, _mm256_maskz_loadu_epi16(m, h + i)));
+  }
+#else
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < n; ++i) f[i] = _cvtsh_ss(h[i].v);
+#endif
+}
+inline void floats_to_halves(const float* f, int64_t n, half* h) {
+  constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  int64_t i = 0;
+#if FASTBN_WIDE_HALF
+  for (; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    _mm256_mask_storeu_epi16(h + i, m, _mm512_maskz_cvtps_ph(m, _mm512_maskz_loadu_ps(m, f + i), nearest));
+  }
+#else
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(f + i), nearest));
+  for (; i < n; ++i) h[i].v = _cvtss_sh(f[i], nearest);
+#endif
+}
+
+// A staged run holds its buffer and is never copied: src() and dst() return it as a
+// prvalue, constructed in place.
+template <>
+struct Src<half, true> {
+  alignas(64) float f[RUN];
+  Src(const half* run, int64_t /*stride*/, int64_t len) {
+    if (run) halves_to_floats(run, len, f);
+  }
+  Src(const Src&) = delete;
+  Src& operator=(const Src&) = delete;
+  template <class A>
+  A at(int64_t i) const {
+    return f[i];
+  }
+};
+
+// Outputs go to the run when the Dst goes out of scope, streamed as Dst's are.
+template <>
+struct Dst<half, true> {
+  alignas(64) mutable float f[MAP_RUN];
+  half* out;
+  int64_t n;
+  bool stream;
+  Dst(half* run, int64_t /*stride*/, int64_t len, bool streamed)
+      : out(run), n(len), stream(streamed && len * int64_t(sizeof(half)) >= 512) {}
+  Dst(const Dst&) = delete;
+  Dst& operator=(const Dst&) = delete;
+  ~Dst() {
+    if (!stream) {
+      floats_to_halves(f, n, out);
+      return;
+    }
+    alignas(64) half staged[MAP_RUN];
+    floats_to_halves(f, n, staged);
+    stream_store(out, staged, size_t(n) * sizeof(half));
+  }
+  template <class A>
+  void put(int64_t i, A v) const {
+    f[i] = v;
+  }
+};
+#endif
+
 template <bool CL>
 inline int64_t run_stride(const TD& t) {
   return CL ? t.sC : t.sL;
@@ -321,8 +411,9 @@ inline int64_t run_stride(const TD& t) {
 
 template <class T, bool CL, bool UNIT>
 inline Src<T, UNIT> src(const TD& t, const Seg& s, int64_t k) {
-  if (!t.ptr) return {nullptr, 0};  // absent: callers never read it
-  return {reinterpret_cast<const T*>(t.ptr) + offset(t, s, k), run_stride<CL>(t)};
+  // Absent: callers never read it.
+  const T* run = t.ptr ? reinterpret_cast<const T*>(t.ptr) + offset(t, s, k) : nullptr;
+  return Src<T, UNIT>(run, run_stride<CL>(t), s.n);
 }
 
 template <class T, bool CL, bool UNIT>

@@ -151,7 +151,7 @@ def stream_min_bytes():
 
 
 @pytest.mark.parametrize("layout", LAYOUTS + BIG)
-@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", OPS)
 def test_streamed_outputs_same_bits(native, stream_min_bytes, op, layout, dtype):
     """Outputs staged and written with non-temporal stores (forced here for every size)
@@ -610,3 +610,37 @@ def test_every_half_value_converts_exactly(native, dtype):
     y = cpu.forward_eval(x, zero, zero, w, zero, 1.0)
     expected = (x.float() * w + 0.0).to(dtype)
     assert torch.equal(y[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+# Run lengths around the float16 conversions' vectors (8 and 16 values), the staged
+# output runs (MAP_RUN = 1024) and the reduction's runs (RUN = 4096).
+_RUN_LENGTHS = (*range(1, 36), 47, 100, 196, 1023, 1025, 4095, 4097)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_half_kernels_are_float32_kernels_rounded_once(native, stream_min_bytes, op, dtype,
+                                                       channels_last):
+    """A half-precision kernel computes in float what the float32 kernel computes on the
+    same values, and rounds each output element once: the same bits, for runs of every
+    length (NCHW rows of L values, channels-last rows of C), plain and streamed."""
+    gen = torch.Generator().manual_seed(3)
+    for n in _RUN_LENGTHS:
+        shape = (2, n, 3) if channels_last else (3, 2, n)
+        x = torch.randn(shape, generator=gen).to(dtype)
+        if channels_last:  # (N, C, L) with C the fast dimension
+            x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        c = shape[1]
+        mean, var, invstd = reference.statistics(x.float(), 1e-5)
+        p = dict(x=x, weight=torch.randn(c, generator=gen), bias=torch.randn(c, generator=gen),
+                 mean=mean, invstd=invstd, running_var=var + 0.25,
+                 weight_t=torch.randn(3, c, generator=gen), bias_t=torch.randn(3, c, generator=gen))
+        for name in ELEMENT_ARGS:
+            p[name] = torch.randn((3, *shape), generator=gen).to(dtype)
+        as_float = {k: v.float() for k, v in p.items()}
+        want = _tuple(_call(cpu, op, as_float, "relu"))
+        for stream in (1 << 62, 0):
+            stream_min_bytes(stream)
+            for got, w in zip(_tuple(_call(cpu, op, p, "relu")), want):
+                assert (got is None and w is None) or torch.equal(got, w.to(got.dtype)), (n, stream)
