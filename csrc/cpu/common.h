@@ -336,8 +336,10 @@ static_assert(MAP_RUN <= RUN && SEG <= RUN && RUN % 16 == 0, "a staged run fits 
 inline void halves_to_floats(const half* h, int64_t n, float* f) {
   int64_t i = 0;
 #if FASTBN_WIDE_HALF
-  for (; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(f + i, _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i))));
+  if (i < n) {
+    const __mmask16 m = __mmask16((1u << (n - i)) - 1);
     _mm512_storeu_ps(f + i, _mm512_maskz_cvtph_ps(m, _mm256_maskz_loadu_epi16(m, h + i)));
   }
 #else
@@ -350,8 +352,10 @@ inline void floats_to_halves(const float* f, int64_t n, half* h) {
   constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   int64_t i = 0;
 #if FASTBN_WIDE_HALF
-  for (; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + i), _mm512_maskz_cvtps_ph(0xFFFF, _mm512_loadu_ps(f + i), nearest));
+  if (i < n) {
+    const __mmask16 m = __mmask16((1u << (n - i)) - 1);
     _mm256_mask_storeu_epi16(h + i, m, _mm512_maskz_cvtps_ph(m, _mm512_maskz_loadu_ps(m, f + i), nearest));
   }
 #else
