@@ -316,12 +316,10 @@ struct Dst {
 };
 
 #if defined(__F16C__)
-// Unit-stride float16 runs go through float buffers on the stack (in L1), converted
+// Unit-stride float16 runs go through per-thread float buffers (in L1), converted
 // whole by F16C's vector instructions: converted element by element in the loops (the
 // branch-free method above, a dozen vector operations per 16 values each way), the
-// first-order kernels were compute-bound at 1.5-2x float32's time. Runs are at most
-// RUN long (the reduction's NCHW runs; the elementwise pass's are MAP_RUN or SEG).
-static_assert(MAP_RUN <= RUN && SEG <= RUN && RUN % 16 == 0, "a staged run fits its buffer");
+// first-order kernels were compute-bound at 1.5-2x float32's time.
 
 // n float16 values to float, and back (rounded to nearest, ties to even): 16 at a time
 // with AVX-512 (a masked vector for the tail), else 8 at a time and the tail one by one.
@@ -365,13 +363,57 @@ inline void floats_to_halves(const float* f, int64_t n, half* h) {
 #endif
 }
 
-// A staged run holds its buffer and is never copied: src() and dst() return it as a
-// prvalue, constructed in place.
+// The floats of staged runs: one block per thread, taken and given back in LIFO order
+// (a run's Src and Dst objects live in nested scopes). On the stack, as members of the
+// Src and Dst objects, they made frames of up to 70 KiB; here a run takes only its own
+// length (rounded up to whole vectors) and an absent input nothing.
+class StageArena {
+ public:
+  // Live at once: a kernel's reduction reads at most 4 element inputs of RUN values.
+  static constexpr int64_t FLOATS = 8 * RUN;
+
+  static StageArena& mine() {
+    static thread_local StageArena arena;
+    return arena;
+  }
+  // n floats (64-byte aligned); give_back(the returned mark) releases them and all taken
+  // after them.
+  float* take(int64_t n, int64_t& mark) {
+    const int64_t end = used_ + (n + 15) / 16 * 16;
+    if (end > FLOATS) throw_overflow();
+    mark = used_;
+    used_ = end;
+    return base_ + mark;
+  }
+  void give_back(int64_t mark) { used_ = mark; }
+
+ private:
+  StageArena() : raw_(new float[FLOATS + 16]) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(raw_.get());
+    base_ = reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
+  }
+  [[noreturn]] static void throw_overflow() {
+    throw std::logic_error("fastbn._C: more staged float16 runs live than StageArena holds");
+  }
+  std::unique_ptr<float[]> raw_;
+  float* base_;
+  int64_t used_ = 0;
+};
+
+// A staged run is never copied: src() and dst() return it as a prvalue, constructed in
+// place.
 template <>
 struct Src<half, true> {
-  alignas(64) float f[RUN];
+  const float* f = nullptr;
+  int64_t mark = -1;
   Src(const half* run, int64_t /*stride*/, int64_t len) {
-    if (run) halves_to_floats(run, len, f);
+    if (!run) return;  // absent: never read
+    float* buffer = StageArena::mine().take(len, mark);
+    halves_to_floats(run, len, buffer);
+    f = buffer;
+  }
+  ~Src() {
+    if (mark >= 0) StageArena::mine().give_back(mark);
   }
   Src(const Src&) = delete;
   Src& operator=(const Src&) = delete;
@@ -384,22 +426,25 @@ struct Src<half, true> {
 // Outputs go to the run when the Dst goes out of scope, streamed as Dst's are.
 template <>
 struct Dst<half, true> {
-  alignas(64) mutable float f[MAP_RUN];
+  int64_t mark;
+  float* f;
   half* out;
   int64_t n;
   bool stream;
   Dst(half* run, int64_t /*stride*/, int64_t len, bool streamed)
-      : out(run), n(len), stream(streamed && len * int64_t(sizeof(half)) >= 512) {}
+      : mark(0), f(StageArena::mine().take(len, mark)), out(run), n(len),
+        stream(streamed && len <= MAP_RUN && len * int64_t(sizeof(half)) >= 512) {}
   Dst(const Dst&) = delete;
   Dst& operator=(const Dst&) = delete;
   ~Dst() {
-    if (!stream) {
+    if (stream) {
+      alignas(64) half staged[MAP_RUN];
+      floats_to_halves(f, n, staged);
+      stream_store(out, staged, size_t(n) * sizeof(half));
+    } else {
       floats_to_halves(f, n, out);
-      return;
     }
-    alignas(64) half staged[MAP_RUN];
-    floats_to_halves(f, n, staged);
-    stream_store(out, staged, size_t(n) * sizeof(half));
+    StageArena::mine().give_back(mark);
   }
   template <class A>
   void put(int64_t i, A v) const {

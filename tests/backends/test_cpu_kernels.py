@@ -179,7 +179,7 @@ WIDE = ("big_nchw", "long_rows", "threaded")   # rows long enough for blocks per
 
 
 @pytest.mark.parametrize("layout", FUSED)
-@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", OPS)
 def test_fused_passes_same_bits(native, num_threads, fuse_max_bytes, op, layout, dtype):
     """NCHW channel blocks whose two passes run back to back give the bits of the whole
@@ -624,9 +624,10 @@ def test_half_kernels_are_float32_kernels_rounded_once(native, stream_min_bytes,
                                                        channels_last):
     """A half-precision kernel computes in float what the float32 kernel computes on the
     same values, and rounds each output element once: the same bits, for runs of every
-    length (NCHW rows of L values, channels-last rows of C), plain and streamed."""
+    length (NCHW rows of L values, channels-last rows of C), plain and streamed, with
+    and without K-batched element inputs."""
     gen = torch.Generator().manual_seed(3)
-    for n in _RUN_LENGTHS:
+    for n, k in [(n, k) for n in _RUN_LENGTHS for k in ((None, 3) if op in K_OPS else (None,))]:
         shape = (2, n, 3) if channels_last else (3, 2, n)
         x = torch.randn(shape, generator=gen).to(dtype)
         if channels_last:  # (N, C, L) with C the fast dimension
@@ -637,10 +638,15 @@ def test_half_kernels_are_float32_kernels_rounded_once(native, stream_min_bytes,
                  mean=mean, invstd=invstd, running_var=var + 0.25,
                  weight_t=torch.randn(3, c, generator=gen), bias_t=torch.randn(3, c, generator=gen))
         for name in ELEMENT_ARGS:
-            p[name] = torch.randn((3, *shape), generator=gen).to(dtype)
-        as_float = {k: v.float() for k, v in p.items()}
+            p[name] = torch.randn(shape if k is None else (k, *shape), generator=gen).to(dtype)
+            if k is None:
+                p[name] = torch.empty_like(x).copy_(p[name])  # x's memory format
+        if k is None:
+            p["weight_t"], p["bias_t"] = p["weight_t"][0], p["bias_t"][0]
+        as_float = {name: value.float() for name, value in p.items()}
         want = _tuple(_call(cpu, op, as_float, "relu"))
         for stream in (1 << 62, 0):
             stream_min_bytes(stream)
             for got, w in zip(_tuple(_call(cpu, op, p, "relu")), want):
-                assert (got is None and w is None) or torch.equal(got, w.to(got.dtype)), (n, stream)
+                assert (got is None and w is None) or torch.equal(got, w.to(got.dtype)), \
+                    (n, k, stream)
