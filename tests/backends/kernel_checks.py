@@ -55,19 +55,21 @@ _CHANNELS_LAST = {"channels_last": torch.channels_last, "big_cl": torch.channels
 
 def layout_x(name, gen, dtype, sizes=SIZES):
     """An x of the named layout, float64 N(0, 1) values cast to dtype; `sizes` maps
-    layout names to the full tensor's shape (smaller ones for slow backends)."""
+    layout names to the full tensor's shape (smaller ones for slow backends). The cast
+    comes before the view: a cast of a strided view is contiguous."""
     if name not in sizes:
         raise ValueError(name)
     x = torch.randn(*sizes[name], generator=gen, dtype=torch.float64)
+    if name == "offset":
+        x = 1e4 + x
+    x = x.to(dtype)
     if name == "slice":
         x = x[:, 2:5]
     elif name in ("strided_l", "strided_short", "strided_fold"):
         x = x[..., ::2]
-    elif name == "offset":
-        x = 1e4 + x
     elif name in _CHANNELS_LAST:
         x = x.contiguous(memory_format=_CHANNELS_LAST[name])
-    return x.to(dtype)
+    return x
 
 
 def call(backend, op, p, act):
