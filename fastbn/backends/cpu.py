@@ -98,10 +98,11 @@ def _strides(shape, stride, batched, swap):
 # passes paid their per-run cost every few values (benchmarks/RESULTS.md).
 FOLD_MAX_L = 32
 # Folding copies each per-channel array out to C * L values, which with fewer than 8
-# rows weigh as much as the rows: there only to 16 values per (n, c) (at 25, 5x5, the
-# NCHW passes won), and never for eval, whose copies doubled its traffic ((2, 8192, 5, 5)
-# 2.8x slower folded, (2, 65536, 2, 2) 1.2x).
-FEW_ROWS_FOLD_MAX_L = 16
+# rows weigh as much as the rows: there only to 15 values per (n, c) (from 16, 4x4, the
+# NCHW passes won: (4, 8192, 4, 4) backward 0.41 ms against 0.46 folded), and never for
+# eval, whose copies doubled its traffic ((2, 8192, 5, 5) 2.8x slower folded,
+# (2, 65536, 2, 2) 1.2x).
+FEW_ROWS_FOLD_MAX_L = 15
 
 
 @functools.lru_cache(maxsize=4096)

@@ -35,6 +35,9 @@ SIZES = {
     "slice": (3, 7, 3, 5),         # channels 2:5 of it: not contiguous
     "strided_l": (2, 3, 5, 14),    # every other element of a row: the non-unit-stride loops
     "strided_short": (2, 3, 4, 10),  # the same with short runs (20), few rows: not folded
+    # Runs of 15 (shorter than the float lanes) in 300 rows, not folded (a gap after each
+    # channel's block): short runs add to the lanes in turn, which go to double mid-unit.
+    "short_runs": (300, 3, 6, 3),
     "c1": (5, 1, 5, 3),
     "c1_2d": (9, 1),
     "big_nchw": (4, 6, 23, 41),    # several work units, two threads with K=3
@@ -67,6 +70,8 @@ def layout_x(name, gen, dtype, sizes=SIZES):
         x = x[:, 2:5]
     elif name in ("strided_l", "strided_short", "strided_fold"):
         x = x[..., ::2]
+    elif name == "short_runs":
+        x = x[:, :, :5]
     elif name in _CHANNELS_LAST:
         x = x.contiguous(memory_format=_CHANNELS_LAST[name])
     return x

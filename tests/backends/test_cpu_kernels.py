@@ -39,7 +39,7 @@ def num_threads():
 
 
 LAYOUTS = ("nchw", "channels_last", "channels_last_3d", "2d", "3d", "slice", "strided_l",
-           "strided_short", "c1", "c1_2d", "strided_fold")
+           "strided_short", "short_runs", "c1", "c1_2d", "strided_fold")
 BIG = ("big_nchw", "many_rows", "wide_c", "long_rows", "big_cl", "big_fold", "few_rows_fold")
 # Layouts the kernels run folded (few values per (n, c): csrc's Geom.fold).
 FOLDED = ("3d", "slice", "c1", "strided_fold", "big_fold", "few_rows_fold")
@@ -105,8 +105,8 @@ def test_folding_is_taken_and_unfolded_runs_agree(native, monkeypatch, layout):
 
 
 @pytest.mark.parametrize("shape, reductions, evaluation", [
-    ((8, 64, 5, 5), 25, 25), ((2, 64, 4, 4), 16, 1), ((2, 64, 5, 5), 1, 1),
-    ((2, 64, 7, 7), 1, 1)], ids=str)
+    ((8, 64, 5, 5), 25, 25), ((2, 64, 3, 5), 15, 1), ((2, 64, 4, 4), 1, 1),
+    ((2, 64, 5, 5), 1, 1), ((2, 64, 7, 7), 1, 1)], ids=str)
 def test_fewer_than_8_rows_fold_only_short_runs_and_never_for_eval(native, monkeypatch, shape,
                                                                    reductions, evaluation):
     """With few rows the copies that folding makes weigh as much as the rows."""
