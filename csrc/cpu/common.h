@@ -459,7 +459,9 @@ struct Dst<half, true> {
   }
 };
 
-inline StageArena* thread_stage() { return StageArena::mine(); }
+// Out of line: inlined, the compiler recomputed the thread_local's address (a call to
+// __tls_get_addr) for every run rather than keep the pointer.
+[[gnu::noinline]] inline StageArena* thread_stage() { return StageArena::mine(); }
 #else
 inline StageArena* thread_stage() { return nullptr; }  // no staged runs
 #endif
