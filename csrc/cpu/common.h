@@ -769,7 +769,7 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
       span[t] = channel_span(g, nt * t / T, nt * (t + 1) / T);
       thread_part[t].assign(size_t(KS) * (span[t].second - span[t].first), 0.0);
     } else {
-      std::vector<int64_t> pending(G.cb, 0);  // elements in each channel's lanes
+      std::vector<int64_t> pending(G.cb, 0);  // each channel's lanes' fill (nchw_sums)
       for (int64_t task = nt * t / T; task < nt * (t + 1) / T; ++task) {
         const int64_t c0 = G.c0(task), n0 = G.n0(task);
         for (int64_t k = 0; k < K; ++k)

@@ -36,7 +36,8 @@ SIZES = {
     "strided_l": (2, 3, 5, 14),    # every other element of a row: the non-unit-stride loops
     "strided_short": (2, 3, 4, 10),  # the same with short runs (20), few rows: not folded
     # Runs of 15 (shorter than the float lanes) in 300 rows, not folded (a gap after each
-    # channel's block): short runs add to the lanes in turn, which go to double mid-unit.
+    # channel's block): a channel's short runs add to the same lanes, which go to double
+    # mid-unit.
     "short_runs": (300, 3, 6, 3),
     "c1": (5, 1, 5, 3),
     "c1_2d": (9, 1),
