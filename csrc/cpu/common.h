@@ -132,8 +132,8 @@ struct Geom {
 
 constexpr int64_t SEG = 512;   // channels per channels-last run: slot sums stay in L1
 constexpr int64_t RB = 32;     // rows per channels-last task: bounds float accumulation length
-constexpr int64_t RUN = 4096;  // max NCHW run: float lanes add at most RUN elements
-                               // before going to double
+constexpr int64_t RUN = 4096;  // max NCHW run: a float lane adds at most RUN / W
+                               // elements before going to double (see nchw_sums)
 constexpr int64_t MAP_RUN = 1024;  // max NCHW run of the elementwise pass: a staged output
                                    // run (4-8 KiB, see Dst) stays in L1
 constexpr int64_t UNIT_ELEMS = 16384;  // elements per NCHW work unit: its x fits in L2
@@ -147,8 +147,9 @@ class StageArena;
 
 // A run is n elements along L at one (n, c) (NCHW) or along C at one (n, l)
 // (channels-last); c is the channel of its first element. `stage`: the running thread's
-// staging buffers (thread_stage()), taken once per task by the passes: a thread_local
-// looked up for every run cost 12% of a float16 forward on 7x7 planes (__tls_get_addr).
+// staging buffers (thread_stage()), looked up once per task or thread by the passes: a
+// thread_local looked up for every run cost 12% of a float16 forward on 7x7 planes
+// (__tls_get_addr).
 struct Seg {
   int64_t nn, c, l, n;
   StageArena* stage;
@@ -576,7 +577,7 @@ struct Acc {
       }
     } else if (n < W) {
       // A short run: element i straight into lane i in memory, a vector loop (the caller
-      // counts it as W elements, so a lane still adds RUN / W elements at most). Runs
+      // counts it as W elements: see nchw_sums). Runs
       // placed from where the last one ended, all lanes filled in turn, took a scalar
       // loop with an index modulo W: 43% of a (2, 8192, 5, 5) backward.
       A* __restrict s = f;
@@ -705,18 +706,20 @@ inline std::pair<int64_t, int64_t> channel_span(const Geom& g, int64_t t0, int64
 
 // NCHW: adds the NS sums of problem k over rows [n0, n1) of channels [c0, c1) to
 // part[(k * NS + j) * stride + (c - c0)], through float lanes ([c][NS][W]) that go to
-// double before a channel's lanes take more than RUN elements. A channel's sums do not
+// double before any lane adds more than RUN / W elements: a run adds at most
+// ceil(n / W) to a lane (a tail adds a second element to the last lanes, a short run one
+// to its first n), so it counts as that many times W. A channel's sums do not
 // depend on the other channels of the call (its own lanes; every channel takes the same
 // runs, so each flushes where it alone would), so any split of a unit's channels gives
 // the same bits.
 template <class A, int NS, class F>
 void nchw_sums(const Geom& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1, int64_t k,
-               A* lanes, int64_t* pending, double* part, int64_t stride, F& fn) {
+               A* lanes, int64_t* pending, double* part, int64_t stride, StageArena* stage,
+               F& fn) {
   using Ac = Acc<A, false, NS>;
   // Runs shorter than W leave the lanes past their length zero: with few rows the flush
   // was as much work as the runs.
   const int64_t used = std::min(Ac::W, (std::min(g.L, RUN) + 7) / 8 * 8);
-  StageArena* const stage = thread_stage();
   auto flush = [&] {
     for (int64_t c = c0; c < c1; ++c) {
       if (pending[c - c0] == 0) continue;
@@ -732,7 +735,7 @@ void nchw_sums(const Geom& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1, in
     for (int64_t c = c0; c < c1; ++c)
       for (int64_t l = 0; l < g.L; l += RUN) {
         const Seg s{nn, c, l, std::min(RUN, g.L - l), stage};
-        const int64_t weight = std::max(s.n, Ac::W);  // a short run adds to its lanes once
+        const int64_t weight = (s.n + Ac::W - 1) / Ac::W * Ac::W;
         if (pending[c - c0] + weight > RUN) flush();
         pending[c - c0] += weight;
         fn(s, k, Ac{lanes + (c - c0) * NS * Ac::W});
@@ -747,7 +750,7 @@ void nchw_sums(const Geom& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1, in
 //
 // Reduction pass: fn(seg, k, Acc) adds NS sums of problem k over a run; results land in
 // out[(k * NS + j) * channels + c] (double; pass channels folded to the tensor's). Float
-// partials go to double before a channel's lanes take more than RUN elements (NCHW) or a
+// partials go to double before a lane takes more than RUN / W elements (NCHW) or a
 // slot more than RB rows (channels-last).
 template <class A, bool CL, int NS, class F>
 void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
@@ -770,12 +773,13 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
       thread_part[t].assign(size_t(KS) * (span[t].second - span[t].first), 0.0);
     } else {
       std::vector<int64_t> pending(G.cb, 0);  // each channel's lanes' fill (nchw_sums)
+      StageArena* const stage = thread_stage();
       for (int64_t task = nt * t / T; task < nt * (t + 1) / T; ++task) {
         const int64_t c0 = G.c0(task), n0 = G.n0(task);
         for (int64_t k = 0; k < K; ++k)
           nchw_sums<A, NS>(g, c0, std::min(C, c0 + G.cb), n0, std::min(g.N, n0 + G.R), k,
                            facc.data(), pending.data(),
-                           part.data() + size_t(task) * KS * G.cb, G.cb, fn);
+                           part.data() + size_t(task) * KS * G.cb, G.cb, stage, fn);
       }
       return;
     }
@@ -977,7 +981,7 @@ void reduce_map(const Geom& g, int nth, int64_t K, int64_t bytes_per_value, bool
                 std::fill(unit.begin(), unit.end(), 0.0);
                 for (int64_t k = 0; k < K; ++k)
                   nchw_sums<A, NS>(g, c0, c1, n0, std::min(g.N, n0 + G.R), k, lanes.data(),
-                                   pending.data(), unit.data(), live, reduce);
+                                   pending.data(), unit.data(), live, stage, reduce);
                 for (int64_t kj = 0; kj < KS; ++kj)
                   for (int64_t c = c0; c < c1; ++c) out[kj * C + c] += unit[kj * live + (c - c0)];
               }

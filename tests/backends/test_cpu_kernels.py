@@ -174,7 +174,8 @@ def fuse_max_bytes():
     cpu._C.set_fuse_max_bytes(previous)
 
 
-FUSED = ("nchw", "strided_l", "big_nchw", "many_rows", "wide_c", "long_rows", "threaded")
+FUSED = ("nchw", "strided_l", "short_runs", "big_nchw", "many_rows", "wide_c", "long_rows",
+         "threaded")
 WIDE = ("big_nchw", "long_rows", "threaded")   # rows long enough for blocks per thread
 
 
