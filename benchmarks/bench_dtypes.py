@@ -19,24 +19,19 @@ import torch
 
 import fastbn.memory
 from fastbn.backends import cpu
-from fastbn.bench import DTYPES, FULL_SHAPES, parse_shape, shape_label
+from fastbn.bench import DTYPES, FULL_SHAPES, geomean, make_inputs, parse_shape, shape_label
 
 OPS = ("forward_train", "forward_eval", "backward", "jvp", "double_backward")
 ROUND_S = 0.015  # calls of one (op, dtype) per round: this long
 
 
 def _calls(shape, channels_last, dtype):
-    """op -> a call of its cpu kernel on inputs of this dtype (per-channel ones float32)."""
-    gen = torch.Generator().manual_seed(0)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-
-    def element():
-        return torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=fmt)
-
-    c = shape[1]
-    x, grad_y, x_t = element(), element(), element()
-    w, b = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
-    rm, rv = torch.zeros(c), torch.ones(c)
+    """op -> a call of its cpu kernel on the runner's inputs in this dtype (per-channel
+    ones float32, as a half layer's parameters)."""
+    inputs = make_inputs(shape, channels_last, dtype)
+    x, grad_y, x_t = inputs.x, inputs.dy, inputs.x_t
+    w, b = inputs.weight.float(), inputs.bias.float()
+    rm, rv = inputs.running_mean.float(), inputs.running_var.float()
     _, mean, invstd = cpu.forward_train(x, w, b, 1e-5)
     return {
         "forward_train": lambda: cpu.forward_train(x, w, b, 1e-5),
@@ -69,11 +64,6 @@ def run(shapes, ops, dtypes, rounds):
             rows.append({"shape": shape_label(shape, channels_last), "op": op, "dtype": name,
                          "ms": seconds * 1e3, "vs_float32": seconds / best[op, "float32"]})
     return rows
-
-
-def geomean(values):
-    values = list(values)
-    return math.exp(sum(map(math.log, values)) / len(values))
 
 
 def main(argv=None):

@@ -577,9 +577,9 @@ struct Acc {
       }
     } else if (n < W) {
       // A short run: element i straight into lane i in memory, a vector loop (the caller
-      // counts it as W elements: see nchw_sums). Runs
-      // placed from where the last one ended, all lanes filled in turn, took a scalar
-      // loop with an index modulo W: 43% of a (2, 8192, 5, 5) backward.
+      // counts it as W elements: see nchw_sums). Runs placed from where the last one
+      // ended, all lanes filled in turn, took a scalar loop with an index modulo W: 43%
+      // of a (2, 8192, 5, 5) backward.
       A* __restrict s = f;
 #pragma omp simd
       for (int64_t w = 0; w < n; ++w) {
