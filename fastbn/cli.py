@@ -1,4 +1,4 @@
-"""The `fastbn` command: info | demo | bench | reproduce."""
+"""The `fastbn` command: info | demo | bench | reproduce | probe."""
 
 import argparse
 import platform
@@ -87,7 +87,12 @@ def _reproduce(argv):
     return reproduce_main(argv)
 
 
-PASSTHROUGH = {"bench": _bench, "reproduce": _reproduce}
+def _probe(argv):
+    from fastbn.experiments.probe import probe_main
+    return probe_main(argv)
+
+
+PASSTHROUGH = {"bench": _bench, "reproduce": _reproduce, "probe": _probe}
 
 
 def main(argv=None):
@@ -102,6 +107,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     sub.add_parser("bench", help="benchmark fastbn against stock torch (see --help)")
     sub.add_parser("reproduce", help="re-run the with/without batch-norm comparison")
+    sub.add_parser("probe", help="Hessian spectrum and smoothness of the reproduction's "
+                                 "networks, with and without BN (see --help)")
     args = parser.parse_args(argv)
     return {"info": info, "demo": demo}[args.command](args)
 

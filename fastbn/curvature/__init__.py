@@ -4,15 +4,16 @@ HessianOperator: Hessian-vector products as a linear operator on flat parameter 
     (K at a time through fastbn's K-batched kernels; scipy interop).
 eigenvalues: top eigenpairs by Lanczos or power iteration.
 trace: Hutchinson / Hutch++ trace estimates.
-spectral_density, stochastic_lanczos_quadrature: eigenvalue density by SLQ.
+spectral_density, stochastic_lanczos_quadrature, smoothed_density: eigenvalue density by SLQ.
 activation_hessian: gradient and HVPs of the loss w.r.t. one layer's output.
 """
 
 from fastbn.curvature.activation import ActivationHessian, activation_hessian
-from fastbn.curvature.density import spectral_density, stochastic_lanczos_quadrature
+from fastbn.curvature.density import (smoothed_density, spectral_density,
+                                      stochastic_lanczos_quadrature)
 from fastbn.curvature.lanczos import eigenvalues
 from fastbn.curvature.operator import HessianOperator
 from fastbn.curvature.trace import trace
 
 __all__ = ["ActivationHessian", "HessianOperator", "activation_hessian", "eigenvalues",
-           "spectral_density", "stochastic_lanczos_quadrature", "trace"]
+           "smoothed_density", "spectral_density", "stochastic_lanczos_quadrature", "trace"]

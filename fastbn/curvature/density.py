@@ -85,17 +85,8 @@ def spectral_density(op, *, num_runs=8, num_steps=64, grid=None, sigma=None, see
                      progress=None):
     """(grid, density) of the Hessian's eigenvalues by SLQ with Gaussian smoothing.
 
-    density(t) = (1/num_runs) Σ_rj τ_rj N(t; θ_rj, σ²), renormalised so that its
-    trapezoid integral over the grid is 1; its first moment estimates trace(H)/P.
-    grid: points to evaluate at (default: 1001 points over the node range ± 8σ, which
-    loses no visible mass at the ends).
-    sigma: smoothing width, a positive number (default: 1% of the node range; where the
-    range is below 1e-6 of max|θ|, as when every eigenvalue is equal up to rounding, 1%
-    of max|θ|, or 1.0 when every node is 0). The raw quadrature is
-    `stochastic_lanczos_quadrature`. CPU float64 tensors. num_runs, num_steps, seed: as
-    in `stochastic_lanczos_quadrature`.
-    progress: a tqdm bar over the Lanczos steps (and the operator's own bars); None
-        follows the operator's `progress`.
+    `stochastic_lanczos_quadrature` (num_runs, num_steps, seed, progress as there), then
+    `smoothed_density` of its nodes and weights (grid, sigma as there).
     """
     _check_quadrature_arguments(num_runs, num_steps, seed, "spectral_density")
     if sigma is not None:
@@ -103,6 +94,23 @@ def spectral_density(op, *, num_runs=8, num_steps=64, grid=None, sigma=None, see
     nodes, weights = stochastic_lanczos_quadrature(op, num_runs=num_runs,
                                                    num_steps=num_steps, seed=seed,
                                                    progress=progress)
+    return smoothed_density(nodes, weights, grid=grid, sigma=sigma)
+
+
+def smoothed_density(nodes, weights, *, grid=None, sigma=None):
+    """(grid, density) of a quadrature (nodes, weights), each (runs, m), as returned by
+    `stochastic_lanczos_quadrature`, with Gaussian smoothing.
+
+    density(t) = (1/runs) Σ_rj τ_rj N(t; θ_rj, σ²), renormalised so that its
+    trapezoid integral over the grid is 1; its first moment estimates trace(H)/P.
+    grid: points to evaluate at (default: 1001 points over the node range ± 8σ, which
+    loses no visible mass at the ends).
+    sigma: smoothing width, a positive number (default: 1% of the node range; where the
+    range is below 1e-6 of max|θ|, as when every eigenvalue is equal up to rounding, 1%
+    of max|θ|, or 1.0 when every node is 0). CPU float64 tensors.
+    """
+    if sigma is not None:
+        check_positive_number(sigma, "sigma", "smoothed_density")
     used = nodes[weights > 0]
     low, high = float(used.min()), float(used.max())
     if sigma is None:
@@ -120,7 +128,8 @@ def spectral_density(op, *, num_runs=8, num_steps=64, grid=None, sigma=None, see
     if not bool((grid[1:] > grid[:-1]).all()):
         raise ValueError("grid must be strictly increasing")
     gaussians = torch.exp(-0.5 * ((grid[:, None] - nodes.reshape(1, -1)) / sigma) ** 2)
-    density = gaussians @ weights.reshape(-1) / (num_runs * sigma * math.sqrt(2 * math.pi))
+    runs = nodes.shape[0]
+    density = gaussians @ weights.reshape(-1) / (runs * sigma * math.sqrt(2 * math.pi))
     mass = torch.trapezoid(density, grid)
     if not mass > 0:
         raise ValueError("the grid carries no spectral mass; widen it")

@@ -13,6 +13,7 @@ with `--resume` rank 0 reads them and broadcasts each part, so that every proces
 (or trains) the same parts.
 """
 
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -29,10 +30,30 @@ import fastbn
 from fastbn import backends
 from fastbn.experiments import data as datasets
 from fastbn.experiments import models
+from fastbn.experiments.config import Config
 from fastbn.experiments.training import evaluate_classifier, train
 from fastbn.probes import theory_checks
 
 VARIANTS = (("plain", False), ("bn", True))
+
+
+CHECKPOINTS = "checkpoints"   # the out dir's folder of parts
+
+
+def part_path(out_dir, part):
+    """Where a run into `out_dir` stores its part `part`."""
+    return os.path.join(out_dir, CHECKPOINTS, f"{part}.pt")
+
+
+def part_config(saved, **overrides):
+    """The Config a stored part was computed with: its resume key's settings (every other
+    field at its default) with `overrides` replaced (None: keep)."""
+    settings, _ = json.JSONDecoder().raw_decode(saved["key"])  # a VGG key has a suffix
+    names = {field.name for field in dataclasses.fields(Config)}
+    values = {k: tuple(v) if isinstance(v, list) else v   # JSON wrote the grids as lists
+              for k, v in settings.items() if k in names}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Config(**values)
 
 
 class PartStore:
@@ -42,20 +63,18 @@ class PartStore:
     """
 
     def __init__(self, out_dir, *, resume, process_group=None):
-        self.folder = os.path.join(out_dir, "checkpoints")
+        self.out_dir = out_dir
         self.group = process_group
         self.writes = process_group is None or dist.get_rank(process_group) == 0
         if self.writes:
-            os.makedirs(self.folder, exist_ok=True)
+            os.makedirs(os.path.join(out_dir, CHECKPOINTS), exist_ok=True)
         self.resume = resume
         self.done = {}
 
-    def _path(self, part):
-        return os.path.join(self.folder, f"{part}.pt")
-
     def _load(self, part):
-        if self.writes and os.path.exists(self._path(part)):
-            return torch.load(self._path(part), map_location="cpu", weights_only=False)
+        path = part_path(self.out_dir, part)
+        if self.writes and os.path.exists(path):
+            return torch.load(path, map_location="cpu", weights_only=False)
         return None
 
     def get(self, part, key):
@@ -74,9 +93,10 @@ class PartStore:
     def put(self, part, key, result, states):
         saved = {"key": key, "result": result, "states": states}
         if self.writes:
-            tmp = self._path(part) + ".tmp"
+            # Written aside, then renamed: a killed run never leaves a half-written part.
+            tmp = part_path(self.out_dir, part) + ".tmp"
             torch.save(saved, tmp)
-            os.replace(tmp, self._path(part))  # a killed run never leaves a half-written part
+            os.replace(tmp, part_path(self.out_dir, part))
         self.done[part] = saved
         return saved
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastbn.curvature import (HessianOperator, eigenvalues, spectral_density,
-                              stochastic_lanczos_quadrature, trace)
+from fastbn.curvature import (HessianOperator, eigenvalues, smoothed_density,
+                              spectral_density, stochastic_lanczos_quadrature, trace)
 from fastbn.curvature.lanczos import random_vectors
 from tests.curvature.helpers import (DTYPE, MatrixOperator, assert_unchanged, batch_for, cnn,
                                      exact_hessian, mlp, random_symmetric, snapshot)
@@ -190,6 +190,9 @@ def test_slq_density_integrates_to_one_and_its_mean_is_trace_over_p(matrix):
     assert math.isclose(mean, float(rayleigh.mean()), abs_tol=1e-8)
     standard_error = float(rayleigh.std()) / math.sqrt(50)
     assert abs(mean - float(matrix.trace()) / size) <= 5 * standard_error
+    # The density of a quadrature computed once is the one spectral_density computes.
+    again = smoothed_density(nodes, weights)
+    assert torch.equal(again[0], grid) and torch.equal(again[1], density)
 
 
 def test_density_on_the_hessian(cnn_problem):
