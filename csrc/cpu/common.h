@@ -652,25 +652,18 @@ inline int64_t num_tasks(const Geom& g) {
   return G.ncb * G.nb;
 }
 
-// Calls f(seg) for the runs of one task (NCHW unit or channels-last block).
-template <bool CL, class F>
-inline void task_runs(const Geom& g, int64_t task, F&& f) {
+// Calls f(seg) for the runs of channels-last task `task`: RB rows of one block of SEG
+// channels. (NCHW tasks are the reduction's units, nchw_sums, and the elementwise pass's
+// stretches of rows, map_pass.)
+template <class F>
+inline void cl_task_runs(const Geom& g, int64_t task, F&& f) {
   StageArena* const stage = thread_stage();
-  if constexpr (CL) {
-    const int64_t ncb = (g.C + SEG - 1) / SEG;
-    const int64_t r0 = task / ncb * RB, c = task % ncb * SEG;
-    const int64_t r1 = std::min(r0 + RB, g.M());
-    for (int64_t r = r0, nn = r0 / g.L, l = r0 % g.L; r < r1; ++r) {
-      f(Seg{nn, c, l, std::min(SEG, g.C - c), stage});
-      if (++l == g.L) l = 0, ++nn;
-    }
-  } else {
-    const Grid G = nchw_grid(g);
-    const int64_t c0 = G.c0(task), c1 = std::min(g.C, c0 + G.cb);
-    const int64_t n0 = G.n0(task), n1 = std::min(g.N, n0 + G.R);
-    for (int64_t nn = n0; nn < n1; ++nn)
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t l = 0; l < g.L; l += RUN) f(Seg{nn, c, l, std::min(RUN, g.L - l), stage});
+  const int64_t ncb = (g.C + SEG - 1) / SEG;
+  const int64_t r0 = task / ncb * RB, c = task % ncb * SEG;
+  const int64_t r1 = std::min(r0 + RB, g.M());
+  for (int64_t r = r0, nn = r0 / g.L, l = r0 % g.L; r < r1; ++r) {
+    f(Seg{nn, c, l, std::min(SEG, g.C - c), stage});
+    if (++l == g.L) l = 0, ++nn;
   }
 }
 
@@ -751,38 +744,54 @@ void nchw_sums(const Geom& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1, in
 // Reduction pass: fn(seg, k, Acc) adds NS sums of problem k over a run; results land in
 // out[(k * NS + j) * channels + c] (double; pass channels folded to the tensor's). Float
 // partials go to double before a lane takes more than RUN / W elements (NCHW) or a
-// slot more than RB rows (channels-last).
-template <class A, bool CL, int NS, class F>
-void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
-  using Ac = Acc<A, CL, NS>;
+// slot more than RB rows (channels-last). reduce_pass (below) picks the layout's.
+
+// NCHW reduction: each unit (CB channels, R rows) adds its sums in double per unit
+// (KS, CB), through [CB][NS][W] float lanes (nchw_sums); the units of a channel block
+// are added in row order, so any split over the threads gives the same bits.
+template <class A, int NS, class F>
+void reduce_pass_nchw(const Geom& g, int nth, int64_t K, double* out, F& fn) {
+  using Ac = Acc<A, false, NS>;
   const int64_t C = g.channels(), nt = num_tasks(g), KS = K * NS;
   const int T = threads_for(g, K, nth, nt);
-  const Grid G = CL ? Grid{} : nchw_grid(g);
-  // Float partials: channels-last [NS][SEG] channel slots, NCHW [CB][NS][W] lanes.
-  // Double partials: channels-last per thread, (KS, its channel span), NCHW per unit
-  // (KS, CB). (A span, not all C: with few rows and many channels each thread's tasks
-  // reach a share of them, and zeroing T * KS * C doubles outweighed the pass.)
-  const int64_t fsize = CL ? NS * SEG : G.cb * NS * Ac::W;
-  std::vector<double> part(CL ? 0 : size_t(nt) * KS * G.cb, 0.0);
-  std::vector<std::vector<double>> thread_part(CL ? T : 0);
-  std::vector<std::pair<int64_t, int64_t>> span(CL ? T : 0);
+  const Grid G = nchw_grid(g);
+  std::vector<double> part(size_t(nt) * KS * G.cb, 0.0);
   parallel_run(T, [&](int t) {
-    std::vector<A> facc(fsize, A(0));
-    if constexpr (CL) {
-      span[t] = channel_span(g, nt * t / T, nt * (t + 1) / T);
-      thread_part[t].assign(size_t(KS) * (span[t].second - span[t].first), 0.0);
-    } else {
-      std::vector<int64_t> pending(G.cb, 0);  // each channel's lanes' fill (nchw_sums)
-      StageArena* const stage = thread_stage();
-      for (int64_t task = nt * t / T; task < nt * (t + 1) / T; ++task) {
-        const int64_t c0 = G.c0(task), n0 = G.n0(task);
-        for (int64_t k = 0; k < K; ++k)
-          nchw_sums<A, NS>(g, c0, std::min(C, c0 + G.cb), n0, std::min(g.N, n0 + G.R), k,
-                           facc.data(), pending.data(),
-                           part.data() + size_t(task) * KS * G.cb, G.cb, stage, fn);
-      }
-      return;
+    std::vector<A> lanes(G.cb * NS * Ac::W, A(0));
+    std::vector<int64_t> pending(G.cb, 0);  // each channel's lanes' fill (nchw_sums)
+    StageArena* const stage = thread_stage();
+    for (int64_t task = nt * t / T; task < nt * (t + 1) / T; ++task) {
+      const int64_t c0 = G.c0(task), n0 = G.n0(task);
+      for (int64_t k = 0; k < K; ++k)
+        nchw_sums<A, NS>(g, c0, std::min(C, c0 + G.cb), n0, std::min(g.N, n0 + G.R), k,
+                         lanes.data(), pending.data(),
+                         part.data() + size_t(task) * KS * G.cb, G.cb, stage, fn);
     }
+  });
+  std::fill(out, out + KS * C, 0.0);  // a channel block's units in row order
+  for (int64_t u = 0; u < nt; ++u) {
+    const int64_t c0 = G.c0(u), c1 = std::min(C, c0 + G.cb);
+    for (int64_t kj = 0; kj < KS; ++kj)
+      for (int64_t c = c0; c < c1; ++c)
+        out[kj * C + c] += part[(size_t(u) * KS + kj) * G.cb + (c - c0)];
+  }
+}
+
+// Channels-last reduction: float [NS][SEG] channel slots per task, to double per thread
+// over the channel span its tasks reach (KS, span): with few rows and many channels each
+// thread's tasks reach a share of them, and zeroing T * KS * C doubles outweighed the
+// pass.
+template <class A, int NS, class F>
+void reduce_pass_cl(const Geom& g, int nth, int64_t K, double* out, F& fn) {
+  using Ac = Acc<A, true, NS>;
+  const int64_t C = g.channels(), nt = num_tasks(g), KS = K * NS;
+  const int T = threads_for(g, K, nth, nt);
+  std::vector<std::vector<double>> thread_part(T);
+  std::vector<std::pair<int64_t, int64_t>> span(T);
+  parallel_run(T, [&](int t) {
+    std::vector<A> facc(NS * SEG, A(0));
+    span[t] = channel_span(g, nt * t / T, nt * (t + 1) / T);
+    thread_part[t].assign(size_t(KS) * (span[t].second - span[t].first), 0.0);
     for (int64_t task = nt * t / T; task < nt * (t + 1) / T; ++task)
       for (int64_t k = 0; k < K; ++k) {
         int64_t c0 = -1, c1 = 0;
@@ -796,7 +805,7 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
             std::fill(f, f + (c1 - c0), A(0));  // the slots this task used only
           }
         };
-        task_runs<CL>(g, task, [&](const Seg& s) {
+        cl_task_runs(g, task, [&](const Seg& s) {
           if (c0 < 0) c0 = s.c;
           c1 = std::max(c1, s.c + s.n);
           fn(s, k, Ac{facc.data()});
@@ -804,34 +813,33 @@ void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
         flush();
       }
   });
-  if constexpr (CL) {
-    // Each channel adds the threads' sums in thread order, so the channels may be split
-    // over the threads (where there are many) with the same bits.
-    const int FT = C >= FINISH_SPLIT_MIN ? T : 1;
-    parallel_run(FT, [&](int ft) {
-      const int64_t c_lo = C * ft / FT, c_hi = C * (ft + 1) / FT;
-      for (int64_t kj = 0; kj < KS; ++kj) std::fill(out + kj * C + c_lo, out + kj * C + c_hi, 0.0);
-      for (int t = 0; t < T; ++t) {
-        const int64_t lo = std::max(span[t].first, c_lo), hi = std::min(span[t].second, c_hi);
-        const int64_t width = span[t].second - span[t].first;
-        for (int64_t kj = 0; kj < KS; ++kj) {
-          double* o = out + kj * C;
-          const double* p = thread_part[t].data() + kj * width;
-          const int64_t first = span[t].first;
+  // Each channel adds the threads' sums in thread order, so the channels may be split
+  // over the threads (where there are many) with the same bits.
+  const int FT = C >= FINISH_SPLIT_MIN ? T : 1;
+  parallel_run(FT, [&](int ft) {
+    const int64_t c_lo = C * ft / FT, c_hi = C * (ft + 1) / FT;
+    for (int64_t kj = 0; kj < KS; ++kj) std::fill(out + kj * C + c_lo, out + kj * C + c_hi, 0.0);
+    for (int t = 0; t < T; ++t) {
+      const int64_t lo = std::max(span[t].first, c_lo), hi = std::min(span[t].second, c_hi);
+      const int64_t width = span[t].second - span[t].first;
+      for (int64_t kj = 0; kj < KS; ++kj) {
+        double* o = out + kj * C;
+        const double* p = thread_part[t].data() + kj * width;
+        const int64_t first = span[t].first;
 #pragma omp simd
-          for (int64_t c = lo; c < hi; ++c) o[c] += p[c - first];
-        }
+        for (int64_t c = lo; c < hi; ++c) o[c] += p[c - first];
       }
-    });
-  } else {
-    std::fill(out, out + KS * C, 0.0);  // a channel block's units in row order
-    for (int64_t u = 0; u < nt; ++u) {
-      const int64_t c0 = G.c0(u), c1 = std::min(C, c0 + G.cb);
-      for (int64_t kj = 0; kj < KS; ++kj)
-        for (int64_t c = c0; c < c1; ++c)
-          out[kj * C + c] += part[(size_t(u) * KS + kj) * G.cb + (c - c0)];
     }
-  }
+  });
+}
+
+// The reduction pass (see reduce_pass_nchw) for either layout.
+template <class A, bool CL, int NS, class F>
+void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
+  if constexpr (CL)
+    reduce_pass_cl<A, NS>(g, nth, K, out, fn);
+  else
+    reduce_pass_nchw<A, NS>(g, nth, K, out, fn);
 }
 
 // Runs of equal length (a multiple of 16) up to MAP_RUN over n elements of an NCHW row,
@@ -879,7 +887,7 @@ void map_pass(const Geom& g, int nth, int64_t K, F&& fn) {
     for (int64_t task = nt * t / T; task < nt * (t + 1) / T; ++task)
       for (int64_t k = 0; k < K; ++k) {
         if constexpr (CL) {
-          task_runs<CL>(g, task, [&](const Seg& s) { fn(s, k); });
+          cl_task_runs(g, task, [&](const Seg& s) { fn(s, k); });
         } else if (pieces > 1) {
           const int64_t r = task / pieces, l0 = task % pieces * UNIT_ELEMS;
           const int64_t l1 = std::min(g.L, l0 + UNIT_ELEMS);
