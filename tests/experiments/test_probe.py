@@ -45,10 +45,21 @@ def run_probe(arguments, tmp_path):
         return json.load(f)
 
 
+def as_config(settings):
+    """The Config of a network's reported settings (every other field at its default)."""
+    return config.Config(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in settings.items()})
+
+
+def reported(expected, model):
+    """The settings the probe reports for a `model` network built by Config `expected`."""
+    return json.loads(json.dumps({field: getattr(expected, field)
+                                  for field in probe.NETWORK_FIELDS[model]}))
+
+
 def network(name, settings, state=None):
     """The model, criterion and batch the probe measures for `name`, rebuilt here."""
-    settings = config.Config(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in settings.items()})
+    settings = as_config(settings)
     batch_norm = name.endswith("_bn")
     if name.startswith("dln"):
         model = runner.build_dln(settings, batch_norm)
@@ -98,8 +109,10 @@ def test_vgg_at_initialisation_is_the_reproductions_network(tmp_path):
     pytest.importorskip("sklearn")
     result = run_probe(["--quick", "--model", "vgg", "--dataset", "digits", "--seed", "4",
                         "--batch-size", "12"] + FAST, tmp_path)
+    expected = config.make_config(quick=True, seed=4, dataset="digits", batch_size=12)
     for name, measured in result["networks"].items():
-        assert measured["settings"]["seed"] == 4 and measured["batch_size"] == 12
+        assert measured["settings"] == reported(expected, "vgg")
+        assert measured["batch_size"] == 12
         model, criterion, batch = network(name, measured["settings"])
         assert measured["loss"] == pytest.approx(criterion(model(batch[0]), batch[1]).item(),
                                                  rel=1e-5)
@@ -115,10 +128,15 @@ def test_from_a_run_probes_its_stored_weights(trained_run, tmp_path, at):
     result = run_probe(["--from", str(trained_run), "--at", at] + FAST, tmp_path)
     assert result["source"] == {"from": str(trained_run), "at": at}
     assert set(result["networks"]) == {"vgg_plain", "vgg_bn", "dln_plain", "dln_bn"}
+    with open(trained_run / "results.json") as f:   # the last run's: dln
+        run_config = config.Config(**{k: tuple(v) if isinstance(v, list) else v
+                                      for k, v in json.load(f)["config"].items()})
     for name, measured in result["networks"].items():
         saved = torch.load(runner.part_path(trained_run, name), weights_only=True)
-        assert measured["settings"]["seed"] == 2
+        assert measured["settings"] == reported(run_config, name.split("_")[0])
         assert measured["lr"] == saved["result"]["lr"]
+        if name.startswith("vgg"):
+            assert measured["batch_size"] == TINY_PRESET["batch_size"]
         model, criterion, batch = network(name, measured["settings"], saved["states"][at])
         assert measured["loss"] == pytest.approx(criterion(model(batch[0]), batch[1]).item(),
                                                  rel=1e-5)
@@ -157,6 +175,10 @@ def test_a_network_that_cannot_be_probed_is_reported_and_the_rest_run(trained_ru
     (["--out", "{empty}"], "is a folder"),
     (["--model", "vgg", "--dataset", "digits", "--batch-size", "100000"],
      "exceeds the"),
+    (["--out", "{empty}/no/such/folder/x.json"], "no folder"),
+    (["--from", "{run}/results.json"], "not a folder"),
+    (["--from", "{run}", "--data-dir", "{empty}"], "--data-dir is read only for --dataset "
+                                                   "cifar10"),
 ])
 def test_bad_arguments_are_refused_before_any_work(trained_run, tmp_path, capsys, arguments,
                                                    message):
@@ -175,3 +197,45 @@ def test_the_table_compares_the_variants(capsys):
     assert printed[0].split()[:3] == ["network", "params", "loss"]
     assert [line.split()[0] for line in printed[1:3]] == ["dln_plain", "dln_bn"]
     assert printed[3].startswith("dln without / with BN: top λ ")
+
+
+@pytest.mark.parametrize("spoil", ["text", "foreign", "other shape"])
+def test_a_part_that_cannot_be_rebuilt_is_refused_in_words(trained_run, tmp_path, capsys,
+                                                           spoil):
+    run = tmp_path / "run"
+    (run / runner.CHECKPOINTS).mkdir(parents=True)
+    path = runner.part_path(run, "dln_plain")
+    if spoil == "text":
+        with open(path, "w") as f:
+            f.write("not a checkpoint")
+    elif spoil == "foreign":
+        torch.save({"a": 1}, path)
+    else:   # weights of another network under this part's settings
+        saved = torch.load(runner.part_path(trained_run, "dln_plain"), weights_only=True)
+        saved["states"]["final"] = torch.load(runner.part_path(trained_run, "dln_bn"),
+                                              weights_only=True)["states"]["final"]
+        torch.save(saved, path)
+    with pytest.raises(SystemExit):
+        probe.probe_main(["--from", str(run)] + FAST)
+    err = capsys.readouterr().err
+    assert ("dln_plain: the stored weights do not fit" if spoil == "other shape"
+            else "not a part fastbn probe can rebuild") in err
+
+
+def test_a_seeds_run_points_to_its_seed_folders(trained_run, tmp_path, capsys):
+    (tmp_path / "seed-0").mkdir()
+    with pytest.raises(SystemExit):
+        probe.probe_main(["--from", str(tmp_path)] + FAST)
+    assert f"as --from {tmp_path / 'seed-0'}" in capsys.readouterr().err
+
+
+def test_parts_of_other_code_are_named(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / runner.CHECKPOINTS).mkdir(parents=True)
+    saved = torch.load(runner.part_path(trained_run, "dln_plain"), weights_only=True)
+    settings, suffix = json.JSONDecoder().raw_decode(saved["key"])
+    saved["key"] = json.dumps({**settings, "code": "0.0+older"}) + saved["key"][suffix:]
+    torch.save(saved, runner.part_path(run, "dln_plain"))
+    result = run_probe(["--from", str(run)] + FAST, tmp_path)
+    assert "was computed by other code (0.0+older)" in capsys.readouterr().err
+    assert set(result["networks"]) == {"dln_plain"}
