@@ -719,7 +719,7 @@ void nchw_sums(const Geom& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1, in
       for (int j = 0; j < NS; ++j) {
         A* f = lanes + ((c - c0) * NS + j) * Ac::W;
         part[(k * NS + j) * stride + (c - c0)] += lane_sum<Ac::W>(f, used);
-        std::fill(f, f + used, A(0));
+        std::fill(f, f + Ac::W, A(0));  // a fixed size: stores, not a call to memset
       }
       pending[c - c0] = 0;
     }
