@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 import fastbn
 from fastbn import backends, memory
+from fastbn._arguments import positive_int, writable
 
 MOMENTUM, EPS = 0.1, 1e-5
 VMAP_K = 8
@@ -507,13 +508,6 @@ def format_rows(rows):
 
 # --- command line -----------------------------------------------------------------------
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def build_parser(prog="fastbn bench"):
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", nargs="+", default=["auto"],
@@ -530,7 +524,7 @@ def build_parser(prog="fastbn bench"):
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of round-robin timing per (op, shape) (default 1.5, "
                         "--quick 0.05), in 3 to 200 rounds (20 with --quick)")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch.set_num_threads (default: torch's choice); use 1 on a "
                         "machine shared with other jobs")
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
@@ -545,13 +539,6 @@ def build_parser(prog="fastbn bench"):
     p.add_argument("--json", metavar="PATH", help="write every number and the machine info")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
-
-
-def _writable(path):
-    """Whether `path` can be written as a file: not a folder, in a writable folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    return (not os.path.isdir(path) and os.path.isdir(folder)
-            and os.access(path if os.path.exists(path) else folder, os.W_OK))
 
 
 def main(argv=None, prog="fastbn bench"):
@@ -571,7 +558,7 @@ def _run(parser, args, prog, argv):
         torch.set_num_threads(args.threads)
     if args.clock == "cpu" and torch.get_num_threads() != 1:
         parser.error("--clock cpu only sees the calling thread: add --threads 1")
-    if args.json and not _writable(args.json):
+    if args.json and not writable(args.json):
         parser.error(f"--json {args.json}: not a file this process can write (checked "
                      "before any timing)")
     if args.keep_freed_memory and not memory.keep_freed_memory():

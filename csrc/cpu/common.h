@@ -777,10 +777,10 @@ void reduce_pass_nchw(const Geom& g, int nth, int64_t K, double* out, F& fn) {
   }
 }
 
-// Channels-last reduction: float [NS][SEG] channel slots per task, to double per thread
-// over the channel span its tasks reach (KS, span): with few rows and many channels each
-// thread's tasks reach a share of them, and zeroing T * KS * C doubles outweighed the
-// pass.
+// Channels-last reduction: float [NS][SEG] channel slots per thread, flushed after each
+// task's problem to double partials per thread over the channel span its tasks reach
+// (KS, span): with few rows and many channels each thread's tasks reach a share of them,
+// and zeroing T * KS * C doubles outweighed the pass.
 template <class A, int NS, class F>
 void reduce_pass_cl(const Geom& g, int nth, int64_t K, double* out, F& fn) {
   using Ac = Acc<A, true, NS>;
@@ -833,7 +833,7 @@ void reduce_pass_cl(const Geom& g, int nth, int64_t K, double* out, F& fn) {
   });
 }
 
-// The reduction pass (see reduce_pass_nchw) for either layout.
+// The reduction pass (see the comment above reduce_pass_nchw) for either layout.
 template <class A, bool CL, int NS, class F>
 void reduce_pass(const Geom& g, int nth, int64_t K, double* out, F&& fn) {
   if constexpr (CL)

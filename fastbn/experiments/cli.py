@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 import fastbn
+from fastbn import _arguments
 from fastbn.experiments import claims as claim_checks
 from fastbn.experiments import data as datasets
 from fastbn.experiments import report, runner
@@ -44,14 +45,6 @@ from fastbn.experiments.config import make_config
 from fastbn.probes.callback import json_safe
 
 SCHEMA_VERSION = 2
-
-
-def seed_argument(text):
-    """argparse's type for a seed: an int in numpy's range."""
-    value = int(text)
-    if not 0 <= value < 2 ** 32:   # numpy's seeds (the data split)
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
-    return value
 
 
 def build_parser():
@@ -63,7 +56,7 @@ def build_parser():
                         help="small configuration, about 2 minutes on 2 CPU cores")
     parser.add_argument("--steps", type=int,
                         help="training steps of every run (VGG, DLN and the lr sweep)")
-    parser.add_argument("--seed", type=seed_argument, default=0)
+    parser.add_argument("--seed", type=_arguments.seed, default=0)
     parser.add_argument("--seeds", type=int, default=1,
                         help="run seeds --seed, --seed + 1, ... (this many), each into "
                              "OUT/seed-<seed>, and summarise each claim's verdicts across "
@@ -137,11 +130,7 @@ def reproduce_main(argv=None, *, process_group=None):
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as error:   # torch's words for an unusable device
-        parser.error(f"--device {device}: {str(error).splitlines()[0]}")
+    device = _arguments.device(parser, args.device)
     owns_group = process_group is None and _launched_by_torchrun()
     if owns_group:
         process_group = _init_default_group(device)

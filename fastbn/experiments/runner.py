@@ -45,10 +45,15 @@ def part_path(out_dir, part):
     return os.path.join(out_dir, CHECKPOINTS, f"{part}.pt")
 
 
+def part_settings(saved):
+    """The settings in a stored part's resume key (the code's version among them)."""
+    return json.JSONDecoder().raw_decode(saved["key"])[0]   # a VGG key has a suffix
+
+
 def part_config(saved, **overrides):
     """The Config a stored part was computed with: its resume key's settings (every other
     field at its default) with `overrides` replaced (None: keep)."""
-    settings, _ = json.JSONDecoder().raw_decode(saved["key"])  # a VGG key has a suffix
+    settings = part_settings(saved)
     names = {field.name for field in dataclasses.fields(Config)}
     values = {k: tuple(v) if isinstance(v, list) else v   # JSON wrote the grids as lists
               for k, v in settings.items() if k in names}

@@ -193,6 +193,8 @@ def test_slq_density_integrates_to_one_and_its_mean_is_trace_over_p(matrix):
     # The density of a quadrature computed once is the one spectral_density computes.
     again = smoothed_density(nodes, weights)
     assert torch.equal(again[0], grid) and torch.equal(again[1], density)
+    with pytest.raises(ValueError, match="smoothed_density: sigma must be a positive"):
+        smoothed_density(nodes, weights, sigma=0.0)
 
 
 def test_density_on_the_hessian(cnn_problem):

@@ -57,9 +57,10 @@ def reported(expected, model):
                                   for field in probe.NETWORK_FIELDS[model]}))
 
 
-def network(name, settings, state=None):
-    """The model, criterion and batch the probe measures for `name`, rebuilt here."""
-    settings = as_config(settings)
+def network(name, measured, state=None):
+    """The model, criterion and batch the probe measured as network `name`, rebuilt here
+    from its report."""
+    settings = as_config({**measured["settings"], "batch_size": measured["batch_size"]})
     batch_norm = name.endswith("_bn")
     if name.startswith("dln"):
         model = runner.build_dln(settings, batch_norm)
@@ -84,7 +85,8 @@ def test_measures_match_the_exact_hessian(tmp_path):
                         "--density-steps", "600", "--tol", "1e-4"], tmp_path)
     assert set(result["networks"]) == {"dln_plain", "dln_bn"}
     for name, measured in result["networks"].items():
-        model, criterion, batch = network(name, measured["settings"])
+        assert measured["settings"] == reported(config.make_config(quick=True), "dln")
+        model, criterion, batch = network(name, measured)
         gradient, hessian = exact_hessian(model, criterion, [batch])
         exact = torch.linalg.eigvalsh(hessian.double())
         scale = exact.abs().max().item()
@@ -113,7 +115,7 @@ def test_vgg_at_initialisation_is_the_reproductions_network(tmp_path):
     for name, measured in result["networks"].items():
         assert measured["settings"] == reported(expected, "vgg")
         assert measured["batch_size"] == 12
-        model, criterion, batch = network(name, measured["settings"])
+        model, criterion, batch = network(name, measured)
         assert measured["loss"] == pytest.approx(criterion(model(batch[0]), batch[1]).item(),
                                                  rel=1e-5)
         operator = curvature.HessianOperator(model, criterion, [batch], progress=False,
@@ -129,19 +131,24 @@ def test_from_a_run_probes_its_stored_weights(trained_run, tmp_path, at):
     assert result["source"] == {"from": str(trained_run), "at": at}
     assert set(result["networks"]) == {"vgg_plain", "vgg_bn", "dln_plain", "dln_bn"}
     with open(trained_run / "results.json") as f:   # the last run's: dln
-        run_config = config.Config(**{k: tuple(v) if isinstance(v, list) else v
-                                      for k, v in json.load(f)["config"].items()})
+        run_config = as_config(json.load(f)["config"])
     for name, measured in result["networks"].items():
         saved = torch.load(runner.part_path(trained_run, name), weights_only=True)
         assert measured["settings"] == reported(run_config, name.split("_")[0])
         assert measured["lr"] == saved["result"]["lr"]
         if name.startswith("vgg"):
             assert measured["batch_size"] == TINY_PRESET["batch_size"]
-        model, criterion, batch = network(name, measured["settings"], saved["states"][at])
+        model, criterion, batch = network(name, measured, saved["states"][at])
         assert measured["loss"] == pytest.approx(criterion(model(batch[0]), batch[1]).item(),
                                                  rel=1e-5)
+    # The probe batch's size is the probe's to choose; the network is the run's.
+    again = run_probe(["--from", str(trained_run), "--model", "vgg", "--batch-size", "8"]
+                      + FAST, tmp_path)
+    for name, measured in again["networks"].items():
+        assert measured["batch_size"] == 8
+        assert measured["settings"] == result["networks"][name]["settings"]
     # Six steps moved the weights: the two moments are different networks.
-    built = network("dln_plain", result["networks"]["dln_plain"]["settings"])[0]
+    built = network("dln_plain", result["networks"]["dln_plain"])[0]
     init = torch.load(runner.part_path(trained_run, "dln_plain"), weights_only=True)
     assert all(torch.equal(built.state_dict()[k], v) for k, v in init["states"]["init"].items())
     assert not all(torch.equal(built.state_dict()[k], v)
@@ -172,10 +179,12 @@ def test_a_network_that_cannot_be_probed_is_reported_and_the_rest_run(trained_ru
     (["--from", "{empty}"], "no stored network in"),
     (["--top", "0"], "argument --top: must be at least 1, got 0"),
     (["--tol", "nan"], "argument --tol: must be a positive finite number, got nan"),
-    (["--out", "{empty}"], "is a folder"),
+    (["--from", "{run}", "--seed", "0"], "--seed: the run in --from set how"),
+    (["--out", "{empty}"], "--out {empty}: not a file this process can write"),
     (["--model", "vgg", "--dataset", "digits", "--batch-size", "100000"],
      "exceeds the"),
-    (["--out", "{empty}/no/such/folder/x.json"], "no folder"),
+    (["--out", "{empty}/no/such/folder/x.json"], "not a file this process can write"),
+    (["--device", "nonsense"], "--device nonsense: "),
     (["--from", "{run}/results.json"], "not a folder"),
     (["--from", "{run}", "--data-dir", "{empty}"], "--data-dir is read only for --dataset "
                                                    "cifar10"),
@@ -183,6 +192,7 @@ def test_a_network_that_cannot_be_probed_is_reported_and_the_rest_run(trained_ru
 def test_bad_arguments_are_refused_before_any_work(trained_run, tmp_path, capsys, arguments,
                                                    message):
     arguments = [a.format(run=trained_run, empty=tmp_path) for a in arguments]
+    message = message.format(empty=tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         probe.probe_main(arguments + ["--quick"] * ("--from" not in arguments) + FAST)
     assert exit_info.value.code == 2
@@ -222,7 +232,7 @@ def test_a_part_that_cannot_be_rebuilt_is_refused_in_words(trained_run, tmp_path
             else "not a part fastbn probe can rebuild") in err
 
 
-def test_a_seeds_run_points_to_its_seed_folders(trained_run, tmp_path, capsys):
+def test_a_seeds_run_points_to_its_seed_folders(tmp_path, capsys):
     (tmp_path / "seed-0").mkdir()
     with pytest.raises(SystemExit):
         probe.probe_main(["--from", str(tmp_path)] + FAST)

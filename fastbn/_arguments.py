@@ -1,0 +1,50 @@
+"""Command-line arguments shared by the `fastbn` subcommands: argparse types and checks
+that refuse a bad value in words before any work."""
+
+import argparse
+import math
+import os
+
+import torch
+
+
+def positive_int(text):
+    """argparse type: an int of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a positive finite number."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def seed(text):
+    """argparse type: a seed, an int in numpy's range (the data splits draw from numpy)."""
+    value = int(text)
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
+    return value
+
+
+def writable(path):
+    """Whether `path` can be written as a file: not a folder, in a writable folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return (not os.path.isdir(path) and os.path.isdir(folder)
+            and os.access(path if os.path.exists(path) else folder, os.W_OK))
+
+
+def device(parser, name):
+    """The device `--device name` asks for (default: cuda when available, else cpu);
+    the parser's error where torch cannot use it."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as error:   # torch's words for an unusable device
+        parser.error(f"--device {name}: {str(error).splitlines()[0]}")
+    return name
