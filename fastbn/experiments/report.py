@@ -519,7 +519,10 @@ def write_report(results, figures, tables, out_dir):
               f"per experiment (s): {_fmt(results['timings']['experiments'])} (parts reused "
               "with --resume cost ~0 here; the runs table keeps their original seconds)",
               "- `results.json` (schema: fastbn/experiments/SCHEMA.md), tables: "
-              + ", ".join(f"`{t}`" for t in tables), ""]
+              + ", ".join(f"`{t}`" for t in tables),
+              f"- `checkpoints/`: each network's initial and final weights; `fastbn probe "
+              f"--from {out_dir}` measures their Hessians (top eigenvalues, trace, spectral "
+              "density) with and without BN", ""]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines))
 

@@ -249,3 +249,8 @@ def test_parts_of_other_code_are_named(trained_run, tmp_path, capsys):
     result = run_probe(["--from", str(run)] + FAST, tmp_path)
     assert "was computed by other code (0.0+older)" in capsys.readouterr().err
     assert set(result["networks"]) == {"dln_plain"}
+
+
+def test_the_report_gives_the_probe_command_for_its_networks(trained_run):
+    text = (trained_run / "report.md").read_text()
+    assert f"`fastbn probe --from {trained_run}`" in text
