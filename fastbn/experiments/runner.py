@@ -119,11 +119,12 @@ def code_version():
     return f"{fastbn.__version__}+{digest.hexdigest()[:16]}"
 
 
-def _key(config, *fields):
+def _key(config, *fields, process_group=None):
     """A part's identity for --resume: its settings, the code, and what else changes its
-    bits (torch's version, the thread count, the backend, the number of processes)."""
+    bits (torch's version, the thread count, the backend, the number of processes its
+    batches are split over: those of `process_group`, one without)."""
     settings = {f: getattr(config, f) for f in ("seed", "dataset", "data_dir", "device") + fields}
-    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world_size = 1 if process_group is None else dist.get_world_size(process_group)
     backend = backends.select(torch.empty(0, device=config.device)).name   # "auto" resolved
     return json.dumps({**settings, "code": code_version(), "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "backend": backend,
@@ -162,7 +163,8 @@ def _vgg_run(config, dataset, batch_norm, *, lr, steps, probes, part, store, pro
     given; returns the stored part."""
     # The probes' settings only where it probes (the learning-rate sweep does not).
     probe_fields = ("vgg_multipliers", "sharpness") if probes else ()
-    key = _key(config, *VGG_FIELDS, "eval_every", *probe_fields) + json.dumps([lr, steps, probes])
+    key = (_key(config, *VGG_FIELDS, "eval_every", *probe_fields, process_group=process_group)
+           + json.dumps([lr, steps, probes]))
     saved = store.get(part, key)
     if saved is not None:
         return saved
@@ -281,7 +283,7 @@ def run_theory(config, dataset, store, progress, process_group=None):
     on every process alike."""
     key = _key(config, *VGG_FIELDS, "vgg_lr", "vgg_steps", "theory_batch", "theory_channels",
                "theory_layers", "theory_lanczos", "dln_dim", "dln_depth", "dln_samples",
-               "dln_lr", "dln_steps")
+               "dln_lr", "dln_steps", process_group=process_group)
     saved = store.get("theory", key)
     if saved is not None:
         return saved["result"]

@@ -258,6 +258,17 @@ def test_resumed_parts_are_keyed_by_what_changes_their_bits(monkeypatch):
     assert len({plain, other_backend, other_threads, other_torch}) == 4
 
 
+def test_resumed_parts_are_keyed_by_their_groups_size_not_the_default_groups(monkeypatch):
+    settings = config.make_config(quick=True)
+    alone = runner._key(settings)
+    # A default group of 4 processes, and a group of 2 the run splits its batches over.
+    monkeypatch.setattr(runner.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(runner.dist, "get_world_size",
+                        lambda group=None: 2 if group == "pair" else 4)
+    assert runner._key(settings) == alone   # not split: the default group does not matter
+    assert json.loads(runner._key(settings, process_group="pair"))["world_size"] == 2
+
+
 def test_the_learning_rate_sweep_is_not_keyed_by_probe_settings():
     keys = []
 
