@@ -18,6 +18,7 @@ import time
 import torch
 
 import fastbn.memory
+from fastbn._arguments import positive_int
 from fastbn.backends import cpu
 from fastbn.bench import DTYPES, FULL_SHAPES, geomean, make_inputs, parse_shape, shape_label
 
@@ -73,13 +74,11 @@ def main(argv=None):
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--dtypes", nargs="+", choices=("float16", "bfloat16"),
                         default=["float16", "bfloat16"])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=positive_int, default=15)
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="fastbn.memory.keep_freed_memory() first (as the runner's flag)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
     if not cpu.available()[0]:
         parser.error(cpu.available()[1])
     if args.keep_freed_memory:
