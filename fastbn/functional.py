@@ -155,6 +155,9 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_HALF = (torch.float16, torch.bfloat16)
+_is_compiling, _is_tracing = torch.compiler.is_compiling, torch._C._is_tracing
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
 def direct_eval(input, running_mean, running_var, weight, bias, momentum, eps, activation):
@@ -168,31 +171,38 @@ def direct_eval(input, running_mean, running_var, weight, bias, momentum, eps, a
     tensor subclass or function mode). A convolution between two batch norms evicts the
     interpreter's working set, where each layer and check of the general path costs a
     microsecond or more: a small layer's call took twice stock's (RESULTS.md)."""
-    stats = (running_mean, running_var, weight, bias)
-    if (type(input) is not torch.Tensor or any(type(t) not in _PLAIN_TYPES for t in stats)
-            or torch.compiler.is_compiling() or torch._C._is_tracing()
-            or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
-            or has_torch_function_variadic(input, *stats)
+    # Every check inline, with no generator or helper: each frame counts on a cold cache.
+    plain = _PLAIN_TYPES
+    if (type(input) is not torch.Tensor or type(running_mean) not in plain
+            or type(running_var) not in plain or type(weight) not in plain
+            or type(bias) not in plain
             or type(eps) is not float or eps < 0.0 or type(momentum) is not float
-            or activation not in ACTIVATIONS):
+            or activation not in ACTIVATIONS
+            or _is_compiling() or _is_tracing() or _transforms_active()
+            or forward_ad._current_level >= 0
+            or has_torch_function_variadic(input, running_mean, running_var, weight, bias)):
         return None
     shape = input.shape
     if len(shape) < 2 or not input.is_floating_point() or input.numel() == 0:
         return None
-    channels, device = (shape[1],), input.device
-    for t in stats:
-        if t.shape != channels or t.device != device:
-            return None
-    dtype = running_mean.dtype
-    if (running_var.dtype is not dtype or weight.dtype is not dtype or bias.dtype is not dtype
-            or dtype not in _allowed_param_dtypes(input.dtype)):
+    channels, device, dtype = (shape[1],), input.device, running_mean.dtype
+    if (running_mean.shape != channels or running_var.shape != channels
+            or weight.shape != channels or bias.shape != channels
+            or running_mean.device != device or running_var.device != device
+            or weight.device != device or bias.device != device
+            or running_var.dtype is not dtype or weight.dtype is not dtype
+            or bias.dtype is not dtype
+            or dtype is not input.dtype and (dtype is not torch.float32
+                                             or input.dtype not in _HALF)):
         return None
     backend = backends.select(input)
     if torch.is_grad_enabled():
         if running_mean.requires_grad or running_var.requires_grad:
             return None   # refused in torch's words by the general path
         if input.requires_grad or weight.requires_grad or bias.requires_grad:
-            if any(t.is_inference() for t in (input, *stats)):
+            if (input.is_inference() or running_mean.is_inference()
+                    or running_var.is_inference() or weight.is_inference()
+                    or bias.is_inference()):
                 return None   # likewise: an inference tensor cannot be saved for backward
             return EvalForward.apply(input, running_mean, running_var, weight, bias, eps,
                                      activation, backend)
@@ -222,16 +232,16 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     statistics and every reduction of every derivative span all processes of the group;
     each process must call with the same channel count (its batch may be empty).
     """
+    if training is False:   # first: its gate checks for torch functions too
+        out = direct_eval(input, running_mean, running_var, weight, bias, momentum, eps,
+                          activation)
+        if out is not None:
+            return out
     if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
         return handle_torch_function(
             batch_norm, (input, running_mean, running_var, weight, bias), input,
             running_mean, running_var, weight, bias, training, momentum, eps, activation,
             process_group=process_group)
-    if training is False:
-        out = direct_eval(input, running_mean, running_var, weight, bias, momentum, eps,
-                          activation)
-        if out is not None:
-            return out
     check_scalars(momentum, eps)
     check_args(input, running_mean, running_var, weight, bias, training, activation, eps,
                training and process_group is not None)

@@ -112,15 +112,18 @@ _auto = {}   # device type -> the backend "auto" picks there (probed once: micro
 
 def select(x):
     """The backend module that runs an op on tensor x."""
-    name = get_backend()
+    # get_backend() inline, and CPU tensors first: this runs on every call.
+    name = getattr(_state, "name", None) or _environment_backend()
     if name != "auto":
         return _require(name)
     device = "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
-    if device not in _auto:
+    backend = _auto.get(device)
+    if backend is None:
         if device == "cuda" and availability("triton")[0]:
-            _auto[device] = load("triton")
+            backend = load("triton")
         elif device == "cpu" and availability("cpu")[0]:
-            _auto[device] = load("cpu")
+            backend = load("cpu")
         else:
-            _auto[device] = load("reference")
-    return _auto[device]
+            backend = load("reference")
+        _auto[device] = backend
+    return backend

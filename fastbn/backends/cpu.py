@@ -42,6 +42,8 @@ name = "cpu"
 _CODES = {} if _C is None else {torch.float64: _C.FLOAT64, torch.float32: _C.FLOAT32,
                                 torch.bfloat16: _C.BFLOAT16, torch.float16: _C.FLOAT16}
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_ACC = {dtype: reference.acc_dtype(dtype)
+        for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
 _has_storage = torch._C._has_storage   # False for functorch wrappers and sparse tensors
 
 
@@ -130,14 +132,28 @@ def _view(shape, stride, fold_max_l, few_rows_fold_max_l):
     return n, c, length, swap, strides, channels_last, fold
 
 
+def _geom(n, c, length, channels_last, fold):
+    """The kernels' Geom (csrc/cpu/common.h): folded, each (c, l) block of `fold` values
+    is a run of pass channels of a channels-last row."""
+    if fold > 1:
+        return (n, c * fold, 1, True, fold)
+    return (n, c, length, channels_last, 1)
+
+
+def _folded(td):
+    """A descriptor (ptr, sK, sN, sC, sL), or its strides alone, in the folded view: each
+    (c, l) block is a run of C * L pass channels of stride sL."""
+    return (*td[:-2], td[-1], 0)
+
+
 class _Plan:
     """Geometry shared by one call: x's (N, C, L) view and the K of batched arguments.
     `elems`: element tensors (x's shape, or K-batched); `chans`: per-channel tangents,
     (C,) or (K, C); `stats`: the primal per-channel tensors, (C,) only (the kernels read
     one value per channel for all K problems). `inputs`: the descriptors (`td`) of x and
-    then of each of `elems`, in order. `few_rows_fold_max_l`: see FEW_ROWS_FOLD_MAX_L."""
+    then of each of `elems`, in order."""
 
-    def __init__(self, x, elems, chans, stats, few_rows_fold_max_l):
+    def __init__(self, x, elems, chans, stats):
         self.ok = False
         shape = x.shape
         # Under a dispatch mode (make_fx, linearize, a flop counter) the mode must see
@@ -176,7 +192,7 @@ class _Plan:
             if len(ks) > 1 or 0 in ks:
                 return
             self.K = ks.pop() if ks else None
-        view = _view(shape, x.stride(), FOLD_MAX_L, few_rows_fold_max_l)
+        view = _view(shape, x.stride(), FOLD_MAX_L, FEW_ROWS_FOLD_MAX_L)
         if view is None:
             return
         self.N, self.C, self.L, self.swap, strides, self.cl, self.fold = view
@@ -194,19 +210,13 @@ class _Plan:
                 # An element input whose (c, l) blocks are not dense: no folding.
                 self.fold, self.cl = 1, view[5]
             else:
-                inputs = [self._folded(t) for t in inputs]
+                inputs = [_folded(t) for t in inputs]
         self.inputs = inputs
         self.ok = True
 
     @property
     def geom(self):
-        if self.fold > 1:
-            return (self.N, self.C * self.fold, 1, True, self.fold)
-        return (self.N, self.C, self.L, self.cl, 1)
-
-    def _folded(self, td):
-        ptr, s_k, s_n, s_c, s_l = td
-        return (ptr, s_k, s_n, s_l, 0)
+        return _geom(self.N, self.C, self.L, self.cl, self.fold)
 
     def td(self, t, fold=True):
         """(ptr, sK, sN, sC, sL) for an element tensor, (0, ...) for None, None if it
@@ -220,7 +230,7 @@ class _Plan:
         out = (t.data_ptr(), *st)
         if self.fold == 1 or not fold:
             return out
-        return self._folded(out) if st[2] == self.fold * st[3] else None
+        return _folded(out) if st[2] == self.fold * st[3] else None
 
     def tds(self, *ts):
         out = [self.td(t) for t in ts]
@@ -235,10 +245,8 @@ class _Plan:
         return _acc(t, acc)
 
 
-def _plan(x, elems=(), chans=(), stats=(), few_rows_fold_max_l=None):
-    if few_rows_fold_max_l is None:
-        few_rows_fold_max_l = FEW_ROWS_FOLD_MAX_L
-    return _Plan(x, elems, chans, stats, few_rows_fold_max_l)
+def _plan(x, elems=(), chans=(), stats=()):
+    return _Plan(x, elems, chans, stats)
 
 
 def _as(t, like):
@@ -309,17 +317,32 @@ def forward_train(x, weight, bias, eps, activation=None, running_mean=None, runn
 
 
 def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=None):
-    plan = _plan(x, stats=(running_mean, running_var, weight, bias), few_rows_fold_max_l=1)
-    if not plan.ok:
+    # Planned in this one frame, not by _Plan: on a cold cache (a convolution between
+    # two batch norms) the Python of a small layer's eval call costs several times its
+    # kernel, and every frame and check counts (benchmarks/RESULTS.md).
+    shape, code = x.shape, _CODES.get(x.dtype)
+    view = None
+    if (code is not None and len(shape) > 1 and _plain(x) and x.numel()
+            and not torch._C._len_torch_dispatch_stack()):
+        view = _view(shape, x.stride(), FOLD_MAX_L, 1)   # few rows: never folded
+    stats = []
+    if view is not None:
+        channels, acc = (shape[1],), _ACC[x.dtype]
+        for t in (running_mean, running_var, weight, bias):
+            if t.shape != channels or not _plain(t):
+                break
+            stats.append(_acc(t, acc))
+    if len(stats) < 4:
         return reference.forward_eval(x, running_mean, running_var, weight, bias, eps,
                                       activation)
-    acc = reference.acc_dtype(x.dtype)
-    m, v = _acc(running_mean, acc), _acc(running_var, acc)
-    w, b = _acc(weight, acc), _acc(bias, acc)
+    n, c, length, swap, tx, cl, fold = view
     y = empty_output(x)
-    tx, ty = plan.inputs[0], plan.td(y)
-    _C.forward_eval(_CODES[x.dtype], plan.geom, _threads(), tx, ty, m.data_ptr(),
-                    v.data_ptr(), w.data_ptr(), b.data_ptr(), float(eps), activation == "relu")
+    ty = tx if y.stride() == x.stride() else _strides(shape, y.stride(), False, swap)
+    if fold > 1:   # x is not channels-last, so y is not: its (c, l) blocks are dense too
+        tx, ty = _folded(tx), _folded(ty)
+    m, v, w, b = (t.data_ptr() for t in stats)
+    _C.forward_eval(code, _geom(n, c, length, cl, fold), _threads(), (x.data_ptr(), *tx),
+                    (y.data_ptr(), *ty), m, v, w, b, float(eps), activation == "relu")
     return y
 
 
