@@ -199,6 +199,27 @@ def test_vmap_over_data_around_transforms_of_tangents(backend):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_reverse_over_forward(backend, relu):
+    """Derivatives of a jvp's tangent: grad and vjp over torch.func.jvp, and plain
+    autograd through it, against the PyTorch-ops batch norm. (torch 2.13's own batch
+    norm gets the x part of these wrong.)"""
+    x, w, b = torch.randn(6, 3, dtype=DT), torch.randn(3, dtype=DT), torch.randn(3, dtype=DT)
+    tangents = (torch.randn_like(x), torch.randn_like(w), torch.randn_like(b))
+
+    def routes(bn):
+        def tangent(x, w):
+            return jvp(lambda x, w: bn(x, w, b).relu() if relu else bn(x, w, b), (x, w),
+                       tangents[:2])[1]
+        leaves = (x.clone().requires_grad_(), w.clone().requires_grad_())
+        return (*grad(lambda x, w: (tangent(x, w) ** 3).sum(), (0, 1))(x, w),
+                vjp(lambda x: tangent(x, w), x)[1](tangents[0])[0],
+                *torch.autograd.grad((tangent(*leaves) ** 3).sum(), leaves))
+
+    for got, expected in zip(routes(_bn), routes(_composite_bn)):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
 def test_bias_tangents_alone_under_vmap(backend):
     # The jvp of a gradient that the bias does not reach: K tangents give K zeros.
     x, w, b = torch.randn(4, 3, 2, dtype=DT), torch.randn(3, dtype=DT), torch.randn(3, dtype=DT)

@@ -27,8 +27,10 @@ under torch.vmap.
 import functools
 
 import torch
-from torch._C._functorch import is_legacy_batchedtensor
+from torch._C._functorch import (TransformType, _unwrap_for_grad, _wrap_for_grad,
+                                 is_legacy_batchedtensor)
 from torch._functorch.autograd_function import custom_function_call
+from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 from torch._functorch.utils import unwrap_dead_wrappers
 
 from fastbn.backends import reference
@@ -178,6 +180,30 @@ class _Function(torch.autograd.Function):
         return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
 
 
+def _tangent_apply(function, *args):
+    """function.apply(*args) for the tangent a jvp rule returns. Under torch.func's jvp
+    the rule runs at the jvp's level with forward grad off, where nothing tracks the
+    tangent: only the levels below can. So it runs there, on the arguments unwrapped
+    from the rule's level, and is wrapped back; through apply, functorch would build
+    and apply a single-level Function at the rule's level first, most of a small jvp's
+    time. (A backward rule cannot: autograd.grad with create_graph inside a grad
+    transform differentiates its result at the rule's own level.)"""
+    if torch._C._are_functorch_transforms_active():
+        interpreter = retrieve_current_functorch_interpreter()
+        if interpreter.key() == TransformType.Jvp:
+            level = interpreter.level()
+            unwrapped = [_unwrap_for_grad(a, level) if isinstance(a, torch.Tensor) else a
+                         for a in args]
+            # As functorch runs a Function's forward below its level.
+            with torch.enable_grad(), torch.autograd.forward_ad._set_fwd_grad_enabled(True), \
+                    interpreter.lower():
+                out = function.apply(*unwrapped)
+            if isinstance(out, torch.Tensor):
+                return _wrap_for_grad(out, level)
+            return tuple(None if t is None else _wrap_for_grad(t, level) for t in out)
+    return function.apply(*args)
+
+
 class _KernelFunction(_Function):
     """Shared vmap rule and context handling for Functions of the argument layout above."""
 
@@ -313,8 +339,8 @@ class TrainBackward(_KernelFunction):
     def jvp(ctx, grad_y_t, x_t, _mean_t, _invstd_t, weight_t, bias_t, *_):
         grad_y, x, mean, invstd, weight, bias = TrainBackward._saved(ctx, ctx.saved_tensors)
         eps, activation, backend = ctx.options
-        return BackwardJvp.apply(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd,
-                                 weight, bias, eps, activation, backend)
+        return _tangent_apply(BackwardJvp, grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean,
+                              invstd, weight, bias, eps, activation, backend)
 
 
 class ForwardJvp(_KernelFunction):
@@ -407,8 +433,8 @@ class TrainForward(_Function):
     @staticmethod
     def jvp(ctx, x_t, weight_t, bias_t, *_):
         x, mean, invstd, weight, bias = ctx.saved_tensors
-        y_t = ForwardJvp.apply(x_t, weight_t, bias_t, x, mean, invstd, weight, bias,
-                               *ctx.options)
+        y_t = _tangent_apply(ForwardJvp, x_t, weight_t, bias_t, x, mean, invstd, weight, bias,
+                             *ctx.options)
         return y_t, None, None
 
     @staticmethod
