@@ -199,24 +199,41 @@ def test_vmap_over_data_around_transforms_of_tangents(backend):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
 
 
+def _composite_bn_nd(x, w, b):
+    """_composite_bn over every dimension but the channels' (dim 1)."""
+    dims = [0, *range(2, x.dim())]
+    var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+    shape = (-1,) + (1,) * (x.dim() - 2)
+    return (x - mean) * torch.rsqrt(var + 1e-5) * w.view(shape) + b.view(shape)
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 2, 2)], ids=str)
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-def test_reverse_over_forward(backend, relu):
-    """Derivatives of a jvp's tangent: grad and vjp over torch.func.jvp, and plain
-    autograd through it, against the PyTorch-ops batch norm. (torch 2.13's own batch
-    norm gets the x part of these wrong.)"""
-    x, w, b = torch.randn(6, 3, dtype=DT), torch.randn(3, dtype=DT), torch.randn(3, dtype=DT)
-    tangents = (torch.randn_like(x), torch.randn_like(w), torch.randn_like(b))
+def test_reverse_over_forward(backend, relu, shape):
+    """Derivatives of a jvp's tangent: grad and vjp over torch.func.jvp, plain autograd
+    through it, and grad over a forward-over-reverse HVP (the backward's jvp rule),
+    against the PyTorch-ops batch norm. (torch 2.13's own batch norm gets the x part of
+    the first ones wrong.)"""
+    x, w, b = torch.randn(shape, dtype=DT), torch.randn(3, dtype=DT), torch.randn(3, dtype=DT)
+    x_t, w_t, c = torch.randn_like(x), torch.randn_like(w), torch.randn_like(x)
 
     def routes(bn):
+        def f(x, w):
+            return bn(x, w, b).relu() if relu else bn(x, w, b)
+
         def tangent(x, w):
-            return jvp(lambda x, w: bn(x, w, b).relu() if relu else bn(x, w, b), (x, w),
-                       tangents[:2])[1]
+            return jvp(f, (x, w), (x_t, w_t))[1]
+
+        def hvp(x, w):
+            return jvp(grad(lambda x: (f(x, w) ** 2 * c).sum()), (x,), (x_t,))[1]
+
         leaves = (x.clone().requires_grad_(), w.clone().requires_grad_())
         return (*grad(lambda x, w: (tangent(x, w) ** 3).sum(), (0, 1))(x, w),
-                vjp(lambda x: tangent(x, w), x)[1](tangents[0])[0],
-                *torch.autograd.grad((tangent(*leaves) ** 3).sum(), leaves))
+                vjp(lambda x: tangent(x, w), x)[1](x_t)[0],
+                *torch.autograd.grad((tangent(*leaves) ** 3).sum(), leaves),
+                *grad(lambda x, w: (hvp(x, w) ** 2).sum(), (0, 1))(x, w))
 
-    for got, expected in zip(routes(_bn), routes(_composite_bn)):
+    for got, expected in zip(routes(_bn), routes(_composite_bn_nd)):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
 
 

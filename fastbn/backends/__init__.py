@@ -77,8 +77,7 @@ def _environment_backend():
 
 def get_backend():
     """The name of the selected backend ("auto" unless set)."""
-    name = getattr(_state, "name", None)
-    return _environment_backend() if name is None else name
+    return getattr(_state, "name", None) or _environment_backend()
 
 
 def set_backend(name):
@@ -112,7 +111,7 @@ _auto = {}   # device type -> the backend "auto" picks there (probed once: micro
 
 def select(x):
     """The backend module that runs an op on tensor x."""
-    # get_backend() inline, and CPU tensors first: this runs on every call.
+    # get_backend() inline: this runs on every call.
     name = getattr(_state, "name", None) or _environment_backend()
     if name != "auto":
         return _require(name)

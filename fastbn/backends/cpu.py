@@ -153,7 +153,7 @@ class _Plan:
     one value per channel for all K problems). `inputs`: the descriptors (`td`) of x and
     then of each of `elems`, in order."""
 
-    def __init__(self, x, elems, chans, stats):
+    def __init__(self, x, elems=(), chans=(), stats=()):
         self.ok = False
         shape = x.shape
         # Under a dispatch mode (make_fx, linearize, a flop counter) the mode must see
@@ -245,10 +245,6 @@ class _Plan:
         return _acc(t, acc)
 
 
-def _plan(x, elems=(), chans=(), stats=()):
-    return _Plan(x, elems, chans, stats)
-
-
 def _as(t, like):
     """t in like's dtype (per-channel results are computed in the accumulation dtype)."""
     return t if t.dtype == like.dtype else t.to(like.dtype)
@@ -289,7 +285,7 @@ def _k(plan):
 
 def forward_train(x, weight, bias, eps, activation=None, running_mean=None, running_var=None,
                   momentum=0.0):
-    plan = _plan(x, stats=(weight, bias))
+    plan = _Plan(x, stats=(weight, bias))
     if not plan.ok:
         return reference.forward_train(x, weight, bias, eps, activation, running_mean,
                                        running_var, momentum)
@@ -324,7 +320,8 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
     view = None
     if (code is not None and len(shape) > 1 and _plain(x) and x.numel()
             and not torch._C._len_torch_dispatch_stack()):
-        view = _view(shape, x.stride(), FOLD_MAX_L, 1)   # few rows: never folded
+        # With fewer than 8 rows never folded (see FEW_ROWS_FOLD_MAX_L).
+        view = _view(shape, x.stride(), FOLD_MAX_L, 1)
     stats = []
     if view is not None:
         channels, acc = (shape[1],), _ACC[x.dtype]
@@ -340,9 +337,10 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
     ty = tx if y.stride() == x.stride() else _strides(shape, y.stride(), False, swap)
     if fold > 1:   # x is not channels-last, so y is not: its (c, l) blocks are dense too
         tx, ty = _folded(tx), _folded(ty)
-    m, v, w, b = (t.data_ptr() for t in stats)
+    m, v, w, b = stats
     _C.forward_eval(code, _geom(n, c, length, cl, fold), _threads(), (x.data_ptr(), *tx),
-                    (y.data_ptr(), *ty), m, v, w, b, float(eps), activation == "relu")
+                    (y.data_ptr(), *ty), m.data_ptr(), v.data_ptr(), w.data_ptr(),
+                    b.data_ptr(), float(eps), activation == "relu")
     return y
 
 
@@ -352,7 +350,7 @@ def _stats(x, mean, invstd, weight, bias):
 
 
 def backward(grad_y, x, mean, invstd, weight, bias, activation=None):
-    plan = _plan(x, (grad_y,), stats=(mean, invstd, weight, bias))
+    plan = _Plan(x, (grad_y,), stats=(mean, invstd, weight, bias))
     if not plan.ok:
         return reference.backward(grad_y, x, mean, invstd, weight, bias, activation)
     acc, (m, r, w, b) = _stats(x, mean, invstd, weight, bias)
@@ -367,7 +365,7 @@ def backward(grad_y, x, mean, invstd, weight, bias, activation=None):
 
 
 def forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias, activation=None):
-    plan = _plan(x, (x_t,), (weight_t, bias_t), (mean, invstd, weight, bias))
+    plan = _Plan(x, (x_t,), (weight_t, bias_t), (mean, invstd, weight, bias))
     if not plan.ok or (x_t is None and weight_t is None and bias_t is None):
         return reference.forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias,
                                      activation)
@@ -383,7 +381,7 @@ def forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias, activation
 
 def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight, bias,
                       activation=None):
-    plan = _plan(x, (grad_y, gg_x), (gg_weight, gg_bias), (mean, invstd, weight, bias))
+    plan = _Plan(x, (grad_y, gg_x), (gg_weight, gg_bias), (mean, invstd, weight, bias))
     if not plan.ok:
         return reference.backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd,
                                            weight, bias, activation)
@@ -402,7 +400,7 @@ def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight,
 def backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weight, bias,
                  activation=None):
     # bias_t does not enter backward's value (only the mask), so it never shapes the result.
-    plan = _plan(x, (grad_y, grad_y_t, x_t), (weight_t,), (mean, invstd, weight, bias))
+    plan = _Plan(x, (grad_y, grad_y_t, x_t), (weight_t,), (mean, invstd, weight, bias))
     if not plan.ok:
         return reference.backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean,
                                       invstd, weight, bias, activation)

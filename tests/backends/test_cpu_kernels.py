@@ -95,10 +95,10 @@ def test_folding_is_taken_and_unfolded_runs_agree(native, monkeypatch, layout):
     """Folded layouts run as channels-last pass channels; with folding off the NCHW
     passes give the same values (up to summation order)."""
     p = _problem(layout, torch.float64, None)
-    assert cpu._plan(p["x"]).fold == p["x"].shape[2:].numel()
+    assert cpu._Plan(p["x"]).fold == p["x"].shape[2:].numel()
     folded = {op: _call(cpu, op, p, "relu") for op in OPS}
     monkeypatch.setattr(cpu, "FOLD_MAX_L", 0)
-    assert cpu._plan(p["x"]).fold == 1
+    assert cpu._Plan(p["x"]).fold == 1
     for op in OPS:
         for a, b in zip(_tuple(folded[op]), _tuple(_call(cpu, op, p, "relu"))):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -192,7 +192,7 @@ def test_fused_passes_same_bits(native, num_threads, fuse_max_bytes, op, layout,
     run whole."""
     for k in (None, 3) if op in K_OPS else (None,):
         p = _problem(layout, dtype, k, seed=6)
-        plan = cpu._plan(p["x"])
+        plan = cpu._Plan(p["x"])
         per_value = 8 * p["x"].element_size() * (k or 1)   # more than any kernel reads
         few = -(-cpu._C.FUSE_MIN_RUN // plan.L)               # channels per narrowest block
         fuse_max_bytes(0)
@@ -219,7 +219,7 @@ def test_fused_statistics_move_a_far_pivot_per_block(native, fuse_max_bytes):
     fuse_max_bytes(0)
     whole = cpu.forward_train(x, w, b, 1e-5)
     fuse_max_bytes(128 * 32 * 32 * 4)        # one channel per block
-    assert cpu._C.fused_block(cpu._plan(x).geom, torch.get_num_threads(), 1, 4) == 1
+    assert cpu._C.fused_block(cpu._Plan(x).geom, torch.get_num_threads(), 1, 4) == 1
     for a, b in zip(whole, cpu.forward_train(x, w, b, 1e-5)):
         assert torch.equal(a, b)
     torch.testing.assert_close(whole[1], x.double().mean((0, 2, 3)).float())
@@ -238,7 +238,7 @@ def test_many_channels_finish_their_statistics_in_ranges(native, num_threads, sh
     c = shape[1]
     x64[0, c // 2:] = 1e4
     x = x64.float()
-    assert cpu._plan(x).geom[4] == (1 if len(shape) == 2 else 4)
+    assert cpu._Plan(x).geom[4] == (1 if len(shape) == 2 else 4)
     w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
     running_mean, running_var = torch.zeros(c), torch.ones(c)
     y, mean, invstd = cpu.forward_train(x, w, b, 1e-5, None, running_mean, running_var,
@@ -407,6 +407,32 @@ def test_misaligned_tensors_fall_back(monkeypatch):
     for got, want in zip(cpu.forward_train(x, w, b, 1e-5), reference.forward_train(x, w, b,
                                                                                    1e-5)):
         torch.testing.assert_close(got, want)
+
+
+def _misaligned(t):
+    out = torch.frombuffer(bytearray(t.numel() * t.element_size() + 1), dtype=t.dtype,
+                           offset=1).view(t.shape)
+    assert out.data_ptr() % t.element_size()
+    return out.copy_(t)
+
+
+_UNREADABLE = {"negative view": lambda t: torch._neg_view(-t), "misaligned": _misaligned,
+               "zero tensor": lambda t: torch._efficientzerotensor(t.shape, dtype=t.dtype)}
+
+
+@pytest.mark.parametrize("kind", _UNREADABLE)
+@pytest.mark.parametrize("argument", range(5), ids=("x", "running_mean", "running_var",
+                                                    "weight", "bias"))
+def test_eval_falls_back_on_tensors_the_kernel_cannot_read(monkeypatch, argument, kind):
+    """forward_eval plans on its own (not through _Plan): each argument that the kernel
+    cannot read through its address goes to the reference, with its values."""
+    args = [torch.randn(4, 3, 5), torch.randn(3), torch.rand(3) + 0.5, torch.randn(3),
+            torch.randn(3)]
+    args[argument] = _UNREADABLE[kind](args[argument])
+    monkeypatch.setattr(cpu._C, "forward_eval", None)   # a kernel call would fail
+    dense = [t.clone() for t in args]   # the same values in plain memory
+    torch.testing.assert_close(cpu.forward_eval(*args, 1e-5),
+                               reference.forward_eval(*dense, 1e-5))
 
 
 def test_million_elements_per_channel(native):
