@@ -1,0 +1,120 @@
+// backward_backward: the vector-Jacobian product of backward, one reduction pass for the
+// per-(problem, channel) sums and one elementwise pass that is a per-channel linear
+// combination of the element inputs and xhat (reduce_map in common.h). Formulas:
+// reference.py, expanded. (Its sibling backward_jvp.cpp is a file of its own so that the two
+// largest template sets compile in parallel.)
+#include "cpu/ops.h"
+
+namespace fastbn {
+namespace {
+
+template <class T, bool CL, bool RELU>
+void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& ggx,
+        const acc_t<T>* ggw, const acc_t<T>* ggb, const acc_t<T>* mean,
+        const acc_t<T>* invstd, const acc_t<T>* w, const acc_t<T>* b, const TD& out_gdy,
+        const TD& out_gx, acc_t<T>* out_gw) {
+  using A = acc_t<T>;
+  const int64_t C = g.channels();
+  const double M = g.count();
+  constexpr int NS = 5;  // sum g, g xhat, a, a xhat, a g  (g = masked grad_y, a = gg_x)
+  auto sums = scratch<double>(K * NS * C);
+  auto ya = scratch<A>(K * C), yx = scratch<A>(K * C), y0 = scratch<A>(K * C),
+       xa = scratch<A>(K * C), xg = scratch<A>(K * C), xx = scratch<A>(K * C),
+       x0 = scratch<A>(K * C);
+  const Stats<A> st(g, RELU, mean, invstd, w, b);
+  when(unit_runs<CL>({x, dy, ggx, out_gdy, out_gx}), [&](auto unit) {
+    when(ggx.ptr != 0, [&](auto has_a) {
+      constexpr bool U = decltype(unit)::value, HA = decltype(has_a)::value;
+      using P = Prim<T, A, CL, RELU, U>;
+      // g_grad_y = mask * (ya * a + yx * xhat + y0);  g_x = xa * a + xg * g + xx * xhat + x0
+      // Terms of an absent input are left out, not multiplied by 0: a non-finite x or
+      // grad_y would make them NaN where the reference has nothing. g and xhat enter only
+      // through gg_x and gg_weight (`uses_g`).
+      const bool uses_g = HA || ggw;
+      if (!uses_g) std::fill(sums.get(), sums.get() + K * NS * C, 0.0);  // no reduction pass
+      reduce_map<A, CL, NS>(
+          g, nth, K, input_bytes<T>(K, {x, dy, ggx}), uses_g, sums.get(),
+          [&](const Seg& s, int64_t k, const Acc<A, CL, NS>& acc) {
+            const P pr(x, s, st);
+            const auto d = src<T, CL, U>(dy, s, k);
+            const auto a = src<T, CL, U>(ggx, s, k);
+            acc.add(s.n, [&](int64_t i, A(&v)[NS]) {
+              const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
+              const A av = HA ? a.template at<A>(i) : A(0);
+              v[0] = gv;
+              v[1] = gv * xh;
+              v[2] = av;
+              v[3] = av * xh;
+              v[4] = HA ? av * gv : A(0);
+            });
+          },
+          [&](int64_t lo, int64_t hi, int) {
+            for (int64_t k = 0; k < K; ++k)
+#pragma omp simd
+              for (int64_t c = lo; c < hi; ++c) {
+                const double* sk = sums.get() + k * NS * C + c;
+                const double gm = sk[0] / M, gxm = sk[C] / M, am = sk[2 * C] / M,
+                             axm = sk[3 * C] / M;
+                // sum a (g - ...)
+                const double adc = HA ? sk[4 * C] - gm * sk[2 * C] - gxm * sk[3 * C] : 0.0;
+                const double r = invstd[c], wc = w[c], wr = wc * r, wr2 = wr * r;
+                const double al = ggw ? double(ggw[k * C + c]) : 0.0;
+                const double be = ggb ? double(ggb[k * C + c]) : 0.0;
+                const double by_a = HA ? 2 * wr2 * gxm * axm - r * r / M * wc * adc : 0.0;
+                const double by_w = ggw ? -r * al * gxm : 0.0;
+                const int64_t i = k * C + c;
+                ya[i] = A(HA ? wr : 0.0);
+                yx[i] = A((ggw ? al : 0.0) - (HA ? wr * axm : 0.0));
+                y0[i] = A((ggb ? be : 0.0) - (HA ? wr * am : 0.0));
+                xa[i] = A(HA ? -wr2 * gxm : 0.0);
+                xg[i] = A((HA ? -wr2 * axm : 0.0) + (ggw ? r * al : 0.0));
+                xx[i] = A(by_a + by_w);
+                x0[i] = A((HA ? wr2 * (gxm * am + axm * gm) : 0.0) - (ggw ? r * al * gm : 0.0));
+                out_gw[i] = A(HA ? r * adc : 0.0);
+              }
+            return false;
+          },
+          [&] {
+            return [&, pya = PassArray<A>(g, ya.get(), K), pyx = PassArray<A>(g, yx.get(), K),
+                    py0 = PassArray<A>(g, y0.get(), K), pxa = PassArray<A>(g, xa.get(), K),
+                    pxg = PassArray<A>(g, xg.get(), K), pxx = PassArray<A>(g, xx.get(), K),
+                    px0 = PassArray<A>(g, x0.get(), K)](const Seg& s, int64_t k) {
+              const P pr(x, s, st);
+              const auto d = src<T, CL, U>(dy, s, k);
+              const auto a = src<T, CL, U>(ggx, s, k);
+              const auto o1 = dst<T, CL, U>(out_gdy, s, k);
+              const auto o2 = dst<T, CL, U>(out_gx, s, k);
+              const int64_t o = k * g.C;
+              const Chan<CL, A> cya(pya.get() + o, s.c), cyx(pyx.get() + o, s.c),
+                  cy0(py0.get() + o, s.c), cxa(pxa.get() + o, s.c), cxg(pxg.get() + o, s.c),
+                  cxx(pxx.get() + o, s.c), cx0(px0.get() + o, s.c);
+              each(s.n, [&](int64_t i) {
+                const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
+                const A av = HA ? a.template at<A>(i) : A(0), xu = and_mask(uses_g, xh);
+                o1.put(i, pr.keep(i, xh, cya[i] * av + cyx[i] * xu + cy0[i]));
+                o2.put(i, cxa[i] * av + cxg[i] * and_mask(uses_g, gv) + cxx[i] * xu + cx0[i]);
+              });
+            };
+          });
+    });
+  });
+}
+
+}  // namespace
+
+void backward_backward(int dtype, const Geom& g, int nth, int64_t K, bool relu, const TD& x,
+                       const TD& dy, const TD& ggx, uintptr_t ggw, uintptr_t ggb,
+                       uintptr_t mean, uintptr_t invstd, uintptr_t w, uintptr_t b,
+                       const TD& out_gdy, const TD& out_gx, uintptr_t out_gw) {
+  dispatch(dtype, g.cl, relu, [&](auto tag, auto cl, auto act) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    auto p = [](uintptr_t a) { return reinterpret_cast<const A*>(a); };
+    bb<T, decltype(cl)::value, decltype(act)::value>(
+        g, nth, K, x, dy, ggx, p(ggw), p(ggb), p(mean), p(invstd), p(w), p(b),
+        output(dtype, g, K, out_gdy), output(dtype, g, K, out_gx),
+        reinterpret_cast<A*>(out_gw));
+  });
+}
+
+}  // namespace fastbn

@@ -1,0 +1,123 @@
+// backward_jvp: the Jacobian-vector product of backward, one reduction pass for the
+// per-(problem, channel) sums and one elementwise pass that is a per-channel linear
+// combination of the element inputs and xhat (reduce_map in common.h). Formulas:
+// reference.py, expanded.
+#include "cpu/ops.h"
+
+namespace fastbn {
+namespace {
+
+template <class T, bool CL, bool RELU>
+void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& dyt,
+          const TD& xt, const acc_t<T>* wt, const acc_t<T>* mean, const acc_t<T>* invstd,
+          const acc_t<T>* w, const acc_t<T>* b, const TD& out_gx, acc_t<T>* out_gw,
+          acc_t<T>* out_gb) {
+  using A = acc_t<T>;
+  const int64_t C = g.channels();
+  const double M = g.count();
+  // sum g, g xhat, g_t, g_t xhat, x_t, x_t xhat, g x_t  (g, g_t: masked grad_y and tangent)
+  constexpr int NS = 7;
+  auto sums = scratch<double>(K * NS * C);
+  auto et = scratch<A>(C), eu = scratch<A>(K * C), eg = scratch<A>(K * C),
+       ex = scratch<A>(K * C), e0 = scratch<A>(K * C);
+  const Stats<A> st(g, RELU, mean, invstd, w, b);
+  when(unit_runs<CL>({x, dy, dyt, xt, out_gx}), [&](auto unit) {
+    when(dyt.ptr != 0, [&](auto has_gt) {
+      when(xt.ptr != 0, [&](auto has_xt) {
+        constexpr bool U = decltype(unit)::value, HG = decltype(has_gt)::value,
+                       HX = decltype(has_xt)::value;
+        using P = Prim<T, A, CL, RELU, U>;
+        // grad_x_t = et * g_t + eu * x_t + eg * g + ex * xhat + e0
+        // Terms of an absent tangent are left out, not multiplied by 0: a non-finite
+        // grad_y would make them NaN where the reference has nothing.
+        const bool uses_g = HX || wt;
+        reduce_map<A, CL, NS>(
+            g, nth, K, input_bytes<T>(K, {x, dy, dyt, xt}), true, sums.get(),
+            [&](const Seg& s, int64_t k, const Acc<A, CL, NS>& acc) {
+              const P pr(x, s, st);
+              const auto d = src<T, CL, U>(dy, s, k);
+              const auto dt = src<T, CL, U>(dyt, s, k);
+              const auto u = src<T, CL, U>(xt, s, k);
+              acc.add(s.n, [&](int64_t i, A(&v)[NS]) {
+                const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
+                const A tv = HG ? pr.keep(i, xh, dt.template at<A>(i)) : A(0);
+                const A uv = HX ? u.template at<A>(i) : A(0);
+                v[0] = gv;
+                v[1] = gv * xh;
+                v[2] = tv;
+                v[3] = tv * xh;
+                v[4] = uv;
+                v[5] = uv * xh;
+                v[6] = HX ? uv * gv : A(0);
+              });
+            },
+            [&](int64_t lo, int64_t hi, int) {
+#pragma omp simd
+              for (int64_t c = lo; c < hi; ++c) et[c] = HG ? A(double(w[c]) * invstd[c]) : A(0);
+              for (int64_t k = 0; k < K; ++k)
+#pragma omp simd
+                for (int64_t c = lo; c < hi; ++c) {
+                  const double* sk = sums.get() + k * NS * C + c;
+                  const double g0 = sk[0], g1 = sk[C], mu = sk[4 * C] / M, pu = sk[5 * C] / M;
+                  const double r = invstd[c], wr = double(w[c]) * r, h = r * g1 / M;
+                  const double gb_t = HG ? sk[2 * C] : 0.0;
+                  const double gw_t = (HG ? sk[3 * C] : 0.0) +
+                                      (HX ? r * (sk[6 * C] - mu * g0 - pu * g1) : 0.0);
+                  const double scale_t = (HX ? -wr * r * pu : 0.0) +
+                                         (wt ? double(wt[k * C + c]) * r : 0.0);
+                  const int64_t i = k * C + c;
+                  eu[i] = A(HX ? -wr * h : 0.0);
+                  eg[i] = A(scale_t);
+                  ex[i] = A(wr * ((HX ? h * pu : 0.0) - gw_t / M) -
+                            (uses_g ? scale_t * g1 / M : 0.0));
+                  e0[i] = A(wr * ((HX ? h * mu : 0.0) - gb_t / M) -
+                            (uses_g ? scale_t * g0 / M : 0.0));
+                  out_gw[i] = A(gw_t);
+                  out_gb[i] = A(gb_t);
+                }
+              return false;
+            },
+            [&] {
+              return [&, pet = PassArray<A>(g, et.get()), peu = PassArray<A>(g, eu.get(), K),
+                      peg = PassArray<A>(g, eg.get(), K), pex = PassArray<A>(g, ex.get(), K),
+                      pe0 = PassArray<A>(g, e0.get(), K)](const Seg& s, int64_t k) {
+                const P pr(x, s, st);
+                const auto d = src<T, CL, U>(dy, s, k);
+                const auto dt = src<T, CL, U>(dyt, s, k);
+                const auto u = src<T, CL, U>(xt, s, k);
+                const auto out = dst<T, CL, U>(out_gx, s, k);
+                const int64_t o = k * g.C;
+                const Chan<CL, A> ct(pet.get(), s.c), cu(peu.get() + o, s.c),
+                    cg(peg.get() + o, s.c), cx(pex.get() + o, s.c), c0(pe0.get() + o, s.c);
+                each(s.n, [&](int64_t i) {
+                  const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
+                  const A tv = HG ? pr.keep(i, xh, dt.template at<A>(i)) : A(0);
+                  const A uv = HX ? u.template at<A>(i) : A(0);
+                  out.put(i, ct[i] * tv + cu[i] * uv + cg[i] * and_mask(uses_g, gv) +
+                                 cx[i] * xh + c0[i]);
+                });
+              };
+            });
+      });
+    });
+  });
+}
+
+}  // namespace
+
+void backward_jvp(int dtype, const Geom& g, int nth, int64_t K, bool relu, const TD& x,
+                  const TD& dy, const TD& dyt, const TD& xt, uintptr_t wt, uintptr_t mean,
+                  uintptr_t invstd, uintptr_t w, uintptr_t b, const TD& out_gx,
+                  uintptr_t out_gw, uintptr_t out_gb) {
+  dispatch(dtype, g.cl, relu, [&](auto tag, auto cl, auto act) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    auto p = [](uintptr_t a) { return reinterpret_cast<const A*>(a); };
+    bjvp<T, decltype(cl)::value, decltype(act)::value>(
+        g, nth, K, x, dy, dyt, xt, p(wt), p(mean), p(invstd), p(w), p(b),
+        output(dtype, g, K, out_gx),
+        reinterpret_cast<A*>(out_gw), reinterpret_cast<A*>(out_gb));
+  });
+}
+
+}  // namespace fastbn
