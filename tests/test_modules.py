@@ -208,11 +208,12 @@ def test_low_precision_running_statistics_are_rounded_once_a_step(backend, dtype
             assert torch.equal(layer.running_mean, reference_layer.running_mean)
 
 
-def test_an_inference_mode_layer_trained_outside_it_fails_before_any_update():
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_an_inference_mode_layer_trained_outside_it_fails_before_any_update(requires_grad):
     def layer(cls):
         with torch.inference_mode():
             made = cls(3)
-        return made.requires_grad_(False)
+        return made if requires_grad else made.requires_grad_(False)   # made requiring it
     message, unchanged = _error_and_unchanged(layer(fastbn.BatchNorm1d), RuntimeError)
     torch_message, _ = _error_and_unchanged(layer(nn.BatchNorm1d), RuntimeError)
     assert message == torch_message and unchanged   # torch's count moves

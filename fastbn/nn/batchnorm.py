@@ -96,14 +96,15 @@ class _FastBatchNorm:
             running_mean = running_var = None
         group = self._sync_group(batch_stats)
         tracked = self.num_batches_tracked if training else None
-        # Check everything before num_batches_tracked moves: errors change no state.
+        counts = (tracked is not None and self.track_running_stats
+                  and not transforms.under_transform())
+        # Check everything before num_batches_tracked moves: errors change no state. The
+        # count first, as torch moves it before its functional form checks anything.
+        if counts:
+            functional.check_updatable(tracked)
         functional.check_scalars(factor, self.eps)
         functional.check_args(input, running_mean, running_var, weight, bias, batch_stats,
                               self.activation, self.eps, group is not None)
-        counts = (tracked is not None and self.track_running_stats
-                  and not transforms.under_transform())
-        if counts:
-            functional.check_updatable(tracked)
         if counts and self.momentum is None:
             factor = 1.0 / (float(tracked) + 1.0)   # the cumulative average, this batch in
         call = (functional.batch_norm if has_torch_function_variadic(
