@@ -680,6 +680,21 @@ inline int threads_for(const Geom& g, int64_t K, int nth, int64_t tasks) {
 template <int64_t W, class A>
 inline double lane_sum(const A* f, int64_t used) {
   static_assert(W % 8 == 0, "lanes come in vectors of 8 doubles");
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<A, float>) {
+    // The same additions in registers: inlined into a flush over many channels, the
+    // generic form went through the stack and a chain of scalar adds (about half of a
+    // few-row backward's reduction).
+    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();  // q[0..3], q[4..7]
+    for (int64_t w = 0; w < used; w += 8) {
+      lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm_loadu_ps(f + w)));
+      hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm_loadu_ps(f + w + 4)));
+    }
+    const __m256d a = _mm256_add_pd(lo, hi);  // q[e] + q[e + 4]
+    const __m256d h = _mm256_hadd_pd(a, a);   // a0 + a1, ., a2 + a3, .
+    return _mm_cvtsd_f64(_mm_add_sd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1)));
+  }
+#endif
   double q[8] = {};
   for (int64_t w = 0; w < used; w += 8)
 #pragma omp simd
