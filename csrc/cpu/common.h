@@ -683,8 +683,8 @@ inline double lane_sum(const A* f, int64_t used) {
 #if defined(__AVX__)
   if constexpr (std::is_same_v<A, float>) {
     // The same additions in registers: inlined into a flush over many channels, the
-    // generic form went through the stack and a chain of scalar adds (about half of a
-    // few-row backward's reduction).
+    // generic form went through the stack and a chain of scalar adds (half of nchw_sums'
+    // time in a few-row backward).
     __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();  // q[0..3], q[4..7]
     for (int64_t w = 0; w < used; w += 8) {
       lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm_loadu_ps(f + w)));
