@@ -29,6 +29,7 @@ import torch
 # of fastbn's is imported (_child), and this module is that run's entry point.
 
 SUBROUNDS = 10   # timed stretches of each (op, shape) per process
+ROOT = Path(__file__).resolve().parents[1]   # where `-m benchmarks.bench_builds` runs
 
 
 def _load_build(path):
@@ -93,7 +94,7 @@ def run(other, shapes, ops, dtype, threads, rounds):
                 done = subprocess.run(
                     [sys.executable, "-m", "benchmarks.bench_builds", "--child", build,
                      saved[name], str(threads), dtype, ",".join(ops), *labels],
-                    capture_output=True, text=True)
+                    cwd=ROOT, capture_output=True, text=True)
                 if done.returncode != 0:
                     raise RuntimeError(f"the {name} build's run failed:\n{done.stderr[-3000:]}")
                 for key, seconds in json.loads(done.stdout).items():
@@ -130,7 +131,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not Path(args.other).is_file():
         parser.error(f"no such file: {args.other}")
-    rows = run(args.other, args.shapes, args.ops, args.dtype, args.threads, args.rounds)
+    rows = run(str(Path(args.other).resolve()), args.shapes, args.ops, args.dtype, args.threads, args.rounds)
     print(f"{args.dtype}, {args.threads} thread(s), fastest of {args.rounds} rounds x "
           f"{SUBROUNDS}; ms per call, this build (other / this)")
     print("| shape | " + " | ".join(args.ops) + " |")
