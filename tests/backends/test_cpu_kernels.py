@@ -396,24 +396,23 @@ def test_zero_tensors_and_batched_statistics_fall_back():
         torch.testing.assert_close(got, want)
 
 
+def _misaligned(t):
+    """A copy of t at an address that is not a multiple of its element size."""
+    out = torch.frombuffer(bytearray(t.numel() * t.element_size() + 1), dtype=t.dtype,
+                           offset=1).view(t.shape)
+    assert out.data_ptr() % t.element_size()
+    return out.copy_(t)
+
+
 def test_misaligned_tensors_fall_back(monkeypatch):
     """The kernels read through typed pointers: an address that is not a multiple of the
     element size (a torch.frombuffer view at an odd offset) goes to the reference."""
-    x = torch.frombuffer(bytearray(4 * 24 + 1), dtype=torch.float32, offset=1).view(4, 3, 2)
-    x.copy_(torch.randn(4, 3, 2))
-    assert x.data_ptr() % 4
+    x = _misaligned(torch.randn(4, 3, 2))
     monkeypatch.setattr(cpu._C, "forward_train", None)   # a kernel call would fail
     w, b = torch.ones(3), torch.zeros(3)
     for got, want in zip(cpu.forward_train(x, w, b, 1e-5), reference.forward_train(x, w, b,
                                                                                    1e-5)):
         torch.testing.assert_close(got, want)
-
-
-def _misaligned(t):
-    out = torch.frombuffer(bytearray(t.numel() * t.element_size() + 1), dtype=t.dtype,
-                           offset=1).view(t.shape)
-    assert out.data_ptr() % t.element_size()
-    return out.copy_(t)
 
 
 _UNREADABLE = {"negative view": lambda t: torch._neg_view(-t), "misaligned": _misaligned,
