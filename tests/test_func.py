@@ -232,6 +232,28 @@ def test_reverse_over_forward(backend, relu, shape):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
 
 
+def test_jvp_under_no_grad_records_nothing(backend):
+    """Under no_grad a jvp's tangents are not recorded for autograd, as with torch's own
+    ops, also where an input requires grad (the forward's and the backward's jvp rules);
+    their values are those computed outside it."""
+    x = torch.randn(4, 3, 2, dtype=DT, requires_grad=True)
+    w, b, c = torch.randn(3, dtype=DT), torch.randn(3, dtype=DT), torch.randn_like(x)
+    x_t = torch.randn_like(x)
+
+    def tangents():
+        def f(x):
+            return fastbn.batch_norm(x, None, None, w, b, training=True)
+
+        return (jvp(f, (x,), (x_t,))[1],
+                jvp(grad(lambda x: (f(x) ** 2 * c).sum()), (x,), (x_t,))[1])
+
+    with torch.no_grad():
+        quiet = tangents()
+    assert not any(t.requires_grad for t in quiet)
+    for got, expected in zip(quiet, tangents()):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_bias_tangents_alone_under_vmap(backend):
     # The jvp of a gradient that the bias does not reach: K tangents give K zeros.
     x, w, b = torch.randn(4, 3, 2, dtype=DT), torch.randn(3, dtype=DT), torch.randn(3, dtype=DT)

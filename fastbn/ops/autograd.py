@@ -194,9 +194,10 @@ def _tangent_apply(function, *args):
             level = interpreter.level()
             unwrapped = [_unwrap_for_grad(a, level) if isinstance(a, torch.Tensor) else a
                          for a in args]
-            # As functorch runs a Function's forward below its level.
-            with torch.enable_grad(), torch.autograd.forward_ad._set_fwd_grad_enabled(True), \
-                    interpreter.lower():
+            # As functorch runs a Function's forward below its level, but in the caller's
+            # grad mode: a grad transform below has it on, and under no_grad nothing
+            # records the tangent (as torch's own jvp rules).
+            with torch.autograd.forward_ad._set_fwd_grad_enabled(True), interpreter.lower():
                 out = function.apply(*unwrapped)
             if isinstance(out, torch.Tensor):
                 return _wrap_for_grad(out, level)
