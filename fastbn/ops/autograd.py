@@ -66,7 +66,10 @@ def _sum_k(t, like):
 def _legacy_batched(tensors):
     """Whether the legacy vmap behind `autograd.grad(..., is_grads_batched=True)` batches
     any of these: its tensors have no storage."""
-    return any(t is not None and is_legacy_batchedtensor(t) for t in tensors)
+    for t in tensors:   # a loop, not any() over a generator: every backward asks
+        if t is not None and is_legacy_batchedtensor(t):
+            return True
+    return False
 
 
 def _runnable(backend, tensors):
@@ -396,10 +399,14 @@ def bias_to_save(ctx, bias, activation):
 
 
 def saved_bias(ctx, bias, weight):
-    """The saved bias, or zeros of its dtype standing in where no derivative reads it
-    (grad_bias takes that dtype: a float32 bias beside a bfloat16 weight stays float32)."""
+    """The saved bias, or a stand-in of its shape and dtype where no derivative reads its
+    values (grad_bias takes that dtype: a float32 bias beside a bfloat16 weight stays
+    float32): weight, detached, where the dtypes agree (new zeros took 4 µs of a (1024,
+    512) backward: the kernel before had streamed the caches), else zeros."""
     if bias is not None:
         return bias
+    if weight.dtype == ctx.bias_dtype:
+        return weight.detach()
     return torch.zeros(weight.shape, dtype=ctx.bias_dtype, device=weight.device)
 
 
