@@ -456,19 +456,19 @@ class HessianOperator:
         if self._group is None and self._single_batch and "matmat" not in self.methods_used:
             run = {"forward-over-reverse":
                    functools.partial(self._vmapped_pass, "forward-over-reverse"),
-                   "reverse-over-reverse": self._columns_through_kept_graph}
+                   "reverse-over-reverse": self._kept_graph_products}
             product = self._choose_method("matmat", run, V, V[:, :1])
             self._free_graph_unless_used()
             return product
         if self._kept_graph_serves("matmat"):
-            return self._columns_through_kept_graph(V)
+            return self._kept_graph_products(V)
         return self._vmapped_pass(None, V, batches)
 
     def _vmapped_pass(self, method, V, batches=None):
         """H V in one vmapped pass per batch, by `method` (None: the one chosen for it)."""
         return self._flatten_batched(self._accumulate(V.t(), True, batches, method)).t()
 
-    def _columns_through_kept_graph(self, V):
+    def _kept_graph_products(self, V):
         """H V column by column through the kept graph: the first product checks the
         graph against the model and the data (rebuilding it where they changed), as
         matvec does; the rest follow it at once."""
