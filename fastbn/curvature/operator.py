@@ -712,11 +712,8 @@ class HessianOperator:
                 "pass; pass chunk_size to HessianOperator (or set op.chunk_size) to choose "
                 "the chunking.", RuntimeWarning, stacklevel=3)
             return 1
-        chunk = self._chunk_from_budget()
-        if chunk is None:   # the method chosen on the probe takes one tangent at a time
-            return k
-        self.chunk_size = self._derived_chunk = chunk
-        return chunk
+        self.chunk_size = self._derived_chunk = self._chunk_from_budget()
+        return self.chunk_size
 
     def _can_measure_memory(self):
         """`_memory.can_measure` on every process, or on none: the probe passes run
@@ -750,16 +747,12 @@ class HessianOperator:
 
     def _chunk_from_budget(self):
         """Tangents per pass that fit `max_memory`, from the peak memory of 1- and
-        2-tangent passes on the largest batch (peak ≈ base + K · per_tangent); None
-        where the method chosen on the first probe runs its products through the kept
-        graph, one tangent at a time."""
+        2-tangent passes on the largest batch (peak ≈ base + K · per_tangent)."""
         generator = torch.Generator().manual_seed(0)
         probe = torch.randn(self.shape[0], 2, generator=generator, dtype=torch.float64)
         probe = probe.to(device=self.device, dtype=self.dtype)
         largest = [self._largest_batch()]
         self._matmat_pass(probe[:, :1], largest)      # picks the method; warms up
-        if self._kept_graph_serves("matmat"):
-            return None
         self.probe_peaks = [
             _memory.peak_bytes(lambda k=k: self._matmat_pass(probe[:, :k], largest),
                                self.device)
