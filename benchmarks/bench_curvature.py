@@ -1,8 +1,7 @@
 """Curvature benchmark: fastbn.curvature on a VGG-style CNN with batch norm (CPU, fp32).
 
 Measures one gradient, one HVP per method, the per-vector cost of matmat with K=16
-tangents (vmapped passes, products through the kept graph, and what "auto" picks)
-against a single HVP, the top eigenvalue by Lanczos against a PyHessian-style
+tangents against a single HVP, the top eigenvalue by Lanczos against a PyHessian-style
 power iteration (double-backward HVPs through stock nn.BatchNorm2d in train mode, same
 relative tolerance; and Lanczos stopped at the power loop's accuracy), and the peak
 memory of a budgeted matmat against its budget.
@@ -189,15 +188,6 @@ def run(quick: bool) -> list[dict]:
         chunked_time = seconds(lambda: chunked.matmat(V), 1)
         row(f"matmat K={K} in chunks of {chunk}, per vector", chunked_time / K, "s",
             f"{(chunked_time / K) / hvp_time:.2f}x the time of one forward-over-reverse HVP")
-
-    # Reverse-over-reverse on one batch: each column one backward through the kept graph.
-    kept_time = seconds(lambda: reverse.matmat(V), 1)
-    row(f"matmat K={K} through the kept graph, per vector", kept_time / K, "s",
-        f"{(kept_time / K) / hvp_time:.2f}x the time of one forward-over-reverse HVP")
-    auto = HessianOperator(model, criterion, data)
-    auto_time = seconds(lambda: auto.matmat(V), 1)     # the warm-up call chooses
-    row(f"matmat K={K}, method auto, per vector", auto_time / K, "s",
-        f"runs {auto.methods_used['matmat']}, chunk_size={auto.chunk_size}")
 
     counting = CountingOperator(reverse)    # keeps the gradient graph between products
     reverse.clear_cache()       # its build is part of the time, as in the power loop

@@ -137,23 +137,21 @@ class HessianOperator:
     bn_mode: "train" (batch statistics; running statistics untouched) or "eval"
         (running statistics). Every other module follows the model's own training flag.
     method: "forward-over-reverse" (jvp of grad), "reverse-over-reverse" (grad of
-        grad·v; on a single batch without a process group it keeps the gradient graph
-        between calls, and matvec and matmat run one backward through it per product,
+        grad·v; for matvec on a single batch it keeps the gradient graph between calls,
         see `matvec`), or "auto": matvec and matmat each choose for themselves at their
         first product, timing one run of what they would run with each method after a
-        warm-up run of each, on the first batch: matvec one product, matmat one vmapped
-        pass, or on a single batch without a process group reverse-over-reverse's
-        products through the kept graph (warmed up on one tangent; a one-tangent pass
-        on the largest batch where max_memory sizes the chunks). `methods_used` maps
-        "matvec" and "matmat" to the method each runs (a path is absent until its first product
+        warm-up run of each, on the first batch: matvec one product (on a single batch
+        without a process group, reverse-over-reverse's through the kept graph), matmat
+        one vmapped pass (warmed up on one tangent; a one-tangent pass on the largest
+        batch where max_memory sizes the chunks). `methods_used` maps "matvec" and
+        "matmat" to the method each runs (a path is absent until its first product
         under "auto") and `timings` holds each path's times in seconds; a method that
         raises a RuntimeError there is skipped. The two methods agree to rounding, not
         bitwise, and a timed choice can differ between runs: name a method for the same
         bits from the same seed.
     max_memory: byte budget for the working memory of each matmat pass (beyond the
-        (P, K) result and, for products through the kept graph, which take one
-        tangent at a time, the graph): the chunk size (tangents per vmapped pass) comes
-        from the peak memory of 1- and 2-tangent probe passes on the batch with the most samples
+        (P, K) result): the chunk size (tangents per vmapped pass) comes from the peak
+        memory of 1- and 2-tangent probe passes on the batch with the most samples
         (`probe_peaks`), measured with the CUDA allocator's counters or the CPU
         profiler, rounded down to a power of two. At least one tangent per pass, even
         if that exceeds the budget. Passes of different widths agree to rounding, not
@@ -394,10 +392,11 @@ class HessianOperator:
         Memory: the graph plus those copies, until `clear_cache()` frees them.
         """
         v = self._as_operand(v, 1, "matvec")
-        if self._group is None and self._single_batch and "matvec" not in self.methods_used:
-            return self._choose_single_batch_matvec_method(v)
-        if self._kept_graph_serves("matvec"):
-            return self._retained_graph_hvp(v)
+        if self._group is None and self._single_batch:
+            if "matvec" not in self.methods_used:
+                return self._choose_single_batch_matvec_method(v)
+            if self.methods_used["matvec"] == "reverse-over-reverse":
+                return self._retained_graph_hvp(v)
         return self._flatten(self._accumulate(v))
 
     def clear_cache(self):
@@ -407,12 +406,8 @@ class HessianOperator:
     @_outside_inference_mode
     def matmat(self, V):
         """H V for V of shape (P, K): K HVPs per vmapped pass (fastbn's K-batched kernels),
-        in chunks of `chunk_size` tangents (set from `max_memory` on first use); with
-        reverse-over-reverse on a single batch without a process group, one backward
-        through the kept gradient graph per column instead, as `matvec` (on a CPU the
-        vmapped passes' convolutions run tangent by tangent, and a product through the
-        kept graph skips the forward and first backward). V is cast to the operator's
-        dtype and device, as in `matvec`."""
+        in chunks of `chunk_size` tangents (set from `max_memory` on first use). V is
+        cast to the operator's dtype and device, as in `matvec`."""
         V = self._as_operand(V, 2, "matmat")
         k = V.shape[1]
         result = torch.empty_like(V)
@@ -450,33 +445,7 @@ class HessianOperator:
     # ---- internals -------------------------------------------------------------------
 
     def _matmat_pass(self, V, batches=None):
-        """H V for V (P, k): one vmapped pass, or on a single batch without a process
-        group, with reverse-over-reverse, the columns' products through the kept graph
-        ("auto" times the vmapped forward-over-reverse pass against those)."""
-        if self._group is None and self._single_batch and "matmat" not in self.methods_used:
-            run = {"forward-over-reverse":
-                   functools.partial(self._vmapped_pass, "forward-over-reverse"),
-                   "reverse-over-reverse": self._kept_graph_products}
-            product = self._choose_method("matmat", run, V, V[:, :1])
-            self._free_graph_unless_used()
-            return product
-        if self._kept_graph_serves("matmat"):
-            return self._kept_graph_products(V)
-        return self._vmapped_pass(None, V, batches)
-
-    def _vmapped_pass(self, method, V, batches=None):
-        """H V in one vmapped pass per batch, by `method` (None: the one chosen for it)."""
-        return self._flatten_batched(self._accumulate(V.t(), True, batches, method)).t()
-
-    def _kept_graph_products(self, V):
-        """H V column by column through the kept graph: the first product checks the
-        graph against the model and the data (rebuilding it where they changed), as
-        matvec does; the rest follow it at once."""
-        rows = V.t().contiguous()
-        bar = tqdm(rows, desc="matmat products", leave=False,
-                   disable=True if len(rows) < 2 else bar_disabled(self.progress))
-        return torch.stack([self._retained_graph_hvp(v) if i == 0 else self._kept_graph_product(v)
-                            for i, v in enumerate(bar)], dim=1)
+        return self._flatten_batched(self._accumulate(V.t(), True, batches)).t()
 
     def _flatten_batched(self, tensors):
         return torch.cat([tensors[name].reshape(tensors[name].shape[0], -1)
@@ -497,9 +466,8 @@ class HessianOperator:
                 raise RuntimeError(
                     "matmat runs its tangents through torch.func.vmap, and vmap has no "
                     f"batching rule for an operation of this model or criterion ({error}). "
-                    "Use matvec, one product at a time, method=\"reverse-over-reverse\" on "
-                    "a single batch (its products run through the kept gradient graph), or "
-                    "replace the operation (nn.RReLU in training mode: nn.LeakyReLU, say)."
+                    "Use matvec, one product at a time, or replace the operation "
+                    "(nn.RReLU in training mode: nn.LeakyReLU, say)."
                 ) from error
             if method == "forward-over-reverse" and TORCH_ZERO_TENSOR_ERROR in str(error):
                 raise RuntimeError(
@@ -510,10 +478,9 @@ class HessianOperator:
                 ) from error
             raise
 
-    def _accumulate(self, tangent, batched=False, batches=None, method=None):
+    def _accumulate(self, tangent, batched=False, batches=None):
         """Σ_b n_b X_b / Σ_b n_b over `batches` (default: all of data), where X_b is the
-        gradient (tangent None) or the HVPs of batch b's loss (see `_apply`) by `method`
-        (None: the one chosen for the path, choosing it at the first batch)."""
+        gradient (tangent None) or the HVPs of batch b's loss (see `_apply`)."""
         theta, fixed, buffers = self._split_state()
         total, count = None, 0
         for inputs, targets, n, index in batches or self._batches():
@@ -522,13 +489,13 @@ class HessianOperator:
                 value, loss_value = torch.func.grad(loss, has_aux=True)(theta)
             else:
                 path = "matmat" if batched else "matvec"
-                chosen = method or self.methods_used.get(path)
-                if chosen is not None:
-                    value, loss_value = self._apply(chosen, loss, theta, tangent, batched)
+                if path in self.methods_used:
+                    value, loss_value = self._apply(self.methods_used[path], loss, theta,
+                                                    tangent, batched)
                 else:
-                    run = {name: functools.partial(self._apply, name, loss, theta,
-                                                   batched=batched)
-                           for name in METHODS if name != "auto"}
+                    run = {method: functools.partial(self._apply, method, loss, theta,
+                                                     batched=batched)
+                           for method in METHODS if method != "auto"}
                     value, loss_value = self._choose_method(
                         path, run, tangent, tangent[:1] if batched else tangent)
             check_finite_loss(loss_value, f"batch {index}")
@@ -563,19 +530,8 @@ class HessianOperator:
         product = self._choose_method("matvec", run, v, v)
         if self.methods_used["matvec"] == "reverse-over-reverse":
             return product
-        self._free_graph_unless_used()
+        self.clear_cache()
         return self._flatten(self._accumulate(v))
-
-    def _kept_graph_serves(self, path):
-        """Whether `path`'s products run through the kept graph: reverse-over-reverse on
-        a single batch without a process group."""
-        return (self._group is None and self._single_batch
-                and self.methods_used.get(path) == "reverse-over-reverse")
-
-    def _free_graph_unless_used(self):
-        """Free the kept graph where neither product runs through it."""
-        if not (self._kept_graph_serves("matvec") or self._kept_graph_serves("matmat")):
-            self.clear_cache()
 
     def _graph_inputs(self):
         """(θ, every other tensor, settings) that the single batch's loss reads, as they
@@ -701,8 +657,6 @@ class HessianOperator:
     def _chunk_size(self, k):
         if self.chunk_size is not None:
             return self.chunk_size
-        if self._kept_graph_serves("matmat"):
-            return k   # one tangent at a time whatever the chunks: nothing to measure
         if self.max_memory is None and k <= 2:
             return k   # no smaller pass than the probes' to measure
         if not self._can_measure_memory():

@@ -13,7 +13,6 @@ from tests.curvature.helpers import (DTYPE, SubclassedBatchNorm1d, assert_unchan
                                      snapshot, with_nontrivial_running_stats)
 
 METHODS = ["forward-over-reverse", "reverse-over-reverse"]
-VMAPPED = "forward-over-reverse"   # matmat's vmapped passes whatever the data
 CRITERION = nn.CrossEntropyLoss()
 
 
@@ -36,40 +35,6 @@ def test_matvec_and_matmat_equal_exact_hessian(make_model, method, backend):
     close(op.grad(), gradient)
     close(op.matvec(v), hessian @ v)
     close(op.matmat(torch.eye(size, dtype=DTYPE)), hessian)
-
-
-@pytest.mark.parametrize("data", ["one batch", "two batches"])
-def test_reverse_over_reverse_matmat_runs_through_the_kept_graph_on_one_batch(data):
-    """On a single batch each column is one backward through the kept gradient graph,
-    which matvec shares; over several batches the columns go through vmapped passes."""
-    model = cnn()
-    batches = [batch_for(model, 6, seed=0), batch_for(model, 4, seed=1)]
-    _, hessian = exact_hessian(model, CRITERION, batches[:1] if data == "one batch" else batches)
-    op = HessianOperator(model, CRITERION, batches[0] if data == "one batch" else batches,
-                         method="reverse-over-reverse", chunk_size=2)
-    checked, products = [], []
-    retained_graph_hvp, kept_graph_product = op._retained_graph_hvp, op._kept_graph_product
-    op._retained_graph_hvp = lambda v: checked.append(v) or retained_graph_hvp(v)
-    op._kept_graph_product = lambda v: products.append(v) or kept_graph_product(v)
-    V = torch.randn(89, 5, dtype=DTYPE)
-    close(op.matmat(V), hessian @ V)
-    if data == "one batch":   # chunks of 2, 2 and 1: each checks the graph once
-        assert len(checked) == 3 and len(products) == 5
-        graph = op._graph
-        close(op.matvec(V[:, 0]), hessian @ V[:, 0])
-        assert op._graph is graph
-    else:
-        assert not checked and not products and op._graph is None
-
-
-def test_products_through_the_kept_graph_measure_no_chunks():
-    model = cnn()
-    batch = batch_for(model, 6, seed=0)
-    _, hessian = exact_hessian(model, CRITERION, [batch])
-    op = HessianOperator(model, CRITERION, batch, method="reverse-over-reverse")
-    V = torch.randn(89, 5, dtype=DTYPE)
-    close(op.matmat(V), hessian @ V)
-    assert op.chunk_size is None and not hasattr(op, "probe_peaks")
 
 
 class _CallsItsBatchNormAlone(nn.Module):
@@ -226,24 +191,21 @@ def test_chunked_matmat_equals_unchunked():
 
 def test_matmat_budget_defaults_to_a_quarter_of_available_memory(monkeypatch):
     from fastbn.curvature import _memory
-    # Chunks size vmapped passes (on one batch reverse-over-reverse's products run
-    # through the kept graph, one at a time).
     model = cnn()
     batch = batch_for(model, 6, seed=0)
     V = torch.randn(89, 5, dtype=DTYPE)
     whole = HessianOperator(model, CRITERION, batch, chunk_size=5).matmat(V)
-    roomy = HessianOperator(model, CRITERION, batch, method=VMAPPED)
+    roomy = HessianOperator(model, CRITERION, batch)
     close(roomy.matmat(V), whole, rtol=1e-12)
     assert roomy.chunk_size >= 5 and len(roomy.probe_peaks) == 2
     for budget in (1.5, 3, 6.5):   # per-tangent peaks: the width is a power of two
         per_tangent = roomy.probe_peaks[1] - roomy.probe_peaks[0]
         base = max(roomy.probe_peaks[0] - per_tangent, 0)
-        sized = HessianOperator(model, CRITERION, batch, method=VMAPPED,
-                                max_memory=base + budget * per_tangent)
+        sized = HessianOperator(model, CRITERION, batch, max_memory=base + budget * per_tangent)
         sized.matmat(V)
         assert sized.chunk_size == 2 ** math.floor(math.log2(budget))
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 4)
-    tight = HessianOperator(model, CRITERION, batch, method=VMAPPED)
+    tight = HessianOperator(model, CRITERION, batch)
     close(tight.matmat(V[:, :2]), whole[:, :2], rtol=1e-12)
     assert tight.chunk_size is None          # two tangents: run as one pass, no probes
     close(tight.matmat(V), whole, rtol=1e-12)
@@ -255,7 +217,7 @@ def test_chunk_sizing_inside_a_user_profiler_session_keeps_the_session():
     batch = batch_for(model, 6, seed=0)
     V = torch.randn(39, 5, dtype=DTYPE)
     whole = HessianOperator(model, CRITERION, batch, chunk_size=5).matmat(V)
-    op = HessianOperator(model, CRITERION, batch, method=VMAPPED)
+    op = HessianOperator(model, CRITERION, batch)
     with pytest.warns(RuntimeWarning, match="chunk_size"):
         with torch.profiler.profile() as profiler:
             inside = op.matmat(V)
@@ -949,9 +911,7 @@ def test_random_operations_in_the_forward_give_one_fixed_draws_hessian(name, met
     assert torch.equal(op.matvec(v), hv)
     close(hv, hessian @ v)
     assert float(u @ hv) == pytest.approx(float(v @ op.matvec(u)), rel=1e-10)
-    # vmap has no batching rule for RReLU's random op; products through the kept graph
-    # (reverse-over-reverse on one batch) need none.
-    if name == "nn.RReLU" and method == "forward-over-reverse":
+    if name == "nn.RReLU":    # vmap has no batching rule for its random op
         with pytest.raises(RuntimeError, match="no batching rule.*Use matvec"):
             op.matmat(torch.stack([u, v], 1))
     else:
