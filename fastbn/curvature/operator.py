@@ -152,10 +152,11 @@ class HessianOperator:
     max_memory: byte budget for the working memory of each matmat pass (beyond the
         (P, K) result): the chunk size (tangents per vmapped pass) comes from the peak
         memory of 1- and 2-tangent probe passes on the batch with the most samples
-        (`probe_peaks`), measured with the CUDA allocator's counters or the CPU
-        profiler, rounded down to a power of two. At least one tangent per pass, even
-        if that exceeds the budget. Passes of different widths agree to rounding, not
-        bitwise: for the same bits from the same seed on any machine, set chunk_size.
+        (`probe_peaks`, None until measured), measured with the CUDA allocator's
+        counters or the CPU profiler, rounded down to a power of two. At least one
+        tangent per pass, even if that exceeds the budget. Passes of different widths
+        agree to rounding, not bitwise: for the same bits from the same seed on any
+        machine, set chunk_size.
         None: a quarter of the memory available when the first matmat of more than two
         tangents runs (CUDA: the device's free memory; CPU: the system's available
         memory), so a large K (say Hutch++'s) is chunked rather than run out of memory.
@@ -191,6 +192,7 @@ class HessianOperator:
         self.timings = {}
         self.chunk_size = chunk_size
         self._derived_chunk = None   # the chunk_size matmat derived from max_memory
+        self.probe_peaks = None      # the budget's probe passes' peaks, once measured
         self.max_memory = max_memory
         self.progress = progress
         self._param_names = self._select_params(model, params)
@@ -375,8 +377,9 @@ class HessianOperator:
         to the operator's dtype and device (as matmat casts V; a float64 v on a float32
         operator is rounded to float32), and not differentiated through.
 
-        With reverse-over-reverse on a single batch the first-order graph (create_graph
-        backward) is kept between calls and each product is one more backward through it.
+        With reverse-over-reverse on a single batch without a process group the
+        first-order graph (create_graph backward) is kept between calls and each product
+        is one more backward through it.
         The graph is built on a copy of θ and keeps a copy of every other tensor it reads
         (the model's other parameters, buffers and tensor attributes, the batch, and the
         parameters, buffers and tensor attributes of a criterion that is an nn.Module):
