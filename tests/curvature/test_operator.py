@@ -207,8 +207,8 @@ def test_matmat_budget_defaults_to_a_quarter_of_available_memory(monkeypatch):
     monkeypatch.setattr(_memory, "available_bytes", lambda device: 4)
     tight = HessianOperator(model, CRITERION, batch)
     close(tight.matmat(V[:, :2]), whole[:, :2], rtol=1e-12)
-    assert tight.chunk_size is None and tight.probe_peaks is None   # two tangents: one
-                                                                     # pass, no probes
+    # Two tangents: run as one pass, no probes.
+    assert tight.chunk_size is None and tight.probe_peaks is None
     close(tight.matmat(V), whole, rtol=1e-12)
     assert tight.chunk_size == 1
 
