@@ -213,7 +213,7 @@ def test_an_inference_mode_layer_trained_outside_it_fails_before_any_update(requ
     def layer(cls):
         with torch.inference_mode():
             made = cls(3)
-        return made if requires_grad else made.requires_grad_(False)   # made requiring it
+        return made if requires_grad else made.requires_grad_(False)   # made, they require it
     message, unchanged = _error_and_unchanged(layer(fastbn.BatchNorm1d), RuntimeError)
     torch_message, _ = _error_and_unchanged(layer(nn.BatchNorm1d), RuntimeError)
     assert message == torch_message and unchanged   # torch's count moves
