@@ -96,9 +96,12 @@ def _strides(shape, stride, batched, swap):
     return (stride[0] if batched else 0, s_n, stride[lead + 1], s_l)
 
 
-# Largest L folded into channels-last pass channels: to 32 values per (n, c) the NCHW
-# passes paid their per-run cost every few values (benchmarks/RESULTS.md).
-FOLD_MAX_L = 32
+# Largest L folded into channels-last pass channels, by element size: below it the NCHW
+# passes paid their per-run cost (a vector tail, for 2-byte types a conversion) every
+# few values (benchmarks/RESULTS.md, "Folding by element size"). float32's eval folds
+# only to 32: from 36 to 45 values its four per-channel copies cost it 3-9%.
+FOLD_MAX_L = {2: 56, 4: 45, 8: 45}
+EVAL_FOLD_MAX_L = {2: 56, 4: 32, 8: 45}
 # Folding copies each per-channel array out to C * L values, which with fewer than 8
 # rows weigh as much as the rows: there only to 15 values per (n, c) (from 16, 4x4, the
 # NCHW passes won: (4, 8192, 4, 4) backward 0.41 ms against 0.46 folded), and never for
@@ -192,7 +195,7 @@ class _Plan:
             if len(ks) > 1 or 0 in ks:
                 return
             self.K = ks.pop() if ks else None
-        view = _view(shape, x.stride(), FOLD_MAX_L, FEW_ROWS_FOLD_MAX_L)
+        view = _view(shape, x.stride(), FOLD_MAX_L[x.itemsize], FEW_ROWS_FOLD_MAX_L)
         if view is None:
             return
         self.N, self.C, self.L, self.swap, strides, self.cl, self.fold = view
@@ -321,7 +324,7 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
     if (code is not None and len(shape) > 1 and _plain(x) and x.numel()
             and not torch._C._len_torch_dispatch_stack()):
         # With fewer than 8 rows never folded (see FEW_ROWS_FOLD_MAX_L).
-        view = _view(shape, x.stride(), FOLD_MAX_L, 1)
+        view = _view(shape, x.stride(), EVAL_FOLD_MAX_L[x.itemsize], 1)
     stats = []
     if view is not None:
         channels, acc = (shape[1],), _ACC[x.dtype]

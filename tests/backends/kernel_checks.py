@@ -42,8 +42,8 @@ SIZES = {
     "c1": (5, 1, 5, 3),
     "c1_2d": (9, 1),
     "big_nchw": (4, 6, 23, 41),    # several work units, two threads with K=3
-    "many_rows": (400, 3, 7, 7),   # several NCHW work units (row blocks) per channel
-    "wide_c": (8, 70, 7, 7),       # NCHW channel blocks, the last one partial
+    "many_rows": (400, 3, 8, 8),   # several NCHW work units (row blocks) per channel
+    "wide_c": (8, 70, 8, 8),       # NCHW channel blocks, the last one partial
     "threaded": (8, 64, 16, 16),   # enough work for two threads in every op
     "offset": (16, 5, 9, 13),      # x = 1e4 + N(0, 1): statistics without cancellation
     "long_rows": (2, 3, 4096 + 17),  # rows past one 4096-element run, ending in a short tail

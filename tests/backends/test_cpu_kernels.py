@@ -97,11 +97,25 @@ def test_folding_is_taken_and_unfolded_runs_agree(native, monkeypatch, layout):
     p = _problem(layout, torch.float64, None)
     assert cpu._Plan(p["x"]).fold == p["x"].shape[2:].numel()
     folded = {op: _call(cpu, op, p, "relu") for op in OPS}
-    monkeypatch.setattr(cpu, "FOLD_MAX_L", 0)
+    monkeypatch.setattr(cpu, "FOLD_MAX_L", dict.fromkeys(cpu.FOLD_MAX_L, 0))
     assert cpu._Plan(p["x"]).fold == 1
     for op in OPS:
         for a, b in zip(_tuple(folded[op]), _tuple(_call(cpu, op, p, "relu"))):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _record_folds(monkeypatch):
+    """A list that collects the fold of the geometry (dtype, geom, ...) each kernel is
+    given from now on."""
+    folds, extension = [], cpu._C
+
+    class Recording:
+        def __getattr__(self, name):
+            kernel = getattr(extension, name)
+            return lambda code, geom, *args: folds.append(geom[4]) or kernel(code, geom, *args)
+
+    monkeypatch.setattr(cpu, "_C", Recording())
+    return folds
 
 
 @pytest.mark.parametrize("shape, reductions, evaluation", [
@@ -111,19 +125,29 @@ def test_fewer_than_8_rows_fold_only_short_runs_and_never_for_eval(native, monke
                                                                    reductions, evaluation):
     """With few rows the copies that folding makes weigh as much as the rows."""
     x, c = torch.randn(shape), shape[1]
-    folds, extension = [], cpu._C
-
-    class Recording:   # the fold of the geometry (dtype, geom, ...) each kernel is given
-        def __getattr__(self, name):
-            kernel = getattr(extension, name)
-            return lambda code, geom, *args: folds.append(geom[4]) or kernel(code, geom, *args)
-
-    monkeypatch.setattr(cpu, "_C", Recording())
+    folds = _record_folds(monkeypatch)
     ones, zeros = torch.ones(c), torch.zeros(c)
     _, mean, invstd = cpu.forward_train(x, ones, zeros, 1e-5)
     cpu.backward(x, x, mean, invstd, ones, zeros)
     cpu.forward_eval(x, zeros, ones, ones, zeros, 1e-5)
     assert folds == [reductions, reductions, evaluation]
+
+
+@pytest.mark.parametrize("dtype, shape, reductions, evaluation", [
+    (torch.float16, (8, 16, 7, 8), 56, 56), (torch.bfloat16, (8, 16, 8, 8), 1, 1),
+    (torch.float32, (8, 16, 5, 9), 45, 1), (torch.float32, (8, 16, 7, 7), 1, 1),
+    (torch.float64, (8, 16, 5, 9), 45, 45)], ids=str)
+def test_fold_limit_depends_on_element_size(native, monkeypatch, dtype, shape, reductions,
+                                            evaluation):
+    """2-byte types pay a conversion per NCHW run and fold longer runs than float32,
+    whose eval folds only to 32 values."""
+    x, c = torch.randn(shape).to(dtype), shape[1]
+    folds = _record_folds(monkeypatch)
+    acc = reference.acc_dtype(dtype)
+    ones, zeros = torch.ones(c, dtype=acc), torch.zeros(c, dtype=acc)
+    cpu.forward_train(x, ones, zeros, 1e-5)
+    cpu.forward_eval(x, zeros, ones, ones, zeros, 1e-5)
+    assert folds == [reductions, evaluation]
 
 
 @pytest.mark.parametrize("shape", [(4, 20000, 3), (64, 300, 4, 5)], ids=str)
