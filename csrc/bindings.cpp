@@ -83,18 +83,19 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("forward_train",
         [](int dtype, const GeomArg& g, int nth, const TDArg& x, const TDArg& y, uintptr_t w,
-           uintptr_t b, double eps, bool relu, uintptr_t mean, uintptr_t invstd,
-           uintptr_t var, uintptr_t running_mean, uintptr_t running_var, double momentum) {
+           uintptr_t b, bool stats_in_t, double eps, bool relu, uintptr_t mean,
+           uintptr_t invstd, uintptr_t var, uintptr_t running_mean, uintptr_t running_var,
+           double momentum) {
           py::gil_scoped_release nogil;
-          fastbn::forward_train(dtype, geom(g), nth, td(x), td(y), w, b, eps, relu, mean,
-                                invstd, var, running_mean, running_var, momentum);
+          fastbn::forward_train(dtype, geom(g), nth, td(x), td(y), w, b, stats_in_t, eps, relu,
+                                mean, invstd, var, running_mean, running_var, momentum);
         });
   m.def("forward_eval", [](int dtype, const GeomArg& g, int nth, const TDArg& x,
                            const TDArg& y, uintptr_t running_mean, uintptr_t running_var,
-                           uintptr_t w, uintptr_t b, double eps, bool relu) {
+                           uintptr_t w, uintptr_t b, bool stats_in_t, double eps, bool relu) {
     py::gil_scoped_release nogil;
     fastbn::forward_eval(dtype, geom(g), nth, td(x), td(y), running_mean, running_var, w, b,
-                         eps, relu);
+                         stats_in_t, eps, relu);
   });
   m.def("backward", [](int dtype, const GeomArg& g, int nth, int64_t K, bool relu,
                        const TDArg& x, const TDArg& dy, const TDArg& dx, uintptr_t mean,

@@ -167,6 +167,30 @@ std::unique_ptr<V[]> scratch(int64_t n) {
   return std::unique_ptr<V[]>(new V[size_t(n)]);
 }
 
+// A per-channel input of C values in the accumulation type: the array itself, or a copy
+// converted from the element type T where it holds T (a half layer's parameters and
+// buffers: converted here, not by a tensor conversion per call in Python).
+template <class T>
+class ChannelIn {
+ public:
+  using A = acc_t<T>;
+  ChannelIn(uintptr_t p, bool in_t, int64_t C) : p_(reinterpret_cast<const A*>(p)) {
+    if constexpr (!std::is_same_v<T, A>) {
+      if (!in_t || !p) return;
+      const T* t = reinterpret_cast<const T*>(p);
+      copy_ = scratch<A>(C);
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) copy_[c] = to_acc<A>(t[c]);
+      p_ = copy_.get();
+    }
+  }
+  const A* get() const { return p_; }
+
+ private:
+  std::unique_ptr<A[]> copy_;
+  const A* p_;
+};
+
 // A per-channel array, (rows, channels), as the passes index it, (rows, g.C): each
 // channel's values repeated for its g.fold pass channels (a copy, written before it is
 // read: not zeroed); the array itself when g.fold is 1.

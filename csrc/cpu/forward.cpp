@@ -10,20 +10,37 @@ namespace {
 
 // The running statistics, updated in place from the batch statistics of a channel:
 // running = (1 - momentum) * running + momentum * batch, with the unbiased variance.
-template <class A>
+// Buffers of A are blended in double and rounded once; buffers of the element type T (a
+// half layer's) as torch blends them, in A and rounded once to T.
+template <class T>
 struct Running {
-  A *mean, *var;  // null: not tracked
+  using A = acc_t<T>;
+  uintptr_t mean, var;  // 0: not tracked
+  bool in_t;
   double momentum;
   // Channels [lo, hi) from the batch mean (as stored) and biased variance.
   void update(int64_t lo, int64_t hi, const A* batch_mean, const double* biased_var,
               double count) const {
     if (!mean) return;
     const double unbias = count > 1 ? count / (count - 1) : 1.0;
+    if constexpr (!std::is_same_v<T, A>) {
+      if (in_t) {
+        T *m = reinterpret_cast<T*>(mean), *v = reinterpret_cast<T*>(var);
+        const A keep = A(1 - momentum), take = A(momentum), correction = A(unbias);
+#pragma omp simd
+        for (int64_t c = lo; c < hi; ++c) {
+          m[c] = from_acc<T>(to_acc<A>(m[c]) * keep + batch_mean[c] * take);
+          v[c] = from_acc<T>(to_acc<A>(v[c]) * keep + A(biased_var[c]) * correction * take);
+        }
+        return;
+      }
+    }
+    A *m = reinterpret_cast<A*>(mean), *v = reinterpret_cast<A*>(var);
 #pragma omp simd
     for (int64_t c = lo; c < hi; ++c) {
       const double unbiased = biased_var[c] * unbias;
-      mean[c] = A((1 - momentum) * double(mean[c]) + momentum * double(batch_mean[c]));
-      var[c] = A((1 - momentum) * double(var[c]) + momentum * unbiased);
+      m[c] = A((1 - momentum) * double(m[c]) + momentum * double(batch_mean[c]));
+      v[c] = A((1 - momentum) * double(v[c]) + momentum * unbiased);
     }
   }
 };
@@ -76,7 +93,7 @@ AffineMap<T, CL, RELU, U> affine_map(const Geom& g, const TD& x, const TD& y,
 template <class T, bool CL, bool RELU>
 void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
            const acc_t<T>* b, double eps, acc_t<T>* mean, acc_t<T>* invstd, acc_t<T>* var,
-           const Running<acc_t<T>>& running) {
+           const Running<T>& running) {
   using A = acc_t<T>;
   const int64_t C = g.channels();
   // Sums of (x - pivot) and its square, in one pass. The pivot, the mean of the first
@@ -163,31 +180,31 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
 }  // namespace
 
 void forward_train(int dtype, const Geom& g, int nth, const TD& x, const TD& y, uintptr_t w,
-                   uintptr_t b, double eps, bool relu, uintptr_t mean, uintptr_t invstd,
-                   uintptr_t var, uintptr_t running_mean, uintptr_t running_var,
-                   double momentum) {
+                   uintptr_t b, bool stats_in_t, double eps, bool relu, uintptr_t mean,
+                   uintptr_t invstd, uintptr_t var, uintptr_t running_mean,
+                   uintptr_t running_var, double momentum) {
   dispatch(dtype, g.cl, relu, [&](auto tag, auto cl, auto act) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
-    const Running<A> running{reinterpret_cast<A*>(running_mean),
-                             reinterpret_cast<A*>(running_var), momentum};
+    const ChannelIn<T> wt(w, stats_in_t, g.channels()), bt(b, stats_in_t, g.channels());
+    const Running<T> running{running_mean, running_var, stats_in_t, momentum};
     train<T, decltype(cl)::value, decltype(act)::value>(
-        g, nth, x, output(dtype, g, 1, y), reinterpret_cast<const A*>(w),
-        reinterpret_cast<const A*>(b), eps, reinterpret_cast<A*>(mean),
-        reinterpret_cast<A*>(invstd), reinterpret_cast<A*>(var), running);
+        g, nth, x, output(dtype, g, 1, y), wt.get(), bt.get(), eps,
+        reinterpret_cast<A*>(mean), reinterpret_cast<A*>(invstd), reinterpret_cast<A*>(var),
+        running);
   });
 }
 
 void forward_eval(int dtype, const Geom& g, int nth, const TD& x, const TD& y,
                   uintptr_t running_mean, uintptr_t running_var, uintptr_t w, uintptr_t b,
-                  double eps, bool relu) {
+                  bool stats_in_t, double eps, bool relu) {
   dispatch(dtype, g.cl, relu, [&](auto tag, auto cl, auto act) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
-    const A* rm = reinterpret_cast<const A*>(running_mean);
-    const A* rv = reinterpret_cast<const A*>(running_var);
-    const A* wt = reinterpret_cast<const A*>(w);
-    const A* bt = reinterpret_cast<const A*>(b);
+    const int64_t C = g.channels();
+    const ChannelIn<T> mean_in(running_mean, stats_in_t, C), var_in(running_var, stats_in_t, C),
+        w_in(w, stats_in_t, C), b_in(b, stats_in_t, C);
+    const A *rm = mean_in.get(), *rv = var_in.get(), *wt = w_in.get(), *bt = b_in.get();
     auto scale = scratch<A>(g.channels());
     // var + eps, its square root and 1 / it in the accumulation type, as torch's eval (same
     // bits for float): a double square root and division per channel took a fifth of a 1x3

@@ -1,6 +1,7 @@
 // Kernel entry points. Pointers are raw addresses; per-channel arrays are contiguous in
-// the accumulation type (double for float64 input, float otherwise), K-batched ones
-// (K, C). An absent optional input is address 0.
+// the accumulation type (double for float64 input, float otherwise; the forward passes'
+// inputs may hold x's type, see stats_in_t), K-batched ones (K, C). An absent optional
+// input is address 0.
 #pragma once
 
 #include <cstdint>
@@ -11,15 +12,17 @@ namespace fastbn {
 
 // Statistics + normalise (+ ReLU): writes y, mean, invstd and (if var != 0) the biased
 // variance, and updates running_mean/running_var in place when they are given.
+// `stats_in_t`: w, b and the running statistics hold x's element type (not the
+// accumulation type; mean, invstd and var always do).
 void forward_train(int dtype, const Geom& g, int nth, const TD& x, const TD& y, uintptr_t w,
-                   uintptr_t b, double eps, bool relu, uintptr_t mean, uintptr_t invstd,
-                   uintptr_t var, uintptr_t running_mean, uintptr_t running_var,
-                   double momentum);
+                   uintptr_t b, bool stats_in_t, double eps, bool relu, uintptr_t mean,
+                   uintptr_t invstd, uintptr_t var, uintptr_t running_mean,
+                   uintptr_t running_var, double momentum);
 
-// Normalise with the running statistics (+ ReLU).
+// Normalise with the running statistics (+ ReLU); `stats_in_t` as for forward_train.
 void forward_eval(int dtype, const Geom& g, int nth, const TD& x, const TD& y,
                   uintptr_t running_mean, uintptr_t running_var, uintptr_t w, uintptr_t b,
-                  double eps, bool relu);
+                  bool stats_in_t, double eps, bool relu);
 
 // grad_x (K, N, C, L), grad_weight and grad_bias (K, C).
 void backward(int dtype, const Geom& g, int nth, int64_t K, bool relu, const TD& x,

@@ -67,9 +67,10 @@ def _plain(t):
             and not t._is_zerotensor() and t.data_ptr() % t.element_size() == 0)
 
 
-def _kernel_writable(t, acc, channels):
-    """Whether the kernels can update running statistic t in place through its address."""
-    return _plain(t) and t.dtype == acc and t.shape == (channels,) and t.is_contiguous()
+def _kernel_array(t, dtype, channels):
+    """Whether the kernels can read per-channel tensor t of `dtype` through its address
+    (and update it in place: a running statistic)."""
+    return _plain(t) and t.dtype == dtype and t.shape == (channels,) and t.is_contiguous()
 
 
 def _acc(t, acc):
@@ -293,17 +294,23 @@ def forward_train(x, weight, bias, eps, activation=None, running_mean=None, runn
         return reference.forward_train(x, weight, bias, eps, activation, running_mean,
                                        running_var, momentum)
     acc = reference.acc_dtype(x.dtype)
-    w, b = _acc(weight, acc), _acc(bias, acc)
+    # A half layer's parameters and buffers, all of x's dtype, go to the kernel as they
+    # are: converted here, they cost more than a small call's kernel.
+    tracked = () if running_mean is None else (running_mean, running_var)
+    own = x.dtype != acc and all(_kernel_array(t, x.dtype, plan.C)
+                                 for t in (weight, bias, *tracked))
+    w, b = (weight, bias) if own else (_acc(weight, acc), _acc(bias, acc))
     y = empty_output(x)
     mean, invstd = torch.empty(plan.C, dtype=acc), torch.empty(plan.C, dtype=acc)
-    # The kernel updates running statistics of the accumulation dtype in place; others
-    # (say bfloat16 buffers) from the variance it returns.
-    fused = running_mean is None or (_kernel_writable(running_mean, acc, plan.C)
-                                     and _kernel_writable(running_var, acc, plan.C))
+    # The kernel updates running statistics of the accumulation dtype (or all of x's, as
+    # above) in place; others (say bfloat16 buffers of a float32 x) from the variance it
+    # returns.
+    fused = own or running_mean is None or (_kernel_array(running_mean, acc, plan.C)
+                                            and _kernel_array(running_var, acc, plan.C))
     var = None if fused else torch.empty(plan.C, dtype=acc)
     tx, ty = plan.inputs[0], plan.td(y)
     _C.forward_train(_CODES[x.dtype], plan.geom, _threads(), tx, ty, w.data_ptr(),
-                     b.data_ptr(), float(eps), activation == "relu", mean.data_ptr(),
+                     b.data_ptr(), own, float(eps), activation == "relu", mean.data_ptr(),
                      invstd.data_ptr(), _ptr(var), _ptr(running_mean if fused else None),
                      _ptr(running_var if fused else None), float(momentum))
     if not fused:
@@ -328,10 +335,12 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
     stats = []
     if view is not None:
         channels, acc = (shape[1],), _ACC[x.dtype]
+        own = x.dtype != acc   # all four of x's dtype: read as they are (see forward_train)
         for t in (running_mean, running_var, weight, bias):
             if t.shape != channels or not _plain(t):
                 break
-            stats.append(_acc(t, acc))
+            own = own and t.dtype == x.dtype and t.is_contiguous()
+            stats.append(t)
     if len(stats) < 4:
         return reference.forward_eval(x, running_mean, running_var, weight, bias, eps,
                                       activation)
@@ -340,10 +349,10 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
     ty = tx if y.stride() == x.stride() else _strides(shape, y.stride(), False, swap)
     if fold > 1:   # x is not channels-last, so y is not: its (c, l) blocks are dense too
         tx, ty = _folded(tx), _folded(ty)
-    m, v, w, b = stats
+    m, v, w, b = stats if own else (_acc(t, acc) for t in stats)
     _C.forward_eval(code, _geom(n, c, length, cl, fold), _threads(), (x.data_ptr(), *tx),
                     (y.data_ptr(), *ty), m.data_ptr(), v.data_ptr(), w.data_ptr(),
-                    b.data_ptr(), float(eps), activation == "relu")
+                    b.data_ptr(), own, float(eps), activation == "relu")
     return y
 
 

@@ -482,10 +482,12 @@ def test_million_elements_per_channel(native):
     (torch.float32, torch.float32, False), (torch.float32, torch.float64, False),
     (torch.float32, torch.bfloat16, False), (torch.float32, torch.float32, True),
     (torch.float64, torch.float64, False), (torch.bfloat16, torch.float32, False),
-    (torch.float16, torch.float32, False)], ids=str)
+    (torch.float16, torch.float32, False), (torch.bfloat16, torch.bfloat16, False),
+    (torch.float16, torch.float16, False), (torch.float16, torch.float16, True)], ids=str)
 def test_running_stats(native, x_dtype, running_dtype, strided):
-    """In the kernel (accumulation dtype, contiguous) or after it (any other buffer)."""
-    p = _problem("channels_last", x_dtype, None, half_weight_fp32=True)
+    """In the kernel (accumulation dtype, or x's with parameters of x's: a half layer's,
+    contiguous) or after it (any other buffer)."""
+    p = _problem("channels_last", x_dtype, None, half_weight_fp32=running_dtype != x_dtype)
     c = p["x"].shape[1]
 
     def buffers():
@@ -500,11 +502,27 @@ def test_running_stats(native, x_dtype, running_dtype, strided):
     cpu.forward_train(p["x"], p["weight"], p["bias"], 1e-5, None, *got, 0.1)
     reference.forward_train(p["x"].double(), p["weight"].double(), p["bias"].double(), 1e-5,
                             None, *want, 0.1)
-    tol = 1e-12 if x_dtype == torch.float64 else 1e-5 if running_dtype != torch.bfloat16 \
-        else 1e-2
+    tol = 1e-12 if x_dtype == torch.float64 else \
+        {torch.bfloat16: 1e-2, torch.float16: 1e-3}.get(running_dtype, 1e-5)
     for g, w, v in zip(got, want, versions):
         assert g.dtype == running_dtype and g._version > v   # autograd sees the update
         torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("layout", ("nchw", "channels_last", "big_fold"))
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_half_parameters_read_as_they_are(native, layout, dtype):
+    """A half layer's parameters and buffers go to the forward kernels as they are, and
+    give the bits of the same values in float32."""
+    p = _problem(layout, dtype, None)
+    x, c = p["x"], p["x"].shape[1]
+    stats = [t.to(dtype) for t in (p["mean"], p["running_var"], p["weight"], p["bias"])]
+    as_float = [t.float() for t in stats]
+    torch.testing.assert_close(cpu.forward_eval(x, *stats, 1e-5, "relu"),
+                               cpu.forward_eval(x, *as_float, 1e-5, "relu"), rtol=0, atol=0)
+    for a, b in zip(cpu.forward_train(x, *stats[2:], 1e-5, "relu"),
+                    cpu.forward_train(x, *as_float[2:], 1e-5, "relu")):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layout", BIG)
