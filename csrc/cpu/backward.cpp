@@ -52,7 +52,7 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
             const auto o = dst<T, CL, U>(dx, s, k);
             const Chan<CL, A> a(pcg.get(), s.c), bx(pcx.get() + k * g.C, s.c),
                 b0(pc0.get() + k * g.C, s.c);
-            each(s.n, [&](int64_t i) {
+            each(s.n, o, [&](int64_t i) {
               const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
               o.put(i, a[i] * gv + bx[i] * xh + b0[i]);
             });

@@ -88,7 +88,7 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
               const Chan<CL, A> cya(pya.get() + o, s.c), cyx(pyx.get() + o, s.c),
                   cy0(py0.get() + o, s.c), cxa(pxa.get() + o, s.c), cxg(pxg.get() + o, s.c),
                   cxx(pxx.get() + o, s.c), cx0(px0.get() + o, s.c);
-              each(s.n, [&](int64_t i) {
+              each(s.n, o2, [&](int64_t i) {
                 const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
                 const A av = HA ? a.template at<A>(i) : A(0), xu = and_mask(uses_g, xh);
                 o1.put(i, pr.keep(i, xh, cya[i] * av + cyx[i] * xu + cy0[i]));

@@ -89,7 +89,7 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
                 const int64_t o = k * g.C;
                 const Chan<CL, A> ct(pet.get(), s.c), cu(peu.get() + o, s.c),
                     cg(peg.get() + o, s.c), cx(pex.get() + o, s.c), c0(pe0.get() + o, s.c);
-                each(s.n, [&](int64_t i) {
+                each(s.n, out, [&](int64_t i) {
                   const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
                   const A tv = HG ? pr.keep(i, xh, dt.template at<A>(i)) : A(0);
                   const A uv = HX ? u.template at<A>(i) : A(0);

@@ -64,7 +64,7 @@ struct AffineMap {
     const auto in = src<T, CL, U>(x, s, 0);
     const auto out = dst<T, CL, U>(y, s, 0);
     const Chan<CL, A> m(center.get(), s.c), a(scale.get(), s.c), b(bias.get(), s.c);
-    each(s.n, [&](int64_t i) { out.put(i, value(in.template at<A>(i), m[i], a[i], b[i])); });
+    each(s.n, out, [&](int64_t i) { out.put(i, value(in.template at<A>(i), m[i], a[i], b[i])); });
   }
   // The whole NCHW runs of channels [c0, c1) in row nn (see map_pass's SHORT_RUN). Not
   // inlined: inside the pass's thread closure its loop kept its pointers on the stack.

@@ -57,7 +57,7 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
               const auto o = dst<T, CL, U>(yt, s, k);
               const Chan<CL, A> al(pal.get(), s.c), be(pbe.get() + k * g.C, s.c),
                   ga(pga.get() + k * g.C, s.c);
-              each(s.n, [&](int64_t i) {
+              each(s.n, o, [&](int64_t i) {
                 const A xh = pr.xhat(i);
                 A v = be[i] * and_mask(uses_xhat, xh) + ga[i];
                 if constexpr (HX) v = al[i] * t.template at<A>(i) + v;
