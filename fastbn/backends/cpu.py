@@ -99,8 +99,8 @@ def _strides(shape, stride, batched, swap):
 
 # Largest L folded into channels-last pass channels, by element size: below it the NCHW
 # passes paid their per-run cost (a vector tail, for 2-byte types a conversion) every
-# few values (benchmarks/RESULTS.md, "Folding by element size"). float32's eval folds
-# only to 32: from 36 to 45 values its four per-channel copies cost it 3-9%.
+# few values (benchmarks/RESULTS.md, "fold limits by element size"). float32's eval folds
+# only to 32: folded from 36 to 45 values it ran 3-9% slower.
 FOLD_MAX_L = {2: 56, 4: 45, 8: 45}
 EVAL_FOLD_MAX_L = {2: 56, 4: 32, 8: 45}
 # Folding copies each per-channel array out to C * L values, which with fewer than 8
