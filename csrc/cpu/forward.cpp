@@ -61,11 +61,42 @@ struct AffineMap {
     return RELU ? (out < A(0) ? A(0) : out) : out;  // torch's relu: NaN and -0 stay
   }
   void operator()(const Seg& s, int64_t) const {
+    const Chan<CL, A> m(center.get(), s.c), a(scale.get(), s.c), b(bias.get(), s.c);
+#if FASTBN_WIDE_HALF
+    if constexpr (std::is_same_v<T, half> && U) {
+      if (!y.stream) return half_run(s, m, a, b);
+    }
+#endif
     const auto in = src<T, CL, U>(x, s, 0);
     const auto out = dst<T, CL, U>(y, s, 0);
-    const Chan<CL, A> m(center.get(), s.c), a(scale.get(), s.c), b(bias.get(), s.c);
     each(s.n, out, [&](int64_t i) { out.put(i, value(in.template at<A>(i), m[i], a[i], b[i])); });
   }
+#if FASTBN_WIDE_HALF
+  // A float16 run converted 16 values at a time in registers, the operations of value()
+  // in between (the same bits): staged through float buffers (Src, Dst), a pass that does
+  // no more than this took 1.3x stock's float16 eval. Streamed outputs stay staged.
+  void half_run(const Seg& s, const Chan<CL, A>& m, const Chan<CL, A>& a,
+                const Chan<CL, A>& b) const {
+    const half* xr = reinterpret_cast<const half*>(x.ptr) + offset(x, s, 0);
+    half* yr = reinterpret_cast<half*>(y.ptr) + offset(y, s, 0);
+    auto per_channel = [](const Chan<CL, A>& ch, int64_t i, __mmask16 k) {
+      if constexpr (CL) return _mm512_maskz_loadu_ps(k, ch.p + i);
+      else return _mm512_set1_ps(ch.v);
+    };
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t i = 0; i < s.n; i += 16) {
+      const __mmask16 k = s.n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (s.n - i)) - 1);
+      const __m512 v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, xr + i));
+      __m512 out = _mm512_add_ps(
+          _mm512_mul_ps(_mm512_sub_ps(v, per_channel(m, i, k)), per_channel(a, i, k)),
+          per_channel(b, i, k));
+      if constexpr (RELU)  // out < 0 -> +0; NaN and -0 stay
+        out = _mm512_mask_mov_ps(out, _mm512_cmp_ps_mask(out, zero, _CMP_LT_OQ), zero);
+      _mm256_mask_storeu_epi16(yr + i, k, _mm512_cvtps_ph(out, _MM_FROUND_TO_NEAREST_INT |
+                                                                    _MM_FROUND_NO_EXC));
+    }
+  }
+#endif
   // The whole NCHW runs of channels [c0, c1) in row nn (see map_pass's SHORT_RUN). Not
   // inlined: inside the pass's thread closure its loop kept its pointers on the stack.
   [[gnu::noinline]] void runs(int64_t nn, int64_t c0, int64_t c1, int64_t) const {
