@@ -98,24 +98,29 @@ def test_folding_is_taken_and_unfolded_runs_agree(native, monkeypatch, layout):
     assert cpu._Plan(p["x"]).fold == p["x"].shape[2:].numel()
     folded = {op: _call(cpu, op, p, "relu") for op in OPS}
     monkeypatch.setattr(cpu, "FOLD_MAX_L", dict.fromkeys(cpu.FOLD_MAX_L, 0))
+    monkeypatch.setattr(cpu, "EVAL_FOLD_MAX_L", dict.fromkeys(cpu.EVAL_FOLD_MAX_L, 0))
     assert cpu._Plan(p["x"]).fold == 1
     for op in OPS:
         for a, b in zip(_tuple(folded[op]), _tuple(_call(cpu, op, p, "relu"))):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def _record_folds(monkeypatch):
-    """A list that collects the fold of the geometry (dtype, geom, ...) each kernel is
-    given from now on."""
-    folds, extension = [], cpu._C
+def _record_calls(monkeypatch):
+    """A list that collects (kernel name, its arguments) for each kernel called from now
+    on; the arguments start (dtype code, geom, ...)."""
+    calls, extension = [], cpu._C
 
     class Recording:
         def __getattr__(self, name):
             kernel = getattr(extension, name)
-            return lambda code, geom, *args: folds.append(geom[4]) or kernel(code, geom, *args)
+            return lambda *args: calls.append((name, args)) or kernel(*args)
 
     monkeypatch.setattr(cpu, "_C", Recording())
-    return folds
+    return calls
+
+
+def _folds(calls):
+    return [args[1][4] for _, args in calls]
 
 
 @pytest.mark.parametrize("shape, reductions, evaluation", [
@@ -125,12 +130,12 @@ def test_fewer_than_8_rows_fold_only_short_runs_and_never_for_eval(native, monke
                                                                    reductions, evaluation):
     """With few rows the copies that folding makes weigh as much as the rows."""
     x, c = torch.randn(shape), shape[1]
-    folds = _record_folds(monkeypatch)
+    calls = _record_calls(monkeypatch)
     ones, zeros = torch.ones(c), torch.zeros(c)
     _, mean, invstd = cpu.forward_train(x, ones, zeros, 1e-5)
     cpu.backward(x, x, mean, invstd, ones, zeros)
     cpu.forward_eval(x, zeros, ones, ones, zeros, 1e-5)
-    assert folds == [reductions, reductions, evaluation]
+    assert _folds(calls) == [reductions, reductions, evaluation]
 
 
 @pytest.mark.parametrize("dtype, shape, reductions, evaluation", [
@@ -142,12 +147,12 @@ def test_fold_limit_depends_on_element_size(native, monkeypatch, dtype, shape, r
     """2-byte types pay a conversion per NCHW run and fold longer runs than float32,
     whose eval folds only to 32 values."""
     x, c = torch.randn(shape).to(dtype), shape[1]
-    folds = _record_folds(monkeypatch)
+    calls = _record_calls(monkeypatch)
     acc = reference.acc_dtype(dtype)
     ones, zeros = torch.ones(c, dtype=acc), torch.zeros(c, dtype=acc)
     cpu.forward_train(x, ones, zeros, 1e-5)
     cpu.forward_eval(x, zeros, ones, ones, zeros, 1e-5)
-    assert folds == [reductions, evaluation]
+    assert _folds(calls) == [reductions, evaluation]
 
 
 @pytest.mark.parametrize("shape", [(4, 20000, 3), (64, 300, 4, 5)], ids=str)
@@ -511,18 +516,28 @@ def test_running_stats(native, x_dtype, running_dtype, strided):
 
 @pytest.mark.parametrize("layout", ("nchw", "channels_last", "big_fold"))
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_half_parameters_read_as_they_are(native, layout, dtype):
-    """A half layer's parameters and buffers go to the forward kernels as they are, and
-    give the bits of the same values in float32."""
+def test_half_parameters_read_as_they_are(native, monkeypatch, layout, dtype):
+    """A half layer's parameters and buffers go to the forward kernels as they are
+    (`stats_in_t`), and give the bits of the same values in float32, the buffers blended
+    in float and rounded once (as the float32 parameters' update after the kernel)."""
     p = _problem(layout, dtype, None)
     x = p["x"]
     stats = [t.to(dtype) for t in (p["mean"], p["running_var"], p["weight"], p["bias"])]
     as_float = [t.float() for t in stats]
+    calls = _record_calls(monkeypatch)
     torch.testing.assert_close(cpu.forward_eval(x, *stats, 1e-5, "relu"),
                                cpu.forward_eval(x, *as_float, 1e-5, "relu"), rtol=0, atol=0)
-    for a, b in zip(cpu.forward_train(x, *stats[2:], 1e-5, "relu"),
-                    cpu.forward_train(x, *as_float[2:], 1e-5, "relu")):
+    start = [torch.zeros_like(stats[0]), torch.ones_like(stats[1])]
+    running, running_of_float = [t.clone() for t in start], [t.clone() for t in start]
+    for a, b in zip(cpu.forward_train(x, *stats[2:], 1e-5, "relu", *running, 0.1),
+                    cpu.forward_train(x, *as_float[2:], 1e-5, "relu", *running_of_float, 0.1)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b, before in zip(running, running_of_float, start):
+        assert a.dtype == dtype and torch.equal(a, b) and not torch.equal(a, before)
+    # stats_in_t: argument 9 of forward_eval, 7 of forward_train (after code, geom, nth,
+    # x, y and the per-channel pointers).
+    flags = [args[9] if name == "forward_eval" else args[7] for name, args in calls]
+    assert flags == [True, False, True, False]
 
 
 @pytest.mark.parametrize("layout", BIG)
