@@ -236,12 +236,12 @@ void forward_eval(int dtype, const Geom& g, int nth, const TD& x, const TD& y,
     const ChannelIn<T> mean_in(running_mean, stats_in_t, C), var_in(running_var, stats_in_t, C),
         w_in(w, stats_in_t, C), b_in(b, stats_in_t, C);
     const A *rm = mean_in.get(), *rv = var_in.get(), *wt = w_in.get(), *bt = b_in.get();
-    auto scale = scratch<A>(g.channels());
+    auto scale = scratch<A>(C);
     // var + eps, its square root and 1 / it in the accumulation type, as torch's eval (same
     // bits for float): a double square root and division per channel took a fifth of a 1x3
     // plane's pass.
 #pragma omp simd
-    for (int64_t c = 0; c < g.channels(); ++c)
+    for (int64_t c = 0; c < C; ++c)
       scale[c] = wt[c] * (A(1) / std::sqrt(rv[c] + A(eps)));
     constexpr bool CL = decltype(cl)::value;
     const TD out = output(dtype, g, 1, y);
