@@ -50,14 +50,16 @@ PYBIND11_MODULE(_C, m) {
     const std::string stores =
         fastbn::NON_TEMPORAL_STORES
             ? "non-temporal stores for outputs from " +
-                  std::to_string(fastbn::stream_min_bytes()) + " bytes"
+                  std::to_string(fastbn::stream_min_bytes()) + " bytes (2-byte outputs " +
+                  std::to_string(fastbn::HALF_STREAM_FACTOR) + "x that)"
             : "plain stores (no non-temporal stores on this ISA)";
     return std::string("compiler ") + __VERSION__ + ", " + isa + ", threads: " +
            fastbn::threading() + ", " + stores + ", NCHW passes back to back for blocks of " +
            "up to " + std::to_string(fastbn::fuse_max_bytes()) + " input bytes";
   });
   m.def("stream_min_bytes", &fastbn::stream_min_bytes,
-        "The output size (bytes) from which the kernels use non-temporal stores.");
+        "The output size (bytes) from which the kernels use non-temporal stores "
+        "(bfloat16 and float16 outputs: from HALF_STREAM_FACTOR times it).");
   m.def("set_stream_min_bytes", &fastbn::set_stream_min_bytes, py::arg("bytes"),
         "Outputs from this many bytes are written with non-temporal stores (-1: the "
         "default, FASTBN_STREAM_MIN_BYTES or half the last-level cache, counted as 32 MiB "
@@ -71,6 +73,7 @@ PYBIND11_MODULE(_C, m) {
         "Sets fuse_max_bytes (-1: the default, FASTBN_FUSE_MAX_BYTES or half the L2 "
         "cache). Returns the previous setting.");
   m.attr("FUSE_MIN_RUN") = fastbn::FUSE_MIN_RUN;
+  m.attr("HALF_STREAM_FACTOR") = fastbn::HALF_STREAM_FACTOR;
   m.def("fused_block",
         [](const GeomArg& g, int nth, int64_t K, int64_t bytes_per_value) {
           const fastbn::Geom gm = geom(g);

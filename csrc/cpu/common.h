@@ -1092,9 +1092,9 @@ void reduce_map(const Geom& g, int nth, int64_t K, int64_t bytes_per_value, bool
 
 enum DType : int { kFloat64 = 0, kFloat32 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
-// Outputs from this many bytes are written with non-temporal stores; -1 (the default)
-// means FASTBN_STREAM_MIN_BYTES, or half the last-level cache (counted as 32 MiB at most)
-// where it is unset.
+// Outputs from this many bytes (2-byte outputs: from HALF_STREAM_FACTOR times it) are
+// written with non-temporal stores; -1 (the default) means FASTBN_STREAM_MIN_BYTES, or
+// half the last-level cache (counted as 32 MiB at most) where it is unset.
 // Process-wide; set_ returns the old setting.
 int64_t stream_min_bytes();
 int64_t set_stream_min_bytes(int64_t bytes);
@@ -1113,12 +1113,20 @@ constexpr uintptr_t ADVISE_MIN_BYTES = uintptr_t(32) << 20;
 // elementwise passes: 2-23% faster). Smaller outputs stay in cache for their consumer
 // (streaming an 8 MB one made it up to 1.3x slower). Hints only: the results do not
 // depend on them.
+//
+// bfloat16 and float16 passes convert every value, and a streamed run's staging cost
+// them more than the reads for ownership it saves: their eval and forward train of
+// 16 MiB outputs ran 1.2-1.6x slower streamed, 32 MiB ones 1.15x; from 64 MiB either
+// way won by layout.
+constexpr int64_t HALF_STREAM_FACTOR = 4;
+
 inline TD output(int dtype, const Geom& g, int64_t K, TD t) {
   if (!t.ptr || t.sK < 0 || t.sN < 0 || t.sC < 0 || t.sL < 0) return t;
   const int64_t last = (K - 1) * t.sK + (g.N - 1) * t.sN + (g.C - 1) * t.sC + (g.L - 1) * t.sL;
   const uintptr_t esize = dtype == kFloat64 ? 8 : dtype == kFloat32 ? 4 : 2;
   const uintptr_t bytes = uintptr_t(last + 1) * esize;
-  t.stream = NON_TEMPORAL_STORES && int64_t(bytes) >= stream_min_bytes();
+  const int64_t scaled = int64_t(bytes) / (esize == 2 ? HALF_STREAM_FACTOR : 1);
+  t.stream = NON_TEMPORAL_STORES && scaled >= stream_min_bytes();
 #ifdef MADV_HUGEPAGE
   if (bytes >= ADVISE_MIN_BYTES) {
     const uintptr_t huge = uintptr_t(1) << 21;
