@@ -1,6 +1,6 @@
 // pybind11 module fastbn._C: raw addresses, sizes and strides in, no torch headers.
 // Element tensors are (ptr, sK, sN, sC, sL) tuples; the geometry is (N, C, L, channels_last,
-// fold) (see Geom).
+// fold, tile) (see Geom).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -17,14 +17,16 @@ using fastbn::TD;
 namespace {
 
 using TDArg = std::tuple<uintptr_t, int64_t, int64_t, int64_t, int64_t>;
-using GeomArg = std::tuple<int64_t, int64_t, int64_t, bool, int64_t>;  // N, C, L, cl, fold
+// N, C, L, cl, fold, tile
+using GeomArg = std::tuple<int64_t, int64_t, int64_t, bool, int64_t, int64_t>;
 
 TD td(const TDArg& a) {
   return TD{std::get<0>(a), std::get<1>(a), std::get<2>(a), std::get<3>(a), std::get<4>(a)};
 }
 
 Geom geom(const GeomArg& a) {
-  return Geom{std::get<0>(a), std::get<1>(a), std::get<2>(a), std::get<3>(a), std::get<4>(a)};
+  return Geom{std::get<0>(a), std::get<1>(a), std::get<2>(a), std::get<3>(a), std::get<4>(a),
+              std::get<5>(a)};
 }
 
 }  // namespace

@@ -125,9 +125,15 @@ struct Geom {
   // channels", `fold` consecutive ones per channel (L is 1): the NCHW passes would pay
   // their per-run cost every few values.
   int64_t fold = 1;
+  // > 1: a channels-last tensor whose rows of a sample lie end to end, run as rows of
+  // `tile` of them: C pass channels, channel c % (C / tile) in turn (L is the sample's
+  // rows over tile). Rows of few channels paid a run's fixed cost each, and rows under
+  // 512 bytes were never streamed (see Dst).
+  int64_t tile = 1;
   int64_t M() const { return N * L; }           // rows of the passes (channels-last)
-  int64_t channels() const { return C / fold; }  // the tensor's channels
-  double count() const { return double(M() * fold); }  // values per channel
+  int64_t spread() const { return fold * tile; }  // pass channels per channel
+  int64_t channels() const { return C / spread(); }  // the tensor's channels
+  double count() const { return double(M() * spread()); }  // values per channel
 };
 
 constexpr int64_t SEG = 512;   // channels per channels-last run: slot sums stay in L1
@@ -192,13 +198,13 @@ class ChannelIn {
 };
 
 // A per-channel array, (rows, channels), as the passes index it, (rows, g.C): each
-// channel's values repeated for its g.fold pass channels (a copy, written before it is
-// read: not zeroed); the array itself when g.fold is 1.
+// channel's values repeated for its g.spread() pass channels (a copy, written before it
+// is read: not zeroed); the array itself when there is one pass channel per channel.
 template <class A>
 class PassArray {
  public:
   PassArray(const Geom& g, const A* values, int64_t rows = 1) : values_(values), p_(values) {
-    if (g.fold == 1 || values == nullptr) return;
+    if (g.spread() == 1 || values == nullptr) return;
     copy_ = scratch<A>(rows * g.C);
     p_ = copy_.get();
     for (int64_t r = 0; r < rows; ++r) refresh(g, 0, g.channels(), r);
@@ -208,8 +214,10 @@ class PassArray {
   void refresh(const Geom& g, int64_t lo, int64_t hi, int64_t r = 0) {
     if (!copy_) return;
     const int64_t C = g.channels();
-    for (int64_t c = lo; c < hi; ++c)
-      std::fill_n(copy_.get() + r * g.C + c * g.fold, g.fold, values_[r * C + c]);
+    A* row = copy_.get() + r * g.C;
+    for (int64_t t = 0; t < g.tile; ++t)
+      for (int64_t c = lo; c < hi; ++c)
+        std::fill_n(row + (t * C + c) * g.fold, g.fold, values_[r * C + c]);
   }
   // Moves keep the buffer p_ points into; a copy would point into the original's.
   PassArray(PassArray&&) = default;
@@ -224,13 +232,24 @@ class PassArray {
   const A* p_;
 };
 
-// o[c / fold - lo] += v(c) for the pass channels c in [c0, c1), each channel's terms in
-// pass-channel order (the same bits as one chain per channel). The channels whole in
-// the range add position by position across channels: independent additions, where a
-// chain of fold dependent ones per channel made a folded reduction with few rows
-// latency bound.
+// o[channel - lo] += v(c) for the pass channels c in [c0, c1) (channel: c / g.fold, or
+// c % g.channels() tiled), each channel's terms in pass-channel order (the same bits as
+// one chain per channel). Folded, the channels whole in the range add position by
+// position across channels: independent additions, where a chain of fold dependent ones
+// per channel made a folded reduction with few rows latency bound.
 template <class F>
-inline void fold_add(int64_t fold, int64_t c0, int64_t c1, double* o, int64_t lo, F&& v) {
+inline void fold_add(const Geom& g, int64_t c0, int64_t c1, double* o, int64_t lo, F&& v) {
+  const int64_t fold = g.fold;
+  if (g.tile > 1) {  // one unit-stride loop per tiled row: channel c - base
+    const int64_t C = g.channels();
+    for (int64_t c = c0; c < c1;) {
+      const int64_t base = c / C * C, end = std::min(c1, base + C);
+#pragma omp simd
+      for (int64_t p = c; p < end; ++p) o[p - base - lo] += v(p);
+      c = end;
+    }
+    return;
+  }
   if (fold == 1) {  // unit stride, which the general loop does not show the compiler
 #pragma omp simd
     for (int64_t c = c0; c < c1; ++c) o[c - lo] += v(c);
@@ -318,6 +337,13 @@ inline void* stage_buffer() {
   return buffer;
 }
 
+// Whether a unit-stride output run of n elements of `size` bytes is staged and streamed
+// (see Dst): shorter runs are written in place, as their partial lines and the staging
+// cost outweigh the saving (channels-last rows of 64 floats ran 10% slower staged).
+inline bool staged_run(bool stream, int64_t n, int64_t size) {
+  return stream && n <= MAP_RUN && n * size >= 512;
+}
+
 // An output run. A streamed unit-stride run is computed into a staging buffer (in L1)
 // and goes to memory with non-temporal stores when the Dst goes out of scope, at the
 // end of the run.
@@ -329,9 +355,7 @@ struct Dst {
   int64_t n = 0;
 
   Dst(T* run, int64_t stride, int64_t len, bool stream, StageArena*) : p(run), st(stride) {
-    // Shorter runs are written in place: their partial lines and the staging cost
-    // outweigh the saving (channels-last rows of 64 floats ran 10% slower staged).
-    if (UNIT && stream && len <= MAP_RUN && len * int64_t(sizeof(T)) >= 512)
+    if (UNIT && staged_run(stream, len, sizeof(T)))
       out = run, n = len, p = static_cast<T*>(stage_buffer());
   }
   Dst(const Dst&) = delete;
@@ -472,7 +496,7 @@ struct Dst<half, true> {
   bool stream;
   Dst(half* run, int64_t /*stride*/, int64_t len, bool streamed, StageArena* arena)
       : stage(arena), mark(0), f(stage->take(len, mark)), out(run), n(len),
-        stream(streamed && len <= MAP_RUN && len * int64_t(sizeof(half)) >= 512) {}
+        stream(staged_run(streamed, len, sizeof(half))) {}
   Dst(const Dst&) = delete;
   Dst& operator=(const Dst&) = delete;
   ~Dst() {
@@ -745,11 +769,12 @@ inline double lane_sum(const A* f, int64_t used) {
 }
 
 // The tensor's channels [lo, hi) that channels-last tasks [t0, t1) reach: a range of
-// channel blocks within one block of rows, else all of them.
+// channel blocks within one block of rows, else (and tiled: a row holds every channel)
+// all of them.
 inline std::pair<int64_t, int64_t> channel_span(const Geom& g, int64_t t0, int64_t t1) {
   const int64_t ncb = (g.C + SEG - 1) / SEG;
   if (t1 <= t0) return {0, 0};
-  if (t0 / ncb != (t1 - 1) / ncb) return {0, g.channels()};
+  if (t0 / ncb != (t1 - 1) / ncb || g.tile > 1) return {0, g.channels()};
   const int64_t lo = t0 % ncb * SEG, hi = std::min(g.C, ((t1 - 1) % ncb + 1) * SEG);
   return {lo / g.fold, (hi - 1) / g.fold + 1};
 }
@@ -858,7 +883,7 @@ void reduce_pass_cl(const Geom& g, int nth, int64_t K, double* out, F& fn) {
           for (int j = 0; j < NS; ++j) {
             A* f = facc.data() + j * SEG;
             double* o = thread_part[t].data() + (k * NS + j) * (hi - lo);
-            fold_add(g.fold, c0, c1, o, lo, [&](int64_t c) { return double(f[c - c0]); });
+            fold_add(g, c0, c1, o, lo, [&](int64_t c) { return double(f[c - c0]); });
             std::fill(f, f + (c1 - c0), A(0));  // the slots this task used only
           }
         };

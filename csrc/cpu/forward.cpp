@@ -64,7 +64,7 @@ struct AffineMap {
     const Chan<CL, A> m(center.get(), s.c), a(scale.get(), s.c), b(bias.get(), s.c);
 #if FASTBN_WIDE_HALF
     if constexpr (std::is_same_v<T, half> && U) {
-      if (!y.stream) return half_run(s, m, a, b);
+      if (!staged_run(y.stream, s.n, sizeof(half))) return half_run(s, m, a, b);
     }
 #endif
     const auto in = src<T, CL, U>(x, s, 0);
@@ -74,7 +74,7 @@ struct AffineMap {
 #if FASTBN_WIDE_HALF
   // A float16 run converted 16 values at a time in registers, the operations of value()
   // in between (the same bits): staged through float buffers (Src, Dst), a pass that does
-  // no more than this took 1.3x stock's float16 eval. Streamed outputs stay staged.
+  // no more than this took 1.3x stock's float16 eval. Streamed runs stay staged.
   void half_run(const Seg& s, const Chan<CL, A>& m, const Chan<CL, A>& a,
                 const Chan<CL, A>& b) const {
     const half* xr = reinterpret_cast<const half*>(x.ptr) + offset(x, s, 0);
@@ -138,15 +138,16 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
   // independent sums, not one chain of dependent additions per channel.
   constexpr int64_t PIVOT_SAMPLE = 64;
   constexpr double MAX_PIVOT_OFFSET = 4;  // in standard deviations: loses 16 ulps at most
-  // (Folded: the first row's g.fold values of each channel.)
+  // (Folded: the first row's g.fold values of each channel; tiled: its first np * g.tile
+  // rows.)
   const int64_t np = std::max<int64_t>(1, std::min({g.L, PIVOT_SAMPLE, g.M() / 16}));
   const T* x0 = reinterpret_cast<const T*>(x.ptr);
   std::vector<double> sample(C, 0.0);
   for (int64_t l = 0; l < np; ++l)
-    fold_add(g.fold, 0, g.C, sample.data(), 0,
+    fold_add(g, 0, g.C, sample.data(), 0,
              [&](int64_t c) { return double(to_acc<A>(x0[c * x.sC + l * x.sL])); });
   auto pivot = scratch<A>(C);
-  const double taken = double(np * g.fold);
+  const double taken = double(np * g.spread());
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c)
     pivot[c] = std::isfinite(sample[c]) ? A(sample[c] / taken) : A(0);

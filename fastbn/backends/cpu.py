@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fastbn.backends import reference
-from fastbn.backends.layout import empty_output
+from fastbn.backends.layout import empty_output, output_format
 
 def _why_missing(err):
     """Why fastbn._C cannot be imported: the compiler's failure where the install
@@ -111,13 +111,31 @@ EVAL_FOLD_MAX_L = {2: 56, 4: 32, 8: 45}
 FEW_ROWS_FOLD_MAX_L = 15
 
 
+# Channels-last rows of few channels run as rows of up to this many bytes (Geom.tile in
+# csrc/cpu/common.h): each row paid a run's fixed cost, and rows under 512 bytes were
+# never streamed. Longer tiled rows ran slower on two threads (1 and 2 KiB: up to 1.3x;
+# benchmarks/RESULTS.md, "channels-last rows of few channels in tiles").
+TILE_ROW_BYTES = 512
+
+
+def _tile(c, length, s_c, s_l, max_elems):
+    """How many rows of a channels-last view (C channels, L rows per sample) run as one:
+    the most, up to `max_elems` values, that divide L, where the rows lie end to end;
+    else 1."""
+    if s_c != 1 or s_l != c:
+        return 1
+    return next(t for t in range(max(1, max_elems // c), 0, -1) if length % t == 0)
+
+
 @functools.lru_cache(maxsize=4096)
-def _view(shape, stride, fold_max_l, few_rows_fold_max_l):
+def _view(shape, stride, fold_max_l, few_rows_fold_max_l, tile_max_elems):
     """x's view for the kernels, from its shape and strides alone (cached: it is the bulk
-    of a small call's planning): (N, C, L, swap, strides, channels_last, fold), or None
-    if its spatial dims do not flatten. `fold`: L, where the elements may run as
+    of a small call's planning): (N, C, L, swap, strides, channels_last, fold, tile), or
+    None if its spatial dims do not flatten. `fold`: L, where the elements may run as
     channels-last rows of C * L pass channels (see Geom in csrc/cpu/common.h), for L up
-    to `fold_max_l` (`few_rows_fold_max_l` with fewer than 8 rows); else 1."""
+    to `fold_max_l` (`few_rows_fold_max_l` with fewer than 8 rows); else 1. `tile`: rows
+    per tiled row of up to `tile_max_elems` values (`_tile`; channels-last x only); the
+    outputs must tile too."""
     strides = _strides(shape, stride, False, False)
     if strides is None:
         return None
@@ -133,21 +151,33 @@ def _view(shape, stride, fold_max_l, few_rows_fold_max_l):
     max_l = fold_max_l if n >= 8 else min(fold_max_l, few_rows_fold_max_l)
     fold = (length if not channels_last and not swap and 1 < length <= max_l
             and s_c == length * s_l else 1)
-    return n, c, length, swap, strides, channels_last, fold
+    tile = _tile(c, length, s_c, s_l, tile_max_elems) if channels_last else 1
+    return n, c, length, swap, strides, channels_last, fold, tile
 
 
-def _geom(n, c, length, channels_last, fold):
+def _geom(n, c, length, channels_last, fold, tile):
     """The kernels' Geom (csrc/cpu/common.h): folded, each (c, l) block of `fold` values
-    is a run of pass channels of a channels-last row."""
+    is a run of pass channels of a channels-last row; tiled, `tile` rows of C channels
+    are one row of pass channels."""
     if fold > 1:
-        return (n, c * fold, 1, True, fold)
-    return (n, c, length, channels_last, 1)
+        return (n, c * fold, 1, True, fold, 1)
+    return (n, c * tile, length // tile, channels_last, 1, tile)
 
 
 def _folded(td):
     """A descriptor (ptr, sK, sN, sC, sL), or its strides alone, in the folded view: each
     (c, l) block is a run of C * L pass channels of stride sL."""
     return (*td[:-2], td[-1], 0)
+
+
+def _tiled(td, tile):
+    """A descriptor in the tiled view: `tile` rows of stride sL as one."""
+    return (*td[:-1], td[-1] * tile)
+
+
+def _tiles(td, c):
+    """Whether an element tensor's rows lie end to end (as x's must to be tiled)."""
+    return td[-1] == c * td[-2]
 
 
 class _Plan:
@@ -196,10 +226,11 @@ class _Plan:
             if len(ks) > 1 or 0 in ks:
                 return
             self.K = ks.pop() if ks else None
-        view = _view(shape, x.stride(), FOLD_MAX_L[x.itemsize], FEW_ROWS_FOLD_MAX_L)
+        view = _view(shape, x.stride(), FOLD_MAX_L[x.itemsize], FEW_ROWS_FOLD_MAX_L,
+                     TILE_ROW_BYTES // x.itemsize)
         if view is None:
             return
-        self.N, self.C, self.L, self.swap, strides, self.cl, self.fold = view
+        self.N, self.C, self.L, self.swap, strides, self.cl, self.fold, self.tile = view
         self.ndim_batched = len(shape) + 1
         if self.fold > 1:
             self.cl = True
@@ -215,26 +246,38 @@ class _Plan:
                 self.fold, self.cl = 1, view[5]
             else:
                 inputs = [_folded(t) for t in inputs]
+        if self.tile > 1:
+            # The outputs, in torch's layout for x, have x's strides only where x is dense
+            # in that layout.
+            if (x.is_contiguous(memory_format=output_format(x))
+                    and all(t[0] == 0 or _tiles(t, self.C) for t in inputs[1:])):
+                inputs = [_tiled(t, self.tile) for t in inputs]
+            else:
+                self.tile = 1
         self.inputs = inputs
         self.ok = True
 
     @property
     def geom(self):
-        return _geom(self.N, self.C, self.L, self.cl, self.fold)
+        return _geom(self.N, self.C, self.L, self.cl, self.fold, self.tile)
 
     def td(self, t, fold=True):
         """(ptr, sK, sN, sC, sL) for an element tensor, (0, ...) for None, None if it
-        does not flatten; `fold`: in the folded view where the plan folds (None if its
-        (c, l) blocks are not dense)."""
+        does not flatten; `fold`: in the folded or tiled view where the plan has one
+        (None if its (c, l) blocks are not dense, or its rows do not lie end to end)."""
         if t is None:
             return (0, 0, 0, 0, 0)
         st = _strides(t.shape, t.stride(), t.dim() == self.ndim_batched, self.swap)
         if st is None:
             return None
         out = (t.data_ptr(), *st)
-        if self.fold == 1 or not fold:
+        if not fold:
             return out
-        return _folded(out) if st[2] == self.fold * st[3] else None
+        if self.tile > 1:
+            return _tiled(out, self.tile) if _tiles(out, self.C) else None
+        if self.fold > 1:
+            return _folded(out) if st[2] == self.fold * st[3] else None
+        return out
 
     def tds(self, *ts):
         out = [self.td(t) for t in ts]
@@ -331,7 +374,8 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
     if (code is not None and len(shape) > 1 and _plain(x) and x.numel()
             and not torch._C._len_torch_dispatch_stack()):
         # With fewer than 8 rows never folded (see FEW_ROWS_FOLD_MAX_L).
-        view = _view(shape, x.stride(), EVAL_FOLD_MAX_L[x.itemsize], 1)
+        view = _view(shape, x.stride(), EVAL_FOLD_MAX_L[x.itemsize], 1,
+                     TILE_ROW_BYTES // x.itemsize)
     stats = []
     if view is not None:
         channels, acc = (shape[1],), _ACC[x.dtype]
@@ -344,13 +388,19 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
     if len(stats) < 4:
         return reference.forward_eval(x, running_mean, running_var, weight, bias, eps,
                                       activation)
-    n, c, length, swap, tx, cl, fold = view
+    n, c, length, swap, tx, cl, fold, tile = view
     y = empty_output(x)
-    ty = tx if y.stride() == x.stride() else _strides(shape, y.stride(), False, swap)
+    same = y.stride() == x.stride()
+    ty = tx if same else _strides(shape, y.stride(), False, swap)
     if fold > 1:   # x is not channels-last, so y is not: its (c, l) blocks are dense too
         tx, ty = _folded(tx), _folded(ty)
+    elif tile > 1:
+        if same:
+            tx, ty = _tiled(tx, tile), _tiled(ty, tile)
+        else:
+            tile = 1
     m, v, w, b = stats if own else (_acc(t, acc) for t in stats)
-    _C.forward_eval(code, _geom(n, c, length, cl, fold), _threads(), (x.data_ptr(), *tx),
+    _C.forward_eval(code, _geom(n, c, length, cl, fold, tile), _threads(), (x.data_ptr(), *tx),
                     (y.data_ptr(), *ty), m.data_ptr(), v.data_ptr(), w.data_ptr(),
                     b.data_ptr(), own, float(eps), activation == "relu")
     return y

@@ -48,12 +48,17 @@ SIZES = {
     "offset": (16, 5, 9, 13),      # x = 1e4 + N(0, 1): statistics without cancellation
     "long_rows": (2, 3, 4096 + 17),  # rows past one 4096-element run, ending in a short tail
     "big_cl": (4, 600, 5, 3),      # channels-last: two channel blocks, several row blocks
+    # Channels-last rows of few channels, run in tiles of several rows (Geom.tile in csrc):
+    "big_tiled": (16, 24, 12, 12),  # several tiled rows per sample, tasks and threads
+    "cl_untiled": (2, 5, 103, 1),   # L prime: no tile divides it
+    "2d_tiled": (24, 7),            # (N, C): N runs as the rows, tiled at every dtype
     # NCHW with few values per (n, c), run as channels-last rows (Geom.fold in csrc):
     "strided_fold": (8, 3, 5, 6),  # every other element: pass channels of stride 2
     "big_fold": (64, 300, 4, 5),   # several channel blocks and row blocks
     "few_rows_fold": (2, 700, 3),  # one row block (one thread: little work)
 }
 _CHANNELS_LAST = {"channels_last": torch.channels_last, "big_cl": torch.channels_last,
+                  "big_tiled": torch.channels_last, "cl_untiled": torch.channels_last,
                   "channels_last_3d": torch.channels_last_3d}
 
 

@@ -39,10 +39,14 @@ def num_threads():
 
 
 LAYOUTS = ("nchw", "channels_last", "channels_last_3d", "2d", "3d", "slice", "strided_l",
-           "strided_short", "short_runs", "c1", "c1_2d", "strided_fold")
-BIG = ("big_nchw", "many_rows", "wide_c", "long_rows", "big_cl", "big_fold", "few_rows_fold")
+           "strided_short", "short_runs", "c1", "c1_2d", "strided_fold", "cl_untiled",
+           "2d_tiled")
+BIG = ("big_nchw", "many_rows", "wide_c", "long_rows", "big_cl", "big_fold", "few_rows_fold",
+       "big_tiled")
 # Layouts the kernels run folded (few values per (n, c): csrc's Geom.fold).
 FOLDED = ("3d", "slice", "c1", "strided_fold", "big_fold", "few_rows_fold")
+# Channels-last layouts whose rows run in tiles (csrc's Geom.tile).
+TILED = ("channels_last", "channels_last_3d", "2d_tiled", "big_tiled")
 # Small layouts at every dtype; the larger ones (multi-segment, multi-thread) at two.
 CASES = [(layout, dtype) for layout in LAYOUTS for dtype in DTYPES] + \
         [(layout, dtype) for layout in BIG for dtype in (torch.float32, torch.float16)]
@@ -105,6 +109,27 @@ def test_folding_is_taken_and_unfolded_runs_agree(native, monkeypatch, layout):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", TILED)
+def test_tiling_is_taken_and_untiled_runs_agree(native, monkeypatch, layout, dtype):
+    """Tiled layouts run several channels-last rows as one; untiled, the passes give the
+    same values (up to summation order; eval, which sums nothing, the same bits)."""
+    p = _problem(layout, dtype, None, seed=2)
+    plan = cpu._Plan(p["x"])
+    assert plan.tile > 1 and plan.tile * plan.C * p["x"].itemsize <= cpu.TILE_ROW_BYTES
+    tiled = {op: _call(cpu, op, p, "relu") for op in OPS}
+    monkeypatch.setattr(cpu, "TILE_ROW_BYTES", 0)
+    assert cpu._Plan(p["x"]).tile == 1
+    for op in OPS:
+        for a, b in zip(_tuple(tiled[op]), _tuple(_call(cpu, op, p, "relu"))):
+            if op == "forward_eval":
+                assert torch.equal(a, b)
+            elif dtype == torch.float64:
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+            else:   # both within the kernel tests' bounds; here a loose sanity check
+                torch.testing.assert_close(a.double(), b.double(), rtol=0.05, atol=0.05)
+
+
 def _record_calls(monkeypatch):
     """A list that collects (kernel name, its arguments) for each kernel called from now
     on; the arguments start (dtype code, geom, ...)."""
@@ -121,6 +146,36 @@ def _record_calls(monkeypatch):
 
 def _folds(calls):
     return [args[1][4] for _, args in calls]
+
+
+def _tiles(calls):
+    return [args[1][5] for _, args in calls]
+
+
+def test_tiling_needs_every_element_tensor_and_output_end_to_end(native, monkeypatch):
+    """A channels-last x runs untiled where another element tensor's rows do not lie end
+    to end, or where torch lays its outputs out otherwise (a 3-D x with C innermost gets
+    contiguous outputs)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 6, 8, 8, generator=gen, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn(x.shape, generator=gen, dtype=x.dtype)   # contiguous: NCHW
+    x3 = torch.randn(4, 64, 6, generator=gen, dtype=x.dtype).transpose(1, 2)
+    w, b = torch.randn(6, generator=gen, dtype=x.dtype), torch.randn(6, generator=gen,
+                                                                     dtype=x.dtype)
+    mean, var, invstd = reference.statistics(x, 1e-5)
+    calls = _record_calls(monkeypatch)
+    for got, want in zip(cpu.backward(grad_y, x, mean, invstd, w, b),
+                         reference.backward(grad_y, x, mean, invstd, w, b)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for got, want in zip(cpu.forward_train(x3, w, b, 1e-5),
+                         reference.forward_train(x3, w, b, 1e-5)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cpu.forward_eval(x3, mean, var, w, b, 1e-5),
+                               reference.forward_eval(x3, mean, var, w, b, 1e-5),
+                               rtol=1e-12, atol=1e-12)
+    cpu.forward_train(x, w, b, 1e-5)   # x alone tiles
+    assert cpu._Plan(x3).tile == 1 and _tiles(calls) == [1, 1, 1, 8]
 
 
 @pytest.mark.parametrize("shape, reductions, evaluation", [
