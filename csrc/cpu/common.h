@@ -392,6 +392,31 @@ struct Dst {
 #else
 #define FASTBN_WIDE_HALF 0
 #endif
+#if FASTBN_WIDE_HALF
+// 16 values of a 2-byte type to float, and back, in registers: to_acc's and from_acc's
+// conversions bit for bit (lanes outside k load as 0 and are not stored).
+inline __m512 load16(const half* p, __mmask16 k) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+}
+inline __m512 load16(const bf16* p, __mmask16 k) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+inline void store16(half* p, __mmask16 k, __m512 v) {
+  _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store16(bf16* p, __mmask16 k, __m512 v) {
+  // Rounded to nearest even in integer operations (AVX512-BF16's conversion flushes
+  // subnormals, torch's does not); a NaN keeps its top bits, made quiet.
+  const __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+  const __m512i rounded = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+  const __m512i nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  const __m512i out = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
+  _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(out));
+}
+#endif
+
 inline void halves_to_floats(const half* h, int64_t n, float* f) {
   int64_t i = 0;
 #if FASTBN_WIDE_HALF
