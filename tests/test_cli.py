@@ -56,4 +56,8 @@ def test_bench_exits_zero_and_prints_only_tables_when_quiet():
                            "--ops", "forward_eval"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stderr == "" and "forward_eval" in done.stdout
+    # The one line a quiet run may print to stderr: the machine's load warning (another
+    # job beside the test run sets it off).
+    noise = [line for line in done.stderr.splitlines()
+             if not line.startswith("warning: load average ")]
+    assert noise == [] and "forward_eval" in done.stdout
