@@ -390,12 +390,11 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
                                       activation)
     n, c, length, swap, tx, cl, fold, tile = view
     y = empty_output(x)
-    same = y.stride() == x.stride()
-    ty = tx if same else _strides(shape, y.stride(), False, swap)
+    ty = tx if y.stride() == x.stride() else _strides(shape, y.stride(), False, swap)
     if fold > 1:   # x is not channels-last, so y is not: its (c, l) blocks are dense too
         tx, ty = _folded(tx), _folded(ty)
     elif tile > 1:
-        if same:
+        if _tiles(ty, c):
             tx, ty = _tiled(tx, tile), _tiled(ty, tile)
         else:
             tile = 1

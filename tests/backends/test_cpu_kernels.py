@@ -178,6 +178,39 @@ def test_tiling_needs_every_element_tensor_and_output_end_to_end(native, monkeyp
     assert cpu._Plan(x3).tile == 1 and _tiles(calls) == [1, 1, 1, 8]
 
 
+def test_tiling_takes_k_batched_tensors_and_strides_of_size_one_dims(native, monkeypatch):
+    """K-batched element tensors tile where each instance is in x's layout (not where the
+    K tensor is contiguous); strides of size-1 dims, on which x and its outputs may
+    differ, do not keep eval from tiling."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, 8, 8, generator=gen, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last)
+    per_instance = torch.stack([torch.randn(x.shape, generator=gen, dtype=x.dtype)
+                                .contiguous(memory_format=torch.channels_last)
+                                for _ in range(3)])
+    contiguous = torch.randn((3, *x.shape), generator=gen, dtype=x.dtype)
+    w, b = torch.randn(6, generator=gen, dtype=x.dtype), torch.randn(6, generator=gen,
+                                                                     dtype=x.dtype)
+    mean, var, invstd = reference.statistics(x, 1e-5)
+    # (64, 16, 1, 1) with strides (16, 1, 16, 16): its outputs get (16, 1, 1, 1)
+    x1 = torch.randn(64, 1, 1, 16, generator=gen, dtype=x.dtype).permute(0, 3, 1, 2)
+    w1, b1 = torch.randn(16, generator=gen, dtype=x.dtype), torch.randn(16, generator=gen,
+                                                                        dtype=x.dtype)
+    mean1, var1, _ = reference.statistics(x1, 1e-5)
+    calls = _record_calls(monkeypatch)
+    for grad_y in (per_instance, contiguous):
+        for got, want in zip(cpu.backward(grad_y, x, mean, invstd, w, b),
+                             reference.backward(grad_y, x, mean, invstd, w, b)):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for got, want in zip(cpu.forward_train(x1, w1, b1, 1e-5),
+                         reference.forward_train(x1, w1, b1, 1e-5)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cpu.forward_eval(x1, mean1, var1, w1, b1, 1e-5),
+                               reference.forward_eval(x1, mean1, var1, w1, b1, 1e-5),
+                               rtol=1e-12, atol=1e-12)
+    assert _tiles(calls) == [8, 1, 4, 4]
+
+
 @pytest.mark.parametrize("shape, reductions, evaluation", [
     ((8, 64, 5, 5), 25, 25), ((2, 64, 3, 5), 15, 1), ((2, 64, 4, 4), 1, 1),
     ((2, 64, 5, 5), 1, 1), ((2, 64, 7, 7), 1, 1)], ids=str)
@@ -761,30 +794,41 @@ def test_every_half_value_converts_exactly(native, dtype):
 _RUN_LENGTHS = (*range(1, 36), 47, 100, 196, 1023, 1025, 4095, 4097)
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "tiled"])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("op", OPS)
 def test_half_kernels_are_float32_kernels_rounded_once(native, stream_min_bytes, op, dtype,
-                                                       channels_last):
+                                                       layout):
     """A half-precision kernel computes in float what the float32 kernel computes on the
     same values, and rounds each output element once: the same bits, for runs of every
     length (NCHW rows of L values, channels-last rows of C), plain and streamed, with
-    and without K-batched element inputs."""
+    and without K-batched element inputs, wherever the two run the same geometry (the
+    fold and tile limits depend on the element size: see cpu.FOLD_MAX_L and
+    cpu.TILE_ROW_BYTES). "channels_last": 3-D, C innermost, never tiled; "tiled": 4-D
+    channels-last, rows of 3 values per sample tiled while 3 * C values fit the limit."""
     gen = torch.Generator().manual_seed(3)
+    tiled_compared = 0
     for n, k in [(n, k) for n in _RUN_LENGTHS for k in ((None, 3) if op in K_OPS else (None,))]:
-        shape = (2, n, 3) if channels_last else (3, 2, n)
+        shape = {"nchw": (3, 2, n), "channels_last": (2, n, 3), "tiled": (2, n, 3, 1)}[layout]
         x = torch.randn(shape, generator=gen).to(dtype)
-        if channels_last:  # (N, C, L) with C the fast dimension
+        if layout == "channels_last":  # (N, C, L) with C the fast dimension
             x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        elif layout == "tiled":
+            x = x.contiguous(memory_format=torch.channels_last)
+        plan = cpu._Plan(x)
+        if plan.geom != cpu._Plan(x.float()).geom:
+            continue
+        tiled_compared += plan.tile > 1
         c = shape[1]
         mean, var, invstd = reference.statistics(x.float(), 1e-5)
         p = dict(x=x, weight=torch.randn(c, generator=gen), bias=torch.randn(c, generator=gen),
                  mean=mean, invstd=invstd, running_var=var + 0.25,
                  weight_t=torch.randn(3, c, generator=gen), bias_t=torch.randn(3, c, generator=gen))
         for name in ELEMENT_ARGS:
-            p[name] = torch.randn(shape if k is None else (k, *shape), generator=gen).to(dtype)
-            if k is None:
-                p[name] = torch.empty_like(x).copy_(p[name])  # x's memory format
+            t = torch.randn(shape if k is None else (k, *shape), generator=gen).to(dtype)
+            # x's memory format, per instance where K-batched
+            p[name] = torch.empty_like(x).copy_(t) if k is None else \
+                torch.stack([torch.empty_like(x).copy_(e) for e in t])
         if k is None:
             p["weight_t"], p["bias_t"] = p["weight_t"][0], p["bias_t"][0]
         as_float = {name: value.float() for name, value in p.items()}
@@ -794,3 +838,4 @@ def test_half_kernels_are_float32_kernels_rounded_once(native, stream_min_bytes,
             for got, w in zip(_tuple(_call(cpu, op, p, "relu")), want):
                 assert (got is None and w is None) or torch.equal(got, w.to(got.dtype)), \
                     (n, k, stream)
+    assert tiled_compared > 0 or layout != "tiled"
