@@ -152,28 +152,33 @@ def _tiles(calls):
     return [args[1][5] for _, args in calls]
 
 
+def _close_to_reference(op, *args):
+    """The cpu backend's op against the reference's (float64 arguments)."""
+    for got, want in zip(_tuple(getattr(cpu, op)(*args)),
+                         _tuple(getattr(reference, op)(*args))):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _channels_last_problem(gen, shape):
+    """A float64 channels-last x of `shape`, its weight and bias and its statistics."""
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w, b = (torch.randn(shape[1], generator=gen, dtype=x.dtype) for _ in range(2))
+    return x, w, b, reference.statistics(x, 1e-5)
+
+
 def test_tiling_needs_every_element_tensor_and_output_end_to_end(native, monkeypatch):
     """A channels-last x runs untiled where another element tensor's rows do not lie end
     to end, or where torch lays its outputs out otherwise (a 3-D x with C innermost gets
     contiguous outputs)."""
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(4, 6, 8, 8, generator=gen, dtype=torch.float64)
-    x = x.contiguous(memory_format=torch.channels_last)
+    x, w, b, (mean, var, invstd) = _channels_last_problem(gen, (4, 6, 8, 8))
     grad_y = torch.randn(x.shape, generator=gen, dtype=x.dtype)   # contiguous: NCHW
     x3 = torch.randn(4, 64, 6, generator=gen, dtype=x.dtype).transpose(1, 2)
-    w, b = torch.randn(6, generator=gen, dtype=x.dtype), torch.randn(6, generator=gen,
-                                                                     dtype=x.dtype)
-    mean, var, invstd = reference.statistics(x, 1e-5)
     calls = _record_calls(monkeypatch)
-    for got, want in zip(cpu.backward(grad_y, x, mean, invstd, w, b),
-                         reference.backward(grad_y, x, mean, invstd, w, b)):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    for got, want in zip(cpu.forward_train(x3, w, b, 1e-5),
-                         reference.forward_train(x3, w, b, 1e-5)):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(cpu.forward_eval(x3, mean, var, w, b, 1e-5),
-                               reference.forward_eval(x3, mean, var, w, b, 1e-5),
-                               rtol=1e-12, atol=1e-12)
+    _close_to_reference("backward", grad_y, x, mean, invstd, w, b)
+    _close_to_reference("forward_train", x3, w, b, 1e-5)
+    _close_to_reference("forward_eval", x3, mean, var, w, b, 1e-5)
     cpu.forward_train(x, w, b, 1e-5)   # x alone tiles
     assert cpu._Plan(x3).tile == 1 and _tiles(calls) == [1, 1, 1, 8]
 
@@ -183,31 +188,19 @@ def test_tiling_takes_k_batched_tensors_and_strides_of_size_one_dims(native, mon
     K tensor is contiguous); strides of size-1 dims, on which x and its outputs may
     differ, do not keep eval from tiling."""
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(4, 6, 8, 8, generator=gen, dtype=torch.float64)
-    x = x.contiguous(memory_format=torch.channels_last)
+    x, w, b, (mean, _, invstd) = _channels_last_problem(gen, (4, 6, 8, 8))
     per_instance = torch.stack([torch.randn(x.shape, generator=gen, dtype=x.dtype)
                                 .contiguous(memory_format=torch.channels_last)
                                 for _ in range(3)])
     contiguous = torch.randn((3, *x.shape), generator=gen, dtype=x.dtype)
-    w, b = torch.randn(6, generator=gen, dtype=x.dtype), torch.randn(6, generator=gen,
-                                                                     dtype=x.dtype)
-    mean, var, invstd = reference.statistics(x, 1e-5)
-    # (64, 16, 1, 1) with strides (16, 1, 16, 16): its outputs get (16, 1, 1, 1)
-    x1 = torch.randn(64, 1, 1, 16, generator=gen, dtype=x.dtype).permute(0, 3, 1, 2)
-    w1, b1 = torch.randn(16, generator=gen, dtype=x.dtype), torch.randn(16, generator=gen,
-                                                                        dtype=x.dtype)
-    mean1, var1, _ = reference.statistics(x1, 1e-5)
+    # Strides (16, 1, 16, 16): contiguous, so its outputs get (16, 1, 1, 1)
+    x1, w1, b1, (mean1, var1, _) = _channels_last_problem(gen, (64, 16, 1, 1))
+    assert x1.stride() == (16, 1, 16, 16) and x1.is_contiguous()
     calls = _record_calls(monkeypatch)
     for grad_y in (per_instance, contiguous):
-        for got, want in zip(cpu.backward(grad_y, x, mean, invstd, w, b),
-                             reference.backward(grad_y, x, mean, invstd, w, b)):
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    for got, want in zip(cpu.forward_train(x1, w1, b1, 1e-5),
-                         reference.forward_train(x1, w1, b1, 1e-5)):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(cpu.forward_eval(x1, mean1, var1, w1, b1, 1e-5),
-                               reference.forward_eval(x1, mean1, var1, w1, b1, 1e-5),
-                               rtol=1e-12, atol=1e-12)
+        _close_to_reference("backward", grad_y, x, mean, invstd, w, b)
+    _close_to_reference("forward_train", x1, w1, b1, 1e-5)
+    _close_to_reference("forward_eval", x1, mean1, var1, w1, b1, 1e-5)
     assert _tiles(calls) == [8, 1, 4, 4]
 
 
