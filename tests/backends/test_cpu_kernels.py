@@ -193,8 +193,10 @@ def test_tiling_takes_k_batched_tensors_and_strides_of_size_one_dims(native, mon
                                 .contiguous(memory_format=torch.channels_last)
                                 for _ in range(3)])
     contiguous = torch.randn((3, *x.shape), generator=gen, dtype=x.dtype)
-    # Strides (16, 1, 16, 16): contiguous, so its outputs get (16, 1, 1, 1)
+    # Strides (16, 1, 16, 16) (torch's channels-last gives (16, 1, 1, 1)): contiguous, so
+    # its outputs get (16, 1, 1, 1)
     x1, w1, b1, (mean1, var1, _) = _channels_last_problem(gen, (64, 16, 1, 1))
+    x1 = x1.view(64, 1, 1, 16).permute(0, 3, 1, 2)
     assert x1.stride() == (16, 1, 16, 16) and x1.is_contiguous()
     calls = _record_calls(monkeypatch)
     for grad_y in (per_instance, contiguous):
