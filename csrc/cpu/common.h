@@ -399,10 +399,12 @@ inline __m512 load16(const half* p, __mmask16 k) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
 }
 inline __m512 load16(const bf16* p, __mmask16 k) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 inline void store16(half* p, __mmask16 k, __m512 v) {
-  _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(v, nearest));
 }
 inline void store16(bf16* p, __mmask16 k, __m512 v) {
   // Rounded to nearest even in integer operations (AVX512-BF16's conversion flushes
@@ -412,7 +414,8 @@ inline void store16(bf16* p, __mmask16 k, __m512 v) {
   const __m512i rounded = _mm512_srli_epi32(
       _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
   const __m512i nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  const __m512i out = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
+  const __mmask16 is_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  const __m512i out = _mm512_mask_mov_epi32(rounded, is_nan, nan);
   _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(out));
 }
 #endif

@@ -113,7 +113,7 @@ FEW_ROWS_FOLD_MAX_L = 15
 
 # Channels-last rows of few channels run as rows of up to this many bytes (Geom.tile in
 # csrc/cpu/common.h): each row paid a run's fixed cost, and rows under 512 bytes were
-# never streamed. Longer tiled rows ran slower on two threads (1 and 2 KiB: up to 1.3x;
+# never streamed. Longer tiled rows ran slower on two threads (1 and 2 KiB: up to 1.5x;
 # benchmarks/RESULTS.md, "channels-last rows of few channels in tiles").
 TILE_ROW_BYTES = 512
 
