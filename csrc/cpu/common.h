@@ -1169,7 +1169,7 @@ constexpr uintptr_t ADVISE_MIN_BYTES = uintptr_t(32) << 20;
 //
 // bfloat16 and float16 passes convert every value, and a streamed run's staging cost
 // them more than the reads for ownership it saves: their eval and forward train of
-// 16 MiB outputs ran 1.2-1.6x slower streamed, 32 MiB ones 1.15x; from 64 MiB either
+// 16 MiB outputs ran 1.2-1.6x slower streamed, 32 MiB ones 1.15-1.2x; from 64 MiB either
 // way won by layout.
 constexpr int64_t HALF_STREAM_FACTOR = 4;
 
