@@ -319,3 +319,55 @@ def test_hessian_runs_the_second_order_kernels(monkeypatch, backend, problem):
     expected = torch.autograd.functional.hessian(
         lambda w: loss({**params, name: w}, buffers=copies), params[name])
     torch.testing.assert_close(h, expected, rtol=1e-9, atol=1e-11)
+
+
+def _transform_uses(loss, params, x):
+    """Every torch.func composition the op layer serves at its own levels: grad, vjp,
+    forward-over-reverse and reverse-over-reverse HVPs, vmap over tangents and over
+    data, hessian (jacfwd of jacrev) and jvp in x."""
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    vs = {k: torch.stack([t, -2 * t, torch.randn_like(t)]) for k, t in v.items()}
+    name = "1.weight"
+    return {
+        "grad": grad(loss)(params),
+        "vjp": vjp(loss, params)[1](torch.ones((), dtype=DT))[0],
+        "forward-over-reverse": jvp(grad(loss), (params,), (v,))[1],
+        "reverse-over-reverse": grad(
+            lambda p: sum((grad(loss)(p)[k] * v[k]).sum() for k in v))(params),
+        "vmap over tangents": vmap(lambda u: jvp(grad(loss), (params,), (u,))[1])(vs),
+        "vmap over data": vmap(lambda inp: grad(loss)(params, inp))(torch.stack([x, -x])),
+        "hessian": hessian(lambda w: loss({**params, name: w}))(params[name]),
+        "jvp in x": jvp(lambda inp: loss(params, inp), (x,), (torch.ones_like(x),))[1],
+    }
+
+
+def test_transforms_apply_the_functions_at_their_levels_as_functorch(monkeypatch, backend,
+                                                                     problem):
+    """Under torch.func the Functions run at each level through the op layer's own
+    single-level form (built once per Function), not functorch's custom_function_call
+    (two classes and pytree maps per call): the same bits as through functorch's."""
+    from torch._functorch.autograd_function import custom_function_call
+
+    from fastbn.ops import autograd
+    model, x, params, loss = problem
+    generic = []
+    monkeypatch.setattr(autograd, "custom_function_call",
+                        lambda *args: generic.append(args[0]) or custom_function_call(*args))
+    torch.manual_seed(1)
+    own = _transform_uses(loss, params, x)
+    assert not generic
+    built = dict(autograd._SINGLE_LEVEL)
+    assert autograd.TrainForward in built
+    own_again = _transform_uses(loss, params, x)
+    assert autograd._SINGLE_LEVEL == built   # none built again
+    monkeypatch.setattr(autograd, "_apply_under_transform",
+                        lambda cls, args: autograd.custom_function_call(cls, *args))
+    torch.manual_seed(1)
+    through_functorch = _transform_uses(loss, params, x)
+    assert generic
+    for use, expected in through_functorch.items():
+        got = own[use]
+        if isinstance(expected, dict):
+            got, expected = _flat(got), _flat(expected)
+        assert torch.equal(got, expected), use
+    assert torch.equal(_flat(own_again["grad"]), _flat(own["grad"]))

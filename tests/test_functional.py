@@ -266,7 +266,7 @@ def test_autograd_function_only_where_something_differentiates(monkeypatch, trai
     results agree."""
     from fastbn.ops import autograd
     calls = []
-    for name in ("unwrap_dead_wrappers", "custom_function_call"):
+    for name in ("unwrap_dead_wrappers", "_apply_under_transform"):
         original = getattr(autograd, name)
         monkeypatch.setattr(autograd, name,
                             lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
@@ -283,7 +283,7 @@ def test_autograd_function_only_where_something_differentiates(monkeypatch, trai
     assert calls == ["unwrap_dead_wrappers"] and differentiated.grad_fn is not None
     calls.clear()
     torch.func.vmap(lambda t: fastbn.batch_norm(t, None, None, training=True))(x[None])
-    assert "custom_function_call" in calls
+    assert "_apply_under_transform" in calls
     calls.clear()
     with torch.autograd.forward_ad.dual_level(), torch.no_grad():
         run()

@@ -27,9 +27,12 @@ under torch.vmap.
 import functools
 
 import torch
-from torch._C._functorch import (TransformType, _unwrap_for_grad, _wrap_for_grad,
-                                 is_legacy_batchedtensor)
-from torch._functorch.autograd_function import custom_function_call
+from torch._C._functorch import (TransformType, _add_batch_dim, _unwrap_batched,
+                                 _unwrap_for_grad, _wrap_for_grad,
+                                 get_single_level_autograd_function_allowed,
+                                 is_legacy_batchedtensor,
+                                 set_single_level_autograd_function_allowed, unwrap_if_dead)
+from torch._functorch.autograd_function import VmapInfo, custom_function_call
 from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 from torch._functorch.utils import unwrap_dead_wrappers
 
@@ -167,6 +170,78 @@ def _tracked(args):
     return False
 
 
+_SINGLE_LEVEL = {}   # Function class -> its form at one grad or jvp level
+
+
+def _single_level(cls):
+    """cls as a Function of the innermost grad or jvp transform's level, built once per
+    class: functorch's custom_function_call builds one per call (two classes, through
+    autograd's metaclass, and pytree maps over the arguments and outputs), most of a
+    small layer's call under torch.func. Its forward runs cls one level down, on the
+    arguments unwrapped from this level, and wraps the outputs back, as functorch's."""
+    generated = _SINGLE_LEVEL.get(cls)
+    if generated is not None:
+        return generated
+
+    def forward(*operands):
+        interpreter = retrieve_current_functorch_interpreter()
+        level = interpreter.level()
+        unwrapped = [_unwrap_for_grad(a, level) if isinstance(a, torch.Tensor) else a
+                     for a in operands]
+        # The single-level Function runs its forward with both grad modes off.
+        with torch.enable_grad(), torch.autograd.forward_ad._set_fwd_grad_enabled(True), \
+                interpreter.lower():
+            out = cls.apply(*unwrapped)
+        # (No output is an argument, whose identity functorch keeps for mark_dirty.)
+        if isinstance(out, torch.Tensor):
+            return _wrap_for_grad(out, level)
+        return tuple(_wrap_for_grad(t, level) if isinstance(t, torch.Tensor) else t
+                     for t in out)
+
+    generated = type(f"{cls.__name__}AtOneLevel", (torch.autograd.function._SingleLevelFunction,),
+                     {"forward": staticmethod(forward),
+                      "setup_context": staticmethod(
+                          lambda ctx, inputs, output: cls.setup_context(ctx, inputs, output)),
+                      "backward": staticmethod(lambda ctx, *grads: cls.backward(ctx, *grads)),
+                      "jvp": staticmethod(lambda ctx, *tangents: cls.jvp(ctx, *tangents))})
+    _SINGLE_LEVEL[cls] = generated
+    return generated
+
+
+def _apply_under_transform(cls, args):
+    """cls.apply(*args) at the innermost torch.func level, as functorch's
+    custom_function_call runs it (after its dispatch unwraps dead wrappers), without its
+    per-call generated classes and pytree maps."""
+    interpreter = retrieve_current_functorch_interpreter()
+    key, level = interpreter.key(), interpreter.level()
+    args = [unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args]
+    if key == TransformType.Vmap:
+        unwrapped, in_dims = [], []
+        for a in args:
+            u, d = _unwrap_batched(a, level) if isinstance(a, torch.Tensor) else (a, None)
+            unwrapped.append(u)
+            in_dims.append(d)
+        with interpreter.lower():
+            if all(d is None for d in in_dims):   # nothing batched at this level
+                return cls.apply(*args)
+            info = VmapInfo(interpreter.batch_size(), interpreter.randomness())
+            out, out_dims = cls.vmap(info, tuple(in_dims), *unwrapped)
+        if isinstance(out, torch.Tensor):
+            return out if out_dims is None else _add_batch_dim(out, out_dims, level)
+        return tuple(_add_batch_dim(t, d, level) if isinstance(t, torch.Tensor) and d is not None
+                     else t for t, d in zip(out, out_dims))
+    if key not in (TransformType.Grad, TransformType.Jvp):
+        return custom_function_call(cls, *args)
+    lift = interpreter._cptr.lift   # to this level, as functorch's grad and jvp do
+    args = [lift(a) if isinstance(a, torch.Tensor) else a for a in args]
+    allowed = get_single_level_autograd_function_allowed()
+    set_single_level_autograd_function_allowed(True)
+    try:
+        return _single_level(cls).apply(*args)
+    finally:
+        set_single_level_autograd_function_allowed(allowed)
+
+
 class _Function(torch.autograd.Function):
     """autograd.Function with a cheaper apply: it skips torch's per-call
     inspect.signature binding (every argument here is positional, so there is nothing
@@ -177,7 +252,7 @@ class _Function(torch.autograd.Function):
     @classmethod
     def apply(cls, *args):
         if torch._C._are_functorch_transforms_active():
-            return custom_function_call(cls, *args)
+            return _apply_under_transform(cls, args)
         if not _tracked(args):
             return cls.forward(*args)
         return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
