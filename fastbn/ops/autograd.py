@@ -170,6 +170,22 @@ def _tracked(args):
     return False
 
 
+def _apply_below(interpreter, function, args, grad_mode):
+    """function.apply(*args) one level below the grad or jvp transform `interpreter`,
+    on the arguments unwrapped from its level, in grad mode `grad_mode` with forward
+    grad on; the outputs wrapped back to its level. (No output is an argument, whose
+    identity functorch keeps for mark_dirty.)"""
+    level = interpreter.level()
+    unwrapped = [_unwrap_for_grad(a, level) if isinstance(a, torch.Tensor) else a
+                 for a in args]
+    with torch.set_grad_enabled(grad_mode), \
+            torch.autograd.forward_ad._set_fwd_grad_enabled(True), interpreter.lower():
+        out = function.apply(*unwrapped)
+    if isinstance(out, torch.Tensor):
+        return _wrap_for_grad(out, level)
+    return tuple(_wrap_for_grad(t, level) if isinstance(t, torch.Tensor) else t for t in out)
+
+
 _SINGLE_LEVEL = {}   # Function class -> its form at one grad or jvp level
 
 
@@ -177,29 +193,14 @@ def _single_level(cls):
     """cls as a Function of the innermost grad or jvp transform's level, built once per
     class: functorch's custom_function_call builds one per call (two classes, through
     autograd's metaclass, and pytree maps over the arguments and outputs), most of a
-    small layer's call under torch.func. Its forward runs cls one level down, on the
-    arguments unwrapped from this level, and wraps the outputs back, as functorch's."""
+    small layer's call under torch.func. Its forward runs cls one level down (with grad
+    on, as functorch's: the single-level Function turns both grad modes off)."""
     generated = _SINGLE_LEVEL.get(cls)
     if generated is not None:
         return generated
-
-    def forward(*operands):
-        interpreter = retrieve_current_functorch_interpreter()
-        level = interpreter.level()
-        unwrapped = [_unwrap_for_grad(a, level) if isinstance(a, torch.Tensor) else a
-                     for a in operands]
-        # The single-level Function runs its forward with both grad modes off.
-        with torch.enable_grad(), torch.autograd.forward_ad._set_fwd_grad_enabled(True), \
-                interpreter.lower():
-            out = cls.apply(*unwrapped)
-        # (No output is an argument, whose identity functorch keeps for mark_dirty.)
-        if isinstance(out, torch.Tensor):
-            return _wrap_for_grad(out, level)
-        return tuple(_wrap_for_grad(t, level) if isinstance(t, torch.Tensor) else t
-                     for t in out)
-
     generated = type(f"{cls.__name__}AtOneLevel", (torch.autograd.function._SingleLevelFunction,),
-                     {"forward": staticmethod(forward),
+                     {"forward": staticmethod(lambda *operands: _apply_below(
+                         retrieve_current_functorch_interpreter(), cls, operands, True)),
                       "setup_context": staticmethod(
                           lambda ctx, inputs, output: cls.setup_context(ctx, inputs, output)),
                       "backward": staticmethod(lambda ctx, *grads: cls.backward(ctx, *grads)),
@@ -269,17 +270,10 @@ def _tangent_apply(function, *args):
     if torch._C._are_functorch_transforms_active():
         interpreter = retrieve_current_functorch_interpreter()
         if interpreter.key() == TransformType.Jvp:
-            level = interpreter.level()
-            unwrapped = [_unwrap_for_grad(a, level) if isinstance(a, torch.Tensor) else a
-                         for a in args]
             # As functorch runs a Function's forward below its level, but in the caller's
             # grad mode: a grad transform below has it on, and under no_grad nothing
             # records the tangent (as torch's own jvp rules).
-            with torch.autograd.forward_ad._set_fwd_grad_enabled(True), interpreter.lower():
-                out = function.apply(*unwrapped)
-            if isinstance(out, torch.Tensor):
-                return _wrap_for_grad(out, level)
-            return tuple(None if t is None else _wrap_for_grad(t, level) for t in out)
+            return _apply_below(interpreter, function, args, torch.is_grad_enabled())
     return function.apply(*args)
 
 
