@@ -28,13 +28,11 @@ import functools
 
 import torch
 from torch._C._functorch import (TransformType, _add_batch_dim, _unwrap_batched,
-                                 _unwrap_for_grad, _wrap_for_grad,
-                                 get_single_level_autograd_function_allowed,
-                                 is_legacy_batchedtensor,
-                                 set_single_level_autograd_function_allowed, unwrap_if_dead)
+                                 _unwrap_for_grad, _wrap_for_grad, is_legacy_batchedtensor,
+                                 unwrap_if_dead)
 from torch._functorch.autograd_function import VmapInfo, custom_function_call
 from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
-from torch._functorch.utils import unwrap_dead_wrappers
+from torch._functorch.utils import enable_single_level_autograd_function, unwrap_dead_wrappers
 
 from fastbn.backends import reference
 from fastbn.backends.layout import as_output
@@ -186,38 +184,33 @@ def _apply_below(interpreter, function, args, grad_mode):
     return tuple(_wrap_for_grad(t, level) if isinstance(t, torch.Tensor) else t for t in out)
 
 
-_SINGLE_LEVEL = {}   # Function class -> its form at one grad or jvp level
-
-
-def _single_level(cls):
-    """cls as a Function of the innermost grad or jvp transform's level, built once per
-    class: functorch's custom_function_call builds one per call (two classes, through
+@functools.cache
+def _single_level(cls, grad_mode):
+    """cls as a Function of the innermost grad or jvp transform's level, built once:
+    functorch's custom_function_call builds one per call (two classes, through
     autograd's metaclass, and pytree maps over the arguments and outputs), most of a
-    small layer's call under torch.func. Its forward runs cls one level down (with grad
-    on, as functorch's: the single-level Function turns both grad modes off)."""
-    generated = _SINGLE_LEVEL.get(cls)
-    if generated is not None:
-        return generated
-    generated = type(f"{cls.__name__}AtOneLevel", (torch.autograd.function._SingleLevelFunction,),
-                     {"forward": staticmethod(lambda *operands: _apply_below(
-                         retrieve_current_functorch_interpreter(), cls, operands, True)),
-                      "setup_context": staticmethod(
-                          lambda ctx, inputs, output: cls.setup_context(ctx, inputs, output)),
-                      "backward": staticmethod(lambda ctx, *grads: cls.backward(ctx, *grads)),
-                      "jvp": staticmethod(lambda ctx, *tangents: cls.jvp(ctx, *tangents))})
-    _SINGLE_LEVEL[cls] = generated
-    return generated
+    small layer's call under torch.func. Its forward runs cls one level down in grad
+    mode `grad_mode` (the single-level Function turns both grad modes off). Named as
+    functorch names its own (the node's name shows in autograd's errors)."""
+    return type(f"{cls.__name__}Generated", (torch.autograd.function._SingleLevelFunction,),
+                {"forward": staticmethod(lambda *operands: _apply_below(
+                    retrieve_current_functorch_interpreter(), cls, operands, grad_mode)),
+                 "setup_context": staticmethod(cls.setup_context),
+                 "backward": staticmethod(cls.backward), "jvp": staticmethod(cls.jvp)})
 
 
 def _apply_under_transform(cls, args):
     """cls.apply(*args) at the innermost torch.func level, as functorch's
     custom_function_call runs it (after its dispatch unwraps dead wrappers), without its
-    per-call generated classes and pytree maps."""
+    per-call classes and pytree maps; for the Functions of this module only (see
+    `_Function`). One difference: below a jvp level the Function runs in the caller's
+    grad mode, as torch's own ops do (functorch turns grad on, so a jvp under no_grad
+    returned a primal output that required grad)."""
     interpreter = retrieve_current_functorch_interpreter()
-    key, level = interpreter.key(), interpreter.level()
+    key = interpreter.key()
     args = [unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args]
     if key == TransformType.Vmap:
-        unwrapped, in_dims = [], []
+        level, unwrapped, in_dims = interpreter.level(), [], []
         for a in args:
             u, d = _unwrap_batched(a, level) if isinstance(a, torch.Tensor) else (a, None)
             unwrapped.append(u)
@@ -230,17 +223,14 @@ def _apply_under_transform(cls, args):
         if isinstance(out, torch.Tensor):
             return out if out_dims is None else _add_batch_dim(out, out_dims, level)
         return tuple(_add_batch_dim(t, d, level) if isinstance(t, torch.Tensor) and d is not None
-                     else t for t, d in zip(out, out_dims))
+                     else t for t, d in zip(out, out_dims, strict=True))
     if key not in (TransformType.Grad, TransformType.Jvp):
         return custom_function_call(cls, *args)
     lift = interpreter._cptr.lift   # to this level, as functorch's grad and jvp do
     args = [lift(a) if isinstance(a, torch.Tensor) else a for a in args]
-    allowed = get_single_level_autograd_function_allowed()
-    set_single_level_autograd_function_allowed(True)
-    try:
-        return _single_level(cls).apply(*args)
-    finally:
-        set_single_level_autograd_function_allowed(allowed)
+    function = _single_level(cls, key == TransformType.Grad or torch.is_grad_enabled())
+    with enable_single_level_autograd_function():
+        return function.apply(*args)
 
 
 class _Function(torch.autograd.Function):
@@ -248,7 +238,10 @@ class _Function(torch.autograd.Function):
     inspect.signature binding (every argument here is positional, so there is nothing
     to bind), and where nothing can differentiate the call (a backward without
     create_graph, a layer whose inputs need no grad) it runs the forward alone, without
-    the ~10 µs of building a graph node no one reads."""
+    the ~10 µs of building a graph node no one reads. Under torch.func transforms
+    `_apply_under_transform` applies it, which asks what every Function here does: a
+    forward that returns new tensors (a tensor or a tuple; no argument returned, nothing
+    marked dirty) and a vmap rule whose out_dims match its outputs one for one."""
 
     @classmethod
     def apply(cls, *args):
@@ -262,17 +255,17 @@ class _Function(torch.autograd.Function):
 def _tangent_apply(function, *args):
     """function.apply(*args) for the tangent a jvp rule returns. Under torch.func's jvp
     the rule runs at the jvp's level with forward grad off, where nothing tracks the
-    tangent: only the levels below can. So it runs there, on the arguments unwrapped
-    from the rule's level, and is wrapped back; through apply, functorch would build
-    and apply a single-level Function at the rule's level first, most of a small jvp's
-    time. (A backward rule cannot: autograd.grad with create_graph inside a grad
-    transform differentiates its result at the rule's own level.)"""
+    tangent: only the levels below can. So it runs there directly, on the arguments
+    unwrapped from the rule's level, and is wrapped back, without the single-level
+    Function (a graph node no one reads) that apply would make at the rule's level.
+    (A backward rule cannot: autograd.grad with create_graph inside a grad transform
+    differentiates its result at the rule's own level.)"""
     if torch._C._are_functorch_transforms_active():
         interpreter = retrieve_current_functorch_interpreter()
         if interpreter.key() == TransformType.Jvp:
-            # As functorch runs a Function's forward below its level, but in the caller's
-            # grad mode: a grad transform below has it on, and under no_grad nothing
-            # records the tangent (as torch's own jvp rules).
+            # In the caller's grad mode, as below any jvp level: a grad transform below
+            # has it on, and under no_grad nothing records the tangent (as torch's own
+            # jvp rules).
             return _apply_below(interpreter, function, args, torch.is_grad_enabled())
     return function.apply(*args)
 
