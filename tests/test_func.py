@@ -240,7 +240,7 @@ def test_jvp_under_no_grad_records_nothing(backend):
     w, b, c = torch.randn(3, dtype=DT), torch.randn(3, dtype=DT), torch.randn_like(x)
     x_t = torch.randn_like(x)
 
-    def tangents():
+    def outputs():
         def f(x):
             return fastbn.batch_norm(x, None, None, w, b, training=True)
 
@@ -248,9 +248,9 @@ def test_jvp_under_no_grad_records_nothing(backend):
                 *jvp(grad(lambda x: (f(x) ** 2 * c).sum()), (x,), (x_t,)))
 
     with torch.no_grad():
-        quiet = tangents()
+        quiet = outputs()
     assert not any(t.requires_grad for t in quiet)
-    for got, expected in zip(quiet, tangents()):
+    for got, expected in zip(quiet, outputs()):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
