@@ -21,7 +21,14 @@ _MODULES = {"reference": "fastbn.backends.reference",
             "cpu": "fastbn.backends.cpu",
             "triton": "fastbn.backends.triton"}
 
-_state = threading.local()
+
+class _ThreadState(threading.local):
+    # A class default: getattr(state, "name", None) on a thread that never set one
+    # raised and caught an AttributeError on every op call.
+    name = None   # this thread's set_backend choice; None: FASTBN_BACKEND's
+
+
+_state = _ThreadState()
 _loaded = {}          # name -> module, or None when the import failed
 _import_errors = {}   # name -> why the import failed
 
@@ -77,7 +84,7 @@ def _environment_backend():
 
 def get_backend():
     """The name of the selected backend ("auto" unless set)."""
-    return getattr(_state, "name", None) or _environment_backend()
+    return _state.name or _environment_backend()
 
 
 def set_backend(name):
@@ -98,7 +105,7 @@ class use_backend(contextlib.ContextDecorator):
         self._previous = []   # a stack: one object may be entered again inside itself
 
     def __enter__(self):
-        previous = getattr(_state, "name", None)
+        previous = _state.name
         set_backend(self.name)
         self._previous.append(previous)
 
@@ -112,7 +119,7 @@ _auto = {}   # device type -> the backend "auto" picks there (probed once: micro
 def select(x):
     """The backend module that runs an op on tensor x."""
     # get_backend() inline: this runs on every call.
-    name = getattr(_state, "name", None) or _environment_backend()
+    name = _state.name or _environment_backend()
     if name != "auto":
         return _require(name)
     device = "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type

@@ -45,6 +45,7 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _ACC = {dtype: reference.acc_dtype(dtype)
         for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
 _has_storage = torch._C._has_storage   # False for functorch wrappers and sparse tensors
+_num_threads = torch.get_num_threads   # the kernels run on torch's own threads
 
 
 def available():
@@ -322,10 +323,6 @@ def _per_channel_output(plan, acc):
     return torch.empty(plan.C if plan.K is None else (plan.K, plan.C), dtype=acc)
 
 
-def _threads():
-    return torch.get_num_threads()
-
-
 def _k(plan):
     return 1 if plan.K is None else plan.K
 
@@ -352,7 +349,7 @@ def forward_train(x, weight, bias, eps, activation=None, running_mean=None, runn
                                             and _kernel_array(running_var, acc, plan.C))
     var = None if fused else torch.empty(plan.C, dtype=acc)
     tx, ty = plan.inputs[0], plan.td(y)
-    _C.forward_train(_CODES[x.dtype], plan.geom, _threads(), tx, ty, w.data_ptr(),
+    _C.forward_train(_CODES[x.dtype], plan.geom, _num_threads(), tx, ty, w.data_ptr(),
                      b.data_ptr(), own, float(eps), activation == "relu", mean.data_ptr(),
                      invstd.data_ptr(), _ptr(var), _ptr(running_mean if fused else None),
                      _ptr(running_var if fused else None), float(momentum))
@@ -379,11 +376,14 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
     stats = []
     if view is not None:
         channels, acc = (shape[1],), _ACC[x.dtype]
-        own = x.dtype != acc   # all four of x's dtype: read as they are (see forward_train)
+        # Read as they are where all four are contiguous and of x's dtype (`own`, for a
+        # half x: see forward_train) or of the accumulation dtype; else converted to it.
+        own = x.dtype != acc
+        ready, dtype = True, x.dtype if own else acc
         for t in (running_mean, running_var, weight, bias):
             if t.shape != channels or not _plain(t):
                 break
-            own = own and t.dtype == x.dtype and t.is_contiguous()
+            ready = ready and t.dtype == dtype and t.is_contiguous()
             stats.append(t)
     if len(stats) < 4:
         return reference.forward_eval(x, running_mean, running_var, weight, bias, eps,
@@ -398,10 +398,11 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
             tx, ty = _tiled(tx, tile), _tiled(ty, tile)
         else:
             tile = 1
-    m, v, w, b = stats if own else (_acc(t, acc) for t in stats)
-    _C.forward_eval(code, _geom(n, c, length, cl, fold, tile), _threads(), (x.data_ptr(), *tx),
-                    (y.data_ptr(), *ty), m.data_ptr(), v.data_ptr(), w.data_ptr(),
-                    b.data_ptr(), own, float(eps), activation == "relu")
+    own = own and ready
+    m, v, w, b = stats if ready else (_acc(t, acc) for t in stats)
+    _C.forward_eval(code, _geom(n, c, length, cl, fold, tile), _num_threads(),
+                    (x.data_ptr(), *tx), (y.data_ptr(), *ty), m.data_ptr(), v.data_ptr(),
+                    w.data_ptr(), b.data_ptr(), own, float(eps), activation == "relu")
     return y
 
 
@@ -419,8 +420,8 @@ def backward(grad_y, x, mean, invstd, weight, bias, activation=None):
     dx = _empty(x, plan)
     gw, gb = _per_channel_output(plan, acc), _per_channel_output(plan, acc)
     (tx, tdy), tdx = plan.inputs, plan.td(dx)
-    _C.backward(_CODES[x.dtype], plan.geom, _threads(), k, activation == "relu", tx, tdy, tdx,
-                m.data_ptr(), r.data_ptr(), w.data_ptr(), b.data_ptr(), gw.data_ptr(),
+    _C.backward(_CODES[x.dtype], plan.geom, _num_threads(), k, activation == "relu", tx, tdy,
+                tdx, m.data_ptr(), r.data_ptr(), w.data_ptr(), b.data_ptr(), gw.data_ptr(),
                 gb.data_ptr())
     return dx, _as(gw, weight), _as(gb, bias)
 
@@ -434,7 +435,7 @@ def forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias, activation
     wt, bt = plan.chan(weight_t, acc), plan.chan(bias_t, acc)
     y_t = _empty(x, plan)
     (tx, txt), tyt = plan.inputs, plan.td(y_t)
-    _C.forward_jvp(_CODES[x.dtype], plan.geom, _threads(), _k(plan), activation == "relu",
+    _C.forward_jvp(_CODES[x.dtype], plan.geom, _num_threads(), _k(plan), activation == "relu",
                    tx, txt, tyt, m.data_ptr(), r.data_ptr(), w.data_ptr(), b.data_ptr(),
                    _ptr(wt), _ptr(bt))
     return y_t
@@ -452,7 +453,7 @@ def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight,
     g_gy, g_x = _empty(x, plan, grad_y.dtype), _empty(x, plan)
     g_w = _per_channel_output(plan, acc)
     (tx, tdy, tggx), (tgy, tgx) = plan.inputs, plan.tds(g_gy, g_x)
-    _C.backward_backward(_CODES[x.dtype], plan.geom, _threads(), k, activation == "relu",
+    _C.backward_backward(_CODES[x.dtype], plan.geom, _num_threads(), k, activation == "relu",
                          tx, tdy, tggx, _ptr(ggw), _ptr(ggb), m.data_ptr(), r.data_ptr(),
                          w.data_ptr(), b.data_ptr(), tgy, tgx, g_w.data_ptr())
     return g_gy, g_x, _as(g_w, weight)
@@ -471,7 +472,7 @@ def backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weigh
     gx_t = _empty(x, plan)
     gw_t, gb_t = _per_channel_output(plan, acc), _per_channel_output(plan, acc)
     (tx, tdy, tdyt, txt), tgx = plan.inputs, plan.td(gx_t)
-    _C.backward_jvp(_CODES[x.dtype], plan.geom, _threads(), k, activation == "relu", tx, tdy,
-                    tdyt, txt, _ptr(wt), m.data_ptr(), r.data_ptr(), w.data_ptr(),
+    _C.backward_jvp(_CODES[x.dtype], plan.geom, _num_threads(), k, activation == "relu", tx,
+                    tdy, tdyt, txt, _ptr(wt), m.data_ptr(), r.data_ptr(), w.data_ptr(),
                     b.data_ptr(), tgx, gw_t.data_ptr(), gb_t.data_ptr())
     return gx_t, _as(gw_t, weight), _as(gb_t, bias)
