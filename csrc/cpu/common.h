@@ -969,9 +969,10 @@ struct offers_runs<F, std::void_t<decltype(std::declval<const F&>().runs(
                           int64_t(0), int64_t(0), int64_t(0), int64_t(0)))>>
     : std::true_type {};
 
-// NCHW runs up to this long go to fn.runs where it is offered: a Seg's setup and the
-// vector loop's prologue per run cost more than a run's few values (a 1x3 plane's
-// eval ran at a quarter of a plain loop's speed).
+// NCHW runs up to fn's short_run (this, unless fn vectorises its runs itself) go to
+// fn.runs where it is offered: a Seg's setup and the vector loop's prologue per run cost
+// more than a run's few values (a 1x3 plane's eval ran at a quarter of a plain loop's
+// speed).
 constexpr int64_t SHORT_RUN = 32;
 
 // Elementwise pass: fn(seg, k) for every run and problem. Any split of the runs gives the
@@ -1005,7 +1006,7 @@ void map_pass(const Geom& g, int nth, int64_t K, F&& fn) {
         } else {
           const int64_t r0 = task * per, r1 = std::min(runs, r0 + per);
           if constexpr (offers_runs<std::remove_reference_t<F>>::value) {
-            if (g.L <= SHORT_RUN) {
+            if (g.L <= std::remove_reference_t<F>::short_run) {
               for (int64_t r = r0; r < r1;) {
                 const int64_t nn = r / g.C, c = r % g.C, c1 = std::min(g.C, c + r1 - r);
                 fn.runs(nn, c, c1, k);

@@ -60,10 +60,24 @@ struct AffineMap {
     const A out = (v - m) * a + b;
     return RELU ? (out < A(0) ? A(0) : out) : out;  // torch's relu: NaN and -0 stay
   }
+  // float16 runs (and bfloat16 NCHW runs) of unit stride are converted 16 values at a
+  // time in registers (wide_values).
+#if FASTBN_WIDE_HALF
+  static constexpr bool WIDE =
+      U && (std::is_same_v<T, half> || (std::is_same_v<T, bf16> && !CL));
+#else
+  static constexpr bool WIDE = false;
+#endif
+  // NCHW runs up to this long go to runs() (map_pass). Wide runs up to the length from
+  // which a streamed run would be staged (staged_run): the per-run setup cost float16
+  // 7x7 planes a third of their eval (316 us against 216 on 128x512x7x7) and bfloat16
+  // up to 14x14 planes 10-15%.
+  static constexpr int64_t short_run = WIDE ? 511 / int64_t(sizeof(T)) : SHORT_RUN;
+
   void operator()(const Seg& s, int64_t) const {
     const Chan<CL, A> m(center.get(), s.c), a(scale.get(), s.c), b(bias.get(), s.c);
 #if FASTBN_WIDE_HALF
-    if constexpr (U && (std::is_same_v<T, half> || (std::is_same_v<T, bf16> && !CL))) {
+    if constexpr (WIDE) {
       if (!staged_run(y.stream, s.n, sizeof(T))) return wide_run(s, m, a, b);
     }
 #endif
@@ -72,22 +86,21 @@ struct AffineMap {
     each(s.n, out, [&](int64_t i) { out.put(i, value(in.template at<A>(i), m[i], a[i], b[i])); });
   }
 #if FASTBN_WIDE_HALF
-  // A float16 or bfloat16 run converted 16 values at a time in registers, the
-  // operations of value() in between (the same bits): float16 staged through float
-  // buffers (Src, Dst) took 1.3x stock's float16 eval, and bfloat16's compiled loop over
-  // NCHW runs 1.12x stock's on one thread (its channels-last rows, where the per-channel
-  // values are vectors too, ran 1-5% faster compiled). Streamed runs stay staged.
-  void wide_run(const Seg& s, const Chan<CL, A>& m, const Chan<CL, A>& a,
-                const Chan<CL, A>& b) const {
-    const T* xr = reinterpret_cast<const T*>(x.ptr) + offset(x, s, 0);
-    T* yr = reinterpret_cast<T*>(y.ptr) + offset(y, s, 0);
+  // y = value(x) over n values, 16 at a time, the operations of value() in between (the
+  // same bits): float16 staged through float buffers (Src, Dst) took 1.3x stock's
+  // float16 eval, and bfloat16's compiled loop over NCHW runs 1.12x stock's on one
+  // thread (its channels-last rows, where the per-channel values are vectors too, ran
+  // 1-5% faster compiled). Streamed runs stay staged. Whole vectors go unmasked. The
+  // Chans by value: referenced, they were read again after every store (which may alias
+  // them), not kept in registers.
+  static void wide_values(const T* xr, T* yr, int64_t n, const Chan<CL, A> m,
+                          const Chan<CL, A> a, const Chan<CL, A> b) {
     auto per_channel = [](const Chan<CL, A>& ch, int64_t i, __mmask16 k) {
       if constexpr (CL) return _mm512_maskz_loadu_ps(k, ch.p + i);
       else return _mm512_set1_ps(ch.v);
     };
     const __m512 zero = _mm512_setzero_ps();
-    for (int64_t i = 0; i < s.n; i += 16) {
-      const __mmask16 k = s.n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (s.n - i)) - 1);
+    auto step = [&](int64_t i, __mmask16 k) {
       const __m512 v = load16(xr + i, k);
       __m512 out = _mm512_add_ps(
           _mm512_mul_ps(_mm512_sub_ps(v, per_channel(m, i, k)), per_channel(a, i, k)),
@@ -95,21 +108,36 @@ struct AffineMap {
       if constexpr (RELU)  // out < 0 -> +0; NaN and -0 stay
         out = _mm512_mask_mov_ps(out, _mm512_cmp_ps_mask(out, zero, _CMP_LT_OQ), zero);
       store16(yr + i, k, out);
-    }
+    };
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) step(i, __mmask16(0xFFFF));
+    if (i < n) step(i, __mmask16((1u << (n - i)) - 1));
+  }
+  void wide_run(const Seg& s, const Chan<CL, A>& m, const Chan<CL, A>& a,
+                const Chan<CL, A>& b) const {
+    wide_values(reinterpret_cast<const T*>(x.ptr) + offset(x, s, 0),
+                reinterpret_cast<T*>(y.ptr) + offset(y, s, 0), s.n, m, a, b);
   }
 #endif
-  // The whole NCHW runs of channels [c0, c1) in row nn (see map_pass's SHORT_RUN). Not
+  // The whole NCHW runs of channels [c0, c1) in row nn (up to short_run long). Not
   // inlined: inside the pass's thread closure its loop kept its pointers on the stack.
   [[gnu::noinline]] void runs(int64_t nn, int64_t c0, int64_t c1, int64_t) const {
     const T* xr = reinterpret_cast<const T*>(x.ptr) + nn * x.sN;
     T* yr = reinterpret_cast<T*>(y.ptr) + nn * y.sN;
     const int64_t xs = U ? 1 : x.sL, ys = U ? 1 : y.sL;
     for (int64_t c = c0; c < c1; ++c) {
-      const A m = center.get()[c], a = scale.get()[c], b = bias.get()[c];
       const T* xc = xr + c * x.sC;
       T* yc = yr + c * y.sC;
-      for (int64_t l = 0; l < L; ++l)
-        yc[l * ys] = from_acc<T>(value(to_acc<A>(xc[l * xs]), m, a, b));
+      if constexpr (WIDE) {
+#if FASTBN_WIDE_HALF
+        wide_values(xc, yc, L, Chan<CL, A>(center.get(), c), Chan<CL, A>(scale.get(), c),
+                    Chan<CL, A>(bias.get(), c));
+#endif
+      } else {
+        const A m = center.get()[c], a = scale.get()[c], b = bias.get()[c];
+        for (int64_t l = 0; l < L; ++l)
+          yc[l * ys] = from_acc<T>(value(to_acc<A>(xc[l * xs]), m, a, b));
+      }
     }
   }
 };

@@ -100,10 +100,12 @@ def _strides(shape, stride, batched, swap):
 
 # Largest L folded into channels-last pass channels, by element size: below it the NCHW
 # passes paid their per-run cost (a vector tail, for 2-byte types a conversion) every
-# few values (benchmarks/RESULTS.md, "fold limits by element size"). float32's eval folds
-# only to 32: folded from 36 to 45 values it ran 3-9% slower.
+# few values (benchmarks/RESULTS.md, "fold limits by element size"). Eval folds float32
+# and 2-byte types only to 32: float32 folded from 36 to 45 values ran 3-9% slower, and
+# the 2-byte eval converts whole NCHW runs of up to 255 values in one loop per row
+# (AffineMap::runs), 1.1-1.5x faster than folded from 36 values.
 FOLD_MAX_L = {2: 56, 4: 45, 8: 45}
-EVAL_FOLD_MAX_L = {2: 56, 4: 32, 8: 45}
+EVAL_FOLD_MAX_L = {2: 32, 4: 32, 8: 45}
 # Folding copies each per-channel array out to C * L values, which with fewer than 8
 # rows weigh as much as the rows: there only to 15 values per (n, c) (from 16, 4x4, the
 # NCHW passes won: (4, 8192, 4, 4) backward 0.41 ms against 0.46 folded), and never for

@@ -65,7 +65,7 @@ def test_kernels_built_for_isa(isa, tmp_path):
            "PYTHONPATH": str(tmp_path)}
     build = _run([sys.executable, "setup.py", "build_ext", "--inplace"], tmp_path, env)
     # setup.py never fails on a compiler error (the reference backend then serves): look.
-    assert list((tmp_path / "fastbn").glob("_C*")), f"no extension was built:\n{build[-6000:]}"
+    assert list((tmp_path / "fastbn").glob("_C*.so")), f"no extension was built:\n{build[-6000:]}"
     info = _run([sys.executable, "-c", "import fastbn._C as c; print(c.__file__, c.build_info())"],
                 tmp_path, env)
     assert info.startswith(str(tmp_path)) and f", {name}," in info, info
