@@ -975,6 +975,18 @@ struct offers_runs<F, std::void_t<decltype(std::declval<const F&>().runs(
 // speed).
 constexpr int64_t SHORT_RUN = 32;
 
+// The elementwise fn over the NCHW runs of channels [c0, c1) in row nn: in one fn.runs
+// call where fn offers it and rows are short, else run by run, up to `run` values each.
+template <class F>
+inline void row_runs(F& fn, const Geom& g, int64_t nn, int64_t c0, int64_t c1, int64_t run,
+                     int64_t k, StageArena* stage) {
+  if constexpr (offers_runs<F>::value) {
+    if (g.L <= F::short_run) return fn.runs(nn, c0, c1, k);
+  }
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t l = 0; l < g.L; l += run) fn(Seg{nn, c, l, std::min(run, g.L - l), stage}, k);
+}
+
 // Elementwise pass: fn(seg, k) for every run and problem. Any split of the runs gives the
 // same bits, so NCHW tasks are stretches of whole rows of about UNIT_ELEMS elements in
 // (n, c) order, or UNIT_ELEMS-long pieces of longer rows: one forward sweep of memory.
@@ -992,32 +1004,21 @@ void map_pass(const Geom& g, int nth, int64_t K, F&& fn) {
   const int64_t row_run = map_run_length(L);  // whole rows: once, not per row
   parallel_run(T, [&](int t) {
     StageArena* const stage = thread_stage();
-    auto row = [&](int64_t nn, int64_t c, int64_t l0, int64_t l1, int64_t len, int64_t k) {
-      for (int64_t l = l0; l < l1; l += len) fn(Seg{nn, c, l, std::min(len, l1 - l), stage}, k);
-    };
     for (int64_t task = nt * t / T; task < nt * (t + 1) / T; ++task)
       for (int64_t k = 0; k < K; ++k) {
         if constexpr (CL) {
           cl_task_runs(g, task, [&](const Seg& s) { fn(s, k); });
         } else if (pieces > 1) {
           const int64_t r = task / pieces, l0 = task % pieces * UNIT_ELEMS;
-          const int64_t l1 = std::min(g.L, l0 + UNIT_ELEMS);
-          row(r / g.C, r % g.C, l0, l1, map_run_length(l1 - l0), k);
+          const int64_t l1 = std::min(g.L, l0 + UNIT_ELEMS), len = map_run_length(l1 - l0);
+          for (int64_t l = l0; l < l1; l += len)
+            fn(Seg{r / g.C, r % g.C, l, std::min(len, l1 - l), stage}, k);
         } else {
           const int64_t r0 = task * per, r1 = std::min(runs, r0 + per);
-          if constexpr (offers_runs<std::remove_reference_t<F>>::value) {
-            if (g.L <= std::remove_reference_t<F>::short_run) {
-              for (int64_t r = r0; r < r1;) {
-                const int64_t nn = r / g.C, c = r % g.C, c1 = std::min(g.C, c + r1 - r);
-                fn.runs(nn, c, c1, k);
-                r += c1 - c;
-              }
-              continue;
-            }
-          }
-          for (int64_t r = r0, nn = r0 / g.C, c = r0 % g.C; r < r1; ++r) {
-            row(nn, c, 0, g.L, row_run, k);
-            if (++c == g.C) c = 0, ++nn;
+          for (int64_t r = r0; r < r1;) {
+            const int64_t nn = r / g.C, c = r % g.C, c1 = std::min(g.C, c + r1 - r);
+            row_runs(fn, g, nn, c, c1, row_run, k, stage);
+            r += c1 - c;
           }
         }
       }
@@ -1113,10 +1114,7 @@ void reduce_map(const Geom& g, int nth, int64_t K, int64_t bytes_per_value, bool
             if (!finish(b0, b1, attempt) || attempt > 0) break;
           }
           for (int64_t k = 0; k < K; ++k)
-            for (int64_t nn = 0; nn < g.N; ++nn)
-              for (int64_t c = b0; c < b1; ++c)
-                for (int64_t l = 0; l < g.L; l += row_run)
-                  map(Seg{nn, c, l, std::min(row_run, g.L - l), stage}, k);
+            for (int64_t nn = 0; nn < g.N; ++nn) row_runs(map, g, nn, b0, b1, row_run, k, stage);
         }
         store_fence();
       });
