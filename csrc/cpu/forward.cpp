@@ -68,7 +68,7 @@ struct AffineMap {
 #else
   static constexpr bool WIDE = false;
 #endif
-  // NCHW runs up to this long go to runs() (map_pass). Wide runs up to the length from
+  // NCHW runs up to this long go to runs() (row_runs). Wide runs up to the length from
   // which a streamed run would be staged (staged_run): the per-run setup cost float16
   // 7x7 planes a third of their eval (316 us against 216 on 128x512x7x7) and bfloat16
   // up to 14x14 planes 10-15%.
