@@ -78,7 +78,9 @@ struct AffineMap {
     const Chan<CL, A> m(center.get(), s.c), a(scale.get(), s.c), b(bias.get(), s.c);
 #if FASTBN_WIDE_HALF
     if constexpr (WIDE) {
-      if (!staged_run(y.stream, s.n, sizeof(T))) return wide_run(s, m, a, b);
+      if (!staged_run(y.stream, s.n, sizeof(T)))
+        return wide_values(reinterpret_cast<const T*>(x.ptr) + offset(x, s, 0),
+                           reinterpret_cast<T*>(y.ptr) + offset(y, s, 0), s.n, m, a, b);
     }
 #endif
     const auto in = src<T, CL, U>(x, s, 0);
@@ -112,11 +114,6 @@ struct AffineMap {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) step(i, __mmask16(0xFFFF));
     if (i < n) step(i, __mmask16((1u << (n - i)) - 1));
-  }
-  void wide_run(const Seg& s, const Chan<CL, A>& m, const Chan<CL, A>& a,
-                const Chan<CL, A>& b) const {
-    wide_values(reinterpret_cast<const T*>(x.ptr) + offset(x, s, 0),
-                reinterpret_cast<T*>(y.ptr) + offset(y, s, 0), s.n, m, a, b);
   }
 #endif
   // The whole NCHW runs of channels [c0, c1) in row nn (up to short_run long). Not
