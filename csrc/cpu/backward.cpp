@@ -21,6 +21,16 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
     reduce_map<A, CL, 2>(
         g, nth, K, input_bytes<T>(K, {x, dy}), true, sums.get(),
         [&](const Seg& s, int64_t k, const Acc<A, CL, 2>& acc) {
+#if FASTBN_WIDE_HALF
+          if constexpr (WIDE_RUNS<T, CL, U>) {
+            const WidePrim<T, RELU> pr(x, s, st);
+            const T* d = run_ptr<const T>(dy, s, k);
+            return wide_add(acc, s.n, [&](int64_t i, __mmask16 m) {
+              const __m512 xh = pr.xhat(i, m), gv = pr.keep(xh, load16(d + i, m));
+              return Terms16<2>{{gv, gv * xh}};
+            });
+          }
+#endif
           const P pr(x, s, st);
           const auto d = src<T, CL, U>(dy, s, k);
           acc.add(s.n, [&](int64_t i, A(&v)[2]) {
@@ -47,11 +57,27 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
         [&] {
           return [&, pcg = PassArray<A>(g, cg.get()), pcx = PassArray<A>(g, cx.get(), K),
                   pc0 = PassArray<A>(g, c0.get(), K)](const Seg& s, int64_t k) {
+            const Chan<CL, A> a(pcg.get(), s.c), bx(pcx.get() + k * g.C, s.c),
+                b0(pc0.get() + k * g.C, s.c);
+#if FASTBN_WIDE_HALF
+            if constexpr (WIDE_RUNS<T, CL, U>) {
+              if (!staged_run(dx.stream, s.n, sizeof(T))) {
+                const WidePrim<T, RELU> pr(x, s, st);
+                const T* d = run_ptr<const T>(dy, s, k);
+                const __m512 va = _mm512_set1_ps(a.v), vx = _mm512_set1_ps(bx.v),
+                             v0 = _mm512_set1_ps(b0.v);
+                return wide_each(s.n, run_ptr<T>(dx, s, k),
+                                 [&](int64_t i, __mmask16 m) {
+                                   const __m512 xh = pr.xhat(i, m),
+                                                gv = pr.keep(xh, load16(d + i, m));
+                                   return va * gv + vx * xh + v0;
+                                 });
+              }
+            }
+#endif
             const P pr(x, s, st);
             const auto d = src<T, CL, U>(dy, s, k);
             const auto o = dst<T, CL, U>(dx, s, k);
-            const Chan<CL, A> a(pcg.get(), s.c), bx(pcx.get() + k * g.C, s.c),
-                b0(pc0.get() + k * g.C, s.c);
             each(s.n, o, [&](int64_t i) {
               const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
               o.put(i, a[i] * gv + bx[i] * xh + b0[i]);

@@ -20,7 +20,16 @@
 #include <sys/mman.h>
 #endif
 #if defined(__SSE2__)
+// gcc 12 reports the AVX-512 intrinsics' undefined pass-through vectors as used
+// uninitialised wherever they are inlined (fixed in gcc 13 by the same pragma in them).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #endif
 
 namespace fastbn {
@@ -376,22 +385,25 @@ struct Dst {
   }
 };
 
+// 2-byte values converted 16 at a time in registers (load16, store16, the wide runs).
+#if defined(__F16C__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define FASTBN_WIDE_HALF 1
+#else
+#define FASTBN_WIDE_HALF 0
+#endif
+
 #if defined(__F16C__)
 // Unit-stride float16 runs go through per-thread float buffers (in L1), converted
 // whole by F16C's vector instructions: converted element by element in the loops (the
 // branch-free method above, a dozen vector operations per 16 values each way), the
-// first-order kernels were compute-bound at 1.5-2x float32's time.
+// first-order kernels were compute-bound at 1.5-2x float32's time. (With AVX-512 the
+// NCHW runs of the first-order kernels skip the buffers: WIDE_RUNS.)
 
 // n float16 values to float, and back (rounded to nearest, ties to even): 16 at a time
 // with AVX-512 (a masked vector for the tail), else 8 at a time and the tail one by one.
 // With AVX-512 the floats are written in whole vectors, up to n rounded up to 16 (zeros
 // past n): the loops' scalar tails then read what one store wrote, where a masked store
 // cost each run of a 10x10 plane a failed store-to-load forwarding per tail element.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define FASTBN_WIDE_HALF 1
-#else
-#define FASTBN_WIDE_HALF 0
-#endif
 #if FASTBN_WIDE_HALF
 // 16 values of a 2-byte type to float, and back, in registers: to_acc's and from_acc's
 // conversions bit for bit (lanes outside k load as 0 and are not stored).
@@ -632,6 +644,46 @@ struct Prim {
   }
 };
 
+// Whether the passes take unit-stride NCHW runs of a 2-byte type in registers, 16 values
+// converted at a time (WidePrim, wide_each, wide_add), rather than staged through float
+// buffers (Src, Dst): float16 backward of 56x56 planes spent most of its time staging,
+// at 0.78x stock's.
+template <class T, bool CL, bool UNIT>
+constexpr bool WIDE_RUNS = FASTBN_WIDE_HALF && UNIT && !CL && sizeof(T) == 2;
+
+#if FASTBN_WIDE_HALF
+// The first n lanes of 16 (all of them from 16).
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
+// Run s of problem k in t (T const for an input).
+template <class T>
+inline T* run_ptr(const TD& t, const Seg& s, int64_t k) {
+  return reinterpret_cast<T*>(t.ptr) + offset(t, s, k);
+}
+
+// Prim for a wide NCHW run: xhat and the ReLU mask of the 16 values from i, with the
+// operations of Prim's in the same order (the same bits; the vector operators are IEEE
+// lane by lane, and the build contracts nothing).
+template <class T, bool RELU>
+struct WidePrim {
+  const T* x;
+  __m512 m, r, w, b;
+  WidePrim(const TD& xt, const Seg& s, const Stats<float>& st)
+      : x(run_ptr<const T>(xt, s, 0)), m(_mm512_set1_ps(st.mean.get()[s.c])),
+        r(_mm512_set1_ps(st.invstd.get()[s.c])),
+        w(_mm512_set1_ps(RELU ? st.w.get()[s.c] : 0.f)),
+        b(_mm512_set1_ps(RELU ? st.b.get()[s.c] : 0.f)) {}
+  __m512 xhat(int64_t i, __mmask16 k) const { return (load16(x + i, k) - m) * r; }
+  __m512 keep(__m512 xh, __m512 v) const {
+    if constexpr (RELU)
+      return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(xh * w + b, _mm512_setzero_ps(), _CMP_GT_OQ), v);
+    else return v;
+  }
+};
+#endif
+
 // Calls f(std::bool_constant<b>): lifts a per-call flag out of the element loops.
 template <class F>
 inline void when(bool b, F&& f) {
@@ -701,6 +753,57 @@ struct Acc {
     }
   }
 };
+
+#if FASTBN_WIDE_HALF
+// out[i..i+16) = fn(i, mask) over a run of n: whole vectors, then a masked tail.
+template <class T, class F>
+inline void wide_each(int64_t n, T* out, F&& fn) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store16(out + i, __mmask16(0xFFFF), fn(i, __mmask16(0xFFFF)));
+  if (i < n) store16(out + i, first_lanes(n - i), fn(i, first_lanes(n - i)));
+}
+
+// The NS terms of 16 values (a struct: gcc warns of ignored attributes in std::array's).
+template <int NS>
+struct Terms16 {
+  __m512 v[NS];
+};
+
+// Acc<float, false, NS>::add over a run of n, where fn(i, mask) gives the Terms16<NS> of
+// the 16 values from i: each term into the lane that add() puts it in, by the same
+// additions (a tail's elements already added as +0), so the same bits.
+template <int NS, class F>
+inline void wide_add(const Acc<float, false, NS>& acc, int64_t n, F&& fn) {
+  constexpr int64_t W = Acc<float, false, NS>::W;
+  static_assert(W == 32, "two vectors of lanes per sum");
+  float* f = acc.f;
+  if (n < W) {
+    for (int64_t h = 0; h < n; h += 16) {
+      const __mmask16 k = first_lanes(n - h);
+      const Terms16<NS> t = fn(h, k);
+      for (int j = 0; j < NS; ++j) {
+        const __m512 lane = _mm512_loadu_ps(f + j * W + h);
+        _mm512_storeu_ps(f + j * W + h, _mm512_mask_add_ps(lane, k, lane, t.v[j]));
+      }
+    }
+    return;
+  }
+  __m512 lo[NS], hi[NS];
+  for (int j = 0; j < NS; ++j) lo[j] = _mm512_loadu_ps(f + j * W), hi[j] = _mm512_loadu_ps(f + j * W + 16);
+  auto add = [&](int64_t i, __mmask16 klo, __mmask16 khi) {
+    const Terms16<NS> a = fn(i, __mmask16(0xFFFF)), b = fn(i + 16, __mmask16(0xFFFF));
+    for (int j = 0; j < NS; ++j)
+      lo[j] += _mm512_maskz_mov_ps(klo, a.v[j]), hi[j] += _mm512_maskz_mov_ps(khi, b.v[j]);
+  };
+  int64_t i = 0;
+  for (; i + W <= n; i += W) add(i, 0xFFFF, 0xFFFF);
+  if (i < n) {
+    const int64_t done = i - (n - W);  // the last W elements, the first `done` added
+    add(n - W, __mmask16(~first_lanes(done)), __mmask16(~first_lanes(std::max<int64_t>(0, done - 16))));
+  }
+  for (int j = 0; j < NS; ++j) _mm512_storeu_ps(f + j * W, lo[j]), _mm512_storeu_ps(f + j * W + 16, hi[j]);
+}
+#endif
 
 // Runs from this long peel their head (see each): on shorter ones (7x7 planes) the extra
 // loop cost more than the split stores.

@@ -102,18 +102,15 @@ struct AffineMap {
       else return _mm512_set1_ps(ch.v);
     };
     const __m512 zero = _mm512_setzero_ps();
-    auto step = [&](int64_t i, __mmask16 k) {
+    wide_each(n, yr, [&](int64_t i, __mmask16 k) {
       const __m512 v = load16(xr + i, k);
       __m512 out = _mm512_add_ps(
           _mm512_mul_ps(_mm512_sub_ps(v, per_channel(m, i, k)), per_channel(a, i, k)),
           per_channel(b, i, k));
       if constexpr (RELU)  // out < 0 -> +0; NaN and -0 stay
         out = _mm512_mask_mov_ps(out, _mm512_cmp_ps_mask(out, zero, _CMP_LT_OQ), zero);
-      store16(yr + i, k, out);
-    };
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) step(i, __mmask16(0xFFFF));
-    if (i < n) step(i, __mmask16((1u << (n - i)) - 1));
+      return out;
+    });
   }
 #endif
   // The whole NCHW runs of channels [c0, c1) in row nn (up to short_run long). Not
@@ -187,6 +184,16 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
     reduce_map<A, CL, 2>(
         g, nth, 1, input_bytes<T>(1, {x}), true, sums.get(),
         [&](const Seg& s, int64_t, const Acc<A, CL, 2>& acc) {
+#if FASTBN_WIDE_HALF
+          if constexpr (WIDE_RUNS<T, CL, U>) {
+            const T* xr = run_ptr<const T>(x, s, 0);
+            const __m512 p = _mm512_set1_ps(pp.get()[s.c]);
+            return wide_add(acc, s.n, [&](int64_t i, __mmask16 m) {
+              const __m512 d = load16(xr + i, m) - p;
+              return Terms16<2>{{d, d * d}};
+            });
+          }
+#endif
           const auto in = src<T, CL, U>(x, s, 0);
           const Chan<CL, A> p(pp.get(), s.c);
           acc.add(s.n, [&](int64_t i, A(&v)[2]) {

@@ -28,6 +28,16 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
       reduce_map<A, CL, 2>(
           g, nth, K, input_bytes<T>(K, {x, xt}), HX, sums.get(),
           [&](const Seg& s, int64_t k, const Acc<A, CL, 2>& acc) {
+#if FASTBN_WIDE_HALF
+            if constexpr (WIDE_RUNS<T, CL, U>) {
+              const WidePrim<T, RELU> pr(x, s, st);
+              const T* tr = run_ptr<const T>(xt, s, k);
+              return wide_add(acc, s.n, [&](int64_t i, __mmask16 m) {
+                const __m512 tv = load16(tr + i, m);
+                return Terms16<2>{{tv, tv * pr.xhat(i, m)}};
+              });
+            }
+#endif
             const P pr(x, s, st);
             const auto t = src<T, CL, U>(xt, s, k);
             acc.add(s.n, [&](int64_t i, A(&v)[2]) {
@@ -52,11 +62,28 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
           [&] {
             return [&, pal = PassArray<A>(g, alpha.get()), pbe = PassArray<A>(g, beta.get(), K),
                     pga = PassArray<A>(g, gamma.get(), K)](const Seg& s, int64_t k) {
+              const Chan<CL, A> al(pal.get(), s.c), be(pbe.get() + k * g.C, s.c),
+                  ga(pga.get() + k * g.C, s.c);
+#if FASTBN_WIDE_HALF
+              if constexpr (WIDE_RUNS<T, CL, U>) {
+                if (!staged_run(yt.stream, s.n, sizeof(T))) {
+                  const WidePrim<T, RELU> pr(x, s, st);
+                  const T* tr = run_ptr<const T>(xt, s, k);
+                  const __m512 va = _mm512_set1_ps(al.v), vb = _mm512_set1_ps(be.v),
+                               vg = _mm512_set1_ps(ga.v);
+                  const __mmask16 xhat_used = uses_xhat ? 0xFFFF : 0;  // and_mask's
+                  return wide_each(s.n, run_ptr<T>(yt, s, k), [&](int64_t i, __mmask16 m) {
+                    const __m512 xh = pr.xhat(i, m);
+                    __m512 v = vb * _mm512_maskz_mov_ps(xhat_used, xh) + vg;
+                    if constexpr (HX) v = va * load16(tr + i, m) + v;
+                    return pr.keep(xh, v);
+                  });
+                }
+              }
+#endif
               const P pr(x, s, st);
               const auto t = src<T, CL, U>(xt, s, k);
               const auto o = dst<T, CL, U>(yt, s, k);
-              const Chan<CL, A> al(pal.get(), s.c), be(pbe.get() + k * g.C, s.c),
-                  ga(pga.get() + k * g.C, s.c);
               each(s.n, o, [&](int64_t i) {
                 const A xh = pr.xhat(i);
                 A v = be[i] * and_mask(uses_xhat, xh) + ga[i];
