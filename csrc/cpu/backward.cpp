@@ -66,12 +66,10 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
                 const T* d = run_ptr<const T>(dy, s, k);
                 const __m512 va = _mm512_set1_ps(a.v), vx = _mm512_set1_ps(bx.v),
                              v0 = _mm512_set1_ps(b0.v);
-                return wide_each(s.n, run_ptr<T>(dx, s, k),
-                                 [&](int64_t i, __mmask16 m) {
-                                   const __m512 xh = pr.xhat(i, m),
-                                                gv = pr.keep(xh, load16(d + i, m));
-                                   return va * gv + vx * xh + v0;
-                                 });
+                return wide_each(s.n, [&](int64_t i, __mmask16 m) {
+                  const __m512 xh = pr.xhat(i, m), gv = pr.keep(xh, load16(d + i, m));
+                  return va * gv + vx * xh + v0;
+                }, run_ptr<T>(dx, s, k));
               }
             }
 #endif

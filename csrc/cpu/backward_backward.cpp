@@ -35,6 +35,18 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
       reduce_map<A, CL, NS>(
           g, nth, K, input_bytes<T>(K, {x, dy, ggx}), uses_g, sums.get(),
           [&](const Seg& s, int64_t k, const Acc<A, CL, NS>& acc) {
+#if FASTBN_WIDE_HALF
+            if constexpr (WIDE_RUNS<T, CL, U>) {
+              const WidePrim<T, RELU> pr(x, s, st);
+              const T* d = run_ptr<const T>(dy, s, k);
+              const T* a = run_ptr<const T>(ggx, s, k);
+              return wide_add(acc, s.n, [&](int64_t i, __mmask16 m) {
+                const __m512 xh = pr.xhat(i, m), gv = pr.keep(xh, load16(d + i, m));
+                const __m512 zero = _mm512_setzero_ps(), av = HA ? load16(a + i, m) : zero;
+                return Terms16<NS>{{gv, gv * xh, av, av * xh, HA ? av * gv : zero}};
+              });
+            }
+#endif
             const P pr(x, s, st);
             const auto d = src<T, CL, U>(dy, s, k);
             const auto a = src<T, CL, U>(ggx, s, k);
@@ -79,15 +91,38 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
                     py0 = PassArray<A>(g, y0.get(), K), pxa = PassArray<A>(g, xa.get(), K),
                     pxg = PassArray<A>(g, xg.get(), K), pxx = PassArray<A>(g, xx.get(), K),
                     px0 = PassArray<A>(g, x0.get(), K)](const Seg& s, int64_t k) {
+              const int64_t o = k * g.C;
+              const Chan<CL, A> cya(pya.get() + o, s.c), cyx(pyx.get() + o, s.c),
+                  cy0(py0.get() + o, s.c), cxa(pxa.get() + o, s.c), cxg(pxg.get() + o, s.c),
+                  cxx(pxx.get() + o, s.c), cx0(px0.get() + o, s.c);
+#if FASTBN_WIDE_HALF
+              if constexpr (WIDE_RUNS<T, CL, U>) {
+                if (!staged_run(out_gdy.stream, s.n, sizeof(T)) &&
+                    !staged_run(out_gx.stream, s.n, sizeof(T))) {
+                  const WidePrim<T, RELU> pr(x, s, st);
+                  const T* d = run_ptr<const T>(dy, s, k);
+                  const T* a = run_ptr<const T>(ggx, s, k);
+                  const __m512 ya = _mm512_set1_ps(cya.v), yx = _mm512_set1_ps(cyx.v),
+                               y0 = _mm512_set1_ps(cy0.v), xa = _mm512_set1_ps(cxa.v),
+                               xg = _mm512_set1_ps(cxg.v), xx = _mm512_set1_ps(cxx.v),
+                               x0 = _mm512_set1_ps(cx0.v);
+                  const __mmask16 g_used = uses_g ? 0xFFFF : 0;  // and_mask's
+                  return wide_each(s.n, [&](int64_t i, __mmask16 m) {
+                    const __m512 xh = pr.xhat(i, m), gv = pr.keep(xh, load16(d + i, m));
+                    const __m512 av = HA ? load16(a + i, m) : _mm512_setzero_ps(),
+                                 xu = _mm512_maskz_mov_ps(g_used, xh);
+                    return Terms16<2>{{pr.keep(xh, ya * av + yx * xu + y0),
+                                       xa * av + xg * _mm512_maskz_mov_ps(g_used, gv) +
+                                           xx * xu + x0}};
+                  }, run_ptr<T>(out_gdy, s, k), run_ptr<T>(out_gx, s, k));
+                }
+              }
+#endif
               const P pr(x, s, st);
               const auto d = src<T, CL, U>(dy, s, k);
               const auto a = src<T, CL, U>(ggx, s, k);
               const auto o1 = dst<T, CL, U>(out_gdy, s, k);
               const auto o2 = dst<T, CL, U>(out_gx, s, k);
-              const int64_t o = k * g.C;
-              const Chan<CL, A> cya(pya.get() + o, s.c), cyx(pyx.get() + o, s.c),
-                  cy0(py0.get() + o, s.c), cxa(pxa.get() + o, s.c), cxg(pxg.get() + o, s.c),
-                  cxx(pxx.get() + o, s.c), cx0(px0.get() + o, s.c);
               each(s.n, o2, [&](int64_t i) {
                 const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
                 const A av = HA ? a.template at<A>(i) : A(0), xu = and_mask(uses_g, xh);

@@ -34,6 +34,21 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
         reduce_map<A, CL, NS>(
             g, nth, K, input_bytes<T>(K, {x, dy, dyt, xt}), true, sums.get(),
             [&](const Seg& s, int64_t k, const Acc<A, CL, NS>& acc) {
+#if FASTBN_WIDE_HALF
+              if constexpr (WIDE_RUNS<T, CL, U>) {
+                const WidePrim<T, RELU> pr(x, s, st);
+                const T* d = run_ptr<const T>(dy, s, k);
+                const T* dt = run_ptr<const T>(dyt, s, k);
+                const T* u = run_ptr<const T>(xt, s, k);
+                return wide_add(acc, s.n, [&](int64_t i, __mmask16 m) {
+                  const __m512 zero = _mm512_setzero_ps();
+                  const __m512 xh = pr.xhat(i, m), gv = pr.keep(xh, load16(d + i, m));
+                  const __m512 tv = HG ? pr.keep(xh, load16(dt + i, m)) : zero;
+                  const __m512 uv = HX ? load16(u + i, m) : zero;
+                  return Terms16<NS>{{gv, gv * xh, tv, tv * xh, uv, uv * xh, HX ? uv * gv : zero}};
+                });
+              }
+#endif
               const P pr(x, s, st);
               const auto d = src<T, CL, U>(dy, s, k);
               const auto dt = src<T, CL, U>(dyt, s, k);
@@ -81,14 +96,35 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
               return [&, pet = PassArray<A>(g, et.get()), peu = PassArray<A>(g, eu.get(), K),
                       peg = PassArray<A>(g, eg.get(), K), pex = PassArray<A>(g, ex.get(), K),
                       pe0 = PassArray<A>(g, e0.get(), K)](const Seg& s, int64_t k) {
+                const int64_t o = k * g.C;
+                const Chan<CL, A> ct(pet.get(), s.c), cu(peu.get() + o, s.c),
+                    cg(peg.get() + o, s.c), cx(pex.get() + o, s.c), c0(pe0.get() + o, s.c);
+#if FASTBN_WIDE_HALF
+                if constexpr (WIDE_RUNS<T, CL, U>) {
+                  if (!staged_run(out_gx.stream, s.n, sizeof(T))) {
+                    const WidePrim<T, RELU> pr(x, s, st);
+                    const T* d = run_ptr<const T>(dy, s, k);
+                    const T* dt = run_ptr<const T>(dyt, s, k);
+                    const T* u = run_ptr<const T>(xt, s, k);
+                    const __m512 vt = _mm512_set1_ps(ct.v), vu = _mm512_set1_ps(cu.v),
+                                 vg = _mm512_set1_ps(cg.v), vx = _mm512_set1_ps(cx.v),
+                                 v0 = _mm512_set1_ps(c0.v);
+                    const __mmask16 g_used = uses_g ? 0xFFFF : 0;  // and_mask's
+                    return wide_each(s.n, [&](int64_t i, __mmask16 m) {
+                      const __m512 zero = _mm512_setzero_ps();
+                      const __m512 xh = pr.xhat(i, m), gv = pr.keep(xh, load16(d + i, m));
+                      const __m512 tv = HG ? pr.keep(xh, load16(dt + i, m)) : zero;
+                      const __m512 uv = HX ? load16(u + i, m) : zero;
+                      return vt * tv + vu * uv + vg * _mm512_maskz_mov_ps(g_used, gv) + vx * xh + v0;
+                    }, run_ptr<T>(out_gx, s, k));
+                  }
+                }
+#endif
                 const P pr(x, s, st);
                 const auto d = src<T, CL, U>(dy, s, k);
                 const auto dt = src<T, CL, U>(dyt, s, k);
                 const auto u = src<T, CL, U>(xt, s, k);
                 const auto out = dst<T, CL, U>(out_gx, s, k);
-                const int64_t o = k * g.C;
-                const Chan<CL, A> ct(pet.get(), s.c), cu(peu.get() + o, s.c),
-                    cg(peg.get() + o, s.c), cx(pex.get() + o, s.c), c0(pe0.get() + o, s.c);
                 each(s.n, out, [&](int64_t i) {
                   const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
                   const A tv = HG ? pr.keep(i, xh, dt.template at<A>(i)) : A(0);

@@ -657,10 +657,10 @@ inline __mmask16 first_lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
 }
 
-// Run s of problem k in t (T const for an input).
+// Run s of problem k in t (T const for an input); null for an absent t.
 template <class T>
 inline T* run_ptr(const TD& t, const Seg& s, int64_t k) {
-  return reinterpret_cast<T*>(t.ptr) + offset(t, s, k);
+  return t.ptr ? reinterpret_cast<T*>(t.ptr) + offset(t, s, k) : nullptr;
 }
 
 // Prim for a wide NCHW run: xhat and the ReLU mask of the 16 values from i, with the
@@ -755,19 +755,30 @@ struct Acc {
 };
 
 #if FASTBN_WIDE_HALF
-// out[i..i+16) = fn(i, mask) over a run of n: whole vectors, then a masked tail.
-template <class T, class F>
-inline void wide_each(int64_t n, T* out, F&& fn) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) store16(out + i, __mmask16(0xFFFF), fn(i, __mmask16(0xFFFF)));
-  if (i < n) store16(out + i, first_lanes(n - i), fn(i, first_lanes(n - i)));
-}
-
 // The NS terms of 16 values (a struct: gcc warns of ignored attributes in std::array's).
 template <int NS>
 struct Terms16 {
   __m512 v[NS];
 };
+
+// The 16 values from i of each output over a run of n, from fn(i, mask): a vector for
+// one output, a Terms16 (in the outputs' order) for more. Whole vectors, then a masked
+// tail.
+template <class F, class... T>
+inline void wide_each(int64_t n, F&& fn, T*... out) {
+  auto step = [&](int64_t i, __mmask16 k) {
+    const auto v = fn(i, k);
+    if constexpr (sizeof...(T) == 1) {
+      (store16(out + i, k, v), ...);
+    } else {
+      int j = 0;
+      (store16(out + i, k, v.v[j++]), ...);
+    }
+  };
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) step(i, __mmask16(0xFFFF));
+  if (i < n) step(i, first_lanes(n - i));
+}
 
 // Acc<float, false, NS>::add over a run of n, where fn(i, mask) gives the Terms16<NS> of
 // the 16 values from i: each term into the lane that add() puts it in, by the same

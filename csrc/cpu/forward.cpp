@@ -102,7 +102,7 @@ struct AffineMap {
       else return _mm512_set1_ps(ch.v);
     };
     const __m512 zero = _mm512_setzero_ps();
-    wide_each(n, yr, [&](int64_t i, __mmask16 k) {
+    wide_each(n, [&](int64_t i, __mmask16 k) {
       const __m512 v = load16(xr + i, k);
       __m512 out = _mm512_add_ps(
           _mm512_mul_ps(_mm512_sub_ps(v, per_channel(m, i, k)), per_channel(a, i, k)),
@@ -110,7 +110,7 @@ struct AffineMap {
       if constexpr (RELU)  // out < 0 -> +0; NaN and -0 stay
         out = _mm512_mask_mov_ps(out, _mm512_cmp_ps_mask(out, zero, _CMP_LT_OQ), zero);
       return out;
-    });
+    }, yr);
   }
 #endif
   // The whole NCHW runs of channels [c0, c1) in row nn (up to short_run long). Not

@@ -72,12 +72,12 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
                   const __m512 va = _mm512_set1_ps(al.v), vb = _mm512_set1_ps(be.v),
                                vg = _mm512_set1_ps(ga.v);
                   const __mmask16 xhat_used = uses_xhat ? 0xFFFF : 0;  // and_mask's
-                  return wide_each(s.n, run_ptr<T>(yt, s, k), [&](int64_t i, __mmask16 m) {
+                  return wide_each(s.n, [&](int64_t i, __mmask16 m) {
                     const __m512 xh = pr.xhat(i, m);
                     __m512 v = vb * _mm512_maskz_mov_ps(xhat_used, xh) + vg;
                     if constexpr (HX) v = va * load16(tr + i, m) + v;
                     return pr.keep(xh, v);
-                  });
+                  }, run_ptr<T>(yt, s, k));
                 }
               }
 #endif
