@@ -61,16 +61,14 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
                 b0(pc0.get() + k * g.C, s.c);
 #if FASTBN_WIDE_HALF
             if constexpr (WIDE_RUNS<T, CL, U>) {
-              if (!staged_run(dx.stream, s.n, sizeof(T))) {
-                const WidePrim<T, RELU> pr(x, s, st);
-                const T* d = run_ptr<const T>(dy, s, k);
-                const __m512 va = _mm512_set1_ps(a.v), vx = _mm512_set1_ps(bx.v),
-                             v0 = _mm512_set1_ps(b0.v);
-                return wide_each(s.n, [&](int64_t i, __mmask16 m) {
-                  const __m512 xh = pr.xhat(i, m), gv = pr.keep(xh, load16(d + i, m));
-                  return va * gv + vx * xh + v0;
-                }, run_ptr<T>(dx, s, k));
-              }
+              const WidePrim<T, RELU> pr(x, s, st);
+              const T* d = run_ptr<const T>(dy, s, k);
+              const __m512 va = splat(a), vx = splat(bx), v0 = splat(b0);
+              if (wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
+                    const __m512 xh = pr.xhat(i, m), gv = pr.keep(xh, load16(d + i, m));
+                    return va * gv + vx * xh + v0;
+                  }, dx))
+                return;
             }
 #endif
             const P pr(x, s, st);

@@ -97,25 +97,21 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
                   cxx(pxx.get() + o, s.c), cx0(px0.get() + o, s.c);
 #if FASTBN_WIDE_HALF
               if constexpr (WIDE_RUNS<T, CL, U>) {
-                if (!staged_run(out_gdy.stream, s.n, sizeof(T)) &&
-                    !staged_run(out_gx.stream, s.n, sizeof(T))) {
-                  const WidePrim<T, RELU> pr(x, s, st);
-                  const T* d = run_ptr<const T>(dy, s, k);
-                  const T* a = run_ptr<const T>(ggx, s, k);
-                  const __m512 ya = _mm512_set1_ps(cya.v), yx = _mm512_set1_ps(cyx.v),
-                               y0 = _mm512_set1_ps(cy0.v), xa = _mm512_set1_ps(cxa.v),
-                               xg = _mm512_set1_ps(cxg.v), xx = _mm512_set1_ps(cxx.v),
-                               x0 = _mm512_set1_ps(cx0.v);
-                  const __mmask16 g_used = uses_g ? 0xFFFF : 0;  // and_mask's
-                  return wide_each(s.n, [&](int64_t i, __mmask16 m) {
-                    const __m512 xh = pr.xhat(i, m), gv = pr.keep(xh, load16(d + i, m));
-                    const __m512 av = HA ? load16(a + i, m) : _mm512_setzero_ps(),
-                                 xu = _mm512_maskz_mov_ps(g_used, xh);
-                    return Terms16<2>{{pr.keep(xh, ya * av + yx * xu + y0),
-                                       xa * av + xg * _mm512_maskz_mov_ps(g_used, gv) +
-                                           xx * xu + x0}};
-                  }, run_ptr<T>(out_gdy, s, k), run_ptr<T>(out_gx, s, k));
-                }
+                const WidePrim<T, RELU> pr(x, s, st);
+                const T* d = run_ptr<const T>(dy, s, k);
+                const T* a = run_ptr<const T>(ggx, s, k);
+                const __m512 ya = splat(cya), yx = splat(cyx), y0 = splat(cy0), xa = splat(cxa),
+                             xg = splat(cxg), xx = splat(cxx), x0 = splat(cx0);
+                const __mmask16 g_used = uses_g ? 0xFFFF : 0;  // and_mask's
+                if (wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
+                      const __m512 xh = pr.xhat(i, m), gv = pr.keep(xh, load16(d + i, m));
+                      const __m512 av = HA ? load16(a + i, m) : _mm512_setzero_ps(),
+                                   xu = _mm512_maskz_mov_ps(g_used, xh);
+                      return Terms16<2>{{pr.keep(xh, ya * av + yx * xu + y0),
+                                         xa * av + xg * _mm512_maskz_mov_ps(g_used, gv) +
+                                             xx * xu + x0}};
+                    }, out_gdy, out_gx))
+                  return;
               }
 #endif
               const P pr(x, s, st);

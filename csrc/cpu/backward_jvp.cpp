@@ -101,23 +101,22 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
                     cg(peg.get() + o, s.c), cx(pex.get() + o, s.c), c0(pe0.get() + o, s.c);
 #if FASTBN_WIDE_HALF
                 if constexpr (WIDE_RUNS<T, CL, U>) {
-                  if (!staged_run(out_gx.stream, s.n, sizeof(T))) {
-                    const WidePrim<T, RELU> pr(x, s, st);
-                    const T* d = run_ptr<const T>(dy, s, k);
-                    const T* dt = run_ptr<const T>(dyt, s, k);
-                    const T* u = run_ptr<const T>(xt, s, k);
-                    const __m512 vt = _mm512_set1_ps(ct.v), vu = _mm512_set1_ps(cu.v),
-                                 vg = _mm512_set1_ps(cg.v), vx = _mm512_set1_ps(cx.v),
-                                 v0 = _mm512_set1_ps(c0.v);
-                    const __mmask16 g_used = uses_g ? 0xFFFF : 0;  // and_mask's
-                    return wide_each(s.n, [&](int64_t i, __mmask16 m) {
-                      const __m512 zero = _mm512_setzero_ps();
-                      const __m512 xh = pr.xhat(i, m), gv = pr.keep(xh, load16(d + i, m));
-                      const __m512 tv = HG ? pr.keep(xh, load16(dt + i, m)) : zero;
-                      const __m512 uv = HX ? load16(u + i, m) : zero;
-                      return vt * tv + vu * uv + vg * _mm512_maskz_mov_ps(g_used, gv) + vx * xh + v0;
-                    }, run_ptr<T>(out_gx, s, k));
-                  }
+                  const WidePrim<T, RELU> pr(x, s, st);
+                  const T* d = run_ptr<const T>(dy, s, k);
+                  const T* dt = run_ptr<const T>(dyt, s, k);
+                  const T* u = run_ptr<const T>(xt, s, k);
+                  const __m512 vt = splat(ct), vu = splat(cu), vg = splat(cg), vx = splat(cx),
+                               v0 = splat(c0);
+                  const __mmask16 g_used = uses_g ? 0xFFFF : 0;  // and_mask's
+                  if (wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
+                        const __m512 zero = _mm512_setzero_ps();
+                        const __m512 xh = pr.xhat(i, m), gv = pr.keep(xh, load16(d + i, m));
+                        const __m512 tv = HG ? pr.keep(xh, load16(dt + i, m)) : zero;
+                        const __m512 uv = HX ? load16(u + i, m) : zero;
+                        return vt * tv + vu * uv + vg * _mm512_maskz_mov_ps(g_used, gv) +
+                               vx * xh + v0;
+                      }, out_gx))
+                    return;
                 }
 #endif
                 const P pr(x, s, st);

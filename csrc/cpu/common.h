@@ -396,8 +396,8 @@ struct Dst {
 // Unit-stride float16 runs go through per-thread float buffers (in L1), converted
 // whole by F16C's vector instructions: converted element by element in the loops (the
 // branch-free method above, a dozen vector operations per 16 values each way), the
-// first-order kernels were compute-bound at 1.5-2x float32's time. (With AVX-512 the
-// NCHW runs of the first-order kernels skip the buffers: WIDE_RUNS.)
+// first-order kernels were compute-bound at 1.5-2x float32's time. (With AVX-512, NCHW
+// runs skip the buffers: WIDE_RUNS.)
 
 // n float16 values to float, and back (rounded to nearest, ties to even): 16 at a time
 // with AVX-512 (a masked vector for the tail), else 8 at a time and the tail one by one.
@@ -678,7 +678,8 @@ struct WidePrim {
   __m512 xhat(int64_t i, __mmask16 k) const { return (load16(x + i, k) - m) * r; }
   __m512 keep(__m512 xh, __m512 v) const {
     if constexpr (RELU)
-      return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(xh * w + b, _mm512_setzero_ps(), _CMP_GT_OQ), v);
+      return _mm512_maskz_mov_ps(
+          _mm512_cmp_ps_mask(xh * w + b, _mm512_setzero_ps(), _CMP_GT_OQ), v);
     else return v;
   }
 };
@@ -780,6 +781,18 @@ inline void wide_each(int64_t n, F&& fn, T*... out) {
   if (i < n) step(i, first_lanes(n - i));
 }
 
+// wide_each over run s of problem k into the outputs `out` of element type T, and true;
+// false where one of them streams its run (staged_run), which the caller then stages.
+template <class T, class F, class... Out>
+inline bool wide_map(const Seg& s, int64_t k, F&& fn, const Out&... out) {
+  if ((staged_run(out.stream, s.n, sizeof(T)) || ...)) return false;
+  wide_each(s.n, fn, run_ptr<T>(out, s, k)...);
+  return true;
+}
+
+// An NCHW run's per-channel value in every lane.
+inline __m512 splat(const Chan<false, float>& c) { return _mm512_set1_ps(c.v); }
+
 // Acc<float, false, NS>::add over a run of n, where fn(i, mask) gives the Terms16<NS> of
 // the 16 values from i: each term into the lane that add() puts it in, by the same
 // additions (a tail's elements already added as +0), so the same bits.
@@ -800,7 +813,8 @@ inline void wide_add(const Acc<float, false, NS>& acc, int64_t n, F&& fn) {
     return;
   }
   __m512 lo[NS], hi[NS];
-  for (int j = 0; j < NS; ++j) lo[j] = _mm512_loadu_ps(f + j * W), hi[j] = _mm512_loadu_ps(f + j * W + 16);
+  for (int j = 0; j < NS; ++j)
+    lo[j] = _mm512_loadu_ps(f + j * W), hi[j] = _mm512_loadu_ps(f + j * W + 16);
   auto add = [&](int64_t i, __mmask16 klo, __mmask16 khi) {
     const Terms16<NS> a = fn(i, __mmask16(0xFFFF)), b = fn(i + 16, __mmask16(0xFFFF));
     for (int j = 0; j < NS; ++j)
@@ -810,9 +824,11 @@ inline void wide_add(const Acc<float, false, NS>& acc, int64_t n, F&& fn) {
   for (; i + W <= n; i += W) add(i, 0xFFFF, 0xFFFF);
   if (i < n) {
     const int64_t done = i - (n - W);  // the last W elements, the first `done` added
-    add(n - W, __mmask16(~first_lanes(done)), __mmask16(~first_lanes(std::max<int64_t>(0, done - 16))));
+    add(n - W, __mmask16(~first_lanes(done)),
+        __mmask16(~first_lanes(std::max<int64_t>(0, done - 16))));
   }
-  for (int j = 0; j < NS; ++j) _mm512_storeu_ps(f + j * W, lo[j]), _mm512_storeu_ps(f + j * W + 16, hi[j]);
+  for (int j = 0; j < NS; ++j)
+    _mm512_storeu_ps(f + j * W, lo[j]), _mm512_storeu_ps(f + j * W + 16, hi[j]);
 }
 #endif
 

@@ -66,19 +66,17 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
                   ga(pga.get() + k * g.C, s.c);
 #if FASTBN_WIDE_HALF
               if constexpr (WIDE_RUNS<T, CL, U>) {
-                if (!staged_run(yt.stream, s.n, sizeof(T))) {
-                  const WidePrim<T, RELU> pr(x, s, st);
-                  const T* tr = run_ptr<const T>(xt, s, k);
-                  const __m512 va = _mm512_set1_ps(al.v), vb = _mm512_set1_ps(be.v),
-                               vg = _mm512_set1_ps(ga.v);
-                  const __mmask16 xhat_used = uses_xhat ? 0xFFFF : 0;  // and_mask's
-                  return wide_each(s.n, [&](int64_t i, __mmask16 m) {
-                    const __m512 xh = pr.xhat(i, m);
-                    __m512 v = vb * _mm512_maskz_mov_ps(xhat_used, xh) + vg;
-                    if constexpr (HX) v = va * load16(tr + i, m) + v;
-                    return pr.keep(xh, v);
-                  }, run_ptr<T>(yt, s, k));
-                }
+                const WidePrim<T, RELU> pr(x, s, st);
+                const T* tr = run_ptr<const T>(xt, s, k);
+                const __m512 va = splat(al), vb = splat(be), vg = splat(ga);
+                const __mmask16 xhat_used = uses_xhat ? 0xFFFF : 0;  // and_mask's
+                if (wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
+                      const __m512 xh = pr.xhat(i, m);
+                      __m512 v = vb * _mm512_maskz_mov_ps(xhat_used, xh) + vg;
+                      if constexpr (HX) v = va * load16(tr + i, m) + v;
+                      return pr.keep(xh, v);
+                    }, yt))
+                  return;
               }
 #endif
               const P pr(x, s, st);
