@@ -23,10 +23,10 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
         [&](const Seg& s, int64_t k, const Acc<A, CL, 2>& acc) {
 #if FASTBN_WIDE_HALF
           if constexpr (WIDE_RUNS<T, CL, U>) {
-            const WidePrim<T, RELU> pr(x, s, st);
+            const WidePrim<T, CL, RELU> pr(x, s, st);
             const T* d = run_ptr<const T>(dy, s, k);
             return wide_add(acc, s.n, [&](int64_t i, __mmask16 m) {
-              const __m512 xh = pr.xhat(i, m), gv = pr.keep(xh, load16(d + i, m));
+              const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
               return Terms16<2>{{gv, gv * xh}};
             });
           }
@@ -61,12 +61,12 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
                 b0(pc0.get() + k * g.C, s.c);
 #if FASTBN_WIDE_HALF
             if constexpr (WIDE_RUNS<T, CL, U>) {
-              const WidePrim<T, RELU> pr(x, s, st);
+              const WidePrim<T, CL, RELU> pr(x, s, st);
               const T* d = run_ptr<const T>(dy, s, k);
-              const __m512 va = splat(a), vx = splat(bx), v0 = splat(b0);
+              const WideChan<CL> va(a), vx(bx), v0(b0);
               if (wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
-                    const __m512 xh = pr.xhat(i, m), gv = pr.keep(xh, load16(d + i, m));
-                    return va * gv + vx * xh + v0;
+                    const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
+                    return va(i, m) * gv + vx(i, m) * xh + v0(i, m);
                   }, dx))
                 return;
             }

@@ -37,11 +37,11 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
           [&](const Seg& s, int64_t k, const Acc<A, CL, NS>& acc) {
 #if FASTBN_WIDE_HALF
             if constexpr (WIDE_RUNS<T, CL, U>) {
-              const WidePrim<T, RELU> pr(x, s, st);
+              const WidePrim<T, CL, RELU> pr(x, s, st);
               const T* d = run_ptr<const T>(dy, s, k);
               const T* a = run_ptr<const T>(ggx, s, k);
               return wide_add(acc, s.n, [&](int64_t i, __mmask16 m) {
-                const __m512 xh = pr.xhat(i, m), gv = pr.keep(xh, load16(d + i, m));
+                const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
                 const __m512 zero = _mm512_setzero_ps(), av = HA ? load16(a + i, m) : zero;
                 return Terms16<NS>{{gv, gv * xh, av, av * xh, HA ? av * gv : zero}};
               });
@@ -97,19 +97,18 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
                   cxx(pxx.get() + o, s.c), cx0(px0.get() + o, s.c);
 #if FASTBN_WIDE_HALF
               if constexpr (WIDE_RUNS<T, CL, U>) {
-                const WidePrim<T, RELU> pr(x, s, st);
+                const WidePrim<T, CL, RELU> pr(x, s, st);
                 const T* d = run_ptr<const T>(dy, s, k);
                 const T* a = run_ptr<const T>(ggx, s, k);
-                const __m512 ya = splat(cya), yx = splat(cyx), y0 = splat(cy0), xa = splat(cxa),
-                             xg = splat(cxg), xx = splat(cxx), x0 = splat(cx0);
+                const WideChan<CL> ya(cya), yx(cyx), y0(cy0), xa(cxa), xg(cxg), xx(cxx), x0(cx0);
                 const __mmask16 g_used = uses_g ? 0xFFFF : 0;  // and_mask's
                 if (wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
-                      const __m512 xh = pr.xhat(i, m), gv = pr.keep(xh, load16(d + i, m));
+                      const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
                       const __m512 av = HA ? load16(a + i, m) : _mm512_setzero_ps(),
                                    xu = _mm512_maskz_mov_ps(g_used, xh);
-                      return Terms16<2>{{pr.keep(xh, ya * av + yx * xu + y0),
-                                         xa * av + xg * _mm512_maskz_mov_ps(g_used, gv) +
-                                             xx * xu + x0}};
+                      return Terms16<2>{{pr.keep(i, m, xh, ya(i, m) * av + yx(i, m) * xu + y0(i, m)),
+                                         xa(i, m) * av + xg(i, m) * _mm512_maskz_mov_ps(g_used, gv) +
+                                             xx(i, m) * xu + x0(i, m)}};
                     }, out_gdy, out_gx))
                   return;
               }

@@ -36,14 +36,14 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
             [&](const Seg& s, int64_t k, const Acc<A, CL, NS>& acc) {
 #if FASTBN_WIDE_HALF
               if constexpr (WIDE_RUNS<T, CL, U>) {
-                const WidePrim<T, RELU> pr(x, s, st);
+                const WidePrim<T, CL, RELU> pr(x, s, st);
                 const T* d = run_ptr<const T>(dy, s, k);
                 const T* dt = run_ptr<const T>(dyt, s, k);
                 const T* u = run_ptr<const T>(xt, s, k);
                 return wide_add(acc, s.n, [&](int64_t i, __mmask16 m) {
                   const __m512 zero = _mm512_setzero_ps();
-                  const __m512 xh = pr.xhat(i, m), gv = pr.keep(xh, load16(d + i, m));
-                  const __m512 tv = HG ? pr.keep(xh, load16(dt + i, m)) : zero;
+                  const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
+                  const __m512 tv = HG ? pr.keep(i, m, xh, load16(dt + i, m)) : zero;
                   const __m512 uv = HX ? load16(u + i, m) : zero;
                   return Terms16<NS>{{gv, gv * xh, tv, tv * xh, uv, uv * xh, HX ? uv * gv : zero}};
                 });
@@ -101,20 +101,20 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
                     cg(peg.get() + o, s.c), cx(pex.get() + o, s.c), c0(pe0.get() + o, s.c);
 #if FASTBN_WIDE_HALF
                 if constexpr (WIDE_RUNS<T, CL, U>) {
-                  const WidePrim<T, RELU> pr(x, s, st);
+                  const WidePrim<T, CL, RELU> pr(x, s, st);
                   const T* d = run_ptr<const T>(dy, s, k);
                   const T* dt = run_ptr<const T>(dyt, s, k);
                   const T* u = run_ptr<const T>(xt, s, k);
-                  const __m512 vt = splat(ct), vu = splat(cu), vg = splat(cg), vx = splat(cx),
-                               v0 = splat(c0);
+                  const WideChan<CL> vt(ct), vu(cu), vg(cg), vx(cx), v0(c0);
                   const __mmask16 g_used = uses_g ? 0xFFFF : 0;  // and_mask's
                   if (wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
                         const __m512 zero = _mm512_setzero_ps();
-                        const __m512 xh = pr.xhat(i, m), gv = pr.keep(xh, load16(d + i, m));
-                        const __m512 tv = HG ? pr.keep(xh, load16(dt + i, m)) : zero;
+                        const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
+                        const __m512 tv = HG ? pr.keep(i, m, xh, load16(dt + i, m)) : zero;
                         const __m512 uv = HX ? load16(u + i, m) : zero;
-                        return vt * tv + vu * uv + vg * _mm512_maskz_mov_ps(g_used, gv) +
-                               vx * xh + v0;
+                        return vt(i, m) * tv + vu(i, m) * uv +
+                               vg(i, m) * _mm512_maskz_mov_ps(g_used, gv) + vx(i, m) * xh +
+                               v0(i, m);
                       }, out_gx))
                     return;
                 }

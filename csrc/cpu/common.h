@@ -644,12 +644,13 @@ struct Prim {
   }
 };
 
-// Whether the passes take unit-stride NCHW runs of a 2-byte type in registers, 16 values
+// Whether the passes take unit-stride runs of a 2-byte type in registers, 16 values
 // converted at a time (WidePrim, wide_add, wide_map), rather than staged through float
 // buffers (Src, Dst): staged, float16 backward of 56x56 planes ran at 0.79x stock's, in
-// registers at 1.02x (the kernels 1.4-1.8x faster on NCHW planes, bfloat16's 1.1-1.3x).
+// registers at 1.02x (the kernels 1.4-1.8x faster on NCHW planes, bfloat16's 1.1-1.3x;
+// on channels-last rows float16's 1.05-1.6x, bfloat16's 1.0-1.2x).
 template <class T, bool CL, bool UNIT>
-constexpr bool WIDE_RUNS = FASTBN_WIDE_HALF && UNIT && !CL && sizeof(T) == 2;
+constexpr bool WIDE_RUNS = FASTBN_WIDE_HALF && UNIT && sizeof(T) == 2;
 
 #if FASTBN_WIDE_HALF
 // The first n lanes of 16 (all of them from 16).
@@ -663,23 +664,38 @@ inline T* run_ptr(const TD& t, const Seg& s, int64_t k) {
   return t.ptr ? reinterpret_cast<T*>(t.ptr) + offset(t, s, k) : nullptr;
 }
 
-// Prim for a wide NCHW run: xhat and the ReLU mask of the 16 values from i, with the
+// Chan for a wide run: the per-channel values of the 16 elements from i (lanes outside
+// k are 0), the NCHW run's one value in a register, a channels-last row's channels
+// loaded. By value: referenced, they were read again after every store (which may alias
+// them), not kept in registers.
+template <bool CL>
+struct WideChan {
+  const float* p;
+  __m512 v;
+  explicit WideChan(const Chan<CL, float>& c)
+      : p(c.p), v(CL ? _mm512_setzero_ps() : _mm512_set1_ps(c.v)) {}
+  WideChan(const float* base, int64_t c) : WideChan(Chan<CL, float>(base, c)) {}
+  __m512 operator()(int64_t i, __mmask16 k) const {
+    if constexpr (CL) return _mm512_maskz_loadu_ps(k, p + i);
+    else return v;
+  }
+};
+
+// Prim for a wide run: xhat and the ReLU mask of the 16 values from i, with the
 // operations of Prim's in the same order (the same bits; the vector operators are IEEE
 // lane by lane, and the build contracts nothing).
-template <class T, bool RELU>
+template <class T, bool CL, bool RELU>
 struct WidePrim {
   const T* x;
-  __m512 m, r, w, b;
+  WideChan<CL> m, r, w, b;
   WidePrim(const TD& xt, const Seg& s, const Stats<float>& st)
-      : x(run_ptr<const T>(xt, s, 0)), m(_mm512_set1_ps(st.mean.get()[s.c])),
-        r(_mm512_set1_ps(st.invstd.get()[s.c])),
-        w(_mm512_set1_ps(RELU ? st.w.get()[s.c] : 0.f)),
-        b(_mm512_set1_ps(RELU ? st.b.get()[s.c] : 0.f)) {}
-  __m512 xhat(int64_t i, __mmask16 k) const { return (load16(x + i, k) - m) * r; }
-  __m512 keep(__m512 xh, __m512 v) const {
+      : x(run_ptr<const T>(xt, s, 0)), m(st.mean.get(), s.c), r(st.invstd.get(), s.c),
+        w(st.w.get(), s.c), b(st.b.get(), s.c) {}
+  __m512 xhat(int64_t i, __mmask16 k) const { return (load16(x + i, k) - m(i, k)) * r(i, k); }
+  __m512 keep(int64_t i, __mmask16 k, __m512 xh, __m512 v) const {
     if constexpr (RELU)
       return _mm512_maskz_mov_ps(
-          _mm512_cmp_ps_mask(xh * w + b, _mm512_setzero_ps(), _CMP_GT_OQ), v);
+          _mm512_cmp_ps_mask(xh * w(i, k) + b(i, k), _mm512_setzero_ps(), _CMP_GT_OQ), v);
     else return v;
   }
 };
@@ -762,12 +778,21 @@ struct Terms16 {
   __m512 v[NS];
 };
 
+// step(i, mask) over a run of n, 16 values a step: whole vectors (a constant mask, which
+// the compiler drops from the loads and stores), then a masked tail.
+template <class F>
+inline void wide_steps(int64_t n, F&& step) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) step(i, __mmask16(0xFFFF));
+  if (i < n) step(i, first_lanes(n - i));
+}
+
 // The 16 values from i of each output over a run of n, from fn(i, mask): a vector for
 // one output, a Terms16 (in the outputs' order) for more. Whole vectors, then a masked
 // tail.
 template <class F, class... T>
 inline void wide_each(int64_t n, F&& fn, T*... out) {
-  auto step = [&](int64_t i, __mmask16 k) {
+  wide_steps(n, [&](int64_t i, __mmask16 k) {
     const auto v = fn(i, k);
     if constexpr (sizeof...(T) == 1) {
       (store16(out + i, k, v), ...);
@@ -775,10 +800,7 @@ inline void wide_each(int64_t n, F&& fn, T*... out) {
       int j = 0;
       (store16(out + i, k, v.v[j++]), ...);
     }
-  };
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) step(i, __mmask16(0xFFFF));
-  if (i < n) step(i, first_lanes(n - i));
+  });
 }
 
 // wide_each over run s of problem k into the outputs `out` of element type T, and true;
@@ -789,9 +811,6 @@ inline bool wide_map(const Seg& s, int64_t k, F&& fn, const Out&... out) {
   wide_each(s.n, fn, run_ptr<T>(out, s, k)...);
   return true;
 }
-
-// An NCHW run's per-channel value in every lane.
-inline __m512 splat(const Chan<false, float>& c) { return _mm512_set1_ps(c.v); }
 
 // Acc<float, false, NS>::add over a run of n, where fn(i, mask) gives the Terms16<NS> of
 // the 16 values from i: each term into the lane that add() puts it in, by the same
@@ -829,6 +848,19 @@ inline void wide_add(const Acc<float, false, NS>& acc, int64_t n, F&& fn) {
   }
   for (int j = 0; j < NS; ++j)
     _mm512_storeu_ps(f + j * W, lo[j]), _mm512_storeu_ps(f + j * W + 16, hi[j]);
+}
+
+// Acc<float, true, NS>::add over a channels-last row of n: each term into its channel's
+// slot, one addition each, as add() does.
+template <int NS, class F>
+inline void wide_add(const Acc<float, true, NS>& acc, int64_t n, F&& fn) {
+  wide_steps(n, [&](int64_t i, __mmask16 k) {
+    const Terms16<NS> t = fn(i, k);
+    for (int j = 0; j < NS; ++j) {
+      float* slot = acc.f + j * SEG + i;
+      _mm512_mask_storeu_ps(slot, k, _mm512_maskz_loadu_ps(k, slot) + t.v[j]);
+    }
+  });
 }
 #endif
 

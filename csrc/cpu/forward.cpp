@@ -60,14 +60,7 @@ struct AffineMap {
     const A out = (v - m) * a + b;
     return RELU ? (out < A(0) ? A(0) : out) : out;  // torch's relu: NaN and -0 stay
   }
-  // float16 runs (and bfloat16 NCHW runs) of unit stride are converted 16 values at a
-  // time in registers (wide_values).
-#if FASTBN_WIDE_HALF
-  static constexpr bool WIDE =
-      U && (std::is_same_v<T, half> || (std::is_same_v<T, bf16> && !CL));
-#else
-  static constexpr bool WIDE = false;
-#endif
+  static constexpr bool WIDE = WIDE_RUNS<T, CL, U>;
   // NCHW runs up to this long go to runs() (row_runs). Wide runs up to the length from
   // which a streamed run would be staged (staged_run): the per-run setup cost float16
   // 7x7 planes a third of their eval (316 us against 216 on 128x512x7x7) and bfloat16
@@ -91,22 +84,13 @@ struct AffineMap {
   // y = value(x) over n values, 16 at a time, the operations of value() in between (the
   // same bits): float16 staged through float buffers (Src, Dst) took 1.3x stock's
   // float16 eval, and bfloat16's compiled loop over NCHW runs 1.12x stock's on one
-  // thread (its channels-last rows, where the per-channel values are vectors too, ran
-  // 1-5% faster compiled). Streamed runs stay staged. Whole vectors go unmasked. The
-  // Chans by value: referenced, they were read again after every store (which may alias
-  // them), not kept in registers.
-  static void wide_values(const T* xr, T* yr, int64_t n, const Chan<CL, A> m,
-                          const Chan<CL, A> a, const Chan<CL, A> b) {
-    auto per_channel = [](const Chan<CL, A>& ch, int64_t i, __mmask16 k) {
-      if constexpr (CL) return _mm512_maskz_loadu_ps(k, ch.p + i);
-      else return _mm512_set1_ps(ch.v);
-    };
+  // thread. Streamed runs stay staged.
+  static void wide_values(const T* xr, T* yr, int64_t n, const Chan<CL, A> center,
+                          const Chan<CL, A> scale, const Chan<CL, A> bias) {
+    const WideChan<CL> m(center), a(scale), b(bias);
     const __m512 zero = _mm512_setzero_ps();
     wide_each(n, [&](int64_t i, __mmask16 k) {
-      const __m512 v = load16(xr + i, k);
-      __m512 out = _mm512_add_ps(
-          _mm512_mul_ps(_mm512_sub_ps(v, per_channel(m, i, k)), per_channel(a, i, k)),
-          per_channel(b, i, k));
+      __m512 out = (load16(xr + i, k) - m(i, k)) * a(i, k) + b(i, k);
       if constexpr (RELU)  // out < 0 -> +0; NaN and -0 stay
         out = _mm512_mask_mov_ps(out, _mm512_cmp_ps_mask(out, zero, _CMP_LT_OQ), zero);
       return out;
@@ -124,8 +108,7 @@ struct AffineMap {
       T* yc = yr + c * y.sC;
       if constexpr (WIDE) {
 #if FASTBN_WIDE_HALF
-        wide_values(xc, yc, L, Chan<CL, A>(center.get(), c), Chan<CL, A>(scale.get(), c),
-                    Chan<CL, A>(bias.get(), c));
+        wide_values(xc, yc, L, {center.get(), c}, {scale.get(), c}, {bias.get(), c});
 #endif
       } else {
         const A m = center.get()[c], a = scale.get()[c], b = bias.get()[c];
@@ -187,9 +170,9 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
 #if FASTBN_WIDE_HALF
           if constexpr (WIDE_RUNS<T, CL, U>) {
             const T* xr = run_ptr<const T>(x, s, 0);
-            const __m512 p = _mm512_set1_ps(pp.get()[s.c]);
+            const WideChan<CL> p(pp.get(), s.c);
             return wide_add(acc, s.n, [&](int64_t i, __mmask16 m) {
-              const __m512 d = load16(xr + i, m) - p;
+              const __m512 d = load16(xr + i, m) - p(i, m);
               return Terms16<2>{{d, d * d}};
             });
           }

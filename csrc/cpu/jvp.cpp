@@ -30,7 +30,7 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
           [&](const Seg& s, int64_t k, const Acc<A, CL, 2>& acc) {
 #if FASTBN_WIDE_HALF
             if constexpr (WIDE_RUNS<T, CL, U>) {
-              const WidePrim<T, RELU> pr(x, s, st);
+              const WidePrim<T, CL, RELU> pr(x, s, st);
               const T* tr = run_ptr<const T>(xt, s, k);
               return wide_add(acc, s.n, [&](int64_t i, __mmask16 m) {
                 const __m512 tv = load16(tr + i, m);
@@ -66,15 +66,15 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
                   ga(pga.get() + k * g.C, s.c);
 #if FASTBN_WIDE_HALF
               if constexpr (WIDE_RUNS<T, CL, U>) {
-                const WidePrim<T, RELU> pr(x, s, st);
+                const WidePrim<T, CL, RELU> pr(x, s, st);
                 const T* tr = run_ptr<const T>(xt, s, k);
-                const __m512 va = splat(al), vb = splat(be), vg = splat(ga);
+                const WideChan<CL> va(al), vb(be), vg(ga);
                 const __mmask16 xhat_used = uses_xhat ? 0xFFFF : 0;  // and_mask's
                 if (wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
                       const __m512 xh = pr.xhat(i, m);
-                      __m512 v = vb * _mm512_maskz_mov_ps(xhat_used, xh) + vg;
-                      if constexpr (HX) v = va * load16(tr + i, m) + v;
-                      return pr.keep(xh, v);
+                      __m512 v = vb(i, m) * _mm512_maskz_mov_ps(xhat_used, xh) + vg(i, m);
+                      if constexpr (HX) v = va(i, m) * load16(tr + i, m) + v;
+                      return pr.keep(i, m, xh, v);
                     }, yt))
                   return;
               }
