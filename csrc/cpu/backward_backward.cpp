@@ -106,9 +106,10 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
                       const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
                       const __m512 av = HA ? load16(a + i, m) : _mm512_setzero_ps(),
                                    xu = _mm512_maskz_mov_ps(g_used, xh);
-                      return Terms16<2>{{pr.keep(i, m, xh, ya(i, m) * av + yx(i, m) * xu + y0(i, m)),
-                                         xa(i, m) * av + xg(i, m) * _mm512_maskz_mov_ps(g_used, gv) +
-                                             xx(i, m) * xu + x0(i, m)}};
+                      const __m512 gu = _mm512_maskz_mov_ps(g_used, gv);
+                      return Terms16<2>{
+                          {pr.keep(i, m, xh, ya(i, m) * av + yx(i, m) * xu + y0(i, m)),
+                           xa(i, m) * av + xg(i, m) * gu + xx(i, m) * xu + x0(i, m)}};
                     }, out_gdy, out_gx))
                   return;
               }
