@@ -64,11 +64,10 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
               const WidePrim<T, CL, RELU> pr(x, s, st);
               const T* d = run_ptr<const T>(dy, s, k);
               const WideChan<CL> va(a), vx(bx), v0(b0);
-              if (wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
-                    const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
-                    return va(i, m) * gv + vx(i, m) * xh + v0(i, m);
-                  }, dx))
-                return;
+              return wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
+                const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
+                return va(i, m) * gv + vx(i, m) * xh + v0(i, m);
+              }, dx);
             }
 #endif
             const P pr(x, s, st);

@@ -102,16 +102,15 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
                 const T* a = run_ptr<const T>(ggx, s, k);
                 const WideChan<CL> ya(cya), yx(cyx), y0(cy0), xa(cxa), xg(cxg), xx(cxx), x0(cx0);
                 const __mmask16 g_used = uses_g ? 0xFFFF : 0;  // and_mask's
-                if (wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
-                      const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
-                      const __m512 av = HA ? load16(a + i, m) : _mm512_setzero_ps(),
-                                   xu = _mm512_maskz_mov_ps(g_used, xh);
-                      const __m512 gu = _mm512_maskz_mov_ps(g_used, gv);
-                      return Terms16<2>{
-                          {pr.keep(i, m, xh, ya(i, m) * av + yx(i, m) * xu + y0(i, m)),
-                           xa(i, m) * av + xg(i, m) * gu + xx(i, m) * xu + x0(i, m)}};
-                    }, out_gdy, out_gx))
-                  return;
+                return wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
+                  const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
+                  const __m512 av = HA ? load16(a + i, m) : _mm512_setzero_ps(),
+                               xu = _mm512_maskz_mov_ps(g_used, xh);
+                  const __m512 gu = _mm512_maskz_mov_ps(g_used, gv);
+                  return Terms16<2>{
+                      {pr.keep(i, m, xh, ya(i, m) * av + yx(i, m) * xu + y0(i, m)),
+                       xa(i, m) * av + xg(i, m) * gu + xx(i, m) * xu + x0(i, m)}};
+                }, out_gdy, out_gx);
               }
 #endif
               const P pr(x, s, st);

@@ -107,16 +107,15 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
                   const T* u = run_ptr<const T>(xt, s, k);
                   const WideChan<CL> vt(ct), vu(cu), vg(cg), vx(cx), v0(c0);
                   const __mmask16 g_used = uses_g ? 0xFFFF : 0;  // and_mask's
-                  if (wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
-                        const __m512 zero = _mm512_setzero_ps();
-                        const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
-                        const __m512 tv = HG ? pr.keep(i, m, xh, load16(dt + i, m)) : zero;
-                        const __m512 uv = HX ? load16(u + i, m) : zero;
-                        return vt(i, m) * tv + vu(i, m) * uv +
-                               vg(i, m) * _mm512_maskz_mov_ps(g_used, gv) + vx(i, m) * xh +
-                               v0(i, m);
-                      }, out_gx))
-                    return;
+                  return wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
+                    const __m512 zero = _mm512_setzero_ps();
+                    const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
+                    const __m512 tv = HG ? pr.keep(i, m, xh, load16(dt + i, m)) : zero;
+                    const __m512 uv = HX ? load16(u + i, m) : zero;
+                    return vt(i, m) * tv + vu(i, m) * uv +
+                           vg(i, m) * _mm512_maskz_mov_ps(g_used, gv) + vx(i, m) * xh +
+                           v0(i, m);
+                  }, out_gx);
                 }
 #endif
                 const P pr(x, s, st);

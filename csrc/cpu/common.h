@@ -803,13 +803,29 @@ inline void wide_each(int64_t n, F&& fn, T*... out) {
   });
 }
 
-// wide_each over run s of problem k into the outputs `out` of element type T, and true;
-// false where one of them streams its run (staged_run), which the caller then stages.
+// An output run of a wide pass, as Dst: `p`, where the pass writes, is the run itself, or
+// for a streamed run (staged_run) a staging buffer (in L1) that goes to the run with
+// non-temporal stores when the WideOut goes out of scope.
+template <class T>
+struct WideOut {
+  T* run;
+  T* p;
+  int64_t n;
+  WideOut(const TD& t, const Seg& s, int64_t k) : run(run_ptr<T>(t, s, k)), p(run), n(s.n) {
+    if (staged_run(t.stream, n, sizeof(T))) p = static_cast<T*>(stage_buffer());
+  }
+  WideOut(const WideOut&) = delete;
+  WideOut& operator=(const WideOut&) = delete;
+  ~WideOut() {
+    if (p != run) stream_store(run, p, size_t(n) * sizeof(T));
+  }
+};
+
+// wide_each over run s of problem k into the outputs `out` of element type T. (The
+// WideOut temporaries live until wide_each returns, then stream what they staged.)
 template <class T, class F, class... Out>
-inline bool wide_map(const Seg& s, int64_t k, F&& fn, const Out&... out) {
-  if ((staged_run(out.stream, s.n, sizeof(T)) || ...)) return false;
-  wide_each(s.n, fn, run_ptr<T>(out, s, k)...);
-  return true;
+inline void wide_map(const Seg& s, int64_t k, F&& fn, const Out&... out) {
+  wide_each(s.n, fn, WideOut<T>(out, s, k).p...);
 }
 
 // Acc<float, false, NS>::add over a run of n, where fn(i, mask) gives the Terms16<NS> of

@@ -70,11 +70,9 @@ struct AffineMap {
   void operator()(const Seg& s, int64_t) const {
     const Chan<CL, A> m(center.get(), s.c), a(scale.get(), s.c), b(bias.get(), s.c);
 #if FASTBN_WIDE_HALF
-    if constexpr (WIDE) {
-      if (!staged_run(y.stream, s.n, sizeof(T)))
-        return wide_values(reinterpret_cast<const T*>(x.ptr) + offset(x, s, 0),
-                           reinterpret_cast<T*>(y.ptr) + offset(y, s, 0), s.n, m, a, b);
-    }
+    // (The WideOut lives until wide_values returns: see wide_map.)
+    if constexpr (WIDE)
+      return wide_values(run_ptr<const T>(x, s, 0), WideOut<T>(y, s, 0).p, s.n, m, a, b);
 #endif
     const auto in = src<T, CL, U>(x, s, 0);
     const auto out = dst<T, CL, U>(y, s, 0);
@@ -84,7 +82,7 @@ struct AffineMap {
   // y = value(x) over n values, 16 at a time, the operations of value() in between (the
   // same bits): float16 staged through float buffers (Src, Dst) took 1.3x stock's
   // float16 eval, and bfloat16's compiled loop 1.12x stock's over NCHW runs (one thread)
-  // and 1.1x this one's over channels-last rows. Streamed runs stay staged.
+  // and 1.1x this one's over channels-last rows.
   static void wide_values(const T* xr, T* yr, int64_t n, const Chan<CL, A> center,
                           const Chan<CL, A> scale, const Chan<CL, A> bias) {
     const WideChan<CL> m(center), a(scale), b(bias);

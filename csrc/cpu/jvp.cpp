@@ -70,13 +70,12 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
                 const T* tr = run_ptr<const T>(xt, s, k);
                 const WideChan<CL> va(al), vb(be), vg(ga);
                 const __mmask16 xhat_used = uses_xhat ? 0xFFFF : 0;  // and_mask's
-                if (wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
-                      const __m512 xh = pr.xhat(i, m);
-                      __m512 v = vb(i, m) * _mm512_maskz_mov_ps(xhat_used, xh) + vg(i, m);
-                      if constexpr (HX) v = va(i, m) * load16(tr + i, m) + v;
-                      return pr.keep(i, m, xh, v);
-                    }, yt))
-                  return;
+                return wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
+                  const __m512 xh = pr.xhat(i, m);
+                  __m512 v = vb(i, m) * _mm512_maskz_mov_ps(xhat_used, xh) + vg(i, m);
+                  if constexpr (HX) v = va(i, m) * load16(tr + i, m) + v;
+                  return pr.keep(i, m, xh, v);
+                }, yt);
               }
 #endif
               const P pr(x, s, st);
