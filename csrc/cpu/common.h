@@ -393,17 +393,6 @@ struct Dst {
 #endif
 
 #if defined(__F16C__)
-// Unit-stride float16 runs go through per-thread float buffers (in L1), converted
-// whole by F16C's vector instructions: converted element by element in the loops (the
-// branch-free method above, a dozen vector operations per 16 values each way), the
-// first-order kernels were compute-bound at 1.5-2x float32's time. (With AVX-512, NCHW
-// runs skip the buffers: WIDE_RUNS.)
-
-// n float16 values to float, and back (rounded to nearest, ties to even): 16 at a time
-// with AVX-512 (a masked vector for the tail), else 8 at a time and the tail one by one.
-// With AVX-512 the floats are written in whole vectors, up to n rounded up to 16 (zeros
-// past n): the loops' scalar tails then read what one store wrote, where a masked store
-// cost each run of a 10x10 plane a failed store-to-load forwarding per tail element.
 #if FASTBN_WIDE_HALF
 // 16 values of a 2-byte type to float, and back, in registers: to_acc's and from_acc's
 // conversions bit for bit (lanes outside k load as 0 and are not stored).
@@ -432,36 +421,26 @@ inline void store16(bf16* p, __mmask16 k, __m512 v) {
 }
 #endif
 
+// Without AVX-512, unit-stride float16 runs go through per-thread float buffers (in L1),
+// converted whole by F16C's vector instructions: converted element by element in the
+// loops (the branch-free method above, a dozen vector operations per 16 values each way),
+// the first-order kernels were compute-bound at 1.5-2x float32's time. (With AVX-512
+// every unit-stride run skips the buffers: WIDE_RUNS.)
+
+// n float16 values to float, and back (rounded to nearest, ties to even): 8 at a time,
+// the tail one by one.
 inline void halves_to_floats(const half* h, int64_t n, float* f) {
   int64_t i = 0;
-#if FASTBN_WIDE_HALF
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(f + i, _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i))));
-  if (i < n) {
-    const __mmask16 m = __mmask16((1u << (n - i)) - 1);
-    _mm512_storeu_ps(f + i, _mm512_maskz_cvtph_ps(m, _mm256_maskz_loadu_epi16(m, h + i)));
-  }
-#else
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
   for (; i < n; ++i) f[i] = _cvtsh_ss(h[i].v);
-#endif
 }
 inline void floats_to_halves(const float* f, int64_t n, half* h) {
   constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   int64_t i = 0;
-#if FASTBN_WIDE_HALF
-  for (; i + 16 <= n; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + i), _mm512_maskz_cvtps_ph(0xFFFF, _mm512_loadu_ps(f + i), nearest));
-  if (i < n) {
-    const __mmask16 m = __mmask16((1u << (n - i)) - 1);
-    _mm256_mask_storeu_epi16(h + i, m, _mm512_maskz_cvtps_ph(m, _mm512_maskz_loadu_ps(m, f + i), nearest));
-  }
-#else
   for (; i + 8 <= n; i += 8)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(f + i), nearest));
   for (; i < n; ++i) h[i].v = _cvtss_sh(f[i], nearest);
-#endif
 }
 
 // The floats of staged runs: one block per thread, taken and given back in LIFO order
