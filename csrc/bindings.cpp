@@ -40,7 +40,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("threading", [] { return std::string(fastbn::threading()); });
   m.def("build_info", [] {
     std::string isa =
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+        "AVX-512 (with BF16 conversions)";
+#elif defined(__AVX512F__)
         "AVX-512";
 #elif defined(__AVX2__)
         "AVX2";

@@ -1,9 +1,10 @@
 """Building the C++ extension: for other instruction sets than this machine's best, over
 an earlier build, and without a working compiler.
 
-A local build tunes for the building CPU (-march=native: AVX-512 here), so the code paths
-for narrower vectors — the SSE2 baseline that FASTBN_PORTABLE=1 builds (wheels, mixed
-clusters) and AVX2 — would otherwise never run. Each case compiles a copy of the extension
+A local build tunes for the building CPU (-march=native: AVX-512 with BF16 here), so the
+code paths for other ISAs — the SSE2 baseline that FASTBN_PORTABLE=1 builds (wheels, mixed
+clusters), AVX2, and AVX-512 without BF16 conversions (which rounds bfloat16 in integer
+operations) — would otherwise never run. Each case compiles a copy of the extension
 for one ISA and runs the kernel tests against it in a fresh process.
 """
 
@@ -21,7 +22,8 @@ SOURCES = ("setup.py", "pyproject.toml", "README.md", "csrc", "fastbn", "tests/_
            "tests/conftest.py", "tests/backends")
 # ISA → (compiler flags with FASTBN_PORTABLE=1, CPU flag it needs, fastbn._C's name for it)
 ISAS = {"sse2": ("", "sse2", "baseline ISA"),
-        "avx2": ("-march=haswell", "avx2", "AVX2")}
+        "avx2": ("-march=haswell", "avx2", "AVX2"),
+        "avx512": ("-march=skylake-avx512", "avx512bw", "AVX-512")}
 
 
 def _cpu_flags():
