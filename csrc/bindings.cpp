@@ -106,35 +106,37 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("backward", [](int dtype, const GeomArg& g, int nth, int64_t K, bool relu,
                        const TDArg& x, const TDArg& dy, const TDArg& dx, uintptr_t mean,
-                       uintptr_t invstd, uintptr_t w, uintptr_t b, uintptr_t gw, uintptr_t gb) {
+                       uintptr_t invstd, uintptr_t w, uintptr_t b, bool params_in_t,
+                       uintptr_t gw, uintptr_t gb) {
     py::gil_scoped_release nogil;
     fastbn::backward(dtype, geom(g), nth, K, relu, td(x), td(dy), td(dx), mean, invstd, w, b,
-                     gw, gb);
+                     params_in_t, gw, gb);
   });
   m.def("forward_jvp", [](int dtype, const GeomArg& g, int nth, int64_t K, bool relu,
                           const TDArg& x, const TDArg& xt, const TDArg& yt, uintptr_t mean,
                           uintptr_t invstd, uintptr_t w, uintptr_t b, uintptr_t wt,
-                          uintptr_t bt) {
+                          uintptr_t bt, bool params_in_t) {
     py::gil_scoped_release nogil;
     fastbn::forward_jvp(dtype, geom(g), nth, K, relu, td(x), td(xt), td(yt), mean, invstd, w,
-                        b, wt, bt);
+                        b, wt, bt, params_in_t);
   });
   m.def("backward_backward",
         [](int dtype, const GeomArg& g, int nth, int64_t K, bool relu, const TDArg& x,
            const TDArg& dy, const TDArg& ggx, uintptr_t ggw, uintptr_t ggb, uintptr_t mean,
-           uintptr_t invstd, uintptr_t w, uintptr_t b, const TDArg& out_gdy,
+           uintptr_t invstd, uintptr_t w, uintptr_t b, bool params_in_t, const TDArg& out_gdy,
            const TDArg& out_gx, uintptr_t out_gw) {
           py::gil_scoped_release nogil;
           fastbn::backward_backward(dtype, geom(g), nth, K, relu, td(x), td(dy), td(ggx), ggw,
-                                    ggb, mean, invstd, w, b, td(out_gdy), td(out_gx), out_gw);
+                                    ggb, mean, invstd, w, b, params_in_t, td(out_gdy),
+                                    td(out_gx), out_gw);
         });
   m.def("backward_jvp",
         [](int dtype, const GeomArg& g, int nth, int64_t K, bool relu, const TDArg& x,
            const TDArg& dy, const TDArg& dyt, const TDArg& xt, uintptr_t wt, uintptr_t mean,
-           uintptr_t invstd, uintptr_t w, uintptr_t b, const TDArg& out_gx, uintptr_t out_gw,
-           uintptr_t out_gb) {
+           uintptr_t invstd, uintptr_t w, uintptr_t b, bool params_in_t, const TDArg& out_gx,
+           uintptr_t out_gw, uintptr_t out_gb) {
           py::gil_scoped_release nogil;
           fastbn::backward_jvp(dtype, geom(g), nth, K, relu, td(x), td(dy), td(dyt), td(xt),
-                               wt, mean, invstd, w, b, td(out_gx), out_gw, out_gb);
+                               wt, mean, invstd, w, b, params_in_t, td(out_gx), out_gw, out_gb);
         });
 }

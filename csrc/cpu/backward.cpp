@@ -86,14 +86,17 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
 
 void backward(int dtype, const Geom& g, int nth, int64_t K, bool relu, const TD& x,
               const TD& dy, const TD& dx, uintptr_t mean, uintptr_t invstd, uintptr_t w,
-              uintptr_t b, uintptr_t gw, uintptr_t gb) {
+              uintptr_t b, bool params_in_t, uintptr_t gw, uintptr_t gb) {
   dispatch(dtype, g.cl, relu, [&](auto tag, auto cl, auto act) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
+    const int64_t C = g.channels();
+    const ChannelIn<T> w_in(w, params_in_t, C), b_in(b, params_in_t, C);
+    const ChannelOut<T> gw_out(gw, params_in_t, K * C), gb_out(gb, params_in_t, K * C);
     run<T, decltype(cl)::value, decltype(act)::value>(
         g, nth, K, x, dy, output(dtype, g, K, dx), reinterpret_cast<const A*>(mean),
-        reinterpret_cast<const A*>(invstd), reinterpret_cast<const A*>(w),
-        reinterpret_cast<const A*>(b), reinterpret_cast<A*>(gw), reinterpret_cast<A*>(gb));
+        reinterpret_cast<const A*>(invstd), w_in.get(), b_in.get(), gw_out.get(),
+        gb_out.get());
   });
 }
 

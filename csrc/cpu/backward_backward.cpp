@@ -135,15 +135,19 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
 void backward_backward(int dtype, const Geom& g, int nth, int64_t K, bool relu, const TD& x,
                        const TD& dy, const TD& ggx, uintptr_t ggw, uintptr_t ggb,
                        uintptr_t mean, uintptr_t invstd, uintptr_t w, uintptr_t b,
-                       const TD& out_gdy, const TD& out_gx, uintptr_t out_gw) {
+                       bool params_in_t, const TD& out_gdy, const TD& out_gx,
+                       uintptr_t out_gw) {
   dispatch(dtype, g.cl, relu, [&](auto tag, auto cl, auto act) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
+    const int64_t C = g.channels();
+    const ChannelIn<T> ggw_in(ggw, params_in_t, K * C), ggb_in(ggb, params_in_t, K * C),
+        w_in(w, params_in_t, C), b_in(b, params_in_t, C);
+    const ChannelOut<T> gw_out(out_gw, params_in_t, K * C);
     auto p = [](uintptr_t a) { return reinterpret_cast<const A*>(a); };
     bb<T, decltype(cl)::value, decltype(act)::value>(
-        g, nth, K, x, dy, ggx, p(ggw), p(ggb), p(mean), p(invstd), p(w), p(b),
-        output(dtype, g, K, out_gdy), output(dtype, g, K, out_gx),
-        reinterpret_cast<A*>(out_gw));
+        g, nth, K, x, dy, ggx, ggw_in.get(), ggb_in.get(), p(mean), p(invstd), w_in.get(),
+        b_in.get(), output(dtype, g, K, out_gdy), output(dtype, g, K, out_gx), gw_out.get());
   });
 }
 

@@ -141,16 +141,19 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
 
 void backward_jvp(int dtype, const Geom& g, int nth, int64_t K, bool relu, const TD& x,
                   const TD& dy, const TD& dyt, const TD& xt, uintptr_t wt, uintptr_t mean,
-                  uintptr_t invstd, uintptr_t w, uintptr_t b, const TD& out_gx,
-                  uintptr_t out_gw, uintptr_t out_gb) {
+                  uintptr_t invstd, uintptr_t w, uintptr_t b, bool params_in_t,
+                  const TD& out_gx, uintptr_t out_gw, uintptr_t out_gb) {
   dispatch(dtype, g.cl, relu, [&](auto tag, auto cl, auto act) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
+    const int64_t C = g.channels();
+    const ChannelIn<T> wt_in(wt, params_in_t, K * C), w_in(w, params_in_t, C),
+        b_in(b, params_in_t, C);
+    const ChannelOut<T> gw_out(out_gw, params_in_t, K * C), gb_out(out_gb, params_in_t, K * C);
     auto p = [](uintptr_t a) { return reinterpret_cast<const A*>(a); };
     bjvp<T, decltype(cl)::value, decltype(act)::value>(
-        g, nth, K, x, dy, dyt, xt, p(wt), p(mean), p(invstd), p(w), p(b),
-        output(dtype, g, K, out_gx),
-        reinterpret_cast<A*>(out_gw), reinterpret_cast<A*>(out_gb));
+        g, nth, K, x, dy, dyt, xt, wt_in.get(), p(mean), p(invstd), w_in.get(), b_in.get(),
+        output(dtype, g, K, out_gx), gw_out.get(), gb_out.get());
   });
 }
 

@@ -206,6 +206,37 @@ class ChannelIn {
   const A* p_;
 };
 
+// A per-channel output of n values in the accumulation type: the array itself, or scratch
+// rounded once into the array of T on destruction where that holds T (a half layer's
+// parameter gradients, as ChannelIn reads its parameters).
+template <class T>
+class ChannelOut {
+ public:
+  using A = acc_t<T>;
+  ChannelOut(uintptr_t p, bool in_t, int64_t n) : p_(reinterpret_cast<A*>(p)) {
+    if constexpr (!std::is_same_v<T, A>) {
+      if (!in_t || !p) return;
+      out_ = reinterpret_cast<T*>(p);
+      n_ = n;
+      copy_ = scratch<A>(n);
+      p_ = copy_.get();
+    }
+  }
+  ChannelOut(const ChannelOut&) = delete;
+  ChannelOut& operator=(const ChannelOut&) = delete;
+  ~ChannelOut() {
+#pragma omp simd
+    for (int64_t i = 0; i < n_; ++i) out_[i] = from_acc<T>(p_[i]);
+  }
+  A* get() const { return p_; }
+
+ private:
+  std::unique_ptr<A[]> copy_;
+  A* p_;
+  T* out_ = nullptr;
+  int64_t n_ = 0;
+};
+
 // A per-channel array, (rows, channels), as the passes index it, (rows, g.C): each
 // channel's values repeated for its g.spread() pass channels (a copy, written before it
 // is read: not zeroed); the array itself when there is one pass channel per channel.

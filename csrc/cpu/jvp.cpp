@@ -97,15 +97,16 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
 
 void forward_jvp(int dtype, const Geom& g, int nth, int64_t K, bool relu, const TD& x,
                  const TD& xt, const TD& yt, uintptr_t mean, uintptr_t invstd, uintptr_t w,
-                 uintptr_t b, uintptr_t wt, uintptr_t bt) {
+                 uintptr_t b, uintptr_t wt, uintptr_t bt, bool params_in_t) {
   dispatch(dtype, g.cl, relu, [&](auto tag, auto cl, auto act) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
+    const int64_t C = g.channels();
+    const ChannelIn<T> w_in(w, params_in_t, C), b_in(b, params_in_t, C),
+        wt_in(wt, params_in_t, K * C), bt_in(bt, params_in_t, K * C);
     run<T, decltype(cl)::value, decltype(act)::value>(
         g, nth, K, x, xt, output(dtype, g, K, yt), reinterpret_cast<const A*>(mean),
-        reinterpret_cast<const A*>(invstd), reinterpret_cast<const A*>(w),
-        reinterpret_cast<const A*>(b), reinterpret_cast<const A*>(wt),
-        reinterpret_cast<const A*>(bt));
+        reinterpret_cast<const A*>(invstd), w_in.get(), b_in.get(), wt_in.get(), bt_in.get());
   });
 }
 

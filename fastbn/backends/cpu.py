@@ -286,13 +286,14 @@ class _Plan:
         out = [self.td(t) for t in ts]
         return None if any(o is None for o in out) else out
 
-    def chan(self, t, acc):
-        """Contiguous per-channel tensor in the accumulation dtype, (K, C) in a K call."""
+    def chan(self, t, dtype):
+        """Contiguous per-channel tensor of `dtype` (the accumulation dtype, or a half x's:
+        see _stats), (K, C) in a K call."""
         if t is None:
             return None
         if self.K is not None and t.dim() == 1:
             t = t.expand(self.K, self.C)
-        return _acc(t, acc)
+        return _acc(t, dtype)
 
 
 def _as(t, like):
@@ -408,22 +409,32 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
     return y
 
 
-def _stats(x, mean, invstd, weight, bias):
-    acc = reference.acc_dtype(x.dtype)
-    return acc, [_acc(t, acc) for t in (mean, invstd, weight, bias)]
+def _stats(x, plan, mean, invstd, weight, bias, *tangents):
+    """(own, dtype, [mean, invstd, weight, bias] for a derivative kernel). A half layer's
+    parameters, their per-channel tangents and gradients go to the kernel in x's dtype as
+    they are (`own`, the kernels' params_in_t; dtype: x's): converted here, in the tensor
+    ops the kernel's pass leaves to run on a cold cache, each costs ~10 us. Else all in
+    the accumulation dtype (dtype)."""
+    acc = _ACC[x.dtype]
+    own = (x.dtype != acc and _kernel_array(weight, x.dtype, plan.C)
+           and _kernel_array(bias, x.dtype, plan.C)
+           and all(t is None or t.dtype == x.dtype for t in tangents))
+    dtype = x.dtype if own else acc
+    return own, dtype, [_acc(mean, acc), _acc(invstd, acc), _acc(weight, dtype),
+                        _acc(bias, dtype)]
 
 
 def backward(grad_y, x, mean, invstd, weight, bias, activation=None):
     plan = _Plan(x, (grad_y,), stats=(mean, invstd, weight, bias))
     if not plan.ok:
         return reference.backward(grad_y, x, mean, invstd, weight, bias, activation)
-    acc, (m, r, w, b) = _stats(x, mean, invstd, weight, bias)
+    own, dtype, (m, r, w, b) = _stats(x, plan, mean, invstd, weight, bias)
     k = _k(plan)
     dx = _empty(x, plan)
-    gw, gb = _per_channel_output(plan, acc), _per_channel_output(plan, acc)
+    gw, gb = _per_channel_output(plan, dtype), _per_channel_output(plan, dtype)
     (tx, tdy), tdx = plan.inputs, plan.td(dx)
     _C.backward(_CODES[x.dtype], plan.geom, _num_threads(), k, activation == "relu", tx, tdy,
-                tdx, m.data_ptr(), r.data_ptr(), w.data_ptr(), b.data_ptr(), gw.data_ptr(),
+                tdx, m.data_ptr(), r.data_ptr(), w.data_ptr(), b.data_ptr(), own, gw.data_ptr(),
                 gb.data_ptr())
     return dx, _as(gw, weight), _as(gb, bias)
 
@@ -433,13 +444,13 @@ def forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias, activation
     if not plan.ok or (x_t is None and weight_t is None and bias_t is None):
         return reference.forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias,
                                      activation)
-    acc, (m, r, w, b) = _stats(x, mean, invstd, weight, bias)
-    wt, bt = plan.chan(weight_t, acc), plan.chan(bias_t, acc)
+    own, dtype, (m, r, w, b) = _stats(x, plan, mean, invstd, weight, bias, weight_t, bias_t)
+    wt, bt = plan.chan(weight_t, dtype), plan.chan(bias_t, dtype)
     y_t = _empty(x, plan)
     (tx, txt), tyt = plan.inputs, plan.td(y_t)
     _C.forward_jvp(_CODES[x.dtype], plan.geom, _num_threads(), _k(plan), activation == "relu",
                    tx, txt, tyt, m.data_ptr(), r.data_ptr(), w.data_ptr(), b.data_ptr(),
-                   _ptr(wt), _ptr(bt))
+                   _ptr(wt), _ptr(bt), own)
     return y_t
 
 
@@ -449,15 +460,16 @@ def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight,
     if not plan.ok:
         return reference.backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd,
                                            weight, bias, activation)
-    acc, (m, r, w, b) = _stats(x, mean, invstd, weight, bias)
-    ggw, ggb = plan.chan(gg_weight, acc), plan.chan(gg_bias, acc)
+    own, dtype, (m, r, w, b) = _stats(x, plan, mean, invstd, weight, bias, gg_weight,
+                                      gg_bias)
+    ggw, ggb = plan.chan(gg_weight, dtype), plan.chan(gg_bias, dtype)
     k = _k(plan)
     g_gy, g_x = _empty(x, plan, grad_y.dtype), _empty(x, plan)
-    g_w = _per_channel_output(plan, acc)
+    g_w = _per_channel_output(plan, dtype)
     (tx, tdy, tggx), (tgy, tgx) = plan.inputs, plan.tds(g_gy, g_x)
     _C.backward_backward(_CODES[x.dtype], plan.geom, _num_threads(), k, activation == "relu",
                          tx, tdy, tggx, _ptr(ggw), _ptr(ggb), m.data_ptr(), r.data_ptr(),
-                         w.data_ptr(), b.data_ptr(), tgy, tgx, g_w.data_ptr())
+                         w.data_ptr(), b.data_ptr(), own, tgy, tgx, g_w.data_ptr())
     return g_gy, g_x, _as(g_w, weight)
 
 
@@ -468,13 +480,13 @@ def backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weigh
     if not plan.ok:
         return reference.backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean,
                                       invstd, weight, bias, activation)
-    acc, (m, r, w, b) = _stats(x, mean, invstd, weight, bias)
-    wt = plan.chan(weight_t, acc)
+    own, dtype, (m, r, w, b) = _stats(x, plan, mean, invstd, weight, bias, weight_t)
+    wt = plan.chan(weight_t, dtype)
     k = _k(plan)
     gx_t = _empty(x, plan)
-    gw_t, gb_t = _per_channel_output(plan, acc), _per_channel_output(plan, acc)
+    gw_t, gb_t = _per_channel_output(plan, dtype), _per_channel_output(plan, dtype)
     (tx, tdy, tdyt, txt), tgx = plan.inputs, plan.td(gx_t)
     _C.backward_jvp(_CODES[x.dtype], plan.geom, _num_threads(), k, activation == "relu", tx,
                     tdy, tdyt, txt, _ptr(wt), m.data_ptr(), r.data_ptr(), w.data_ptr(),
-                    b.data_ptr(), tgx, gw_t.data_ptr(), gb_t.data_ptr())
+                    b.data_ptr(), own, tgx, gw_t.data_ptr(), gb_t.data_ptr())
     return gx_t, _as(gw_t, weight), _as(gb_t, bias)

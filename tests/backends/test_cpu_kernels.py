@@ -623,6 +623,26 @@ def test_half_parameters_read_as_they_are(native, monkeypatch, layout, dtype):
     assert flags == [True, False, True, False]
 
 
+@pytest.mark.parametrize("layout", ("nchw", "channels_last", "big_fold"))
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_half_parameters_and_their_gradients_in_the_derivative_kernels(native, monkeypatch,
+                                                                       layout, dtype):
+    """A half layer's parameters and per-channel tangents go to the derivative kernels as
+    they are, and its parameter gradients come out of them (`params_in_t`): the bits of
+    the same values in float32, each per-channel output rounded once."""
+    for op in K_OPS:
+        for k in (None, 3):
+            p = _problem(layout, dtype, k)
+            as_float = {**p, **{name: p[name].float() for name in
+                                ("weight", "bias", "weight_t", "bias_t")}}
+            calls = _record_calls(monkeypatch)
+            got, want = _tuple(_call(cpu, op, p, "relu")), _tuple(_call(cpu, op, as_float, "relu"))
+            for g, w in zip(got, want):
+                assert g.dtype == dtype and torch.equal(g, w.to(dtype)), (op, k)
+            flags = [[a for a in args[5:] if isinstance(a, bool)] for _, args in calls]
+            assert flags == [[True], [False]], (op, k)
+
+
 @pytest.mark.parametrize("layout", BIG)
 def test_bitwise_deterministic(native, num_threads, layout):
     num_threads(2)
