@@ -9,6 +9,7 @@ training flags, hooks) is only ever read, whatever happens inside the call.
 
 import contextlib
 import copy
+import functools
 import itertools
 from collections.abc import Mapping
 
@@ -190,6 +191,36 @@ class FunctionalModel:
             known = ", ".join(repr(n) for n in list(modules)[:20] if n)
             raise ValueError(f"unknown layer {name!r}; the model's modules include {known}")
         return modules[name]
+
+
+def outside_inference_mode(function):
+    """Run `function` with inference mode off: under it no tensor could be saved for the
+    derivatives it takes (torch.inference_mode() around a curvature computation is a
+    natural thing to write)."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        with torch.inference_mode(False):
+            return function(*args, **kwargs)
+    return run
+
+
+def same_batch(a, b):
+    """Whether two batches hold the same tensors (values, NaNs included) in the same
+    structure; other leaves are not compared."""
+    leaves_a, spec_a = tree_flatten(a)
+    leaves_b, spec_b = tree_flatten(b)
+    if spec_a != spec_b:
+        return False
+    for x, y in zip(leaves_a, leaves_b):
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+            continue
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if x is y or torch.equal(x, y):
+            continue
+        if not (x.is_floating_point() and bool(((x == y) | (x.isnan() & y.isnan())).all())):
+            return False
+    return True
 
 
 def split_batch(batch):

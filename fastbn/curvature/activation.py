@@ -8,8 +8,9 @@ import torch
 from torch.utils._pytree import tree_map
 
 from fastbn.curvature._functional import (FunctionalModel, forked_random_state,
-                                          is_single_batch, seed_from_callers_generator,
-                                          split_batch, to_device)
+                                          is_single_batch, outside_inference_mode,
+                                          seed_from_callers_generator, split_batch,
+                                          to_device)
 from fastbn.curvature.operator import check_finite_loss, scalar_loss
 
 
@@ -30,6 +31,7 @@ class ActivationHessian:
     _loss_of_activation: Callable = field(repr=False)
     _reverse_only: bool = field(default=False, repr=False)
 
+    @outside_inference_mode
     def hvp(self, v):
         v = torch.as_tensor(v)
         if v.shape != self.activation.shape:
@@ -65,6 +67,7 @@ def _forward_hook(module, hook):
         handle.remove()
 
 
+@outside_inference_mode
 def activation_hessian(model, criterion, data, layer, *, bn_mode="train"):
     """Hook the output of `layer` (a name from model.named_modules()) on one batch.
 

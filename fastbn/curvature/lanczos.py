@@ -271,7 +271,7 @@ def eigenvalues(op, k=1, *, method="lanczos", tol=1e-3, max_iter=100, seed=0, pr
     Lanczos keeps its basis and the eigenvectors it has found, twice while it runs again:
     (max_iter + 2m) · P values on the operator's device, m the eigenvectors found (k, or
     more where repeated eigenvalues bring out more).
-    tol: a positive number; max_iter: a positive int, at least k.
+    tol: a relative tolerance, in (0, 1); max_iter: a positive int, at least k.
     seed: an int, or a CPU torch.Generator to continue drawing from (None is refused:
         the start vectors always come from a seed).
     progress: a tqdm bar per run (and the operator's own bars); None follows the
@@ -285,7 +285,9 @@ def eigenvalues(op, k=1, *, method="lanczos", tol=1e-3, max_iter=100, seed=0, pr
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= op.shape[0]:
         raise ValueError(f"eigenvalues: k must be an int between 1 and P={op.shape[0]}, "
                          f"got {k!r}")
-    check_positive_number(tol, "tol", "eigenvalues")
+    if check_positive_number(tol, "tol", "eigenvalues") >= 1:
+        # A residual of |λ| or more accepts any vector: the "eigenvalues" would be noise.
+        raise ValueError(f"eigenvalues: tol is relative to |λ| and must be below 1, got {tol!r}")
     check_count(max_iter, "max_iter", "eigenvalues")
     if max_iter < k:
         raise ValueError(f"eigenvalues: max_iter must be at least k={k}, got {max_iter}")

@@ -5,6 +5,7 @@ import itertools
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +19,9 @@ from fastbn._checks import check_count
 from fastbn.backends.distributed import refuse_on_every_process
 from fastbn.curvature import _memory
 from fastbn.curvature._functional import (FunctionalModel, forked_random_state,
-                                          is_single_batch, plain_attributes, savable,
-                                          seed_from_callers_generator, split_batch,
+                                          is_single_batch, outside_inference_mode,
+                                          plain_attributes, savable,
+                                          same_batch, seed_from_callers_generator, split_batch,
                                           tensor_attributes, to_device)
 from fastbn.curvature.lanczos import bar_disabled
 
@@ -44,10 +46,14 @@ def scalar_loss(value):
     return value.reshape(())
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss of a batch is NaN or infinite: there is no curvature to measure there."""
+
+
 def check_finite_loss(loss, where):
     if not bool(torch.isfinite(loss).all()):
-        raise RuntimeError(f"non-finite loss ({float(loss)}) on {where}; refusing to "
-                           "differentiate it")
+        raise NonFiniteLossError(f"non-finite loss ({float(loss)}) on {where}; refusing to "
+                                 "differentiate it")
 
 
 def _dot(a, b):
@@ -56,17 +62,6 @@ def _dot(a, b):
 
 def _same_values(a, b):
     return a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-
-
-def _outside_inference_mode(method):
-    """Run an operator method with inference mode off: under it no tensor could be
-    saved for the derivatives the method takes (torch.inference_mode() around a
-    curvature computation is a natural thing to write)."""
-    @functools.wraps(method)
-    def run(*args, **kwargs):
-        with torch.inference_mode(False):
-            return method(*args, **kwargs)
-    return run
 
 
 def _fixed_at_construction(name, doc=None, view=lambda value: value):
@@ -123,8 +118,9 @@ class HessianOperator:
     criterion: (outputs, targets) -> scalar mean loss over the batch.
     data: one `(inputs, targets)` batch (inputs a tensor or a dict of tensors; wrap a
         batch with tuple inputs as [batch]) or an iterable of batches (re-iterated on every
-        call, so it must yield the same batches each time; a one-shot iterator is stored
-        as a list). The loss is Σ_b n_b L_b / Σ_b n_b with n_b the batch's sample count
+        call, so it must yield the same batches each time: a pass whose first batch
+        differs from the one checked at construction, as a shuffling DataLoader's does,
+        raises; a one-shot iterator is stored as a list). The loss is Σ_b n_b L_b / Σ_b n_b with n_b the batch's sample count
         (the leading dimension of its inputs' tensors; where they differ, as with a
         tensor shared by all samples, the one the targets have). With bn_mode="train"
         each batch normalises with its own batch statistics, as in training, so the loss
@@ -208,7 +204,7 @@ class HessianOperator:
         self._shape = (size, size)
         self.random_seed = seed_from_callers_generator()
         try:
-            self._data, refusal = self._store_data(data), None
+            (self._data, self._first_batch), refusal = self._store_data(data), None
         except ValueError as error:
             refusal = error
         if process_group is not None:
@@ -252,9 +248,12 @@ class HessianOperator:
                     wanted.add(known[p])
                 elif id(p) in by_id:
                     wanted.add(by_id[id(p)])
-                else:
+                elif isinstance(p, torch.Tensor):
                     raise ValueError("params contains a tensor that is not a parameter of "
                                      "the model")
+                else:
+                    raise ValueError("params must hold the model's parameters or their "
+                                     f"names, got {type(p).__name__}")
             names = [name for name, _ in named if name in wanted]
         if not names:
             raise ValueError("no parameters to differentiate: the model has none with "
@@ -263,22 +262,32 @@ class HessianOperator:
 
     @staticmethod
     def _store_data(data):
+        """(the batches, as a list or the caller's iterable; the first batch of an iterable
+        kept as the caller's: each pass checks that it comes first again)."""
         if is_single_batch(data):
             split_batch(data)
-            return [data]
+            return [data], None
+        if isinstance(data, (tuple, list)) and data \
+                and isinstance(data[0], (torch.Tensor, Mapping)):
+            # Not batches (each a pair) but the parts of one.
+            raise ValueError("data must be an (inputs, targets) batch or an iterable of "
+                             f"batches, got a {type(data).__name__} of {len(data)} items "
+                             f"starting with a {type(data[0]).__name__}")
         try:
             iterator = iter(data)
         except TypeError:
             raise ValueError("data must be an (inputs, targets) batch or an iterable of "
                              f"batches, got {type(data).__name__}") from None
-        if iterator is data or isinstance(data, (list, tuple)):
+        stored = iterator is data or isinstance(data, (list, tuple))
+        if stored:
             data = list(iterator)       # a one-shot iterator, or a list the caller may edit
             iterator = iter(data)
         try:
-            split_batch(next(iterator))
+            first = next(iterator)
         except StopIteration:
             raise ValueError("data yields no batches") from None
-        return data
+        split_batch(first)
+        return data, None if stored else first
 
     def _agree_on_data(self, refusal):
         """Raise on every process if one refused its data (the others would wait in the
@@ -319,6 +328,12 @@ class HessianOperator:
         """(inputs, targets, n, index) for every batch, on the operator's device."""
         bar = tqdm(self._data, desc="batches", disable=bar_disabled(self.progress), leave=False)
         for index, batch in enumerate(bar):
+            if index == 0 and self._first_batch is not None \
+                    and not same_batch(batch, self._first_batch):
+                raise ValueError(
+                    "data yielded another first batch than before: the operator needs the "
+                    "same batches on every pass (a DataLoader without shuffling or random "
+                    "augmentation; a one-shot stream as an iterator or a list)")
             inputs, targets, n = split_batch(batch)
             yield to_device(inputs, self.device), to_device(targets, self.device), n, index
 
@@ -366,12 +381,12 @@ class HessianOperator:
 
     # ---- public API ------------------------------------------------------------------
 
-    @_outside_inference_mode
+    @outside_inference_mode
     def grad(self):
         """The flat gradient of the loss at the model's current parameters."""
         return self._flatten(self._accumulate(None))
 
-    @_outside_inference_mode
+    @outside_inference_mode
     def matvec(self, v):
         """H v for a flat vector v of size P: a real tensor (or array) of any dtype, cast
         to the operator's dtype and device (as matmat casts V; a float64 v on a float32
@@ -406,7 +421,7 @@ class HessianOperator:
         """Free the first-order graph kept by reverse-over-reverse matvec."""
         self._graph = None
 
-    @_outside_inference_mode
+    @outside_inference_mode
     def matmat(self, V):
         """H V for V of shape (P, K): K HVPs per vmapped pass (fastbn's K-batched kernels),
         in chunks of `chunk_size` tangents (set from `max_memory` on first use). V is
@@ -618,11 +633,13 @@ class HessianOperator:
         `warm_up_operand`, then is timed once on `operand` (timings[path]). A method
         that raises a RuntimeError is skipped (timing inf): torch 2.13's forward-mode
         rule of mse_loss's backward fails ("ZeroTensors are immutable"), so jvp(grad) of
-        an MSE loss does."""
+        an MSE loss does. A non-finite loss fails every method: raised, nothing chosen."""
         timings, results, failure = {}, {}, None
         for method, product in run.items():
             try:
                 product(warm_up_operand)
+            except NonFiniteLossError:
+                raise
             except RuntimeError as error:
                 failure = error
                 timings[method] = math.inf

@@ -49,6 +49,19 @@ def test_hvp_and_quadratic_form_match_the_hessian_by_hand(make_model, bn_mode):
     assert_unchanged(model, before)
 
 
+def test_works_under_inference_mode():
+    """torch.inference_mode() around a measurement is natural to write; the derivatives
+    are taken with it off, batch made under it included."""
+    model = mlp()
+    expected = activation_hessian(model, CRITERION, batch_for(model, 5, seed=0), "1")
+    v = torch.randn(expected.activation.shape, dtype=DTYPE)
+    with torch.inference_mode():
+        result = activation_hessian(model, CRITERION, batch_for(model, 5, seed=0), "1")
+        product, form = result.hvp(v), result.quadratic_form()
+    assert torch.equal(result.grad, expected.grad)
+    assert torch.equal(product, expected.hvp(v)) and form == expected.quadratic_form()
+
+
 def test_batch_norm_output_as_the_variable():
     model = mlp()
     batch = batch_for(model, 5, seed=0)

@@ -435,6 +435,9 @@ def test_progress_bars_by_default_on_a_terminal_only(matrix, monkeypatch, estima
     (lambda op: eigenvalues(op, tol=0), "eigenvalues: tol must be a positive finite number"),
     (lambda op: eigenvalues(op, tol="1e-3"), "eigenvalues: tol must be a positive"),
     (lambda op: eigenvalues(op, tol=math.nan), "eigenvalues: tol must be a positive"),
+    (lambda op: eigenvalues(op, tol=1.0), "eigenvalues: tol is relative to |λ| and must be "
+     "below 1, got 1.0"),
+    (lambda op: eigenvalues(op, method="power", tol=10), "eigenvalues: tol is relative"),
     (lambda op: spectral_density(op, num_runs=0), "spectral_density: num_runs must be"),
     (lambda op: spectral_density(op, num_steps=4.0), "spectral_density: num_steps must be"),
     (lambda op: spectral_density(op, num_steps=4, sigma="1"), "spectral_density: sigma must"),

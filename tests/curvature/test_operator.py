@@ -303,6 +303,10 @@ def test_errors():
         HessianOperator(frozen, CRITERION, batch)
     with pytest.raises(ValueError, match="not a parameter"):
         HessianOperator(model, CRITERION, batch, params=[torch.zeros(2)])
+    with pytest.raises(ValueError, match="parameters or their names, got int"):
+        HessianOperator(model, CRITERION, batch, params=[3])
+    with pytest.raises(ValueError, match="a tuple of 3 items starting with a Tensor"):
+        HessianOperator(model, CRITERION, (*batch, torch.ones(6)))
     with pytest.raises(ValueError, match="yields no batches"):
         HessianOperator(model, CRITERION, [])
     with pytest.raises(ValueError, match="yields no batches"):
@@ -351,6 +355,56 @@ def test_non_finite_loss_raises():
         op.matvec(torch.ones(39, dtype=DTYPE))
     with pytest.raises(RuntimeError, match="non-finite loss"):
         fastbn.curvature.eigenvalues(op)
+
+
+def test_a_non_finite_loss_leaves_auto_to_choose_later():
+    """A NaN loss fails every method alike: "auto" must not take it for one method's
+    failure and keep the other for good."""
+    model = mlp()
+    inputs, targets = batch_for(model, 6, seed=0)
+    op = HessianOperator(model, CRITERION, (inputs, targets))
+    v = torch.randn(39, dtype=DTYPE)
+    with torch.no_grad():
+        inputs[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite loss"):
+        op.matvec(v)
+    assert op.methods_used == {}
+    with torch.no_grad():
+        inputs[0, 0] = 0.0
+    _, hessian = exact_hessian(model, CRITERION, [(inputs, targets)])
+    close(op.matvec(v), hessian @ v)
+    assert set(op.timings["matvec"]) == set(METHODS)
+    assert all(math.isfinite(t) for t in op.timings["matvec"].values())
+
+
+def test_data_that_changes_between_passes_is_refused():
+    """The operator is the Hessian of fixed batches: a loader that shuffles, or a one-shot
+    stream behind a re-iterable (which would lose the batch checked at construction),
+    is refused on its next pass rather than giving another operator each time."""
+    model = mlp()
+    inputs, targets = batch_for(model, 12, seed=0)
+    dataset = torch.utils.data.TensorDataset(inputs, targets)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __init__(self, batches):
+            self.batches = iter(batches)
+
+        def __iter__(self):
+            return self.batches
+
+    batches = [(inputs[i:i + 4], targets[i:i + 4]) for i in (0, 4, 8)]
+    stream = torch.utils.data.DataLoader(Stream(batches), batch_size=None)
+    shuffled = torch.utils.data.DataLoader(
+        dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    for data in (stream, shuffled):
+        op = HessianOperator(model, CRITERION, data)
+        with pytest.raises(ValueError, match="same batches on every pass"):
+            for _ in range(3):
+                op.grad()
+    ordered = HessianOperator(model, CRITERION,
+                              torch.utils.data.DataLoader(dataset, batch_size=4))
+    close(ordered.grad(), ordered.grad())
+    close(ordered.grad(), HessianOperator(model, CRITERION, batches).grad())
 
 
 def test_retained_graph_follows_in_place_updates_of_the_model():
