@@ -411,10 +411,10 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
 
 def _stats(x, plan, mean, invstd, weight, bias, *tangents):
     """(own, dtype, [mean, invstd, weight, bias] for a derivative kernel). A half layer's
-    parameters, their per-channel tangents and gradients go to the kernel in x's dtype as
-    they are (`own`, the kernels' params_in_t; dtype: x's): converted here, in the tensor
-    ops the kernel's pass leaves to run on a cold cache, each costs ~10 us. Else all in
-    the accumulation dtype (dtype)."""
+    parameters, their per-channel tangents and gradients go to the kernel in x's dtype
+    as they are (`own`, the kernels' params_in_t; dtype is x's): tensor conversions here
+    would cost ~10 us each on the cold cache a pass leaves, four to six a call. Else all
+    go in the accumulation dtype (dtype)."""
     acc = _ACC[x.dtype]
     own = (x.dtype != acc and _kernel_array(weight, x.dtype, plan.C)
            and _kernel_array(bias, x.dtype, plan.C)

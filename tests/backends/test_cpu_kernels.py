@@ -636,7 +636,8 @@ def test_half_parameters_and_their_gradients_in_the_derivative_kernels(native, m
             as_float = {**p, **{name: p[name].float() for name in
                                 ("weight", "bias", "weight_t", "bias_t")}}
             calls = _record_calls(monkeypatch)
-            got, want = _tuple(_call(cpu, op, p, "relu")), _tuple(_call(cpu, op, as_float, "relu"))
+            got = _tuple(_call(cpu, op, p, "relu"))
+            want = _tuple(_call(cpu, op, as_float, "relu"))
             for g, w in zip(got, want):
                 assert g.dtype == dtype and torch.equal(g, w.to(dtype)), (op, k)
             flags = [[a for a in args[5:] if isinstance(a, bool)] for _, args in calls]
