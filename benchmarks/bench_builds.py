@@ -4,7 +4,9 @@
         [--dtype float32] [--threads 1] [--rounds 4] [--json PATH]
 
 A kernel change is measured against the build before it (a copy of the earlier
-fastbn/_C*.so). One process cannot hold two builds of one extension module (the second
+fastbn/_C*.so, of the same kernel interface: this checkout's `cpu` backend calls both;
+across a change of the interface, compare through the runner from two checkouts, each
+with its own build in place). One process cannot hold two builds of one extension module (the second
 load returns the first), so each build runs in its own process, the two in turns for
 `--rounds` rounds, and each (op, shape) keeps its fastest time over every round (the one
 least disturbed on a shared machine). Both builds run the same ops on the same seeded
