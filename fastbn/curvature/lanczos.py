@@ -231,7 +231,10 @@ def power_eigenvalues(op, k, *, tol, max_iter, seed, progress):
     largest of H + |λ_abs|·I, which is positive semidefinite, so there they are also the
     largest in magnitude: deflated power iteration runs on it (a positive λ_abs is its
     first pair) and the shift is subtracted. The shift brings the eigenvalues' ratios
-    closer to 1, so these runs need more products than unshifted ones.
+    closer to 1, so these runs need more products than unshifted ones. Where the first
+    run did not converge (λ and -λ both of largest magnitude: its iterates swing between
+    them), its Rayleigh quotient is no eigenvalue: the shift is ‖H v‖ of its last vector
+    where that is larger (still at most |λ_abs|) and the runs start again on H + shift·I.
     """
     starts = random_vectors(op, k, seed)
 
@@ -243,7 +246,10 @@ def power_eigenvalues(op, k, *, tol, max_iter, seed, progress):
     found = [(value, vector)]
     if value < 0 or k > 1:
         shift = abs(value)
-        if value < 0:       # the most negative eigenvalue: start again on H + shift·I
+        if not converged:
+            shift = max(shift, float(op.matvec(vector).norm()))
+            found, converged = [], True
+        elif value < 0:     # the most negative eigenvalue: start again on H + shift·I
             found = []
         for i in range(len(found), k):
             value, vector, done = run(i, shift, found)

@@ -367,6 +367,16 @@ def test_power_vectors_are_eigenvectors_where_an_eigenvalue_sits_at_minus_the_sh
     assert_eigenpairs(matrix, values, vectors, atol=10 * tol)
 
 
+def test_power_where_the_largest_magnitude_is_a_plus_minus_pair():
+    """λ and -λ both of largest magnitude: the first run's iterates swing between them and
+    never converge; the shifted runs must not take its Rayleigh quotient for a pair."""
+    matrix = random_symmetric(4, seed=0, spectrum=torch.tensor([2.0, -2.0, 1.0, 0.5],
+                                                                dtype=DTYPE))
+    values, vectors = eigenvalues(MatrixOperator(matrix), k=2, method="power", tol=1e-9,
+                                  max_iter=2000)
+    assert_eigenpairs(matrix, values, vectors, atol=1e-7)
+
+
 def test_power_on_a_hessian_with_a_large_negative_eigenvalue(mlp_problem):
     _, _, hessian = mlp_problem
     exact = torch.linalg.eigvalsh(hessian).flip(0)
