@@ -262,8 +262,9 @@ class HessianOperator:
 
     @staticmethod
     def _store_data(data):
-        """(the batches, as a list or the caller's iterable; the first batch of an iterable
-        kept as the caller's: each pass checks that it comes first again)."""
+        """(batches, first): the batches as a list, or the caller's re-iterable; `first`,
+        for a re-iterable, the batch it yielded first here, which every pass must yield
+        first again (None for a list)."""
         if is_single_batch(data):
             split_batch(data)
             return [data], None
