@@ -158,6 +158,7 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _HALF = (torch.float16, torch.bfloat16)
 _is_compiling, _is_tracing = torch.compiler.is_compiling, torch._C._is_tracing
 _transforms_active = torch._C._are_functorch_transforms_active
+_has_storage = torch._C._has_storage
 
 
 def direct_eval(input, running_mean, running_var, weight, bias, momentum, eps, activation):
@@ -206,10 +207,10 @@ def direct_eval(input, running_mean, running_var, weight, bias, momentum, eps, a
                 return None   # likewise: an inference tensor cannot be saved for backward
             return EvalForward.apply(input, running_mean, running_var, weight, bias, eps,
                                      activation, backend)
-    # The Function's forward: it hands legacy batched tensors (is_grads_batched) to the
-    # reference math, whatever the backend.
-    return EvalForward.forward(input, running_mean, running_var, weight, bias, eps,
-                               activation, backend)
+    if not (_has_storage(input) and _has_storage(weight) and _has_storage(bias)):
+        return None   # legacy batched tensors (is_grads_batched): EvalForward's forward
+    return backend.forward_eval(input, running_mean, running_var, weight, bias, eps,
+                                activation)
 
 
 def _param(t, channels, like, fill):

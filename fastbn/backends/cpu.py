@@ -365,35 +365,23 @@ def forward_train(x, weight, bias, eps, activation=None, running_mean=None, runn
     return y, mean, invstd
 
 
-def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=None):
-    # Planned in this one frame, not by _Plan: on a cold cache (a convolution between
-    # two batch norms) the Python of a small layer's eval call costs several times its
-    # kernel, and every frame and check counts (benchmarks/RESULTS.md).
-    shape, code = x.shape, _CODES.get(x.dtype)
-    view = None
-    if (code is not None and len(shape) > 1 and _plain(x) and x.numel()
-            and not torch._C._len_torch_dispatch_stack()):
-        # With fewer than 8 rows never folded (see FEW_ROWS_FOLD_MAX_L).
-        view = _view(shape, x.stride(), EVAL_FOLD_MAX_L[x.itemsize], 1,
-                     TILE_ROW_BYTES // x.itemsize)
-    stats = []
-    if view is not None:
-        channels, acc = (shape[1],), _ACC[x.dtype]
-        # Read as they are where all four are contiguous and of x's dtype (`own`, for a
-        # half x: see forward_train) or of the accumulation dtype; else converted to it.
-        own = x.dtype != acc
-        ready, dtype = True, x.dtype if own else acc
-        for t in (running_mean, running_var, weight, bias):
-            if t.shape != channels or not _plain(t):
-                break
-            ready = ready and t.dtype == dtype and t.is_contiguous()
-            stats.append(t)
-    if len(stats) < 4:
-        return reference.forward_eval(x, running_mean, running_var, weight, bias, eps,
-                                      activation)
+@functools.lru_cache(maxsize=4096)
+def _eval_plan(shape, stride, dtype):
+    """How forward_eval runs an x of this shape, strides and dtype, decided from those
+    alone and cached: (code, geom, x's strides, y's memory format, y's strides), or None
+    where the kernels do not run it (dtype, spatial dims that do not flatten, empty)."""
+    code = _CODES.get(dtype)
+    if code is None or len(shape) < 2 or math.prod(shape) == 0:
+        return None
+    # With fewer than 8 rows never folded (see FEW_ROWS_FOLD_MAX_L).
+    view = _view(shape, stride, EVAL_FOLD_MAX_L[dtype.itemsize], 1,
+                 TILE_ROW_BYTES // dtype.itemsize)
+    if view is None:
+        return None
     n, c, length, swap, tx, cl, fold, tile = view
-    y = empty_output(x)
-    ty = tx if y.stride() == x.stride() else _strides(shape, y.stride(), False, swap)
+    fmt = output_format(torch.empty_strided(shape, stride, device="meta"))
+    y_stride = torch.empty(shape, device="meta", memory_format=fmt).stride()
+    ty = tx if y_stride == stride else _strides(shape, y_stride, False, swap)
     if fold > 1:   # x is not channels-last, so y is not: its (c, l) blocks are dense too
         tx, ty = _folded(tx), _folded(ty)
     elif tile > 1:
@@ -401,11 +389,42 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
             tx, ty = _tiled(tx, tile), _tiled(ty, tile)
         else:
             tile = 1
-    own = own and ready
-    m, v, w, b = stats if ready else (_acc(t, acc) for t in stats)
-    _C.forward_eval(code, _geom(n, c, length, cl, fold, tile), _num_threads(),
-                    (x.data_ptr(), *tx), (y.data_ptr(), *ty), m.data_ptr(), v.data_ptr(),
-                    w.data_ptr(), b.data_ptr(), own, float(eps), activation == "relu")
+    return code, _geom(n, c, length, cl, fold, tile), tx, fmt, ty
+
+
+def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=None):
+    # One frame, every check inline and a cached plan: on a cold cache (a convolution
+    # between two batch norms) the Python of a small layer's eval call costs as much as
+    # its kernel, and each frame and call counts (benchmarks/RESULTS.md).
+    plan = None
+    if _plain(x) and not torch._C._len_torch_dispatch_stack():
+        plan = _eval_plan(x.shape, x.stride(), x.dtype)
+    if plan is None:
+        return reference.forward_eval(x, running_mean, running_var, weight, bias, eps,
+                                      activation)
+    channels, dtype = (x.shape[1],), x.dtype
+    acc = _ACC[dtype]
+    # Read as they are where all four are contiguous and of x's dtype (`own`, for a half
+    # x: see forward_train) or all of the accumulation dtype; else converted to it.
+    stats_dtype = running_mean.dtype
+    ready = stats_dtype == dtype or stats_dtype == acc
+    stats = (running_mean, running_var, weight, bias)
+    for t in stats:   # _plain(t) inline
+        if (t.shape != channels or type(t) not in _PLAIN_TYPES or not t.is_cpu
+                or not _has_storage(t) or t.is_neg() or t._is_zerotensor()
+                or t.data_ptr() % t.element_size()):
+            return reference.forward_eval(x, running_mean, running_var, weight, bias, eps,
+                                          activation)
+        ready = ready and t.dtype == stats_dtype and t.is_contiguous()
+    if not ready:
+        stats_dtype = acc
+        stats = [_acc(t, acc) for t in stats]
+    code, geom, tx, fmt, ty = plan
+    y = torch.empty_like(x, memory_format=fmt)
+    m, v, w, b = stats
+    _C.forward_eval(code, geom, _num_threads(), (x.data_ptr(), *tx), (y.data_ptr(), *ty),
+                    m.data_ptr(), v.data_ptr(), w.data_ptr(), b.data_ptr(),
+                    stats_dtype != acc, float(eps), activation == "relu")
     return y
 
 
