@@ -28,6 +28,8 @@ def inputs(request):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("op_name", list(bench.OPS))
 def test_batch_norm(benchmark, op_name, impl, inputs, request):
-    call, _ = bench.prepare(bench.candidate(impl), bench.OPS[op_name], inputs)
+    cand = bench.candidate(impl)
+    call, _ = bench.prepare(cand, bench.OPS[op_name], inputs)
     benchmark.group = f"{op_name} {request.node.callspec.params['inputs']}"
-    benchmark(call)
+    with cand.context():
+        benchmark(call)

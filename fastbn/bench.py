@@ -241,22 +241,21 @@ def candidate(name):
 
 
 def prepare(cand, op, inputs):
-    """(timed callable, its first outputs) for Candidate `cand`; raises what the op raises.
+    """(callable, its first outputs) for Candidate `cand`; raises what the op raises.
 
-    The first call is the warm-up (it also faults in the output buffers' pages)."""
+    The callable runs the op alone; call it inside `cand.context()`. time_interleaved
+    enters that context outside the timed region: a fastbn backend's `use_backend` costs
+    microseconds a call that a user's call on the backend it has does not pay. The first
+    call is the warm-up (it also faults in the output buffers' pages)."""
     if cand.bn is None:
         buf = torch.empty_like(inputs.x)
 
         def call():
             return (torch.mul(inputs.x, 1.0, out=buf),)
-    else:
-        with cand.context():
-            body = op.setup(cand.bn, inputs)
-
-        def call():
-            with cand.context():
-                return body()
-    return call, call()
+        return call, call()
+    with cand.context():
+        call = op.setup(cand.bn, inputs)
+        return call, call()
 
 
 def _max_rel_error(outputs, reference):
@@ -289,9 +288,10 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
 def time_interleaved(calls, timing, clock, errors):
-    """{name: sorted per-call seconds}: round-robin, one call each per round. A call that
-    raises drops its candidate from the rounds: its error goes to the dict `errors`, its
-    times from the result."""
+    """{name: sorted per-call seconds} for `calls`, {name: (context factory, callable)}:
+    round-robin, one call each per round, each inside its context (entered and left
+    outside the timed region). A call that raises drops its candidate from the rounds:
+    its error goes to the dict `errors`, its times from the result."""
     calls = dict(calls)
     times = {name: [] for name in calls}
     gc_was_enabled = gc.isenabled()
@@ -301,15 +301,16 @@ def time_interleaved(calls, timing, clock, errors):
         rounds = 0
         while rounds < timing.min_runs or (rounds < timing.max_runs
                                            and time.perf_counter() - start < timing.budget_s):
-            for name, call in list(calls.items()):
-                t0 = clock()
-                try:
-                    call()
-                except Exception as err:
-                    errors[name] = _error_text(err)
-                    del calls[name], times[name]
-                    continue
-                times[name].append(clock() - t0)
+            for name, (context, call) in list(calls.items()):
+                with context():
+                    t0 = clock()
+                    try:
+                        call()
+                    except Exception as err:
+                        errors[name] = _error_text(err)
+                        del calls[name], times[name]
+                        continue
+                    times[name].append(clock() - t0)
             rounds += 1
     finally:
         if gc_was_enabled:
@@ -326,7 +327,8 @@ def measure(op_name, shape, channels_last, dtype, backend_names, timing,
     # Interleaving order: stock, each backend, copy.
     for cand in map(candidate, ["stock", *backend_names, "copy"]):
         try:
-            calls[cand.name], outputs[cand.name] = prepare(cand, op, inputs)
+            call, outputs[cand.name] = prepare(cand, op, inputs)
+            calls[cand.name] = (cand.context, call)
         except Exception as err:   # recorded as n/a: one failing candidate must not end the run
             errors[cand.name] = _error_text(err)
     times = time_interleaved(calls, timing, clock, errors)

@@ -82,6 +82,28 @@ def test_candidate_failing_after_its_warm_up_is_recorded_not_raised(tmp_path, mo
     assert row["fastbn"]["reference"]["runs"] >= bench.QUICK_TIMING.min_runs
 
 
+def test_every_timed_call_runs_on_its_backend(tmp_path, monkeypatch):
+    """The runner selects a candidate's backend around each of its calls (outside the
+    timed region), and stock's calls run with the thread's own choice."""
+    from fastbn import backends
+    seen = {"stock": set(), "fastbn": set()}
+    real_stock, real_fastbn = bench.stock_bn, bench.fastbn_bn
+
+    def stock(*args):
+        seen["stock"].add(backends.get_backend())
+        return real_stock(*args)
+
+    def fastbn_bn(*args):
+        seen["fastbn"].add(backends.get_backend())
+        return real_fastbn(*args)
+    monkeypatch.setattr(bench, "stock_bn", stock)
+    monkeypatch.setattr(bench, "fastbn_bn", fastbn_bn)
+    before = backends.get_backend()
+    _run(tmp_path, "--ops", "forward_eval", "backward")
+    assert seen == {"stock": {before}, "fastbn": {"reference"}}
+    assert backends.get_backend() == before
+
+
 def test_summary_compares_the_same_shapes(tmp_path, monkeypatch):
     """A backend that fails on one of two shapes: every geometric mean of the op is over
     the other shape alone, and the summary table says so."""
