@@ -496,8 +496,15 @@ class TrainForward(_Function):
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_invstd):
         x, mean, invstd, weight, bias = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = TrainBackward.apply(
-            grad_y, x, mean, invstd, weight, saved_bias(ctx, bias, weight), *ctx.options)
+        args = (grad_y, x, mean, invstd, weight, saved_bias(ctx, bias, weight))
+        if (torch.is_grad_enabled() or torch.autograd.forward_ad._current_level >= 0
+                or torch._C._are_functorch_transforms_active()):
+            # Differentiated further (create_graph, a dual grad_y, a transform): a node.
+            grad_x, grad_weight, grad_bias = TrainBackward.apply(*args, *ctx.options)
+        else:   # a plain backward: the kernel, without a Function's apply around it
+            eps, activation, backend = ctx.options
+            grad_x, grad_weight, grad_bias = _runnable(backend, args).backward(
+                *args, activation)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
     @staticmethod
