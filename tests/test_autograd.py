@@ -268,3 +268,40 @@ def test_third_order_forward_over_reverse(backend, activation):
     reference = _composite_bn(w, b, activation)
     for route in (by_torch_func, by_forward_ad):
         torch.testing.assert_close(route(fast), route(reference), rtol=1e-9, atol=1e-10)
+
+
+class _NoGradient(torch.autograd.Function):
+    """The identity, whose backward gives its input no gradient (None: zero)."""
+
+    @staticmethod
+    def forward(t):
+        return t.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_an_undefined_output_gradient_gives_none_as_torch_does(backend, training,
+                                                               create_graph):
+    """A downstream backward that gives y no gradient (None): x, weight and bias get
+    none from batch norm either (x's comes from elsewhere), as in torch, rather than
+    zero tensors computed by the kernels."""
+    x = torch.randn(4, 3, 5, dtype=DT, requires_grad=True)
+    weight, bias = (torch.rand(3, dtype=DT, requires_grad=True) for _ in range(2))
+    running = (torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT))
+
+    def grads(bn):
+        y = bn(x, *(t.clone() for t in running), weight, bias, training)
+        loss = _NoGradient.apply(y).sum() + (x * 2).sum()
+        return torch.autograd.grad(loss, (x, weight, bias), allow_unused=True,
+                                   create_graph=create_graph)
+    got, want = grads(fastbn.batch_norm), grads(torch.nn.functional.batch_norm)
+    assert [g is None for g in got] == [g is None for g in want] == [False, True, True]
+    torch.testing.assert_close(got[0], want[0])

@@ -489,12 +489,17 @@ class TrainForward(_Function):
         x, weight, bias, _, _, _, eps, activation, backend = inputs
         _, mean, invstd = output
         ctx.mark_non_differentiable(mean, invstd)
+        # No zero tensors made for the statistics' gradients, which are never read (two
+        # allocations a backward).
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, mean, invstd, weight, bias_to_save(ctx, bias, activation))
         ctx.save_for_forward(x, mean, invstd, weight, bias)
         ctx.options = (eps, activation, backend)
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_invstd):
+        if grad_y is None:   # y's gradient is zero: so are all (as torch's, None)
+            return (None,) * 9
         x, mean, invstd, weight, bias = ctx.saved_tensors
         args = (grad_y, x, mean, invstd, weight, saved_bias(ctx, bias, weight))
         if (torch.is_grad_enabled() or torch.autograd.forward_ad._current_level >= 0
@@ -576,9 +581,12 @@ class EvalForward(_Function):
                               bias_to_save(ctx, bias, activation))
         ctx.save_for_forward(x, running_mean, running_var, weight, bias)
         ctx.options = (eps, activation)
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_y):
+        if grad_y is None:   # y's gradient is zero: so are all (as torch's, None)
+            return (None,) * 8
         x, running_mean, running_var, weight, bias = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = eval_backward(
             grad_y, x, running_mean, running_var, weight, saved_bias(ctx, bias, weight),
