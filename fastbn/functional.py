@@ -208,7 +208,7 @@ def direct_eval(input, running_mean, running_var, weight, bias, momentum, eps, a
             return EvalForward.apply(input, running_mean, running_var, weight, bias, eps,
                                      activation, backend)
     if not (_has_storage(input) and _has_storage(weight) and _has_storage(bias)):
-        return None   # legacy batched tensors (is_grads_batched): EvalForward's forward
+        return None   # legacy batched (is_grads_batched): the general path's reference math
     return backend.forward_eval(input, running_mean, running_var, weight, bias, eps,
                                 activation)
 
