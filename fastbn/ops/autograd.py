@@ -501,15 +501,8 @@ class TrainForward(_Function):
         if grad_y is None:   # y's gradient is zero: so are all (as torch's, None)
             return (None,) * 9
         x, mean, invstd, weight, bias = ctx.saved_tensors
-        args = (grad_y, x, mean, invstd, weight, saved_bias(ctx, bias, weight))
-        if (torch.is_grad_enabled() or torch.autograd.forward_ad._current_level >= 0
-                or torch._C._are_functorch_transforms_active()):
-            # Differentiated further (create_graph, a dual grad_y, a transform): a node.
-            grad_x, grad_weight, grad_bias = TrainBackward.apply(*args, *ctx.options)
-        else:   # a plain backward: the kernel, without a Function's apply around it
-            eps, activation, backend = ctx.options
-            grad_x, grad_weight, grad_bias = _runnable(backend, args).backward(
-                *args, activation)
+        grad_x, grad_weight, grad_bias = TrainBackward.apply(
+            grad_y, x, mean, invstd, weight, saved_bias(ctx, bias, weight), *ctx.options)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
     @staticmethod
