@@ -258,6 +258,22 @@ def test_running_statistics_update(backend):
         torch.testing.assert_close(rv, rv_t)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_running_statistics_update_is_seen_by_autograd(backend, dtype):
+    """The kernels write the running statistics through raw addresses; autograd must still
+    see each as modified in place (as torch's), so a graph that saved one fails loudly
+    instead of differentiating the new values."""
+    x = torch.randn(10, 3, 6, dtype=dtype)
+    rm, rv = (t.to(dtype) for t in _state())
+    w = torch.randn(3, dtype=dtype, requires_grad=True)
+    versions = rm._version, rv._version
+    saved = (rm * w).sum() + (rv * w).sum()   # mul saves rm and rv for w's gradient
+    fastbn.batch_norm(x, rm, rv, training=True)
+    assert rm._version > versions[0] and rv._version > versions[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_autograd_function_only_where_something_differentiates(monkeypatch, training):
     """A call nothing can differentiate runs the Function's forward alone (a graph node

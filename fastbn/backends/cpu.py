@@ -360,8 +360,7 @@ def forward_train(x, weight, bias, eps, activation=None, running_mean=None, runn
         reference.update_running_stats(running_mean, running_var, mean, var,
                                        plan.N * plan.L, momentum)
     elif running_mean is not None:   # written through raw pointers: tell autograd
-        torch.autograd.graph.increment_version(running_mean)
-        torch.autograd.graph.increment_version(running_var)
+        torch.autograd.graph.increment_version((running_mean, running_var))
     return y, mean, invstd
 
 

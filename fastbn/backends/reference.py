@@ -198,8 +198,7 @@ def _native_forward(x, weight, bias, eps, activation, running_mean, running_var,
     y, mean, invstd = torch.native_batch_norm(x, weight.to(acc), bias.to(acc), running_mean,
                                               running_var, training, momentum, eps)
     if training and running_mean is not None:   # its schema does not mark them written
-        torch.autograd.graph.increment_version(running_mean)
-        torch.autograd.graph.increment_version(running_var)
+        torch.autograd.graph.increment_version((running_mean, running_var))
     if activation == "relu":
         y.relu_()
     return y, mean, invstd
