@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fastbn.backends import reference
-from fastbn.backends.layout import empty_output, output_format
+from fastbn.backends.layout import output_format
 
 def _why_missing(err):
     """Why fastbn._C cannot be imported: the compiler's failure where the install
@@ -133,8 +133,10 @@ def _tile(c, length, s_c, s_l, max_elems):
 @functools.lru_cache(maxsize=4096)
 def _view(shape, stride, fold_max_l, few_rows_fold_max_l, tile_max_elems):
     """x's view for the kernels, from its shape and strides alone (cached: it is the bulk
-    of a small call's planning): (N, C, L, swap, strides, channels_last, fold, tile), or
-    None if its spatial dims do not flatten. `fold`: L, where the elements may run as
+    of a small call's planning): (N, C, L, swap, strides, channels_last, fold, tile,
+    output format, dense), or None if its spatial dims do not flatten. The output format
+    is torch's batch-norm layout for x (`output_format`), `dense` whether x is contiguous
+    in it. `fold`: L, where the elements may run as
     channels-last rows of C * L pass channels (see Geom in csrc/cpu/common.h), for L up
     to `fold_max_l` (`few_rows_fold_max_l` with fewer than 8 rows); else 1. `tile`: rows
     per tiled row of up to `tile_max_elems` values (`_tile`; channels-last x only); the
@@ -155,7 +157,10 @@ def _view(shape, stride, fold_max_l, few_rows_fold_max_l, tile_max_elems):
     fold = (length if not channels_last and not swap and 1 < length <= max_l
             and s_c == length * s_l else 1)
     tile = _tile(c, length, s_c, s_l, tile_max_elems) if channels_last else 1
-    return n, c, length, swap, strides, channels_last, fold, tile
+    meta = torch.empty_strided(shape, stride, device="meta")
+    fmt = output_format(meta)
+    return (n, c, length, swap, strides, channels_last, fold, tile, fmt,
+            meta.is_contiguous(memory_format=fmt))
 
 
 def _geom(n, c, length, channels_last, fold, tile):
@@ -233,7 +238,8 @@ class _Plan:
                      TILE_ROW_BYTES // x.itemsize)
         if view is None:
             return
-        self.N, self.C, self.L, self.swap, strides, self.cl, self.fold, self.tile = view
+        (self.N, self.C, self.L, self.swap, strides, self.cl, self.fold, self.tile, self.fmt,
+         dense) = view
         self.ndim_batched = len(shape) + 1
         if self.fold > 1:
             self.cl = True
@@ -252,8 +258,7 @@ class _Plan:
         if self.tile > 1:
             # The outputs, in torch's layout for x, have x's strides only where x is dense
             # in that layout.
-            if (x.is_contiguous(memory_format=output_format(x))
-                    and all(t[0] == 0 or _tiles(t, self.C) for t in inputs[1:])):
+            if dense and all(t[0] == 0 or _tiles(t, self.C) for t in inputs[1:]):
                 inputs = [_tiled(t, self.tile) for t in inputs]
             else:
                 self.tile = 1
@@ -310,7 +315,7 @@ def _empty(x, plan, dtype=None):
     leading K outermost and the rest in x's memory format."""
     dtype = x.dtype if dtype is None else dtype
     if plan.K is None:
-        return empty_output(x, dtype)
+        return torch.empty_like(x, dtype=dtype, memory_format=plan.fmt)
     order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
     out = torch.empty_permuted((plan.K, *x.shape), (0, *(d + 1 for d in order)),
                                dtype=dtype, device=x.device)
@@ -343,7 +348,7 @@ def forward_train(x, weight, bias, eps, activation=None, running_mean=None, runn
     own = x.dtype != acc and all(_kernel_array(t, x.dtype, plan.C)
                                  for t in (weight, bias, *tracked))
     w, b = (weight, bias) if own else (_acc(weight, acc), _acc(bias, acc))
-    y = empty_output(x)
+    y = torch.empty_like(x, memory_format=plan.fmt)
     mean, invstd = torch.empty(plan.C, dtype=acc), torch.empty(plan.C, dtype=acc)
     # The kernel updates running statistics of the accumulation dtype (or all of x's, as
     # above) in place; others (say bfloat16 buffers of a float32 x) from the variance it
@@ -377,8 +382,7 @@ def _eval_plan(shape, stride, dtype):
                  TILE_ROW_BYTES // dtype.itemsize)
     if view is None:
         return None
-    n, c, length, swap, tx, cl, fold, tile = view
-    fmt = output_format(torch.empty_strided(shape, stride, device="meta"))
+    n, c, length, swap, tx, cl, fold, tile, fmt, _ = view
     y_stride = torch.empty(shape, device="meta", memory_format=fmt).stride()
     ty = tx if y_stride == stride else _strides(shape, y_stride, False, swap)
     if fold > 1:   # x is not channels-last, so y is not: its (c, l) blocks are dense too
