@@ -370,16 +370,16 @@ def forward_train(x, weight, bias, eps, activation=None, running_mean=None, runn
 
 
 @functools.lru_cache(maxsize=4096)
-def _eval_plan(shape, stride, dtype):
-    """How forward_eval runs an x of this shape, strides and dtype, decided from those
-    alone and cached: (code, geom, x's strides, y's memory format, y's strides), or None
-    where the kernels do not run it (dtype, spatial dims that do not flatten, empty)."""
+def _eval_plan(shape, stride, dtype, fold_max_l, tile_max_elems):
+    """How forward_eval runs an x of this shape, strides and dtype with these limits
+    (`_view`'s), decided from those alone and cached: (code, geom, x's strides, y's
+    memory format, y's strides), or None where the kernels do not run it (dtype, spatial
+    dims that do not flatten, empty)."""
     code = _CODES.get(dtype)
     if code is None or len(shape) < 2 or math.prod(shape) == 0:
         return None
     # With fewer than 8 rows never folded (see FEW_ROWS_FOLD_MAX_L).
-    view = _view(shape, stride, EVAL_FOLD_MAX_L[dtype.itemsize], 1,
-                 TILE_ROW_BYTES // dtype.itemsize)
+    view = _view(shape, stride, fold_max_l, 1, tile_max_elems)
     if view is None:
         return None
     n, c, length, swap, tx, cl, fold, tile, fmt, _ = view
@@ -399,13 +399,15 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
     # One frame, every check inline and a cached plan: on a cold cache (a convolution
     # between two batch norms) the Python of a small layer's eval call costs as much as
     # its kernel, and each frame and call counts (benchmarks/RESULTS.md).
-    plan = None
+    plan, dtype = None, x.dtype
     if _plain(x) and not torch._C._len_torch_dispatch_stack():
-        plan = _eval_plan(x.shape, x.stride(), x.dtype)
+        size = dtype.itemsize
+        plan = _eval_plan(x.shape, x.stride(), dtype, EVAL_FOLD_MAX_L[size],
+                          TILE_ROW_BYTES // size)
     if plan is None:
         return reference.forward_eval(x, running_mean, running_var, weight, bias, eps,
                                       activation)
-    channels, dtype = (x.shape[1],), x.dtype
+    channels = (x.shape[1],)
     acc = _ACC[dtype]
     # Read as they are where all four are contiguous and of x's dtype (`own`, for a half
     # x: see forward_train) or all of the accumulation dtype; else converted to it.

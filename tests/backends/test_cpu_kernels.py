@@ -100,12 +100,18 @@ def test_folding_is_taken_and_unfolded_runs_agree(native, monkeypatch, layout):
     passes give the same values (up to summation order)."""
     p = _problem(layout, torch.float64, None)
     assert cpu._Plan(p["x"]).fold == p["x"].shape[2:].numel()
+    calls = _record_calls(monkeypatch)
     folded = {op: _call(cpu, op, p, "relu") for op in OPS}
+    assert {fold for (kernel, _), fold in zip(calls, _folds(calls))
+            if kernel != "forward_eval"} == {p["x"].shape[2:].numel()}
     monkeypatch.setattr(cpu, "FOLD_MAX_L", dict.fromkeys(cpu.FOLD_MAX_L, 0))
     monkeypatch.setattr(cpu, "EVAL_FOLD_MAX_L", dict.fromkeys(cpu.EVAL_FOLD_MAX_L, 0))
     assert cpu._Plan(p["x"]).fold == 1
+    calls.clear()
+    unfolded = {op: _call(cpu, op, p, "relu") for op in OPS}
+    assert set(_folds(calls)) == {1}   # eval's cached plan too
     for op in OPS:
-        for a, b in zip(_tuple(folded[op]), _tuple(_call(cpu, op, p, "relu"))):
+        for a, b in zip(_tuple(folded[op]), _tuple(unfolded[op])):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -117,11 +123,17 @@ def test_tiling_is_taken_and_untiled_runs_agree(native, monkeypatch, layout, dty
     p = _problem(layout, dtype, None, seed=2)
     plan = cpu._Plan(p["x"])
     assert plan.tile > 1 and plan.tile * plan.C * p["x"].itemsize <= cpu.TILE_ROW_BYTES
+    calls = _record_calls(monkeypatch)
     tiled = {op: _call(cpu, op, p, "relu") for op in OPS}
+    assert {tile for (kernel, _), tile in zip(calls, _tiles(calls))
+            if kernel != "forward_eval"} == {plan.tile}
     monkeypatch.setattr(cpu, "TILE_ROW_BYTES", 0)
     assert cpu._Plan(p["x"]).tile == 1
+    calls.clear()
+    untiled = {op: _call(cpu, op, p, "relu") for op in OPS}
+    assert set(_tiles(calls)) == {1}   # eval's cached plan too
     for op in OPS:
-        for a, b in zip(_tuple(tiled[op]), _tuple(_call(cpu, op, p, "relu"))):
+        for a, b in zip(_tuple(tiled[op]), _tuple(untiled[op])):
             if op == "forward_eval":
                 assert torch.equal(a, b)
             elif dtype == torch.float64:
