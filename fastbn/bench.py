@@ -302,15 +302,16 @@ def time_interleaved(calls, timing, clock, errors):
         while rounds < timing.min_runs or (rounds < timing.max_runs
                                            and time.perf_counter() - start < timing.budget_s):
             for name, (context, call) in list(calls.items()):
-                with context():
-                    t0 = clock()
-                    try:
+                try:
+                    with context():
+                        t0 = clock()
                         call()
-                    except Exception as err:
-                        errors[name] = _error_text(err)
-                        del calls[name], times[name]
-                        continue
-                    times[name].append(clock() - t0)
+                        elapsed = clock() - t0
+                except Exception as err:
+                    errors[name] = _error_text(err)
+                    del calls[name], times[name]
+                    continue
+                times[name].append(elapsed)
             rounds += 1
     finally:
         if gc_was_enabled:

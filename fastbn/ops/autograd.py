@@ -489,8 +489,8 @@ class TrainForward(_Function):
         x, weight, bias, _, _, _, eps, activation, backend = inputs
         _, mean, invstd = output
         ctx.mark_non_differentiable(mean, invstd)
-        # No zero tensors made for the statistics' gradients, which are never read (two
-        # allocations a backward).
+        # No zero tensors made for absent gradients or tangents: the rules take None, and
+        # the statistics' gradients are never read (two allocations a backward).
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, mean, invstd, weight, bias_to_save(ctx, bias, activation))
         ctx.save_for_forward(x, mean, invstd, weight, bias)
@@ -498,9 +498,12 @@ class TrainForward(_Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_invstd):
-        if grad_y is None:   # y's gradient is zero: so are all (as torch's, None)
-            return (None,) * 9
         x, mean, invstd, weight, bias = ctx.saved_tensors
+        if grad_y is None:   # y's gradient is zero
+            if _reduction(ctx.options[2]) is reference.LOCAL:
+                return (None,) * 9   # so are all (as torch's, None)
+            # A synchronised batch norm's backward is collective: every process joins.
+            grad_y = torch.zeros_like(x)
         grad_x, grad_weight, grad_bias = TrainBackward.apply(
             grad_y, x, mean, invstd, weight, saved_bias(ctx, bias, weight), *ctx.options)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
@@ -574,7 +577,7 @@ class EvalForward(_Function):
                               bias_to_save(ctx, bias, activation))
         ctx.save_for_forward(x, running_mean, running_var, weight, bias)
         ctx.options = (eps, activation)
-        ctx.set_materialize_grads(False)
+        ctx.set_materialize_grads(False)   # as TrainForward's
 
     @staticmethod
     def backward(ctx, grad_y):

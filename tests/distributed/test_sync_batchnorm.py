@@ -155,6 +155,51 @@ def test_a_failing_rank_makes_the_others_fail_without_hanging():
     assert "error" in results[0] and "no result" not in results[0]["error"]
 
 
+class _NoGradient(torch.autograd.Function):
+    """The identity, whose backward gives its input no gradient (None: zero)."""
+
+    @staticmethod
+    def forward(t):
+        return t.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def _undefined_gradient_worker(rank, world, sizes):
+    data = _shard(_problem(sizes), sizes, rank)
+    x = data["x"].clone().requires_grad_()
+    y = _layer(data)(x)
+    if rank == 0:
+        y = _NoGradient.apply(y)
+    loss = (y * data["cot"]).sum() + x.sum()   # x has a gradient on every rank
+    return torch.autograd.grad(loss, x)[0]
+
+
+def test_a_rank_whose_output_has_no_gradient_still_joins_the_backward():
+    """An undefined gradient of y is zero: on a synchronised layer that rank's backward
+    must still take part in the collectives (it hung the others), and every rank's
+    gradient is that of one process with a zero cotangent on rank 0's samples."""
+    sizes = [3, 4]
+    results = run_processes(_undefined_gradient_worker, 2, sizes, collective_timeout=20,
+                            join_timeout=120)
+    data = _problem(sizes)
+    x = data["x"].clone().requires_grad_()
+    cot = data["cot"].clone()
+    cot[:sizes[0]] = 0
+    (want,) = torch.autograd.grad((_layer(data)(x) * cot).sum() + x.sum(), x)
+    for rank, got in enumerate(results):
+        assert "value" in got, got.get("trace", got)
+        start = sum(sizes[:rank])
+        torch.testing.assert_close(got["value"], want[start:start + sizes[rank]],
+                                   rtol=1e-9, atol=1e-10)
+
+
 def test_outside_a_process_group_it_is_the_local_layer():
     data = _problem([6])
     local = _all_orders(_layer(data), data, lambda t: t)
