@@ -421,9 +421,11 @@ def test_parametrized_weight_is_honoured(backend):
 @pytest.mark.parametrize("options", [dict(), dict(affine=False), dict(bias=False)])
 def test_lazy_layers_become_fastbn_layers(torch_cls, fast_cls, shape, options):
     ref, fast = torch_cls(**options), fast_cls(**options)
+    assert isinstance(fast, torch_cls)   # before it runs, as after (as its cls_to_become)
     x = torch.randn(shape)
     torch.testing.assert_close(fast(x), ref(x))
     assert type(fast) is fast_cls.cls_to_become and type(ref) is torch_cls.cls_to_become
+    assert isinstance(fast, torch_cls.cls_to_become)
     assert fast.num_features == 5 and fast.state_dict().keys() == ref.state_dict().keys()
     for (name, b), (_, c) in zip(ref.named_buffers(), fast.named_buffers()):
         torch.testing.assert_close(c, b, msg=name)

@@ -184,7 +184,9 @@ class SyncBatchNorm(_FastBatchNorm, nn.SyncBatchNorm):
 
 class _LazyFastBatchNorm(nn.modules.batchnorm._LazyNormBase):
     """torch's lazy batch norm (num_features from the first input), becoming the fastbn
-    layer of `cls_to_become` on that first call."""
+    layer of `cls_to_become` on that first call. Each lazy class also subclasses torch's
+    lazy class of its dimension, so that `isinstance` checks for it hold, as they do for
+    the layers it becomes."""
 
     def __init__(self, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  device=None, dtype=None, activation=None, *, bias=True):
@@ -194,17 +196,17 @@ class _LazyFastBatchNorm(nn.modules.batchnorm._LazyNormBase):
         self.activation = activation
 
 
-class LazyBatchNorm1d(_LazyFastBatchNorm, BatchNorm1d):
+class LazyBatchNorm1d(_LazyFastBatchNorm, nn.LazyBatchNorm1d, BatchNorm1d):
     """torch.nn.LazyBatchNorm1d on fastbn kernels."""
     cls_to_become = BatchNorm1d
 
 
-class LazyBatchNorm2d(_LazyFastBatchNorm, BatchNorm2d):
+class LazyBatchNorm2d(_LazyFastBatchNorm, nn.LazyBatchNorm2d, BatchNorm2d):
     """torch.nn.LazyBatchNorm2d on fastbn kernels."""
     cls_to_become = BatchNorm2d
 
 
-class LazyBatchNorm3d(_LazyFastBatchNorm, BatchNorm3d):
+class LazyBatchNorm3d(_LazyFastBatchNorm, nn.LazyBatchNorm3d, BatchNorm3d):
     """torch.nn.LazyBatchNorm3d on fastbn kernels."""
     cls_to_become = BatchNorm3d
 
