@@ -2,7 +2,8 @@
 
 `run_processes` runs a function on several processes of this machine (a gloo process
 group per call, or NCCL with one GPU per process) and collects what each returns: the
-harness of the distributed tests and benchmarks.
+harness of the distributed tests and benchmarks. `NoGradient` is the identity whose
+backward gives its input no gradient (None), as some downstream functions do.
 """
 
 import datetime
@@ -60,3 +61,19 @@ def run_processes(fn, world, *args, collective_timeout=60, join_timeout=180, bac
             results.append(torch.load(path, weights_only=False) if os.path.exists(path)
                            else {"error": "no result (killed or hung)"})
         return results
+
+
+class NoGradient(torch.autograd.Function):
+    """The identity, whose backward gives its input no gradient (None: zero)."""
+
+    @staticmethod
+    def forward(t):
+        return t.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None

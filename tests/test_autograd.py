@@ -6,6 +6,7 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.func import jvp
 
 import fastbn
+from fastbn.testing import NoGradient
 
 SHAPES = [(3, 2), (2, 3, 5), (3, 2, 3, 2), (2, 2, 2, 3, 2)]   # 1d, 1d+L, 2d, 3d
 DT = torch.float64
@@ -270,22 +271,6 @@ def test_third_order_forward_over_reverse(backend, activation):
         torch.testing.assert_close(route(fast), route(reference), rtol=1e-9, atol=1e-10)
 
 
-class _NoGradient(torch.autograd.Function):
-    """The identity, whose backward gives its input no gradient (None: zero)."""
-
-    @staticmethod
-    def forward(t):
-        return t.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None
-
-
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("create_graph", [False, True])
 def test_an_undefined_output_gradient_gives_none_as_torch_does(backend, training,
@@ -299,7 +284,7 @@ def test_an_undefined_output_gradient_gives_none_as_torch_does(backend, training
 
     def grads(bn):
         y = bn(x, *(t.clone() for t in running), weight, bias, training)
-        loss = _NoGradient.apply(y).sum() + (x * 2).sum()
+        loss = NoGradient.apply(y).sum() + (x * 2).sum()
         return torch.autograd.grad(loss, (x, weight, bias), allow_unused=True,
                                    create_graph=create_graph)
     got, want = grads(fastbn.batch_norm), grads(torch.nn.functional.batch_norm)

@@ -7,7 +7,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vmap
 
 import fastbn
-from fastbn.testing import run_processes
+from fastbn.testing import NoGradient, run_processes
 
 DT = torch.float64
 
@@ -155,28 +155,12 @@ def test_a_failing_rank_makes_the_others_fail_without_hanging():
     assert "error" in results[0] and "no result" not in results[0]["error"]
 
 
-class _NoGradient(torch.autograd.Function):
-    """The identity, whose backward gives its input no gradient (None: zero)."""
-
-    @staticmethod
-    def forward(t):
-        return t.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None
-
-
 def _undefined_gradient_worker(rank, world, sizes):
     data = _shard(_problem(sizes), sizes, rank)
     x = data["x"].clone().requires_grad_()
     y = _layer(data)(x)
     if rank == 0:
-        y = _NoGradient.apply(y)
+        y = NoGradient.apply(y)
     loss = (y * data["cot"]).sum() + x.sum()   # x has a gradient on every rank
     return torch.autograd.grad(loss, x)[0]
 
