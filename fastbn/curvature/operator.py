@@ -504,19 +504,26 @@ class HessianOperator:
         total, count = None, 0
         for inputs, targets, n, index in batches or self._batches():
             loss = self._loss_fn(fixed, buffers, inputs, targets, index, weight=n)
-            if tangent is None:
-                value, loss_value = torch.func.grad(loss, has_aux=True)(theta)
-            else:
-                path = "matmat" if batched else "matvec"
-                if path in self.methods_used:
-                    value, loss_value = self._apply(self.methods_used[path], loss, theta,
-                                                    tangent, batched)
+            try:
+                if tangent is None:
+                    value, loss_value = torch.func.grad(loss, has_aux=True)(theta)
                 else:
-                    run = {method: functools.partial(self._apply, method, loss, theta,
-                                                     batched=batched)
-                           for method in METHODS if method != "auto"}
-                    value, loss_value = self._choose_method(
-                        path, run, tangent, tangent[:1] if batched else tangent)
+                    path = "matmat" if batched else "matvec"
+                    if path in self.methods_used:
+                        value, loss_value = self._apply(self.methods_used[path], loss,
+                                                        theta, tangent, batched)
+                    else:
+                        run = {method: functools.partial(self._apply, method, loss, theta,
+                                                         batched=batched)
+                               for method in METHODS if method != "auto"}
+                        value, loss_value = self._choose_method(
+                            path, run, tangent, tangent[:1] if batched else tangent)
+            except Exception as error:
+                # Which batch failed (say, one of a single sample in training mode).
+                if hasattr(error, "add_note"):   # Python 3.11 and later
+                    error.add_note(f"(in batch {index} of the operator's data, counted "
+                                   "from 0)")
+                raise
             check_finite_loss(loss_value, f"batch {index}")
             total = value if total is None else {k: total[k] + value[k] for k in total}
             count += n

@@ -112,6 +112,18 @@ def test_multiple_batches_weight_by_sample_count():
         close(op.grad(), gradient)
 
 
+def test_an_error_in_one_batch_names_the_batch():
+    """A batch of one sample fails batch norm's training mode with torch's message; the
+    error also says which batch it was."""
+    model = mlp()
+    batches = [batch_for(model, 5, seed=1), batch_for(model, 1, seed=2)]
+    op = HessianOperator(model, CRITERION, batches)
+    for call in (op.grad, lambda: op.matvec(torch.ones(op.shape[0], dtype=DTYPE))):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel") as err:
+            call()
+        assert "(in batch 1 of the operator's data, counted from 0)" in err.value.__notes__
+
+
 def test_eval_mode_uses_running_statistics():
     model = with_nontrivial_running_stats(cnn())
     batch = batch_for(model, 6, seed=0)
