@@ -396,9 +396,9 @@ def _eval_plan(shape, stride, dtype, fold_max_l, tile_max_elems):
 
 
 def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=None):
-    # One frame, every check inline and a cached plan: on a cold cache (a convolution
-    # between two batch norms) the Python of a small layer's eval call costs as much as
-    # its kernel, and each frame and call counts (benchmarks/RESULTS.md).
+    # Planned in this one frame from a cached plan, not by _Plan: on a cold cache (a
+    # convolution between two batch norms) the Python of a small layer's eval call costs
+    # as much as its kernel, and each frame and call counts (benchmarks/RESULTS.md).
     plan, dtype = None, x.dtype
     if _plain(x) and not torch._C._len_torch_dispatch_stack():
         size = dtype.itemsize
@@ -414,10 +414,8 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
     stats_dtype = running_mean.dtype
     ready = stats_dtype == dtype or stats_dtype == acc
     stats = (running_mean, running_var, weight, bias)
-    for t in stats:   # _plain(t) inline
-        if (t.shape != channels or type(t) not in _PLAIN_TYPES or not t.is_cpu
-                or not _has_storage(t) or t.is_neg() or t._is_zerotensor()
-                or t.data_ptr() % t.element_size()):
+    for t in stats:
+        if t.shape != channels or not _plain(t):
             return reference.forward_eval(x, running_mean, running_var, weight, bias, eps,
                                           activation)
         ready = ready and t.dtype == stats_dtype and t.is_contiguous()

@@ -120,9 +120,10 @@ class HessianOperator:
         batch with tuple inputs as [batch]) or an iterable of batches (re-iterated on every
         call, so it must yield the same batches each time: a pass whose first batch
         differs from the one checked at construction, as a shuffling DataLoader's does,
-        raises; a one-shot iterator is stored as a list). The loss is Σ_b n_b L_b / Σ_b n_b with n_b the batch's sample count
-        (the leading dimension of its inputs' tensors; where they differ, as with a
-        tensor shared by all samples, the one the targets have). With bn_mode="train"
+        raises; a one-shot iterator is stored as a list). The loss is
+        Σ_b n_b L_b / Σ_b n_b with n_b the batch's sample count (the leading dimension of
+        its inputs' tensors; where they differ, as with a tensor shared by all samples,
+        the one the targets have). With bn_mode="train"
         each batch normalises with its own batch statistics, as in training, so the loss
         is not the loss of the concatenated batch. Inputs go to the model as its single
         argument.
