@@ -5,9 +5,9 @@ with a `GroupReduction`, so the op layer's Functions give SyncBatchNorm every or
 autodiff (double backward, jvp, vmap over tangents) with no math of its own.
 
 Communication: the forward statistics travel in one all_gather of the packed count,
-per-channel means and M2 (2C + 1 values per process), merged with the parallel Welford
-formula, so unequal batch sizes are
-exact and a rank with no samples contributes nothing. Each later reduction (the backward's
+per-channel means and M2 (2C + 1 values per process, in float64), merged with the
+parallel Welford formula, so unequal batch sizes are exact and a rank with no samples
+contributes nothing. Each later reduction (the backward's
 sums of grad and grad * xhat, ...) is one packed all_reduce. Gradients of weight and bias
 stay the local batch's share, as in torch.nn.SyncBatchNorm. Counts stay on the device:
 no host-device synchronisation.
@@ -81,7 +81,8 @@ class GroupReduction:
 
     def count(self, x):
         if self.global_count is None:
-            local = torch.tensor(float(reference.LOCAL.count(x)), device=x.device)
+            local = torch.tensor(float(reference.LOCAL.count(x)), dtype=torch.float64,
+                                 device=x.device)
             dist.all_reduce(local, group=self.group)
             self.global_count = local
         return self.global_count.to(reference.acc_dtype(x.dtype))
@@ -103,15 +104,20 @@ class GroupReduction:
         _check_agreement(self.group, (channels, _ACC_DTYPES.index(acc)), x.device,
                          "its channel count or dtype",
                          lambda c, d: f"{c} channels in {_ACC_DTYPES[d]}")
+        # Sent and merged in float64: a float32 mean rounded at 1e4 is off by 5e-4, which
+        # the merge's (means - mean)^2 turned into 100x the local variance's error. Each
+        # process's mean comes from a float64 sum; its M2 from the accumulation dtype
+        # (relative rounding only, as x - mean is small).
         if n:
-            mean, var = reference.LOCAL.moments(x)
+            var = reference.LOCAL.moments(x)[1].double()
+            mean = x.sum(reference.reduce_dims(x.dim()), dtype=torch.float64) / n
         else:
-            mean = var = torch.zeros(channels, dtype=acc, device=x.device)
+            mean = var = torch.zeros(channels, dtype=torch.float64, device=x.device)
         # One message of 2C + 1 values: count, per-channel mean, per-channel M2.
-        packed = torch.cat([torch.full((1,), float(n), dtype=acc, device=x.device),
+        packed = torch.cat([torch.full((1,), float(n), dtype=torch.float64, device=x.device),
                             mean, var * n])
-        gathered = torch.empty(dist.get_world_size(self.group), packed.numel(), dtype=acc,
-                               device=x.device)
+        gathered = torch.empty(dist.get_world_size(self.group), packed.numel(),
+                               dtype=torch.float64, device=x.device)
         dist.all_gather(list(gathered.unbind(0)), packed, group=self.group)
         counts = gathered[:, :1]
         means, m2s = gathered[:, 1:].split(channels, dim=1)   # each (world, C)
@@ -119,7 +125,7 @@ class GroupReduction:
         mean = (counts * means).sum(0) / total
         m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
         self.global_count = total[0]
-        return mean, m2 / total
+        return mean.to(acc), (m2 / total).to(acc)
 
 
 class SyncKernels:

@@ -14,13 +14,14 @@ import itertools
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils._pytree import tree_flatten, tree_map
 
 import fastbn
-from fastbn.nn.batchnorm import (TORCH_BATCH_NORMS, _FastBatchNorm,
+from fastbn.nn.batchnorm import (TORCH_BATCH_NORMS, _FastBatchNorm, convert_sync_except,
                                  fuse_relu_along_sequentials)
 
 BN_MODES = ("train", "eval")
@@ -31,32 +32,62 @@ def check_bn_mode(bn_mode):
         raise ValueError(f"unknown bn_mode {bn_mode!r}; expected 'train' or 'eval'")
 
 
-def _retype_batch_norm_subclasses(copy_of_model, bn_mode, *, eval_allowed=True):
+def _retype_batch_norm_subclasses(copy_of_model, bn_mode, process_group=None, *,
+                                  eval_allowed=True):
     """In the private copy, make each subclass of a torch batch norm that keeps torch's
     forward an instance of that torch class, so that fastbn.convert replaces it too
     (torch's forward updates running statistics in place, which torch.func refuses).
     Any other subclass (its own forward) runs as it is where it cannot update them
     (bn_mode "eval", or no running statistics) and is refused where it would; the error
-    offers bn_mode="eval" where the caller takes it (`eval_allowed`)."""
+    offers bn_mode="eval" where the caller takes it (`eval_allowed`). With a
+    `process_group`, a layer with its own forward (fastbn's subclasses too) is refused
+    where it would normalise with batch statistics: they would be its own process's.
+    Returns the layers that run their own forward, which `converted` leaves alone."""
+    own_forward = []
     for name, module in copy_of_model.named_modules():
-        if (not isinstance(module, _BatchNorm) or isinstance(module, _FastBatchNorm)
-                or type(module) in TORCH_BATCH_NORMS):
+        if (not isinstance(module, _BatchNorm) or type(module) in TORCH_BATCH_NORMS
+                or isinstance(module, fastbn.SyncBatchNorm)):
             continue
-        base = next((cls for cls in type(module).__mro__ if cls in TORCH_BATCH_NORMS), None)
-        if base is not None and type(module).forward is base.forward:
-            module.__class__ = base
-        elif bn_mode == "train" and module.track_running_stats:
+        fast = isinstance(module, _FastBatchNorm)
+        if fast:
+            if type(module).forward is _FastBatchNorm.forward:
+                continue
+            base = next(cls for cls in type(module).__mro__ if cls in TORCH_BATCH_NORMS)
+        else:
+            base = next((cls for cls in type(module).__mro__ if cls in TORCH_BATCH_NORMS),
+                        None)
+            if base is not None and type(module).forward is base.forward:
+                module.__class__ = base
+                continue
+        layer = f"layer {name or '(the model)'!r} ({type(module).__name__})"
+        if not fast and bn_mode == "train" and module.track_running_stats:
             reason = ("it overrides forward" if base is not None
                       else "it derives from none of " + ", ".join(c.__name__ for c in
                                                                   TORCH_BATCH_NORMS))
             fastbn_class = f"fastbn.{base.__name__}" if base is not None else "a fastbn layer"
             raise TypeError(
-                f"layer {name or '(the model)'!r} ({type(module).__name__}) subclasses "
+                f"{layer} subclasses "
                 f"torch's batch norm but cannot run as a fastbn layer ({reason}), and in "
                 "training mode it would update its running statistics in place, which "
                 f"fails inside torch.func transforms. Derive it from {fastbn_class} "
                 "instead, " + ("or use bn_mode=\"eval\", " if eval_allowed else "")
                 + "or construct it with track_running_stats=False.")
+        if process_group is not None and (bn_mode == "train" or module.running_mean is None):
+            raise TypeError(
+                f"{layer} overrides forward, so its batch statistics cannot be "
+                "synchronised over process_group: each process would normalise with its "
+                "own batch. Derive it from fastbn.SyncBatchNorm instead"
+                + (", or use bn_mode=\"eval\" with running statistics" if eval_allowed
+                   else "") + ".")
+        own_forward.append(module)
+    return own_forward
+
+
+def check_membership(process_group, caller):
+    """ValueError where this process is outside `process_group`: a collective skips a
+    process outside its group, so the result would silently be the local one."""
+    if process_group is not None and dist.get_rank(process_group) < 0:
+        raise ValueError(f"{caller}: this process is not a member of process_group")
 
 
 def plain_attributes(obj):
@@ -96,16 +127,18 @@ class _LocalSyncBatchNorm(fastbn.SyncBatchNorm):
         return None
 
 
-def converted(private, process_group):
+def converted(private, process_group, own_forward=()):
     """`private` (a copy of a model) with fastbn batch norms that synchronise over
     `process_group`, or, without one, each over its own process's batch only (the model's
-    SyncBatchNorms would synchronise over the whole world)."""
-    model = fastbn.convert(private, sync=process_group is not None,
-                           process_group=process_group)
-    if process_group is None:
-        for module in model.modules():
-            if type(module) is fastbn.SyncBatchNorm:
-                module.__class__ = _LocalSyncBatchNorm
+    SyncBatchNorms would synchronise over the whole world). The layers in `own_forward`
+    (`_retype_batch_norm_subclasses`'s) stay as they are: a SyncBatchNorm in their place
+    would drop their forward."""
+    if process_group is not None:
+        return convert_sync_except(private, process_group, own_forward)
+    model = fastbn.convert(private)
+    for module in model.modules():
+        if type(module) is fastbn.SyncBatchNorm:
+            module.__class__ = _LocalSyncBatchNorm
     return model
 
 
@@ -142,8 +175,8 @@ class FunctionalModel:
         memo = {id(t): _placeholder(t)
                 for t in itertools.chain(model.parameters(), model.buffers())}
         private = private_copy(model, memo)
-        _retype_batch_norm_subclasses(private, bn_mode)
-        self.copy = converted(private, process_group)
+        own_forward = _retype_batch_norm_subclasses(private, bn_mode, process_group)
+        self.copy = converted(private, process_group, own_forward)
         if fuse_relu:
             fuse_relu_along_sequentials(self.copy)
         # The batch norms the copy runs with a ReLU that the model's do not have.

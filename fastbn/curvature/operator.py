@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 from fastbn._checks import check_count
 from fastbn.backends.distributed import refuse_on_every_process
 from fastbn.curvature import _memory
-from fastbn.curvature._functional import (FunctionalModel, forked_random_state,
-                                          is_single_batch, outside_inference_mode,
-                                          plain_attributes, savable,
-                                          same_batch, seed_from_callers_generator, split_batch,
-                                          tensor_attributes, to_device)
+from fastbn.curvature._functional import (FunctionalModel, check_membership,
+                                          forked_random_state, is_single_batch,
+                                          outside_inference_mode, plain_attributes, savable,
+                                          same_batch, seed_from_callers_generator,
+                                          split_batch, tensor_attributes, to_device)
 from fastbn.curvature.lanczos import bar_disabled
 
 METHODS = ("auto", "forward-over-reverse", "reverse-over-reverse")
@@ -123,10 +123,11 @@ class HessianOperator:
         raises; a one-shot iterator is stored as a list). The loss is
         Σ_b n_b L_b / Σ_b n_b with n_b the batch's sample count (the leading dimension of
         its inputs' tensors; where they differ, as with a tensor shared by all samples,
-        the one the targets have). With bn_mode="train"
-        each batch normalises with its own batch statistics, as in training, so the loss
-        is not the loss of the concatenated batch. Inputs go to the model as its single
-        argument.
+        the one the targets have); for a criterion that weighs samples unequally
+        (cross_entropy with ignore_index or class weights) that differs from its mean
+        over the batches joined. With bn_mode="train" each batch normalises with its own
+        batch statistics, as in training, so the loss is not the loss of the
+        concatenated batch. Inputs go to the model as its single argument.
     params: the parameters θ: tensors of the model, their names, or (name, tensor)
         pairs as model.named_parameters() yields (one alone too); default every
         parameter with requires_grad. Others are held fixed. Flat vectors concatenate
@@ -169,7 +170,8 @@ class HessianOperator:
         shard of the data (the same number of batches on each); batch norms synchronise
         their statistics over the group (batch b of every process forms one global
         batch), and gradients and HVPs are summed over the group, so every process gets
-        the operator of the whole data, bit for bit the same on each. Call every method
+        the operator of the whole data, bit for bit the same on each (the shards of a
+        batch weighted by their sample counts, as batches are: see `data`). Call every method
         on every process in the same order. Data refused on one process (an empty batch,
         say) or unequal numbers of batches raise on every process, at construction.
     """
@@ -180,6 +182,7 @@ class HessianOperator:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         if chunk_size is not None:
             chunk_size = check_count(chunk_size, "chunk_size")
+        check_membership(process_group, "HessianOperator")
         self._group = process_group
         self._model = FunctionalModel(model, bn_mode, process_group, fuse_relu=True)
         self.criterion = criterion

@@ -327,6 +327,16 @@ def convert(module, *, fuse_relu=False, sync=False, process_group=None):
     return new
 
 
+def convert_sync_except(module, process_group, keep):
+    """`convert(module, sync=True, process_group=process_group)` leaving the modules in
+    `keep` as they are (batch norms whose own forward a SyncBatchNorm would drop)."""
+    kept = {id(m) for m in keep}
+    for child in module.modules():
+        if id(child) not in kept:
+            _check_convertible(child, True)
+    return _convert(module, True, process_group, {id(m): (m, m) for m in keep})
+
+
 def _replaced(cls, sync):
     """Whether convert puts another object in the place of a module of class `cls`."""
     if sync and issubclass(cls, SyncBatchNorm):

@@ -19,9 +19,9 @@ from torch.func import functional_call, grad_and_value
 from torch.nn.modules.dropout import _DropoutNd
 
 from fastbn.backends.distributed import refuse_on_every_process
-from fastbn.curvature._functional import (_retype_batch_norm_subclasses, converted,
-                                          forked_random_state, private_copy, savable,
-                                          split_batch)
+from fastbn.curvature._functional import (_retype_batch_norm_subclasses, check_membership,
+                                          converted, forked_random_state, private_copy,
+                                          savable, split_batch)
 from fastbn.nn.batchnorm import TORCH_BATCH_NORMS, _FastBatchNorm
 
 
@@ -39,7 +39,9 @@ def transformable(model, process_group=None):
     torch's own BN layers mutate running statistics in training mode, which torch.func
     transforms refuse; fastbn's layers leave them alone under a transform. Subclasses of
     torch's BN layers that keep torch's forward are converted too; one with its own
-    forward is refused (see `_retype_batch_norm_subclasses`).
+    forward runs as it is, or is refused where it would update running statistics or
+    where its statistics would have to span `process_group` (see
+    `_retype_batch_norm_subclasses`).
     """
     if process_group is None and all(isinstance(m, _FastBatchNorm)
                                      and not isinstance(m, nn.SyncBatchNorm)
@@ -47,15 +49,9 @@ def transformable(model, process_group=None):
         return model
     private = private_copy(model)
     # fastbn.convert replaces only torch's own classes.
-    _retype_batch_norm_subclasses(private, "train", eval_allowed=False)
-    return converted(private, process_group)
-
-
-def check_membership(process_group, caller):
-    """ValueError where this process is outside `process_group`: a collective skips a
-    process outside its group, so the probe would silently be the local one."""
-    if process_group is not None and dist.get_rank(process_group) < 0:
-        raise ValueError(f"{caller}: this process is not a member of process_group")
+    own_forward = _retype_batch_norm_subclasses(private, "train", process_group,
+                                                eval_allowed=False)
+    return converted(private, process_group, own_forward)
 
 
 def agreed_batch(batch, model, process_group, caller):

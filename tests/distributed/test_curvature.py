@@ -112,3 +112,71 @@ def test_data_one_process_refuses_is_an_error_on_every_process(kind):
         assert "empty batch" in messages[1] and "process 1 of the group" in messages[0]
     else:
         assert all("different numbers of batches ([1, 2])" in m for m in messages)
+
+
+class _ScaledBatchNorm(nn.BatchNorm1d):
+    """A batch norm with a forward of its own (that a SyncBatchNorm would drop)."""
+
+    def forward(self, input):
+        return 2 * super().forward(input)
+
+
+def _own_forward_setup(track_running_stats):
+    model, inputs, targets = _setup()
+    model[1] = _ScaledBatchNorm(5, track_running_stats=track_running_stats).to(DT)
+    if track_running_stats:
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    return model, inputs, targets
+
+
+def _own_forward_worker(rank, world, bn_mode, track_running_stats):
+    model, inputs, targets = _own_forward_setup(track_running_stats)
+    start = sum(SIZES[:rank])
+    shard = (inputs[start:start + SIZES[rank]], targets[start:start + SIZES[rank]])
+    try:
+        op = curvature.HessianOperator(model, nn.functional.cross_entropy, shard,
+                                       bn_mode=bn_mode, process_group=dist.group.WORLD)
+    except TypeError as error:
+        return str(error)
+    return op.grad(), op.matvec(torch.linspace(-1, 1, op.shape[0], dtype=DT))
+
+
+def test_a_batch_norm_with_its_own_forward_runs_as_it_is_or_is_refused():
+    """With running statistics (bn_mode="eval") it runs as in one process; with batch
+    statistics, which it would take from its own process's batch alone, it is refused."""
+    results = run_processes(_own_forward_worker, 2, "eval", True)
+    model, inputs, targets = _own_forward_setup(True)
+    op = curvature.HessianOperator(model, nn.functional.cross_entropy, (inputs, targets),
+                                   bn_mode="eval")
+    want = op.grad(), op.matvec(torch.linspace(-1, 1, op.shape[0], dtype=DT))
+    for rank, result in enumerate(results):
+        assert "value" in result, result
+        for got, expected in zip(result["value"], want):
+            torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10,
+                                       msg=f"rank {rank}")
+    for bn_mode in ("train", "eval"):
+        for result in run_processes(_own_forward_worker, 2, bn_mode, False):
+            assert "value" in result, result
+            assert "'1' (_ScaledBatchNorm) overrides forward" in result["value"]
+            assert "cannot be synchronised over process_group" in result["value"]
+
+
+def _non_member_worker(rank, world):
+    only_first = dist.new_group([0])
+    model, inputs, targets = _setup()
+    try:
+        curvature.HessianOperator(model, nn.functional.cross_entropy, (inputs, targets),
+                                  process_group=only_first)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def test_a_process_outside_the_group_is_refused():
+    """A collective skips a process outside its group: its operator would silently be
+    the local one."""
+    first, second = run_processes(_non_member_worker, 2)
+    assert first.get("value", first) is None
+    assert "HessianOperator: this process is not a member of process_group" in \
+        second.get("value", "")
