@@ -16,14 +16,18 @@ One SyncKernels object serves one forward call and every derivative taken from i
 keeps the global count that the forward's collective produced.
 """
 
+import weakref
+
 import torch
 import torch.distributed as dist
 
 from fastbn.backends import reference
 
 
-# (group, message shape) pairs that every process of the group has agreed on.
-_AGREED = set()
+# group -> the message shapes every process of the group has agreed on. Weakly keyed: a
+# process group that outlives destroy_process_group is destroyed at interpreter exit,
+# where gloo's threads abort the process.
+_AGREED = weakref.WeakKeyDictionary()
 _ACC_DTYPES = (torch.float32, torch.float64)
 
 
@@ -61,15 +65,15 @@ def _check_agreement(group, values, device, what, describe):
     the check that the others enter: that disagreement is not caught (checking every
     call would double the layer's collectives). The error names `what` they disagree on
     and `describe(values)` for each rank."""
-    key = (group, values)
-    if key in _AGREED:
+    agreed = _AGREED.setdefault(group, set())
+    if values in agreed:
         return
     everyone = _gather_ints(values, group, device)
     if any(theirs != list(values) for theirs in everyone):
         described = ", ".join(describe(*theirs) for theirs in everyone)
         raise RuntimeError("fastbn: the processes of a synchronised batch norm disagree on "
                            f"{what} (by rank: {described})")
-    _AGREED.add(key)
+    agreed.add(values)
 
 
 class GroupReduction:

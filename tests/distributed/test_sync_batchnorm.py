@@ -1,5 +1,8 @@
 """SyncBatchNorm over gloo processes against one process on the concatenated batch."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -379,3 +382,21 @@ def test_statistics_merged_across_processes_lose_no_precision():
         assert mean.dtype == var.dtype == torch.float32
         assert (mean - mean64).abs().max() <= 2 * (local.running_mean - mean64).abs().max()
         assert (var - var64).abs().max() <= 2 * local_error + 1e-7
+
+
+def _group_lifetime_worker(rank, world):
+    group = dist.new_group([0, 1])
+    layer = fastbn.SyncBatchNorm(3, process_group=group).to(DT)
+    layer(torch.randn(4, 3, dtype=DT, requires_grad=True)).sum().backward()
+    alive = weakref.ref(group)
+    dist.destroy_process_group(group)
+    del layer, group
+    gc.collect()
+    return alive() is None
+
+
+def test_a_destroyed_group_is_not_kept_alive():
+    """A group that outlives destroy_process_group is destroyed at interpreter exit,
+    where gloo's threads abort the process (exit code 134 in about one run in three)."""
+    for result in run_processes(_group_lifetime_worker, 2):
+        assert result.get("value") is True, result
