@@ -506,6 +506,7 @@ class HessianOperator:
         gradient (tangent None) or the HVPs of batch b's loss (see `_apply`)."""
         theta, fixed, buffers = self._split_state()
         total, count = None, 0
+        non_finite = None   # (batch index, loss) of the first batch whose loss is not finite
         for inputs, targets, n, index in batches or self._batches():
             loss = self._loss_fn(fixed, buffers, inputs, targets, index, weight=n)
             try:
@@ -528,23 +529,39 @@ class HessianOperator:
                     error.add_note(f"(in batch {index} of the operator's data, counted "
                                    "from 0)")
                 raise
-            check_finite_loss(loss_value, f"batch {index}")
+            if self._group is None:
+                check_finite_loss(loss_value, f"batch {index}")
+            elif non_finite is None and not bool(torch.isfinite(loss_value)):
+                # Raised on every process after the sum: the others would wait in their
+                # next collective.
+                non_finite = index, float(loss_value)
             total = value if total is None else {k: total[k] + value[k] for k in total}
             count += n
         if count == 0:
             raise ValueError("data yielded no batches")
         if self._group is not None:
-            total, count = self._sum_over_group(total, count)
+            total, count = self._sum_over_group(total, count, non_finite)
         return {name: t / count for name, t in total.items()}
 
-    def _sum_over_group(self, total, count):
-        """One all_reduce of every per-process sum and the sample count."""
+    def _sum_over_group(self, total, count, non_finite):
+        """One all_reduce of every per-process sum, the sample count and, by rank, the
+        first batch whose loss is not finite (`non_finite`: (index, loss) or None), which
+        raises NonFiniteLossError on every process."""
         pieces = [total[name].reshape(-1) for name in total]
-        packed = torch.cat(pieces + [pieces[0].new_full((1,), count)])
+        flags = pieces[0].new_zeros(dist.get_world_size(self._group))
+        if non_finite is not None:   # 1 + its index, as 0 stands for none
+            flags[dist.get_rank(self._group)] = 1 + non_finite[0]
+        packed = torch.cat(pieces + [pieces[0].new_full((1,), count), flags])
         dist.all_reduce(packed, group=self._group)
-        chunks = packed.split([p.numel() for p in pieces] + [1])
+        chunks = packed.split([p.numel() for p in pieces] + [1, flags.numel()])
+        for rank, flag in enumerate(chunks[-1].tolist()):
+            if flag:
+                loss = f" ({non_finite[1]})" if rank == dist.get_rank(self._group) else ""
+                raise NonFiniteLossError(f"non-finite loss{loss} on batch {int(flag) - 1} "
+                                         f"of process {rank} of the group; refusing to "
+                                         "differentiate it")
         return ({name: c.view(total[name].shape) for name, c in zip(total, chunks)},
-                chunks[-1])
+                chunks[-2])
 
     def _choose_single_batch_matvec_method(self, v):
         """methods_used["matvec"] for a single batch: forward-over-reverse's product

@@ -180,3 +180,29 @@ def test_a_process_outside_the_group_is_refused():
     assert first.get("value", first) is None
     assert "HessianOperator: this process is not a member of process_group" in \
         second.get("value", "")
+
+
+def _non_finite_worker(rank, world):
+    model, inputs, targets = _setup()
+    start = sum(SIZES[:rank])
+    shard = inputs[start:start + SIZES[rank]]
+    regression = torch.zeros(len(shard), 3, dtype=DT)
+    if rank == 1:   # a loss that is not finite on this process only
+        regression[0, 0] = float("nan")
+    op = curvature.HessianOperator(model, nn.functional.mse_loss,
+                                   [(shard, torch.zeros_like(regression)), (shard, regression)],
+                                   process_group=dist.group.WORLD)
+    try:
+        op.grad()
+    except curvature.NonFiniteLossError as error:
+        return str(error)
+    return None
+
+
+def test_a_loss_not_finite_on_one_process_is_an_error_on_every_process():
+    """Not a wait in the next collective on the processes whose loss was finite."""
+    results = run_processes(_non_finite_worker, 2, collective_timeout=30)
+    for result in results:
+        assert "non-finite loss" in (result.get("value") or ""), result
+        assert "on batch 1 of process 1 of the group" in result["value"]
+    assert "(nan)" in results[1]["value"]
