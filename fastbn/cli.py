@@ -1,6 +1,7 @@
 """The `fastbn` command: info | demo | bench | reproduce | probe."""
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -96,7 +97,16 @@ PASSTHROUGH = {"bench": _bench, "reproduce": _reproduce, "probe": _probe}
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _run(sys.argv[1:] if argv is None else list(argv))
+    except BrokenPipeError:
+        # The reader went away (`fastbn info | head -1`): no traceback, and no second
+        # error when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _run(argv):
     if argv and argv[0] in PASSTHROUGH:
         return PASSTHROUGH[argv[0]](argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="fastbn", description=__doc__)

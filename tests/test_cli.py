@@ -61,3 +61,15 @@ def test_bench_exits_zero_and_prints_only_tables_when_quiet():
     noise = [line for line in done.stderr.splitlines()
              if not line.startswith("warning: load average ")]
     assert noise == [] and "forward_eval" in done.stdout
+
+
+def test_output_into_a_closed_pipe_ends_without_a_traceback():
+    """As `fastbn info | head -1` where head has exited."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "fastbn", "info"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 1 and done.stderr == "", done.stderr
