@@ -151,8 +151,10 @@ class HessianOperator:
         (P, K) result): the chunk size (tangents per vmapped pass) comes from the peak
         memory of 1- and 2-tangent probe passes on the batch with the most samples
         (`probe_peaks`, None until measured), measured with the CUDA allocator's
-        counters or the CPU profiler, rounded down to a power of two. At least one
-        tangent per pass, even if that exceeds the budget. Passes of different widths
+        counters or the CPU profiler, rounded down to a power of two, and at most the
+        power of two at or above P (where the passes' memory does not measurably grow
+        with K, as on a small model, the budget alone would allow any width). At least
+        one tangent per pass, even if that exceeds the budget. Passes of different widths
         agree to rounding, not bitwise: for the same bits from the same seed on any
         machine, set chunk_size.
         None: a quarter of the memory available when the first matmat of more than two
@@ -769,7 +771,7 @@ class HessianOperator:
         # Rounded down to a power of two: passes of different widths differ in the last
         # bits (torch's convolutions), and runs whose available memory differs a little
         # then still pick the same width.
-        chunk = 1 << (chunk.bit_length() - 1)
+        chunk = min(1 << (chunk.bit_length() - 1), 1 << (self.shape[0] - 1).bit_length())
         if self._group is not None:   # the same passes (and collectives) on every process
             agreed = torch.tensor([chunk], device=self.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self._group)

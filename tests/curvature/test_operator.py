@@ -225,6 +225,20 @@ def test_matmat_budget_defaults_to_a_quarter_of_available_memory(monkeypatch):
     assert tight.chunk_size == 1
 
 
+def test_passes_whose_memory_does_not_grow_are_at_most_about_p_wide(monkeypatch):
+    """Where the probe passes' peaks are equal (a small model's, say), the budget alone
+    would allow 2**32 tangents a pass."""
+    from fastbn.curvature import _memory
+    monkeypatch.setattr(_memory, "peak_bytes", lambda fn, device: (fn(), 5520)[1])
+    model = mlp()
+    batch = batch_for(model, 6, seed=0)
+    _, hessian = exact_hessian(model, CRITERION, [batch])
+    op = HessianOperator(model, CRITERION, batch)
+    V = torch.randn(39, 5, dtype=DTYPE)
+    close(op.matmat(V), hessian @ V)
+    assert op.probe_peaks == [5520, 5520] and op.chunk_size == 64
+
+
 def test_chunk_sizing_inside_a_user_profiler_session_keeps_the_session():
     model = mlp()
     batch = batch_for(model, 6, seed=0)
