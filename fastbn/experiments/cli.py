@@ -178,10 +178,14 @@ def _reproduce(parser, args, device, process_group):
         _run_seed(parser, args, config, chosen, args.out, progress, lead, world_size,
                   process_group)
         return 0
-    every = [_run_seed(parser, args, dataclasses.replace(config, seed=config.seed + i),
-                       chosen, os.path.join(args.out, f"seed-{config.seed + i}"), progress,
-                       lead, world_size, process_group)
-             for i in range(args.seeds)]
+    every = []
+    for i in range(args.seeds):
+        every.append(_run_seed(parser, args, dataclasses.replace(config, seed=config.seed + i),
+                               chosen, os.path.join(args.out, f"seed-{config.seed + i}"),
+                               progress, lead, world_size, process_group))
+        if lead and i == 0:
+            # An earlier run's summary no longer describes the seed folders beside it.
+            report.remove_outputs(args.out)
     if lead:
         summary = report.write_seed_summary(every, args.out)
         for claim in summary["claims"]:

@@ -151,7 +151,14 @@ def _stored_parts(args, names, device):
     if not os.path.isdir(args.source):
         raise ValueError(f"--from {args.source}: not a folder (a `fastbn reproduce --out` "
                          "folder)")
-    parts = {}
+    seeds = sorted(entry for entry in os.listdir(args.source) if entry.startswith("seed-"))
+    seeds_hint = (f"a --seeds run: probe one seed's folder, as --from "
+                  f"{os.path.join(args.source, seeds[0])}" if seeds else None)
+    if seeds and not os.path.exists(os.path.join(args.source, "results.json")):
+        # A --seeds run came last (it removes a single run's results): any networks in
+        # the folder itself are an earlier run's.
+        raise ValueError(f"--from {args.source} holds {seeds_hint}")
+    parts, keys = {}, {}
     for name in names:
         path = runner.part_path(args.source, name)
         if not os.path.exists(path):
@@ -167,21 +174,39 @@ def _stored_parts(args, names, device):
         if args.data_dir is not None:   # the data moved: the same network
             config = dataclasses.replace(config, data_dir=args.data_dir)
         parts[name] = (config, lr, state)
+        keys[name] = saved["key"]
         if code != runner.code_version():
             print(f"[fastbn probe] {path} was computed by other code ({code}); its network "
                   f"is rebuilt by this one ({runner.code_version()})", file=sys.stderr)
+    _check_one_run(keys, args.source)
     if not parts:
-        seeds = sorted(entry for entry in os.listdir(args.source) if entry.startswith("seed-"))
-        hint = (f"a --seeds run: probe one seed's folder, as --from "
-                f"{os.path.join(args.source, seeds[0])}" if seeds else
-                f"the vgg, dln and theory experiments store them: `fastbn reproduce --out "
-                f"{args.source}`")
+        hint = seeds_hint or (f"the vgg, dln and theory experiments store them: `fastbn "
+                              f"reproduce --out {args.source}`")
         raise ValueError(f"no stored network in {os.path.join(args.source, runner.CHECKPOINTS)}"
                          f" (looked for {', '.join(n + '.pt' for n in names)}); {hint}")
     missing = [name for name in names if name not in parts]
     if missing:
         print(f"[fastbn probe] not in {args.source}: {', '.join(missing)}", file=sys.stderr)
     return parts
+
+
+def _check_one_run(keys, source):
+    """ValueError where a network's two variants were stored by runs of different
+    settings (a later run into the folder replaced one of them): their numbers side by
+    side would compare different trainings."""
+    for model in MODELS:
+        plain, bn = keys.get(f"{model}_plain"), keys.get(f"{model}_bn")
+        if plain is None or bn is None or plain == bn:
+            continue
+        (a, a_end), (b, b_end) = (json.JSONDecoder().raw_decode(k) for k in (plain, bn))
+        # A VGG key ends in [lr, steps, probes].
+        a.update(zip(("lr", "steps", "probes"), json.loads(plain[a_end:] or "[]")))
+        b.update(zip(("lr", "steps", "probes"), json.loads(bn[b_end:] or "[]")))
+        differ = [f"{field} {a.get(field)} and {b.get(field)}"
+                  for field in sorted(a.keys() | b.keys()) if a.get(field) != b.get(field)]
+        raise ValueError(f"--from {source}: {model}_plain and {model}_bn were stored by "
+                         f"different runs ({'; '.join(differ)}); run `fastbn reproduce "
+                         f"--out {source}` again for both")
 
 
 def _load_dataset(config):

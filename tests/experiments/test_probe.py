@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -232,11 +233,33 @@ def test_a_part_that_cannot_be_rebuilt_is_refused_in_words(trained_run, tmp_path
             else "not a part fastbn probe can rebuild") in err
 
 
-def test_a_seeds_run_points_to_its_seed_folders(tmp_path, capsys):
+@pytest.mark.parametrize("earlier_run", [False, True], ids=["alone", "beside an earlier run"])
+def test_a_seeds_run_points_to_its_seed_folders(trained_run, tmp_path, capsys, earlier_run):
     (tmp_path / "seed-0").mkdir()
+    if earlier_run:   # its networks, whose results the --seeds run removed
+        (tmp_path / runner.CHECKPOINTS).mkdir()
+        for part in ("dln_plain", "dln_bn"):
+            shutil.copy(runner.part_path(trained_run, part), runner.part_path(tmp_path, part))
     with pytest.raises(SystemExit):
         probe.probe_main(["--from", str(tmp_path)] + FAST)
     assert f"as --from {tmp_path / 'seed-0'}" in capsys.readouterr().err
+
+
+def test_variants_stored_by_different_runs_are_refused(trained_run, tmp_path, capsys):
+    """As after a later run into the folder replaced one of them."""
+    run = tmp_path / "run"
+    (run / runner.CHECKPOINTS).mkdir(parents=True)
+    shutil.copy(runner.part_path(trained_run, "dln_plain"), runner.part_path(run, "dln_plain"))
+    saved = torch.load(runner.part_path(trained_run, "dln_bn"), weights_only=True)
+    settings = json.loads(saved["key"])
+    saved["key"] = json.dumps({**settings, "dln_steps": settings["dln_steps"] + 34},
+                              sort_keys=True)
+    torch.save(saved, runner.part_path(run, "dln_bn"))
+    with pytest.raises(SystemExit):
+        probe.probe_main(["--from", str(run)] + FAST)
+    steps = settings["dln_steps"]
+    assert (f"dln_plain and dln_bn were stored by different runs (dln_steps {steps} and "
+            f"{steps + 34})") in capsys.readouterr().err
 
 
 def test_parts_of_other_code_are_named(trained_run, tmp_path, capsys):

@@ -211,6 +211,25 @@ def test_an_interrupted_run_says_how_to_resume(tmp_path, monkeypatch, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+def test_a_seeds_run_stopped_after_its_first_seed_leaves_no_earlier_summary(tmp_path,
+                                                                            monkeypatch):
+    """The summary of an earlier --seeds run no longer describes the seed folders."""
+    (tmp_path / "seeds.json").write_text("{}")
+    (tmp_path / "seeds.md").write_text("")
+    run_dln, calls = cli.runner.run_dln, []
+
+    def second_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run_dln(*args, **kwargs)
+    monkeypatch.setattr(cli.runner, "run_dln", second_interrupted)
+    assert reproduce_main(TINY + ["--out", str(tmp_path), "--experiment", "dln",
+                                  "--seeds", "2"]) == 130
+    assert (tmp_path / "seed-3" / "results.json").exists()
+    assert not (tmp_path / "seeds.json").exists() and not (tmp_path / "seeds.md").exists()
+
+
 def test_seeds_run_each_seed_and_summarise_every_claims_verdicts(tmp_path, capsys):
     (tmp_path / "results.json").write_text("{}")   # a single-seed run's, left before
     assert reproduce_main(TINY + ["--out", str(tmp_path), "--experiment", "dln",
