@@ -77,6 +77,7 @@ PYBIND11_MODULE(_C, m) {
         "Sets fuse_max_bytes (-1: the default, FASTBN_FUSE_MAX_BYTES or half the L2 "
         "cache). Returns the previous setting.");
   m.attr("FUSE_MIN_RUN") = fastbn::FUSE_MIN_RUN;
+  m.attr("ONE_CHANNEL_FUSE") = fastbn::ONE_CHANNEL_FUSE;
   m.attr("HALF_STREAM_FACTOR") = fastbn::HALF_STREAM_FACTOR;
   m.def("fused_block",
         [](const GeomArg& g, int nth, int64_t K, int64_t bytes_per_value) {

@@ -5,6 +5,8 @@ half-precision results follow the upcast rule (error vs the float64 reference
 at most twice the reference backend's own error at that dtype, plus a small atol).
 """
 
+import math
+
 import pytest
 import torch
 
@@ -329,6 +331,18 @@ def test_fused_passes_same_bits(native, num_threads, fuse_max_bytes, op, layout,
             assert blocks == 0 if k else blocks >= 1 or (nth > 1 and layout not in WIDE)
             for a, b in zip(whole, _tuple(_call(cpu, op, p, "relu"))):
                 assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_a_channel_beyond_the_budget_is_a_block_of_its_own_up_to_its_limit(native,
+                                                                          fuse_max_bytes):
+    plan = cpu._Plan(torch.empty(32, 8, 64, 64))
+    per_channel = 32 * 64 * 64 * 4   # float32 x alone
+    limit = cpu._C.ONE_CHANNEL_FUSE
+    for budget, block in ((per_channel * 2, 2), (per_channel, 1),
+                          (math.ceil(per_channel / limit), 1),
+                          (math.floor(per_channel / limit) - 1, 0)):
+        fuse_max_bytes(budget)
+        assert cpu._C.fused_block(plan.geom, 2, 1, 4) == block, budget
 
 
 def test_fused_statistics_move_a_far_pivot_per_block(native, fuse_max_bytes):
