@@ -7,10 +7,9 @@ autodiff (double backward, jvp, vmap over tangents) with no math of its own.
 Communication: the forward statistics travel in one all_gather of the packed count,
 per-channel means and M2 (2C + 1 values per process, in float64), merged with the
 parallel Welford formula, so unequal batch sizes are exact and a rank with no samples
-contributes nothing. Each later reduction (the backward's
-sums of grad and grad * xhat, ...) is one packed all_reduce. Gradients of weight and bias
-stay the local batch's share, as in torch.nn.SyncBatchNorm. Counts stay on the device:
-no host-device synchronisation.
+contributes nothing. Each later reduction (the backward's sums of grad and grad * xhat,
+...) is one packed all_reduce. Gradients of weight and bias stay the local batch's share,
+as in torch.nn.SyncBatchNorm. Counts stay on the device: no host-device synchronisation.
 
 One SyncKernels object serves one forward call and every derivative taken from it: it
 keeps the global count that the forward's collective produced.

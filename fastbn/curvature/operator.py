@@ -173,9 +173,10 @@ class HessianOperator:
         their statistics over the group (batch b of every process forms one global
         batch), and gradients and HVPs are summed over the group, so every process gets
         the operator of the whole data, bit for bit the same on each (the shards of a
-        batch weighted by their sample counts, as batches are: see `data`). Call every method
-        on every process in the same order. Data refused on one process (an empty batch,
-        say) or unequal numbers of batches raise on every process, at construction.
+        batch weighted by their sample counts, as batches are: see `data`). Call every
+        method on every process in the same order. Data refused on one process (an empty
+        batch, say) or unequal numbers of batches raise on every process, at
+        construction; a loss that is not finite on one raises on every process.
     """
 
     def __init__(self, model, criterion, data, *, params=None, bn_mode="train", method="auto",
