@@ -1248,10 +1248,10 @@ constexpr int64_t FUSE_MIN_RUN = 1024;
 
 // Channels per fused NCHW block, or 0 where the passes run whole: channels-last rows, K
 // problems (the whole passes keep a unit's x in L2 across them; fused blocks of a K = 8
-// jvp ran up to 17% slower), a channel's inputs beyond ONE_CHANNEL_FUSE of
+// jvp ran up to 17% slower), a channel's inputs beyond ONE_CHANNEL_FUSE times
 // fuse_max_bytes(), fewer channels than threads, blocks too narrow for the prefetchers.
 // A block holds as many channels as fit in the budget, or one channel of up to
-// ONE_CHANNEL_FUSE of it: one channel's second pass still found most of its inputs in L2
+// ONE_CHANNEL_FUSE times it: one channel's second pass still found most of its inputs in L2
 // (32x64x56x56 float32 backward_backward, 1.2 MB a channel: 0.82x the whole passes;
 // backward_jvp, 1.6 MB: 0.86x), where blocks of the whole L2 did not (2 MB: 1.17x).
 constexpr double ONE_CHANNEL_FUSE = 1.6;

@@ -49,16 +49,12 @@ def _retype_batch_norm_subclasses(copy_of_model, bn_mode, process_group=None, *,
                 or isinstance(module, fastbn.SyncBatchNorm)):
             continue
         fast = isinstance(module, _FastBatchNorm)
-        if fast:
-            if type(module).forward is _FastBatchNorm.forward:
-                continue
-            base = next(cls for cls in type(module).__mro__ if cls in TORCH_BATCH_NORMS)
-        else:
-            base = next((cls for cls in type(module).__mro__ if cls in TORCH_BATCH_NORMS),
-                        None)
-            if base is not None and type(module).forward is base.forward:
-                module.__class__ = base
-                continue
+        if fast and type(module).forward is _FastBatchNorm.forward:
+            continue
+        base = next((cls for cls in type(module).__mro__ if cls in TORCH_BATCH_NORMS), None)
+        if not fast and base is not None and type(module).forward is base.forward:
+            module.__class__ = base
+            continue
         layer = f"layer {name or '(the model)'!r} ({type(module).__name__})"
         if not fast and bn_mode == "train" and module.track_running_stats:
             reason = ("it overrides forward" if base is not None
