@@ -13,7 +13,7 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
   const int64_t C = g.channels();
   const double M = g.count();
   auto sums = scratch<double>(K * 2 * C);
-  auto cg = scratch<A>(C), cx = scratch<A>(K * C), c0 = scratch<A>(K * C);
+  auto cg = scratch<A>(C), cx = scratch<A>(K * C), gm = scratch<A>(K * C);
   const Stats<A> st(g, RELU, mean, invstd, w, b);
   when(unit_runs<CL>({x, dy, dx}), [&](auto unit) {
     constexpr bool U = decltype(unit)::value;
@@ -39,7 +39,9 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
             v[1] = gv * xh;
           });
         },
-        // grad_x = w * invstd * (g - sum(g) / M - xhat * sum(g xhat) / M)
+        // grad_x = w * invstd * (g - sum(g) / M - xhat * sum(g xhat) / M): g is centred
+        // before it is scaled, so a large common part of it cancels exactly (folded into
+        // one per-channel constant, it cancelled after rounding).
         [&](int64_t lo, int64_t hi, int) {
 #pragma omp simd
           for (int64_t c = lo; c < hi; ++c) cg[c] = A(double(w[c]) * invstd[c]);
@@ -50,23 +52,23 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
               gb[k * C + c] = A(sg);
               gw[k * C + c] = A(sgx);
               cx[k * C + c] = A(-double(cg[c]) * sgx / M);
-              c0[k * C + c] = A(-double(cg[c]) * sg / M);
+              gm[k * C + c] = A(sg / M);
             }
           return false;
         },
         [&] {
           return [&, pcg = PassArray<A>(g, cg.get()), pcx = PassArray<A>(g, cx.get(), K),
-                  pc0 = PassArray<A>(g, c0.get(), K)](const Seg& s, int64_t k) {
+                  pgm = PassArray<A>(g, gm.get(), K)](const Seg& s, int64_t k) {
             const Chan<CL, A> a(pcg.get(), s.c), bx(pcx.get() + k * g.C, s.c),
-                b0(pc0.get() + k * g.C, s.c);
+                mg(pgm.get() + k * g.C, s.c);
 #if FASTBN_WIDE_HALF
             if constexpr (WIDE_RUNS<T, CL, U>) {
               const WidePrim<T, CL, RELU> pr(x, s, st);
               const T* d = run_ptr<const T>(dy, s, k);
-              const WideChan<CL> va(a), vx(bx), v0(b0);
+              const WideChan<CL> va(a), vx(bx), vmg(mg);
               return wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
                 const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
-                return va(i, m) * gv + vx(i, m) * xh + v0(i, m);
+                return va(i, m) * (gv - vmg(i, m)) + vx(i, m) * xh;
               }, dx);
             }
 #endif
@@ -75,7 +77,7 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
             const auto o = dst<T, CL, U>(dx, s, k);
             each(s.n, o, [&](int64_t i) {
               const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
-              o.put(i, a[i] * gv + bx[i] * xh + b0[i]);
+              o.put(i, a[i] * (gv - mg[i]) + bx[i] * xh);
             });
           };
         });

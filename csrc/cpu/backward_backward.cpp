@@ -1,6 +1,6 @@
 // backward_backward: the vector-Jacobian product of backward, one reduction pass for the
 // per-(problem, channel) sums and one elementwise pass that is a per-channel linear
-// combination of the element inputs and xhat (reduce_map in common.h). Formulas:
+// combination of the centred element inputs and xhat (reduce_map in common.h). Formulas:
 // reference.py, expanded. (Its sibling backward_jvp.cpp is a file of its own so that the two
 // largest template sets compile in parallel.)
 #include "cpu/ops.h"
@@ -20,13 +20,15 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
   auto sums = scratch<double>(K * NS * C);
   auto ya = scratch<A>(K * C), yx = scratch<A>(K * C), y0 = scratch<A>(K * C),
        xa = scratch<A>(K * C), xg = scratch<A>(K * C), xx = scratch<A>(K * C),
-       x0 = scratch<A>(K * C);
+       am = scratch<A>(K * C), gm = scratch<A>(K * C);
   const Stats<A> st(g, RELU, mean, invstd, w, b);
   when(unit_runs<CL>({x, dy, ggx, out_gdy, out_gx}), [&](auto unit) {
     when(ggx.ptr != 0, [&](auto has_a) {
       constexpr bool U = decltype(unit)::value, HA = decltype(has_a)::value;
       using P = Prim<T, A, CL, RELU, U>;
-      // g_grad_y = mask * (ya * a + yx * xhat + y0);  g_x = xa * a + xg * g + xx * xhat + x0
+      // g_grad_y = mask * (ya * (a - am) + yx * xhat + y0);
+      // g_x = xa * (a - am) + xg * (g - gm) + xx * xhat, with am, gm the means of a and g:
+      // inputs centred before they are scaled, a large common part of them cancels exactly.
       // Terms of an absent input are left out, not multiplied by 0: a non-finite x or
       // grad_y would make them NaN where the reference has nothing. g and xhat enter only
       // through gg_x and gg_weight (`uses_g`).
@@ -65,10 +67,10 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
 #pragma omp simd
               for (int64_t c = lo; c < hi; ++c) {
                 const double* sk = sums.get() + k * NS * C + c;
-                const double gm = sk[0] / M, gxm = sk[C] / M, am = sk[2 * C] / M,
+                const double g_m = sk[0] / M, gxm = sk[C] / M, a_m = sk[2 * C] / M,
                              axm = sk[3 * C] / M;
                 // sum a (g - ...)
-                const double adc = HA ? sk[4 * C] - gm * sk[2 * C] - gxm * sk[3 * C] : 0.0;
+                const double adc = HA ? sk[4 * C] - g_m * sk[2 * C] - gxm * sk[3 * C] : 0.0;
                 const double r = invstd[c], wc = w[c], wr = wc * r, wr2 = wr * r;
                 const double al = ggw ? double(ggw[k * C + c]) : 0.0;
                 const double be = ggb ? double(ggb[k * C + c]) : 0.0;
@@ -77,11 +79,12 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
                 const int64_t i = k * C + c;
                 ya[i] = A(HA ? wr : 0.0);
                 yx[i] = A((ggw ? al : 0.0) - (HA ? wr * axm : 0.0));
-                y0[i] = A((ggb ? be : 0.0) - (HA ? wr * am : 0.0));
+                y0[i] = A(be);
                 xa[i] = A(HA ? -wr2 * gxm : 0.0);
                 xg[i] = A((HA ? -wr2 * axm : 0.0) + (ggw ? r * al : 0.0));
                 xx[i] = A(by_a + by_w);
-                x0[i] = A((HA ? wr2 * (gxm * am + axm * gm) : 0.0) - (ggw ? r * al * gm : 0.0));
+                am[i] = A(HA ? a_m : 0.0);
+                gm[i] = A(g_m);
                 out_gw[i] = A(HA ? r * adc : 0.0);
               }
             return false;
@@ -90,26 +93,28 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
             return [&, pya = PassArray<A>(g, ya.get(), K), pyx = PassArray<A>(g, yx.get(), K),
                     py0 = PassArray<A>(g, y0.get(), K), pxa = PassArray<A>(g, xa.get(), K),
                     pxg = PassArray<A>(g, xg.get(), K), pxx = PassArray<A>(g, xx.get(), K),
-                    px0 = PassArray<A>(g, x0.get(), K)](const Seg& s, int64_t k) {
+                    pam = PassArray<A>(g, am.get(), K),
+                    pgm = PassArray<A>(g, gm.get(), K)](const Seg& s, int64_t k) {
               const int64_t o = k * g.C;
               const Chan<CL, A> cya(pya.get() + o, s.c), cyx(pyx.get() + o, s.c),
                   cy0(py0.get() + o, s.c), cxa(pxa.get() + o, s.c), cxg(pxg.get() + o, s.c),
-                  cxx(pxx.get() + o, s.c), cx0(px0.get() + o, s.c);
+                  cxx(pxx.get() + o, s.c), cam(pam.get() + o, s.c), cgm(pgm.get() + o, s.c);
 #if FASTBN_WIDE_HALF
               if constexpr (WIDE_RUNS<T, CL, U>) {
                 const WidePrim<T, CL, RELU> pr(x, s, st);
                 const T* d = run_ptr<const T>(dy, s, k);
                 const T* a = run_ptr<const T>(ggx, s, k);
-                const WideChan<CL> ya(cya), yx(cyx), y0(cy0), xa(cxa), xg(cxg), xx(cxx), x0(cx0);
+                const WideChan<CL> ya(cya), yx(cyx), y0(cy0), xa(cxa), xg(cxg), xx(cxx),
+                    vam(cam), vgm(cgm);
                 const __mmask16 g_used = uses_g ? 0xFFFF : 0;  // and_mask's
                 return wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
                   const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
-                  const __m512 av = HA ? load16(a + i, m) : _mm512_setzero_ps(),
+                  const __m512 ac = HA ? load16(a + i, m) - vam(i, m) : _mm512_setzero_ps(),
                                xu = _mm512_maskz_mov_ps(g_used, xh);
-                  const __m512 gu = _mm512_maskz_mov_ps(g_used, gv);
+                  const __m512 gc = _mm512_maskz_mov_ps(g_used, gv - vgm(i, m));
                   return Terms16<2>{
-                      {pr.keep(i, m, xh, ya(i, m) * av + yx(i, m) * xu + y0(i, m)),
-                       xa(i, m) * av + xg(i, m) * gu + xx(i, m) * xu + x0(i, m)}};
+                      {pr.keep(i, m, xh, ya(i, m) * ac + yx(i, m) * xu + y0(i, m)),
+                       xa(i, m) * ac + xg(i, m) * gc + xx(i, m) * xu}};
                 }, out_gdy, out_gx);
               }
 #endif
@@ -120,9 +125,9 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
               const auto o2 = dst<T, CL, U>(out_gx, s, k);
               each(s.n, o2, [&](int64_t i) {
                 const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
-                const A av = HA ? a.template at<A>(i) : A(0), xu = and_mask(uses_g, xh);
-                o1.put(i, pr.keep(i, xh, cya[i] * av + cyx[i] * xu + cy0[i]));
-                o2.put(i, cxa[i] * av + cxg[i] * and_mask(uses_g, gv) + cxx[i] * xu + cx0[i]);
+                const A ac = HA ? a.template at<A>(i) - cam[i] : A(0), xu = and_mask(uses_g, xh);
+                o1.put(i, pr.keep(i, xh, cya[i] * ac + cyx[i] * xu + cy0[i]));
+                o2.put(i, cxa[i] * ac + cxg[i] * and_mask(uses_g, gv - cgm[i]) + cxx[i] * xu);
               });
             };
           });

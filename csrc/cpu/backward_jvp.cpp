@@ -1,6 +1,6 @@
 // backward_jvp: the Jacobian-vector product of backward, one reduction pass for the
 // per-(problem, channel) sums and one elementwise pass that is a per-channel linear
-// combination of the element inputs and xhat (reduce_map in common.h). Formulas:
+// combination of the centred element inputs and xhat (reduce_map in common.h). Formulas:
 // reference.py, expanded.
 #include "cpu/ops.h"
 
@@ -19,7 +19,8 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
   constexpr int NS = 7;
   auto sums = scratch<double>(K * NS * C);
   auto et = scratch<A>(C), eu = scratch<A>(K * C), eg = scratch<A>(K * C),
-       ex = scratch<A>(K * C), e0 = scratch<A>(K * C);
+       ex = scratch<A>(K * C), tm = scratch<A>(K * C), xm = scratch<A>(K * C),
+       gm = scratch<A>(K * C);
   const Stats<A> st(g, RELU, mean, invstd, w, b);
   when(unit_runs<CL>({x, dy, dyt, xt, out_gx}), [&](auto unit) {
     when(dyt.ptr != 0, [&](auto has_gt) {
@@ -27,7 +28,9 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
         constexpr bool U = decltype(unit)::value, HG = decltype(has_gt)::value,
                        HX = decltype(has_xt)::value;
         using P = Prim<T, A, CL, RELU, U>;
-        // grad_x_t = et * g_t + eu * x_t + eg * g + ex * xhat + e0
+        // grad_x_t = et * (g_t - tm) + eu * (x_t - xm) + eg * (g - gm) + ex * xhat, with tm,
+        // xm, gm the means of g_t, x_t and g: inputs centred before they are scaled, a large
+        // common part of them cancels exactly.
         // Terms of an absent tangent are left out, not multiplied by 0: a non-finite
         // grad_y would make them NaN where the reference has nothing.
         const bool uses_g = HX || wt;
@@ -85,8 +88,9 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
                   eg[i] = A(scale_t);
                   ex[i] = A(wr * ((HX ? h * pu : 0.0) - gw_t / M) -
                             (uses_g ? scale_t * g1 / M : 0.0));
-                  e0[i] = A(wr * ((HX ? h * mu : 0.0) - gb_t / M) -
-                            (uses_g ? scale_t * g0 / M : 0.0));
+                  tm[i] = A(gb_t / M);
+                  xm[i] = A(mu);
+                  gm[i] = A(g0 / M);
                   out_gw[i] = A(gw_t);
                   out_gb[i] = A(gb_t);
                 }
@@ -95,26 +99,28 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
             [&] {
               return [&, pet = PassArray<A>(g, et.get()), peu = PassArray<A>(g, eu.get(), K),
                       peg = PassArray<A>(g, eg.get(), K), pex = PassArray<A>(g, ex.get(), K),
-                      pe0 = PassArray<A>(g, e0.get(), K)](const Seg& s, int64_t k) {
+                      ptm = PassArray<A>(g, tm.get(), K), pxm = PassArray<A>(g, xm.get(), K),
+                      pgm = PassArray<A>(g, gm.get(), K)](const Seg& s, int64_t k) {
                 const int64_t o = k * g.C;
                 const Chan<CL, A> ct(pet.get(), s.c), cu(peu.get() + o, s.c),
-                    cg(peg.get() + o, s.c), cx(pex.get() + o, s.c), c0(pe0.get() + o, s.c);
+                    cg(peg.get() + o, s.c), cx(pex.get() + o, s.c), ctm(ptm.get() + o, s.c),
+                    cxm(pxm.get() + o, s.c), cgm(pgm.get() + o, s.c);
 #if FASTBN_WIDE_HALF
                 if constexpr (WIDE_RUNS<T, CL, U>) {
                   const WidePrim<T, CL, RELU> pr(x, s, st);
                   const T* d = run_ptr<const T>(dy, s, k);
                   const T* dt = run_ptr<const T>(dyt, s, k);
                   const T* u = run_ptr<const T>(xt, s, k);
-                  const WideChan<CL> vt(ct), vu(cu), vg(cg), vx(cx), v0(c0);
+                  const WideChan<CL> vt(ct), vu(cu), vg(cg), vx(cx), vtm(ctm), vxm(cxm), vgm(cgm);
                   const __mmask16 g_used = uses_g ? 0xFFFF : 0;  // and_mask's
                   return wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
                     const __m512 zero = _mm512_setzero_ps();
                     const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
-                    const __m512 tv = HG ? pr.keep(i, m, xh, load16(dt + i, m)) : zero;
-                    const __m512 uv = HX ? load16(u + i, m) : zero;
-                    return vt(i, m) * tv + vu(i, m) * uv +
-                           vg(i, m) * _mm512_maskz_mov_ps(g_used, gv) + vx(i, m) * xh +
-                           v0(i, m);
+                    const __m512 tc = HG ? pr.keep(i, m, xh, load16(dt + i, m)) - vtm(i, m) : zero;
+                    const __m512 uc = HX ? load16(u + i, m) - vxm(i, m) : zero;
+                    return vt(i, m) * tc + vu(i, m) * uc +
+                           vg(i, m) * _mm512_maskz_mov_ps(g_used, gv - vgm(i, m)) +
+                           vx(i, m) * xh;
                   }, out_gx);
                 }
 #endif
@@ -125,10 +131,10 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
                 const auto out = dst<T, CL, U>(out_gx, s, k);
                 each(s.n, out, [&](int64_t i) {
                   const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
-                  const A tv = HG ? pr.keep(i, xh, dt.template at<A>(i)) : A(0);
-                  const A uv = HX ? u.template at<A>(i) : A(0);
-                  out.put(i, ct[i] * tv + cu[i] * uv + cg[i] * and_mask(uses_g, gv) +
-                                 cx[i] * xh + c0[i]);
+                  const A tc = HG ? pr.keep(i, xh, dt.template at<A>(i)) - ctm[i] : A(0);
+                  const A uc = HX ? u.template at<A>(i) - cxm[i] : A(0);
+                  out.put(i, ct[i] * tc + cu[i] * uc + cg[i] * and_mask(uses_g, gv - cgm[i]) +
+                                 cx[i] * xh);
                 });
               };
             });

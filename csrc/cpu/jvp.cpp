@@ -1,6 +1,7 @@
 // forward_jvp: y_t = mask * (w * xhat_t + w_t * xhat + b_t), with
 // xhat_t = invstd * (x_t - mean(x_t) - xhat * mean(x_t * xhat)). The reduction pass runs
-// only when x_t is present (reduce_map in common.h).
+// only when x_t is present (reduce_map in common.h). x_t is centred before it is scaled,
+// so a large common part of it cancels exactly.
 #include "cpu/ops.h"
 
 namespace fastbn {
@@ -14,13 +15,14 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
   const int64_t C = g.channels();
   const double M = g.count();
   auto sums = scratch<double>(K * 2 * C);
-  auto alpha = scratch<A>(C), beta = scratch<A>(K * C), gamma = scratch<A>(K * C);
+  auto alpha = scratch<A>(C), beta = scratch<A>(K * C), gamma = scratch<A>(K * C),
+       mu = scratch<A>(K * C);
   const Stats<A> st(g, RELU, mean, invstd, w, b);
   when(unit_runs<CL>({x, xt, yt}), [&](auto unit) {
     when(xt.ptr != 0, [&](auto has_xt) {
       constexpr bool U = decltype(unit)::value, HX = decltype(has_xt)::value;
       using P = Prim<T, A, CL, RELU, U>;
-      // y_t = mask * (alpha * x_t + beta * xhat + gamma). xhat enters only through x_t
+      // y_t = mask * (alpha * (x_t - mu) + beta * xhat + gamma). xhat enters only through x_t
       // and w_t: not multiplied by 0 for a bias tangent alone, where a non-finite x would
       // make NaN of a term the reference does not have.
       const bool uses_xhat = HX || wt;
@@ -52,28 +54,30 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
             for (int64_t k = 0; k < K; ++k)
 #pragma omp simd
               for (int64_t c = lo; c < hi; ++c) {
-                const double mu = sums[(2 * k) * C + c] / M, proj = sums[(2 * k + 1) * C + c] / M;
+                const double proj = sums[(2 * k + 1) * C + c] / M;
                 beta[k * C + c] =
                     A(-double(alpha[c]) * proj + (wt ? double(wt[k * C + c]) : 0.0));
-                gamma[k * C + c] = A(-double(alpha[c]) * mu + (bt ? double(bt[k * C + c]) : 0.0));
+                gamma[k * C + c] = bt ? bt[k * C + c] : A(0);
+                mu[k * C + c] = A(sums[(2 * k) * C + c] / M);
               }
             return false;
           },
           [&] {
             return [&, pal = PassArray<A>(g, alpha.get()), pbe = PassArray<A>(g, beta.get(), K),
-                    pga = PassArray<A>(g, gamma.get(), K)](const Seg& s, int64_t k) {
+                    pga = PassArray<A>(g, gamma.get(), K),
+                    pmu = PassArray<A>(g, mu.get(), K)](const Seg& s, int64_t k) {
               const Chan<CL, A> al(pal.get(), s.c), be(pbe.get() + k * g.C, s.c),
-                  ga(pga.get() + k * g.C, s.c);
+                  ga(pga.get() + k * g.C, s.c), mx(pmu.get() + k * g.C, s.c);
 #if FASTBN_WIDE_HALF
               if constexpr (WIDE_RUNS<T, CL, U>) {
                 const WidePrim<T, CL, RELU> pr(x, s, st);
                 const T* tr = run_ptr<const T>(xt, s, k);
-                const WideChan<CL> va(al), vb(be), vg(ga);
+                const WideChan<CL> va(al), vb(be), vg(ga), vmx(mx);
                 const __mmask16 xhat_used = uses_xhat ? 0xFFFF : 0;  // and_mask's
                 return wide_map<T>(s, k, [&](int64_t i, __mmask16 m) {
                   const __m512 xh = pr.xhat(i, m);
                   __m512 v = vb(i, m) * _mm512_maskz_mov_ps(xhat_used, xh) + vg(i, m);
-                  if constexpr (HX) v = va(i, m) * load16(tr + i, m) + v;
+                  if constexpr (HX) v = va(i, m) * (load16(tr + i, m) - vmx(i, m)) + v;
                   return pr.keep(i, m, xh, v);
                 }, yt);
               }
@@ -84,7 +88,7 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& xt, const TD&
               each(s.n, o, [&](int64_t i) {
                 const A xh = pr.xhat(i);
                 A v = be[i] * and_mask(uses_xhat, xh) + ga[i];
-                if constexpr (HX) v = al[i] * t.template at<A>(i) + v;
+                if constexpr (HX) v = al[i] * (t.template at<A>(i) - mx[i]) + v;
                 o.put(i, pr.keep(i, xh, v));
               });
             };

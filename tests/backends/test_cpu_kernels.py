@@ -16,7 +16,8 @@ from fastbn.backends import cpu, reference  # noqa: E402
 from tests.backends.kernel_checks import (HALF, K_OPS, NON_FINITE_CASES, OPS,  # noqa: E402
                                           NoFallback, as_tuple as _tuple, call as _call,
                                           check, check_absent_with_non_finite,
-                                          check_non_finite_forward, layout_x,
+                                          check_non_finite_forward, check_offset_tangents,
+                                          layout_x,
                                           upcast as _upcast)
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -451,6 +452,14 @@ def test_absent_tangents(native, op, layout, k):
 @pytest.mark.parametrize("op,where", NON_FINITE_CASES)
 def test_absent_tangents_with_a_non_finite_input(native, op, where, layout, k):
     check_absent_with_non_finite(cpu, op, _problem(layout, torch.float64, k), where)
+
+
+@pytest.mark.parametrize("layout", ("nchw", "channels_last", "threaded", "2d", "big_fold"))
+@pytest.mark.parametrize("k", (None, 3))
+@pytest.mark.parametrize("op", K_OPS)
+def test_tangents_with_a_large_common_part(native, op, layout, k):
+    for act in (None, "relu"):
+        check_offset_tangents(cpu, op, _problem(layout, torch.float32, k), act)
 
 
 @pytest.mark.parametrize("op", K_OPS)

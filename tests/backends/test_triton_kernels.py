@@ -36,7 +36,8 @@ from fastbn.backends import reference  # noqa: E402
 from tests.backends.kernel_checks import (HALF, K_OPS, NON_FINITE_CASES, OPS,  # noqa: E402
                                           NoFallback, as_tuple as _tuple, call as _call,
                                           check, check_absent_with_non_finite,
-                                          check_non_finite_forward, layout_x,
+                                          check_non_finite_forward, check_offset_tangents,
+                                          layout_x,
                                           upcast as _upcast)
 
 T = pytest.importorskip("fastbn.backends.triton")
@@ -73,7 +74,7 @@ def path(request, monkeypatch):
 # Small sizes: the interpreter runs a kernel element by element.
 SMALL = {"nchw": (2, 3, 5, 3), "channels_last": (3, 5, 3, 2),
          "channels_last_3d": (2, 3, 2, 3, 2), "2d": (11, 5), "3d": (2, 5, 7),
-         "slice": (3, 6, 3, 4), "c1": (5, 1, 3, 2)}
+         "slice": (3, 6, 3, 4), "c1": (5, 1, 3, 2), "offset_tangents": (16, 3, 9, 13)}
 
 
 def _x(layout, gen, dtype):
@@ -235,6 +236,18 @@ def test_large_offset_statistics(native, monkeypatch, dtype, split):
     tol = 1e-12 if dtype == torch.float64 else 1e-6
     torch.testing.assert_close(mean.double().cpu(), mean64.cpu(), rtol=tol, atol=0)
     torch.testing.assert_close(invstd.double().cpu(), invstd64.cpu(), rtol=100 * tol, atol=0)
+
+
+@pytest.mark.parametrize("k", (None, 3))
+@pytest.mark.parametrize("op", K_OPS)
+def test_tangents_with_a_large_common_part(native, monkeypatch, op, k):
+    """The derivative kernels centre their element inputs before scaling them (and merge
+    sums in float64). On the split path, whose tiles are small here: the interpreter sums
+    a persistent tile's rows one after another, a GPU as a tree."""
+    monkeypatch.setattr(T.config, "persist_max", 0)
+    monkeypatch.setattr(T.config, "block_m", 16)
+    for act in (None, "relu"):
+        check_offset_tangents(T, op, _problem("offset_tangents", torch.float32, k), act)
 
 
 @pytest.mark.parametrize("split", (False, True))
@@ -409,7 +422,7 @@ names = list(inspect.signature(K.bn_kernel.fn).parameters)
 consts = ("OP", "MODE", "ACT", "HAS_E1", "HAS_E2", "HAS_E3", "HAS_P1", "HAS_P2", "NS", "ACC",
           "IDX64", "BLOCK_M", "BLOCK_C")
 elems = ("X", "E1", "E2", "E3", "O1", "O2")
-chans = ("MEAN", "INVSTD", "W", "B", "P1", "P2", "Q1", "Q2", "Q3", "PART")
+chans = ("MEAN", "INVSTD", "W", "B", "P1", "P2", "Q1", "Q2", "Q3", "PART")   # PART: float64
 # The JIT makes an int argument equal to 1 a constexpr: (1, C) inputs at batch size 1.
 ONES = ("M", "C", "L", "CHUNK", "NCHUNKS")
 for op, mode, dt, acc, ones in ((K.OP_FWD, K.MODE_REDUCE, "*bf16", tl.float32, ()),
@@ -418,7 +431,7 @@ for op, mode, dt, acc, ones in ((K.OP_FWD, K.MODE_REDUCE, "*bf16", tl.float32, (
                                 (K.OP_EVAL, K.MODE_APPLY, "*fp32", tl.float32, ONES),
                                 (K.OP_FWD, K.MODE_FUSED, "*fp64", tl.float64, ONES)):
     sig = {n: "constexpr" if n in consts + ones else dt if n in elems else
-           ("*fp64" if acc == tl.float64 else "*fp32") if n in chans else
+           ("*fp64" if acc == tl.float64 or n == "PART" else "*fp32") if n in chans else
            "fp32" if n in ("eps_hi", "eps_lo") else "i32" for n in names}
     values = dict(OP=op, MODE=mode, ACT=True, HAS_E1=True, HAS_E2=True, HAS_E3=True,
                   HAS_P1=True, HAS_P2=False, NS=K.NSUMS[op], ACC=acc, IDX64=op == K.OP_BB,

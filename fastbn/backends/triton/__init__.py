@@ -345,7 +345,8 @@ class _Call:
                weight, bias, p1, p2] + [q if q is not None else dummy for q in qs]
         part = dummy
         if kind == "split" and ns:
-            part = torch.empty((self.K, nchunks, ns, self.C), dtype=self.acc, device=x.device)
+            part = torch.empty((self.K, nchunks, ns, self.C), dtype=torch.float64,
+                               device=x.device)
         # The kernel adds two float32 halves (a float argument is float32 in compiled
         # code); an eps beyond float32's range is inf, not inf + -inf.
         eps_hi = struct.unpack("f", struct.pack("f", eps))[0]

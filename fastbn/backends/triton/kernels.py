@@ -28,12 +28,16 @@ OP selects the math (see `reference.py` for the spec and the launchers for the s
                                 sums: g, g*xh, gt, gt*xh, xt, xt*xh, g*xt out: grad_x_t
 g and gt are masked by the recomputed ReLU mask when ACT.
 
-Numerics: accumulation in ACC (float32, float64 for float64 input). The forward statistics
-are taken of x - pivot (the channel's first element, read by every program), each tile's
-mean gets one residual-correction step and its M2 is two-pass in registers, and tiles and
-chunks merge with Chan's formula; the output is (x - pivot) * scale + shift (in eval: (x - running mean) * scale + bias), so
-a large common offset (x = 1e4 + N(0, 1)) loses nothing beyond the float32 rounding of the
-inputs.
+Numerics: accumulation in ACC (float32, float64 for float64 input) within a tile, and in
+float64 across tiles and chunks (per tile and channel: no cost worth measuring, and the
+order of the merges then costs no precision). The forward statistics are taken of
+x - pivot (the channel's first element, read by every program), each tile's mean gets one
+residual-correction step and its M2 is two-pass in registers, and tiles and chunks merge
+with Chan's formula; the output is (x - pivot) * scale + shift (in eval:
+(x - running mean) * scale + bias), so a large common offset (x = 1e4 + N(0, 1)) loses
+nothing beyond the float32 rounding of the inputs. The derivative ops centre each element
+input by its per-channel mean before scaling it, so a large common part of a cotangent or
+tangent cancels exactly (folded into one per-channel constant, it cancelled after rounding).
 """
 
 import triton
@@ -93,7 +97,8 @@ def _prep(OP: tl.constexpr, ACT: tl.constexpr, x, e1, e2, valid, mean, invstd, w
 
 @triton.jit
 def _tile_sums(OP: tl.constexpr, xhat, e1, e2, e3, valid, cnt):
-    """Per-channel sums of one tile (for FWD: its mean and M2, with cnt valid rows)."""
+    """Per-channel sums of one tile (for FWD: its mean and M2, with cnt valid rows), in
+    float64 for the merges."""
     z = tl.sum(tl.zeros_like(xhat), axis=0)
     s0 = z
     s1 = z
@@ -123,7 +128,8 @@ def _tile_sums(OP: tl.constexpr, xhat, e1, e2, e3, valid, cnt):
         s4 = tl.sum(e3, axis=0)
         s5 = tl.sum(e3 * xhat, axis=0)
         s6 = tl.sum(e1 * e3, axis=0)
-    return s0, s1, s2, s3, s4, s5, s6
+    return (s0.to(tl.float64), s1.to(tl.float64), s2.to(tl.float64), s3.to(tl.float64),
+            s4.to(tl.float64), s5.to(tl.float64), s6.to(tl.float64))
 
 
 @triton.jit
@@ -159,9 +165,17 @@ def _rsqrt(v):
 def _coeffs(OP: tl.constexpr, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b, p1, p2,
             eps, HAS_E1: tl.constexpr, HAS_E2: tl.constexpr, HAS_E3: tl.constexpr,
             HAS_P1: tl.constexpr, HAS_P2: tl.constexpr):
-    """Per-channel coefficients of the elementwise pass and the per-channel outputs.
-    Terms of an absent input are left out, not multiplied by its zeros: a non-finite x
-    or grad_y would make them NaN where the reference has nothing."""
+    """Per-channel coefficients of the elementwise pass and the per-channel outputs, in
+    ACC (w's dtype) from the float64 sums. Terms of an absent input are left out, not
+    multiplied by its zeros: a non-finite x or grad_y would make them NaN where the
+    reference has nothing."""
+    s0 = s0.to(w.dtype)
+    s1 = s1.to(w.dtype)
+    s2 = s2.to(w.dtype)
+    s3 = s3.to(w.dtype)
+    s4 = s4.to(w.dtype)
+    s5 = s5.to(w.dtype)
+    s6 = s6.to(w.dtype)
     z = tl.zeros_like(w)
     c0 = z
     c1 = z
@@ -170,6 +184,7 @@ def _coeffs(OP: tl.constexpr, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b
     c4 = z
     c5 = z
     c6 = z
+    c7 = z
     q1 = z
     q2 = z
     q3 = z
@@ -187,44 +202,46 @@ def _coeffs(OP: tl.constexpr, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b
     if OP == EVAL:   # mean / invstd slots carry running_mean / running_var
         c0 = w * _rsqrt(invstd + eps)
         c1 = b
-    if OP == BWD:
+    if OP == BWD:   # grad_x = (g - c2) c0 + xhat c1
         c0 = wr
         c1 = -(s1 / Mf) * wr
-        c2 = -(s0 / Mf) * wr
+        c2 = s0 / Mf
         q1 = s1
         q2 = s0
-    if OP == FJVP:   # y_t = x_t c0 + xhat c1 + c2
+    if OP == FJVP:   # y_t = (x_t - c3) c0 + xhat c1 + c2
         if HAS_E1:
             c0 = wr
             c1 = -(s1 / Mf) * wr
-            c2 = -(s0 / Mf) * wr
+            c3 = s0 / Mf
         if HAS_P1:
             c1 += p1
         if HAS_P2:
             c2 += p2
-    if OP == BB:   # g_grad_y = mask * (a c0 + xhat c1 + c2); g_x = a c3 + g c4 + xhat c5 + c6
+    # BB: g_grad_y = mask * ((a - c6) c0 + xhat c1 + c2); g_x = (a - c6) c3 + (g - c7) c4
+    # + xhat c5
+    if OP == BB:
         g_mean = s0 / Mf
         gx_mean = s1 / Mf
+        c7 = g_mean
         if HAS_E2:
             a_mean = s2 / Mf
             ax_mean = s3 / Mf
             adc = s4 - g_mean * s2 - gx_mean * s3     # sum a (g - mean g - xhat mean(g xhat))
             c0 = wr
             c1 = -wr * ax_mean
-            c2 = -wr * a_mean
             c3 = -wr2 * gx_mean
             c4 = -wr2 * ax_mean
             c5 = 2.0 * wr2 * gx_mean * ax_mean - (r * r / Mf) * w * adc
-            c6 = wr2 * (gx_mean * a_mean + ax_mean * g_mean)
+            c6 = a_mean
             q1 = r * adc
         if HAS_P1:
             c1 += p1
             c4 += r * p1
             c5 -= r * p1 * gx_mean
-            c6 -= r * p1 * g_mean
         if HAS_P2:
             c2 += p2
-    if OP == BJVP:   # grad_x_t = g_t c0 + x_t c1 + xhat c2 + g c3 + c4
+    # BJVP: grad_x_t = (g_t - c4) c0 + (x_t - c5) c1 + xhat c2 + (g - c6) c3
+    if OP == BJVP:
         gb_m = s0 / Mf
         gw_m = s1 / Mf
         gb_t = z
@@ -241,23 +258,23 @@ def _coeffs(OP: tl.constexpr, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b
             scale_t -= wr2 * proj
             c1 = -wr2 * gw_m
             c2 = wr2 * proj * gw_m
-            c4 = wr2 * mxt * gw_m
+            c5 = mxt
         if HAS_P1:
             scale_t += p1 * r
         c2 -= wr * (gw_t / Mf)
-        c4 -= wr * (gb_t / Mf)
+        c4 = gb_t / Mf
         if HAS_E3 or HAS_P1:
             c2 -= scale_t * gw_m
             c3 = scale_t
-            c4 -= scale_t * gb_m
+            c6 = gb_m
         q1 = gw_t
         q2 = gb_t
-    return c0, c1, c2, c3, c4, c5, c6, q1, q2, q3
+    return c0, c1, c2, c3, c4, c5, c6, c7, q1, q2, q3
 
 
 @triton.jit
 def _tile_out(OP: tl.constexpr, ACT: tl.constexpr, x, xhat, e1, e2, e3, relu,
-              c0, c1, c2, c3, c4, c5, c6, HAS_E1: tl.constexpr, HAS_E2: tl.constexpr,
+              c0, c1, c2, c3, c4, c5, c6, c7, HAS_E1: tl.constexpr, HAS_E2: tl.constexpr,
               HAS_E3: tl.constexpr, HAS_P1: tl.constexpr):
     """The elementwise outputs; as in _coeffs, terms of absent inputs are left out."""
     o2 = xhat
@@ -270,34 +287,35 @@ def _tile_out(OP: tl.constexpr, ACT: tl.constexpr, x, xhat, e1, e2, e3, relu,
         if ACT:
             o1 = tl.where(o1 < 0, 0.0, o1)
     if OP == BWD:
-        o1 = e1 * c0[None, :] + xhat * c1[None, :] + c2[None, :]
+        o1 = (e1 - c2[None, :]) * c0[None, :] + xhat * c1[None, :]
     if OP == FJVP:
         o1 = tl.zeros_like(xhat) + c2[None, :]
         if HAS_E1:
-            o1 += e1 * c0[None, :]
+            o1 += (e1 - c3[None, :]) * c0[None, :]
         if HAS_E1 or HAS_P1:
             o1 += xhat * c1[None, :]
         if ACT:
             o1 = tl.where(relu, o1, 0.0)
     if OP == BB:
         o1 = tl.zeros_like(xhat) + c2[None, :]
-        o2 = tl.zeros_like(xhat) + c6[None, :]
+        o2 = tl.zeros_like(xhat)
         if HAS_E2:
-            o1 += e2 * c0[None, :]
-            o2 += e2 * c3[None, :]
+            a = e2 - c6[None, :]
+            o1 += a * c0[None, :]
+            o2 += a * c3[None, :]
         if HAS_E2 or HAS_P1:
             o1 += xhat * c1[None, :]
-            o2 += e1 * c4[None, :] + xhat * c5[None, :]
+            o2 += (e1 - c7[None, :]) * c4[None, :] + xhat * c5[None, :]
         if ACT:
             o1 = tl.where(relu, o1, 0.0)
     if OP == BJVP:
-        o1 = xhat * c2[None, :] + c4[None, :]
+        o1 = xhat * c2[None, :]
         if HAS_E2:
-            o1 += e2 * c0[None, :]
+            o1 += (e2 - c4[None, :]) * c0[None, :]
         if HAS_E3:
-            o1 += e3 * c1[None, :]
+            o1 += (e3 - c5[None, :]) * c1[None, :]
         if HAS_E3 or HAS_P1:
-            o1 += e1 * c3[None, :]
+            o1 += (e1 - c6[None, :]) * c3[None, :]
     return o1, o2
 
 
@@ -378,12 +396,12 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
     b = tl.load(B + cs, mask=cmask, other=0.0).to(ACC)
     p1 = _load_chan(P1, k, sp1K, cs, cmask, HAS_P1, ACC)
     p2 = _load_chan(P2, k, sp2K, cs, cmask, HAS_P2, ACC)
-    zc = tl.zeros([BLOCK_C], dtype=ACC)
+    zc = tl.zeros([BLOCK_C], dtype=tl.float64)   # merged sums
     chunk_start = ch * CHUNK
     chunk_end = tl.minimum(chunk_start + CHUNK, M)
 
     if MODE == REDUCE:
-        n = Mf * 0.0
+        n = tl.full([], 0.0, tl.float64)
         s0, s1, s2, s3, s4, s5, s6 = zc, zc, zc, zc, zc, zc, zc
         for start in range(chunk_start, chunk_end, BLOCK_M):
             m = start + rows[:, None]
@@ -394,6 +412,7 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
             xhat, e1, e2, relu = _prep(OP, ACT, x, e1, e2, valid, mean, invstd, w, b)
             cnt = (tl.minimum(chunk_end - start, BLOCK_M)).to(ACC)
             t0, t1, t2, t3, t4, t5, t6 = _tile_sums(OP, xhat, e1, e2, e3, valid, cnt)
+            cnt = cnt.to(tl.float64)
             s0, s1, s2, s3, s4, s5, s6 = _merge(OP, n, s0, s1, s2, s3, s4, s5, s6,
                                                 cnt, t0, t1, t2, t3, t4, t5, t6)
             n += cnt
@@ -416,7 +435,7 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
             s0, s1, s2, s3, s4, s5, s6 = _tile_sums(OP, xhat, e1, e2, e3, valid, Mf)
         else:
             # APPLY: combine the partial statistics of every chunk of these channels.
-            n = Mf * 0.0
+            n = tl.full([], 0.0, tl.float64)
             s0, s1, s2, s3, s4, s5, s6 = zc, zc, zc, zc, zc, zc, zc
             if NS > 0:
                 for j32 in range(0, NCHUNKS):
@@ -431,11 +450,11 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
                     t4 = _load_partial(PART, base, C, cs, cmask, 4, NS, zc)
                     t5 = _load_partial(PART, base, C, cs, cmask, 5, NS, zc)
                     t6 = _load_partial(PART, base, C, cs, cmask, 6, NS, zc)
-                    cnt = (tl.minimum(M - j * CHUNK, CHUNK)).to(ACC)
+                    cnt = (tl.minimum(M - j * CHUNK, CHUNK)).to(tl.float64)
                     s0, s1, s2, s3, s4, s5, s6 = _merge(OP, n, s0, s1, s2, s3, s4, s5, s6,
                                                         cnt, t0, t1, t2, t3, t4, t5, t6)
                     n += cnt
-        c0, c1, cc2, c3, c4, c5, c6, q1, q2, q3 = _coeffs(
+        c0, c1, cc2, c3, c4, c5, c6, c7, q1, q2, q3 = _coeffs(
             OP, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b, p1, p2, eps,
             HAS_E1, HAS_E2, HAS_E3, HAS_P1, HAS_P2)
         if ch == 0:
@@ -450,7 +469,7 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
                 tl.store(Q1 + k * sqK + cs, q1, mask=cmask)
         if MODE == FUSED:
             o1, o2 = _tile_out(OP, ACT, x, xhat, e1, e2, e3, relu, c0, c1, cc2, c3, c4, c5, c6,
-                               HAS_E1, HAS_E2, HAS_E3, HAS_P1)
+                               c7, HAS_E1, HAS_E2, HAS_E3, HAS_P1)
             _store_tile(O1, o1, k, m, c2, valid, L, so1K, so1N, so1C, so1L)
             if OP == BB:
                 _store_tile(O2, o2, k, m, c2, valid, L, so2K, so2N, so2C, so2L)
@@ -463,7 +482,8 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
                                             s3K, s3N, s3C, s3L, HAS_E1, HAS_E2, HAS_E3, ACC)
                 xhat, e1, e2, relu = _prep(OP, ACT, x, e1, e2, valid, mean, invstd, w, b)
                 o1, o2 = _tile_out(OP, ACT, x, xhat, e1, e2, e3, relu,
-                                   c0, c1, cc2, c3, c4, c5, c6, HAS_E1, HAS_E2, HAS_E3, HAS_P1)
+                                   c0, c1, cc2, c3, c4, c5, c6, c7, HAS_E1, HAS_E2, HAS_E3,
+                                   HAS_P1)
                 _store_tile(O1, o1, k, m, c2, valid, L, so1K, so1N, so1C, so1L)
                 if OP == BB:
                     _store_tile(O2, o2, k, m, c2, valid, L, so2K, so2N, so2C, so2L)
