@@ -21,6 +21,7 @@ at most twice the reference backend's own error at that dtype plus a small toler
 """
 
 import importlib.util
+import inspect
 import json
 import os
 import pathlib
@@ -410,13 +411,27 @@ def test_gpu_check_dry_run(tmp_path):
     assert len(report["cases"]) == len(plan)
 
 
+def test_num_warps_follow_the_tile_and_every_flag_keys_the_tuning():
+    """On a GPU the autotuner times num_stages only: num_warps shapes tl.sum's reduction
+    tree, so the bits, and follows the tile. Every constexpr that changes the compiled
+    kernel is in the tuning key (NS follows OP, ACC the dtypes the key holds)."""
+    tuner = T._autotuned(interpret=False)
+    for block_m, block_c in ((1024, 1), (64, 64), (8192, 1), (16, 16)):
+        left = tuner.early_config_prune(tuner.configs, {}, BLOCK_M=block_m, BLOCK_C=block_c)
+        assert {c.num_warps for c in left} == {T.num_warps(block_m, block_c)}
+        assert {c.num_stages for c in left} == {1, 2}
+    params = inspect.signature(T._k.bn_kernel.fn).parameters.values()
+    constexprs = {p.name for p in params if p.annotation is T._k.tl.constexpr}
+    assert constexprs - {"NS", "ACC"} <= set(tuner.keys)
+
+
 _AOT = r'''
 import inspect, sys
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fastbn.backends.triton import kernels as K
+from fastbn.backends.triton import LAUNCH_OPTIONS, kernels as K
 
 names = list(inspect.signature(K.bn_kernel.fn).parameters)
 consts = ("OP", "MODE", "ACT", "HAS_E1", "HAS_E2", "HAS_E3", "HAS_P1", "HAS_P2", "NS", "ACC",
@@ -439,8 +454,10 @@ for op, mode, dt, acc, ones in ((K.OP_FWD, K.MODE_REDUCE, "*bf16", tl.float32, (
     src = ASTSource(K.bn_kernel, sig, constexprs={(names.index(k),): v
                                                   for k, v in values.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=4))
-    assert "ld.global" in compiled.asm["ptx"]
+                              options=dict(num_warps=4, **LAUNCH_OPTIONS))
+    ptx = compiled.asm["ptx"]
+    assert "ld.global" in ptx
+    assert "fma.rn" not in ptx, "a fused multiply-add"   # with fusion on by default
 print("compiled")
 '''
 
@@ -448,7 +465,8 @@ print("compiled")
 @pytest.mark.skipif(not INTERPRET, reason="on a GPU the other tests compile the kernels")
 def test_kernels_compile_for_cuda_without_a_gpu():
     """The interpreter runs the kernels as Python; this compiles them (TTIR -> PTX for
-    sm_90) the way a GPU run would, which catches what only the compiler rejects."""
+    sm_90) the way a GPU run would, which catches what only the compiler rejects; with
+    Triton's default set to fuse, the launch options keep products and sums apart."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     done = subprocess.run([sys.executable, "-c", _AOT], cwd=ROOT, env=env,

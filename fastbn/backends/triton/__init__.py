@@ -120,8 +120,27 @@ config = Config.from_env()
 
 # ----------------------------------------------------------------------------- launch
 
+# Options of every launch: no fused multiply-adds, so each product is rounded before it
+# is added, as in the reference (and the cpu build's -ffp-contract=off): the ReLU mask
+# xhat * w + b > 0 decides alike at its boundary. Explicit, since Triton's default changes
+# (and it warns when the default is left to it).
+LAUNCH_OPTIONS = dict(enable_fp_fusion=False)
+
+
+def num_warps(block_m, block_c):
+    """Warps for a tile, from its size alone: they shape tl.sum's reduction tree, so one
+    chosen by timing could give other bits in another process."""
+    return 8 if block_m * block_c >= 8192 else 4
+
+
+def _warps_of_the_tile(configs, named_args, **meta):
+    warps = num_warps(meta["BLOCK_M"], meta["BLOCK_C"])
+    return [c for c in configs if c.num_warps == warps]
+
+
 def _autotuned(interpret):
-    """The kernel behind triton.autotune. Only num_warps / num_stages are tuned: BLOCK_C,
+    """The kernel behind triton.autotune. Only num_stages is tuned (it pipelines loads and
+    leaves the arithmetic alone); num_warps follows the tile (`num_warps`). BLOCK_C,
     BLOCK_M and the chunking fix the layout of the partial statistics, which the two split
     launches must agree on, so the launcher chooses them from the shape."""
     if interpret:
@@ -133,8 +152,10 @@ def _autotuned(interpret):
         return triton.testing.do_bench(kernel_call, warmup=5, rep=15, quantiles=quantiles)
 
     return triton.autotune(configs=configs, do_bench=None if interpret else bench,
-                           key=["M", "C", "L", "NCHUNKS", "OP", "MODE", "BLOCK_M", "BLOCK_C",
-                                "sxC", "sxL"])(_k.bn_kernel)
+                           prune_configs_by=dict(early_config_prune=_warps_of_the_tile),
+                           key=["M", "C", "L", "NCHUNKS", "OP", "MODE", "ACT", "HAS_E1",
+                                "HAS_E2", "HAS_E3", "HAS_P1", "HAS_P2", "IDX64", "BLOCK_M",
+                                "BLOCK_C", "sxC", "sxL"])(_k.bn_kernel)
 
 
 # CUDA's limit on grid axis 1 (the chunks; axis 0, channel blocks × K, goes to 2^31 - 1).
@@ -365,7 +386,7 @@ class _Call:
         # Triton launches on the current device, not on the tensors'.
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             for mode in modes:
-                kernel[grid](*args, part, *tail, MODE=mode, **meta)
+                kernel[grid](*args, part, *tail, MODE=mode, **meta, **LAUNCH_OPTIONS)
 
 
 def _k_out(call, like_dtype):
