@@ -26,7 +26,6 @@ which are opaque to Dynamo; the launchers only read shapes and strides.
 
 import contextlib
 import functools
-import math
 import os
 import struct
 from dataclasses import dataclass, fields
@@ -368,11 +367,8 @@ class _Call:
         if kind == "split" and ns:
             part = torch.empty((self.K, nchunks, ns, self.C), dtype=torch.float64,
                                device=x.device)
-        # The kernel adds two float32 halves (a float argument is float32 in compiled
-        # code); an eps beyond float32's range is inf, not inf + -inf.
-        eps_hi = struct.unpack("f", struct.pack("f", eps))[0]
-        eps_lo = float(eps) - eps_hi if math.isfinite(eps_hi) else 0.0
-        tail = [self.M, self.C, self.L, chunk, nchunks, eps_hi, eps_lo,
+        eps_bits = struct.unpack("<q", struct.pack("<d", eps))[0]   # see the kernel
+        tail = [self.M, self.C, self.L, chunk, nchunks, eps_bits,
                 self.sN, self.sC, self.sL, *views[0], *views[1], *views[2], *ov[0], *ov[1],
                 sp1, sp2, sq]
         meta = dict(OP=op, ACT=act == "relu", HAS_E1=e[0] is not None,
