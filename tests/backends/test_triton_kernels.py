@@ -504,10 +504,16 @@ def test_k_batched_launches_stay_within_cudas_grid_limits(monkeypatch):
             return lambda *args, **meta: grids.append(grid)
 
     monkeypatch.setattr(T, "_kernel", Recorder)
-    x = torch.randn(2, 3, 2)
+    x = torch.randn(2, 3, 2, device=DEVICE)
     k = 70000
-    grad_y = torch.randn(k, 1, 1, 1).expand(k, 2, 3, 2)   # stride 0: no large allocation
+    # stride 0: no large allocation
+    grad_y = torch.randn(k, 1, 1, 1, device=DEVICE).expand(k, 2, 3, 2)
     mean, _, invstd = reference.statistics(x, 1e-5)
-    T.backward(grad_y, x, mean, invstd, torch.ones(3), torch.zeros(3))
+    w, b = torch.ones(3, device=DEVICE), torch.zeros(3, device=DEVICE)
+    T.backward(grad_y, x, mean, invstd, w, b)
     assert grids and all(grid[0] >= k and all(d <= 65535 for d in grid[1:]) for grid in grids)
+    # K times the channels beyond axis 0's limit (at one channel a block): the reference.
+    for k, ok in ((2 ** 31 // 3, True), (2 ** 31 // 3 + 1, False)):
+        grad_y = torch.randn(1, 1, 1, 1, device=DEVICE).expand(k, 2, 3, 2)
+        assert T._Call(x, [grad_y], [mean, invstd]).ok == ok
 

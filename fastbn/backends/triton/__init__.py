@@ -14,7 +14,8 @@ Native: float64, float32, bfloat16 and float16 element tensors (statistics in fl
 float64 for float64), any mix of K-batched and shared arguments (a shared argument gets K
 stride 0). Falls back to `reference` per call for: CPU tensors outside the interpreter,
 functorch-wrapped or non-strided tensors, spatial dims that do not flatten to one stride,
-mismatched devices or K sizes, x with fewer than 2 dims, and empty tensors.
+mismatched devices or K sizes, x with fewer than 2 dims, empty tensors, and K times the
+channels beyond CUDA's grid (2^31 - 1).
 
 Tuning knobs live in `config` (a `Config`; fields may also be set from the environment,
 FASTBN_TRITON_<FIELD>): `persist_max` (largest tile of the persistent path, in elements;
@@ -157,8 +158,8 @@ def _autotuned(interpret):
                                 "BLOCK_C", "sxC", "sxL"])(_k.bn_kernel)
 
 
-# CUDA's limit on grid axis 1 (the chunks; axis 0, channel blocks × K, goes to 2^31 - 1).
-MAX_GRID_Y = 65535
+# CUDA's limits on grid axis 0 (channel blocks × K) and axis 1 (the chunks).
+MAX_GRID_X, MAX_GRID_Y = 2 ** 31 - 1, 65535
 
 
 def _extent(t):
@@ -287,6 +288,8 @@ class _Call:
             return
         self.k = ks.pop() if ks else None
         self.K = self.k or 1
+        if self.K * C > MAX_GRID_X:   # grid axis 0 holds K times the channel blocks
+            return
         self.x = x
         self.acc = reference.acc_dtype(x.dtype)
         self.tl_acc = _k.tl.float64 if self.acc == torch.float64 else _k.tl.float32
