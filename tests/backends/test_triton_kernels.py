@@ -251,7 +251,7 @@ def test_tangents_with_a_large_common_part(native, monkeypatch, op, k):
         check_offset_tangents(T, op, _problem("offset_tangents", torch.float32, k), act)
 
 
-@pytest.mark.parametrize("eps", (1e-50, 1e-310, 1e39, 0.1 + 2 ** -40))
+@pytest.mark.parametrize("eps", (1e-50, 1e-310, 1.5e-314, 1e39, 0.1 + 2 ** -40))
 def test_float64_eps_of_any_size_is_exact(native, eps):
     """eps reaches the kernels as a float64's bits: one outside float32's range neither
     vanishes nor becomes inf (a channel of one value shows 1 / sqrt(eps) itself)."""
@@ -465,7 +465,7 @@ for op, mode, dt, acc, ones in ((K.OP_FWD, K.MODE_REDUCE, "*bf16", tl.float32, (
                                 (K.OP_FWD, K.MODE_FUSED, "*fp64", tl.float64, ONES)):
     sig = {n: "constexpr" if n in consts + ones else dt if n in elems else
            ("*fp64" if acc == tl.float64 or n == "PART" else "*fp32") if n in chans else
-           "i64" if n == "eps_bits" else "i32" for n in names}
+           "i32" for n in names}
     values = dict(OP=op, MODE=mode, ACT=True, HAS_E1=True, HAS_E2=True, HAS_E3=True,
                   HAS_P1=True, HAS_P2=False, NS=K.NSUMS[op], ACC=acc, IDX64=op == K.OP_BB,
                   BLOCK_M=64, BLOCK_C=16, **dict.fromkeys(ones, 1))

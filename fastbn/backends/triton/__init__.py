@@ -370,8 +370,9 @@ class _Call:
         if kind == "split" and ns:
             part = torch.empty((self.K, nchunks, ns, self.C), dtype=torch.float64,
                                device=x.device)
-        eps_bits = struct.unpack("<q", struct.pack("<d", eps))[0]   # see the kernel
-        tail = [self.M, self.C, self.L, chunk, nchunks, eps_bits,
+        # eps's float64 bits as two int32s (see the kernel)
+        eps_hi, eps_lo = struct.unpack("<ii", struct.pack("<d", eps))[::-1]
+        tail = [self.M, self.C, self.L, chunk, nchunks, eps_hi, eps_lo,
                 self.sN, self.sC, self.sL, *views[0], *views[1], *views[2], *ov[0], *ov[1],
                 sp1, sp2, sq]
         meta = dict(OP=op, ACT=act == "relu", HAS_E1=e[0] is not None,

@@ -352,10 +352,10 @@ def _load_partial(PART, base, C, cs, cmask, i: tl.constexpr, NS: tl.constexpr, z
     return v
 
 
-@triton.jit(do_not_specialize=["eps_bits"])
+@triton.jit(do_not_specialize=["eps_hi", "eps_lo"])
 def bn_kernel(X, E1, E2, E3, O1, O2,
               MEAN, INVSTD, W, B, P1, P2, Q1, Q2, Q3, PART,
-              M, C, L, CHUNK, NCHUNKS, eps_bits,
+              M, C, L, CHUNK, NCHUNKS, eps_hi, eps_lo,
               sxN, sxC, sxL,
               s1K, s1N, s1C, s1L, s2K, s2N, s2C, s2L, s3K, s3N, s3C, s3L,
               so1K, so1N, so1C, so1L, so2K, so2N, so2C, so2L,
@@ -382,9 +382,12 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
     cm2 = cmask[None, :]
     # Not M.to(ACC): the JIT turns an int argument equal to 1 into a constexpr.
     Mf = tl.full([], M, ACC)
-    # eps as the bits of a float64 (a Python float argument is float32 in compiled code):
-    # exact in float64, rounded to float32 as torch rounds a scalar.
-    eps = tl.full([], eps_bits, tl.int64).to(tl.float64, bitcast=True).to(ACC)
+    # eps as the bits of a float64 in two int32 halves (a float argument is float32 in
+    # compiled code, an int one typed by its value): exact in float64, rounded to float32
+    # as torch rounds a scalar.
+    eps_bits = (tl.full([], eps_hi, tl.int64) << 32) | (tl.full([], eps_lo, tl.int64)
+                                                          & 0xFFFFFFFF)
+    eps = eps_bits.to(tl.float64, bitcast=True).to(ACC)
 
     if OP == FWD:   # pivot: the channel's first element, 0 if that is not finite
         mean = tl.load(X + cs * sxC, mask=cmask, other=0.0).to(ACC)
