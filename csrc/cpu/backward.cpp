@@ -40,8 +40,9 @@ void run(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD&
           });
         },
         // grad_x = w * invstd * (g - sum(g) / M - xhat * sum(g xhat) / M): g is centred
-        // before it is scaled, so a large common part of it cancels exactly (folded into
-        // one per-channel constant, it cancelled after rounding).
+        // before it is scaled, so a large common part of it costs the rounding of its mean
+        // alone (folded into one per-channel constant, it cancelled after the product's
+        // rounding).
         [&](int64_t lo, int64_t hi, int) {
 #pragma omp simd
           for (int64_t c = lo; c < hi; ++c) cg[c] = A(double(w[c]) * invstd[c]);

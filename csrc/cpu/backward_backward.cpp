@@ -28,7 +28,8 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
       using P = Prim<T, A, CL, RELU, U>;
       // g_grad_y = mask * (ya * (a - am) + yx * xhat + y0);
       // g_x = xa * (a - am) + xg * (g - gm) + xx * xhat, with am, gm the means of a and g:
-      // inputs centred before they are scaled, a large common part of them cancels exactly.
+      // inputs centred before they are scaled, a large common part of one costs the
+      // rounding of its mean alone.
       // Terms of an absent input are left out, not multiplied by 0: a non-finite x or
       // grad_y would make them NaN where the reference has nothing. g and xhat enter only
       // through gg_x and gg_weight (`uses_g`).

@@ -30,7 +30,7 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
         using P = Prim<T, A, CL, RELU, U>;
         // grad_x_t = et * (g_t - tm) + eu * (x_t - xm) + eg * (g - gm) + ex * xhat, with tm,
         // xm, gm the means of g_t, x_t and g: inputs centred before they are scaled, a large
-        // common part of them cancels exactly.
+        // common part of one costs the rounding of its mean alone.
         // Terms of an absent tangent are left out, not multiplied by 0: a non-finite
         // grad_y would make them NaN where the reference has nothing.
         const bool uses_g = HX || wt;

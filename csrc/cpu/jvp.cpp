@@ -1,7 +1,7 @@
 // forward_jvp: y_t = mask * (w * xhat_t + w_t * xhat + b_t), with
 // xhat_t = invstd * (x_t - mean(x_t) - xhat * mean(x_t * xhat)). The reduction pass runs
 // only when x_t is present (reduce_map in common.h). x_t is centred before it is scaled,
-// so a large common part of it cancels exactly.
+// so a large common part of it costs the rounding of its mean alone.
 #include "cpu/ops.h"
 
 namespace fastbn {

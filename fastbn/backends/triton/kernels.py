@@ -37,7 +37,8 @@ with Chan's formula; the output is (x - pivot) * scale + shift (in eval:
 (x - running mean) * scale + bias), so a large common offset (x = 1e4 + N(0, 1)) loses
 nothing beyond the float32 rounding of the inputs. The derivative ops centre each element
 input by its per-channel mean before scaling it, so a large common part of a cotangent or
-tangent cancels exactly (folded into one per-channel constant, it cancelled after rounding).
+tangent costs the rounding of its mean alone (folded into one per-channel constant, it
+cancelled after the product's rounding).
 """
 
 import triton
