@@ -29,8 +29,8 @@ OP selects the math (see `reference.py` for the spec and the launchers for the s
 g and gt are masked by the recomputed ReLU mask when ACT.
 
 Numerics: accumulation in ACC (float32, float64 for float64 input) within a tile, and in
-float64 across tiles and chunks (per tile and channel: no cost worth measuring, and the
-order of the merges then costs no precision). The forward statistics are taken of
+float64 across tiles and chunks (per tile and channel, not per element; the order of the
+merges then costs no precision). The forward statistics are taken of
 x - pivot (the channel's first element, read by every program), each tile's mean gets one
 residual-correction step and its M2 is two-pass in registers, and tiles and chunks merge
 with Chan's formula; the output is (x - pivot) * scale + shift (in eval:
