@@ -65,8 +65,8 @@ def _retype_batch_norm_subclasses(copy_of_model, bn_mode, process_group=None, *,
                 f"{layer} subclasses torch's batch norm but cannot run as a fastbn layer "
                 f"({reason}), and in training mode it would update its running statistics "
                 "in place, which fails inside torch.func transforms. Derive it from "
-                f"{fastbn_class} "
-                "instead, " + ("or use bn_mode=\"eval\", " if eval_allowed else "")
+                f"{fastbn_class} instead, "
+                + ("or use bn_mode=\"eval\", " if eval_allowed else "")
                 + "or construct it with track_running_stats=False.")
         if process_group is not None and (bn_mode == "train" or module.running_mean is None):
             raise TypeError(

@@ -13,15 +13,15 @@ import torch
 pytest.importorskip("fastbn._C")
 
 from fastbn.backends import cpu, reference  # noqa: E402
-from tests.backends.kernel_checks import (HALF, K_OPS, NON_FINITE_CASES, OPS,  # noqa: E402
-                                          NoFallback, as_tuple as _tuple, call as _call,
+from tests.backends.kernel_checks import (ELEMENT_TANGENTS, HALF, K_OPS,  # noqa: E402
+                                          NON_FINITE_CASES, OPS, NoFallback,
+                                          as_tuple as _tuple, call as _call,
                                           check, check_absent_with_non_finite,
                                           check_non_finite_forward, check_offset_tangents,
                                           layout_x,
                                           upcast as _upcast)
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-ELEMENT_ARGS = ("grad_y", "x_t", "grad_y_t", "gg_x")
 
 
 def _check(out, ref, ref64, dtype):
@@ -886,7 +886,7 @@ def test_half_kernels_are_float32_kernels_rounded_once(native, stream_min_bytes,
         p = dict(x=x, weight=torch.randn(c, generator=gen), bias=torch.randn(c, generator=gen),
                  mean=mean, invstd=invstd, running_var=var + 0.25,
                  weight_t=torch.randn(3, c, generator=gen), bias_t=torch.randn(3, c, generator=gen))
-        for name in ELEMENT_ARGS:
+        for name in ELEMENT_TANGENTS:
             t = torch.randn(shape if k is None else (k, *shape), generator=gen).to(dtype)
             # x's memory format, per instance where K-batched
             p[name] = torch.empty_like(x).copy_(t) if k is None else \
