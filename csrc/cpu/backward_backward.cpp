@@ -16,11 +16,12 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
   using A = acc_t<T>;
   const int64_t C = g.channels();
   const double M = g.count();
-  constexpr int NS = 5;  // sum g, g xhat, a, a xhat, a g  (g = masked grad_y, a = gg_x)
+  // sum g, g xhat, u, u xhat, u g  (g = masked grad_y, u = gg_x - pivot, its mean a_m)
+  constexpr int NS = 5;
   auto sums = scratch<double>(K * NS * C);
   auto ya = scratch<A>(K * C), yx = scratch<A>(K * C), y0 = scratch<A>(K * C),
        xa = scratch<A>(K * C), xg = scratch<A>(K * C), xx = scratch<A>(K * C),
-       am = scratch<A>(K * C), gm = scratch<A>(K * C);
+       am = scratch<A>(K * C), gm = scratch<A>(K * C), pivot = scratch<A>(K * C);
   const Stats<A> st(g, RELU, mean, invstd, w, b);
   when(unit_runs<CL>({x, dy, ggx, out_gdy, out_gx}), [&](auto unit) {
     when(ggx.ptr != 0, [&](auto has_a) {
@@ -35,6 +36,11 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
       // through gg_x and gg_weight (`uses_g`).
       const bool uses_g = HA || ggw;
       if (!uses_g) std::fill(sums.get(), sums.get() + K * NS * C, 0.0);  // no reduction pass
+      // The sums take gg_x - pivot: with grad_y, both with a large common part, the
+      // product a g of the raw values would round away sum (a - mean) g.
+      if (HA)
+        for (int64_t k = 0; k < K; ++k) first_values_mean<T>(g, ggx, k, pivot.get() + k * C);
+      const PassArray<A> pp(g, HA ? pivot.get() : nullptr, K);
       reduce_map<A, CL, NS>(
           g, nth, K, input_bytes<T>(K, {x, dy, ggx}), uses_g, sums.get(),
           [&](const Seg& s, int64_t k, const Acc<A, CL, NS>& acc) {
@@ -43,9 +49,11 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
               const WidePrim<T, CL, RELU> pr(x, s, st);
               const T* d = run_ptr<const T>(dy, s, k);
               const T* a = run_ptr<const T>(ggx, s, k);
+              const WideChan<CL> p(HA ? pp.get() + k * g.C : nullptr, s.c);
               return wide_add(acc, s.n, [&](int64_t i, __mmask16 m) {
                 const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
-                const __m512 zero = _mm512_setzero_ps(), av = HA ? load16(a + i, m) : zero;
+                const __m512 zero = _mm512_setzero_ps();
+                const __m512 av = HA ? load16(a + i, m) - p(i, m) : zero;
                 return Terms16<NS>{{gv, gv * xh, av, av * xh, HA ? av * gv : zero}};
               });
             }
@@ -53,9 +61,10 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
             const P pr(x, s, st);
             const auto d = src<T, CL, U>(dy, s, k);
             const auto a = src<T, CL, U>(ggx, s, k);
+            const Chan<CL, A> p(HA ? pp.get() + k * g.C : nullptr, s.c);
             acc.add(s.n, [&](int64_t i, A(&v)[NS]) {
               const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
-              const A av = HA ? a.template at<A>(i) : A(0);
+              const A av = HA ? a.template at<A>(i) - p[i] : A(0);
               v[0] = gv;
               v[1] = gv * xh;
               v[2] = av;
@@ -84,7 +93,7 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
                 xa[i] = A(HA ? -wr2 * gxm : 0.0);
                 xg[i] = A((HA ? -wr2 * axm : 0.0) + (ggw ? r * al : 0.0));
                 xx[i] = A(by_a + by_w);
-                am[i] = A(HA ? a_m : 0.0);
+                am[i] = A(HA ? double(pivot[i]) + a_m : 0.0);
                 gm[i] = A(g_m);
                 out_gw[i] = A(HA ? r * adc : 0.0);
               }

@@ -15,12 +15,13 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
   using A = acc_t<T>;
   const int64_t C = g.channels();
   const double M = g.count();
-  // sum g, g xhat, g_t, g_t xhat, x_t, x_t xhat, g x_t  (g, g_t: masked grad_y and tangent)
+  // sum g, g xhat, g_t, g_t xhat, u, u xhat, g u  (g, g_t: masked grad_y and tangent;
+  // u = x_t - pivot, its mean mu)
   constexpr int NS = 7;
   auto sums = scratch<double>(K * NS * C);
   auto et = scratch<A>(C), eu = scratch<A>(K * C), eg = scratch<A>(K * C),
        ex = scratch<A>(K * C), tm = scratch<A>(K * C), xm = scratch<A>(K * C),
-       gm = scratch<A>(K * C);
+       gm = scratch<A>(K * C), pivot = scratch<A>(K * C);
   const Stats<A> st(g, RELU, mean, invstd, w, b);
   when(unit_runs<CL>({x, dy, dyt, xt, out_gx}), [&](auto unit) {
     when(dyt.ptr != 0, [&](auto has_gt) {
@@ -34,6 +35,11 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
         // Terms of an absent tangent are left out, not multiplied by 0: a non-finite
         // grad_y would make them NaN where the reference has nothing.
         const bool uses_g = HX || wt;
+        // The sums take x_t - pivot: with grad_y, both with a large common part, the
+        // product g x_t of the raw values would round away sum g (x_t - mean).
+        if (HX)
+          for (int64_t k = 0; k < K; ++k) first_values_mean<T>(g, xt, k, pivot.get() + k * C);
+        const PassArray<A> pp(g, HX ? pivot.get() : nullptr, K);
         reduce_map<A, CL, NS>(
             g, nth, K, input_bytes<T>(K, {x, dy, dyt, xt}), true, sums.get(),
             [&](const Seg& s, int64_t k, const Acc<A, CL, NS>& acc) {
@@ -43,11 +49,12 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
                 const T* d = run_ptr<const T>(dy, s, k);
                 const T* dt = run_ptr<const T>(dyt, s, k);
                 const T* u = run_ptr<const T>(xt, s, k);
+                const WideChan<CL> p(HX ? pp.get() + k * g.C : nullptr, s.c);
                 return wide_add(acc, s.n, [&](int64_t i, __mmask16 m) {
                   const __m512 zero = _mm512_setzero_ps();
                   const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
                   const __m512 tv = HG ? pr.keep(i, m, xh, load16(dt + i, m)) : zero;
-                  const __m512 uv = HX ? load16(u + i, m) : zero;
+                  const __m512 uv = HX ? load16(u + i, m) - p(i, m) : zero;
                   return Terms16<NS>{{gv, gv * xh, tv, tv * xh, uv, uv * xh, HX ? uv * gv : zero}};
                 });
               }
@@ -56,10 +63,11 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
               const auto d = src<T, CL, U>(dy, s, k);
               const auto dt = src<T, CL, U>(dyt, s, k);
               const auto u = src<T, CL, U>(xt, s, k);
+              const Chan<CL, A> p(HX ? pp.get() + k * g.C : nullptr, s.c);
               acc.add(s.n, [&](int64_t i, A(&v)[NS]) {
                 const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
                 const A tv = HG ? pr.keep(i, xh, dt.template at<A>(i)) : A(0);
-                const A uv = HX ? u.template at<A>(i) : A(0);
+                const A uv = HX ? u.template at<A>(i) - p[i] : A(0);
                 v[0] = gv;
                 v[1] = gv * xh;
                 v[2] = tv;
@@ -89,7 +97,7 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
                   ex[i] = A(wr * ((HX ? h * pu : 0.0) - gw_t / M) -
                             (uses_g ? scale_t * g1 / M : 0.0));
                   tm[i] = A(gb_t / M);
-                  xm[i] = A(mu);
+                  xm[i] = A(HX ? double(pivot[i]) + mu : 0.0);
                   gm[i] = A(g0 / M);
                   out_gw[i] = A(gw_t);
                   out_gb[i] = A(gb_t);

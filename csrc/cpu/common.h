@@ -309,6 +309,26 @@ inline void fold_add(const Geom& g, int64_t c0, int64_t c1, double* o, int64_t l
   if (last * fold < c1) chain(last * fold, c1);
 }
 
+// out[c]: the mean of the first values of channel c in problem k of t, 0 where one is not
+// finite: sample 0's first min(L, 64, M / 16) positions, each pass channel's (a small
+// share of the pass). A reduction pass sums t - out[c]: a large common part of t's values
+// then cancels before a product or a float lane's sum rounds it.
+template <class T>
+void first_values_mean(const Geom& g, const TD& t, int64_t k, acc_t<T>* out) {
+  using A = acc_t<T>;
+  const int64_t C = g.channels();
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>({g.L, 64, g.M() / 16}));
+  const T* t0 = reinterpret_cast<const T*>(t.ptr) + k * t.sK;
+  std::vector<double> sample(C, 0.0);
+  for (int64_t l = 0; l < rows; ++l)
+    fold_add(g, 0, g.C, sample.data(), 0,
+             [&](int64_t c) { return double(to_acc<A>(t0[c * t.sC + l * t.sL])); });
+  const double taken = double(rows * g.spread());
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c)
+    out[c] = std::isfinite(sample[c]) ? A(sample[c] / taken) : A(0);
+}
+
 inline int64_t offset(const TD& t, const Seg& s, int64_t k) {
   return k * t.sK + s.nn * t.sN + s.c * t.sC + s.l * t.sL;
 }

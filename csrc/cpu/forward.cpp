@@ -131,30 +131,16 @@ void train(const Geom& g, int nth, const TD& x, const TD& y, const acc_t<T>* w,
            const Running<T>& running) {
   using A = acc_t<T>;
   const int64_t C = g.channels();
-  // Sums of (x - pivot) and its square, in one pass. The pivot, the mean of the first
-  // few elements of the channel's first row, keeps E[d^2] - E[d]^2 from cancelling when
-  // |mean| >> std: float lanes lose about ((pivot - mean) / std)^2 ulps of the variance.
-  // A pivot that lands far from the mean (an outlier among the first elements) is
-  // replaced by the mean found and the pass repeated, once. A non-finite sample falls
-  // back to 0, so an inf in x gives torch's inf mean, not inf - inf.
-  // The sample is at most 1/16 of a channel, so it stays a small share of the pass
-  // (a (64, 1024) batch's first row is all of it), and channels are innermost: C
-  // independent sums, not one chain of dependent additions per channel.
-  constexpr int64_t PIVOT_SAMPLE = 64;
+  // Sums of (x - pivot) and its square, in one pass. The pivot (first_values_mean) keeps
+  // E[d^2] - E[d]^2 from cancelling when |mean| >> std: float lanes lose about
+  // ((pivot - mean) / std)^2 ulps of the variance. A pivot that lands far from the mean
+  // (an outlier among the first elements) is replaced by the mean found and the pass
+  // repeated, once. A non-finite sample gives pivot 0, so an inf in x gives torch's inf
+  // mean, not inf - inf. Channels are innermost: C independent sums, not one chain of
+  // dependent additions per channel.
   constexpr double MAX_PIVOT_OFFSET = 4;  // in standard deviations: loses 16 ulps at most
-  // (Folded: the first row's g.fold values of each channel; tiled: its first np * g.tile
-  // rows.)
-  const int64_t np = std::max<int64_t>(1, std::min({g.L, PIVOT_SAMPLE, g.M() / 16}));
-  const T* x0 = reinterpret_cast<const T*>(x.ptr);
-  std::vector<double> sample(C, 0.0);
-  for (int64_t l = 0; l < np; ++l)
-    fold_add(g, 0, g.C, sample.data(), 0,
-             [&](int64_t c) { return double(to_acc<A>(x0[c * x.sC + l * x.sL])); });
   auto pivot = scratch<A>(C);
-  const double taken = double(np * g.spread());
-#pragma omp simd
-  for (int64_t c = 0; c < C; ++c)
-    pivot[c] = std::isfinite(sample[c]) ? A(sample[c] / taken) : A(0);
+  first_values_mean<T>(g, x, 0, pivot.get());
   auto sums = scratch<double>(2 * C), m1 = scratch<double>(C), biased = scratch<double>(C);
   auto scale = scratch<A>(C);
   const double M = g.count();

@@ -139,8 +139,8 @@ def check_offset_tangents(backend, op, p, act, first_bound):
     `first_bound` for the first output (the one centring the element inputs before they
     are scaled decides: folded into one per-channel constant, their common part cancelled
     only after the product's rounding) and 2 for the others (the design's rule). p: a
-    float32 problem dict, x of N(0, 1), with thousands of values per channel (the ratio
-    of two RMS errors over fewer is noise)."""
+    float32 problem dict, x of N(0, 1), with thousands of values (the ratio of two RMS
+    errors over fewer is noise)."""
     p = dict(p)
     for key in ELEMENT_TANGENTS:
         p[key] = p[key].clone().add_(1e3)

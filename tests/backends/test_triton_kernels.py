@@ -239,21 +239,26 @@ def test_large_offset_statistics(native, monkeypatch, dtype, split):
     torch.testing.assert_close(invstd.double().cpu(), invstd64.cpu(), rtol=100 * tol, atol=0)
 
 
+# The first output's RMS error over the reference's on the split path, over seeds of this
+# problem: backward and forward_jvp at most 1.24 (folded into one per-channel constant,
+# 4.2), backward_backward 0.06 and backward_jvp 0.07 (with the raw products of two offset
+# inputs summed, 0.84 and 1.8).
+FIRST_BOUND = {"backward": 1.5, "forward_jvp": 1.5, "backward_backward": 0.5,
+               "backward_jvp": 0.5}
+
+
 @pytest.mark.parametrize("k", (None, 3))
-@pytest.mark.parametrize("op", K_OPS[:3])
+@pytest.mark.parametrize("op", K_OPS)
 def test_tangents_with_a_large_common_part(native, monkeypatch, op, k):
-    """The derivative kernels centre their element inputs before scaling them (and merge
-    sums in float64): the first output's RMS error at most 1.5 of the reference's (1.24 at
-    most over 6 seeds of this problem; the folded form reached 4.2). On the split path,
-    whose tiles are small here:
-    the interpreter sums a persistent tile's rows one after another, a GPU as a tree.
-    backward_jvp is left out: sums of products of two such inputs decide its error, up to
-    2.5 of the reference's in float32 tiles."""
+    """The derivative kernels centre their element inputs before scaling them, take the
+    tangent they sum times grad_y less a pivot, and merge sums in float64. On the split
+    path, whose tiles are small here: the interpreter sums a persistent tile's rows one
+    after another, a GPU as a tree."""
     monkeypatch.setattr(T.config, "persist_max", 0)
     monkeypatch.setattr(T.config, "block_m", 16)
     for act in (None, "relu"):
         check_offset_tangents(T, op, _problem("offset_tangents", torch.float32, k, seed=7), act,
-                              1.5)
+                              FIRST_BOUND[op])
 
 
 @pytest.mark.parametrize("eps", (1e-50, 1e-310, 1.5e-314, 1e39, 0.1 + 2 ** -40))

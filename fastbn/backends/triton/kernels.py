@@ -38,7 +38,9 @@ with Chan's formula; the output is (x - pivot) * scale + shift (in eval:
 nothing beyond the float32 rounding of the inputs. The derivative ops centre each element
 input by its per-channel mean before scaling it, so a large common part of a cotangent or
 tangent costs the rounding of its mean alone (folded into one per-channel constant, it
-cancelled after the product's rounding).
+cancelled after the product's rounding); the tangent whose product with grad_y is summed
+(BB's gg_x, BJVP's x_t) enters the sums less its channel's first element, so a common part
+of both does not round the product.
 """
 
 import triton
@@ -75,12 +77,14 @@ def _load_chan(ptr, k, sK, cs, cmask, HAS: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _prep(OP: tl.constexpr, ACT: tl.constexpr, x, e1, e2, valid, mean, invstd, w, b):
-    """xhat (zero outside the tile), the ReLU mask, and the masked cotangents. For FWD the
-    `mean` slot holds the channel's pivot and "xhat" is x - pivot: statistics and output
-    are computed on values shifted next to zero, so a large common offset costs nothing.
-    For EVAL it holds the running mean and "xhat" is x - running mean, for the same
-    reason (x * scale + shift would cancel two large terms)."""
+def _prep(OP: tl.constexpr, ACT: tl.constexpr, x, e1, e2, e3, valid, mean, invstd, w, b,
+          pivot):
+    """xhat (zero outside the tile), the ReLU mask, the masked cotangents, and the
+    tangent that multiplies grad_y in a sum (BB's gg_x, BJVP's x_t) less its channel's
+    `pivot`. For FWD the `mean` slot holds the channel's pivot and "xhat" is x - pivot:
+    statistics and output are computed on values shifted next to zero, so a large common
+    offset costs nothing. For EVAL it holds the running mean and "xhat" is x - running
+    mean, for the same reason (x * scale + shift would cancel two large terms)."""
     if OP == FWD or OP == EVAL:
         xhat = tl.where(valid, x - mean[None, :], 0.0)
     else:
@@ -91,9 +95,12 @@ def _prep(OP: tl.constexpr, ACT: tl.constexpr, x, e1, e2, valid, mean, invstd, w
             relu = (xhat * w[None, :] + b[None, :]) > 0
     if OP == BWD or OP == BB or OP == BJVP:
         e1 = tl.where(relu, e1, 0.0)
+    if OP == BB:
+        e2 = tl.where(valid, e2 - pivot[None, :], 0.0)
     if OP == BJVP:
         e2 = tl.where(relu, e2, 0.0)
-    return xhat, e1, e2, relu
+        e3 = tl.where(valid, e3 - pivot[None, :], 0.0)
+    return xhat, e1, e2, e3, relu
 
 
 @triton.jit
@@ -397,6 +404,15 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
     else:
         mean = tl.load(MEAN + cs, mask=cmask, other=0.0).to(ACC)
         invstd = tl.load(INVSTD + cs, mask=cmask, other=0.0).to(ACC)
+    # The tangent summed times grad_y is taken less its channel's first element (0 if that
+    # is not finite): with both carrying a large common part, the products of the raw
+    # values would round away what the sum keeps.
+    pivot = tl.zeros([BLOCK_C], dtype=ACC)
+    if OP == BB and HAS_E2:
+        pivot = tl.load(E2 + k * s2K + cs * s2C, mask=cmask, other=0.0).to(ACC)
+    if OP == BJVP and HAS_E3:
+        pivot = tl.load(E3 + k * s3K + cs * s3C, mask=cmask, other=0.0).to(ACC)
+    pivot = tl.where(_finite(pivot), pivot, 0.0)
     w = tl.load(W + cs, mask=cmask, other=0.0).to(ACC)
     b = tl.load(B + cs, mask=cmask, other=0.0).to(ACC)
     p1 = _load_chan(P1, k, sp1K, cs, cmask, HAS_P1, ACC)
@@ -414,7 +430,8 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
             x, e1, e2, e3 = _load_elems(X, E1, E2, E3, k, m, c2, valid, L, sxN, sxC, sxL,
                                         s1K, s1N, s1C, s1L, s2K, s2N, s2C, s2L,
                                         s3K, s3N, s3C, s3L, HAS_E1, HAS_E2, HAS_E3, ACC)
-            xhat, e1, e2, relu = _prep(OP, ACT, x, e1, e2, valid, mean, invstd, w, b)
+            xhat, e1, e2, e3, relu = _prep(OP, ACT, x, e1, e2, e3, valid, mean, invstd, w,
+                                             b, pivot)
             cnt = (tl.minimum(chunk_end - start, BLOCK_M)).to(ACC)
             t0, t1, t2, t3, t4, t5, t6 = _tile_sums(OP, xhat, e1, e2, e3, valid, cnt)
             cnt = cnt.to(tl.float64)
@@ -436,7 +453,8 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
             x, e1, e2, e3 = _load_elems(X, E1, E2, E3, k, m, c2, valid, L, sxN, sxC, sxL,
                                         s1K, s1N, s1C, s1L, s2K, s2N, s2C, s2L,
                                         s3K, s3N, s3C, s3L, HAS_E1, HAS_E2, HAS_E3, ACC)
-            xhat, e1, e2, relu = _prep(OP, ACT, x, e1, e2, valid, mean, invstd, w, b)
+            xhat, e1, e2, e3, relu = _prep(OP, ACT, x, e1, e2, e3, valid, mean, invstd, w,
+                                             b, pivot)
             s0, s1, s2, s3, s4, s5, s6 = _tile_sums(OP, xhat, e1, e2, e3, valid, Mf)
         else:
             # APPLY: combine the partial statistics of every chunk of these channels.
@@ -485,7 +503,8 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
                 x, e1, e2, e3 = _load_elems(X, E1, E2, E3, k, m, c2, valid, L, sxN, sxC, sxL,
                                             s1K, s1N, s1C, s1L, s2K, s2N, s2C, s2L,
                                             s3K, s3N, s3C, s3L, HAS_E1, HAS_E2, HAS_E3, ACC)
-                xhat, e1, e2, relu = _prep(OP, ACT, x, e1, e2, valid, mean, invstd, w, b)
+                xhat, e1, e2, e3, relu = _prep(OP, ACT, x, e1, e2, e3, valid, mean, invstd, w,
+                                                 b, pivot)
                 o1, o2 = _tile_out(OP, ACT, x, xhat, e1, e2, e3, relu,
                                    c0, c1, cc2, c3, c4, c5, c6, c7, HAS_E1, HAS_E2, HAS_E3,
                                    HAS_P1)
