@@ -24,10 +24,12 @@ def _entry(rank, world, init_file, timeout_s, backend, fn, args, out_dir):
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                                 world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-        # gloo may return from init on one process while a peer is still connecting; a
-        # process whose work needs no collective would then leave and break the peer's
-        # connection. Everyone past this barrier is connected.
-        dist.barrier()
+        if backend == "gloo":
+            # gloo may return from init on one process while a peer is still connecting;
+            # a process whose work needs no collective would then leave and break the
+            # peer's connection. Everyone past this barrier is connected. (NCCL connects at
+            # its first collective.)
+            dist.barrier()
         torch.set_num_threads(1)
         result = {"value": fn(rank, world, *args)}
     except Exception as err:  # noqa: BLE001 - reported to the parent

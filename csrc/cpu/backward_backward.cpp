@@ -16,7 +16,8 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
   using A = acc_t<T>;
   const int64_t C = g.channels();
   const double M = g.count();
-  // sum g, g xhat, u, u xhat, u g  (g = masked grad_y, u = gg_x - pivot, its mean a_m)
+  // sum g, g xhat, u, a xhat, u g  (g = masked grad_y, a = gg_x, u = a - pivot: a_m the
+  // mean of u)
   constexpr int NS = 5;
   auto sums = scratch<double>(K * NS * C);
   auto ya = scratch<A>(K * C), yx = scratch<A>(K * C), y0 = scratch<A>(K * C),
@@ -36,8 +37,10 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
       // through gg_x and gg_weight (`uses_g`).
       const bool uses_g = HA || ggw;
       if (!uses_g) std::fill(sums.get(), sums.get() + K * NS * C, 0.0);  // no reduction pass
-      // The sums take gg_x - pivot: with grad_y, both with a large common part, the
-      // product a g of the raw values would round away sum (a - mean) g.
+      // Sums with g take gg_x less a pivot: with both a large common part, the product a g
+      // of the raw values would round away sum (a - mean) g. Not the sum with xhat, which
+      // the pivot would change by pivot * sum xhat: not 0 for a mean that is not exactly
+      // x's (a rounded one).
       if (HA)
         for (int64_t k = 0; k < K; ++k) first_values_mean<T>(g, ggx, k, pivot.get() + k * C);
       const PassArray<A> pp(g, HA ? pivot.get() : nullptr, K);
@@ -52,9 +55,9 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
               const WideChan<CL> p(HA ? pp.get() + k * g.C : nullptr, s.c);
               return wide_add(acc, s.n, [&](int64_t i, __mmask16 m) {
                 const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
-                const __m512 zero = _mm512_setzero_ps();
-                const __m512 av = HA ? load16(a + i, m) - p(i, m) : zero;
-                return Terms16<NS>{{gv, gv * xh, av, av * xh, HA ? av * gv : zero}};
+                const __m512 zero = _mm512_setzero_ps(), av = HA ? load16(a + i, m) : zero;
+                const __m512 uv = HA ? av - p(i, m) : zero;
+                return Terms16<NS>{{gv, gv * xh, uv, av * xh, HA ? uv * gv : zero}};
               });
             }
 #endif
@@ -64,12 +67,12 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
             const Chan<CL, A> p(HA ? pp.get() + k * g.C : nullptr, s.c);
             acc.add(s.n, [&](int64_t i, A(&v)[NS]) {
               const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
-              const A av = HA ? a.template at<A>(i) - p[i] : A(0);
+              const A av = HA ? a.template at<A>(i) : A(0), uv = HA ? av - p[i] : A(0);
               v[0] = gv;
               v[1] = gv * xh;
-              v[2] = av;
+              v[2] = uv;
               v[3] = av * xh;
-              v[4] = HA ? av * gv : A(0);
+              v[4] = HA ? uv * gv : A(0);
             });
           },
           [&](int64_t lo, int64_t hi, int) {

@@ -15,7 +15,7 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
   using A = acc_t<T>;
   const int64_t C = g.channels();
   const double M = g.count();
-  // sum g, g xhat, g_t, g_t xhat, u, u xhat, g u  (g, g_t: masked grad_y and tangent;
+  // sum g, g xhat, g_t, g_t xhat, u, x_t xhat, g u  (g, g_t: masked grad_y and tangent;
   // u = x_t - pivot, its mean mu)
   constexpr int NS = 7;
   auto sums = scratch<double>(K * NS * C);
@@ -35,8 +35,10 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
         // Terms of an absent tangent are left out, not multiplied by 0: a non-finite
         // grad_y would make them NaN where the reference has nothing.
         const bool uses_g = HX || wt;
-        // The sums take x_t - pivot: with grad_y, both with a large common part, the
-        // product g x_t of the raw values would round away sum g (x_t - mean).
+        // Sums with g take x_t less a pivot: with both a large common part, the product
+        // g x_t of the raw values would round away sum g (x_t - mean). Not the sum with
+        // xhat, which the pivot would change by pivot * sum xhat: not 0 for a mean that is
+        // not exactly x's (a rounded one).
         if (HX)
           for (int64_t k = 0; k < K; ++k) first_values_mean<T>(g, xt, k, pivot.get() + k * C);
         const PassArray<A> pp(g, HX ? pivot.get() : nullptr, K);
@@ -54,8 +56,8 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
                   const __m512 zero = _mm512_setzero_ps();
                   const __m512 xh = pr.xhat(i, m), gv = pr.keep(i, m, xh, load16(d + i, m));
                   const __m512 tv = HG ? pr.keep(i, m, xh, load16(dt + i, m)) : zero;
-                  const __m512 uv = HX ? load16(u + i, m) - p(i, m) : zero;
-                  return Terms16<NS>{{gv, gv * xh, tv, tv * xh, uv, uv * xh, HX ? uv * gv : zero}};
+                  const __m512 xv = HX ? load16(u + i, m) : zero, uv = HX ? xv - p(i, m) : zero;
+                  return Terms16<NS>{{gv, gv * xh, tv, tv * xh, uv, xv * xh, HX ? uv * gv : zero}};
                 });
               }
 #endif
@@ -67,13 +69,13 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
               acc.add(s.n, [&](int64_t i, A(&v)[NS]) {
                 const A xh = pr.xhat(i), gv = pr.keep(i, xh, d.template at<A>(i));
                 const A tv = HG ? pr.keep(i, xh, dt.template at<A>(i)) : A(0);
-                const A uv = HX ? u.template at<A>(i) - p[i] : A(0);
+                const A xv = HX ? u.template at<A>(i) : A(0), uv = HX ? xv - p[i] : A(0);
                 v[0] = gv;
                 v[1] = gv * xh;
                 v[2] = tv;
                 v[3] = tv * xh;
                 v[4] = uv;
-                v[5] = uv * xh;
+                v[5] = xv * xh;
                 v[6] = HX ? uv * gv : A(0);
               });
             },

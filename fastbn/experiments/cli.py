@@ -101,10 +101,11 @@ def _init_default_group(device):
         dist.init_process_group("nccl")
     else:
         dist.init_process_group("gloo")
-    # A peer may still be connecting when init returns here; an argument refused on every
-    # process must not end this one before the peer has connected (it would then fail
-    # with a broken connection instead of the refusal).
-    dist.barrier()
+        # gloo may return from init here while a peer is still connecting; an argument
+        # refused on every process must not end this one before the peer has connected
+        # (it would fail with a broken connection instead of the refusal). NCCL connects
+        # at its first collective.
+        dist.barrier()
     return dist.group.WORLD
 
 

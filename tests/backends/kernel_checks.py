@@ -153,6 +153,21 @@ def check_offset_tangents(backend, op, p, act, first_bound):
         assert err <= (first_bound if i == 0 else 2.0) * own, (i, err, own)
 
 
+def check_statistics_as_given(backend, op, p, act):
+    """The derivative kernels take mean and invstd as given, not as x's exact statistics
+    (a float32 mean is x's rounded, so the sum of xhat is not 0): with both moved off
+    x's (the mean by a tenth of a standard deviation, invstd by 5%) and the element inputs
+    offset by 3 (so no pivot is near 0), every output equals the reference's. p: a
+    float64 problem dict."""
+    p = dict(p)
+    p["mean"] = p["mean"] + 0.1 / p["invstd"]
+    p["invstd"] = p["invstd"] * 1.05
+    for key in ELEMENT_TANGENTS:
+        p[key] = p[key] + 3.0
+    ref = call(reference, op, p, act)
+    check(call(backend, op, p, act), ref, ref, torch.float64, None)
+
+
 # The tangent-like arguments of each second-order op that may be absent (None).
 ABSENT = {"forward_jvp": ("x_t", "weight_t", "bias_t"),
           "backward_backward": ("gg_x", "weight_t", "bias_t"),

@@ -39,7 +39,7 @@ nothing beyond the float32 rounding of the inputs. The derivative ops centre eac
 input by its per-channel mean before scaling it, so a large common part of a cotangent or
 tangent costs the rounding of its mean alone (folded into one per-channel constant, it
 cancelled after the product's rounding); the tangent whose product with grad_y is summed
-(BB's gg_x, BJVP's x_t) enters the sums less its channel's first element, so a common part
+(BB's gg_x, BJVP's x_t) enters that sum less its channel's first element, so a common part
 of both does not round the product.
 """
 
@@ -77,14 +77,12 @@ def _load_chan(ptr, k, sK, cs, cmask, HAS: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _prep(OP: tl.constexpr, ACT: tl.constexpr, x, e1, e2, e3, valid, mean, invstd, w, b,
-          pivot):
-    """xhat (zero outside the tile), the ReLU mask, the masked cotangents, and the
-    tangent that multiplies grad_y in a sum (BB's gg_x, BJVP's x_t) less its channel's
-    `pivot`. For FWD the `mean` slot holds the channel's pivot and "xhat" is x - pivot:
-    statistics and output are computed on values shifted next to zero, so a large common
-    offset costs nothing. For EVAL it holds the running mean and "xhat" is x - running
-    mean, for the same reason (x * scale + shift would cancel two large terms)."""
+def _prep(OP: tl.constexpr, ACT: tl.constexpr, x, e1, e2, valid, mean, invstd, w, b):
+    """xhat (zero outside the tile), the ReLU mask, and the masked cotangents. For FWD the
+    `mean` slot holds the channel's pivot and "xhat" is x - pivot: statistics and output
+    are computed on values shifted next to zero, so a large common offset costs nothing.
+    For EVAL it holds the running mean and "xhat" is x - running mean, for the same
+    reason (x * scale + shift would cancel two large terms)."""
     if OP == FWD or OP == EVAL:
         xhat = tl.where(valid, x - mean[None, :], 0.0)
     else:
@@ -95,18 +93,18 @@ def _prep(OP: tl.constexpr, ACT: tl.constexpr, x, e1, e2, e3, valid, mean, invst
             relu = (xhat * w[None, :] + b[None, :]) > 0
     if OP == BWD or OP == BB or OP == BJVP:
         e1 = tl.where(relu, e1, 0.0)
-    if OP == BB:
-        e2 = tl.where(valid, e2 - pivot[None, :], 0.0)
     if OP == BJVP:
         e2 = tl.where(relu, e2, 0.0)
-        e3 = tl.where(valid, e3 - pivot[None, :], 0.0)
-    return xhat, e1, e2, e3, relu
+    return xhat, e1, e2, relu
 
 
 @triton.jit
-def _tile_sums(OP: tl.constexpr, xhat, e1, e2, e3, valid, cnt):
+def _tile_sums(OP: tl.constexpr, xhat, e1, e2, e3, valid, cnt, pivot):
     """Per-channel sums of one tile (for FWD: its mean and M2, with cnt valid rows), in
-    float64 for the merges."""
+    float64 for the merges. The tangent summed times grad_y (BB's gg_x, BJVP's x_t) enters
+    its own sum and that product's less `pivot`: with both a large common part, the
+    products of the raw values would round away what the sum keeps. Not the sum with
+    xhat, which the pivot would change by pivot * sum xhat (not 0 for a rounded mean)."""
     z = tl.sum(tl.zeros_like(xhat), axis=0)
     s0 = z
     s1 = z
@@ -127,15 +125,17 @@ def _tile_sums(OP: tl.constexpr, xhat, e1, e2, e3, valid, cnt):
         s0 = tl.sum(e1, axis=0)
         s1 = tl.sum(e1 * xhat, axis=0)
     if OP == BB:
-        s2 = tl.sum(e2, axis=0)
+        u = tl.where(valid, e2 - pivot[None, :], 0.0)
+        s2 = tl.sum(u, axis=0)
         s3 = tl.sum(e2 * xhat, axis=0)
-        s4 = tl.sum(e2 * e1, axis=0)
+        s4 = tl.sum(u * e1, axis=0)
     if OP == BJVP:
+        u = tl.where(valid, e3 - pivot[None, :], 0.0)
         s2 = tl.sum(e2, axis=0)
         s3 = tl.sum(e2 * xhat, axis=0)
-        s4 = tl.sum(e3, axis=0)
+        s4 = tl.sum(u, axis=0)
         s5 = tl.sum(e3 * xhat, axis=0)
-        s6 = tl.sum(e1 * e3, axis=0)
+        s6 = tl.sum(e1 * u, axis=0)
     return (s0.to(tl.float64), s1.to(tl.float64), s2.to(tl.float64), s3.to(tl.float64),
             s4.to(tl.float64), s5.to(tl.float64), s6.to(tl.float64))
 
@@ -171,7 +171,7 @@ def _rsqrt(v):
 
 @triton.jit
 def _coeffs(OP: tl.constexpr, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b, p1, p2,
-            eps, HAS_E1: tl.constexpr, HAS_E2: tl.constexpr, HAS_E3: tl.constexpr,
+            pivot, eps, HAS_E1: tl.constexpr, HAS_E2: tl.constexpr, HAS_E3: tl.constexpr,
             HAS_P1: tl.constexpr, HAS_P2: tl.constexpr):
     """Per-channel coefficients of the elementwise pass and the per-channel outputs, in
     ACC (w's dtype) from the float64 sums. Terms of an absent input are left out, not
@@ -240,7 +240,7 @@ def _coeffs(OP: tl.constexpr, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b
             c3 = -wr2 * gx_mean
             c4 = -wr2 * ax_mean
             c5 = 2.0 * wr2 * gx_mean * ax_mean - (r * r / Mf) * w * adc
-            c6 = a_mean
+            c6 = pivot + a_mean
             q1 = r * adc
         if HAS_P1:
             c1 += p1
@@ -266,7 +266,7 @@ def _coeffs(OP: tl.constexpr, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b
             scale_t -= wr2 * proj
             c1 = -wr2 * gw_m
             c2 = wr2 * proj * gw_m
-            c5 = mxt
+            c5 = pivot + mxt
         if HAS_P1:
             scale_t += p1 * r
         c2 -= wr * (gw_t / Mf)
@@ -404,9 +404,8 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
     else:
         mean = tl.load(MEAN + cs, mask=cmask, other=0.0).to(ACC)
         invstd = tl.load(INVSTD + cs, mask=cmask, other=0.0).to(ACC)
-    # The tangent summed times grad_y is taken less its channel's first element (0 if that
-    # is not finite): with both carrying a large common part, the products of the raw
-    # values would round away what the sum keeps.
+    # The pivot of _tile_sums: the tangent's first element in the channel (0 if that is
+    # not finite).
     pivot = tl.zeros([BLOCK_C], dtype=ACC)
     if OP == BB and HAS_E2:
         pivot = tl.load(E2 + k * s2K + cs * s2C, mask=cmask, other=0.0).to(ACC)
@@ -430,10 +429,9 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
             x, e1, e2, e3 = _load_elems(X, E1, E2, E3, k, m, c2, valid, L, sxN, sxC, sxL,
                                         s1K, s1N, s1C, s1L, s2K, s2N, s2C, s2L,
                                         s3K, s3N, s3C, s3L, HAS_E1, HAS_E2, HAS_E3, ACC)
-            xhat, e1, e2, e3, relu = _prep(OP, ACT, x, e1, e2, e3, valid, mean, invstd, w,
-                                             b, pivot)
+            xhat, e1, e2, relu = _prep(OP, ACT, x, e1, e2, valid, mean, invstd, w, b)
             cnt = (tl.minimum(chunk_end - start, BLOCK_M)).to(ACC)
-            t0, t1, t2, t3, t4, t5, t6 = _tile_sums(OP, xhat, e1, e2, e3, valid, cnt)
+            t0, t1, t2, t3, t4, t5, t6 = _tile_sums(OP, xhat, e1, e2, e3, valid, cnt, pivot)
             cnt = cnt.to(tl.float64)
             s0, s1, s2, s3, s4, s5, s6 = _merge(OP, n, s0, s1, s2, s3, s4, s5, s6,
                                                 cnt, t0, t1, t2, t3, t4, t5, t6)
@@ -453,9 +451,8 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
             x, e1, e2, e3 = _load_elems(X, E1, E2, E3, k, m, c2, valid, L, sxN, sxC, sxL,
                                         s1K, s1N, s1C, s1L, s2K, s2N, s2C, s2L,
                                         s3K, s3N, s3C, s3L, HAS_E1, HAS_E2, HAS_E3, ACC)
-            xhat, e1, e2, e3, relu = _prep(OP, ACT, x, e1, e2, e3, valid, mean, invstd, w,
-                                             b, pivot)
-            s0, s1, s2, s3, s4, s5, s6 = _tile_sums(OP, xhat, e1, e2, e3, valid, Mf)
+            xhat, e1, e2, relu = _prep(OP, ACT, x, e1, e2, valid, mean, invstd, w, b)
+            s0, s1, s2, s3, s4, s5, s6 = _tile_sums(OP, xhat, e1, e2, e3, valid, Mf, pivot)
         else:
             # APPLY: combine the partial statistics of every chunk of these channels.
             n = tl.full([], 0.0, tl.float64)
@@ -478,7 +475,7 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
                                                         cnt, t0, t1, t2, t3, t4, t5, t6)
                     n += cnt
         c0, c1, cc2, c3, c4, c5, c6, c7, q1, q2, q3 = _coeffs(
-            OP, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b, p1, p2, eps,
+            OP, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b, p1, p2, pivot, eps,
             HAS_E1, HAS_E2, HAS_E3, HAS_P1, HAS_P2)
         if ch == 0:
             if OP == FWD:
@@ -503,8 +500,7 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
                 x, e1, e2, e3 = _load_elems(X, E1, E2, E3, k, m, c2, valid, L, sxN, sxC, sxL,
                                             s1K, s1N, s1C, s1L, s2K, s2N, s2C, s2L,
                                             s3K, s3N, s3C, s3L, HAS_E1, HAS_E2, HAS_E3, ACC)
-                xhat, e1, e2, e3, relu = _prep(OP, ACT, x, e1, e2, e3, valid, mean, invstd, w,
-                                                 b, pivot)
+                xhat, e1, e2, relu = _prep(OP, ACT, x, e1, e2, valid, mean, invstd, w, b)
                 o1, o2 = _tile_out(OP, ACT, x, xhat, e1, e2, e3, relu,
                                    c0, c1, cc2, c3, c4, c5, c6, c7, HAS_E1, HAS_E2, HAS_E3,
                                    HAS_P1)
