@@ -37,10 +37,10 @@ void bb(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD& 
       // through gg_x and gg_weight (`uses_g`).
       const bool uses_g = HA || ggw;
       if (!uses_g) std::fill(sums.get(), sums.get() + K * NS * C, 0.0);  // no reduction pass
-      // Sums with g take gg_x less a pivot: with both a large common part, the product a g
-      // of the raw values would round away sum (a - mean) g. Not the sum with xhat, which
-      // the pivot would change by pivot * sum xhat: not 0 for a mean that is not exactly
-      // x's (a rounded one).
+      // gg_x's own sum and its sum with g take it less a pivot: with both a large common
+      // part, the product a g of the raw values would round away sum (a - mean) g. Not
+      // the sum with xhat, which the pivot would change by pivot * sum xhat: not 0 for a
+      // mean that is not exactly x's (a rounded one).
       if (HA)
         for (int64_t k = 0; k < K; ++k) first_values_mean<T>(g, ggx, k, pivot.get() + k * C);
       const PassArray<A> pp(g, HA ? pivot.get() : nullptr, K);

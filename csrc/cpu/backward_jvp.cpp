@@ -35,10 +35,10 @@ void bjvp(const Geom& g, int nth, int64_t K, const TD& x, const TD& dy, const TD
         // Terms of an absent tangent are left out, not multiplied by 0: a non-finite
         // grad_y would make them NaN where the reference has nothing.
         const bool uses_g = HX || wt;
-        // Sums with g take x_t less a pivot: with both a large common part, the product
-        // g x_t of the raw values would round away sum g (x_t - mean). Not the sum with
-        // xhat, which the pivot would change by pivot * sum xhat: not 0 for a mean that is
-        // not exactly x's (a rounded one).
+        // x_t's own sum and its sum with g take it less a pivot: with both a large common
+        // part, the product g x_t of the raw values would round away sum g (x_t - mean).
+        // Not the sum with xhat, which the pivot would change by pivot * sum xhat: not 0
+        // for a mean that is not exactly x's (a rounded one).
         if (HX)
           for (int64_t k = 0; k < K; ++k) first_values_mean<T>(g, xt, k, pivot.get() + k * C);
         const PassArray<A> pp(g, HX ? pivot.get() : nullptr, K);

@@ -457,7 +457,7 @@ def test_absent_tangents_with_a_non_finite_input(native, op, where, layout, k):
 # (backward), 0.63 (forward_jvp), 0.65 (backward_backward), 0.46 (backward_jvp). Folded
 # into one per-channel constant, they reached 1.7-2.5, 1.0-1.3 and 1.0-1.6; with the raw
 # products of two offset inputs summed (gg_x grad_y, x_t grad_y), backward_backward and
-# backward_jvp reached 1.35 and 2.3 (their other outputs 2.2) on big_cl: float lanes
+# backward_jvp reached 1.35 and 2.3 (their other outputs 2.3) on big_cl: float lanes
 # summing a channel's 60 raw products of about 1e6 round each addition by up to 2, in all
 # as much as the centred sum they keep (RMS about 8).
 FIRST_BOUND = {"backward": 1.5, "forward_jvp": 0.8, "backward_backward": 0.8,

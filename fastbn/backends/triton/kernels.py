@@ -102,9 +102,9 @@ def _prep(OP: tl.constexpr, ACT: tl.constexpr, x, e1, e2, valid, mean, invstd, w
 def _tile_sums(OP: tl.constexpr, xhat, e1, e2, e3, valid, cnt, pivot):
     """Per-channel sums of one tile (for FWD: its mean and M2, with cnt valid rows), in
     float64 for the merges. The tangent summed times grad_y (BB's gg_x, BJVP's x_t) enters
-    its own sum and that product's less `pivot`: with both a large common part, the
-    products of the raw values would round away what the sum keeps. Not the sum with
-    xhat, which the pivot would change by pivot * sum xhat (not 0 for a rounded mean)."""
+    that product's sum less `pivot`: with both a large common part, the products of the
+    raw values would round away what the sum keeps (_coeffs restores the centred sum in
+    float64). g is zero outside the tile, so the product needs no mask."""
     z = tl.sum(tl.zeros_like(xhat), axis=0)
     s0 = z
     s1 = z
@@ -125,17 +125,15 @@ def _tile_sums(OP: tl.constexpr, xhat, e1, e2, e3, valid, cnt, pivot):
         s0 = tl.sum(e1, axis=0)
         s1 = tl.sum(e1 * xhat, axis=0)
     if OP == BB:
-        u = tl.where(valid, e2 - pivot[None, :], 0.0)
-        s2 = tl.sum(u, axis=0)
-        s3 = tl.sum(e2 * xhat, axis=0)
-        s4 = tl.sum(u * e1, axis=0)
-    if OP == BJVP:
-        u = tl.where(valid, e3 - pivot[None, :], 0.0)
         s2 = tl.sum(e2, axis=0)
         s3 = tl.sum(e2 * xhat, axis=0)
-        s4 = tl.sum(u, axis=0)
+        s4 = tl.sum((e2 - pivot[None, :]) * e1, axis=0)
+    if OP == BJVP:
+        s2 = tl.sum(e2, axis=0)
+        s3 = tl.sum(e2 * xhat, axis=0)
+        s4 = tl.sum(e3, axis=0)
         s5 = tl.sum(e3 * xhat, axis=0)
-        s6 = tl.sum(e1 * u, axis=0)
+        s6 = tl.sum(e1 * (e3 - pivot[None, :]), axis=0)
     return (s0.to(tl.float64), s1.to(tl.float64), s2.to(tl.float64), s3.to(tl.float64),
             s4.to(tl.float64), s5.to(tl.float64), s6.to(tl.float64))
 
@@ -176,7 +174,13 @@ def _coeffs(OP: tl.constexpr, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b
     """Per-channel coefficients of the elementwise pass and the per-channel outputs, in
     ACC (w's dtype) from the float64 sums. Terms of an absent input are left out, not
     multiplied by its zeros: a non-finite x or grad_y would make them NaN where the
-    reference has nothing."""
+    reference has nothing. The sum of the pivot-shifted tangent times g becomes the
+    centred one, sum (tangent - its mean) g, in float64: the cancellation is exact there."""
+    m64 = Mf.to(tl.float64)
+    if OP == BB:
+        s4 += (pivot.to(tl.float64) - s2 / m64) * s0
+    if OP == BJVP:
+        s6 += (pivot.to(tl.float64) - s4 / m64) * s0
     s0 = s0.to(w.dtype)
     s1 = s1.to(w.dtype)
     s2 = s2.to(w.dtype)
@@ -234,13 +238,13 @@ def _coeffs(OP: tl.constexpr, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b
         if HAS_E2:
             a_mean = s2 / Mf
             ax_mean = s3 / Mf
-            adc = s4 - g_mean * s2 - gx_mean * s3     # sum a (g - mean g - xhat mean(g xhat))
+            adc = s4 - gx_mean * s3     # sum a (g - mean g - xhat mean(g xhat))
             c0 = wr
             c1 = -wr * ax_mean
             c3 = -wr2 * gx_mean
             c4 = -wr2 * ax_mean
             c5 = 2.0 * wr2 * gx_mean * ax_mean - (r * r / Mf) * w * adc
-            c6 = pivot + a_mean
+            c6 = a_mean
             q1 = r * adc
         if HAS_P1:
             c1 += p1
@@ -262,11 +266,11 @@ def _coeffs(OP: tl.constexpr, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b
         if HAS_E3:
             mxt = s4 / Mf
             proj = s5 / Mf
-            gw_t += r * (s6 - mxt * s0 - proj * s1)
+            gw_t += r * (s6 - proj * s1)
             scale_t -= wr2 * proj
             c1 = -wr2 * gw_m
             c2 = wr2 * proj * gw_m
-            c5 = pivot + mxt
+            c5 = mxt
         if HAS_P1:
             scale_t += p1 * r
         c2 -= wr * (gw_t / Mf)
