@@ -274,10 +274,10 @@ def test_tangents_with_a_large_common_part(native, monkeypatch, op, k):
 def test_a_tangent_without_a_common_part_on_the_persistent_path(native, monkeypatch, k):
     """The pivot enters only the sum of the tangent times grad_y, whose centred form comes
     back in float64: backward_backward centres a gg_x of mean near 0 by its own mean, as
-    the reference does (centred by pivot + mean(gg_x - pivot), float32's rounding of the
-    pivot, about one standard deviation, gave 4.9-5.2 of the reference's first-output
-    error, now 1.03-1.16). The interpreter sums a tile's rows one after another in float32,
-    so only the first output is bounded."""
+    the reference does (centring it by pivot + mean(gg_x - pivot) in float32, with a
+    pivot about one standard deviation from the mean, gave 4.9-5.2 of the reference's
+    first-output error; now 1.03-1.16). The interpreter sums a tile's rows one after
+    another in float32, so only the first output is bounded."""
     monkeypatch.setattr(T.config, "persist_max", 65536)   # one tile a channel block
     for act in (None, "relu"):
         check_offset_tangents(T, "backward_backward",
