@@ -30,10 +30,11 @@ def check_activation(activation):
 
 
 # torch's names of the element types its kernels reject (its error messages use them).
-_SCALAR_TYPE_NAMES = {torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short",
-                      torch.int32: "Int", torch.int64: "Long", torch.bool: "Bool",
-                      torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
-                      torch.complex128: "ComplexDouble"}
+# The dtypes the kernels take; torch's batch norm has no kernel for the others (float8
+# included, though a floating-point type).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# torch.batch_norm's argument positions (1-based), as its argument parser names them
+_POSITIONS = {"weight": 2, "bias": 3, "running_mean": 4, "running_var": 5}
 
 
 def _allowed_param_dtypes(dtype):
@@ -87,6 +88,11 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
     check_activation(activation)
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"batch_norm(): argument '{name}' (position {_POSITIONS[name]}) "
+                            f"must be Tensor, not {_type_name(t)}")
     if not isinstance(training, bool):
         raise TypeError("batch_norm(): argument 'training' (position 6) must be bool, not "
                         f"{_type_name(training)}")
@@ -102,8 +108,9 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    if not input.is_floating_point():
-        name = _SCALAR_TYPE_NAMES.get(input.dtype, str(input.dtype).removeprefix("torch."))
+    if input.dtype not in KERNEL_DTYPES:
+        # torch's name of the scalar type: "torch.LongTensor" -> "Long"
+        name = input.type().rsplit(".", 1)[-1].removesuffix("Tensor")
         raise NotImplementedError(f'"batch_norm" not implemented for \'{name}\'')
     channels, device = input.shape[1], input.device
     allowed, set_by = _allowed_param_dtypes(input.dtype), None
@@ -184,7 +191,7 @@ def direct_eval(input, running_mean, running_var, weight, bias, momentum, eps, a
             or has_torch_function_variadic(input, running_mean, running_var, weight, bias)):
         return None
     shape = input.shape
-    if len(shape) < 2 or not input.is_floating_point() or input.numel() == 0:
+    if len(shape) < 2 or input.dtype not in KERNEL_DTYPES or input.numel() == 0:
         return None
     channels, device, dtype = (shape[1],), input.device, running_mean.dtype
     if (running_mean.shape != channels or running_var.shape != channels

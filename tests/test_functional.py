@@ -223,6 +223,52 @@ def test_bad_input_raises_and_changes_nothing(call, error, message):
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
 
 
+FLOAT8 = [d for d in (getattr(torch, name, None) for name in (
+    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"))
+    if d is not None]
+
+
+@pytest.mark.parametrize("training", (True, False))
+@pytest.mark.parametrize("dtype", FLOAT8, ids=str)
+def test_float8_is_refused_as_torch_refuses_it(dtype, training):
+    """Floating-point types without a kernel: torch's NotImplementedError, state unchanged,
+    through the function (per-channel tensors of the input's dtype, which the eval fast
+    path takes) and the layer."""
+    x = torch.randn(8, 3).to(dtype)
+    rm, rv = torch.zeros(3).to(dtype), torch.ones(3).to(dtype)
+    before = rm.float(), rv.float()   # (float8_e8m0fnu has no 0: its zeros are 2**-127)
+    messages = []
+    for call in (F.batch_norm, fastbn.batch_norm):
+        with pytest.raises(NotImplementedError) as info:
+            call(x, rm, rv, rm.clone(), rm.clone(), training=training)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    assert torch.equal(rm.float(), before[0]) and torch.equal(rv.float(), before[1])
+    layer = fastbn.BatchNorm1d(3).to(dtype).train(training)
+    with pytest.raises(NotImplementedError, match="not implemented for"):
+        layer(x)
+    assert layer.num_batches_tracked.item() == 0
+    assert torch.equal(layer.running_mean.float(), before[0])
+
+
+@pytest.mark.parametrize("name", ("weight", "bias", "running_mean", "running_var"))
+@pytest.mark.parametrize("value", (numpy.zeros(3, numpy.float32), [0.0, 0.0, 0.0], 0),
+                         ids=("ndarray", "list", "int"))
+@pytest.mark.parametrize("training", (True, False))
+def test_a_per_channel_argument_that_is_not_a_tensor_is_refused_in_torchs_words(
+        name, value, training):
+    messages = []
+    for call in (F.batch_norm, fastbn.batch_norm):
+        args = dict(running_mean=torch.zeros(3), running_var=torch.ones(3),
+                    weight=torch.ones(3), bias=torch.zeros(3))
+        args[name] = value
+        with pytest.raises(TypeError) as info:
+            call(torch.randn(4, 3), args.pop("running_mean"), args.pop("running_var"), **args,
+                 training=training)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+
+
 def test_a_training_flag_of_an_extension_type_is_named_as_torch_names_it():
     messages = []
     for call in (F.batch_norm, fastbn.batch_norm):
