@@ -124,6 +124,11 @@ def check_args(input, running_mean, running_var, weight, bias, training, activat
             # Updated in place: a reshaped copy would take the update and drop it.
             raise RuntimeError(f"TensorAccessor expected 1 dims but tensor has {t.dim()}: "
                                f"{name} must be a vector of {channels} elements")
+        if name[0] == "r" and training and channels > 1 and t.stride(0) == 0:
+            # Refused before either is written, not by the second write after the first.
+            raise RuntimeError("unsupported operation: more than one element of the "
+                               f"written-to tensor refers to a single memory location: "
+                               f"{name} is expanded; clone() it to update it in training")
         if t.device != device:
             raise RuntimeError("Expected all tensors to be on the same device, but found "
                                f"{name} on {t.device} and input on {device}")

@@ -293,6 +293,34 @@ def test_running_statistics_made_in_inference_mode_update_outside_it(backend, dt
         torch.testing.assert_close(got, expected)
 
 
+def test_an_expanded_running_statistic_is_refused_before_either_is_written(backend):
+    """torch's kernel writes every channel's value into the one element (the last
+    wins); fastbn refuses in training, before the running mean is written, and reads it
+    in eval."""
+    x = torch.randn(4, 3, 2)
+    rm, rv = torch.zeros(3), torch.ones(1).expand(3)
+    with pytest.raises(RuntimeError, match="running_var is expanded"):
+        fastbn.batch_norm(x, rm, rv, training=True, momentum=0.5)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    torch.testing.assert_close(fastbn.batch_norm(x, rm, rv, training=False),
+                               F.batch_norm(x, rm, rv, training=False))
+
+
+def test_a_running_variance_made_in_inference_mode_updates_beside_a_normal_mean(backend):
+    """Either statistic made in inference mode has both written there (a strided one
+    goes through torch ops: it was refused after the mean had been written)."""
+    x = torch.randn(4, 3, 2)
+    results = []
+    for call in (F.batch_norm, fastbn.batch_norm):
+        rm = torch.zeros(3)
+        with torch.inference_mode():
+            rv = torch.ones(6)[::2]
+        call(x, rm, rv, training=True, momentum=0.5)
+        results.append((rm, rv))
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected)
+
+
 def test_running_statistics_update(backend):
     x = torch.randn(10, 3, 6)
     rm, rv = _state()

@@ -127,14 +127,16 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     def keep_where_empty():
         for running, old in zip((running_mean, running_var), before):
             running.copy_(torch.where(count > 0, running, old))
-    _update_in_place(running_mean, keep_where_empty)
+    _update_in_place(running_mean, running_var, keep_where_empty)
 
 
-def _update_in_place(running_mean, update):
+def _update_in_place(running_mean, running_var, update):
     """Run `update`, which writes running statistics in place, outside autograd; inside
-    inference mode for statistics made there (torch's kernels write those from anywhere,
-    and so do fastbn's). Dynamo cannot trace is_inference(): compiled code asks nothing."""
-    if not torch.compiler.is_compiling() and running_mean.is_inference():
+    inference mode where either was made there (torch's kernels write those from
+    anywhere, and so do fastbn's; a normal tensor may be written there too). Dynamo cannot
+    trace is_inference(): compiled code asks nothing."""
+    if not torch.compiler.is_compiling() and (running_mean.is_inference()
+                                              or running_var.is_inference()):
         with torch.inference_mode():
             update()
     else:
@@ -156,7 +158,7 @@ def blend_running_stats(running_mean, running_var, mean, unbiased_var, momentum)
                 # dtype and rounded once, as torch does; in its own dtype it was rounded
                 # three times a step, and drifted.
                 running.copy_(running.to(batch.dtype) * (1 - momentum) + batch * momentum)
-    _update_in_place(running_mean, blend)
+    _update_in_place(running_mean, running_var, blend)
 
 
 def _affine(x, scale, shift, activation):
