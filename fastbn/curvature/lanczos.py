@@ -200,24 +200,28 @@ def _power_run(op, start, shift, found, *, tol, max_iter, progress, desc):
     vector, converged). Every iterate is projected off the found vectors, so a direction
     found before cannot come back (deflating their eigenvalues alone leaves them, and
     any eigenvector of H at -shift, as a zero eigenvalue that a start vector near them
-    "converges" to at once). Stops when the residual ‖H v − θ v‖ is within `tolerance`
+    "converges" to at once). Stops when the residual of the deflated operator,
+    ‖P (H v) − θ v‖ with P the projection off the found vectors, is within `tolerance`
     (‖H‖ estimated by max(shift, |θ|)), as Lanczos does, or after max_iter products. (A small
     change of θ between steps is no test: on a shifted operator the ratio of
-    eigenvalues, and so the change per step, is close to 1 long before θ is accurate.)"""
+    eigenvalues, and so the change per step, is close to 1 long before θ is accurate. Nor
+    is ‖H v − θ v‖ where vectors were found: the error a found vector keeps, within its
+    own tolerance, leaves that residual near tol·|λ| of the larger eigenvalue found, above
+    tol·|λ| of a smaller one, and the run took every product and warned.)"""
     basis = torch.stack([u for _, u in found]) if found else None
     v = start if basis is None else _orthogonalise(start, basis)
     v = v / v.norm()
     bar = tqdm(range(max_iter), desc=desc, disable=bar_disabled(progress), leave=False)
     for _ in bar:
         w = op.matvec(v) + shift * v
+        if basis is not None:
+            w = _orthogonalise(w, basis)
         theta = float(v @ w)
         check_finite_product(theta)
         residual = float((w - theta * v).norm())
         bar.set_postfix(theta=theta - shift, residual=residual)
         if residual <= tolerance(theta - shift, tol, max(shift, abs(theta - shift))):
             return theta - shift, v, True
-        if basis is not None:
-            w = _orthogonalise(w, basis)
         v = w / w.norm()
     return theta - shift, v, False
 
@@ -234,21 +238,25 @@ def power_eigenvalues(op, k, *, tol, max_iter, seed, progress):
     closer to 1, so these runs need more products than unshifted ones. Where the first
     run did not converge (λ and -λ both of largest magnitude: its iterates swing between
     them), its Rayleigh quotient is no eigenvalue: the shift is ‖H v‖ of its last vector
-    where that is larger (still at most |λ_abs|) and the runs start again on H + shift·I.
+    where that is larger (still at most |λ_abs|) and the first pair is sought again on
+    H + shift·I from that vector, for k = 1 too (where it took a mixture of λ and -λ's
+    vectors for a pair).
     """
     starts = random_vectors(op, k, seed)
 
-    def run(i, shift, found):
-        return _power_run(op, starts[:, i], shift, found, tol=tol, max_iter=max_iter,
-                          progress=progress, desc=f"power {i + 1}/{k}")
+    def run(i, shift, found, start=None):
+        return _power_run(op, starts[:, i] if start is None else start, shift, found,
+                          tol=tol, max_iter=max_iter, progress=progress,
+                          desc=f"power {i + 1}/{k}")
 
     value, vector, converged = run(0, 0.0, [])
     found = [(value, vector)]
-    if value < 0 or k > 1:
+    if value < 0 or k > 1 or not converged:
         shift = abs(value)
         if not converged:
             shift = max(shift, float(op.matvec(vector).norm()))
-            found, converged = [], True
+            value, vector, converged = run(0, shift, [], start=vector)
+            found = [(value, vector)]
         elif value < 0:     # the most negative eigenvalue: start again on H + shift·I
             found = []
         for i in range(len(found), k):
@@ -272,8 +280,8 @@ def eigenvalues(op, k=1, *, method="lanczos", tol=1e-3, max_iter=100, seed=0, pr
         complement of the eigenvectors found so far bring out repeated eigenvalues, see
         `lanczos_eigenvalues`) or "power" (power iteration with deflation, max_iter
         products per eigenvalue, on H shifted by its largest-magnitude eigenvalue where
-        needed, see `power_eigenvalues`; each eigenvalue stops when its residual is
-        within the same bound).
+        needed, see `power_eigenvalues`; each eigenvalue stops when its residual, in
+        the complement of the eigenvectors found before it, is within the same bound).
     Lanczos keeps its basis and the eigenvectors it has found, twice while it runs again:
     (max_iter + 2m) · P values on the operator's device, m the eigenvectors found (k, or
     more where repeated eigenvalues bring out more).

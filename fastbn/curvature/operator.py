@@ -183,8 +183,6 @@ class HessianOperator:
                  max_memory=None, chunk_size=None, progress=None, process_group=None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-        if chunk_size is not None:
-            chunk_size = check_count(chunk_size, "chunk_size")
         check_membership(process_group, "HessianOperator")
         self._group = process_group
         self._model = FunctionalModel(model, bn_mode, process_group, fuse_relu=True)
@@ -691,6 +689,17 @@ class HessianOperator:
         self.timings[path] = timings
         self.methods_used[path] = min(usable, key=timings.get)
         return results[self.methods_used[path]]
+
+    @property
+    def chunk_size(self):
+        """Tangents per matmat pass (None: sized from `max_memory` at the next matmat)."""
+        return self._chunk
+
+    @chunk_size.setter
+    def chunk_size(self, value):
+        # checked when set after construction too: a count below 1 ran no pass and
+        # returned matmat's uninitialised output
+        self._chunk = None if value is None else check_count(value, "chunk_size")
 
     @property
     def max_memory(self):

@@ -377,6 +377,39 @@ def test_power_where_the_largest_magnitude_is_a_plus_minus_pair():
     assert_eigenpairs(matrix, values, vectors, atol=1e-7)
 
 
+class CountingOperator(MatrixOperator):
+    def __init__(self, matrix):
+        super().__init__(matrix)
+        self.products = 0
+
+    def matvec(self, v):
+        self.products += 1
+        return super().matvec(v)
+
+
+def test_power_after_the_first_pair_converges_in_the_complement_of_those_found():
+    """A found vector keeps an error within its tolerance, which leaves ‖H v − θ v‖ of a
+    later run near tol·λ of the larger eigenvalue: above its own tol·λ, so every later
+    run took max_iter products and warned (111 products here, 1011 with max_iter=1000)."""
+    op = CountingOperator(torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=DTYPE)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        values, _ = eigenvalues(op, k=2, method="power", max_iter=1000)
+    assert op.products < 100
+    assert ((values - torch.tensor([4.0, 2.0], dtype=DTYPE)).abs() <= 1e-3 * 2).all()
+
+
+def test_power_for_one_eigenvalue_where_the_largest_magnitude_is_a_plus_minus_pair():
+    """The unconverged first run's Rayleigh quotient (1.86 here) is no eigenvalue: k = 1
+    seeks the pair again on the shifted operator, as k > 1 does."""
+    matrix = random_symmetric(4, seed=0, spectrum=torch.tensor([2.0, -2.0, 1.0, 0.5],
+                                                                dtype=DTYPE))
+    for seed in range(4):
+        values, vectors = eigenvalues(MatrixOperator(matrix), k=1, method="power",
+                                      tol=1e-9, max_iter=2000, seed=seed)
+        assert_eigenpairs(matrix, values, vectors, atol=1e-7)
+
+
 def test_power_on_a_hessian_with_a_large_negative_eigenvalue(mlp_problem):
     _, _, hessian = mlp_problem
     exact = torch.linalg.eigvalsh(hessian).flip(0)

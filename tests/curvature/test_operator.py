@@ -355,6 +355,10 @@ def test_errors():
         op.matmat(torch.ones(40, 2, dtype=DTYPE))
     with pytest.raises(TypeError, match="real tensor"):
         op.matvec(torch.ones(39, dtype=torch.complex128))
+    for chunk_size in (-1, 0, 2.0):   # set later too: -1 ran no pass and returned garbage
+        with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+            op.chunk_size = chunk_size
+    assert op.chunk_size is None
 
 
 @pytest.mark.parametrize("method", METHODS)
