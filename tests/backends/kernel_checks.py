@@ -46,7 +46,7 @@ SIZES = {
     "wide_c": (8, 70, 8, 8),       # NCHW channel blocks, the last one partial
     "threaded": (8, 64, 16, 16),   # enough work for two threads in every op
     "offset": (16, 5, 9, 13),      # x = 1e4 + N(0, 1): statistics without cancellation
-    "long_rows": (2, 3, 4096 + 17),  # rows past one 4096-element run, ending in a short tail
+    "long_rows": (2, 3, 4096 + 17),  # rows of several runs (RUN in csrc), and a short tail
     "big_cl": (4, 600, 5, 3),      # channels-last: two channel blocks, several row blocks
     # Channels-last rows of few channels, run in tiles of several rows (Geom.tile in csrc):
     "big_tiled": (16, 24, 12, 12),  # several tiled rows per sample, tasks and threads
