@@ -286,8 +286,18 @@ class HessianOperator:
                              f"batches, got {type(data).__name__}") from None
         stored = iterator is data or isinstance(data, (list, tuple))
         if stored:
-            data = list(iterator)       # a one-shot iterator, or a list the caller may edit
-            iterator = iter(data)
+            batches = list(iterator)    # a one-shot iterator, or a list the caller may edit
+            for index, batch in enumerate(batches):
+                try:
+                    split_batch(batch)
+                except ValueError as error:
+                    if isinstance(data, (tuple, list)) and len(data) == 2 \
+                            and isinstance(data[1], torch.Tensor):
+                        error.add_note("data is read as a list of batches; one batch whose "
+                                       "inputs are a tuple is passed as [(inputs, targets)]")
+                    error.add_note(f"(batch {index} of data)")
+                    raise
+            data, iterator = batches, iter(batches)
         try:
             first = next(iterator)
         except StopIteration:

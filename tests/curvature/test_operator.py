@@ -337,6 +337,11 @@ def test_errors():
         HessianOperator(model, CRITERION, [])
     with pytest.raises(ValueError, match="yields no batches"):
         HessianOperator(model, CRITERION, iter([]))
+    # A batch with tuple inputs reads as a list of batches: refused when made, not at the
+    # first product inside the model's forward.
+    with pytest.raises(ValueError, match="pair, got Tensor") as info:
+        HessianOperator(model, CRITERION, ((batch[0], batch[0]), batch[1]))
+    assert "passed as [(inputs, targets)]" in "".join(info.value.__notes__)
     with pytest.raises(ValueError, match="bn_mode"):
         HessianOperator(model, CRITERION, batch, bn_mode="frozen")
     with pytest.raises(ValueError, match="method"):
