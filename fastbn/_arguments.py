@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from fastbn import backends
+
 
 def positive_int(text):
     """argparse type: an int of at least 1."""
@@ -44,7 +46,22 @@ def device(parser, name):
     the parser's error where torch cannot use it."""
     name = name or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        torch.empty(0, device=name)
+        kind = torch.empty(0, device=name).device.type
     except (RuntimeError, AssertionError) as error:   # torch's words for an unusable device
         parser.error(f"--device {name}: {str(error).splitlines()[0]}")
+    if kind == "meta":
+        parser.error(f"--device {name}: meta tensors hold no values to train or measure")
     return name
+
+
+def backend(parser):
+    """The parser's error where the batch-norm backend FASTBN_BACKEND names is unknown or
+    unavailable here (every batch norm of the run would raise, after its first work)."""
+    try:
+        name = backends.get_backend()
+    except ValueError as error:
+        parser.error(str(error))
+    if name != "auto":
+        available, why = backends.availability(name)
+        if not available:
+            parser.error(f"the {name} backend (FASTBN_BACKEND) is unavailable here: {why}")

@@ -41,13 +41,26 @@ def check_positive_number(value, name, where=None):
     return float(value)
 
 
+# The seeds torch.Generator.manual_seed takes.
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)
+
+
 def check_seed(seed, where=None, *, generator=True):
     """TypeError unless `seed` is an int (numpy's too, not a bool) or, with `generator`,
     a torch.Generator; None is refused as well: every estimate is reproducible from its
-    seed."""
+    seed. ValueError for an int outside the seeds torch takes."""
     if generator and isinstance(seed, torch.Generator):
         return
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         kind = "an int or a torch.Generator" if generator else "an int"
         raise TypeError(f"{_prefix(where)}seed must be {kind}, got {seed!r} "
                         f"({type(seed).__name__})")
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ValueError(f"{_prefix(where)}seed must be in torch's range [-2**63, 2**64 - 1], "
+                         f"got {seed}")
+
+
+def wrapped_seed(seed):
+    """`seed` (an int derived from a checked one, as seed + step) brought back into
+    torch's range, unchanged where it is in it."""
+    return seed if seed <= SEED_RANGE[1] else seed % 2 ** 64

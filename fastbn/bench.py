@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 import fastbn
 from fastbn import backends, memory
-from fastbn._arguments import positive_int, writable
+from fastbn._arguments import positive_float, positive_int, writable
 
 MOMENTUM, EPS = 0.1, 1e-5
 VMAP_K = 8
@@ -524,7 +524,7 @@ def build_parser(prog="fastbn bench"):
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--quick", action="store_true",
                    help="small shapes, short budget: a smoke run for CI")
-    p.add_argument("--budget", type=float, default=None,
+    p.add_argument("--budget", type=positive_float, default=None,
                    help="seconds of round-robin timing per (op, shape) (default 1.5, "
                         "--quick 0.05), in 3 to 200 rounds (20 with --quick)")
     p.add_argument("--threads", type=positive_int, default=None,
@@ -569,7 +569,7 @@ def _run(parser, args, prog, argv):
     names = list(dict.fromkeys(n for arg in args.backend for n in arg.split(",") if n))
     for name in names:
         if name not in backends.NAMES:
-            raise SystemExit(f"unknown backend {name!r}; expected one of {backends.NAMES}")
+            parser.error(f"unknown backend {name!r}; expected one of {backends.NAMES}")
     infos = [backend_info(n) for n in names]
     runnable = [i["requested"] for i in infos if i["available"]]
     if "batchnorm" in args.suite and not runnable:

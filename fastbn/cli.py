@@ -9,7 +9,7 @@ import time
 import torch
 
 import fastbn
-from fastbn import backends
+from fastbn import _arguments, backends
 
 
 def info(_args=None):
@@ -113,8 +113,8 @@ def _run(argv):
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, backends and why any is unavailable")
     p = sub.add_parser("demo", help="train a small CNN with torch and fastbn batch norm")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=_arguments.positive_int, default=30)
+    p.add_argument("--seed", type=_arguments.seed, default=0)
     sub.add_parser("bench", help="benchmark fastbn against stock torch (see --help)")
     sub.add_parser("reproduce", help="re-run the with/without batch-norm comparison")
     sub.add_parser("probe", help="Hessian spectrum and smoothness of the reproduction's "

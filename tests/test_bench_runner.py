@@ -133,7 +133,9 @@ def test_thread_count_is_restored(tmp_path):
     assert torch.get_num_threads() == before
 
 
-@pytest.mark.parametrize("argv", (["--threads", "0"], ["--backend", "cpu"]))
+@pytest.mark.parametrize("argv", (["--threads", "0"], ["--backend", "cpu"],
+                                  ["--backend", "bogus"], ["--budget", "-1"],
+                                  ["--budget", "nan"]))
 def test_bad_arguments_are_usage_errors(argv, capsys, monkeypatch):
     monkeypatch.setattr(bench.backends, "availability", lambda name: (False, "not built"))
     with pytest.raises(SystemExit) as exit_info:

@@ -35,6 +35,12 @@ def test_info_says_when_the_selected_backend_is_unavailable():
     assert "selected backend: triton, unavailable (" in done.stdout
 
 
+def test_a_demo_of_no_steps_is_a_usage_error():
+    done = subprocess.run([sys.executable, "-m", "fastbn", "demo", "--steps", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--steps: must be at least 1" in done.stderr
+
+
 def test_unknown_command_fails():
     done = subprocess.run([sys.executable, "-m", "fastbn", "no-such-command"],
                           capture_output=True, text=True, timeout=120)

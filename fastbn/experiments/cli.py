@@ -136,6 +136,7 @@ def reproduce_main(argv=None, *, process_group=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     device = _arguments.device(parser, args.device)
+    _arguments.backend(parser)
     owns_group = process_group is None and _launched_by_torchrun()
     if owns_group:
         process_group = _init_default_group(device)

@@ -82,10 +82,20 @@ def load_digits_8x8(seed):
 
 
 def _read_cifar_batch(path):
-    with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="bytes")
-    images = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return images, np.asarray(entry[b"labels"], dtype=np.int64)
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+        images = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(entry[b"labels"], dtype=np.int64)
+    except OSError:
+        raise
+    except Exception as error:   # unpickling fails with any of a dozen types
+        raise ValueError(f"{path} is not a CIFAR-10 python batch ({type(error).__name__}: "
+                         f"{error})") from error
+    if len(labels) != len(images):
+        raise ValueError(f"{path} is not a CIFAR-10 python batch ({len(images)} images, "
+                         f"{len(labels)} labels)")
+    return images, labels
 
 
 def load_cifar10(data_dir):

@@ -299,6 +299,7 @@ def probe_main(argv=None):
     if args.at is not None and args.source is None:
         parser.error("--at reads stored weights: it needs --from")
     device = _arguments.device(parser, args.device)
+    _arguments.backend(parser)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.out is not None and not _arguments.writable(args.out):

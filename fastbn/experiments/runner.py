@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 
 import torch
 import torch.distributed as dist
@@ -79,7 +80,13 @@ class PartStore:
     def _load(self, part):
         path = part_path(self.out_dir, part)
         if self.writes and os.path.exists(path):
-            return torch.load(path, map_location="cpu", weights_only=False)
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as error:   # unpickling fails with any of a dozen types
+                print(f"[fastbn reproduce] {path} is unreadable ({type(error).__name__}: "
+                      f"{error}): computing the part again", file=sys.stderr)
+                return None
+            return saved if isinstance(saved, dict) and "key" in saved else None
         return None
 
     def get(self, part, key):

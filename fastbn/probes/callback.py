@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from fastbn import _checks
 from fastbn.probes import _functional
-from fastbn.probes.landscape import check_lr, gradient_step_probe
+from fastbn.probes.landscape import check_lr, check_multipliers, gradient_step_probe
 from fastbn.probes.sharpness import top_hessian_eigenvalue
 
 
@@ -56,7 +56,8 @@ class SmoothnessProbe:
         self.log_path = log_path if writes_log else None
         self.process_group = process_group
         _checks.check_seed(seed, "SmoothnessProbe", generator=False)   # seed + step per probe
-        self.multipliers, self.seed = multipliers, seed
+        # a list: a generator would be spent by the first probe
+        self.multipliers, self.seed = check_multipliers(multipliers), seed
         self.sharpness = sharpness
         self.records = []
         self.seconds = 0.0
@@ -71,7 +72,8 @@ class SmoothnessProbe:
             process_group=self.process_group)}
         if self.sharpness:
             record["sharpness"] = top_hessian_eigenvalue(
-                self.model, self.criterion, batch, seed=self.seed + step, tol=1e-2,
+                self.model, self.criterion, batch,
+                seed=_checks.wrapped_seed(self.seed + step), tol=1e-2,
                 max_iter=self.sharpness_max_iter, process_group=self.process_group)
         self.seconds += time.perf_counter() - start
         line = json.dumps(json_safe(record))

@@ -33,6 +33,16 @@ def check_lr(lr):
     return _checks.check_positive_number(lr, "lr")
 
 
+def check_multipliers(multipliers):
+    """The step lengths' multiples of lr as a list of floats (None: the default ones);
+    ValueError unless a non-empty sequence of positive finite numbers."""
+    multipliers = DEFAULT_MULTIPLIERS if multipliers is None else tuple(multipliers)
+    if not multipliers or not all(_checks.is_positive_number(m) for m in multipliers):
+        raise ValueError("multipliers must be a non-empty sequence of positive finite "
+                         "numbers")
+    return [float(m) for m in multipliers]
+
+
 def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mode="train",
                         process_group=None):
     """Loss and gradient along −g at step lengths η = m·lr, all on the same batch.
@@ -62,11 +72,7 @@ def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mod
     if bn_mode != "train":
         raise ValueError(f"bn_mode must be 'train' (batch statistics), got {bn_mode!r}")
     lr = check_lr(lr)
-    multipliers = DEFAULT_MULTIPLIERS if multipliers is None else tuple(multipliers)
-    if not multipliers or not all(_checks.is_positive_number(m) for m in multipliers):
-        raise ValueError("multipliers must be a non-empty sequence of positive finite "
-                         "numbers")
-    multipliers = [float(m) for m in multipliers]
+    multipliers = check_multipliers(multipliers)
     _functional.check_membership(process_group, "gradient_step_probe")
     inputs, targets = _functional.agreed_batch(batch, model, process_group,
                                                "gradient_step_probe")

@@ -36,6 +36,15 @@ def test_cifar10_reader_on_a_fake_copy(tmp_path):
         assert dataset.train_x.std(dim=(0, 2, 3)) == pytest.approx([1, 1, 1], abs=1e-4)
 
 
+@pytest.mark.parametrize("content", (b"not a pickle", pickle.dumps({"foo": 1})),
+                         ids=("garbage", "another_pickle"))
+def test_cifar10_reader_refuses_files_that_are_not_cifar_batches(tmp_path, content):
+    write_fake_cifar(tmp_path / "cifar-10-batches-py")
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(content)
+    with pytest.raises(ValueError, match="data_batch_2 is not a CIFAR-10 python batch"):
+        data.load_cifar10(str(tmp_path))
+
+
 def test_cifar10_reader_reports_missing_files(tmp_path):
     write_fake_cifar(tmp_path / "cifar-10-batches-py")
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()

@@ -153,6 +153,7 @@ def test_resume_reuses_completed_parts_and_is_deterministic(tiny_run, tmp_path):
     (["--dataset", "cifar10"], "needs --data-dir"),
     (["--dataset", "digits", "--data-dir", "somewhere"], "read only for --dataset cifar10"),
     (["--device", "nowhere"], "--device nowhere"),
+    (["--device", "meta"], "meta tensors hold no values"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys, arguments, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -160,6 +161,37 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys, arguments, 
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("bogus", "unknown fastbn backend 'bogus'"),
+    ("cpu", "the cpu backend (FASTBN_BACKEND) is unavailable here: not built")])
+def test_a_backend_that_cannot_run_is_refused_before_any_work(tmp_path, capsys, monkeypatch,
+                                                              name, message):
+    monkeypatch.setattr(fastbn.backends, "availability", lambda name: (False, "not built"))
+    monkeypatch.setenv("FASTBN_BACKEND", name)
+    fastbn.backends._environment_backend.cache_clear()   # read once a process
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            reproduce_main(TINY + ["--out", str(tmp_path / "out"), "--experiment", "dln"])
+    finally:
+        monkeypatch.undo()
+        fastbn.backends._environment_backend.cache_clear()
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", ("garbage", "foreign"))
+def test_an_unreadable_or_foreign_checkpoint_is_computed_again(tmp_path, capsys, content):
+    store = runner.PartStore(str(tmp_path), resume=True)
+    path = runner.part_path(str(tmp_path), "dln_plain")
+    if content == "garbage":
+        with open(path, "w") as f:
+            f.write("garbage")
+    else:
+        torch.save({"foo": 1}, path)
+    assert store.get("dln_plain", "a key") is None
+    assert ("unreadable" in capsys.readouterr().err) == (content == "garbage")
 
 
 @pytest.mark.parametrize("absent, dataset, experiment", [

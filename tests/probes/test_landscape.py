@@ -298,6 +298,17 @@ def test_bad_arguments_are_refused_in_words():
     for max_iter in (0, 2.5, True):   # when made, not at the first probed step
         with pytest.raises(ValueError, match="sharpness_max_iter must be a positive int"):
             SmoothnessProbe(model, criterion, 0.1, sharpness=True, sharpness_max_iter=max_iter)
+    for multipliers in ([-1.0], [], [float("inf")]):
+        with pytest.raises(ValueError, match="multipliers must be a non-empty sequence"):
+            SmoothnessProbe(model, criterion, 0.1, multipliers=multipliers)
+
+
+def test_the_callback_takes_multipliers_from_a_generator_at_every_probed_step():
+    """Read once when made: the first probe spent the generator, and the second refused
+    its (empty) multipliers mid-training."""
+    probe = SmoothnessProbe(tiny_model(), nn.CrossEntropyLoss(), 0.1, every=1,
+                            multipliers=(m for m in (0.5, 1.0)))
+    assert probe(0, batch())["etas"] == probe(1, batch())["etas"] == pytest.approx([0.05, 0.1])
 
 
 def test_callback_logs_numpy_numbers(tmp_path):

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -65,6 +67,20 @@ def test_a_seed_that_is_not_an_int_is_refused(seed):
                                seed=seed)
     with pytest.raises(TypeError, match="seed must be an int"):
         SmoothnessProbe(_random_layer_model(), nn.MSELoss(), 0.1, seed=seed)
+
+
+def test_a_seed_outside_torchs_range_is_refused_and_the_callbacks_seed_plus_step_wraps():
+    with pytest.raises(ValueError, match=r"seed must be in torch's range"):
+        top_hessian_eigenvalue(_random_layer_model(), nn.MSELoss(), _regression_batch(),
+                               seed=2 ** 64)
+    with pytest.raises(ValueError, match=r"seed must be in torch's range"):
+        SmoothnessProbe(_random_layer_model(), nn.MSELoss(), 0.1, seed=-2 ** 63 - 1)
+    probe = SmoothnessProbe(_random_layer_model(), nn.MSELoss(), 0.1, every=1,
+                            multipliers=(1.0,), sharpness=True, sharpness_max_iter=5,
+                            seed=2 ** 64 - 1)
+    probe(0, _regression_batch())
+    probe(1, _regression_batch())   # seed 2**64: taken as 0
+    assert math.isfinite(probe.records[1]["sharpness"])
 
 
 def test_the_sharpness_callback_leaves_the_training_runs_random_numbers():
