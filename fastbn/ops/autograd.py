@@ -97,13 +97,15 @@ def _fold(t, bdim, batch, per_channel):
     t = t.expand(batch, *t.shape) if bdim is None else t.movedim(bdim, 0)
     if per_channel:
         return t.reshape(-1)
-    return t.movedim(0, 1).reshape(t.shape[1], -1, *t.shape[3:])
+    # Sizes spelled out, no -1: a process's shard of a synchronised batch may hold no
+    # samples, and -1 is ambiguous in a reshape of no elements.
+    return t.movedim(0, 1).reshape(t.shape[1], t.shape[0] * t.shape[2], *t.shape[3:])
 
 
 def _unfold(t, batch, per_channel):
     if per_channel:
-        return t.reshape(batch, -1)
-    return t.reshape(t.shape[0], batch, -1, *t.shape[2:]).movedim(1, 0)
+        return t.reshape(batch, t.shape[0] // batch)
+    return t.reshape(t.shape[0], batch, t.shape[1] // batch, *t.shape[2:]).movedim(1, 0)
 
 
 def _unfold_all(out, batch, per_channel):

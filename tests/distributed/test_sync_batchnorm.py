@@ -122,6 +122,30 @@ def test_matches_single_process(sizes):
     _check(results, sizes, list(range(len(sizes))))
 
 
+def _vmap_over_data_worker(rank, world, sizes):
+    x = _problem(sizes)["x_t"]   # (2, N, 3, 4, 5): two batch norms of their own
+    start = sum(sizes[:rank])
+    return vmap(lambda xi: fastbn.batch_norm(xi, None, None, training=True,
+                                             process_group=dist.group.WORLD))(
+        x[:, start:start + sizes[rank]])
+
+
+def test_vmap_over_data_with_an_empty_shard():
+    """The vmap rule folds the vmapped dimension into the channels: a shard of no samples
+    took a reshape with -1, ambiguous for no elements, and failed before the collective
+    (the other processes then waited in it)."""
+    sizes = [3, 0, 4]
+    results = run_processes(_vmap_over_data_worker, len(sizes), sizes)
+    x = _problem(sizes)["x_t"]
+    expected = torch.stack([torch.nn.functional.batch_norm(xi, None, None, training=True)
+                            for xi in x])
+    for rank, size in enumerate(sizes):
+        assert "value" in results[rank], results[rank].get("trace", results[rank])
+        start = sum(sizes[:rank])
+        torch.testing.assert_close(results[rank]["value"],
+                                   expected[:, start:start + size], rtol=1e-9, atol=1e-10)
+
+
 def test_subgroup():
     sizes = [3, 4, 2]
     results = run_processes(_worker, 3, sizes, [0, 2])
