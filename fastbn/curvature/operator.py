@@ -29,6 +29,7 @@ METHODS = ("auto", "forward-over-reverse", "reverse-over-reverse")
 # The products "auto" chooses a method for, each on its own: a single-batch matvec by
 # reverse-over-reverse reuses a kept graph, so it can be the faster there and not in matmat.
 PATHS = ("matvec", "matmat")
+_NO_BATCH = object()   # a stream's end, in _batches
 # What torch 2.13 raises for jvp of grad through mse_loss (its forward-mode rule of
 # mse_loss's backward writes to a ZeroTensor).
 TORCH_ZERO_TENSOR_ERROR = "ZeroTensors are immutable"
@@ -212,6 +213,7 @@ class HessianOperator:
             (self._data, self._first_batch), refusal = self._store_data(data), None
         except ValueError as error:
             refusal = error
+        self._batches_agreed = True   # whether every process is known to hold as many
         if process_group is not None:
             self._agree_on_data(refusal)
         elif refusal is not None:
@@ -307,13 +309,31 @@ class HessianOperator:
 
     def _agree_on_data(self, refusal):
         """Raise on every process if one refused its data (the others would wait in the
-        first collective forever) or if their numbers of batches differ."""
-        known = refusal is None and hasattr(self._data, "__len__")
+        first collective forever) or if their numbers of batches differ. Where a process
+        cannot tell its number (a stream: no len(), or one that raises, as a DataLoader
+        over an IterableDataset's), the passes agree on each next batch instead."""
+        count = -1
+        if refusal is None:
+            try:
+                count = len(self._data)
+            except TypeError:
+                pass
         counts = refuse_on_every_process(refusal, self._group, self.device, "HessianOperator",
-                                         "data", len(self._data) if known else -1)
+                                         "data", count)
         if len({c for c in counts if c >= 0}) > 1:
             raise ValueError("HessianOperator: the processes hold different numbers of "
                              f"batches ({counts}); each needs its shard of every batch")
+        self._batches_agreed = min(counts) >= 0
+
+    def _agree_on_another_batch(self, has_batch):
+        """Raise on every process where some have another batch and some have not (one
+        small all_reduce)."""
+        holding = torch.tensor([int(has_batch)], device=self.device)
+        dist.all_reduce(holding, group=self._group)
+        holding = int(holding.item())
+        if 0 < holding < dist.get_world_size(self._group):
+            raise ValueError("HessianOperator: the processes' data ran out at different "
+                             "batches; each needs its shard of every batch")
 
     # ---- flat vectors <-> parameter dicts --------------------------------------------
 
@@ -342,8 +362,14 @@ class HessianOperator:
 
     def _batches(self):
         """(inputs, targets, n, index) for every batch, on the operator's device."""
-        bar = tqdm(self._data, desc="batches", disable=bar_disabled(self.progress), leave=False)
-        for index, batch in enumerate(bar):
+        bar = iter(tqdm(self._data, desc="batches", disable=bar_disabled(self.progress),
+                        leave=False))
+        for index in itertools.count():
+            batch = next(bar, _NO_BATCH)
+            if not self._batches_agreed:
+                self._agree_on_another_batch(batch is not _NO_BATCH)
+            if batch is _NO_BATCH:
+                return
             if index == 0 and self._first_batch is not None \
                     and not same_batch(batch, self._first_batch):
                 raise ValueError(

@@ -114,6 +114,66 @@ def test_data_one_process_refuses_is_an_error_on_every_process(kind):
         assert all("different numbers of batches ([1, 2])" in m for m in messages)
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class _Reiterable:
+    """Batches read anew on every pass, with no len()."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def _stream_worker(rank, world, kind):
+    model, inputs, targets = _setup()
+    start = sum(SIZES[:rank])
+    halves = [(inputs[i:i + 2], targets[i:i + 2])   # two batches of each process's shard
+              for i in (start, start + 1)]
+    if kind == "loader":   # a DataLoader over an IterableDataset: len() raises
+        data = torch.utils.data.DataLoader(_Stream(halves), batch_size=None)
+    else:
+        data = _Reiterable(halves if kind == "stream" or rank == 0 else halves[:1])
+    try:
+        op = curvature.HessianOperator(model, nn.functional.cross_entropy, data,
+                                       process_group=dist.group.WORLD, progress=False)
+        return op.matvec(torch.linspace(-1, 1, op.shape[0], dtype=DT))
+    except ValueError as error:
+        return str(error)
+
+
+@pytest.mark.parametrize("kind", ("loader", "stream", "unequal stream"))
+def test_streams_of_batches_agree_on_each_next_batch(kind):
+    """Where a process cannot tell its number of batches, the passes agree on each next
+    one: a streamed DataLoader (its len() raises TypeError, which the operator took for
+    a length) works as without a group, and streams that end apart are an error on every
+    process (they waited in mismatched collectives)."""
+    results = run_processes(_stream_worker, 2, kind, collective_timeout=30)
+    values = [result.get("value") for result in results]
+    if kind == "unequal stream":
+        assert all(isinstance(v, str) and "ran out at different batches" in v
+                   for v in values), results
+        return
+    model, inputs, targets = _setup()
+    batches = [(inputs[i:i + 2], targets[i:i + 2]) for i in (0, 1)]   # rank 0's halves
+    batches = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]))     # with rank 1's
+               for a, b in zip(batches, [(inputs[i:i + 2], targets[i:i + 2])
+                                         for i in (SIZES[0], SIZES[0] + 1)])]
+    op = curvature.HessianOperator(model, nn.functional.cross_entropy, batches,
+                                   method="reverse-over-reverse", progress=False)
+    want = op.matvec(torch.linspace(-1, 1, op.shape[0], dtype=DT))
+    for rank, value in enumerate(values):
+        assert isinstance(value, torch.Tensor), results
+        torch.testing.assert_close(value, want, rtol=1e-8, atol=1e-10, msg=f"rank {rank}")
+
+
 class _ScaledBatchNorm(nn.BatchNorm1d):
     """A batch norm with a forward of its own (that a SyncBatchNorm would drop)."""
 
