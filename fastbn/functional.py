@@ -29,7 +29,6 @@ def check_activation(activation):
         raise ValueError(f"unknown activation {activation!r}; expected None or 'relu'")
 
 
-# torch's names of the element types its kernels reject (its error messages use them).
 # The dtypes the kernels take; torch's batch norm has no kernel for the others (float8
 # included, though a floating-point type).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -213,7 +213,9 @@ class HessianOperator:
             (self._data, self._first_batch), refusal = self._store_data(data), None
         except ValueError as error:
             refusal = error
-        self._batches_agreed = True   # whether every process is known to hold as many
+        # whether every process of the group is known to hold as many batches (else the
+        # passes agree on each next one)
+        self._batches_agreed = True
         if process_group is not None:
             self._agree_on_data(refusal)
         elif refusal is not None:
@@ -362,10 +364,10 @@ class HessianOperator:
 
     def _batches(self):
         """(inputs, targets, n, index) for every batch, on the operator's device."""
-        bar = iter(tqdm(self._data, desc="batches", disable=bar_disabled(self.progress),
-                        leave=False))
+        stream = iter(tqdm(self._data, desc="batches", disable=bar_disabled(self.progress),
+                           leave=False))
         for index in itertools.count():
-            batch = next(bar, _NO_BATCH)
+            batch = next(stream, _NO_BATCH)
             if not self._batches_agreed:
                 self._agree_on_another_batch(batch is not _NO_BATCH)
             if batch is _NO_BATCH:
