@@ -177,7 +177,9 @@ class HessianOperator:
         batch weighted by their sample counts, as batches are: see `data`). Call every
         method on every process in the same order. Data refused on one process (an empty
         batch, say) or unequal numbers of batches raise on every process, at
-        construction; a loss that is not finite on one raises on every process.
+        construction (streams that cannot tell their length, in the first pass where
+        they end apart: the passes then agree on each next batch, one small all_reduce
+        a batch); a loss that is not finite on one raises on every process.
     """
 
     def __init__(self, model, criterion, data, *, params=None, bn_mode="train", method="auto",
