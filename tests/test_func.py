@@ -114,6 +114,19 @@ def test_vmap_over_independent_batches(backend, problem):
                                _flat(grad(loss)(params, xs[1])))
 
 
+@pytest.mark.parametrize("in_dim", (0, 2))
+def test_vmap_over_no_batches_gives_no_outputs(backend, in_dim):
+    """A vmapped dimension of size 0: outputs of that size and the unbatched shapes (the
+    channel count, not recoverable from the folded outputs, comes from x)."""
+    x = torch.randn(4, 3, 5, dtype=DT).unsqueeze(in_dim).narrow(in_dim, 0, 0)
+    w = torch.ones(3, dtype=DT, requires_grad=True)
+    y = vmap(lambda xi: fastbn.batch_norm(xi, None, None, w, None, training=True),
+             in_dims=in_dim)(x)
+    assert y.shape == (0, 4, 3, 5)
+    (g,) = torch.autograd.grad(y.sum(), w)
+    assert torch.equal(g, torch.zeros(3, dtype=DT))
+
+
 def test_stock_batchnorm_fails_where_fastbn_works():
     # Documents the gap fastbn closes: stock layers mutate buffers inside the transform.
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).to(DT).train()

@@ -29,6 +29,8 @@ Conventions:
   `backward` only through the ReLU mask, whose derivative is zero almost everywhere.
 """
 
+import math
+
 import torch
 from torch._prims_common import (make_channels_last_strides_for,
                                  make_contiguous_strides_for)
@@ -65,8 +67,8 @@ class LocalReduction:
     """Per-channel reductions over the batch this process holds."""
 
     def count(self, x):
-        """Elements per channel of x, (N, C, *)."""
-        return x.numel() // x.shape[1]
+        """Elements per channel of x, (N, C, *) (C may be 0: a vmap over no batches)."""
+        return x.shape[0] * math.prod(x.shape[2:])
 
     def total(self, *sums):
         """Per-channel sums over the whole batch, from the sums over the local one."""
@@ -74,6 +76,9 @@ class LocalReduction:
 
     def moments(self, x):
         """Per-channel mean and biased variance of x in the accumulation dtype."""
+        if x.shape[1] == 0:   # no channels (a vmap over no batches): torch warns of 0/0
+            empty = x.new_empty(0, dtype=acc_dtype(x.dtype))
+            return empty, empty.clone()
         var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), reduce_dims(x.dim()),
                                    correction=0)
         return mean, var

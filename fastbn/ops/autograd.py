@@ -102,16 +102,23 @@ def _fold(t, bdim, batch, per_channel):
     return t.movedim(0, 1).reshape(t.shape[1], t.shape[0] * t.shape[2], *t.shape[3:])
 
 
-def _unfold(t, batch, per_channel):
+def _channels(x, bdim):
+    """The channel count of x as the vmapped function sees it (without dimension bdim)."""
+    return x.shape[2 if bdim is not None and bdim <= 1 else 1]
+
+
+def _unfold(t, batch, per_channel, channels):
     if per_channel:
-        return t.reshape(batch, t.shape[0] // batch)
-    return t.reshape(t.shape[0], batch, t.shape[1] // batch, *t.shape[2:]).movedim(1, 0)
+        return t.reshape(batch, channels)
+    return t.reshape(t.shape[0], batch, channels, *t.shape[2:]).movedim(1, 0)
 
 
-def _unfold_all(out, batch, per_channel):
+def _unfold_all(out, batch, per_channel, channels):
+    """The inverse of _fold for the outputs; `channels` of the unbatched problem (not
+    recoverable from the folded outputs for a vmapped dimension of size 0)."""
     if isinstance(out, torch.Tensor):
-        return _unfold(out, batch, per_channel[0])
-    return tuple(_unfold(t, batch, pc) for t, pc in zip(out, per_channel))
+        return _unfold(out, batch, per_channel[0], channels)
+    return tuple(_unfold(t, batch, pc, channels) for t, pc in zip(out, per_channel))
 
 
 def _all_batched(out):
@@ -338,7 +345,8 @@ class _KernelFunction(_Function):
             folded = [_fold(t, d, info.batch_size, pc)
                       for t, d, pc in zip(args[:n + _PRIMAL], in_dims, kinds)]
             out = cls.apply(*folded, *options)
-            return _all_batched(_unfold_all(out, info.batch_size, cls.out_per_channel))
+            return _all_batched(_unfold_all(out, info.batch_size, cls.out_per_channel,
+                                            _channels(primal[0], in_dims[n])))
         eps, activation, backend = options
         composite = functools.partial(_composite(cls.kernel, n, backend),
                                       eps=eps, activation=activation)
@@ -527,7 +535,8 @@ class TrainForward(_Function):
         folded = [_fold(t, d, batch, pc)
                   for t, d, pc in zip((x, weight, bias), in_dims, (False, True, True))]
         out = TrainForward.apply(*folded, None, None, momentum, eps, activation, backend)
-        return _unfold_all(out, batch, (False, True, True)), (0, 0, 0)
+        return (_unfold_all(out, batch, (False, True, True), _channels(x, in_dims[0])),
+                (0, 0, 0))
 
 
 def _eval_parts(x, running_mean, running_var, weight, bias, eps, activation):
