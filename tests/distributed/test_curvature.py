@@ -132,37 +132,41 @@ class _Reiterable:
         return iter(self.batches)
 
 
-def _stream_worker(rank, world, kind):
+def _stream_worker(rank, world, kind, matmat_first):
     model, inputs, targets = _setup()
     start = sum(SIZES[:rank])
-    halves = [(inputs[i:i + 2], targets[i:i + 2])   # two batches of each process's shard
-              for i in (start, start + 1)]
+    # two batches of 2 samples from each process's shard (overlapping windows)
+    windows = [(inputs[i:i + 2], targets[i:i + 2]) for i in (start, start + 1)]
     if kind == "loader":   # a DataLoader over an IterableDataset: len() raises
-        data = torch.utils.data.DataLoader(_Stream(halves), batch_size=None)
+        data = torch.utils.data.DataLoader(_Stream(windows), batch_size=None)
     else:
-        data = _Reiterable(halves if kind == "stream" or rank == 0 else halves[:1])
+        data = _Reiterable(windows if kind == "stream" or rank == 0 else windows[:1])
     try:
         op = curvature.HessianOperator(model, nn.functional.cross_entropy, data,
-                                       process_group=dist.group.WORLD, progress=False)
+                                       process_group=dist.group.WORLD, progress=False,
+                                       max_memory=2 ** 30 if matmat_first else None)
+        if matmat_first:   # sizing its chunks reads every batch's size first
+            op.matmat(torch.eye(op.shape[0], 3, dtype=DT))
         return op.matvec(torch.linspace(-1, 1, op.shape[0], dtype=DT))
     except ValueError as error:
         return str(error)
 
 
+@pytest.mark.parametrize("matmat_first", (False, True))
 @pytest.mark.parametrize("kind", ("loader", "stream", "unequal stream"))
-def test_streams_of_batches_agree_on_each_next_batch(kind):
+def test_streams_of_batches_agree_on_each_next_batch(kind, matmat_first):
     """Where a process cannot tell its number of batches, the passes agree on each next
     one: a streamed DataLoader (its len() raises TypeError, which the operator took for
     a length) works as without a group, and streams that end apart are an error on every
     process (they waited in mismatched collectives)."""
-    results = run_processes(_stream_worker, 2, kind, collective_timeout=30)
+    results = run_processes(_stream_worker, 2, kind, matmat_first, collective_timeout=30)
     values = [result.get("value") for result in results]
     if kind == "unequal stream":
         assert all(isinstance(v, str) and "ran out at different batches" in v
                    for v in values), results
         return
     model, inputs, targets = _setup()
-    batches = [(inputs[i:i + 2], targets[i:i + 2]) for i in (0, 1)]   # rank 0's halves
+    batches = [(inputs[i:i + 2], targets[i:i + 2]) for i in (0, 1)]   # rank 0's windows
     batches = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]))     # with rank 1's
                for a, b in zip(batches, [(inputs[i:i + 2], targets[i:i + 2])
                                          for i in (SIZES[0], SIZES[0] + 1)])]
