@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from fastbn import backends
+from fastbn import _checks, backends
 
 
 def positive_int(text):
@@ -31,6 +31,15 @@ def seed(text):
     value = int(text)
     if not 0 <= value < 2 ** 32:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
+    return value
+
+
+def torch_seed(text):
+    """argparse type: a seed torch.manual_seed takes."""
+    value = int(text)
+    low, high = _checks.SEED_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be in [-2**63, 2**64 - 1], got {value}")
     return value
 
 

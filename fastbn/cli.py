@@ -114,7 +114,7 @@ def _run(argv):
     sub.add_parser("info", help="versions, backends and why any is unavailable")
     p = sub.add_parser("demo", help="train a small CNN with torch and fastbn batch norm")
     p.add_argument("--steps", type=_arguments.positive_int, default=30)
-    p.add_argument("--seed", type=_arguments.seed, default=0)
+    p.add_argument("--seed", type=_arguments.torch_seed, default=0)
     sub.add_parser("bench", help="benchmark fastbn against stock torch (see --help)")
     sub.add_parser("reproduce", help="re-run the with/without batch-norm comparison")
     sub.add_parser("probe", help="Hessian spectrum and smoothness of the reproduction's "

@@ -35,10 +35,12 @@ def test_info_says_when_the_selected_backend_is_unavailable():
     assert "selected backend: triton, unavailable (" in done.stdout
 
 
-def test_a_demo_of_no_steps_is_a_usage_error():
-    done = subprocess.run([sys.executable, "-m", "fastbn", "demo", "--steps", "0"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--steps: must be at least 1" in done.stderr
+def test_a_demo_of_no_steps_or_a_seed_torch_refuses_is_a_usage_error():
+    for argument, message in ((["--steps", "0"], "--steps: must be at least 1"),
+                              (["--seed", str(2 ** 64)], "--seed: must be in [-2**63")):
+        done = subprocess.run([sys.executable, "-m", "fastbn", "demo", *argument],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr
 
 
 def test_unknown_command_fails():
