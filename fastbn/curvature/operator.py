@@ -30,7 +30,7 @@ METHODS = ("auto", "forward-over-reverse", "reverse-over-reverse")
 # reverse-over-reverse reuses a kept graph, so it can be the faster there and not in matmat.
 PATHS = ("matvec", "matmat")
 _NO_BATCH = object()   # a stream's end, in _batches
-STREAMS_APART = ("HessianOperator: the processes' data ran out at different batches; each "
+_STREAMS_APART = ("HessianOperator: the processes' data ran out at different batches; each "
                  "needs its shard of every batch")
 # What torch 2.13 raises for jvp of grad through mse_loss (its forward-mode rule of
 # mse_loss's backward writes to a ZeroTensor).
@@ -338,7 +338,7 @@ class HessianOperator:
         dist.all_reduce(holding, group=self._group)
         holding = int(holding.item())
         if 0 < holding < dist.get_world_size(self._group):
-            raise ValueError(STREAMS_APART)
+            raise ValueError(_STREAMS_APART)
 
     # ---- flat vectors <-> parameter dicts --------------------------------------------
 
@@ -796,7 +796,7 @@ class HessianOperator:
                 counts = torch.tensor([len(sizes), -len(sizes)], device=self.device)
                 dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=self._group)
                 if counts[0] != -counts[1]:
-                    raise ValueError(STREAMS_APART)
+                    raise ValueError(_STREAMS_APART)
             agreed = torch.tensor(sizes, device=self.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self._group)
             agreed = agreed.tolist()
