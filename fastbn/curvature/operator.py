@@ -55,8 +55,8 @@ class NonFiniteLossError(RuntimeError):
 
 def check_finite_loss(loss, where):
     if not bool(torch.isfinite(loss).all()):
-        raise NonFiniteLossError(f"non-finite loss ({float(loss)}) on {where}; refusing to "
-                                 "differentiate it")
+        raise NonFiniteLossError(f"non-finite loss ({float(loss.detach())}) on {where}; "
+                                 "refusing to differentiate it")
 
 
 def _dot(a, b):

@@ -244,7 +244,7 @@ def _run_seed(parser, args, config, chosen, out, progress, lead, world_size, pro
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(json_safe(results), f, indent=1, allow_nan=False)
     for claim in results["claims"]:
-        print(f"{claim['id']:32s} {claim['verdict']:16s} value={claim['value']:.3g}")
+        print(f"{claim['id']:32s} {claim['verdict']:18s} value={claim['value']:.3g}")
     print(f"report: {os.path.join(out, 'report.md')}")
     return results
 

@@ -109,12 +109,17 @@ def write_tables(results, out_dir):
 
 # ---------------------------------------------------------------- figures
 
-def _mark_blown_up(ax, steps, raw, values, model):
-    """✕ at the top of the finite values where a probe gave a non-finite value."""
+def _mark_on_top(ax, x, label, color):
+    """✕ along the panel's top edge at x: off the scale of any finite value."""
+    ax.plot(x, np.full(len(x), 0.97), "x", markersize=8, color=color, label=label,
+            transform=ax.get_xaxis_transform(), clip_on=False)
+
+
+def _mark_blown_up(ax, steps, raw, model):
+    """✕ where a probe gave a non-finite value."""
     blown = _blown_up(raw)
     if blown.any():
-        ax.plot(steps[blown], np.full(blown.sum(), np.nanmax(np.append(values, 1.0))), "x",
-                color=COLORS[model], label=f"{LABELS[model]}: non-finite")
+        _mark_on_top(ax, steps[blown], f"{LABELS[model]}: non-finite", COLORS[model])
 
 
 def _line(ax, steps, values, model, label=None):
@@ -131,7 +136,7 @@ def _band(ax, run, low, high, model):
     _line(ax, steps, lo, model)
     _line(ax, steps, hi, model)
     # A step length inside the probed range gave a non-finite value.
-    _mark_blown_up(ax, steps, run["probes"][high], hi, model)
+    _mark_blown_up(ax, steps, run["probes"][high], model)
 
 
 def landscape_figure(runs, path, title):
@@ -149,7 +154,7 @@ def landscape_figure(runs, path, title):
         for ax, field in zip(axes[2:], ("beta_eff", "sharpness")):
             values = _array(run["probes"][field])
             _line(ax, steps, values, model, LABELS[model])
-            _mark_blown_up(ax, steps, run["probes"][field], values, model)
+            _mark_blown_up(ax, steps, run["probes"][field], model)
     titles = ("(a) loss landscape: L(w − ηg) over η",
               "(b) gradient predictiveness: ‖∇L(w − ηg) − ∇L(w)‖",
               "(c) effective β-smoothness", "(d) sharpness: top Hessian eigenvalue")
@@ -222,9 +227,7 @@ def lr_sweep_figure(sweep, path):
         axes[1].plot(lrs, _array([r["test_accuracy"] for r in rows]), "o-",
                      color=COLORS[model], label=LABELS[model])
         if diverged.any():
-            top = np.nanmax(np.append(losses, 1.0))
-            axes[0].plot(lrs[diverged], np.full(diverged.sum(), top * 1.5), "x", markersize=10,
-                         color=COLORS[model], label=f"{LABELS[model]}: diverged")
+            _mark_on_top(axes[0], lrs[diverged], f"{LABELS[model]}: diverged", COLORS[model])
     axes[0].set_yscale("log")
     axes[0].set_ylabel("final training loss (last 10% of steps)")
     axes[1].set_ylabel("test accuracy")
@@ -394,9 +397,9 @@ CHOICES = [
     "Theorem 4.1 is checked as printed (with 1/√m); with ∇_z L̂ and 1/m both sides are "
     "equal up to O(eps/σ²), reported as `identity_rel_error`. Theorem 4.2 is also checked "
     "with L taken as the paper's proof does, as a function of the BN output z at the BN "
-    "network's z (the claim `theorem_4_2_proof_setting`, channels with ⟨∇_z L̂, ŷ⟩ > 0); "
-    "there, along the gradient (orthogonal to 1 and ŷ), its two sides are equal in exact "
-    "arithmetic, so it checks the autodiff rather than a smoothing. The printed 1/√m can "
+    "network's z (the claim `theorem_4_2_proof_setting`): there its two sides are equal, "
+    "with eps > 0 once three terms of order eps/σ² are kept (fastbn/probes/theory.py), so "
+    "it checks the autodiff rather than a smoothing. The printed 1/√m can "
     "make Theorem 4.1's right side negative, which no squared norm satisfies (counted in "
     "`negative_rhs_fraction`). H_jj PSD is tested with a few Lanczos steps (PSD unless a "
     "Ritz value is below −1e-4 × the largest): they can show it indefinite, not prove it "
@@ -481,11 +484,12 @@ def write_report(results, figures, tables, out_dir):
     experiments = results["experiments"]
     captions = {
         "figure4_vgg": "Figure 4 on the VGG network: shaded bands span min–max over the step "
-                       "lengths; ✕ marks a non-finite value inside the probed range.",
+                       "lengths; ✕ on a panel's top edge marks a non-finite value inside the "
+                       "probed range.",
         "figure4_dln": "Figure 4 for the deep linear network.",
         "training": "Training curves (mini-batch training metrics smoothed; test metrics in "
                     "eval mode).",
-        "lr_sweep": "Learning-rate sweep; ✕ marks runs that diverged.",
+        "lr_sweep": "Learning-rate sweep; ✕ on the top edge marks runs that diverged.",
         "theory": "Theorem checks per BN layer at initialisation and at the end of training.",
     }
     lines += ["", "## Figures", ""]
@@ -501,6 +505,13 @@ def write_report(results, figures, tables, out_dir):
                          f"{_fmt(accuracy)} | {run['seconds']['train']:.1f} | "
                          f"{run['seconds']['probe']:.1f} |")
     if "theory" in experiments:
+        unchecked = [f"{network} {moment}"
+                     for network, moments in experiments["theory"].items()
+                     for moment, layers in moments.items() if not layers]
+        if unchecked:
+            lines += ["", "The theorems were not checked at " + ", ".join(unchecked)
+                      + ": the loss on the batch, of the network or of it with one BN layer "
+                      "removed, is not finite there (the run diverged)."]
         skipped = {layer["theorem_4_2"]["skipped"]
                    for moments in experiments["theory"].values()
                    for layers in moments.values() for layer in layers.values()

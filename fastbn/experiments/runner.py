@@ -29,6 +29,7 @@ from torch import nn
 
 import fastbn
 from fastbn import backends
+from fastbn.curvature import NonFiniteLossError
 from fastbn.experiments import data as datasets
 from fastbn.experiments import models
 from fastbn.experiments.config import Config
@@ -274,12 +275,19 @@ def run_lr_sweep(config, dataset, store, progress, process_group=None):
 
 
 def _theory_for(model, states, criterion, batch, config):
+    """The theorem checks at each moment; none (an empty dict) at a moment whose loss,
+    with or without one of the BN layers, is not finite (a run that diverged)."""
     out = {}
     for moment in ("init", "final"):
         model.load_state_dict(states[moment])
-        out[moment] = theory_checks(model, criterion, batch, channels=config.theory_channels,
-                                    layers=config.theory_layers,
-                                    lanczos_iterations=config.theory_lanczos, seed=config.seed)
+        try:
+            out[moment] = theory_checks(model, criterion, batch,
+                                        channels=config.theory_channels,
+                                        layers=config.theory_layers,
+                                        lanczos_iterations=config.theory_lanczos,
+                                        seed=config.seed)
+        except NonFiniteLossError:
+            out[moment] = {}
     return out
 
 

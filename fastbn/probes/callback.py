@@ -32,8 +32,8 @@ class SmoothnessProbe:
     """Call `probe(step, batch)` once per training step, before the optimiser update.
 
     Every `every` steps it runs `gradient_step_probe` (and, with `sharpness=True`, the
-    top Hessian eigenvalue by at most `sharpness_max_iter` Lanczos steps) on that step's
-    batch, keeps the record in `records` and, with
+    top Hessian eigenvalue by at most `sharpness_max_iter` Lanczos steps; NaN where the
+    step's loss is not finite) on that step's batch, keeps the record in `records` and, with
     `log_path`, appends it as one JSON line (non-finite values written as null). The
     model is left exactly as it was. `seconds` is the wall time spent probing, to keep
     apart from training time. The probed step lengths are multiples of `lr`; under a
@@ -70,7 +70,9 @@ class SmoothnessProbe:
         record = {"step": step, **gradient_step_probe(
             self.model, self.criterion, batch, self.lr, multipliers=self.multipliers,
             process_group=self.process_group)}
-        if self.sharpness:
+        if self.sharpness and not math.isfinite(record["loss"]):
+            record["sharpness"] = math.nan   # a diverging run: no curvature to measure
+        elif self.sharpness:
             record["sharpness"] = top_hessian_eigenvalue(
                 self.model, self.criterion, batch,
                 seed=_checks.wrapped_seed(self.seed + step), tol=1e-2,

@@ -170,3 +170,21 @@ def test_theory_claims_report_what_the_verdicts_rest_on():
     same_point = found["theorem_4_2_proof_setting"]
     assert same_point["also"]["max_relative_difference"] == pytest.approx(5e-6, rel=1e-4)
     assert same_point["verdict"] == "held everywhere"
+
+
+def test_the_proof_setting_counts_every_checked_channel():
+    """An identity, whatever the sign of ⟨∇_z L̂, ŷ⟩: a channel where it failed counts."""
+    failed = dict(_channel(1.0, 1.1), held_same_point=False, inner_gz_yhat=-1.0)
+    layer = {"theorem_4_1": {"per_channel": {"held": [True], "rhs": [1.0]},
+                             "identity_rel_error": 1e-6},
+             "theorem_4_2": {"channels": [_channel(1.0, 1.0), failed]}}
+    same_point = by_id(claims.theory_claims({"net": {"init": {"bn": layer}}}))[
+        "theorem_4_2_proof_setting"]
+    assert same_point["value"] == 0.5 and same_point["also"]["channels"] == 2
+    assert same_point["verdict"] == "violated in places"
+
+
+def test_theorems_not_checked_anywhere_have_no_data():
+    found = by_id(claims.theory_claims({"net": {"init": {}, "final": {}}}))
+    assert {found[i]["verdict"] for i in ("theorem_4_1", "theorem_4_2",
+                                          "theorem_4_2_proof_setting")} == {"no data"}

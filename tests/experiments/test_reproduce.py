@@ -364,6 +364,28 @@ def test_figure_draws_finite_values_between_blown_up_ones(tmp_path, monkeypatch)
         assert set(values) <= shown
 
 
+def test_non_finite_markers_sit_on_the_panels_top_edge(tmp_path, monkeypatch):
+    """Above every finite value of either run, not at the marked run's own (or at 1 where
+    it has none): on a log axis that could be far below the other run's band."""
+    from fastbn.experiments import report
+    plt = report._pyplot()
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    blown = {"step": [0, 2], "loss_min": [math.nan] * 2, "loss_max": [math.inf] * 2,
+             "grad_change_min": [math.nan] * 2, "grad_change_max": [math.inf] * 2,
+             "beta_eff": [math.inf] * 2}
+    high = {"step": [0, 2], "loss_min": [1e6, 1e8], "loss_max": [1e20, 1e21],
+            "grad_change_min": [1e6, 1e8], "grad_change_max": [1e20, 1e21],
+            "beta_eff": [1e20, 1e21]}
+    report.landscape_figure({"plain": {"probes": blown}, "bn": {"probes": high}},
+                            str(tmp_path / "figure.png"), "t")
+    for ax in figures[0].axes:
+        (marker,) = [line for line in ax.get_lines() if "non-finite" in line.get_label()]
+        shown = marker.get_transform().transform(marker.get_xydata())[:, 1]
+        assert (shown > ax.transData.transform((0, 1e21))[1]).all()
+        assert (shown <= ax.bbox.y1).all()
+
+
 @pytest.mark.parametrize("steps, probes", ((150, 100), (199, 100), (100, 30), (2000, 100)))
 def test_probes_run_at_most_as_often_as_configured(steps, probes):
     from fastbn.experiments.runner import _every
@@ -394,3 +416,18 @@ def test_cpu_runs_default_to_one_thread_whatever_the_device_string(tmp_path, mon
         reproduce_main(["--quick", "--out", str(tmp_path / "out"), "--device", device,
                         "--seeds", "0"])
     assert set_to == [1]
+
+
+def test_a_diverged_run_leaves_its_theorems_unchecked_and_the_report_whole(tmp_path,
+                                                                            monkeypatch):
+    """The DLN at a learning rate that blows it up: no checks at its final weights (NaN
+    would read as a violated theorem), and every output still written."""
+    monkeypatch.setattr(config, "QUICK", dict(TINY_PRESET, dln_lr=1.0))
+    out = tmp_path / "out"
+    assert reproduce_main(TINY + ["--experiment", "theory", "--out", str(out)]) == 0
+    with open(out / "results.json") as f:
+        theory = json.load(f)["experiments"]["theory"]
+    assert theory["dln_bn"]["final"] == {} and theory["dln_bn"]["init"]
+    assert theory["vgg_bn"]["final"]
+    report_text = (out / "report.md").read_text()
+    assert "The theorems were not checked at dln_bn final:" in report_text

@@ -318,3 +318,13 @@ def test_callback_logs_numpy_numbers(tmp_path):
     record = probe(0, batch())
     (line,) = [json.loads(text) for text in log.read_text().splitlines()]
     assert line["etas"] == pytest.approx(record["etas"]) and line["step"] == 0
+
+
+def test_callback_sharpness_of_a_non_finite_loss_is_nan():
+    """A diverging run's probe: no eigenvalue of a NaN loss to compute, and no error that
+    would stop the training around it."""
+    model = tiny_model()
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.inf
+    record = SmoothnessProbe(model, nn.CrossEntropyLoss(), 0.1, sharpness=True)(0, batch())
+    assert math.isnan(record["loss"]) and math.isnan(record["sharpness"])

@@ -133,16 +133,73 @@ def test_theorem_4_2_against_direct_double_backward():
         assert row["lhs"] == pytest.approx((v * bn_hv).sum().item(), rel=1e-7, abs=1e-12)
         assert row["rhs"] == pytest.approx(rhs.item(), rel=1e-7, abs=1e-12)
         assert row["inner_g_yhat"] == pytest.approx(inner.item(), rel=1e-9)
-        _, output_hv = gradient_and_hvp(output_loss, z, v)
+        # In the proof's setting the right side is the left's exact value.
+        assert row["rhs_same_point"] == pytest.approx((v * bn_hv).sum().item(), rel=1e-9)
+        assert row["held_same_point"]
         inner_z = (g_z[:, j] * y_hat[:, j]).sum()
-        rhs_z = (gamma[j] ** 2 / sigma[j] ** 2 * (v * output_hv).sum()
-                 - gamma[j] / (m * sigma[j] ** 2) * inner_z * (v * v).sum())
-        assert row["rhs_same_point"] == pytest.approx(rhs_z.item(), rel=1e-7, abs=1e-12)
         assert row["inner_gz_yhat"] == pytest.approx(inner_z.item(), rel=1e-9)
         assert row["h_min_eig"] <= row["h_max_eig"]
     summary = results["4"]["theorem_4_2"]
     assert 0 <= summary["held_fraction"] <= 1
     assert math.isfinite(summary["quadratic_form_bn"])
+
+
+def test_the_proof_setting_keeps_eps_terms():
+    """With a large eps the theorem's form at z, (γ²/σ²)vᵀH_z v − (γ/(mσ²))⟨g_z, ŷ⟩‖v‖²,
+    is far from vᵀĤv; the identity with eps's terms is not."""
+    model, criterion = network(), nn.CrossEntropyLoss()
+    model[4].eps = 2.0
+    inputs, targets = data()
+    rows = theory_checks(model, criterion, (inputs, targets), channels=5,
+                         lanczos_iterations=2)["4"]["theorem_4_2"]["channels"]
+    with torch.no_grad():
+        y = model[:4](inputs)
+        z = copy.deepcopy(model[4]).train()(y)
+    output_loss = downstream_loss(model, 5, criterion, targets)
+    g_z, _ = gradient_and_hvp(output_loss, z)
+    g_hat, _ = gradient_and_hvp(downstream_loss(model, 4, criterion, targets), y)
+    sigma = torch.sqrt(y.var(0, unbiased=False) + model[4].eps)
+    y_hat = (y - y.mean(0)) / sigma
+    gamma, m = model[4].weight.detach(), y.shape[0]
+    for j, row in enumerate(rows):
+        v = torch.zeros_like(g_hat)
+        v[:, j] = g_hat[:, j]
+        _, output_hv = gradient_and_hvp(output_loss, z, v)
+        printed = (gamma[j] ** 2 / sigma[j] ** 2 * (v * output_hv).sum()
+                   - gamma[j] / (m * sigma[j] ** 2) * (g_z[:, j] * y_hat[:, j]).sum()
+                   * (v * v).sum()).item()
+        assert abs(printed - row["lhs"]) > 1e-3 * abs(row["lhs"])
+        assert row["rhs_same_point"] == pytest.approx(row["lhs"], rel=1e-9)
+        assert row["held_same_point"]
+
+
+@pytest.mark.parametrize("rhs, agrees", [(1.0, True), (1.0 + 5e-5, True), (1.0 + 2e-4, False),
+                                         (1.0 - 2e-4, False)])
+def test_the_proof_setting_asks_for_agreement_either_way(rhs, agrees):
+    assert theory._agrees(1.0, rhs, 1.0) is agrees
+    # Relative to the identity's largest term, where its sides are small by cancellation.
+    assert theory._agrees(1.0, rhs + 0.5, 1e4) is True
+
+
+def test_a_non_finite_loss_is_refused_whatever_is_checked():
+    model = network()
+    with torch.no_grad():
+        model[6].weight[0, 0] = math.nan
+    for channels in (0, 1):
+        with pytest.raises(fastbn.curvature.NonFiniteLossError, match="on the network;"):
+            theory_checks(model, nn.CrossEntropyLoss(), data(), channels=channels)
+    # Finite with the BN; without it exp(y) overflows.
+    model = fastbn.convert(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), _Exp(),
+                                         nn.Linear(5, 3)).double())
+    with torch.no_grad():
+        model[0].weight.mul_(1e4)
+    with pytest.raises(fastbn.curvature.NonFiniteLossError, match="without BN layer '1'"):
+        theory_checks(model, nn.CrossEntropyLoss(), data(), channels=0)
+
+
+class _Exp(nn.Module):
+    def forward(self, x):
+        return x.exp()
 
 
 def test_lanczos_extremes_of_a_known_matrix():
