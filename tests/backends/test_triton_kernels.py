@@ -367,6 +367,38 @@ def test_bad_settings_are_refused_in_words(monkeypatch, setting, value, message)
         T.forward_train(x, torch.ones(3, device=DEVICE), torch.zeros(3, device=DEVICE), 1e-5)
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"block_m": 1 << 21}, "block_m must be at most 1048576"),
+    ({"persist_max": 1 << 21}, "persist_max must be at most 1048576"),
+    ({"persist_max": 0, "block_m": 1 << 18, "block_c": 8},
+     "block_m 262144 × block_c 8 is larger than Triton's largest block"),
+])
+def test_tiles_beyond_tritons_largest_block_are_refused_in_words(monkeypatch, settings,
+                                                                 message):
+    """Refused before any launch (Triton's own error came from inside it)."""
+    for field, value in settings.items():
+        monkeypatch.setattr(T.config, field, value)
+    x, running_mean = torch.randn(4, 8, device=DEVICE), torch.zeros(8, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        T.forward_train(x, torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE), 1e-5,
+                        None, running_mean, torch.ones(8, device=DEVICE), 0.1)
+    assert not running_mean.any()
+
+
+def test_zero_tensors_fall_back():
+    """autograd's ZeroTensor has no memory behind it (a kernel would read address 0): the
+    reference computes with its zeros."""
+    p = _problem("nchw", torch.float64, None)
+    x, w, b, mean, invstd = (p[k] for k in ("x", "weight", "bias", "mean", "invstd"))
+    zero = torch._efficientzerotensor(x.shape, dtype=x.dtype, device=DEVICE)
+    for got, want in ((T.forward_train(zero, w, b, 1e-5),
+                       reference.forward_train(torch.zeros_like(x), w, b, 1e-5)),
+                      (T.backward(zero, x, mean, invstd, w, b),
+                       reference.backward(torch.zeros_like(x), x, mean, invstd, w, b))):
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g, r)
+
+
 def test_million_elements_per_channel(native, monkeypatch):
     """Split path over 2**20 elements per channel (large tiles keep the interpreter fast)."""
     monkeypatch.setattr(T.config, "persist_max", 0)
@@ -399,7 +431,7 @@ def test_split_plan_uses_many_programs_for_small_c(monkeypatch):
     kind, bm, bc, chunk, nchunks = call.plan()
     assert kind == "split" and nchunks * T.triton.cdiv(2, bc) >= 32
     assert chunk * nchunks >= call.M and chunk * (nchunks - 1) < call.M
-    monkeypatch.setattr(T.config, "persist_max", 1 << 30)
+    monkeypatch.setattr(T.config, "persist_max", T.MAX_TILE)
     assert call.plan()[0] == "fused"
 
 

@@ -41,7 +41,8 @@ try:
     import triton
     from fastbn.backends.triton import kernels as _k
     _IMPORT_ERROR = None
-except ImportError as err:   # the registry reports why
+except Exception as err:   # noqa: BLE001 - not installed, or a broken install (a CUDA
+    # runtime error, say): the registry reports why and the other backends serve
     triton = None
     _k = None
     _IMPORT_ERROR = f"{type(err).__name__}: {err}"
@@ -72,6 +73,10 @@ def available():
         return True, f"Triton {triton.__version__} interpreter on CPU (TRITON_INTERPRET=1)"
     return False, ("no CUDA device; set TRITON_INTERPRET=1 before fastbn's Triton backend "
                    "is imported to run on CPU")
+
+
+# Triton's largest block, in elements (triton.language.TRITON_MAX_TENSOR_NUMEL).
+MAX_TILE = 2 ** 20
 
 
 @dataclass
@@ -113,6 +118,9 @@ class Config:
             if f.name in ("block_m", "block_c") and value & (value - 1):
                 raise ValueError(f"fastbn Triton config: {f.name} must be a power of two "
                                  f"(a Triton block), got {value}")
+            if f.name in ("block_m", "block_c", "persist_max") and value > MAX_TILE:
+                raise ValueError(f"fastbn Triton config: {f.name} must be at most "
+                                 f"{MAX_TILE} (Triton's largest block), got {value}")
 
 
 config = Config.from_env()
@@ -208,9 +216,11 @@ def _view(t, batched):
 
 
 def _plain(t, device):
+    # A ZeroTensor (autograd's stand-in for a zero gradient) has no memory behind it: a
+    # kernel would read address 0.
     return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
             and not _is_wrapped(t) and t.device == device and not t.is_neg()
-            and not t.is_conj())
+            and not t.is_conj() and not t._is_zerotensor())
 
 
 def _empty_like(x, k, dtype):
@@ -345,6 +355,9 @@ class _Call:
                                 triton.cdiv(_target_programs(self.x.device),
                                                                cblocks), triton.cdiv(M, bm)))
             chunk = triton.cdiv(triton.cdiv(M, chunks), bm) * bm
+        if bm * bc > MAX_TILE:
+            raise ValueError(f"fastbn Triton config: a tile of block_m {bm} × block_c {bc} "
+                             f"is larger than Triton's largest block ({MAX_TILE})")
         return "split", bm, bc, chunk, triton.cdiv(M, chunk)
 
     def launch(self, op, act, elems, outs, mean, invstd, weight, bias, p1, p2, qs, eps=0.0):

@@ -163,7 +163,9 @@ def _rsqrt(v):
     if v.dtype == tl.float64:
         r = 1.0 / tl.sqrt(v)
     else:
-        r = 1.0 / tl.sqrt_rn(v)   # correctly rounded, as torch.rsqrt is close to
+        # Both steps correctly rounded (a GPU's `/` is an approximate division), as
+        # torch.rsqrt is close to.
+        r = tl.math.div_rn(1.0, tl.sqrt_rn(v))
     return r
 
 
