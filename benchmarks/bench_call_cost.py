@@ -6,12 +6,14 @@ For small layers the time of a call is its Python and dispatch work, not its ker
 a network that work runs on a cold cache (a convolution between two batch norms evicts
 the interpreter's working set), where it costs several times what a tight loop shows.
 "cold": the median of calls made right after an 8 MB copy; "warm": of calls made right
-after the same call. One thread, eval mode, under no_grad and with parameters that
-require grad.
+after the same call; stock's and fastbn's calls interleaved. One thread, eval mode, under
+no_grad and with parameters that require grad.
 """
 
 import argparse
+import functools
 import json
+import random
 import statistics
 import time
 
@@ -23,17 +25,24 @@ import fastbn
 SHAPES = ((8, 16, 4, 4), (32, 64, 8, 8), (64, 256))
 
 
-def _median_us(call, evict, calls):
-    cold, warm = [], []
+def _median_us(layers, evict, calls):
+    """{name: (cold µs, warm µs)} of each zero-argument callable, interleaved: a cold and
+    a warm call of each in turn, in an order shuffled every round."""
+    cold, warm = ({name: [] for name in layers} for _ in range(2))
+    order = random.Random(0)
     for _ in range(calls):
-        evict()
-        start = time.perf_counter()
-        call()
-        cold.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        call()
-        warm.append(time.perf_counter() - start)
-    return statistics.median(cold) * 1e6, statistics.median(warm) * 1e6
+        names = list(layers)
+        order.shuffle(names)
+        for name in names:
+            evict()
+            start = time.perf_counter()
+            layers[name]()
+            cold[name].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            layers[name]()
+            warm[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(cold[name]) * 1e6, statistics.median(warm[name]) * 1e6)
+            for name in layers}
 
 
 def run(calls=1500):
@@ -49,13 +58,12 @@ def run(calls=1500):
             pair = ((nn.BatchNorm1d, fastbn.BatchNorm1d) if len(shape) < 4
                     else (nn.BatchNorm2d, fastbn.BatchNorm2d))
             for grad in (False, True):
-                for name, cls in zip(("stock", "fastbn"), pair):
-                    layer = cls(shape[1]).eval()
-                    with torch.set_grad_enabled(grad):
-                        cold, warm = _median_us(lambda: layer(x),
-                                                lambda: torch.mul(big, 1.0, out=buf), calls)
-                    rows.append({"shape": list(shape), "grad": grad, "layer": name,
-                                 "cold_us": cold, "warm_us": warm})
+                layers = {name: functools.partial(cls(shape[1]).eval(), x)
+                          for name, cls in zip(("stock", "fastbn"), pair)}
+                with torch.set_grad_enabled(grad):
+                    times = _median_us(layers, lambda: torch.mul(big, 1.0, out=buf), calls)
+                rows += [{"shape": list(shape), "grad": grad, "layer": name, "cold_us": cold,
+                          "warm_us": warm} for name, (cold, warm) in times.items()]
     finally:
         torch.set_num_threads(threads)
     return rows

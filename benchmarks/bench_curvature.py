@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import fastbn
+from fastbn._arguments import positive_int
 from fastbn.curvature import HessianOperator, eigenvalues
 from fastbn.curvature._memory import peak_bytes
 
@@ -240,14 +241,19 @@ def print_table(rows):
         print(f"{r['measure']:42} {value:>12} {r['unit']:>6}  {r['note']}")
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 16 instead of 128")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args()
-    if args.threads:
+    parser.add_argument("--threads", type=positive_int,
+                        help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows = run(args.quick)
     print(f"fastbn {fastbn.__version__}, torch {torch.__version__}, backend "
           f"{fastbn.get_backend()}, batch {rows[0]['batch']}, {rows[0]['threads']} threads")
     print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

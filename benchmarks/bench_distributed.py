@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 import fastbn
+from fastbn._arguments import positive_int
 from fastbn.testing import run_processes
 
 _WRAPPED = ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast",
@@ -138,7 +139,7 @@ def run(ranks=2, quick=False, nccl=False):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--ranks", type=positive_int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--nccl", action="store_true", help="one GPU per process")
     parser.add_argument("--json")

@@ -29,6 +29,7 @@ import math
 import os
 import pathlib
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -141,10 +142,15 @@ def _bench_fn(torch, op, bn, x):
 
 
 def _time(torch, fns, reps, inner):
-    """Median milliseconds per call of each callable, interleaved repetitions."""
+    """Median milliseconds per call of each callable, interleaved repetitions (in an order
+    shuffled every repetition: a fixed order favours a slot)."""
     events = {name: [] for name in fns}
+    order = random.Random(0)
     for _ in range(reps):
-        for name, fn in fns.items():
+        names = list(fns)
+        order.shuffle(names)
+        for name in names:
+            fn = fns[name]
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()

@@ -10,14 +10,16 @@ On a machine shared with other jobs use `--threads 1 --clock cpu` (see CLOCKS).
 Methodology: everything runs in one process and is
 measured as ratios, because the machines we have are shared and noisy. For each
 (op, shape) the candidates (stock torch, each fastbn backend, and a copy of x's bytes,
-`torch.mul(x, 1.0, out=buf)`) are called once untimed, then timed round-robin one call at a time
-until a per-measurement time budget is spent; each candidate's median is reported, as
+`torch.mul(x, 1.0, out=buf)`) are called once untimed, then timed in rounds of one call
+each, in an order shuffled every round, until a per-measurement time budget is spent;
+each candidate's median is reported, as
 milliseconds and as a multiple of the copy's median. Effective GB/s for fastbn uses the
 op's minimum memory traffic, counted in passes over x's bytes (OPS below).
 
 Every fastbn candidate's first outputs are compared with stock torch's (max error relative
 to the largest stock value, `max_rel_err` in the JSON), so a fast number is never a wrong
-one unnoticed. A candidate that raises (stock torch under a transform, a backend that
+one unnoticed; outputs holding inf or NaN are flagged (stock's float16 double backward
+overflows on large channels). A candidate that raises (stock torch under a transform, a backend that
 fails) is recorded as n/a with its error, never a crash.
 """
 
@@ -30,7 +32,9 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -60,7 +64,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class Timing:
     """Per-measurement timing policy, after one untimed warm-up call per candidate."""
-    budget_s: float     # time-boxed round-robin ...
+    budget_s: float     # time-boxed rounds ...
     min_runs: int       # ... but at least this many calls per candidate ...
     max_runs: int       # ... and at most this many
 
@@ -287,13 +291,16 @@ def _error_text(err):
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
-def time_interleaved(calls, timing, clock, errors):
+def time_interleaved(calls, timing, clock, errors, seed=0):
     """{name: sorted per-call seconds} for `calls`, {name: (context factory, callable)}:
-    round-robin, one call each per round, each inside its context (entered and left
-    outside the timed region). A call that raises drops its candidate from the rounds:
-    its error goes to the dict `errors`, its times from the result."""
+    rounds of one call each, in an order shuffled every round (seeded), each inside its
+    context (entered and left outside the timed region). A fixed order favours a slot: a
+    call right after another op's ran 1-7% faster or slower than the same call in the
+    slot before it. A call that raises drops its candidate from the rounds: its error
+    goes to the dict `errors`, its times from the result."""
     calls = dict(calls)
     times = {name: [] for name in calls}
+    order = random.Random(seed)
     gc_was_enabled = gc.isenabled()
     gc.disable()   # a collection inside one candidate's call would bias it
     try:
@@ -301,7 +308,10 @@ def time_interleaved(calls, timing, clock, errors):
         rounds = 0
         while rounds < timing.min_runs or (rounds < timing.max_runs
                                            and time.perf_counter() - start < timing.budget_s):
-            for name, (context, call) in list(calls.items()):
+            names = list(calls)
+            order.shuffle(names)
+            for name in names:
+                context, call = calls[name]
                 try:
                     with context():
                         t0 = clock()
@@ -325,7 +335,6 @@ def measure(op_name, shape, channels_last, dtype, backend_names, timing,
     op = OPS[op_name]
     inputs = make_inputs(shape, channels_last, dtype)
     calls, errors, outputs = {}, {}, {}
-    # Interleaving order: stock, each backend, copy.
     for cand in map(candidate, ["stock", *backend_names, "copy"]):
         try:
             call, outputs[cand.name] = prepare(cand, op, inputs)
@@ -355,10 +364,14 @@ def measure(op_name, shape, channels_last, dtype, backend_names, timing,
                 e["speedup"] = stock["ms"] / e["ms"]
                 e["max_rel_err"] = _max_rel_error(outputs[name], outputs["stock"])
         fast[name] = e
+    # Timed all the same, but a speedup over outputs that overflowed is flagged.
+    non_finite = [name for name in ["stock", *backend_names] if name in outputs
+                  and not all(bool(t.isfinite().all()) for t in outputs[name])]
     return {"op": op_name, "shape": list(shape), "channels_last": channels_last,
             "label": shape_label(shape, channels_last), "dtype": str(dtype).removeprefix("torch."),
             "x_bytes": x_bytes, "traffic_bytes": traffic, "copy_ms": copy_s * 1e3,
-            "copy_runs": len(times["copy"]), "stock": stock, "fastbn": fast}
+            "copy_runs": len(times["copy"]), "stock": stock, "fastbn": fast,
+            "non_finite": non_finite}
 
 
 # --- reporting --------------------------------------------------------------------------
@@ -432,6 +445,12 @@ def format_op_table(op_name, rows, backend_names, summary):
             if (es := [r["fastbn"][name] for r in rows if "max_rel_err" in r["fastbn"][name]])]
     if errs:
         lines.append(f"- max error vs stock (relative to max |stock|): {', '.join(errs)}")
+    for name in ["stock", *backend_names]:
+        labels = [r["label"] for r in rows if name in r.get("non_finite", ())]
+        if labels:
+            lines.append(f"- {name}'s outputs hold inf or NaN on {len(labels)} of {len(rows)} "
+                         f"shapes ({', '.join(labels)}): its times there are of a result "
+                         "that overflowed")
     failures = sorted({f"{name}: {e['error']}" for r in rows
                        for name, e in [("stock", r["stock"]), *r["fastbn"].items()]
                        if e["ms"] is None})
@@ -467,11 +486,30 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
+def _source_commit():
+    """The git commit of fastbn's source tree (an editable install's checkout), with
+    "+changes" where its working tree differs; None outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastbn.__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def machine_info():
+    cpu = backends.load("cpu")
     return {"cpu_model": _cpu_model(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
-            "fastbn_version": fastbn.__version__, "python": platform.python_version(),
-            "platform": platform.platform(),
+            "fastbn_version": fastbn.__version__, "fastbn_commit": _source_commit(),
+            "cpu_build": cpu.build_info() if cpu is not None else None,
+            "python": platform.python_version(), "platform": platform.platform(),
             # Other jobs on the machine: how far to trust wall-clock numbers.
             "load_average": [round(v, 2) for v in os.getloadavg()],
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}

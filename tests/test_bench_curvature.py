@@ -32,3 +32,14 @@ def test_quick_run_reports_every_measure():
     assert within <= 1.0
     chunk = int(rows["matmat working-memory budget"]["note"].removeprefix("chunk_size="))
     assert 1 <= chunk <= 4     # the budget is about four tangents' worth
+
+
+@pytest.mark.parametrize("module, argv", [("bench_curvature", ["--threads", "0"]),
+                                          ("bench_distributed", ["--ranks", "0"])])
+def test_counts_below_one_are_usage_errors(module, argv, capsys):
+    """Refused before any work (--threads 0 was ignored, --ranks 0 an IndexError)."""
+    script = pytest.importorskip(f"benchmarks.{module}")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2
+    assert "must be at least 1, got 0" in capsys.readouterr().err
