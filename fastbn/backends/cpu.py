@@ -400,7 +400,7 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
     # convolution between two batch norms) the Python of a small layer's eval call costs
     # as much as its kernel, and each frame and call counts (benchmarks/RESULTS.md).
     plan, dtype = None, x.dtype
-    if _plain(x) and not torch._C._len_torch_dispatch_stack():
+    if dtype in _CODES and _plain(x) and not torch._C._len_torch_dispatch_stack():
         size = dtype.itemsize
         plan = _eval_plan(x.shape, x.stride(), dtype, EVAL_FOLD_MAX_L[size],
                           TILE_ROW_BYTES // size)

@@ -632,6 +632,20 @@ def test_eval_falls_back_on_tensors_the_kernel_cannot_read(monkeypatch, argument
                                reference.forward_eval(*dense, 1e-5))
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.float8_e4m3fn,
+                                   torch.int32], ids=str)
+def test_eval_of_a_dtype_without_kernels_is_the_references_call(dtype):
+    """Whatever the element size (a 1-byte dtype failed a lookup by size, KeyError)."""
+    x = torch.zeros(4, 3, 5).to(dtype)
+    args = (torch.zeros(3), torch.ones(3), torch.ones(3), torch.zeros(3), 1e-5)
+    errors = []
+    for backend in (cpu, reference):
+        with pytest.raises((RuntimeError, NotImplementedError)) as info:
+            backend.forward_eval(x, *args)
+        errors.append((info.type, str(info.value)))
+    assert errors[0] == errors[1]
+
+
 def test_million_elements_per_channel(native):
     gen = torch.Generator().manual_seed(4)
     x = 1e3 + torch.randn(4, 2, 512, 512, generator=gen)
