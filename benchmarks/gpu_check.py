@@ -19,8 +19,8 @@ The tests stop at `--test-timeout` (default 240 s: a cold Triton cache compiles 
 kernel specialisation they reach) and a wall-clock budget for the benchmarks (default
 180 s) keeps the whole run near seven minutes on an H100/H200: torch.compile baselines
 stop compiling after a share of it and cases left when it runs out are reported as
-skipped. `--dry-run` lists the cases and
-writes OUT_DIR/gpu_check_plan.json without touching a GPU.
+skipped. `--dry-run` lists the cases and writes OUT_DIR/gpu_check_plan.json without
+touching a GPU.
 """
 
 import argparse

@@ -91,8 +91,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     reports = []
     for path in [args.float32, *args.half]:
-        with open(path) as f:
-            reports.append(json.load(f))
+        try:
+            with open(path) as f:
+                reports.append(json.load(f))
+        except (OSError, ValueError) as err:
+            parser.error(f"{path}: not a runner's JSON file ({err})")
         if not reports[-1]["results"]:
             parser.error(f"{path}: no batch-norm rows (a --suite curvature run?)")
         if args.backend not in reports[-1]["results"][0]["fastbn"]:

@@ -7,20 +7,19 @@
 
 On a machine shared with other jobs use `--threads 1 --clock cpu` (see CLOCKS).
 
-Methodology: everything runs in one process and is
-measured as ratios, because the machines we have are shared and noisy. For each
-(op, shape) the candidates (stock torch, each fastbn backend, and a copy of x's bytes,
-`torch.mul(x, 1.0, out=buf)`) are called once untimed, then timed in rounds of one call
-each, in an order shuffled every round, until a per-measurement time budget is spent;
-each candidate's median is reported, as
+Methodology: everything runs in one process and is measured as ratios, because the
+machines we have are shared and noisy. For each (op, shape) the candidates (stock torch,
+each fastbn backend, and a copy of x's bytes, `torch.mul(x, 1.0, out=buf)`) are called
+once untimed, then timed in rounds of one call each, in an order shuffled every round,
+until a per-measurement time budget is spent; each candidate's median is reported, as
 milliseconds and as a multiple of the copy's median. Effective GB/s for fastbn uses the
 op's minimum memory traffic, counted in passes over x's bytes (OPS below).
 
 Every fastbn candidate's first outputs are compared with stock torch's (max error relative
 to the largest stock value, `max_rel_err` in the JSON), so a fast number is never a wrong
 one unnoticed; outputs holding inf or NaN are flagged (stock's float16 double backward
-overflows on large channels). A candidate that raises (stock torch under a transform, a backend that
-fails) is recorded as n/a with its error, never a crash.
+overflows on large channels). A candidate that raises (stock torch under a transform, a
+backend that fails) is recorded as n/a with its error, never a crash.
 """
 
 import argparse

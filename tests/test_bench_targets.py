@@ -44,3 +44,11 @@ def test_a_run_of_another_dtype_is_refused(tmp_path):
     path = _write(tmp_path, "f16.json", "float16", [_row("jvp", (4, 2), False, 1.0, 1.0)])
     with pytest.raises(SystemExit):
         targets.main([path])
+
+
+def test_a_missing_or_unreadable_file_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("{")
+    for path in (tmp_path / "missing.json", tmp_path / "bad.json"):
+        with pytest.raises(SystemExit):
+            targets.main([str(path)])
+        assert "not a runner's JSON file" in capsys.readouterr().err
