@@ -281,8 +281,9 @@ def eigenvalues(op, k=1, *, method="lanczos", tol=1e-3, max_iter=100, seed=0, pr
         `lanczos_eigenvalues`) or "power" (power iteration with deflation, max_iter
         products per eigenvalue, on H shifted by its largest-magnitude eigenvalue where
         needed, see `power_eigenvalues`: where the first run stops at max_iter, one more
-        run of max_iter on the shifted H seeks the first eigenvalue again; each eigenvalue stops when its residual, in
-        the complement of the eigenvectors found before it, is within the same bound).
+        run of max_iter on the shifted H seeks the first eigenvalue again; each
+        eigenvalue stops when its residual, in the complement of the eigenvectors found
+        before it, is within the same bound).
     Lanczos keeps its basis and the eigenvectors it has found, twice while it runs again:
     (max_iter + 2m) · P values on the operator's device, m the eigenvectors found (k, or
     more where repeated eigenvalues bring out more).
