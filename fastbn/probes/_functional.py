@@ -30,9 +30,17 @@ def batch_norm_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, TORCH_BATCH_NORMS)]
 
 
+def _reuses_a_module(model):
+    """Whether a submodule is reached under more than one name (a layer applied twice):
+    torch 2.13's functional_call then leaves the module's parameters replaced by the
+    tensors it was called with (plain tensors, lost to the optimiser)."""
+    return (sum(1 for _ in model.named_modules(remove_duplicate=False))
+            != sum(1 for _ in model.named_modules()))
+
+
 def transformable(model, process_group=None):
-    """`model` itself if all its BN layers are fastbn's local ones, else a converted deep
-    copy: with `process_group`, its BN layers are fastbn.SyncBatchNorm over it; without,
+    """`model` itself if all its BN layers are fastbn's local ones and no submodule is
+    reused (`_reuses_a_module`), else a converted deep copy: with `process_group`, its BN layers are fastbn.SyncBatchNorm over it; without,
     each normalises its own process's batch (a SyncBatchNorm of the model would
     synchronise the statistics over the whole world while the loss stays local).
 
@@ -43,9 +51,9 @@ def transformable(model, process_group=None):
     where its statistics would have to span `process_group` (see
     `_retype_batch_norm_subclasses`).
     """
-    if process_group is None and all(isinstance(m, _FastBatchNorm)
-                                     and not isinstance(m, nn.SyncBatchNorm)
-                                     for _, m in batch_norm_layers(model)):
+    if process_group is None and not _reuses_a_module(model) and all(
+            isinstance(m, _FastBatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+            for _, m in batch_norm_layers(model)):
         return model
     private = private_copy(model)
     # fastbn.convert replaces only torch's own classes.

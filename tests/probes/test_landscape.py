@@ -99,6 +99,30 @@ def test_model_state_is_restored_bitwise(torch_bn, training):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_a_layer_applied_twice_stays_the_models():
+    """functional_call on a model that reaches one module under two names leaves that
+    module's parameters replaced by plain tensors (torch 2.13): every probe runs on a
+    copy of such a model, which keeps its parameters, their values and the optimiser's
+    hold on them; the probe's values are the direct computation's."""
+    from fastbn.probes import theory_checks
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), fastbn.BatchNorm1d(4),
+                          nn.Linear(4, 3)).double()
+    params = list(model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data, criterion = batch(), nn.CrossEntropyLoss()
+    result = gradient_step_probe(model, criterion, data, 0.1, multipliers=(1.0, 2.0))
+    theory_checks(model, criterion, data)
+    SmoothnessProbe(model, criterion, lr=0.1, every=1, multipliers=(1.0,))(0, data)
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    loss0, grad_norm, losses, changes = direct_probe(model, criterion, data, 0.1, (1.0, 2.0))
+    assert result["losses"] == pytest.approx(losses, rel=1e-12)
+    assert result["grad_changes"] == pytest.approx(changes, rel=1e-10)
+
+
 @pytest.mark.parametrize("torch_bn", [True, False])
 def test_dropout_is_off_during_the_probe(torch_bn):
     """Each evaluated point would draw new masks: the probe matches the model without
