@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
-from fastbn._checks import check_count
+from fastbn._checks import check_count, is_positive_number
 from fastbn.backends.distributed import refuse_on_every_process
 from fastbn.curvature import _memory
 from fastbn.curvature._functional import (FunctionalModel, check_membership,
@@ -750,8 +750,9 @@ class HessianOperator:
 
     @max_memory.setter
     def max_memory(self, value):
-        if value is not None and not value > 0:
-            raise ValueError(f"max_memory must be a positive number of bytes, got {value!r}")
+        if value is not None and not is_positive_number(value):
+            raise ValueError("max_memory must be a positive finite number of bytes, got "
+                             f"{value!r}")
         self._max_memory = value
         if self.chunk_size is not None and self.chunk_size == self._derived_chunk:
             self.chunk_size = self._derived_chunk = None

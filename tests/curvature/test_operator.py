@@ -364,6 +364,13 @@ def test_errors():
         with pytest.raises(ValueError, match="chunk_size must be a positive int"):
             op.chunk_size = chunk_size
     assert op.chunk_size is None
+    # An infinite budget failed at every matmat; True was a budget of one byte.
+    for budget in (0, -1.0, math.inf, math.nan, True, "1e9"):
+        with pytest.raises(ValueError, match="max_memory must be a positive finite number"):
+            HessianOperator(model, CRITERION, batch, max_memory=budget)
+        with pytest.raises(ValueError, match="max_memory must be a positive finite number"):
+            op.max_memory = budget
+    assert op.max_memory is None
 
 
 @pytest.mark.parametrize("method", METHODS)
