@@ -202,15 +202,18 @@ class FunctionalModel:
                 module.training = False
 
     def state(self):
-        """(parameters, buffers) for one call: the user's parameters detached (read
-        only) and clones of its buffers (a module that writes to a buffer writes to the
-        clone)."""
+        """(parameters, buffers) for one call: the user's parameters and buffers
+        detached (read only: the call clones the buffers)."""
         self._sync_from_model()
         params = {name: p.detach() for name, p in self.model.named_parameters()}
-        buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
+        buffers = {name: b.detach() for name, b in self.model.named_buffers()}
         return params, buffers
 
     def __call__(self, params, buffers, inputs):
+        # Cloned here, at the level of the transforms around the call: a module that
+        # writes to a buffer in place (a call counter) writes to the clone, where
+        # torch.func refuses a write to a tensor from outside the transform.
+        buffers = {name: b.clone() for name, b in buffers.items()}
         return torch.func.functional_call(self.copy, (params, buffers), (inputs,))
 
     def named_module(self, name):

@@ -130,9 +130,13 @@ def split_state(model):
 
 
 def loss_function(model, criterion, constants, inputs, targets):
-    """params -> criterion(model(inputs; params), targets), a pure function."""
+    """params -> criterion(model(inputs; params), targets), a pure function. The constants
+    are cloned inside it, at the level of the transforms around it: a module that writes
+    to a buffer in place (a call counter) writes to that clone, where torch.func refuses
+    a write to a tensor from outside the transform."""
     def loss(params):
-        return criterion(functional_call(model, {**constants, **params}, (inputs,)), targets)
+        state = {name: t.clone() for name, t in constants.items()}
+        return criterion(functional_call(model, {**state, **params}, (inputs,)), targets)
     return loss
 
 

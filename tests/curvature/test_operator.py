@@ -37,6 +37,36 @@ def test_matvec_and_matmat_equal_exact_hessian(make_model, method, backend):
     close(op.matmat(torch.eye(size, dtype=DTYPE)), hessian)
 
 
+class _CountsItsCalls(nn.Module):
+    """A layer whose forward writes to a buffer in place (torch.func refuses a write to a
+    tensor from outside its transforms)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("calls", torch.zeros((), dtype=DTYPE))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_forward_that_writes_to_a_buffer(method):
+    model = mlp()
+    batch = batch_for(model, 6, seed=0)
+    model[0] = _CountsItsCalls(model[0])
+    gradient, hessian = exact_hessian(model, CRITERION, [batch])
+    before = snapshot(model)
+    op = HessianOperator(model, CRITERION, batch, method=method)
+    v = torch.randn(hessian.shape[0], dtype=DTYPE)
+    close(op.grad(), gradient)
+    close(op.matvec(v), hessian @ v)
+    close(op.matmat(torch.eye(hessian.shape[0], dtype=DTYPE)), hessian)
+    assert_unchanged(model, before)
+    assert model[0].calls.item() == 0
+
+
 class _CallsItsBatchNormAlone(nn.Module):
     """A custom forward that uses the batch norm of a BN → ReLU pair on its own."""
 

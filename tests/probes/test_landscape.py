@@ -123,6 +123,35 @@ def test_a_layer_applied_twice_stays_the_models():
     assert result["grad_changes"] == pytest.approx(changes, rel=1e-10)
 
 
+class _CountsItsCalls(nn.Linear):
+    """A layer whose forward writes to a buffer in place."""
+
+    def __init__(self, *sizes):
+        super().__init__(*sizes)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("torch_bn", [True, False])
+def test_a_forward_that_writes_to_a_buffer(torch_bn):
+    """torch.func refuses a write to a tensor from outside its transforms: the probe
+    clones the buffers inside them, and the model's are left alone."""
+    model = tiny_model(torch_bn)
+    torch.manual_seed(3)
+    model[3] = _CountsItsCalls(6, 3).double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = gradient_step_probe(model, nn.CrossEntropyLoss(), batch(), 0.1,
+                                 multipliers=(1.0, 2.0))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    loss0, grad_norm, losses, changes = direct_probe(model, nn.CrossEntropyLoss(), batch(),
+                                                     0.1, (1.0, 2.0))
+    assert result["losses"] == pytest.approx(losses, rel=1e-12)
+    assert result["grad_changes"] == pytest.approx(changes, rel=1e-10)
+
+
 @pytest.mark.parametrize("torch_bn", [True, False])
 def test_dropout_is_off_during_the_probe(torch_bn):
     """Each evaluated point would draw new masks: the probe matches the model without
