@@ -88,8 +88,11 @@ def activation_hessian(model, criterion, data, layer, *, bn_mode="train"):
     if not is_single_batch(data):
         batches = list(data)
         if len(batches) != 1:
+            # A pair whose inputs are a tuple reads as two batches.
+            hint = ("; a batch whose inputs are a tuple goes in a list of one: [batch]"
+                    if len(batches) == 2 and isinstance(batches[0], (tuple, list)) else "")
             raise ValueError("activation_hessian takes one (inputs, targets) batch, got "
-                             f"{len(batches)} batches")
+                             f"{len(batches)} batches{hint}")
         data = batches[0]
     inputs, targets, _ = split_batch(data)
     params, buffers = functional.state()

@@ -99,8 +99,9 @@ class HessianOperator:
         training mode, it would update running statistics): a private structural copy
         with fastbn layers runs instead. At every call the copy is fed the model's
         current parameters and buffers and given its modules' current tensor attributes
-        (cloned) and attributes holding numbers, strings or None; a submodule replaced
-        after construction is not seen (build a new operator). Where the model is an
+        (cloned) and attributes holding numbers, strings or None; a submodule replaced,
+        or a hook added or removed, after construction is not seen (build a new
+        operator). Where the model is an
         nn.Sequential, a batch norm directly followed by nn.ReLU in it or in Sequentials
         nested in it runs as one fused layer in the copy, unless either has hooks. The model
         itself is only read: its parameters, buffers and training flags are bitwise the

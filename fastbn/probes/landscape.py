@@ -60,8 +60,11 @@ def gradient_step_probe(model, criterion, batch, lr, *, multipliers=None, bn_mod
     Returns a dict of floats: `loss`, `grad_norm`, `loss_min`, `loss_max`,
     `grad_change_min`, `grad_change_max`, `beta_eff`, and per-η lists `etas`, `losses`,
     `grad_changes`, `betas`. Non-finite losses or gradients are kept as NaN/inf (in the
-    maxima they count as +inf: the landscape blew up inside the probed range). At a zero
-    gradient the β values are NaN (0/0: undefined, not blown up), and so is `beta_eff`.
+    maxima they count as +inf: the landscape blew up inside the probed range). Where the
+    loss or gradient at the weights themselves is not finite no step is taken: the per-η
+    losses and changes are NaN, and the maxima and `beta_eff` +inf (blown up already at
+    η = 0). At a zero gradient the β values are NaN (0/0: undefined, not blown up), and
+    so is `beta_eff`.
 
     process_group: data-parallel probe. Each process passes its shard of the batch (the
     criterion must be a mean over the batch); BN statistics, losses and gradients are

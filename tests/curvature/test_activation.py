@@ -84,6 +84,12 @@ def test_errors_leave_the_model_alone():
         activation_hessian(model, lambda out, y: CRITERION(out, y) / 0.0, batch, "0")
     with pytest.raises(ValueError, match="criterion must return a scalar tensor"):
         activation_hessian(model, nn.CrossEntropyLoss(reduction="none"), batch, "0")
+    inputs, targets = batch
+    with pytest.raises(ValueError, match=r"got 2 batches; a batch whose inputs are a tuple "
+                                         r"goes in a list of one: \[batch\]"):
+        activation_hessian(model, CRITERION, ((inputs, inputs), targets), "0")
+    with pytest.raises(ValueError, match=r"got 3 batches$"):
+        activation_hessian(model, CRITERION, [batch] * 3, "0")
     result = activation_hessian(model, CRITERION, [batch], "1")
     with pytest.raises(ValueError, match="activation's shape"):
         result.hvp(torch.ones(3))
