@@ -26,7 +26,9 @@ def empty_output(x, dtype=None, device=None):
 def as_output(t, x):
     """t (x's shape, computed in PyTorch ops, which take their operands' layout) in the
     layout of an element output for input x; no copy when it already is. A torch.func
-    wrapper is left as it is: vmap cannot change a batched tensor's memory format."""
-    if not torch._C._has_storage(t):
+    wrapper is left as it is: vmap cannot change a batched tensor's memory format; so is
+    a tensor under torch.compile (Dynamo cannot trace the storage check; the compiled
+    graph's ops choose its layout)."""
+    if torch.compiler.is_compiling() or not torch._C._has_storage(t):
         return t
     return t.contiguous(memory_format=output_format(x))
