@@ -1,5 +1,7 @@
 """torch.func on models built with fastbn layers in training mode, with no patching."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -384,3 +386,42 @@ def test_transforms_apply_the_functions_at_their_levels_as_functorch(monkeypatch
             got, expected = _flat(got), _flat(expected)
         assert torch.equal(got, expected), use
     assert torch.equal(_flat(own_again["grad"]), _flat(own["grad"]))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_functionalize_updates_running_statistics_as_torch_does(fused, backend):
+    """torch.func.functionalize has no rule for autograd.Function: fastbn runs a level
+    below it. As torch's layer there, a training call updates the running statistics,
+    captured ones and those passed in as the function's inputs."""
+    x = torch.randn(4, 3, 5, 5, dtype=DT)
+    bn = nn.BatchNorm2d(3).to(DT)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.running_var.fill_(2.0)
+    stock = nn.Sequential(bn, nn.ReLU()) if fused else nn.Sequential(bn)
+    ours = fastbn.convert(copy.deepcopy(stock), fuse_relu=fused)
+    assert getattr(ours[0], "activation", None) == ("relu" if fused else None)
+    for train in (True, False, True):
+        stock.train(train), ours.train(train)
+        want = stock(x)
+        got = torch.func.functionalize(ours)(x)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for (name, b), (_, r) in zip(ours.named_buffers(), stock.named_buffers()):
+            torch.testing.assert_close(b, r, rtol=1e-12, atol=0, msg=name)
+    # Buffers as inputs of the functionalized function: updated in the caller's dict.
+    buffers = {k: v.clone() for k, v in ours.named_buffers()}
+    want = stock(x)
+    got = torch.func.functionalize(lambda b, x: functional_call(ours, b, (x,)))(buffers, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for (name, b), (_, r) in zip(buffers.items(), stock.named_buffers()):
+        torch.testing.assert_close(b, r, rtol=1e-12, atol=0, msg=name)
+
+
+def test_functionalize_around_grad(problem):
+    """Under grad too (running statistics untouched there, as under any transform that
+    refuses writes to tensors from outside it)."""
+    model, x, params, loss = problem
+    got = torch.func.functionalize(grad(loss))(params)
+    want = grad(loss)(params)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-12)

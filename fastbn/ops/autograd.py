@@ -28,8 +28,9 @@ import functools
 
 import torch
 from torch._C._functorch import (TransformType, _add_batch_dim, _unwrap_batched,
-                                 _unwrap_for_grad, _wrap_for_grad, is_legacy_batchedtensor,
-                                 unwrap_if_dead)
+                                 _unwrap_for_grad, _unwrap_functional_tensor, _wrap_for_grad,
+                                 _wrap_functional_tensor, is_functionaltensor,
+                                 is_legacy_batchedtensor, unwrap_if_dead)
 from torch._functorch.autograd_function import VmapInfo, custom_function_call
 from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 from torch._functorch.utils import enable_single_level_autograd_function, unwrap_dead_wrappers
@@ -208,6 +209,27 @@ def _single_level(cls, grad_mode):
                  "backward": staticmethod(cls.backward), "jvp": staticmethod(cls.jvp)})
 
 
+def _apply_functionalized(interpreter, cls, args):
+    """cls.apply(*args) under torch.func.functionalize, which has no rule for
+    autograd.Function: one level down, on the tensors the functional wrappers hold
+    (synchronised first), the outputs wrapped back. The Functions here return new
+    tensors; the running statistics a training forward updates are written in place
+    where they are, as torch's kernel writes them under functionalize."""
+    level = interpreter.level()
+    unwrapped = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and is_functionaltensor(a):
+            torch._sync(a)
+            a = _unwrap_functional_tensor(a, interpreter._cptr.functionalizeAddBackViews())
+        unwrapped.append(a)
+    with interpreter.lower():
+        out = cls.apply(*unwrapped)
+    if isinstance(out, torch.Tensor):
+        return _wrap_functional_tensor(out, level)
+    return tuple(_wrap_functional_tensor(t, level) if isinstance(t, torch.Tensor) else t
+                 for t in out)
+
+
 def _apply_under_transform(cls, args):
     """cls.apply(*args) at the innermost torch.func level, as functorch's
     custom_function_call runs it (after its dispatch unwraps dead wrappers), without its
@@ -233,6 +255,8 @@ def _apply_under_transform(cls, args):
             return out if out_dims is None else _add_batch_dim(out, out_dims, level)
         return tuple(_add_batch_dim(t, d, level) if isinstance(t, torch.Tensor) and d is not None
                      else t for t, d in zip(out, out_dims, strict=True))
+    if key == TransformType.Functionalize:
+        return _apply_functionalized(interpreter, cls, args)
     if key not in (TransformType.Grad, TransformType.Jvp):
         return custom_function_call(cls, *args)
     lift = interpreter._cptr.lift   # to this level, as functorch's grad and jvp do

@@ -11,10 +11,13 @@ def active_transforms():
 
 
 def under_transform():
+    """Under a torch.func transform that refuses writes to tensors from outside it: any
+    but functionalize, which records them (torch's batch norm updates its running
+    statistics there)."""
     # The C flag first: it costs a tenth of walking the interpreter stack.
     if not torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
         return False
-    return bool(retrieve_all_functorch_interpreters())
+    return any(key != TransformType.Functionalize for key in active_transforms())
 
 
 def nested_forward_mode():
