@@ -423,6 +423,10 @@ def test_parametrized_weight_is_honoured(backend):
 def test_lazy_layers_become_fastbn_layers(torch_cls, fast_cls, shape, options):
     ref, fast = torch_cls(**options), fast_cls(**options)
     assert isinstance(fast, torch_cls)   # before it runs, as after (as its cls_to_become)
+    # ... and, as torch's, not its batch norm before it runs: an initialisation loop over
+    # isinstance(m, nn.BatchNorm2d) would meet uninitialised parameters.
+    assert not isinstance(fast, torch_cls.cls_to_become)
+    assert not isinstance(fast, fast_cls.cls_to_become)
     x = torch.randn(shape)
     torch.testing.assert_close(fast(x), ref(x))
     assert type(fast) is fast_cls.cls_to_become and type(ref) is torch_cls.cls_to_become

@@ -182,31 +182,35 @@ class SyncBatchNorm(_FastBatchNorm, nn.SyncBatchNorm):
         return group if dist.get_world_size(group) > 1 else None
 
 
-class _LazyFastBatchNorm(nn.modules.batchnorm._LazyNormBase):
+class _LazyFastBatchNorm(_FastBatchNorm):
     """torch's lazy batch norm (num_features from the first input), becoming the fastbn
-    layer of `cls_to_become` on that first call. Each lazy class also subclasses torch's
-    lazy class of its dimension, so that `isinstance` checks for it hold, as they do for
-    the layers it becomes."""
+    layer of `cls_to_become` on that first call. Each lazy class subclasses torch's lazy
+    class of its dimension, and, as that, not its batch norm before the first call
+    (an initialisation loop over `isinstance(m, nn.BatchNorm2d)` would meet
+    uninitialised parameters), so that `isinstance` checks hold as they do for torch's
+    layers before and after."""
 
     def __init__(self, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  device=None, dtype=None, activation=None, *, bias=True):
         functional.check_activation(activation)
-        super().__init__(eps, momentum, affine, track_running_stats, device, dtype,
-                         **_torch_bias_kwargs(bias))
+        # torch's lazy constructor (past _FastBatchNorm's, which takes num_features).
+        nn.modules.batchnorm._LazyNormBase.__init__(
+            self, eps, momentum, affine, track_running_stats, device, dtype,
+            **_torch_bias_kwargs(bias))
         self.activation = activation
 
 
-class LazyBatchNorm1d(_LazyFastBatchNorm, nn.LazyBatchNorm1d, BatchNorm1d):
+class LazyBatchNorm1d(_LazyFastBatchNorm, nn.LazyBatchNorm1d):
     """torch.nn.LazyBatchNorm1d on fastbn kernels."""
     cls_to_become = BatchNorm1d
 
 
-class LazyBatchNorm2d(_LazyFastBatchNorm, nn.LazyBatchNorm2d, BatchNorm2d):
+class LazyBatchNorm2d(_LazyFastBatchNorm, nn.LazyBatchNorm2d):
     """torch.nn.LazyBatchNorm2d on fastbn kernels."""
     cls_to_become = BatchNorm2d
 
 
-class LazyBatchNorm3d(_LazyFastBatchNorm, nn.LazyBatchNorm3d, BatchNorm3d):
+class LazyBatchNorm3d(_LazyFastBatchNorm, nn.LazyBatchNorm3d):
     """torch.nn.LazyBatchNorm3d on fastbn kernels."""
     cls_to_become = BatchNorm3d
 
