@@ -393,8 +393,12 @@ CHOICES = [
     "bar for both variants).",
     "Theorems: L is the network at the same weights with that one BN layer replaced by "
     "identity; gradients and Hessians are taken w.r.t. the BN input y (the preceding conv/"
-    "linear output), all BN layers on batch statistics; σ_j = sqrt(Var_batch + eps). "
-    "Theorem 4.1 is checked as printed (with 1/√m); with ∇_z L̂ and 1/m both sides are "
+    "linear output), all BN layers on batch statistics; σ_j = sqrt(Var_batch + eps); m, "
+    "the paper's batch size, is the number of values a channel normalises over: the batch "
+    "size for BN on (N, C), N·H·W after a convolution (the count in BN's backward). "
+    "Theorem 4.1 is checked on every channel of every BN layer, Theorem 4.2 on the first "
+    "{theory_channels} channels of {theory_layers} evenly spaced BN layers (every layer "
+    "where there are no more). Theorem 4.1 is checked as printed (with 1/√m); with ∇_z L̂ and 1/m both sides are "
     "equal up to O(eps/σ²), reported as `identity_rel_error`. Theorem 4.2 is also checked "
     "with L taken as the paper's proof does, as a function of the BN output z at the BN "
     "network's z (the claim `theorem_4_2_proof_setting`): there its two sides are equal, "
@@ -442,7 +446,9 @@ def choices(config):
               "dln_depth": config["dln_depth"], "dln_bn_layers": config["dln_depth"] - 1,
               "data": _DATA.get(config["dataset"], config["dataset"]),
               "early_percent": f"{100 * claim_rules.EARLY_FRACTION:g}",
-              "early_probes": claim_rules.MIN_EARLY_PROBES}
+              "early_probes": claim_rules.MIN_EARLY_PROBES,
+              "theory_channels": config["theory_channels"],
+              "theory_layers": config["theory_layers"]}
     return [choice.format(**values) for choice in CHOICES]
 
 
