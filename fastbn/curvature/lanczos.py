@@ -298,7 +298,7 @@ def eigenvalues(op, k=1, *, method="lanczos", tol=1e-3, max_iter=100, seed=0, pr
     largest lies within a few tol·|λ| of a cluster of smaller ones, a start vector with
     little weight on it can converge to the cluster first (eigenvalues 7.02, 7.0 three
     times, 4 and 1, of P = 30: about 7.0 from 93 of 200 seeds at tol 1e-3 and from 8 at
-    1e-4, after 3 to 5 products).
+    1e-4, each after 3 products).
     """
     if method not in EIGEN_METHODS:
         raise ValueError(f"eigenvalues: unknown method {method!r}; expected 'lanczos' or "
