@@ -152,6 +152,35 @@ def test_third_order_plain_autograd(backend):
 
 
 @pytest.mark.parametrize("training", [True, False])
+def test_fused_relu_at_a_zero_pre_activation_is_torchs(backend, training):
+    """Weight and bias 0 on channel 0: every pre-activation there is exactly 0, where
+    torch's relu passes no gradient (its mask is y > 0). First and second order and
+    the jvp against batch_norm + relu in torch."""
+    x = torch.randn(4, 3, 5, dtype=DT, requires_grad=True)
+    w = torch.tensor([0.0, 1.0, 2.0], dtype=DT, requires_grad=True)
+    b = torch.tensor([0.0, 0.5, -0.5], dtype=DT, requires_grad=True)
+    running = (torch.randn(3, dtype=DT), torch.rand(3, dtype=DT) + 0.5)
+    grad_y, x_t = torch.randn(4, 3, 5, dtype=DT), torch.randn(4, 3, 5, dtype=DT)
+
+    def stock(x, w, b):
+        rm, rv = (t.clone() for t in running)
+        return torch.relu(torch.nn.functional.batch_norm(x, rm, rv, w, b, training=training))
+
+    def second(fn):
+        y = fn(x, w, b)
+        first = torch.autograd.grad(y, (x, w, b), grad_y, create_graph=True)
+        outer = sum((g ** 2).sum() for g in first)
+        return (y, *first, *torch.autograd.grad(outer, (x, w, b)))
+    ours = _op(training, "relu", running, True)
+    for got, want in zip(second(ours), second(stock)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    tangents = (x_t, torch.randn(3, dtype=DT), torch.randn(3, dtype=DT))
+    primals = (x.detach(), w.detach(), b.detach())
+    torch.testing.assert_close(jvp(ours, primals, tangents)[1],
+                               jvp(stock, primals, tangents)[1], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [True, False])
 def test_fused_relu_keeps_bias_in_the_second_order_graph(backend, training):
     """BN then relu keeps the bias in the graph of the first-order gradients (their
     derivative with respect to it is zero), so autograd.grad needs no allow_unused."""

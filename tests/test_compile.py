@@ -30,6 +30,33 @@ def test_compiled_training_step_matches_eager():
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_compiled_double_backward_matches_stock(activation):
+    """The second derivative through the custom ops' autograd registrations (Dynamo's
+    eager backend: aot_autograd has no double backward), against stock batch norm."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def stock(x, w, b):
+        y = nn.functional.batch_norm(x, None, None, w, b, training=True)
+        return y.relu() if activation else y
+
+    def ours(x, w, b):
+        return fastbn.batch_norm(x, None, None, w, b, training=True, activation=activation)
+
+    def second(fn):
+        gx, gw, gb = torch.autograd.grad((fn(x, w, b) ** 3).sum(), (x, w, b),
+                                         create_graph=True)
+        return torch.autograd.grad((gx ** 2).sum() + (gw ** 2).sum() + gb.sum() ** 2,
+                                   (x, w, b), allow_unused=True, materialize_grads=True)
+    want = second(stock)
+    got = second(torch.compile(ours, backend="eager", fullgraph=True))
+    for g, v in zip(got, want):
+        torch.testing.assert_close(g, v, rtol=1e-9, atol=1e-9)
+
+
 def test_compiled_cumulative_average_with_a_backward_each_step():
     # momentum=None blends with 1/n, a float that changes every step: inductor once kept
     # a stale value of it from the third step on (torch's layer was right).

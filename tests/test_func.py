@@ -116,6 +116,25 @@ def test_vmap_over_independent_batches(backend, problem):
                                _flat(grad(loss)(params, xs[1])))
 
 
+@pytest.mark.parametrize("in_dim", (0, 1, 2, 3))
+@pytest.mark.parametrize("activation", (None, "relu"))
+def test_vmap_over_data_at_any_dimension(backend, in_dim, activation):
+    """B = 2 instances of x (4, 3, 5) batched at each of its dimensions (B differs from
+    the channel count, so a misplaced fold shows), each with its own statistics."""
+    xs = torch.randn(2, 4, 3, 5, dtype=DT)
+    w = torch.rand(3, dtype=DT, requires_grad=True)
+    b = torch.randn(3, dtype=DT)
+
+    def f(xi):
+        return fastbn.batch_norm(xi, None, None, w, b, training=True, activation=activation)
+    got = vmap(f, in_dims=in_dim)(xs.movedim(0, in_dim))
+    want = torch.stack([f(xs[i]) for i in range(2)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad_y = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(got, w, grad_y)[0],
+                               torch.autograd.grad(want, w, grad_y)[0], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("in_dim", (0, 2))
 def test_vmap_over_no_batches_gives_no_outputs(backend, in_dim):
     """A vmapped dimension of size 0: outputs of that size and the unbatched shapes (the

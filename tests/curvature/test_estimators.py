@@ -256,6 +256,11 @@ def test_seeds_reproduce(matrix):
         from_generator = eigenvalues(op, k=2, method=method,
                                      seed=torch.Generator().manual_seed(5))
         assert torch.equal(from_generator[0], eigenvalues(op, k=2, method=method, seed=5)[0])
+        # ... and another seed another start: the estimates of one step differ.
+        with pytest.warns(RuntimeWarning, match="did not reach tol"):
+            one_step = [eigenvalues(op, k=1, method=method, max_iter=1, seed=s)[0]
+                        for s in (5, 6)]
+        assert not torch.equal(*one_step)
     nodes, weights = stochastic_lanczos_quadrature(op, num_runs=3, num_steps=10, seed=5)
     other_nodes, _ = stochastic_lanczos_quadrature(op, num_runs=3, num_steps=10, seed=6)
     assert torch.equal(nodes, stochastic_lanczos_quadrature(op, num_runs=3, num_steps=10,
