@@ -278,11 +278,13 @@ def test_a_per_channel_argument_that_is_not_a_tensor_is_refused_in_torchs_words(
         args = dict(running_mean=torch.zeros(3), running_var=torch.ones(3),
                     weight=torch.ones(3), bias=torch.zeros(3))
         args[name] = value
+        before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
         with pytest.raises(TypeError) as info:
-            call(torch.randn(4, 3), args.pop("running_mean"), args.pop("running_var"), **args,
-                 training=training)
+            call(torch.randn(4, 3), args["running_mean"], args["running_var"],
+                 args["weight"], args["bias"], training=training)
         messages.append(str(info.value))
     assert messages[0] == messages[1]
+    assert all(torch.equal(args[k], v) for k, v in before.items())   # fastbn's call
 
 
 def test_a_training_flag_of_an_extension_type_is_named_as_torch_names_it():
@@ -428,10 +430,13 @@ def test_autograd_function_only_where_something_differentiates(monkeypatch, trai
 def test_errors_in_torchs_words(x, with_var, training, eps):
     def raised(batch_norm):
         rm, rv = _state()
+        before = rm.clone(), rv.clone()
         with pytest.raises(Exception) as info:
             batch_norm(x, rm, rv if with_var else None, training=training, eps=eps)
-        return type(info.value), str(info.value)
-    assert raised(fastbn.batch_norm) == raised(F.batch_norm)
+        return type(info.value), str(info.value), (rm, rv), before
+    *ours, state, before = raised(fastbn.batch_norm)
+    assert tuple(ours) == raised(F.batch_norm)[:2]
+    assert all(torch.equal(t, b) for t, b in zip(state, before))   # no state changed
 
 
 class _Tagged(torch.Tensor):

@@ -566,6 +566,27 @@ def test_statistics_when_the_channel_starts_far_from_its_mean(native, layout, da
     torch.testing.assert_close(invstd.double(), invstd64, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("eps", (0.0, 1e-3, 0.5, 10.0))
+@pytest.mark.parametrize("layout", ("nchw", "channels_last", "2d", "strided_fold"))
+@pytest.mark.parametrize("act", (None, "relu"))
+def test_forward_with_other_eps_and_momentum(native, layout, eps, act):
+    """The forward kernels against the reference at eps values other than the suite's
+    1e-5, with running statistics (momentum 0.3) in training."""
+    x = layout_x(layout, torch.Generator().manual_seed(21), torch.float64)
+    c = x.shape[1]
+    gen = torch.Generator().manual_seed(22)
+    w, b, rm = (torch.randn(c, generator=gen, dtype=torch.float64) for _ in range(3))
+    rv = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+    got_running, want_running = (rm.clone(), rv.clone()), (rm.clone(), rv.clone())
+    got = cpu.forward_train(x, w, b, eps, act, *got_running, 0.3)
+    want = reference.forward_train(x, w, b, eps, act, *want_running, 0.3)
+    for g, v in zip((*got, *got_running), (*want, *want_running)):
+        torch.testing.assert_close(g, v, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cpu.forward_eval(x, rm, rv, w, b, eps, act),
+                               reference.forward_eval(x, rm, rv, w, b, eps, act),
+                               rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("layout", ("nchw", "channels_last", "2d"))
 def test_non_finite_values_propagate_as_in_torch(native, layout):
     check_non_finite_forward(cpu, layout_x(layout, torch.Generator().manual_seed(13),
