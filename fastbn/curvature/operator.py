@@ -101,13 +101,13 @@ class HessianOperator:
         current parameters and buffers and given its modules' current tensor attributes
         (cloned) and attributes holding numbers, strings or None; a submodule replaced,
         or a hook added or removed, after construction is not seen (build a new
-        operator). Where the model is an
-        nn.Sequential, a batch norm directly followed by nn.ReLU in it or in Sequentials
-        nested in it runs as one fused layer in the copy, unless either has hooks. The model
-        itself is only read: its parameters, buffers and training flags are bitwise the
-        same after every call, also when a call raises. Dropout layers (nn.Dropout,
-        Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout) run in eval mode in the copy
-        whatever the model's flag: the loss of a randomly masked model has no Hessian.
+        operator). Where the model is an nn.Sequential, a batch norm directly followed by
+        nn.ReLU in it or in Sequentials nested in it runs as one fused layer in the copy,
+        unless either has hooks. The model itself is only read: its parameters, buffers
+        and training flags are bitwise the same after every call, also when a call
+        raises. Dropout layers (nn.Dropout, Dropout1d/2d/3d, AlphaDropout,
+        FeatureAlphaDropout) run in eval mode in the copy whatever the model's flag: the
+        loss of a randomly masked model has no Hessian.
         Other random operations (F.dropout with training=True, nn.RReLU in training mode,
         torch.rand* in a forward) draw from torch's global generator (and the operator's
         CUDA device's), which every evaluation of batch b's loss seeds with

@@ -220,7 +220,7 @@ def _apply_functionalized(interpreter, cls, args):
     for a in args:
         if isinstance(a, torch.Tensor) and is_functionaltensor(a):
             torch._sync(a)
-            a = _unwrap_functional_tensor(a, interpreter._cptr.functionalizeAddBackViews())
+            a = _unwrap_functional_tensor(a, interpreter.functionalize_add_back_views())
         unwrapped.append(a)
     with interpreter.lower():
         out = cls.apply(*unwrapped)

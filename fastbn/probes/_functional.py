@@ -40,9 +40,10 @@ def _reuses_a_module(model):
 
 def transformable(model, process_group=None):
     """`model` itself if all its BN layers are fastbn's local ones and no submodule is
-    reused (`_reuses_a_module`), else a converted deep copy: with `process_group`, its BN layers are fastbn.SyncBatchNorm over it; without,
-    each normalises its own process's batch (a SyncBatchNorm of the model would
-    synchronise the statistics over the whole world while the loss stays local).
+    reused (`_reuses_a_module`), else a converted deep copy: with `process_group`, its BN
+    layers are fastbn.SyncBatchNorm over it; without, each normalises its own process's
+    batch (a SyncBatchNorm of the model would synchronise the statistics over the whole
+    world while the loss stays local).
 
     torch's own BN layers mutate running statistics in training mode, which torch.func
     transforms refuse; fastbn's layers leave them alone under a transform. Subclasses of
