@@ -477,9 +477,11 @@ def test_tangents_with_a_large_common_part(native, op, layout, k):
 
 
 # Per-channel outputs (sums over a channel's values): RMS error over the reference's,
-# pooled over 6 seeds, K None and 3, with and without ReLU, on long NCHW channels. The
-# float lanes go to double every RUN / W = 32 values a lane: at most 1.62 here (with 128
-# values a lane, up to 2.52).
+# pooled over 12 seeds, K None and 3, with and without ReLU, on long NCHW channels. The
+# float lanes go to double every RUN / W = 32 values a lane: at most 1.64 here (with 128
+# values a lane, up to 2.52). The reference's own error is mostly its outputs' rounding
+# to float32, so over 6 seeds (18 values a case) one case's ratio went from 1.36 to 2.22
+# when the problems' statistics changed by their rounding; over 18 seeds it is at 1.44.
 PER_CHANNEL_OUTPUTS = {"backward": (1, 2), "backward_backward": (2,), "backward_jvp": (1, 2)}
 
 
@@ -490,7 +492,7 @@ def test_per_channel_sums_of_long_nchw_channels(native, op, layout):
         for act in (None, "relu"):
             err = torch.zeros(3, dtype=torch.float64)
             own = torch.zeros(3, dtype=torch.float64)
-            for seed in range(6):
+            for seed in range(12):
                 p = _problem(layout, torch.float32, k, seed)
                 out = _call(cpu, op, p, act)
                 ref = _call(reference, op, p, act)
