@@ -10,7 +10,7 @@ from torch import nn
 
 import fastbn
 from fastbn.probes import (DEFAULT_MULTIPLIERS, SmoothnessProbe, gradient_step_probe,
-                           top_hessian_eigenvalue)
+                           theory_checks, top_hessian_eigenvalue)
 from fastbn.testing import run_processes
 from tests.probes.helpers import TupleInputs
 
@@ -104,7 +104,6 @@ def test_a_layer_applied_twice_stays_the_models():
     module's parameters replaced by plain tensors (torch 2.13): every probe runs on a
     copy of such a model, which keeps its parameters, their values and the optimiser's
     hold on them; the probe's values are the direct computation's."""
-    from fastbn.probes import theory_checks
     torch.manual_seed(0)
     shared = nn.Linear(4, 4)
     model = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), fastbn.BatchNorm1d(4),
@@ -118,7 +117,7 @@ def test_a_layer_applied_twice_stays_the_models():
     assert [id(p) for p in model.parameters()] == [id(p) for p in params]
     assert all(type(p) is nn.Parameter for p in model.parameters())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    loss0, grad_norm, losses, changes = direct_probe(model, criterion, data, 0.1, (1.0, 2.0))
+    _, _, losses, changes = direct_probe(model, criterion, data, 0.1, (1.0, 2.0))
     assert result["losses"] == pytest.approx(losses, rel=1e-12)
     assert result["grad_changes"] == pytest.approx(changes, rel=1e-10)
 
@@ -146,8 +145,8 @@ def test_a_forward_that_writes_to_a_buffer(torch_bn):
     result = gradient_step_probe(model, nn.CrossEntropyLoss(), batch(), 0.1,
                                  multipliers=(1.0, 2.0))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    loss0, grad_norm, losses, changes = direct_probe(model, nn.CrossEntropyLoss(), batch(),
-                                                     0.1, (1.0, 2.0))
+    _, _, losses, changes = direct_probe(model, nn.CrossEntropyLoss(), batch(), 0.1,
+                                         (1.0, 2.0))
     assert result["losses"] == pytest.approx(losses, rel=1e-12)
     assert result["grad_changes"] == pytest.approx(changes, rel=1e-10)
 
