@@ -237,17 +237,19 @@ def power_eigenvalues(op, k, *, tol, max_iter, seed, progress):
     first pair) and the shift is subtracted. The shift brings the eigenvalues' ratios
     closer to 1, so these runs need more products than unshifted ones. Where the first
     run did not converge (λ and -λ both of largest magnitude: its iterates swing between
-    them), its Rayleigh quotient is no eigenvalue: the shift is ‖H v‖ of its last vector
-    where that is larger (still at most |λ_abs|) and the first pair is sought again on
-    H + shift·I from that vector, for k = 1 too (where it took a mixture of λ and -λ's
-    vectors for a pair).
+    them, or it crept towards a negative λ_abs with a close neighbour), its Rayleigh
+    quotient is no eigenvalue: the shift is ‖H v‖ of its last vector where that is larger
+    (still at most |λ_abs|) and the first pair is sought again on H + shift·I, for k = 1
+    too, from the first start vector. (Not from the last iterate: max_iter products have
+    all but removed the small-magnitude directions from it, the largest algebraic
+    eigenvalue's among them where λ_abs < 0, and its residual then passed for the most
+    negative pair's.)
     """
     starts = random_vectors(op, k, seed)
 
-    def run(i, shift, found, start=None):
-        return _power_run(op, starts[:, i] if start is None else start, shift, found,
-                          tol=tol, max_iter=max_iter, progress=progress,
-                          desc=f"power {i + 1}/{k}")
+    def run(i, shift, found):
+        return _power_run(op, starts[:, i], shift, found, tol=tol, max_iter=max_iter,
+                          progress=progress, desc=f"power {i + 1}/{k}")
 
     value, vector, converged = run(0, 0.0, [])
     found = [(value, vector)]
@@ -255,7 +257,7 @@ def power_eigenvalues(op, k, *, tol, max_iter, seed, progress):
         shift = abs(value)
         if not converged:
             shift = max(shift, float(op.matvec(vector).norm()))
-            value, vector, converged = run(0, shift, [], start=vector)
+            value, vector, converged = run(0, shift, [])
             found = [(value, vector)]
         elif value < 0:     # the most negative eigenvalue: start again on H + shift·I
             found = []
