@@ -44,7 +44,7 @@ from fastbn.experiments import report, runner
 from fastbn.experiments.config import make_config
 from fastbn.probes.callback import json_safe
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def build_parser():

@@ -14,13 +14,16 @@ from fastbn.probes.sharpness import top_hessian_eigenvalue
 
 
 def json_safe(value):
-    """`value` with numpy scalars as Python numbers and every non-finite float replaced by
-    None (strict JSON has no NaN/inf)."""
+    """`value` with numpy scalars as Python numbers, NaN (a missing value) as None and ±inf
+    (a blown-up probe step, a diverged loss) as the strings "inf" and "-inf", which
+    float() reads back: strict JSON has neither, and the two mean different things."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         value = float(value)
-        return value if math.isfinite(value) else None
+        if math.isnan(value):
+            return None
+        return value if math.isfinite(value) else str(value)
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -34,7 +37,7 @@ class SmoothnessProbe:
     Every `every` steps it runs `gradient_step_probe` (and, with `sharpness=True`, the
     top Hessian eigenvalue by at most `sharpness_max_iter` Lanczos steps; NaN where the
     step's loss is not finite) on that step's batch, keeps the record in `records` and, with
-    `log_path`, appends it as one JSON line (non-finite values written as null). The
+    `log_path`, appends it as one JSON line (NaN written as null, ±inf as "inf" or "-inf"). The
     model is left exactly as it was. `seconds` is the wall time spent probing, to keep
     apart from training time. The probed step lengths are multiples of `lr`; under a
     learning-rate schedule, set `probe.lr` as it changes.

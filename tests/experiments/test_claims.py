@@ -1,8 +1,10 @@
+import json
 import math
 
 import pytest
 
 from fastbn.experiments import claims
+from fastbn.probes.callback import json_safe
 
 
 def run(scale, steps=10, beta=1.0):
@@ -58,6 +60,23 @@ def test_blown_up_plain_probes_count_as_wider_and_missing_ones_as_no_data():
     plain["probes"]["loss_max"] = [None] * 10
     found = by_id(claims.landscape_claims({"plain": plain, "bn": run(1.0)}, 100, "x", "X"))
     assert found["x_loss_range"]["verdict"] == "no data"
+
+
+def test_claims_recomputed_from_the_written_json_are_the_claims_written():
+    """A blown-up probe (inf) counts against its side and a missing one (NaN) is no data:
+    written both as null, the JSON gave another effective β (0.405 for 0.432 in a run
+    whose plain net diverged)."""
+    plain, bn = run(100.0), run(1.0)
+    for field in ("loss_max", "grad_change_max", "beta_eff"):
+        bn["probes"][field][:4] = [math.inf] * 4     # blown up with BN: against BN
+        plain["probes"][field][4:6] = [math.nan] * 2  # not measured: no data
+    runs = {"plain": plain, "bn": bn}
+    read = json.loads(json.dumps(json_safe(runs), allow_nan=False))
+    assert read["bn"]["probes"]["beta_eff"][:5] == ["inf"] * 4 + [1.0]
+    assert read["plain"]["probes"]["beta_eff"][4] is None
+    written = claims.landscape_claims(runs, 100, "x", "X")
+    assert by_id(written)["x_effective_beta"]["value"] == 0.5   # 4 of 8 paired steps
+    assert (json_safe(claims.landscape_claims(read, 100, "x", "X")) == json_safe(written))
 
 
 def test_learning_rate_claim():

@@ -59,7 +59,7 @@ def test_writes_every_output(tiny_run):
 
 def test_results_follow_the_schema(tiny_run):
     results = json.loads((tiny_run / "results.json").read_text())
-    assert results["schema_version"] == 2
+    assert results["schema_version"] == 3
     assert results["config"]["seed"] == 3 and results["config"]["vgg_steps"] == 6
     assert {"torch", "fastbn", "threads", "world_size"} <= set(results["environment"])
     experiments = results["experiments"]
