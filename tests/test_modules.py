@@ -3,6 +3,7 @@
 import copy
 import inspect
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -96,6 +97,17 @@ def test_invalid_input_leaves_state_unchanged(backend):
         assert torch.equal(layer.state_dict()[k], v), k
     with pytest.raises(ValueError, match="unknown activation"):
         fastbn.BatchNorm1d(3, activation="tanh")
+
+
+@pytest.mark.parametrize("flag", (1, 0, np.bool_(True), np.bool_(False)), ids=repr)
+def test_a_training_flag_set_to_a_truthy_value_works_as_torchs(backend, flag):
+    """Module.train() takes only bools, but the attribute can be set directly: torch's
+    layer reads its truth value."""
+    ref, fast = _pair(nn.BatchNorm1d, fastbn.BatchNorm1d, {})
+    ref.training = fast.training = flag
+    x = torch.randn(6, 5) + 3
+    torch.testing.assert_close(fast(x), ref(x))
+    torch.testing.assert_close(fast.state_dict(), ref.state_dict())
 
 
 def _error_and_unchanged(layer, error):

@@ -78,7 +78,7 @@ class _FastBatchNorm:
         # its attribute fallback (__getattr__, in Python) costs several microseconds for
         # the four on a cold cache. functional_call swaps tensors in the dicts; a
         # parametrization takes the name out of them (a property serves it).
-        training = self.training
+        training = bool(self.training)   # as torch: a truthy flag set directly counts
         params, buffers = self._parameters, self._buffers
         running_mean = (buffers["running_mean"] if "running_mean" in buffers
                         else self.running_mean)
@@ -319,7 +319,10 @@ def convert(module, *, fuse_relu=False, sync=False, process_group=None):
     reached at several places becomes one converted layer. A batch norm with
     parametrizations or compiled with Module.compile() is refused (ValueError, before
     anything changes). Returns the converted module (a new object only when `module`
-    itself is a batch norm).
+    itself is a batch norm). A replaced layer's successor shares its parameter, buffer
+    and hook dicts, so that hooks registered before still fire and their handles still
+    remove them, but not its flags (training, momentum, eps): use the successor, not the
+    replaced layer.
     """
     for child in module.modules():
         _check_convertible(child, sync)
