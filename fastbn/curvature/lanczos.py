@@ -58,10 +58,15 @@ def bar_disabled(progress):
     return None if progress is None else not progress
 
 
+class NonFiniteProductError(RuntimeError):
+    """A Hessian-vector product overflowed or is NaN (at a finite loss: a model far out on
+    a blowing-up landscape): the estimate built on it would be meaningless."""
+
+
 def check_finite_product(value):
     if not torch.isfinite(torch.tensor(value)):
-        raise RuntimeError("non-finite Hessian-vector product; the curvature estimate would "
-                           "be meaningless")
+        raise NonFiniteProductError("non-finite Hessian-vector product; the curvature "
+                                    "estimate would be meaningless")
 
 
 def _orthogonalise(w, basis):

@@ -127,8 +127,7 @@ def networks(args, device):
         else:
             model = runner.build_dln(config, batch_norm)
             criterion = runner.DLN_CRITERION
-            batch = tuple(t.to(device) for t in datasets.deep_linear_problem(
-                dim=config.dln_dim, samples=config.dln_samples, seed=config.seed))
+            batch = runner.dln_problem(config)
             lr = config.dln_lr if lr is None else lr
             multipliers = config.dln_multipliers
         if state is not None:

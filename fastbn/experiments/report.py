@@ -383,7 +383,9 @@ CHOICES = [
     "in eval mode (running statistics).",
     "DLN: loss = sum of squared errors over all samples and outputs (‖W1…W{dln_depth} x − A x‖² "
     "summed), no biases, Glorot init, BN (affine) between consecutive linear layers "
-    "({dln_bn_layers} BN layers).",
+    "({dln_bn_layers} BN layers); trained and probed in float64 (the VGG in float32): at "
+    "lr = 1e-6 its smallest probe steps, 0.01 × lr × g, fall below float32's resolution "
+    "of its weights.",
     "Non-finite values: a NaN/inf loss inside a probe counts as +inf in the maxima and is "
     "skipped in the minima (a probe with no finite loss has an infinite loss range); in the "
     "claims' ratios a blown-up side counts against that side and two blown-up sides as a "

@@ -8,6 +8,7 @@ import time
 import torch.distributed as dist
 
 from fastbn import _checks
+from fastbn.curvature import NonFiniteProductError
 from fastbn.probes import _functional
 from fastbn.probes.landscape import check_lr, check_multipliers, gradient_step_probe
 from fastbn.probes.sharpness import top_hessian_eigenvalue
@@ -36,9 +37,9 @@ class SmoothnessProbe:
 
     Every `every` steps it runs `gradient_step_probe` (and, with `sharpness=True`, the
     top Hessian eigenvalue by at most `sharpness_max_iter` Lanczos steps; NaN where the
-    step's loss is not finite) on that step's batch, keeps the record in `records` and, with
-    `log_path`, appends it as one JSON line (NaN written as null, ±inf as "inf" or "-inf"). The
-    model is left exactly as it was. `seconds` is the wall time spent probing, to keep
+    step's loss or a Hessian-vector product is not finite) on that step's batch, keeps
+    the record in `records` and, with `log_path`, appends it as one JSON line (NaN
+    written as null, ±inf as "inf" or "-inf"). The model is left exactly as it was. `seconds` is the wall time spent probing, to keep
     apart from training time. The probed step lengths are multiples of `lr`; under a
     learning-rate schedule, set `probe.lr` as it changes.
 
@@ -65,6 +66,18 @@ class SmoothnessProbe:
         self.records = []
         self.seconds = 0.0
 
+    def _sharpness(self, step, batch, loss):
+        """The top Hessian eigenvalue, NaN where a run is blowing up: a non-finite loss,
+        or a finite one whose Hessian-vector products overflow (no curvature to measure)."""
+        if not math.isfinite(loss):
+            return math.nan
+        try:
+            return top_hessian_eigenvalue(
+                self.model, self.criterion, batch, seed=_checks.wrapped_seed(self.seed + step),
+                tol=1e-2, max_iter=self.sharpness_max_iter, process_group=self.process_group)
+        except NonFiniteProductError:
+            return math.nan
+
     def __call__(self, step, batch):
         """The probe record for `step`, or None when this step is not probed."""
         if step % self.every:
@@ -73,13 +86,8 @@ class SmoothnessProbe:
         record = {"step": step, **gradient_step_probe(
             self.model, self.criterion, batch, self.lr, multipliers=self.multipliers,
             process_group=self.process_group)}
-        if self.sharpness and not math.isfinite(record["loss"]):
-            record["sharpness"] = math.nan   # a diverging run: no curvature to measure
-        elif self.sharpness:
-            record["sharpness"] = top_hessian_eigenvalue(
-                self.model, self.criterion, batch,
-                seed=_checks.wrapped_seed(self.seed + step), tol=1e-2,
-                max_iter=self.sharpness_max_iter, process_group=self.process_group)
+        if self.sharpness:
+            record["sharpness"] = self._sharpness(step, batch, record["loss"])
         self.seconds += time.perf_counter() - start
         line = json.dumps(json_safe(record))
         self.records.append(record)

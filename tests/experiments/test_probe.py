@@ -65,8 +65,7 @@ def network(name, measured, state=None):
     batch_norm = name.endswith("_bn")
     if name.startswith("dln"):
         model = runner.build_dln(settings, batch_norm)
-        batch = datasets.deep_linear_problem(dim=settings.dln_dim,
-                                             samples=settings.dln_samples, seed=settings.seed)
+        batch = runner.dln_problem(settings)
         criterion = runner.DLN_CRITERION
     else:
         dataset = datasets.load_dataset(settings.dataset, seed=settings.seed)

@@ -57,6 +57,19 @@ def test_writes_every_output(tiny_run):
         assert (tiny_run / "checkpoints" / f"{part}.pt").exists()
 
 
+@pytest.mark.parametrize("network, dtype", [("vgg", torch.float32), ("dln", torch.float64)])
+def test_the_networks_train_in_the_dtypes_the_report_states(tiny_run, network, dtype):
+    """The DLN in float64: its smallest probe steps are below float32's resolution of its
+    weights late in training."""
+    for variant in ("plain", "bn"):
+        saved = torch.load(tiny_run / "checkpoints" / f"{network}_{variant}.pt",
+                           weights_only=True)
+        for state in saved["states"].values():
+            assert {v.dtype for v in state.values() if v.is_floating_point()} == {dtype}
+    assert "trained and probed in float64 (the VGG in float32)" in (
+        tiny_run / "report.md").read_text()
+
+
 def test_results_follow_the_schema(tiny_run):
     results = json.loads((tiny_run / "results.json").read_text())
     assert results["schema_version"] == 3

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 import fastbn
+from fastbn import curvature
 from fastbn.probes import (DEFAULT_MULTIPLIERS, SmoothnessProbe, gradient_step_probe,
                            theory_checks, top_hessian_eigenvalue)
 from fastbn.testing import run_processes
@@ -380,3 +381,17 @@ def test_callback_sharpness_of_a_non_finite_loss_is_nan():
         model[0].weight[0, 0] = math.inf
     record = SmoothnessProbe(model, nn.CrossEntropyLoss(), 0.1, sharpness=True)(0, batch())
     assert math.isnan(record["loss"]) and math.isnan(record["sharpness"])
+
+
+def test_callback_sharpness_where_the_products_overflow_at_a_finite_loss_is_nan():
+    """exp(w x) at w x = 88 is finite in float32, its Hessian x² exp(w x) is not: a run
+    blowing up, whose probe must not stop the training around it either."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(8.8)
+    data = (torch.tensor([[10.0]]), torch.zeros(1))
+    record = SmoothnessProbe(model, lambda out, _: out.exp().sum(), 0.1,
+                             sharpness=True)(0, data)
+    assert math.isfinite(record["loss"]) and math.isnan(record["sharpness"])
+    with pytest.raises(curvature.NonFiniteProductError, match="non-finite Hessian-vector"):
+        top_hessian_eigenvalue(model, lambda out, _: out.exp().sum(), data)
