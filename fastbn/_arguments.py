@@ -26,6 +26,14 @@ def positive_float(text):
     return value
 
 
+def fraction(text):
+    """argparse type: a number in (0, 1)."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
 def seed(text):
     """argparse type: a seed, an int in numpy's range (the data splits draw from numpy)."""
     value = int(text)

@@ -63,6 +63,14 @@ class NonFiniteProductError(RuntimeError):
     a blowing-up landscape): the estimate built on it would be meaningless."""
 
 
+def check_relative_tol(tol, where=None):
+    """ValueError unless `tol` is a number in (0, 1): a residual of |λ| or more accepts
+    any vector, and the "eigenvalues" would be noise."""
+    if check_positive_number(tol, "tol", where) >= 1:
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}tol is relative to |λ| and must be below 1, got {tol!r}")
+
+
 def check_finite_product(value):
     if not torch.isfinite(torch.tensor(value)):
         raise NonFiniteProductError("non-finite Hessian-vector product; the curvature "
@@ -313,9 +321,7 @@ def eigenvalues(op, k=1, *, method="lanczos", tol=1e-3, max_iter=100, seed=0, pr
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= op.shape[0]:
         raise ValueError(f"eigenvalues: k must be an int between 1 and P={op.shape[0]}, "
                          f"got {k!r}")
-    if check_positive_number(tol, "tol", "eigenvalues") >= 1:
-        # A residual of |λ| or more accepts any vector: the "eigenvalues" would be noise.
-        raise ValueError(f"eigenvalues: tol is relative to |λ| and must be below 1, got {tol!r}")
+    check_relative_tol(tol, "eigenvalues")
     check_count(max_iter, "max_iter", "eigenvalues")
     if max_iter < k:
         raise ValueError(f"eigenvalues: max_iter must be at least k={k}, got {max_iter}")

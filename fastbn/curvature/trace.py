@@ -53,6 +53,7 @@ def _exact_trace(op, bar):
         units = torch.zeros(size, width, device=op.device, dtype=op.dtype)
         units[start:start + width] = torch.eye(width, device=op.device, dtype=op.dtype)
         total += float(_products(op, units, bar)[start:start + width].diagonal().sum())
+    check_finite_product(total)
     return total
 
 
@@ -69,6 +70,7 @@ def _hutch_plus_plus(op, num_samples, seed, bar):
                            bar)
         basis = torch.linalg.qr(sketch).Q
         exact_part = float((basis * _products(op, basis, bar)).sum())
+        check_finite_product(exact_part)
     residual = _probe_quadratic_forms(op, num_samples - 2 * sketch_size, generator, bar,
                                       basis)
     mean, error = _mean_and_error(residual)

@@ -37,7 +37,7 @@ from torch import nn
 
 import fastbn
 from fastbn import _arguments, curvature
-from fastbn._arguments import positive_float, positive_int
+from fastbn._arguments import positive_int
 from fastbn.experiments import data as datasets
 from fastbn.experiments import runner
 from fastbn.experiments.cli import DATASET_PACKAGES
@@ -82,8 +82,8 @@ def build_parser():
                         help="images in the VGG probe batch (default: the run's batch size)")
     parser.add_argument("--top", type=positive_int, default=1,
                         help="top eigenvalues (default 1; at most the parameter count)")
-    parser.add_argument("--tol", type=positive_float, default=1e-3,
-                        help="Lanczos's relative residual (default 1e-3)")
+    parser.add_argument("--tol", type=_arguments.fraction, default=1e-3,
+                        help="Lanczos's relative residual, in (0, 1) (default 1e-3)")
     parser.add_argument("--trace-samples", type=positive_int, default=100,
                         help="Hessian-vector products of the trace estimate (default 100)")
     parser.add_argument("--density-runs", type=positive_int, default=8,

@@ -1,6 +1,7 @@
 """Sharpness: the top eigenvalue of the loss Hessian in weight space (via fastbn.curvature)."""
 
 from fastbn import _checks, curvature
+from fastbn.curvature.lanczos import check_relative_tol
 from fastbn.probes import _functional
 
 
@@ -10,15 +11,15 @@ def top_hessian_eigenvalue(model, criterion, batch, *, seed=0, tol=1e-3, max_ite
 
     `seed` (an int) sets Lanczos's start vector and the draws of a random layer (nn.RReLU
     in training mode): the same seed gives the same value, and the caller's random number
-    generators are left as they were. `tol` (a positive number) is Lanczos's relative
-    residual at convergence, `max_iter` its most steps.
+    generators are left as they were. `tol` (in (0, 1)) is Lanczos's relative residual at
+    convergence, `max_iter` its most steps.
 
     With `process_group`, `batch` is this process's shard and the Hessian that of the
     concatenated batch (criterion a mean over the batch), the same on every process.
     The operator runs a private copy of the model (synchronised over the group), so the
     model itself is only read.
     """
-    _checks.check_positive_number(tol, "tol")
+    check_relative_tol(tol)
     _checks.check_count(max_iter, "max_iter")
     _checks.check_seed(seed, generator=False)
     _functional.check_membership(process_group, "top_hessian_eigenvalue")

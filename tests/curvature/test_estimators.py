@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastbn.curvature import (HessianOperator, eigenvalues, smoothed_density,
-                              spectral_density, stochastic_lanczos_quadrature, trace)
+from fastbn.curvature import (HessianOperator, NonFiniteProductError, eigenvalues,
+                              smoothed_density, spectral_density,
+                              stochastic_lanczos_quadrature, trace)
 from fastbn.curvature.lanczos import random_vectors
 from tests.curvature.helpers import (DTYPE, MatrixOperator, assert_unchanged, batch_for, cnn,
                                      exact_hessian, mlp, random_symmetric, snapshot)
@@ -524,3 +525,18 @@ def test_power_where_the_first_run_creeps_towards_a_negative_pair():
                 values, vectors = eigenvalues(MatrixOperator(matrix), k=k, method="power",
                                               seed=seed)
             assert_eigenpairs(matrix, values, vectors, atol=2e-2)   # were off by 9
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+@pytest.mark.parametrize("estimate", [
+    lambda op: eigenvalues(op, k=2),
+    lambda op: eigenvalues(op, k=2, method="power"),
+    lambda op: trace(op, num_samples=4),                        # sketch and probes
+    lambda op: trace(op, num_samples=100),                      # exact: P unit vectors
+    lambda op: trace(op, num_samples=10, method="hutchinson"),
+    lambda op: spectral_density(op, num_runs=2, num_steps=3),
+], ids=["lanczos", "power", "hutch++", "exact trace", "hutchinson", "density"])
+def test_every_estimator_refuses_a_non_finite_product(estimate, bad):
+    matrix = torch.diag(torch.tensor([3.0, bad, 1.0, 0.5, 0.25, 0.1], dtype=DTYPE))
+    with pytest.raises(NonFiniteProductError, match="non-finite Hessian-vector product"):
+        estimate(MatrixOperator(matrix))

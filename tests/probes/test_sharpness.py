@@ -97,6 +97,7 @@ def test_the_sharpness_callback_leaves_the_training_runs_random_numbers():
     ({"tol": -1}, "^tol must be a positive finite number"),
     ({"tol": float("nan")}, "^tol must be a positive finite number"),
     ({"tol": True}, "^tol must be a positive finite number"),
+    ({"tol": 1.5}, r"^tol is relative to \|λ\| and must be below 1, got 1.5"),
     ({"max_iter": 0}, "^max_iter must be a positive int"),
     ({"max_iter": 2.5}, "^max_iter must be a positive int"),
 ])
