@@ -348,7 +348,7 @@ def _fmt(value):
         return f"{value:.3g}"
     if isinstance(value, dict):
         return ", ".join(f"{k} = {_fmt(v)}" for k, v in value.items())
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_fmt(v) for v in value) + "]"
     return str(value)
 

@@ -57,6 +57,11 @@ def test_writes_every_output(tiny_run):
         assert (tiny_run / "checkpoints" / f"{part}.pt").exists()
 
 
+def test_the_reports_configuration_rounds_the_step_grids(tiny_run):
+    report = (tiny_run / "report.md").read_text()
+    assert "| vgg_multipliers | [0.5, 0.673, 0.906, 1.22, 1.64, 2.21, 2.97, 4] |" in report
+
+
 @pytest.mark.parametrize("network, dtype", [("vgg", torch.float32), ("dln", torch.float64)])
 def test_the_networks_train_in_the_dtypes_the_report_states(tiny_run, network, dtype):
     """The DLN in float64: its smallest probe steps are below float32's resolution of its
