@@ -123,8 +123,8 @@ def main(argv=None):
     from fastbn.bench import DTYPES, FULL_SHAPES, geomean, parse_shape
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("other", help="the other build: a copy of a fastbn/_C*.so")
-    parser.add_argument("--shapes", nargs="+", type=parse_shape,
-                        default=FULL_SHAPES, help="default: the runner's 13 shapes")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=FULL_SHAPES,
+                        help=f"default: the runner's {len(FULL_SHAPES)} shapes")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--threads", type=positive_int, default=1)

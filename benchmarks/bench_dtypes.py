@@ -69,8 +69,8 @@ def run(shapes, ops, dtypes, rounds):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", type=parse_shape,
-                        default=FULL_SHAPES, help="default: the runner's 13 shapes")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=FULL_SHAPES,
+                        help=f"default: the runner's {len(FULL_SHAPES)} shapes")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--dtypes", nargs="+", choices=("float16", "bfloat16"),
                         default=["float16", "bfloat16"])

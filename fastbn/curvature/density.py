@@ -53,7 +53,7 @@ def stochastic_lanczos_quadrature(op, *, num_runs=8, num_steps=64, seed=0, progr
         w = op.matmat(current.t()).t()
         alphas[:, j] = (current * w).sum(1).to("cpu", torch.float64)
         check_finite_product(float(alphas[:, j].sum()))
-        for _ in range(2):   # full reorthogonalisation, twice (see lanczos._orthogonalise)
+        for _ in range(2):   # full reorthogonalisation, twice (see lanczos.orthogonalise)
             previous = basis[:, :j + 1]                          # (runs, j+1, P)
             w = w - torch.einsum("rjp,rj->rp", previous, torch.einsum("rjp,rp->rj", previous, w))
         beta = w.norm(dim=1).to("cpu", torch.float64)

@@ -77,7 +77,7 @@ def check_finite_product(value):
                                     "estimate would be meaningless")
 
 
-def _orthogonalise(w, basis):
+def orthogonalise(w, basis):
     """w minus its projection on the orthonormal rows of basis, twice (one Gram-Schmidt
     pass loses orthogonality in floating point; two are enough)."""
     for _ in range(2):
@@ -98,7 +98,9 @@ def breakdown_threshold(scale, steps, dtype):
     return scale * torch.finfo(dtype).eps * BREAKDOWN_ULPS * math.sqrt(steps)
 
 
-def _breakdown_threshold(alphas, betas, dtype):
+def run_breakdown_threshold(alphas, betas, dtype):
+    """breakdown_threshold for the next β of a run with these coefficients so far (the
+    largest of them standing for ‖T‖)."""
     scale = max([abs(a) for a in alphas] + betas + [1e-300])
     return breakdown_threshold(scale, len(alphas), dtype)
 
@@ -111,7 +113,7 @@ def tolerance(theta, tol, norm):
                              min=tol * norm)
 
 
-def _tridiagonal(alphas, betas):
+def tridiagonal(alphas, betas):
     off = torch.tensor(betas, dtype=torch.float64)
     return (torch.diag(torch.tensor(alphas, dtype=torch.float64))
             + torch.diag(off, 1) + torch.diag(off, -1))
@@ -139,7 +141,7 @@ def _lanczos_run(op, want, *, locked, threshold, norm_estimate, generator, tol, 
     krylov = basis[len(locked):]
 
     def fresh_direction(used):
-        q = _orthogonalise(random_vectors(op, 1, generator)[:, 0], basis[:used])
+        q = orthogonalise(random_vectors(op, 1, generator)[:, 0], basis[:used])
         return q / q.norm()
 
     krylov[0] = fresh_direction(len(locked))
@@ -150,9 +152,9 @@ def _lanczos_run(op, want, *, locked, threshold, norm_estimate, generator, tol, 
         w = op.matvec(krylov[j])
         alphas.append(float(krylov[j] @ w))
         check_finite_product(alphas[-1])
-        w = _orthogonalise(w, basis[:len(locked) + j + 1])
+        w = orthogonalise(w, basis[:len(locked) + j + 1])
         beta = float(w.norm())
-        theta, s = torch.linalg.eigh(_tridiagonal(alphas, betas))
+        theta, s = torch.linalg.eigh(tridiagonal(alphas, betas))
         scale = max(norm_estimate, float(theta.abs().max()))
         bound = threshold + (0.0 if threshold == -math.inf
                              else float(tolerance(threshold, tol, scale)))
@@ -164,7 +166,7 @@ def _lanczos_run(op, want, *, locked, threshold, norm_estimate, generator, tol, 
             bar.set_postfix(top=float(theta[-1]), residual=float(residual.max()))
         if converged or j + 1 == steps:
             break
-        if beta <= _breakdown_threshold(alphas, betas, op.dtype):
+        if beta <= run_breakdown_threshold(alphas, betas, op.dtype):
             betas.append(0.0)           # the Krylov space is invariant: start another
             krylov[j + 1] = fresh_direction(len(locked) + j + 1)
         else:
@@ -222,13 +224,13 @@ def _power_run(op, start, shift, found, *, tol, max_iter, progress, desc):
     own tolerance, leaves that residual near tol·|λ| of the larger eigenvalue found, above
     tol·|λ| of a smaller one, and the run took every product and warned.)"""
     basis = torch.stack([u for _, u in found]) if found else None
-    v = start if basis is None else _orthogonalise(start, basis)
+    v = start if basis is None else orthogonalise(start, basis)
     v = v / v.norm()
     bar = tqdm(range(max_iter), desc=desc, disable=bar_disabled(progress), leave=False)
     for _ in bar:
         w = op.matvec(v) + shift * v
         if basis is not None:
-            w = _orthogonalise(w, basis)
+            w = orthogonalise(w, basis)
         theta = float(v @ w)
         check_finite_product(theta)
         residual = float((w - theta * v).norm())

@@ -38,7 +38,7 @@ from torch._functorch.utils import enable_single_level_autograd_function, unwrap
 from fastbn.backends import reference
 from fastbn.backends.layout import as_output
 
-# Positions: every Function below except TrainForward takes
+# Positions: every Function below except TrainForward and EvalForward takes
 #   (*tangent_like, x, mean, invstd, weight, bias, eps, activation, backend).
 _PRIMAL = 5
 

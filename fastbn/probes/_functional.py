@@ -3,7 +3,7 @@
 Every probe evaluates the loss at weights other than the model's own. Doing that through
 torch.func.functional_call (instead of writing into the model) means the model's
 parameters and buffers are never touched; the only state that changes, the training
-flags of the BN layers, is put back on exit.
+flags of the BN layers (on) and of dropout layers (off), is put back on exit.
 
 Data-parallel probes (`process_group`): each process holds a shard of the batch and runs
 a private copy whose BN layers synchronise over the group, so the loss and gradient are

@@ -39,9 +39,10 @@ class SmoothnessProbe:
     top Hessian eigenvalue by at most `sharpness_max_iter` Lanczos steps; NaN where the
     step's loss or a Hessian-vector product is not finite) on that step's batch, keeps
     the record in `records` and, with `log_path`, appends it as one JSON line (NaN
-    written as null, ±inf as "inf" or "-inf"). The model is left exactly as it was. `seconds` is the wall time spent probing, to keep
-    apart from training time. The probed step lengths are multiples of `lr`; under a
-    learning-rate schedule, set `probe.lr` as it changes.
+    written as null, ±inf as "inf" or "-inf"). The model is left exactly as it was.
+    `seconds` is the wall time spent probing, to keep apart from training time. The
+    probed step lengths are multiples of `lr`; under a learning-rate schedule, set
+    `probe.lr` as it changes.
 
     With `process_group` (data-parallel training), every process calls it with its shard
     of the batch and gets the records of the concatenated batch (see

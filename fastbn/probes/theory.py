@@ -31,7 +31,7 @@ from torch.func import functional_call
 
 from fastbn import _checks, curvature
 from fastbn.curvature._functional import savable, split_batch
-from fastbn.curvature.lanczos import _breakdown_threshold, _orthogonalise, _tridiagonal
+from fastbn.curvature.lanczos import orthogonalise, run_breakdown_threshold, tridiagonal
 from fastbn.curvature.operator import check_finite_loss
 from fastbn.probes import _functional
 
@@ -210,13 +210,13 @@ def _extreme_eigenvalues(matvec, start, iterations):
     for j in range(iterations):
         w = matvec(basis[j].reshape(shape)).reshape(-1).to(basis.dtype)
         alphas.append(_dot(w, basis[j]))
-        w = _orthogonalise(w, basis[:j + 1])
+        w = orthogonalise(w, basis[:j + 1])
         beta = w.norm().item()
-        if j + 1 == iterations or beta <= _breakdown_threshold(alphas, betas, basis.dtype):
+        if j + 1 == iterations or beta <= run_breakdown_threshold(alphas, betas, basis.dtype):
             break   # the Krylov space is invariant, or the steps are spent
         betas.append(beta)
         basis[j + 1] = w / beta
-    ritz = torch.linalg.eigvalsh(_tridiagonal(alphas, betas))
+    ritz = torch.linalg.eigvalsh(tridiagonal(alphas, betas))
     return ritz[0].item(), ritz[-1].item()
 
 

@@ -287,7 +287,7 @@ def _coeffs(OP: tl.constexpr, s0, s1, s2, s3, s4, s5, s6, Mf, mean, invstd, w, b
 
 
 @triton.jit
-def _tile_out(OP: tl.constexpr, ACT: tl.constexpr, x, xhat, e1, e2, e3, relu,
+def _tile_out(OP: tl.constexpr, ACT: tl.constexpr, xhat, e1, e2, e3, relu,
               c0, c1, c2, c3, c4, c5, c6, c7, HAS_E1: tl.constexpr, HAS_E2: tl.constexpr,
               HAS_E3: tl.constexpr, HAS_P1: tl.constexpr):
     """The elementwise outputs; as in _coeffs, terms of absent inputs are left out."""
@@ -494,7 +494,7 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
             if OP == BB:
                 tl.store(Q1 + k * sqK + cs, q1, mask=cmask)
         if MODE == FUSED:
-            o1, o2 = _tile_out(OP, ACT, x, xhat, e1, e2, e3, relu, c0, c1, cc2, c3, c4, c5, c6,
+            o1, o2 = _tile_out(OP, ACT, xhat, e1, e2, e3, relu, c0, c1, cc2, c3, c4, c5, c6,
                                c7, HAS_E1, HAS_E2, HAS_E3, HAS_P1)
             _store_tile(O1, o1, k, m, c2, valid, L, so1K, so1N, so1C, so1L)
             if OP == BB:
@@ -507,7 +507,7 @@ def bn_kernel(X, E1, E2, E3, O1, O2,
                                             s1K, s1N, s1C, s1L, s2K, s2N, s2C, s2L,
                                             s3K, s3N, s3C, s3L, HAS_E1, HAS_E2, HAS_E3, ACC)
                 xhat, e1, e2, relu = _prep(OP, ACT, x, e1, e2, valid, mean, invstd, w, b)
-                o1, o2 = _tile_out(OP, ACT, x, xhat, e1, e2, e3, relu,
+                o1, o2 = _tile_out(OP, ACT, xhat, e1, e2, e3, relu,
                                    c0, c1, cc2, c3, c4, c5, c6, c7, HAS_E1, HAS_E2, HAS_E3,
                                    HAS_P1)
                 _store_tile(O1, o1, k, m, c2, valid, L, so1K, so1N, so1C, so1L)
