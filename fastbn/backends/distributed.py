@@ -30,6 +30,15 @@ _AGREED = weakref.WeakKeyDictionary()
 _ACC_DTYPES = (torch.float32, torch.float64)
 
 
+def all_reduce_packed(tensors, group):
+    """Each of `tensors` (one dtype and device) summed over the group in one all_reduce:
+    new tensors of their shapes."""
+    packed = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(packed, group=group)
+    return [chunk.view(t.shape) for chunk, t in
+            zip(packed.split([t.numel() for t in tensors]), tensors)]
+
+
 def _gather_ints(values, group, device):
     """Every process's `values` (ints, as many on every process), by rank: one small
     all_gather (on `device`: NCCL gathers CUDA tensors only)."""
@@ -91,14 +100,11 @@ class GroupReduction:
         return self.global_count.to(reference.acc_dtype(x.dtype))
 
     def total(self, *sums):
-        packed = torch.cat([t.reshape(-1) for t in sums])
         # Sizes differ where the tangents do (a jacobian over unequal local batches).
-        _check_agreement(self.group, (packed.numel(),), packed.device,
+        _check_agreement(self.group, (sum(t.numel() for t in sums),), sums[0].device,
                          "the size of a derivative's reduction (channels × tangents)",
                          lambda size: f"{size} values")
-        dist.all_reduce(packed, group=self.group)
-        return [chunk.view(t.shape) for chunk, t in
-                zip(packed.split([t.numel() for t in sums]), sums)]
+        return all_reduce_packed(sums, self.group)
 
     def moments(self, x):
         n = reference.LOCAL.count(x)

@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
 from fastbn._checks import check_count, is_positive_number
-from fastbn.backends.distributed import refuse_on_every_process
+from fastbn.backends.distributed import all_reduce_packed, refuse_on_every_process
 from fastbn.curvature import _memory
 from fastbn.curvature._functional import (FunctionalModel, check_membership,
                                           forked_random_state, is_single_batch,
@@ -590,21 +590,18 @@ class HessianOperator:
         """One all_reduce of every per-process sum, the sample count and, by rank, the
         first batch whose loss is not finite (`non_finite`: (index, loss) or None), which
         raises NonFiniteLossError on every process."""
-        pieces = [total[name].reshape(-1) for name in total]
-        flags = pieces[0].new_zeros(dist.get_world_size(self._group))
+        sums = list(total.values())
+        flags = sums[0].new_zeros(dist.get_world_size(self._group))
         if non_finite is not None:   # 1 + its index, as 0 stands for none
             flags[dist.get_rank(self._group)] = 1 + non_finite[0]
-        packed = torch.cat(pieces + [pieces[0].new_full((1,), count), flags])
-        dist.all_reduce(packed, group=self._group)
-        chunks = packed.split([p.numel() for p in pieces] + [1, flags.numel()])
+        chunks = all_reduce_packed(sums + [sums[0].new_full((1,), count), flags], self._group)
         for rank, flag in enumerate(chunks[-1].tolist()):
             if flag:
                 loss = f" ({non_finite[1]})" if rank == dist.get_rank(self._group) else ""
                 raise NonFiniteLossError(f"non-finite loss{loss} on batch {int(flag) - 1} "
                                          f"of process {rank} of the group; refusing to "
                                          "differentiate it")
-        return ({name: c.view(total[name].shape) for name, c in zip(total, chunks)},
-                chunks[-2])
+        return dict(zip(total, chunks)), chunks[-2]
 
     def _choose_single_batch_matvec_method(self, v):
         """methods_used["matvec"] for a single batch: forward-over-reverse's product

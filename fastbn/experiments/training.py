@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from fastbn.backends.distributed import all_reduce_packed
 from fastbn.probes import SmoothnessProbe
 
 
@@ -24,15 +25,12 @@ def _average_over_group(model, metrics, process_group):
     """Average the gradients (in place) and the scalar `metrics` over the group, in one
     all_reduce; returns the averaged metrics."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    pieces = [g.reshape(-1) for g in grads]
-    dtype = pieces[0].dtype
-    packed = torch.cat(pieces + [m.reshape(1).to(dtype) for m in metrics.values()])
-    dist.all_reduce(packed, group=process_group)
-    packed /= dist.get_world_size(process_group)
-    chunks = packed.split([p.numel() for p in pieces] + [len(metrics)])
-    for grad, chunk in zip(grads, chunks):
-        grad.copy_(chunk.view_as(grad))
-    return dict(zip(metrics, chunks[-1]))
+    values = [m.reshape(1).to(grads[0].dtype) for m in metrics.values()]
+    world = dist.get_world_size(process_group)
+    sums = all_reduce_packed(grads + values, process_group)
+    for grad, total in zip(grads, sums):
+        torch.div(total, world, out=grad)
+    return {name: total[0] / world for name, total in zip(metrics, sums[len(grads):])}
 
 
 @torch.no_grad()

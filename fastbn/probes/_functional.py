@@ -13,12 +13,11 @@ those of the concatenated batch on every process.
 import contextlib
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call, grad_and_value
 from torch.nn.modules.dropout import _DropoutNd
 
-from fastbn.backends.distributed import refuse_on_every_process
+from fastbn.backends.distributed import all_reduce_packed, refuse_on_every_process
 from fastbn.curvature._functional import (_retype_batch_norm_subclasses, check_membership,
                                           converted, forked_random_state, private_copy,
                                           savable, split_batch)
@@ -158,14 +157,11 @@ def grad_and_loss_function(model, criterion, constants, inputs, targets, process
 
     def global_grad_and_loss(params):
         grad, value = weighted(params)
-        pieces = [g.reshape(-1) for g in grad.values()]
-        packed = torch.cat(pieces + [value.reshape(1).to(pieces[0].dtype),
-                                     pieces[0].new_full((1,), count)])
-        dist.all_reduce(packed, group=process_group)
-        packed = packed[:-1] / packed[-1]
-        chunks = packed.split([p.numel() for p in pieces] + [1])
-        return ({name: c.view_as(g) for (name, g), c in zip(grad.items(), chunks)},
-                chunks[-1].reshape(()))
+        sums = list(grad.values())
+        *grads, value, total = all_reduce_packed(
+            sums + [value.reshape(1).to(sums[0].dtype), sums[0].new_full((1,), count)],
+            process_group)
+        return ({name: g / total for name, g in zip(grad, grads)}, (value / total).reshape(()))
 
     return global_grad_and_loss
 
