@@ -159,9 +159,9 @@ def grad_and_loss_function(model, criterion, constants, inputs, targets, process
         grad, value = weighted(params)
         sums = list(grad.values())
         *grads, value, total = all_reduce_packed(
-            sums + [value.reshape(1).to(sums[0].dtype), sums[0].new_full((1,), count)],
+            sums + [value.reshape(()).to(sums[0].dtype), sums[0].new_full((), count)],
             process_group)
-        return ({name: g / total for name, g in zip(grad, grads)}, (value / total).reshape(()))
+        return {name: g / total for name, g in zip(grad, grads)}, value / total
 
     return global_grad_and_loss
 

@@ -19,7 +19,7 @@ TINY = ["--quick", "--dataset", "digits", "--steps", "6", "--width", "0.0625",
 
 
 def finite_numbers(tree):
-    """Every number in a JSON tree (null stands for a non-finite value)."""
+    """Every number in a JSON tree (NaN is written as null, ±inf as "inf" or "-inf")."""
     if isinstance(tree, dict):
         return [x for v in tree.values() for x in finite_numbers(v)]
     if isinstance(tree, list):

@@ -10,8 +10,8 @@ from torch import nn
 
 import fastbn
 from fastbn import curvature
-from fastbn.probes import (DEFAULT_MULTIPLIERS, SmoothnessProbe, gradient_step_probe,
-                           theory_checks, top_hessian_eigenvalue)
+from fastbn.probes import (DEFAULT_MULTIPLIERS, SmoothnessProbe, _functional,
+                           gradient_step_probe, theory_checks, top_hessian_eigenvalue)
 from fastbn.testing import run_processes
 from tests.probes.helpers import TupleInputs
 
@@ -243,9 +243,11 @@ class _DictInputs(nn.Module):
     def __init__(self):
         super().__init__()
         self.net = tiny_model()
+        # 0-dim: its gradient keeps its shape through the packed all_reduce
+        self.scale = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
 
     def forward(self, inputs):
-        return self.net(inputs["x"])
+        return self.net(inputs["x"]) * self.scale
 
 
 SHARDS = (3, 7)   # unequal, and neither equal to the number of dict keys
@@ -258,6 +260,25 @@ def _probe_of_a_dict_shard(rank, world):
     return gradient_step_probe(_DictInputs(), nn.CrossEntropyLoss(),
                                ({"x": inputs[shard], "unused": inputs[shard]}, targets[shard]),
                                0.1, multipliers=(1.0,), process_group=dist.group.WORLD)
+
+
+def _group_gradient_shapes(rank, world):
+    model = _DictInputs()
+    inputs, targets = batch()
+    params, constants = _functional.split_state(model)
+    gradient, loss = _functional.grad_and_loss_function(
+        model, nn.CrossEntropyLoss(), constants, {"x": inputs[rank::world]},
+        targets[rank::world], dist.group.WORLD)(params)
+    return {name: tuple(g.shape) for name, g in gradient.items()}, tuple(loss.shape)
+
+
+def test_data_parallel_gradients_keep_their_parameters_shapes():
+    """A 0-dim parameter's summed gradient came back as (1,) (divided by the count
+    packed as (1,)), and a model that stacks such parameters failed at the next point."""
+    expected = {name: tuple(p.shape) for name, p in _DictInputs().named_parameters()}
+    for result in run_processes(_group_gradient_shapes, 2):
+        assert "value" in result, result.get("trace", result)
+        assert result["value"] == (expected, ())
 
 
 def test_data_parallel_probe_weighs_dict_shards_by_their_samples():
