@@ -41,6 +41,14 @@ def check_positive_number(value, name, where=None):
     return float(value)
 
 
+def check_relative_tol(tol, where=None):
+    """ValueError unless `tol` is a number in (0, 1): an eigenvalue's relative residual
+    of |λ| or more accepts any vector, and the "eigenvalues" would be noise."""
+    if check_positive_number(tol, "tol", where) >= 1:
+        raise ValueError(f"{_prefix(where)}tol is relative to |λ| and must be below 1, "
+                         f"got {tol!r}")
+
+
 # The seeds torch.Generator.manual_seed takes.
 SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)
 

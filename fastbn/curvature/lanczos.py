@@ -8,7 +8,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from fastbn._checks import check_count, check_positive_number, check_seed
+from fastbn._checks import check_count, check_relative_tol, check_seed
 
 EIGEN_METHODS = ("lanczos", "power")
 
@@ -61,14 +61,6 @@ def bar_disabled(progress):
 class NonFiniteProductError(RuntimeError):
     """A Hessian-vector product overflowed or is NaN (at a finite loss: a model far out on
     a blowing-up landscape): the estimate built on it would be meaningless."""
-
-
-def check_relative_tol(tol, where=None):
-    """ValueError unless `tol` is a number in (0, 1): a residual of |λ| or more accepts
-    any vector, and the "eigenvalues" would be noise."""
-    if check_positive_number(tol, "tol", where) >= 1:
-        prefix = f"{where}: " if where else ""
-        raise ValueError(f"{prefix}tol is relative to |λ| and must be below 1, got {tol!r}")
 
 
 def check_finite_product(value):

@@ -1,7 +1,6 @@
 """Sharpness: the top eigenvalue of the loss Hessian in weight space (via fastbn.curvature)."""
 
 from fastbn import _checks, curvature
-from fastbn.curvature.lanczos import check_relative_tol
 from fastbn.probes import _functional
 
 
@@ -19,7 +18,7 @@ def top_hessian_eigenvalue(model, criterion, batch, *, seed=0, tol=1e-3, max_ite
     The operator runs a private copy of the model (synchronised over the group), so the
     model itself is only read.
     """
-    check_relative_tol(tol)
+    _checks.check_relative_tol(tol)
     _checks.check_count(max_iter, "max_iter")
     _checks.check_seed(seed, generator=False)
     _functional.check_membership(process_group, "top_hessian_eigenvalue")
