@@ -22,6 +22,14 @@ SOURCES = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
 HEADERS = sorted(glob.glob("csrc/**/*.h", recursive=True))  # a change rebuilds the extension
 
 
+# The kernels' flags on every machine (tests/backends/test_other_architectures.py builds
+# them for AArch64 with these). -ffp-contract=off: each product rounds as written,
+# wherever the compiler inlines an element loop, so the two schedules of a kernel's
+# passes give the same bits. -fopenmp-simd honours `omp simd` loops, no OpenMP runtime.
+COMPILE_ARGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
+                "-fopenmp-simd"]
+
+
 # Beside the extension when compiling it failed: `fastbn info` reads why.
 BUILD_ERROR_NOTE = "_C.build-error.txt"
 
@@ -95,11 +103,7 @@ def extensions():
         include_dirs=["csrc"],
         libraries=["dl"] if sys.platform.startswith("linux") else [],  # dlsym, glibc < 2.34
         cxx_std=17,
-        # -ffp-contract=off: each product rounds as written, wherever the compiler inlines
-        # an element loop, so the two schedules of a kernel's passes give the same bits.
-        extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
-                            "-fopenmp-simd"]  # honours `omp simd` loops, no OpenMP runtime
-        + _native_flags(),
+        extra_compile_args=COMPILE_ARGS + _native_flags(),
     )]
 
 
