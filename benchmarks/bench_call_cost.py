@@ -1,13 +1,13 @@
 """Per-call cost of a batch-norm layer on a cold and a warm cache, fastbn against stock.
 
-    python -m benchmarks.bench_call_cost [--calls 1500] [--json PATH]
+    python -m benchmarks.bench_call_cost [--mode eval|train] [--calls 1500] [--json PATH]
 
 For small layers the time of a call is its Python and dispatch work, not its kernel. In
 a network that work runs on a cold cache (a convolution between two batch norms evicts
 the interpreter's working set), where it costs several times what a tight loop shows.
 "cold": the median of calls made right after an 8 MB copy; "warm": of calls made right
-after the same call; stock's and fastbn's calls interleaved. One thread, eval mode, under
-no_grad and with parameters that require grad.
+after the same call; stock's and fastbn's calls interleaved. One thread, layers in eval
+(default) or training mode, under no_grad and with parameters that require grad.
 """
 
 import argparse
@@ -45,8 +45,9 @@ def _median_us(layers, evict, calls):
             for name in layers}
 
 
-def run(calls=1500):
-    """Rows of {shape, grad, layer, cold_us, warm_us} for stock and fastbn layers."""
+def run(calls=1500, mode="eval"):
+    """Rows of {shape, mode, grad, layer, cold_us, warm_us} for stock and fastbn layers
+    in `mode` ("eval" or "train")."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     big = torch.randn(1 << 20)
@@ -58,12 +59,13 @@ def run(calls=1500):
             pair = ((nn.BatchNorm1d, fastbn.BatchNorm1d) if len(shape) < 4
                     else (nn.BatchNorm2d, fastbn.BatchNorm2d))
             for grad in (False, True):
-                layers = {name: functools.partial(cls(shape[1]).eval(), x)
+                layers = {name: functools.partial(cls(shape[1]).train(mode == "train"), x)
                           for name, cls in zip(("stock", "fastbn"), pair)}
                 with torch.set_grad_enabled(grad):
                     times = _median_us(layers, lambda: torch.mul(big, 1.0, out=buf), calls)
-                rows += [{"shape": list(shape), "grad": grad, "layer": name, "cold_us": cold,
-                          "warm_us": warm} for name, (cold, warm) in times.items()]
+                rows += [{"shape": list(shape), "mode": mode, "grad": grad, "layer": name,
+                          "cold_us": cold, "warm_us": warm}
+                         for name, (cold, warm) in times.items()]
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -71,12 +73,15 @@ def run(calls=1500):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("eval", "train"), default="eval",
+                        help="the layers' mode (train: each call updates running statistics)")
     parser.add_argument("--calls", type=int, default=1500)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     if args.calls < 1:
         parser.error("--calls must be at least 1")
-    rows = run(args.calls)
+    rows = run(args.calls, args.mode)
+    print(f"{args.mode} mode, median µs per call")
     print("| shape | grad | stock cold µs | fastbn cold µs | stock warm µs | fastbn warm µs |")
     print("| --- | --- | --- | --- | --- | --- |")
     for stock, ours in zip(rows[::2], rows[1::2]):

@@ -224,6 +224,63 @@ def direct_eval(input, running_mean, running_var, weight, bias, momentum, eps, a
                                 activation)
 
 
+def direct_train_backend(input, running_mean, running_var, weight, bias, momentum, eps,
+                         activation):
+    """The backend for a training call of the common kind, which `direct_train` runs
+    straight through its Function, or None for any other call, which the general path
+    (`check_args`, `checked_batch_norm`) checks and runs.
+
+    The common kind: `direct_eval`'s (valid arguments that nothing but autograd
+    records), with eps > 0, more than one value per channel, and running statistics
+    both absent or both contiguous vectors that need no grad: every check of the general
+    path passes for it, and its call comes to the same Function. The modules ask
+    before they count the batch. A small layer's training call spent more time in the
+    general path's checks and frames than in its Function (RESULTS.md)."""
+    # Every check inline, as direct_eval's.
+    plain = _PLAIN_TYPES
+    if (type(input) is not torch.Tensor or type(weight) not in plain
+            or type(bias) not in plain
+            or type(eps) is not float or not eps > 0.0 or type(momentum) is not float
+            or activation not in ACTIVATIONS
+            or _is_compiling() or _is_tracing() or _transforms_active()
+            or forward_ad._current_level >= 0
+            or has_torch_function_variadic(input, running_mean, running_var, weight, bias)):
+        return None
+    shape, tracked = input.shape, running_mean is not None
+    # numel() > C: more than one value per channel (and not empty).
+    if (len(shape) < 2 or input.dtype not in KERNEL_DTYPES or input.numel() <= shape[1]
+            or tracked != (running_var is not None)):
+        return None
+    channels, device, dtype = (shape[1],), input.device, weight.dtype
+    if (weight.shape != channels or bias.shape != channels
+            or weight.device != device or bias.device != device or bias.dtype is not dtype
+            or dtype is not input.dtype and (dtype is not torch.float32
+                                             or input.dtype not in _HALF)):
+        return None
+    if tracked and (type(running_mean) not in plain or type(running_var) not in plain
+                    or running_mean.shape != channels or running_var.shape != channels
+                    or running_mean.device != device or running_var.device != device
+                    or running_mean.dtype is not dtype or running_var.dtype is not dtype
+                    or not running_mean.is_contiguous() or not running_var.is_contiguous()):
+        return None
+    if torch.is_grad_enabled():
+        if tracked and (running_mean.requires_grad or running_var.requires_grad):
+            return None   # refused in torch's words by the general path
+        if ((input.requires_grad or weight.requires_grad or bias.requires_grad)
+                and (input.is_inference() or weight.is_inference() or bias.is_inference()
+                     or tracked and (running_mean.is_inference()
+                                     or running_var.is_inference()))):
+            return None   # likewise: an inference tensor cannot be saved for backward
+    return backends.select(input)
+
+
+def direct_train(input, running_mean, running_var, weight, bias, momentum, eps, activation,
+                 backend):
+    """A training call that `direct_train_backend` gave `backend` for: its output."""
+    return TrainForward.apply(input, weight, bias, running_mean, running_var, momentum, eps,
+                              activation, backend)[0]
+
+
 def _param(t, channels, like, fill):
     """weight or bias as a vector (torch takes any shape of C elements), or `fill`."""
     if t is None:
@@ -244,11 +301,18 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     statistics and every reduction of every derivative span all processes of the group;
     each process must call with the same channel count (its batch may be empty).
     """
-    if training is False:   # first: its gate checks for torch functions too
+    # First: their gates check for torch functions too.
+    if training is False:
         out = direct_eval(input, running_mean, running_var, weight, bias, momentum, eps,
                           activation)
         if out is not None:
             return out
+    elif training is True and process_group is None:
+        backend = direct_train_backend(input, running_mean, running_var, weight, bias,
+                                       momentum, eps, activation)
+        if backend is not None:
+            return direct_train(input, running_mean, running_var, weight, bias, momentum,
+                                eps, activation, backend)
     if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
         return handle_torch_function(
             batch_norm, (input, running_mean, running_var, weight, bias), input,

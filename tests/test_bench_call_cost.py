@@ -10,18 +10,21 @@ import torch
 bench_call_cost = pytest.importorskip("benchmarks.bench_call_cost")
 
 
-def test_reports_both_layers_for_every_shape_and_grad_mode(tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_reports_both_layers_for_every_shape_and_grad_mode(tmp_path, capsys, mode):
     threads = torch.get_num_threads()
     out = tmp_path / "calls.json"
-    bench_call_cost.main(["--calls", "3", "--json", str(out)])
+    bench_call_cost.main(["--mode", mode, "--calls", "3", "--json", str(out)])
     assert torch.get_num_threads() == threads
     rows = json.loads(out.read_text())
-    keys = {(tuple(r["shape"]), r["grad"], r["layer"]) for r in rows}
-    assert keys == {(s, g, layer) for s in bench_call_cost.SHAPES for g in (False, True)
-                    for layer in ("stock", "fastbn")}
+    keys = {(tuple(r["shape"]), r["mode"], r["grad"], r["layer"]) for r in rows}
+    assert keys == {(s, mode, g, layer) for s in bench_call_cost.SHAPES
+                    for g in (False, True) for layer in ("stock", "fastbn")}
     assert all(math.isfinite(r[k]) and r[k] > 0 for r in rows for k in ("cold_us", "warm_us"))
     table = capsys.readouterr().out
-    assert table.count("\n| ") == 2 * len(bench_call_cost.SHAPES) + 1
+    lines = table.splitlines()
+    assert lines[0] == f"{mode} mode, median µs per call"
+    assert sum(line.startswith("| ") for line in lines) == 2 * len(bench_call_cost.SHAPES) + 2
 
 
 def test_bad_call_count_is_a_usage_error():

@@ -602,7 +602,6 @@ _GENERAL_CALLS = {
     "unknown activation": lambda: fastbn.batch_norm(*_eval_args(), activation="gelu"),
     "empty input": lambda: fastbn.batch_norm(_eval_args()[0][:0], *_eval_args()[1:]),
     "integer input": lambda: fastbn.batch_norm(_eval_args()[0].int(), *_eval_args()[1:]),
-    "training": lambda: fastbn.batch_norm(*_eval_args(), training=True),
     "layer without affine parameters": lambda: _no_grad(
         lambda: fastbn.BatchNorm2d(3, affine=False).eval()(_eval_args()[0])),
 }
@@ -615,6 +614,137 @@ def test_other_eval_calls_take_the_general_path(monkeypatch, name):
     general path."""
     checked, _ = _through_general_path(monkeypatch, _GENERAL_CALLS[name])
     assert checked
+
+
+def _train(*args, **kwargs):
+    """A training call on (x, running_mean, running_var, weight, bias): its output and
+    the running statistics after it."""
+    x, rm, rv, w, b = args
+    rm, rv = (None if t is None else t.clone() for t in (rm, rv))
+    y = fastbn.batch_norm(x, rm, rv, w, b, training=True, **kwargs)
+    return torch.cat([y.flatten(), *(t.flatten().to(y.dtype) for t in (rm, rv)
+                                     if t is not None)])
+
+
+def _train_with_gradients(dtype=torch.float32):
+    x, rm, rv, w, b = _eval_args(dtype)
+    leaves = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
+    y = fastbn.batch_norm(x, rm, rv, w, b, training=True, activation="relu")
+    grads = torch.autograd.grad(y.square().sum(), leaves)
+    return torch.cat([y.detach().flatten(), rm, rv, *(g.flatten() for g in grads)])
+
+
+def _layer_steps(**options):
+    """Three training steps of a layer: outputs, running statistics and count."""
+    layer = fastbn.BatchNorm2d(3, **options)
+    x = _eval_args()[0]
+    outs = [layer(x * (i + 1)).flatten() for i in range(3)]
+    buffers = [t.flatten().float() for t in layer.buffers()]
+    return torch.cat([*outs, *buffers]).detach()
+
+
+_DIRECT_TRAIN_CALLS = {
+    "float32": lambda: _train(*_eval_args(), eps=1e-3),
+    "relu": lambda: _train(*_eval_args(), activation="relu"),
+    "channels_last": lambda: _train(
+        *((t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+          for t in _eval_args())),
+    "strided": lambda: _train(_eval_args()[0][:, :, ::2], *_eval_args()[1:]),
+    "float64": lambda: _train(*_eval_args(torch.float64)),
+    "bfloat16, float32 parameters": lambda: _train(*_eval_args(torch.bfloat16, torch.float32)),
+    "float16": lambda: _train(*_eval_args(torch.float16)),
+    "no running statistics": lambda: _train(*_eval_args()[:1], None, None, *_eval_args()[3:]),
+    "output and gradients": lambda: _train_with_gradients(),
+    "float64 output and gradients": lambda: _train_with_gradients(torch.float64),
+    "layer": lambda: _layer_steps(),
+    "layer with cumulative momentum": lambda: _layer_steps(momentum=None),
+    "layer without running statistics": lambda: _layer_steps(track_running_stats=False),
+    "layer in eval without running statistics": lambda: _no_grad(
+        lambda: fastbn.BatchNorm2d(3, track_running_stats=False).eval()(_eval_args()[0])),
+}
+
+
+@pytest.mark.parametrize("name", _DIRECT_TRAIN_CALLS)
+def test_common_training_calls_skip_the_general_path_with_the_same_result(monkeypatch, name):
+    """A training call of the common kind goes straight to its Function (the general
+    path's checks and frames cost a small layer's call more than the Function), and
+    gives the bits the general path gives, running statistics and count included."""
+    from fastbn import functional
+    checked, direct = _through_general_path(monkeypatch, _DIRECT_TRAIN_CALLS[name])
+    assert not checked and isinstance(direct, torch.Tensor)
+    monkeypatch.setattr(functional, "direct_train_backend", lambda *args: None)
+    checked, general = _through_general_path(monkeypatch, _DIRECT_TRAIN_CALLS[name])
+    assert checked
+    assert direct.dtype == general.dtype
+    torch.testing.assert_close(direct, general, rtol=0, atol=0)
+
+
+def _train_dual_call():
+    with torch.autograd.forward_ad.dual_level():
+        return _train(*_eval_args())
+
+
+def _train_inference_statistics():
+    with torch.inference_mode():
+        rm, rv = _eval_args()[1:3]
+    x, _, _, w, b = _eval_args(requires_grad=True)
+    return fastbn.batch_norm(x, rm, rv, w, b, training=True)
+
+
+def _train_vmapped():
+    x, _, _, w, b = _eval_args()
+    return torch.func.vmap(lambda x: fastbn.batch_norm(x, None, None, w, b, training=True))(
+        x[None])
+
+
+_GENERAL_TRAIN_CALLS = {
+    "running mean requiring grad": lambda: _train(
+        _eval_args()[0], _eval_args()[1].requires_grad_(), *_eval_args()[2:]),
+    "inference statistics saved for backward": _train_inference_statistics,
+    "no weight": lambda: _train(*_eval_args()[:3], None, _eval_args()[4]),
+    "forward AD level": _train_dual_call,
+    "torch.func transform": lambda: _train_vmapped(),
+    "tensor subclass": lambda: _train(_eval_args()[0].as_subclass(_Tagged), *_eval_args()[1:]),
+    "mixed parameter dtypes": lambda: _train(
+        *_eval_args()[:3], *(t.double() for t in _eval_args()[3:])),
+    "float16 with float16 and float32 statistics": lambda: _train(
+        *_eval_args(torch.float16)[:3], *(t.float() for t in _eval_args(torch.float16)[3:])),
+    "float32 input, float64 parameters": lambda: _train(
+        _eval_args()[0], *_eval_args(torch.float64)[1:]),
+    "float32 parameters, float64 statistics": lambda: _train(
+        _eval_args()[0], *_eval_args(torch.float64)[1:3], *_eval_args()[3:]),
+    "wrong channel count": lambda: _train(_eval_args()[0], *_eval_args(channels=4)[1:]),
+    "weight of shape (1, C)": lambda: _train(
+        *_eval_args()[:3], _eval_args()[3][None], _eval_args()[4]),
+    "integer eps": lambda: _train(*_eval_args(), eps=1),
+    "zero eps": lambda: _train(*_eval_args(), eps=0.0),
+    "integer momentum": lambda: _train(*_eval_args(), momentum=0),
+    "unknown activation": lambda: _train(*_eval_args(), activation="gelu"),
+    "one value per channel": lambda: _train(_eval_args()[0][:1, :, :1, :1],
+                                            *_eval_args()[1:]),
+    "empty input": lambda: _train(_eval_args()[0][:0], *_eval_args()[1:]),
+    "integer input": lambda: _train(_eval_args()[0].int(), *_eval_args()[1:]),
+    "running mean alone": lambda: _train(*_eval_args()[:2], None, *_eval_args()[3:]),
+    # Not through _train, whose copies of the statistics are contiguous.
+    "expanded running mean": lambda: fastbn.batch_norm(
+        _eval_args()[0], torch.zeros(1).expand(3), *_eval_args()[2:], training=True),
+    "strided running variance": lambda: fastbn.batch_norm(
+        *_eval_args()[:2], torch.ones(6)[::2], *_eval_args()[3:], training=True),
+}
+
+
+@pytest.mark.parametrize("name", _GENERAL_TRAIN_CALLS)
+def test_other_training_calls_take_the_general_path(monkeypatch, name):
+    """As for eval calls: anything but autograd recording the call, and any argument off
+    the common kind, is checked and run by the general path."""
+    checked, _ = _through_general_path(monkeypatch, _GENERAL_TRAIN_CALLS[name])
+    assert checked
+
+
+def test_layers_count_a_batch_of_the_common_kind_once():
+    layer = fastbn.BatchNorm2d(3)
+    layer(_eval_args()[0])
+    assert layer.num_batches_tracked.item() == 1
 
 
 def test_torch_function_modes_see_eval_calls():

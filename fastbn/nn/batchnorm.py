@@ -102,13 +102,15 @@ class _FastBatchNorm:
         # count first, as torch moves it before its functional form checks anything.
         if counts:
             functional.check_updatable(tracked)
-        functional.check_scalars(factor, self.eps)
-        functional.check_args(input, running_mean, running_var, weight, bias, batch_stats,
-                              self.activation, self.eps, group is not None)
+        backend = (functional.direct_train_backend(input, running_mean, running_var, weight,
+                                                   bias, factor, self.eps, self.activation)
+                   if batch_stats and group is None else None)
+        if backend is None:
+            functional.check_scalars(factor, self.eps)
+            functional.check_args(input, running_mean, running_var, weight, bias,
+                                  batch_stats, self.activation, self.eps, group is not None)
         if counts and self.momentum is None:
             factor = 1.0 / (float(tracked) + 1.0)   # the cumulative average, this batch in
-        call = (functional.batch_norm if has_torch_function_variadic(
-            input, running_mean, running_var, weight, bias) else functional.checked_batch_norm)
         if counts:
             # Counted before the call, as torch does: a non-reentrant checkpoint's
             # recomputation stops inside it (once its last tensor is saved), after the
@@ -117,6 +119,13 @@ class _FastBatchNorm:
             stats_version = _version_of(running_mean)
             tracked.add_(1)
         try:
+            if backend is not None:   # a call of the common kind: straight to its Function
+                return functional.direct_train(input, running_mean, running_var, weight,
+                                               bias, factor, self.eps, self.activation,
+                                               backend)
+            call = (functional.batch_norm if has_torch_function_variadic(
+                input, running_mean, running_var, weight, bias)
+                else functional.checked_batch_norm)
             return call(input, running_mean, running_var, weight, bias, batch_stats, factor,
                         self.eps, self.activation, process_group=group)
         except BaseException:
