@@ -185,14 +185,14 @@ def direct_eval(input, running_mean, running_var, weight, bias, momentum, eps, a
     microsecond or more: a small layer's call took twice stock's (RESULTS.md)."""
     # Every check inline, with no generator or helper: each frame counts on a cold cache.
     plain = _PLAIN_TYPES
-    if (type(input) is not torch.Tensor or type(running_mean) not in plain
+    if (has_torch_function_variadic(input, running_mean, running_var, weight, bias)
+            or type(input) is not torch.Tensor or type(running_mean) not in plain
             or type(running_var) not in plain or type(weight) not in plain
             or type(bias) not in plain
             or type(eps) is not float or eps < 0.0 or type(momentum) is not float
             or activation not in ACTIVATIONS
             or _is_compiling() or _is_tracing() or _transforms_active()
-            or forward_ad._current_level >= 0
-            or has_torch_function_variadic(input, running_mean, running_var, weight, bias)):
+            or forward_ad._current_level >= 0):
         return None
     shape = input.shape
     if len(shape) < 2 or input.dtype not in KERNEL_DTYPES or input.numel() == 0:
@@ -232,19 +232,21 @@ def direct_train_backend(input, running_mean, running_var, weight, bias, momentu
 
     The common kind: `direct_eval`'s (valid arguments that nothing but autograd
     records), with eps > 0, more than one value per channel, and running statistics
-    both absent or both contiguous vectors that need no grad: every check of the general
-    path passes for it, and its call comes to the same Function. The modules ask
+    both absent or both contiguous vectors (needing no grad where grad mode is on), weight
+    and bias given (an affine=False layer's None takes the general path): every check of
+    the general path passes for it, and its call comes to the same Function. The modules ask
     before they count the batch. A small layer's training call spent more time in the
     general path's checks and frames than in its Function (RESULTS.md)."""
-    # Every check inline, as direct_eval's.
+    # Inline, as direct_eval's; torch functions first, so that a handler of the call sees
+    # it before anything else is asked of its arguments.
     plain = _PLAIN_TYPES
-    if (type(input) is not torch.Tensor or type(weight) not in plain
+    if (has_torch_function_variadic(input, running_mean, running_var, weight, bias)
+            or type(input) is not torch.Tensor or type(weight) not in plain
             or type(bias) not in plain
             or type(eps) is not float or not eps > 0.0 or type(momentum) is not float
             or activation not in ACTIVATIONS
             or _is_compiling() or _is_tracing() or _transforms_active()
-            or forward_ad._current_level >= 0
-            or has_torch_function_variadic(input, running_mean, running_var, weight, bias)):
+            or forward_ad._current_level >= 0):
         return None
     shape, tracked = input.shape, running_mean is not None
     # numel() > C: more than one value per channel (and not empty).

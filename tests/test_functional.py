@@ -770,3 +770,23 @@ def test_eval_under_legacy_batching_runs_the_reference_math(backend):
     batched = torch._vmap_internals._vmap(lambda t: fastbn.batch_norm(t, rm, rv, w, b))(xs)
     torch.testing.assert_close(batched, torch.stack([F.batch_norm(t, rm, rv, w, b)
                                                      for t in xs]))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_function_modes_see_a_call_before_the_gates_read_its_arguments(training):
+    """The direct paths' gates ask for torch functions first: a mode that handles the
+    call gets it, whatever its other arguments would make of the gate's checks."""
+    class Unequal:
+        def __eq__(self, other):
+            raise TypeError("cannot be compared")
+        __hash__ = object.__hash__
+
+    class Handles(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is fastbn.batch_norm:
+                return "handled"
+            return func(*args, **(kwargs or {}))
+
+    with Handles():
+        assert fastbn.batch_norm(*_eval_args(), training=training,
+                                 activation=Unequal()) == "handled"
