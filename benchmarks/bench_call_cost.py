@@ -74,7 +74,8 @@ def run(calls=1500, mode="eval"):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("eval", "train"), default="eval",
-                        help="the layers' mode (train: each call updates running statistics)")
+                        help="the layers' mode (train: each call updates running "
+                        "statistics)")
     parser.add_argument("--calls", type=int, default=1500)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)

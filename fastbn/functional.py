@@ -234,8 +234,8 @@ def direct_train_backend(input, running_mean, running_var, weight, bias, momentu
     records), with eps > 0, more than one value per channel, and running statistics
     both absent or both contiguous vectors (needing no grad where grad mode is on), weight
     and bias given (an affine=False layer's None takes the general path): every check of
-    the general path passes for it, and its call comes to the same Function. The modules ask
-    before they count the batch. A small layer's training call spent more time in the
+    the general path passes for it, and its call comes to the same Function. The modules
+    ask before they count the batch. A small layer's training call spent more time in the
     general path's checks and frames than in its Function (RESULTS.md)."""
     # Inline, as direct_eval's; torch functions first, so that a handler of the call sees
     # it before anything else is asked of its arguments.

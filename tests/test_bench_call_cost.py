@@ -24,7 +24,8 @@ def test_reports_both_layers_for_every_shape_and_grad_mode(tmp_path, capsys, mod
     table = capsys.readouterr().out
     lines = table.splitlines()
     assert lines[0] == f"{mode} mode, median µs per call"
-    assert sum(line.startswith("| ") for line in lines) == 2 * len(bench_call_cost.SHAPES) + 2
+    rows = sum(line.startswith("| ") for line in lines)
+    assert rows == 2 * len(bench_call_cost.SHAPES) + 2
 
 
 def test_bad_call_count_is_a_usage_error():

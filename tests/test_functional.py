@@ -651,9 +651,11 @@ _DIRECT_TRAIN_CALLS = {
           for t in _eval_args())),
     "strided": lambda: _train(_eval_args()[0][:, :, ::2], *_eval_args()[1:]),
     "float64": lambda: _train(*_eval_args(torch.float64)),
-    "bfloat16, float32 parameters": lambda: _train(*_eval_args(torch.bfloat16, torch.float32)),
+    "bfloat16, float32 parameters": lambda: _train(
+        *_eval_args(torch.bfloat16, torch.float32)),
     "float16": lambda: _train(*_eval_args(torch.float16)),
-    "no running statistics": lambda: _train(*_eval_args()[:1], None, None, *_eval_args()[3:]),
+    "no running statistics": lambda: _train(
+        *_eval_args()[:1], None, None, *_eval_args()[3:]),
     "output and gradients": lambda: _train_with_gradients(),
     "float64 output and gradients": lambda: _train_with_gradients(torch.float64),
     "layer": lambda: _layer_steps(),

@@ -102,6 +102,7 @@ class _FastBatchNorm:
         # count first, as torch moves it before its functional form checks anything.
         if counts:
             functional.check_updatable(tracked)
+        # Asked with momentum=None's placeholder 0.0: a float, as the factor that follows.
         backend = (functional.direct_train_backend(input, running_mean, running_var, weight,
                                                    bias, factor, self.eps, self.activation)
                    if batch_stats and group is None else None)

@@ -121,12 +121,14 @@ void replay(void (*fn)(P...), Reader& in, const std::vector<Region>& regions,
 
 void call(const std::string& name, Reader& in, const std::vector<Region>& regions,
           uint32_t arguments) {
-  if (name == "forward_train") return replay(&fastbn::forward_train, in, regions, arguments);
-  if (name == "forward_eval") return replay(&fastbn::forward_eval, in, regions, arguments);
-  if (name == "backward") return replay(&fastbn::backward, in, regions, arguments);
-  if (name == "forward_jvp") return replay(&fastbn::forward_jvp, in, regions, arguments);
-  if (name == "backward_backward") return replay(&fastbn::backward_backward, in, regions, arguments);
-  if (name == "backward_jvp") return replay(&fastbn::backward_jvp, in, regions, arguments);
+  using fastbn::backward, fastbn::backward_backward, fastbn::backward_jvp;
+  using fastbn::forward_eval, fastbn::forward_jvp, fastbn::forward_train;
+  if (name == "forward_train") return replay(&forward_train, in, regions, arguments);
+  if (name == "forward_eval") return replay(&forward_eval, in, regions, arguments);
+  if (name == "backward") return replay(&backward, in, regions, arguments);
+  if (name == "forward_jvp") return replay(&forward_jvp, in, regions, arguments);
+  if (name == "backward_backward") return replay(&backward_backward, in, regions, arguments);
+  if (name == "backward_jvp") return replay(&backward_jvp, in, regions, arguments);
   throw std::runtime_error("unknown kernel " + name);
 }
 
@@ -153,7 +155,8 @@ int main(int argc, char** argv) {
       for (auto& r : regions) {
         r.size = in.raw<uint64_t>();
         // 64-byte aligned, as torch's allocations: the offsets keep their alignment.
-        r.data.reset(static_cast<unsigned char*>(std::aligned_alloc(64, (r.size / 64 + 1) * 64)));
+        const size_t bytes = (r.size / 64 + 1) * 64;
+        r.data.reset(static_cast<unsigned char*>(std::aligned_alloc(64, bytes)));
         in.bytes(r.data.get(), r.size);
       }
       const auto arguments = in.raw<uint32_t>();

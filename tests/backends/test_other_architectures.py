@@ -170,7 +170,8 @@ class _Call:
             address = (self._encode_address(value[0]) if value[0] >= MIN_ADDRESS
                        else struct.pack("<iQ", -1, 0))
             return b"t" + address + struct.pack("<4q", *value[1:])
-        return b"g" + struct.pack("<6q", *(int(v) for v in value))   # (N, C, L, cl, fold, tile)
+        # (N, C, L, cl, fold, tile)
+        return b"g" + struct.pack("<6q", *(int(v) for v in value))
 
     def encode(self):
         name = self.name.encode()
@@ -185,7 +186,8 @@ class _Call:
 def _replay(binary, calls, tmp_path):
     """Each recorded call run by the AArch64 build: {id(tensor): its replayed value}."""
     calls_in, regions_out = tmp_path / "calls.bin", tmp_path / "regions.bin"
-    calls_in.write_bytes(struct.pack("<I", len(calls)) + b"".join(c.encode() for c in calls))
+    encoded = b"".join(c.encode() for c in calls)
+    calls_in.write_bytes(struct.pack("<I", len(calls)) + encoded)
     done = subprocess.run([_emulator(), str(binary), str(calls_in), str(regions_out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-6000:]
@@ -195,7 +197,8 @@ def _replay(binary, calls, tmp_path):
         for region, t in zip(c.regions, c.tensors):
             raw = bytearray(data[at:at + region.size])
             at += region.size
-            whole = torch.frombuffer(raw, dtype=t.dtype) if raw else torch.empty(0, dtype=t.dtype)
+            whole = (torch.frombuffer(raw, dtype=t.dtype) if raw
+                     else torch.empty(0, dtype=t.dtype))
             values[id(t)] = whole.as_strided(t.shape, t.stride(), t.storage_offset())
         replayed.append(values)
     assert at == len(data)
