@@ -12,6 +12,7 @@ dispatch mode) goes to `reference`.
 import functools
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -79,7 +80,6 @@ def _acc(t, acc):
     return t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous()
 
 
-@functools.lru_cache(maxsize=4096)
 def _strides(shape, stride, batched, swap):
     """(sK, sN, sC, sL) of a tensor seen as (K, N, C, L), or None if its spatial dims do
     not flatten to a single stride. `swap`: no spatial dims, so N runs as the L axis."""
@@ -130,17 +130,15 @@ def _tile(c, length, s_c, s_l, max_elems):
     return next(t for t in range(max(1, max_elems // c), 0, -1) if length % t == 0)
 
 
-@functools.lru_cache(maxsize=4096)
 def _view(shape, stride, fold_max_l, few_rows_fold_max_l, tile_max_elems):
-    """x's view for the kernels, from its shape and strides alone (cached: it is the bulk
-    of a small call's planning): (N, C, L, swap, strides, channels_last, fold, tile,
-    output format, dense), or None if its spatial dims do not flatten. The output format
-    is torch's batch-norm layout for x (`output_format`), `dense` whether x is contiguous
-    in it. `fold`: L, where the elements may run as
-    channels-last rows of C * L pass channels (see Geom in csrc/cpu/common.h), for L up
-    to `fold_max_l` (`few_rows_fold_max_l` with fewer than 8 rows); else 1. `tile`: rows
-    per tiled row of up to `tile_max_elems` values (`_tile`; channels-last x only); the
-    outputs must tile too."""
+    """x's view for the kernels, from its shape and strides alone: (N, C, L, swap,
+    strides, channels_last, fold, tile, output format), or None if its spatial dims do
+    not flatten. The output format is torch's batch-norm layout for x (`output_format`).
+    `fold`: L, where the elements may run as channels-last rows of C * L pass channels
+    (see Geom in csrc/cpu/common.h), for L up to `fold_max_l` (`few_rows_fold_max_l`
+    with fewer than 8 rows); else 1. `tile`: rows per tiled row of up to
+    `tile_max_elems` values (`_tile`; channels-last x only). The other element tensors
+    and the outputs must fold or tile too (`_layout`)."""
     strides = _strides(shape, stride, False, False)
     if strides is None:
         return None
@@ -157,10 +155,8 @@ def _view(shape, stride, fold_max_l, few_rows_fold_max_l, tile_max_elems):
     fold = (length if not channels_last and not swap and 1 < length <= max_l
             and s_c == length * s_l else 1)
     tile = _tile(c, length, s_c, s_l, tile_max_elems) if channels_last else 1
-    meta = torch.empty_strided(shape, stride, device="meta")
-    fmt = output_format(meta)
-    return (n, c, length, swap, strides, channels_last, fold, tile, fmt,
-            meta.is_contiguous(memory_format=fmt))
+    fmt = output_format(torch.empty_strided(shape, stride, device="meta"))
+    return n, c, length, swap, strides, channels_last, fold, tile, fmt
 
 
 def _geom(n, c, length, channels_last, fold, tile):
@@ -188,117 +184,156 @@ def _tiles(td, c):
     return td[-1] == c * td[-2]
 
 
-class _Plan:
-    """Geometry shared by one call: x's (N, C, L) view and the K of batched arguments.
-    `elems`: element tensors (x's shape, or K-batched); `chans`: per-channel tangents,
-    (C,) or (K, C); `stats`: the primal per-channel tensors, (C,) only (the kernels read
-    one value per channel for all K problems). `inputs`: the descriptors (`td`) of x and
-    then of each of `elems`, in order."""
+class _Layout(NamedTuple):
+    """How the kernels run one call, decided from its tensors' shapes and strides alone
+    (`_layout`). K: the leading dimension of K-batched arguments, or None; N, C, L: x's
+    view; fold, tile: see `_view`; geom: the kernels' Geom; fmt: the element outputs'
+    memory format (torch's batch-norm layout for x); inputs: the strides (sK, sN, sC, sL)
+    of x and of each element argument, zeros for an absent one; out: an element
+    output's strides (`_empty`); out_order: its dims' order for torch.empty_permuted in
+    a K call, None for a contiguous one. Strides are in the view the kernels run:
+    folded or tiled where the call is."""
+    K: int | None
+    N: int
+    C: int
+    L: int
+    fold: int
+    tile: int
+    geom: tuple
+    fmt: torch.memory_format
+    inputs: tuple
+    out: tuple
+    out_order: tuple | None
 
-    def __init__(self, x, elems=(), chans=(), stats=()):
-        self.ok = False
-        shape = x.shape
-        # Under a dispatch mode (make_fx, linearize, a flop counter) the mode must see
-        # every op: kernels writing through raw addresses would record only `empty`.
-        if (_C is None or x.dtype not in _CODES or len(shape) < 2 or not _plain(x)
-                or torch._C._len_torch_dispatch_stack() or x.numel() == 0):
-            return
-        c = shape[1]
-        for t in stats:
-            if t is not None and (t.shape != (c,) or not _plain(t)):
-                return
-        self.K = None
-        if elems or chans:
-            ks = set()
-            for t in elems:
-                if t is None:
-                    continue
-                if t.dtype != x.dtype or not _plain(t):
-                    return
-                t_shape = t.shape
-                if t_shape == shape:
-                    continue
-                if len(t_shape) != len(shape) + 1 or t_shape[1:] != shape:
-                    return
-                ks.add(t_shape[0])
-            for t in chans:
-                if t is None:
-                    continue
-                t_shape = t.shape
-                if not _plain(t):
-                    return
-                if len(t_shape) == 2 and t_shape[1] == c:
-                    ks.add(t_shape[0])
-                elif t_shape != (c,):
-                    return
-            if len(ks) > 1 or 0 in ks:
-                return
-            self.K = ks.pop() if ks else None
-        view = _view(shape, x.stride(), FOLD_MAX_L[x.itemsize], FEW_ROWS_FOLD_MAX_L,
-                     TILE_ROW_BYTES // x.itemsize)
-        if view is None:
-            return
-        (self.N, self.C, self.L, self.swap, strides, self.cl, self.fold, self.tile, self.fmt,
-         dense) = view
-        self.ndim_batched = len(shape) + 1
-        if self.fold > 1:
-            self.cl = True
-        inputs = [(x.data_ptr(), *strides)]
-        for t in elems:
-            td = self.td(t, fold=False)
-            if td is None:
-                return
-            inputs.append(td)
-        if self.fold > 1:
-            if not all(t[0] == 0 or t[3] == self.L * t[4] for t in inputs[1:]):
-                # An element input whose (c, l) blocks are not dense: no folding.
-                self.fold, self.cl = 1, view[5]
-            else:
-                inputs = [_folded(t) for t in inputs]
-        if self.tile > 1:
-            # The outputs, in torch's layout for x, have x's strides only where x is dense
-            # in that layout.
-            if dense and all(t[0] == 0 or _tiles(t, self.C) for t in inputs[1:]):
-                inputs = [_tiled(t, self.tile) for t in inputs]
-            else:
-                self.tile = 1
-        self.inputs = inputs
-        self.ok = True
 
-    @property
-    def geom(self):
-        return _geom(self.N, self.C, self.L, self.cl, self.fold, self.tile)
-
-    def td(self, t, fold=True):
-        """(ptr, sK, sN, sC, sL) for an element tensor, (0, ...) for None, None if it
-        does not flatten; `fold`: in the folded or tiled view where the plan has one
-        (None if its (c, l) blocks are not dense, or its rows do not lie end to end)."""
-        if t is None:
-            return (0, 0, 0, 0, 0)
-        st = _strides(t.shape, t.stride(), t.dim() == self.ndim_batched, self.swap)
-        if st is None:
+@functools.lru_cache(maxsize=4096)
+def _layout(shape, stride, elems, chans, stats, fold_max_l, few_rows_fold_max_l,
+            tile_max_elems):
+    """The _Layout of a call on an x of `shape` and `stride`, with element arguments of
+    (shape, stride) `elems` (x's shape, or K-batched), per-channel tangents of shapes
+    `chans` ((C,) or (K, C)) and primal per-channel tensors of shapes `stats` ((C,) only:
+    the kernels read one value a channel for all K problems), None for an absent one,
+    and `_view`'s limits. None where the kernels do not run it: x empty or of one
+    dimension, spatial dims that do not flatten, other shapes, K sizes that differ.
+    Cached: computed per call, it was most of a small call's Python."""
+    if len(shape) < 2 or math.prod(shape) == 0:
+        return None
+    view = _view(shape, stride, fold_max_l, few_rows_fold_max_l, tile_max_elems)
+    if view is None:
+        return None
+    n, c, length, swap, x_strides, channels_last, fold, tile, fmt = view
+    ks = set()
+    for s in chans:
+        if s is not None and s != (c,):
+            if len(s) != 2 or s[1] != c:
+                return None
+            ks.add(s[0])
+    inputs = [x_strides]
+    for e in elems:
+        if e is None:
+            inputs.append((0, 0, 0, 0))
+            continue
+        e_shape, e_stride = e
+        batched = e_shape != shape
+        if batched:
+            if len(e_shape) != len(shape) + 1 or e_shape[1:] != shape:
+                return None
+            ks.add(e_shape[0])
+        strides = _strides(e_shape, e_stride, batched, swap)
+        if strides is None:
             return None
-        out = (t.data_ptr(), *st)
-        if not fold:
-            return out
-        if self.tile > 1:
-            return _tiled(out, self.tile) if _tiles(out, self.C) else None
-        if self.fold > 1:
-            return _folded(out) if st[2] == self.fold * st[3] else None
-        return out
+        inputs.append(strides)
+    if len(ks) > 1 or 0 in ks or any(s is not None and s != (c,) for s in stats):
+        return None
+    k = ks.pop() if ks else None
 
-    def tds(self, *ts):
-        out = [self.td(t) for t in ts]
-        return None if any(o is None for o in out) else out
+    def folds(strides):   # each (c, l) block dense
+        return strides[2] == length * strides[3]
 
-    def chan(self, t, dtype):
-        """Contiguous per-channel tensor of `dtype` (the accumulation dtype, or a half x's:
-        see _stats), (K, C) in a K call."""
+    # An element input whose (c, l) blocks are not dense: no folding.
+    if fold > 1 and not all(folds(s) for s in inputs[1:]):
+        fold = 1
+    if k is None:
+        out_order = None
+        out_stride = torch.empty(shape, device="meta", memory_format=fmt).stride()
+        out = _strides(shape, out_stride, False, swap)
+    else:
+        # Leading K outermost, the rest in x's memory format; where x overlaps itself
+        # (as_strided, expand) its order can put N between the spatial dims, or C inside
+        # a folded run: contiguous, which always flattens and folds.
+        order = sorted(range(len(shape)), key=lambda d: (-stride[d], d))
+        out_order = (0, *(d + 1 for d in order))
+        out_shape = (k, *shape)
+        out_stride = torch.empty_permuted(out_shape, out_order, device="meta").stride()
+        out = _strides(out_shape, out_stride, True, swap)
+        if out is None or fold > 1 and not folds(out):
+            out_order = None
+            out = _strides(out_shape, torch.empty(out_shape, device="meta").stride(), True,
+                           swap)
+    if fold > 1 and not folds(out):
+        fold = 1
+    # Tiled where every element tensor's rows lie end to end, the output's too (torch
+    # lays a 3-D x's outputs out contiguous even where x has C innermost).
+    if tile > 1 and not all(_tiles(s, c) for s in (*inputs[1:], out)):
+        tile = 1
+    if fold > 1:
+        inputs, out = [_folded(s) for s in inputs], _folded(out)
+    elif tile > 1:
+        inputs, out = [_tiled(s, tile) for s in inputs], _tiled(out, tile)
+    return _Layout(k, n, c, length, fold, tile, _geom(n, c, length, channels_last, fold, tile),
+                   fmt, tuple(inputs), out, out_order)
+
+
+def _plan(x, elems=(), chans=(), stats=()):
+    """The _Layout of a call on x with element arguments `elems`, per-channel tangents
+    `chans` and primal per-channel tensors `stats` (see `_layout`), or None where the
+    kernels do not run it: also where x's dtype has no kernel, a tensor cannot be read
+    through its address (`_plain`), an element argument has another dtype than x's, or
+    a dispatch mode is on (make_fx, linearize, a flop counter: the mode must see every
+    op, and kernels writing through raw addresses would show it only `empty`)."""
+    dtype = x.dtype
+    if dtype not in _CODES or not _plain(x) or torch._C._len_torch_dispatch_stack():
+        return None
+    elem_layouts = []
+    for t in elems:
         if t is None:
+            elem_layouts.append(None)
+        elif t.dtype != dtype or not _plain(t):
             return None
-        if self.K is not None and t.dim() == 1:
-            t = t.expand(self.K, self.C)
-        return _acc(t, dtype)
+        else:
+            elem_layouts.append((t.shape, t.stride()))
+    shapes = []
+    for t in (*chans, *stats):
+        if t is None:
+            shapes.append(None)
+        elif not _plain(t):
+            return None
+        else:
+            shapes.append(t.shape)
+    size = dtype.itemsize
+    return _layout(x.shape, x.stride(), tuple(elem_layouts), tuple(shapes[:len(chans)]),
+                   tuple(shapes[len(chans):]), FOLD_MAX_L[size], FEW_ROWS_FOLD_MAX_L,
+                   TILE_ROW_BYTES // size)
+
+
+def _td(t, strides):
+    """A kernel's tensor descriptor (ptr, sK, sN, sC, sL); ptr 0 for an absent tensor."""
+    return (_ptr(t), *strides)
+
+
+def _tds(plan, x, *elems):
+    """The descriptors of x and of each element argument, as the plan has them."""
+    return [_td(t, s) for t, s in zip((x, *elems), plan.inputs)]
+
+
+def _chan(plan, t, dtype):
+    """Contiguous per-channel tensor of `dtype` (the accumulation dtype, or a half x's:
+    see _stats), (K, C) in a K call."""
+    if t is None:
+        return None
+    if plan.K is not None and t.dim() == 1:
+        t = t.expand(plan.K, plan.C)
+    return _acc(t, dtype)
 
 
 def _as(t, like):
@@ -312,18 +347,14 @@ def _ptr(t):
 
 def _empty(x, plan, dtype=None):
     """An element output: in torch's batch-norm output layout, or in a K call with the
-    leading K outermost and the rest in x's memory format."""
-    dtype = x.dtype if dtype is None else dtype
+    leading K outermost and the rest in x's memory format (`_layout`)."""
     if plan.K is None:
         return torch.empty_like(x, dtype=dtype, memory_format=plan.fmt)
-    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
-    out = torch.empty_permuted((plan.K, *x.shape), (0, *(d + 1 for d in order)),
-                               dtype=dtype, device=x.device)
-    if plan.td(out) is None:
-        # x overlaps itself (as_strided, expand): its order can put N between the spatial
-        # dims, or C inside a folded run. A contiguous output always flattens and folds.
-        out = torch.empty((plan.K, *x.shape), dtype=dtype, device=x.device)
-    return out
+    dtype = x.dtype if dtype is None else dtype
+    shape = (plan.K, *x.shape)
+    if plan.out_order is None:
+        return torch.empty(shape, dtype=dtype, device=x.device)
+    return torch.empty_permuted(shape, plan.out_order, dtype=dtype, device=x.device)
 
 
 def _per_channel_output(plan, acc):
@@ -337,11 +368,11 @@ def _k(plan):
 
 def forward_train(x, weight, bias, eps, activation=None, running_mean=None, running_var=None,
                   momentum=0.0):
-    plan = _Plan(x, stats=(weight, bias))
-    if not plan.ok:
+    plan = _plan(x, stats=(weight, bias))
+    if plan is None:
         return reference.forward_train(x, weight, bias, eps, activation, running_mean,
                                        running_var, momentum)
-    acc = reference.acc_dtype(x.dtype)
+    acc = _ACC[x.dtype]
     # A half layer's parameters and buffers, all of x's dtype, go to the kernel as they
     # are: converted here, they cost more than a small call's kernel.
     tracked = () if running_mean is None else (running_mean, running_var)
@@ -356,10 +387,10 @@ def forward_train(x, weight, bias, eps, activation=None, running_mean=None, runn
     fused = own or running_mean is None or (_kernel_array(running_mean, acc, plan.C)
                                             and _kernel_array(running_var, acc, plan.C))
     var = None if fused else torch.empty(plan.C, dtype=acc)
-    tx, ty = plan.inputs[0], plan.td(y)
-    _C.forward_train(_CODES[x.dtype], plan.geom, _num_threads(), tx, ty, w.data_ptr(),
-                     b.data_ptr(), own, float(eps), activation == "relu", mean.data_ptr(),
-                     invstd.data_ptr(), _ptr(var), _ptr(running_mean if fused else None),
+    _C.forward_train(_CODES[x.dtype], plan.geom, _num_threads(), _td(x, plan.inputs[0]),
+                     _td(y, plan.out), w.data_ptr(), b.data_ptr(), own, float(eps),
+                     activation == "relu", mean.data_ptr(), invstd.data_ptr(), _ptr(var),
+                     _ptr(running_mean if fused else None),
                      _ptr(running_var if fused else None), float(momentum))
     if not fused:
         reference.update_running_stats(running_mean, running_var, mean, var,
@@ -369,45 +400,20 @@ def forward_train(x, weight, bias, eps, activation=None, running_mean=None, runn
     return y, mean, invstd
 
 
-@functools.lru_cache(maxsize=4096)
-def _eval_plan(shape, stride, dtype, fold_max_l, tile_max_elems):
-    """How forward_eval runs an x of this shape, strides and dtype with these limits
-    (`_view`'s), decided from those alone and cached: (code, geom, x's strides, y's
-    memory format, y's strides), or None where the kernels do not run it (dtype, spatial
-    dims that do not flatten, empty)."""
-    code = _CODES.get(dtype)
-    if code is None or len(shape) < 2 or math.prod(shape) == 0:
-        return None
-    # With fewer than 8 rows never folded (see FEW_ROWS_FOLD_MAX_L).
-    view = _view(shape, stride, fold_max_l, 1, tile_max_elems)
-    if view is None:
-        return None
-    n, c, length, swap, tx, cl, fold, tile, fmt, _ = view
-    y_stride = torch.empty(shape, device="meta", memory_format=fmt).stride()
-    ty = tx if y_stride == stride else _strides(shape, y_stride, False, swap)
-    if fold > 1:   # x is not channels-last, so y is not: its (c, l) blocks are dense too
-        tx, ty = _folded(tx), _folded(ty)
-    elif tile > 1:
-        if _tiles(ty, c):
-            tx, ty = _tiled(tx, tile), _tiled(ty, tile)
-        else:
-            tile = 1
-    return code, _geom(n, c, length, cl, fold, tile), tx, fmt, ty
-
-
 def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=None):
-    # Planned in this one frame from a cached plan, not by _Plan: on a cold cache (a
-    # convolution between two batch norms) the Python of a small layer's eval call costs
-    # as much as its kernel, and each frame and call counts (benchmarks/RESULTS.md).
+    # Planned in this one frame, not by _plan: on a cold cache (a convolution between two
+    # batch norms) the Python of a small layer's eval call costs as much as its kernel,
+    # and each frame and call counts (benchmarks/RESULTS.md).
     plan, dtype = None, x.dtype
     if dtype in _CODES and _plain(x) and not torch._C._len_torch_dispatch_stack():
         size = dtype.itemsize
-        plan = _eval_plan(x.shape, x.stride(), dtype, EVAL_FOLD_MAX_L[size],
-                          TILE_ROW_BYTES // size)
+        # With fewer than 8 rows never folded (see FEW_ROWS_FOLD_MAX_L).
+        plan = _layout(x.shape, x.stride(), (), (), (), EVAL_FOLD_MAX_L[size], 1,
+                       TILE_ROW_BYTES // size)
     if plan is None:
         return reference.forward_eval(x, running_mean, running_var, weight, bias, eps,
                                       activation)
-    channels = (x.shape[1],)
+    channels = (plan.C,)
     acc = _ACC[dtype]
     # Read as they are where all four are contiguous and of x's dtype (`own`, for a half
     # x: see forward_train) or all of the accumulation dtype; else converted to it.
@@ -422,11 +428,10 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
     if not ready:
         stats_dtype = acc
         stats = [_acc(t, acc) for t in stats]
-    code, geom, tx, fmt, ty = plan
-    y = torch.empty_like(x, memory_format=fmt)
+    y = torch.empty_like(x, memory_format=plan.fmt)
     m, v, w, b = stats
-    _C.forward_eval(code, geom, _num_threads(), (x.data_ptr(), *tx), (y.data_ptr(), *ty),
-                    m.data_ptr(), v.data_ptr(), w.data_ptr(), b.data_ptr(),
+    _C.forward_eval(_CODES[dtype], plan.geom, _num_threads(), _td(x, plan.inputs[0]),
+                    _td(y, plan.out), m.data_ptr(), v.data_ptr(), w.data_ptr(), b.data_ptr(),
                     stats_dtype != acc, float(eps), activation == "relu")
     return y
 
@@ -447,68 +452,63 @@ def _stats(x, plan, mean, invstd, weight, bias, *tangents):
 
 
 def backward(grad_y, x, mean, invstd, weight, bias, activation=None):
-    plan = _Plan(x, (grad_y,), stats=(mean, invstd, weight, bias))
-    if not plan.ok:
+    plan = _plan(x, (grad_y,), stats=(mean, invstd, weight, bias))
+    if plan is None:
         return reference.backward(grad_y, x, mean, invstd, weight, bias, activation)
     own, dtype, (m, r, w, b) = _stats(x, plan, mean, invstd, weight, bias)
-    k = _k(plan)
     dx = _empty(x, plan)
     gw, gb = _per_channel_output(plan, dtype), _per_channel_output(plan, dtype)
-    (tx, tdy), tdx = plan.inputs, plan.td(dx)
-    _C.backward(_CODES[x.dtype], plan.geom, _num_threads(), k, activation == "relu", tx, tdy,
-                tdx, m.data_ptr(), r.data_ptr(), w.data_ptr(), b.data_ptr(), own, gw.data_ptr(),
-                gb.data_ptr())
+    _C.backward(_CODES[x.dtype], plan.geom, _num_threads(), _k(plan), activation == "relu",
+                *_tds(plan, x, grad_y), _td(dx, plan.out), m.data_ptr(), r.data_ptr(),
+                w.data_ptr(), b.data_ptr(), own, gw.data_ptr(), gb.data_ptr())
     return dx, _as(gw, weight), _as(gb, bias)
 
 
 def forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias, activation=None):
-    plan = _Plan(x, (x_t,), (weight_t, bias_t), (mean, invstd, weight, bias))
-    if not plan.ok or (x_t is None and weight_t is None and bias_t is None):
+    plan = _plan(x, (x_t,), (weight_t, bias_t), (mean, invstd, weight, bias))
+    if plan is None or (x_t is None and weight_t is None and bias_t is None):
         return reference.forward_jvp(x_t, weight_t, bias_t, x, mean, invstd, weight, bias,
                                      activation)
     own, dtype, (m, r, w, b) = _stats(x, plan, mean, invstd, weight, bias, weight_t, bias_t)
-    wt, bt = plan.chan(weight_t, dtype), plan.chan(bias_t, dtype)
+    wt, bt = _chan(plan, weight_t, dtype), _chan(plan, bias_t, dtype)
     y_t = _empty(x, plan)
-    (tx, txt), tyt = plan.inputs, plan.td(y_t)
     _C.forward_jvp(_CODES[x.dtype], plan.geom, _num_threads(), _k(plan), activation == "relu",
-                   tx, txt, tyt, m.data_ptr(), r.data_ptr(), w.data_ptr(), b.data_ptr(),
-                   _ptr(wt), _ptr(bt), own)
+                   *_tds(plan, x, x_t), _td(y_t, plan.out), m.data_ptr(), r.data_ptr(),
+                   w.data_ptr(), b.data_ptr(), _ptr(wt), _ptr(bt), own)
     return y_t
 
 
 def backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd, weight, bias,
                       activation=None):
-    plan = _Plan(x, (grad_y, gg_x), (gg_weight, gg_bias), (mean, invstd, weight, bias))
-    if not plan.ok:
+    plan = _plan(x, (grad_y, gg_x), (gg_weight, gg_bias), (mean, invstd, weight, bias))
+    if plan is None:
         return reference.backward_backward(gg_x, gg_weight, gg_bias, grad_y, x, mean, invstd,
                                            weight, bias, activation)
     own, dtype, (m, r, w, b) = _stats(x, plan, mean, invstd, weight, bias, gg_weight,
                                       gg_bias)
-    ggw, ggb = plan.chan(gg_weight, dtype), plan.chan(gg_bias, dtype)
-    k = _k(plan)
+    ggw, ggb = _chan(plan, gg_weight, dtype), _chan(plan, gg_bias, dtype)
     g_gy, g_x = _empty(x, plan, grad_y.dtype), _empty(x, plan)
     g_w = _per_channel_output(plan, dtype)
-    (tx, tdy, tggx), (tgy, tgx) = plan.inputs, plan.tds(g_gy, g_x)
-    _C.backward_backward(_CODES[x.dtype], plan.geom, _num_threads(), k, activation == "relu",
-                         tx, tdy, tggx, _ptr(ggw), _ptr(ggb), m.data_ptr(), r.data_ptr(),
-                         w.data_ptr(), b.data_ptr(), own, tgy, tgx, g_w.data_ptr())
+    _C.backward_backward(_CODES[x.dtype], plan.geom, _num_threads(), _k(plan),
+                         activation == "relu", *_tds(plan, x, grad_y, gg_x), _ptr(ggw),
+                         _ptr(ggb), m.data_ptr(), r.data_ptr(), w.data_ptr(), b.data_ptr(),
+                         own, _td(g_gy, plan.out), _td(g_x, plan.out), g_w.data_ptr())
     return g_gy, g_x, _as(g_w, weight)
 
 
 def backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean, invstd, weight, bias,
                  activation=None):
     # bias_t does not enter backward's value (only the mask), so it never shapes the result.
-    plan = _Plan(x, (grad_y, grad_y_t, x_t), (weight_t,), (mean, invstd, weight, bias))
-    if not plan.ok:
+    plan = _plan(x, (grad_y, grad_y_t, x_t), (weight_t,), (mean, invstd, weight, bias))
+    if plan is None:
         return reference.backward_jvp(grad_y_t, x_t, weight_t, bias_t, grad_y, x, mean,
                                       invstd, weight, bias, activation)
     own, dtype, (m, r, w, b) = _stats(x, plan, mean, invstd, weight, bias, weight_t)
-    wt = plan.chan(weight_t, dtype)
-    k = _k(plan)
+    wt = _chan(plan, weight_t, dtype)
     gx_t = _empty(x, plan)
     gw_t, gb_t = _per_channel_output(plan, dtype), _per_channel_output(plan, dtype)
-    (tx, tdy, tdyt, txt), tgx = plan.inputs, plan.td(gx_t)
-    _C.backward_jvp(_CODES[x.dtype], plan.geom, _num_threads(), k, activation == "relu", tx,
-                    tdy, tdyt, txt, _ptr(wt), m.data_ptr(), r.data_ptr(), w.data_ptr(),
-                    b.data_ptr(), own, tgx, gw_t.data_ptr(), gb_t.data_ptr())
+    _C.backward_jvp(_CODES[x.dtype], plan.geom, _num_threads(), _k(plan), activation == "relu",
+                    *_tds(plan, x, grad_y, grad_y_t, x_t), _ptr(wt), m.data_ptr(),
+                    r.data_ptr(), w.data_ptr(), b.data_ptr(), own, _td(gx_t, plan.out),
+                    gw_t.data_ptr(), gb_t.data_ptr())
     return gx_t, _as(gw_t, weight), _as(gb_t, bias)

@@ -14,7 +14,7 @@ pytest.importorskip("fastbn._C")
 
 from fastbn.backends import cpu, reference  # noqa: E402
 from tests.backends.kernel_checks import (ELEMENT_TANGENTS, HALF, K_OPS,  # noqa: E402
-                                          NON_FINITE_CASES, OPS, NoFallback,
+                                          NON_FINITE_CASES, OPS, SIZES, NoFallback,
                                           as_tuple as _tuple, call as _call,
                                           check, check_absent_with_non_finite,
                                           check_non_finite_forward, check_offset_tangents,
@@ -100,14 +100,14 @@ def test_folding_is_taken_and_unfolded_runs_agree(native, monkeypatch, layout):
     """Folded layouts run as channels-last pass channels; with folding off the NCHW
     passes give the same values (up to summation order)."""
     p = _problem(layout, torch.float64, None)
-    assert cpu._Plan(p["x"]).fold == p["x"].shape[2:].numel()
+    assert cpu._plan(p["x"]).fold == p["x"].shape[2:].numel()
     calls = _record_calls(monkeypatch)
     folded = {op: _call(cpu, op, p, "relu") for op in OPS}
     assert {fold for (kernel, _), fold in zip(calls, _folds(calls))
             if kernel != "forward_eval"} == {p["x"].shape[2:].numel()}
     monkeypatch.setattr(cpu, "FOLD_MAX_L", dict.fromkeys(cpu.FOLD_MAX_L, 0))
     monkeypatch.setattr(cpu, "EVAL_FOLD_MAX_L", dict.fromkeys(cpu.EVAL_FOLD_MAX_L, 0))
-    assert cpu._Plan(p["x"]).fold == 1
+    assert cpu._plan(p["x"]).fold == 1
     calls.clear()
     unfolded = {op: _call(cpu, op, p, "relu") for op in OPS}
     assert set(_folds(calls)) == {1}   # eval's cached plan too
@@ -122,14 +122,14 @@ def test_tiling_is_taken_and_untiled_runs_agree(native, monkeypatch, layout, dty
     """Tiled layouts run several channels-last rows as one; untiled, the passes give the
     same values (up to summation order; eval, which sums nothing, the same bits)."""
     p = _problem(layout, dtype, None, seed=2)
-    plan = cpu._Plan(p["x"])
+    plan = cpu._plan(p["x"])
     assert plan.tile > 1 and plan.tile * plan.C * p["x"].itemsize <= cpu.TILE_ROW_BYTES
     calls = _record_calls(monkeypatch)
     tiled = {op: _call(cpu, op, p, "relu") for op in OPS}
     assert {tile for (kernel, _), tile in zip(calls, _tiles(calls))
             if kernel != "forward_eval"} == {plan.tile}
     monkeypatch.setattr(cpu, "TILE_ROW_BYTES", 0)
-    assert cpu._Plan(p["x"]).tile == 1
+    assert cpu._plan(p["x"]).tile == 1
     calls.clear()
     untiled = {op: _call(cpu, op, p, "relu") for op in OPS}
     assert set(_tiles(calls)) == {1}   # eval's cached plan too
@@ -193,7 +193,7 @@ def test_tiling_needs_every_element_tensor_and_output_end_to_end(native, monkeyp
     _close_to_reference("forward_train", x3, w, b, 1e-5)
     _close_to_reference("forward_eval", x3, mean, var, w, b, 1e-5)
     cpu.forward_train(x, w, b, 1e-5)   # x alone tiles
-    assert cpu._Plan(x3).tile == 1 and _tiles(calls) == [1, 1, 1, 8]
+    assert cpu._plan(x3).tile == 1 and _tiles(calls) == [1, 1, 1, 8]
 
 
 def test_tiling_takes_k_batched_tensors_and_strides_of_size_one_dims(native, monkeypatch):
@@ -217,6 +217,36 @@ def test_tiling_takes_k_batched_tensors_and_strides_of_size_one_dims(native, mon
     _close_to_reference("forward_train", x1, w1, b1, 1e-5)
     _close_to_reference("forward_eval", x1, mean1, var1, w1, b1, 1e-5)
     assert _tiles(calls) == [8, 1, 4, 4]
+
+
+def test_tiling_takes_a_channels_last_x_that_is_not_dense(native, monkeypatch):
+    """Every second sample of a channels-last x: each sample's rows lie end to end, and
+    so do those of its outputs (dense, channels-last), so every op tiles."""
+    gen = torch.Generator().manual_seed(6)
+    x, w, b, (mean, var, invstd) = _channels_last_problem(gen, (8, 6, 8, 8))
+    x = x[::2]
+    mean, var, invstd = reference.statistics(x, 1e-5)
+    grad_y = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+    calls = _record_calls(monkeypatch)
+    _close_to_reference("forward_train", x, w, b, 1e-5)
+    _close_to_reference("forward_eval", x, mean, var, w, b, 1e-5)
+    _close_to_reference("backward", grad_y, x, mean, invstd, w, b)
+    _close_to_reference("backward", grad_y[None].expand(3, *x.shape), x, mean, invstd, w, b)
+    assert _tiles(calls) == [8, 8, 8, 8]
+
+
+@pytest.mark.parametrize("layout", SIZES)
+def test_planned_outputs_are_in_the_view_of_the_outputs_made(native, layout):
+    """A call's plan has its element outputs' strides (in its folded or tiled view): those
+    of the tensors `_empty` makes, which as element arguments of the call would plan the
+    same geometry."""
+    for k in (None, 3):
+        p = _problem(layout, torch.float32, k)
+        plan = cpu._plan(p["x"], (p["grad_y"],))
+        out = cpu._empty(p["x"], plan)
+        with_out = cpu._plan(p["x"], (p["grad_y"], out))
+        assert with_out.geom == plan.geom and with_out.inputs[2] == plan.out, (k, out.stride())
 
 
 @pytest.mark.parametrize("shape, reductions, evaluation", [
@@ -317,7 +347,7 @@ def test_fused_passes_same_bits(native, num_threads, fuse_max_bytes, op, layout,
     run whole."""
     for k in (None, 3) if op in K_OPS else (None,):
         p = _problem(layout, dtype, k, seed=6)
-        plan = cpu._Plan(p["x"])
+        plan = cpu._plan(p["x"])
         per_value = 8 * p["x"].element_size() * (k or 1)   # more than any kernel reads
         few = -(-cpu._C.FUSE_MIN_RUN // plan.L)               # channels per narrowest block
         fuse_max_bytes(0)
@@ -334,7 +364,7 @@ def test_fused_passes_same_bits(native, num_threads, fuse_max_bytes, op, layout,
 
 def test_a_channel_beyond_the_budget_is_a_block_of_its_own_up_to_its_limit(native,
                                                                           fuse_max_bytes):
-    plan = cpu._Plan(torch.empty(32, 8, 64, 64))
+    plan = cpu._plan(torch.empty(32, 8, 64, 64))
     per_channel = 32 * 64 * 64 * 4   # float32 x alone
     limit = cpu._C.ONE_CHANNEL_FUSE
     for budget, block in ((per_channel * 2, 2), (per_channel, 1),
@@ -356,7 +386,7 @@ def test_fused_statistics_move_a_far_pivot_per_block(native, fuse_max_bytes):
     fuse_max_bytes(0)
     whole = cpu.forward_train(x, w, b, 1e-5)
     fuse_max_bytes(128 * 32 * 32 * 4)        # one channel per block
-    assert cpu._C.fused_block(cpu._Plan(x).geom, torch.get_num_threads(), 1, 4) == 1
+    assert cpu._C.fused_block(cpu._plan(x).geom, torch.get_num_threads(), 1, 4) == 1
     for a, b in zip(whole, cpu.forward_train(x, w, b, 1e-5)):
         assert torch.equal(a, b)
     torch.testing.assert_close(whole[1], x.double().mean((0, 2, 3)).float())
@@ -375,7 +405,7 @@ def test_many_channels_finish_their_statistics_in_ranges(native, num_threads, sh
     c = shape[1]
     x64[0, c // 2:] = 1e4
     x = x64.float()
-    assert cpu._Plan(x).geom[4] == (1 if len(shape) == 2 else 4)
+    assert cpu._plan(x).geom[4] == (1 if len(shape) == 2 else 4)
     w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
     running_mean, running_var = torch.zeros(c), torch.ones(c)
     y, mean, invstd = cpu.forward_train(x, w, b, 1e-5, None, running_mean, running_var,
@@ -953,8 +983,8 @@ def test_half_kernels_are_float32_kernels_rounded_once(native, stream_min_bytes,
             x = x.transpose(1, 2).contiguous().transpose(1, 2)
         elif layout == "tiled":
             x = x.contiguous(memory_format=torch.channels_last)
-        plan = cpu._Plan(x)
-        if plan.geom != cpu._Plan(x.float()).geom:
+        plan = cpu._plan(x)
+        if plan.geom != cpu._plan(x.float()).geom:
             continue
         tiled_compared += plan.tile > 1
         c = shape[1]
