@@ -1,13 +1,16 @@
 """Per-call cost of a batch-norm layer on a cold and a warm cache, fastbn against stock.
 
-    python -m benchmarks.bench_call_cost [--mode eval|train] [--calls 1500] [--json PATH]
+    python -m benchmarks.bench_call_cost [--mode eval|train|backward] [--calls 1500]
+                                         [--json PATH]
 
 For small layers the time of a call is its Python and dispatch work, not its kernel. In
 a network that work runs on a cold cache (a convolution between two batch norms evicts
 the interpreter's working set), where it costs several times what a tight loop shows.
 "cold": the median of calls made right after an 8 MB copy; "warm": of calls made right
 after the same call; stock's and fastbn's calls interleaved. One thread, layers in eval
-(default) or training mode, under no_grad and with parameters that require grad.
+(default) or training mode, under no_grad and with parameters that require grad; or
+"backward": a training layer's forward and the gradients of its input, weight and bias
+(`torch.autograd.grad`).
 """
 
 import argparse
@@ -45,9 +48,18 @@ def _median_us(layers, evict, calls):
             for name in layers}
 
 
+def _call(layer, x, grad_y, mode):
+    """A call of the layer, with no arguments: its forward, or in mode "backward" its
+    forward and the gradients of (x, weight, bias) for output gradient grad_y."""
+    if mode != "backward":
+        return functools.partial(layer, x)
+    inputs = (x, layer.weight, layer.bias)
+    return lambda: torch.autograd.grad(layer(x), inputs, grad_y)
+
+
 def run(calls=1500, mode="eval"):
     """Rows of {shape, mode, grad, layer, cold_us, warm_us} for stock and fastbn layers
-    in `mode` ("eval" or "train")."""
+    in `mode` ("eval", "train" or "backward": grad True only)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     big = torch.randn(1 << 20)
@@ -55,11 +67,12 @@ def run(calls=1500, mode="eval"):
     rows = []
     try:
         for shape in SHAPES:
-            x = torch.randn(shape)
+            x = torch.randn(shape, requires_grad=mode == "backward")
+            grad_y = torch.randn(shape)
             pair = ((nn.BatchNorm1d, fastbn.BatchNorm1d) if len(shape) < 4
                     else (nn.BatchNorm2d, fastbn.BatchNorm2d))
-            for grad in (False, True):
-                layers = {name: functools.partial(cls(shape[1]).train(mode == "train"), x)
+            for grad in (True,) if mode == "backward" else (False, True):
+                layers = {name: _call(cls(shape[1]).train(mode != "eval"), x, grad_y, mode)
                           for name, cls in zip(("stock", "fastbn"), pair)}
                 with torch.set_grad_enabled(grad):
                     times = _median_us(layers, lambda: torch.mul(big, 1.0, out=buf), calls)
@@ -73,9 +86,9 @@ def run(calls=1500, mode="eval"):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("eval", "train"), default="eval",
+    parser.add_argument("--mode", choices=("eval", "train", "backward"), default="eval",
                         help="the layers' mode (train: each call updates running "
-                        "statistics)")
+                        "statistics; backward: a training call and its gradients)")
     parser.add_argument("--calls", type=int, default=1500)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
