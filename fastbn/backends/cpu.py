@@ -430,9 +430,9 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, activation=Non
         stats = [_acc(t, acc) for t in stats]
     y = torch.empty_like(x, memory_format=plan.fmt)
     m, v, w, b = stats
-    _C.forward_eval(_CODES[dtype], plan.geom, _num_threads(), _td(x, plan.inputs[0]),
-                    _td(y, plan.out), m.data_ptr(), v.data_ptr(), w.data_ptr(), b.data_ptr(),
-                    stats_dtype != acc, float(eps), activation == "relu")
+    _C.forward_eval(_CODES[dtype], plan.geom, _num_threads(), (x.data_ptr(), *plan.inputs[0]),
+                    (y.data_ptr(), *plan.out), m.data_ptr(), v.data_ptr(), w.data_ptr(),
+                    b.data_ptr(), stats_dtype != acc, float(eps), activation == "relu")
     return y
 
 
