@@ -95,7 +95,10 @@ class _FastBatchNorm:
         if training and not self.track_running_stats:
             running_mean = running_var = None
         group = self._sync_group(batch_stats)
-        tracked = self.num_batches_tracked if training else None
+        tracked = None
+        if training:
+            tracked = (buffers["num_batches_tracked"] if "num_batches_tracked" in buffers
+                       else self.num_batches_tracked)
         counts = (tracked is not None and self.track_running_stats
                   and not transforms.under_transform())
         # Check everything before num_batches_tracked moves: errors change no state. The
