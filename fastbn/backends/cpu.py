@@ -168,20 +168,20 @@ def _geom(n, c, length, channels_last, fold, tile):
     return (n, c * tile, length // tile, channels_last, 1, tile)
 
 
-def _folded(td):
-    """A descriptor (ptr, sK, sN, sC, sL), or its strides alone, in the folded view: each
-    (c, l) block is a run of C * L pass channels of stride sL."""
-    return (*td[:-2], td[-1], 0)
+def _folded(strides):
+    """Strides (sK, sN, sC, sL) in the folded view: each (c, l) block is a run of C * L
+    pass channels of stride sL."""
+    return (*strides[:-2], strides[-1], 0)
 
 
-def _tiled(td, tile):
-    """A descriptor in the tiled view: `tile` rows of stride sL as one."""
-    return (*td[:-1], td[-1] * tile)
+def _tiled(strides, tile):
+    """Strides in the tiled view: `tile` rows of stride sL as one."""
+    return (*strides[:-1], strides[-1] * tile)
 
 
-def _tiles(td, c):
+def _tiles(strides, c):
     """Whether an element tensor's rows lie end to end (as x's must to be tiled)."""
-    return td[-1] == c * td[-2]
+    return strides[-1] == c * strides[-2]
 
 
 class _Layout(NamedTuple):
@@ -191,8 +191,8 @@ class _Layout(NamedTuple):
     memory format (torch's batch-norm layout for x); inputs: the strides (sK, sN, sC, sL)
     of x and of each element argument, zeros for an absent one; out: an element
     output's strides (`_empty`); out_order: its dims' order for torch.empty_permuted in
-    a K call, None for a contiguous one. Strides are in the view the kernels run:
-    folded or tiled where the call is."""
+    a K call, None for a contiguous one and in calls without K (where it is in `fmt`).
+    Strides are in the view the kernels run: folded or tiled where the call is."""
     K: int | None
     N: int
     C: int
@@ -270,6 +270,8 @@ def _layout(shape, stride, elems, chans, stats, fold_max_l, few_rows_fold_max_l,
             out_order = None
             out = _strides(out_shape, torch.empty(out_shape, device="meta").stride(), True,
                            swap)
+    # x folds only where it is not channels-last, and torch's layout for it then folds
+    # too; should a layout ever not, the call runs unfolded rather than misread.
     if fold > 1 and not folds(out):
         fold = 1
     # Tiled where every element tensor's rows lie end to end, the output's too (torch
@@ -323,7 +325,7 @@ def _td(t, strides):
 
 def _tds(plan, x, *elems):
     """The descriptors of x and of each element argument, as the plan has them."""
-    return [_td(t, s) for t, s in zip((x, *elems), plan.inputs)]
+    return [_td(t, s) for t, s in zip((x, *elems), plan.inputs, strict=True)]
 
 
 def _chan(plan, t, dtype):

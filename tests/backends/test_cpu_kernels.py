@@ -672,7 +672,7 @@ _UNREADABLE = {"negative view": lambda t: torch._neg_view(-t), "misaligned": _mi
 @pytest.mark.parametrize("argument", range(5), ids=("x", "running_mean", "running_var",
                                                     "weight", "bias"))
 def test_eval_falls_back_on_tensors_the_kernel_cannot_read(monkeypatch, argument, kind):
-    """forward_eval plans on its own (not through _Plan): each argument that the kernel
+    """forward_eval plans on its own (not through _plan): each argument that the kernel
     cannot read through its address goes to the reference, with its values."""
     args = [torch.randn(4, 3, 5), torch.randn(3), torch.rand(3) + 0.5, torch.randn(3),
             torch.randn(3)]
