@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from fastbn.backends import reference
-from fastbn.backends.layout import output_format
+from fastbn.backends.layout import flat_strides, k_output_order, output_format
 
 def _why_missing(err):
     """Why fastbn._C cannot be imported: the compiler's failure where the install
@@ -80,24 +80,6 @@ def _acc(t, acc):
     return t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous()
 
 
-def _strides(shape, stride, batched, swap):
-    """(sK, sN, sC, sL) of a tensor seen as (K, N, C, L), or None if its spatial dims do
-    not flatten to a single stride. `swap`: no spatial dims, so N runs as the L axis."""
-    lead = 1 if batched else 0
-    s_l, expected = None, None
-    for size, st in zip(reversed(shape[lead + 2:]), reversed(stride[lead + 2:])):
-        if size == 1:
-            continue
-        if s_l is not None and st != expected:
-            return None
-        s_l = st if s_l is None else s_l
-        expected = st * size
-    s_n, s_l = stride[lead], 1 if s_l is None else s_l
-    if swap:
-        s_n, s_l = 0, s_n
-    return (stride[0] if batched else 0, s_n, stride[lead + 1], s_l)
-
-
 # Largest L folded into channels-last pass channels, by element size: below it the NCHW
 # passes paid their per-run cost (a vector tail, for 2-byte types a conversion) every
 # few values (benchmarks/RESULTS.md, "fold limits by element size"). Eval folds float32
@@ -139,14 +121,14 @@ def _view(shape, stride, fold_max_l, few_rows_fold_max_l, tile_max_elems):
     with fewer than 8 rows); else 1. `tile`: rows per tiled row of up to
     `tile_max_elems` values (`_tile`; channels-last x only). The other element tensors
     and the outputs must fold or tile too (`_layout`)."""
-    strides = _strides(shape, stride, False, False)
+    strides = flat_strides(shape, stride, False, False)
     if strides is None:
         return None
     n, c, length = shape[0], shape[1], math.prod(shape[2:])
     # Without spatial dims, run along N as the "L" axis (one channel's values).
     swap = length == 1
     if swap:
-        n, length, strides = 1, n, _strides(shape, stride, False, True)
+        n, length, strides = 1, n, flat_strides(shape, stride, False, True)
     s_c, s_l = strides[2], strides[3]
     channels_last = c > 1 and (length == 1 or abs(s_c) < abs(s_l))
     # Few values per (n, c) run, each (c, l) block dense: folded (the outputs fold too:
@@ -239,7 +221,7 @@ def _layout(shape, stride, elems, chans, stats, fold_max_l, few_rows_fold_max_l,
             if len(e_shape) != len(shape) + 1 or e_shape[1:] != shape:
                 return None
             ks.add(e_shape[0])
-        strides = _strides(e_shape, e_stride, batched, swap)
+        strides = flat_strides(e_shape, e_stride, batched, swap)
         if strides is None:
             return None
         inputs.append(strides)
@@ -256,20 +238,19 @@ def _layout(shape, stride, elems, chans, stats, fold_max_l, few_rows_fold_max_l,
     if k is None:
         out_order = None
         out_stride = torch.empty(shape, device="meta", memory_format=fmt).stride()
-        out = _strides(shape, out_stride, False, swap)
+        out = flat_strides(shape, out_stride, False, swap)
     else:
         # Leading K outermost, the rest in x's memory format; where x overlaps itself
         # (as_strided, expand) its order can put N between the spatial dims, or C inside
         # a folded run: contiguous, which always flattens and folds.
-        order = sorted(range(len(shape)), key=lambda d: (-stride[d], d))
-        out_order = (0, *(d + 1 for d in order))
+        out_order = k_output_order(stride)
         out_shape = (k, *shape)
         out_stride = torch.empty_permuted(out_shape, out_order, device="meta").stride()
-        out = _strides(out_shape, out_stride, True, swap)
+        out = flat_strides(out_shape, out_stride, True, swap)
         if out is None or fold > 1 and not folds(out):
             out_order = None
-            out = _strides(out_shape, torch.empty(out_shape, device="meta").stride(), True,
-                           swap)
+            out_stride = torch.empty(out_shape, device="meta").stride()
+            out = flat_strides(out_shape, out_stride, True, swap)
     # x folds only where it is not channels-last, and torch's layout for it then folds
     # too; should a layout ever not, the call runs unfolded rather than misread.
     if fold > 1 and not folds(out):

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from fastbn.backends import reference
-from fastbn.backends.layout import empty_output
+from fastbn.backends.layout import empty_output, flat_strides, k_output_order
 
 try:
     import triton
@@ -201,18 +201,7 @@ def _pow2(n):
 def _view(t, batched):
     """(sK, sN, sC, sL) of t seen as (K, N, C, L), or None when the spatial dims do not
     flatten to one stride."""
-    lead = 1 if batched else 0
-    s_l, expected = None, None
-    for size, stride in zip(reversed(t.shape[lead + 2:]), reversed(t.stride()[lead + 2:])):
-        if size == 1:
-            continue
-        if s_l is not None and stride != expected:
-            return None
-        if s_l is None:
-            s_l = stride
-        expected = stride * size
-    st = t.stride()
-    return (st[0] if batched else 0, st[lead], st[lead + 1], 1 if s_l is None else s_l)
+    return flat_strides(t.shape, t.stride(), batched)
 
 
 def _plain(t, device):
@@ -230,14 +219,8 @@ def _empty_like(x, k, dtype):
     Function)."""
     if k is None:
         return empty_output(x, dtype)
-    d = x.dim()
-    order = sorted(range(d), key=lambda i: (-x.stride(i), i))
-    strides = [0] * d
-    step = 1
-    for i in reversed(order):
-        strides[i] = step
-        step *= x.shape[i]
-    out = torch.empty_strided([k, *x.shape], [step, *strides], dtype=dtype, device=x.device)
+    out = torch.empty_permuted((k, *x.shape), k_output_order(x.stride()), dtype=dtype,
+                               device=x.device)
     if _view(out, True) is None:
         # x's strides put N between spatial dims (a permuted or overlapping x): the
         # kernels need spatial dims that flatten, as they do in the contiguous order.
