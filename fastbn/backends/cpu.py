@@ -1,7 +1,8 @@
 """Fused CPU kernels from the compiled extension fastbn._C (csrc/cpu).
 
 Same functions and semantics as `reference.py`. Each call views every element tensor as
-(K, N, C, L) with element strides (spatial dims flattened to one stride), allocates
+(K, N, C, L) with element strides (spatial dims flattened to one stride; the view and
+the kernels' geometry decided once per distinct shapes and strides, `_layout`), allocates
 outputs in x's memory format, converts the small per-channel tensors to the accumulation
 dtype, and hands raw addresses to the kernels, which run on torch.get_num_threads()
 threads. Anything the kernels do not cover (non-CPU or wrapped tensors, spatial dims that
